@@ -1,0 +1,138 @@
+"""Fine-tuning models with the authors' heads and losses.
+
+VQA / GQA (LxmertForQuestionAnswering): pooled -> Linear(H, 2H) -> GELU -> LN -> Linear(2H, answers);
+loss = mean BCE-with-logits on the soft answer scores x the number of answers.
+NLVR2 (LxmertForNLVR2): the sentence is encoded with each of its two images, the two pooled vectors are
+concatenated -> Linear(2H, 2H) -> GELU -> LN -> Linear(2H, 2); 2-way cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .answers import init_answer_head
+from .config import LxmertConfig
+from .modeling import AnswerHead, LxmertModel, ModelOutput, init_weights
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LxmertForQuestionAnsweringOutput(ModelOutput):
+    loss: Tensor | None = None
+    question_answering_score: Tensor | None = None  # [B, answers]
+    language_hidden_states: tuple[Tensor, ...] | None = None
+    vision_hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class LxmertForNLVR2Output(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None  # [B, 2]: statement false / true
+
+
+class LxmertForQuestionAnswering(nn.Module):
+    """VQA (3129 answers) and GQA (1842): `num_answers` defaults to config.num_qa_labels."""
+
+    def __init__(self, config: LxmertConfig, num_answers: int | None = None):
+        super().__init__()
+        self.config = config
+        self.num_answers = num_answers or config.num_qa_labels
+        self.lxmert = LxmertModel(config)
+        h = config.hidden_size
+        self.answer_head = AnswerHead(h, 2 * h, self.num_answers, config.layer_norm_eps)
+        init_weights(self.answer_head, config.initializer_range)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        visual_feats: Tensor,
+        visual_pos: Tensor,
+        attention_mask: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> LxmertForQuestionAnsweringOutput | tuple:
+        """labels: soft answer scores [B, answers] in [0, 1]; an integer [B] answer index is taken as one-hot."""
+        out = self.lxmert(
+            input_ids, visual_feats, visual_pos, attention_mask, visual_attention_mask, token_type_ids,
+            output_hidden_states=output_hidden_states,
+        )
+        score = self.answer_head(out.pooled_output)
+        loss = None
+        if labels is not None:
+            if not labels.is_floating_point():
+                labels = F.one_hot(labels.long(), self.num_answers)
+            if labels.shape != score.shape:
+                raise ValueError(f"labels must be soft scores of shape {tuple(score.shape)}, got {tuple(labels.shape)}")
+            loss = losses.soft_score_bce(score, labels)
+        result = LxmertForQuestionAnsweringOutput(
+            loss, score, out.language_hidden_states, out.vision_hidden_states
+        )
+        return result if return_dict else result.to_tuple()
+
+    def init_from_pretraining(
+        self, pretrained_state: Mapping[str, Tensor], table_answers: Sequence[str], answers: Sequence[str]
+    ) -> tuple[int, int]:
+        """Start from a pre-training checkpoint (our names): the backbone whole, the head by answer string.
+
+        Returns (answers found in the pre-training table, answers not found).
+        """
+        backbone = {k[len("lxmert."):]: v for k, v in pretrained_state.items() if k.startswith("lxmert.")}
+        self.lxmert.load_state_dict(backbone)
+        head = {k[len("answer_head."):]: v for k, v in pretrained_state.items() if k.startswith("answer_head.")}
+        if not head:
+            raise KeyError("the pre-training checkpoint has no QA head (answer_head.*)")
+        return init_answer_head(self.answer_head, head, table_answers, answers)
+
+
+class LxmertForNLVR2(nn.Module):
+    def __init__(self, config: LxmertConfig):
+        super().__init__()
+        self.config = config
+        self.lxmert = LxmertModel(config)
+        h = config.hidden_size
+        self.answer_head = AnswerHead(2 * h, 2 * h, 2, config.layer_norm_eps)
+        init_weights(self.answer_head, config.initializer_range)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        visual_feats: Tensor,
+        visual_pos: Tensor,
+        attention_mask: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        return_dict: bool = True,
+    ) -> LxmertForNLVR2Output | tuple:
+        """input_ids [B, L]; visual_feats [B, 2, R, F], visual_pos [B, 2, R, 4] (the pair of images); labels [B]."""
+        if visual_feats.dim() != 4 or visual_feats.shape[:2] != (input_ids.shape[0], 2):
+            raise ValueError(
+                f"NLVR2 visual_feats must be [batch={input_ids.shape[0]}, 2 images, regions, feat], "
+                f"got {tuple(visual_feats.shape)}"
+            )
+
+        def per_image(t: Tensor | None) -> Tensor | None:  # the sentence is paired with each image in turn
+            return None if t is None else t.repeat_interleave(2, dim=0)
+
+        out = self.lxmert(
+            per_image(input_ids),
+            visual_feats.flatten(0, 1),
+            visual_pos.flatten(0, 1),
+            per_image(attention_mask),
+            None if visual_attention_mask is None else visual_attention_mask.flatten(0, 1),
+            per_image(token_type_ids),
+        )
+        logits = self.answer_head(out.pooled_output.reshape(input_ids.shape[0], -1))
+        loss = losses.cross_entropy(logits, labels) if labels is not None else None
+        result = LxmertForNLVR2Output(loss, logits)
+        return result if return_dict else result.to_tuple()

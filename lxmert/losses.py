@@ -1,0 +1,74 @@
+"""The pre-training and fine-tuning losses, with the authors' semantics.
+
+Labels below zero are ignored everywhere (the authors use -1, transformers -100). A loss with nothing to
+score (no masked token, every QA label ignored) is 0, not NaN, and still depends on the head's parameters
+so that every rank of a data-parallel job produces the same gradient structure. Losses are computed in
+float32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+IGNORE = -100  # the ignore_index handed to torch; any negative label is mapped to it
+
+
+def _ignored_as_torch(labels: Tensor) -> Tensor:
+    return torch.where(labels < 0, torch.full_like(labels, IGNORE), labels)
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the labels >= 0 (0 when there are none): MLM, matching, QA, NLVR2."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    labels = labels.reshape(-1)
+    total = F.cross_entropy(logits, _ignored_as_torch(labels), reduction="sum")
+    return total / (labels >= 0).sum().clamp(min=1)
+
+
+def masked_token_loss(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
+    """MLM cross-entropy that runs the vocabulary head only on the positions carrying a label.
+
+    hidden [..., H], labels [...] (negative = not masked). Equal to cross_entropy(head(hidden), labels)
+    without forming the [tokens, vocabulary] logits of the unmasked positions.
+    """
+    labels = labels.reshape(-1)
+    rows = (labels >= 0).nonzero().squeeze(1)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    return cross_entropy(head(picked), labels.index_select(0, rows))
+
+
+def weighted_region_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor, normalizer: float) -> Tensor:
+    """Detected-label loss: normalizer * mean over ALL regions of weight_i * CE_i (object and attribute heads).
+
+    logits [N, C] (or [B, R, C]), labels [N], weights [N]: the detector's confidences, not the mask.
+    """
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    per_region = F.cross_entropy(logits, _ignored_as_torch(labels.reshape(-1)), reduction="none")
+    return (per_region * weights.reshape(-1).float()).mean() * normalizer
+
+
+def masked_feature_regression(
+    x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, row_weight: Tensor, normalizer: float = 1 / 0.15
+) -> Tensor:
+    """RoI-feature regression: normalizer / N * sum_i w_i * mean_f SmoothL1(x_i W^T + b - t_i), beta 1.
+
+    x [N, H] transformed region states, weight [F, H], bias [F], target [N, F], row_weight [N] (the 0/1
+    region mask). N counts every region, masked or not, as in the authors' mean over B x 36; only rows
+    with a non-zero weight are projected, so the [N, F] prediction of unmasked regions is never formed.
+    """
+    n = x.shape[0]
+    row_weight = row_weight.reshape(-1)
+    rows = (row_weight != 0).nonzero().squeeze(1)
+    prediction = F.linear(x.index_select(0, rows), weight, bias).float()
+    per_row = F.smooth_l1_loss(prediction, target.index_select(0, rows).float(), reduction="none", beta=1.0).mean(1)
+    return (per_row * row_weight.index_select(0, rows).float()).sum() * (normalizer / max(n, 1))
+
+
+def soft_score_bce(logits: Tensor, soft_scores: Tensor) -> Tensor:
+    """VQA/GQA fine-tuning: mean BCE-with-logits on the soft answer scores, times the number of answers."""
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, soft_scores.float()) * logits.shape[-1]
