@@ -32,8 +32,8 @@ def normalize_answer(answer: str) -> str:
 
 
 def answer_rows(task_answers: Sequence[str], table_answers: Sequence[str]) -> list[int | None]:
-    """For each task answer, the row of the same normalised answer in the pre-training table, or None."""
-    index = {normalize_answer(a): i for i, a in enumerate(table_answers)}
+    """For each task answer, once normalised, its row in the pre-training table (stored normalised), or None."""
+    index = {a: i for i, a in enumerate(table_answers)}
     return [index.get(normalize_answer(a)) for a in task_answers]
 
 

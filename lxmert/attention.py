@@ -8,6 +8,10 @@ two directions one after the other, and a fused kernel can replace it.
 
 "eager" is the reference: the authors' additive -10000 mask, softmax, dropout on the probabilities.
 "sdpa" is torch.nn.functional.scaled_dot_product_attention with a boolean mask.
+"triton" is kernels/fused_attention.py: one fused kernel per attention, both cross directions in one launch
+(imported on first use; on the CPU it runs under TRITON_INTERPRET=1, else falls back to its reference).
+A query row with no real key (never the case in LXMERT: [CLS] is always real) gets the mean of the values
+from "eager" and zeros from "sdpa" on the CPU and from "triton".
 """
 
 from __future__ import annotations
@@ -68,8 +72,21 @@ def register_backend(backend: AttentionBackend) -> None:
     BACKENDS[backend.name] = backend
 
 
+def _triton_backend() -> AttentionBackend:
+    from kernels import fused_attention
+
+    backend = AttentionBackend("triton", fused_attention.attend)
+    backend.bidirectional = fused_attention.bidirectional_from_views
+    return backend
+
+
+_ON_FIRST_USE = {"triton": _triton_backend}  # backends whose import is deferred until one is asked for
+
+
 def get_backend(name: str) -> AttentionBackend:
+    if name not in BACKENDS and name in _ON_FIRST_USE:
+        register_backend(_ON_FIRST_USE[name]())
     try:
         return BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown attn_backend {name!r}; available: {sorted(BACKENDS)}") from None
+        raise ValueError(f"unknown attn_backend {name!r}; available: {sorted({*BACKENDS, *_ON_FIRST_USE})}") from None

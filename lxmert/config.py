@@ -58,13 +58,17 @@ class LxmertConfig:
     visual_attr_loss: bool = True
     visual_feat_loss: bool = True
     attn_backend: str = "eager"
-    """Attention implementation for every attention of the model: see lxmert.attention.BACKENDS."""
+    """Attention implementation for every attention of the model: eager, sdpa, triton (lxmert.attention)."""
+    feat_loss_backend: str = "torch"
+    """RoI-feature regression loss: "torch" or "triton" (the fused kernel of kernels/feature_regression.py)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
+        if self.feat_loss_backend not in ("torch", "triton"):
+            raise ValueError(f"feat_loss_backend {self.feat_loss_backend!r} is not one of ('torch', 'triton')")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {ACTIVATIONS}")
         for name in ("l_layers", "r_layers", "x_layers"):
@@ -102,6 +106,7 @@ class LxmertConfig:
         """The fields transformers' LxmertConfig knows, for writing a config.json it loads."""
         values = self.to_dict()
         values.pop("attn_backend")
+        values.pop("feat_loss_backend")
         values.pop("layer_norm_eps")  # transformers hard-codes 1e-12
         values["model_type"] = "lxmert"
         values["num_hidden_layers"] = {"vision": self.r_layers, "cross_encoder": self.x_layers, "language": self.l_layers}

@@ -222,6 +222,8 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], layout:
     expected = model.state_dict()
     if _TIED[0] in expected and _TIED[0] not in state and _TIED[1] in state:
         state[_TIED[0]] = state[_TIED[1]]
+    if _TIED[0] in state and _TIED[1] in state and not torch.equal(state[_TIED[0]], state[_TIED[1]]):
+        raise ValueError(f"{_TIED[0]} and {_TIED[1]} are one tied weight in LXMERT, but the checkpoint holds two different tensors")
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -238,8 +240,12 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], layout:
     model.load_state_dict(state)
 
 
-def infer_config(state: Mapping[str, torch.Tensor], num_attention_heads: int = 12) -> LxmertConfig:
-    """Model sizes read off a state dict in our layout (the head count is not visible in the weights)."""
+def infer_config(state: Mapping[str, torch.Tensor], num_attention_heads: int | None = None) -> LxmertConfig:
+    """Model sizes read off a state dict in our layout.
+
+    The head count is not visible in the weights: by default it is hidden_size / 64 (BERT's and LXMERT's
+    head width), and must be given for a hidden size that is not a multiple of 64.
+    """
     state, _ = _as_full(state, ("embeddings.", "visual_embeddings."))
 
     def count(prefix: str) -> int:
@@ -247,6 +253,10 @@ def infer_config(state: Mapping[str, torch.Tensor], num_attention_heads: int = 1
         return max(found) + 1 if found else 0
 
     word = state["lxmert.embeddings.word.weight"]
+    if num_attention_heads is None:
+        if word.shape[1] % 64:
+            raise ValueError(f"hidden size {word.shape[1]} is not a multiple of 64: give the number of attention heads")
+        num_attention_heads = word.shape[1] // 64
     values = dict(
         vocab_size=word.shape[0],
         hidden_size=word.shape[1],
@@ -307,21 +317,20 @@ def main(argv: list[str] | None = None) -> None:
                         "model.safetensors + config.json that transformers loads")  # fmt: skip
     parser.add_argument("--from", dest="src_layout", default="auto", choices=("auto", "hf", "authors", "ours"))
     parser.add_argument("--to", dest="dst_layout", default="ours", choices=("ours", "hf"))
-    parser.add_argument("--num-attention-heads", type=int, default=12, help="written into config.json (default 12)")
+    parser.add_argument("--num-attention-heads", type=int, help="for config.json (default: hidden size / 64)")
     args = parser.parse_args(argv)
 
     ours = to_ours(read_state_dict(args.src), args.src_layout)
-    config = infer_config(ours, args.num_attention_heads)
-    dst = Path(args.dst)
     state = to_hf_state_dict(ours) if args.dst_layout == "hf" else ours
-    config_dict = config.to_hf_dict() if args.dst_layout == "hf" else config.to_dict()
-    if dst.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+    dst = Path(args.dst)
+    if dst.suffix not in (".safetensors", ".pth", ".pt", ".bin"):  # a model directory, with its config
+        config = infer_config(ours, args.num_attention_heads)
         dst.mkdir(parents=True, exist_ok=True)
+        config_dict = config.to_hf_dict() if args.dst_layout == "hf" else config.to_dict()
         (dst / "config.json").write_text(json.dumps(config_dict, indent=2))
         dst = dst / "model.safetensors"
     write_state_dict(state, dst)
-    print(f"wrote {dst} ({len(state)} tensors, layout {args.dst_layout}; {config.l_layers} language, "
-          f"{config.r_layers} region, {config.x_layers} cross layers, hidden {config.hidden_size})")  # fmt: skip
+    print(f"wrote {dst} ({len(state)} tensors, layout {args.dst_layout})")
 
 
 if __name__ == "__main__":

@@ -59,12 +59,13 @@ class LxmertForQuestionAnswering(nn.Module):
         token_type_ids: Tensor | None = None,
         labels: Tensor | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
         return_dict: bool = True,
     ) -> LxmertForQuestionAnsweringOutput | tuple:
         """labels: soft answer scores [B, answers] in [0, 1]; an integer [B] answer index is taken as one-hot."""
         out = self.lxmert(
             input_ids, visual_feats, visual_pos, attention_mask, visual_attention_mask, token_type_ids,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         score = self.answer_head(out.pooled_output)
         loss = None
@@ -115,11 +116,11 @@ class LxmertForNLVR2(nn.Module):
         return_dict: bool = True,
     ) -> LxmertForNLVR2Output | tuple:
         """input_ids [B, L]; visual_feats [B, 2, R, F], visual_pos [B, 2, R, 4] (the pair of images); labels [B]."""
-        if visual_feats.dim() != 4 or visual_feats.shape[:2] != (input_ids.shape[0], 2):
-            raise ValueError(
-                f"NLVR2 visual_feats must be [batch={input_ids.shape[0]}, 2 images, regions, feat], "
-                f"got {tuple(visual_feats.shape)}"
-            )
+        for name, t in (("visual_feats", visual_feats), ("visual_pos", visual_pos)):
+            if t.dim() != 4 or t.shape[:2] != (input_ids.shape[0], 2):
+                raise ValueError(
+                    f"NLVR2 {name} must be [batch={input_ids.shape[0]}, 2 images, regions, ...], got {tuple(t.shape)}"
+                )
 
         def per_image(t: Tensor | None) -> Tensor | None:  # the sentence is paired with each image in turn
             return None if t is None else t.repeat_interleave(2, dim=0)

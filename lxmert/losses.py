@@ -3,7 +3,7 @@
 Labels below zero are ignored everywhere (the authors use -1, transformers -100). A loss with nothing to
 score (no masked token, every QA label ignored) is 0, not NaN, and still depends on the head's parameters
 so that every rank of a data-parallel job produces the same gradient structure. Losses are computed in
-float32 whatever the autocast dtype.
+at least float32 whatever the autocast dtype.
 """
 
 from __future__ import annotations
@@ -17,13 +17,18 @@ Tensor = torch.Tensor
 IGNORE = -100  # the ignore_index handed to torch; any negative label is mapped to it
 
 
+def _wide(t: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32 for the loss arithmetic; fp32 and fp64 stay as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _ignored_as_torch(labels: Tensor) -> Tensor:
     return torch.where(labels < 0, torch.full_like(labels, IGNORE), labels)
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the labels >= 0 (0 when there are none): MLM, matching, QA, NLVR2."""
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    logits = _wide(logits.reshape(-1, logits.shape[-1]))
     labels = labels.reshape(-1)
     total = F.cross_entropy(logits, _ignored_as_torch(labels), reduction="sum")
     return total / (labels >= 0).sum().clamp(min=1)
@@ -46,9 +51,9 @@ def weighted_region_cross_entropy(logits: Tensor, labels: Tensor, weights: Tenso
 
     logits [N, C] (or [B, R, C]), labels [N], weights [N]: the detector's confidences, not the mask.
     """
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    logits = _wide(logits.reshape(-1, logits.shape[-1]))
     per_region = F.cross_entropy(logits, _ignored_as_torch(labels.reshape(-1)), reduction="none")
-    return (per_region * weights.reshape(-1).float()).mean() * normalizer
+    return (per_region * weights.reshape(-1).to(per_region.dtype)).mean() * normalizer
 
 
 def masked_feature_regression(
@@ -63,12 +68,24 @@ def masked_feature_regression(
     n = x.shape[0]
     row_weight = row_weight.reshape(-1)
     rows = (row_weight != 0).nonzero().squeeze(1)
-    prediction = F.linear(x.index_select(0, rows), weight, bias).float()
-    per_row = F.smooth_l1_loss(prediction, target.index_select(0, rows).float(), reduction="none", beta=1.0).mean(1)
-    return (per_row * row_weight.index_select(0, rows).float()).sum() * (normalizer / max(n, 1))
+    prediction = _wide(F.linear(x.index_select(0, rows), weight, bias))
+    target = target.index_select(0, rows).to(prediction.dtype)
+    per_row = F.smooth_l1_loss(prediction, target, reduction="none", beta=1.0).mean(1)
+    return (per_row * row_weight.index_select(0, rows).to(per_row.dtype)).sum() * (normalizer / max(n, 1))
+
+
+def feature_regression(backend: str) -> Callable[..., Tensor]:
+    """masked_feature_regression by name: "torch" (above) or "triton" (kernels/feature_regression.py, fused)."""
+    if backend == "torch":
+        return masked_feature_regression
+    if backend == "triton":
+        from kernels.feature_regression import masked_feature_regression as fused
+
+        return fused
+    raise ValueError(f"unknown feat_loss_backend {backend!r}; one of 'torch', 'triton'")
 
 
 def soft_score_bce(logits: Tensor, soft_scores: Tensor) -> Tensor:
     """VQA/GQA fine-tuning: mean BCE-with-logits on the soft answer scores, times the number of answers."""
-    logits = logits.float()
-    return F.binary_cross_entropy_with_logits(logits, soft_scores.float()) * logits.shape[-1]
+    logits = _wide(logits)
+    return F.binary_cross_entropy_with_logits(logits, soft_scores.to(logits.dtype)) * logits.shape[-1]

@@ -87,6 +87,7 @@ class LxmertForPreTraining(nn.Module):
         for head in (self.mlm_head.transform, self.match_head, self.obj_head, self.answer_head):
             if head is not None:
                 init_weights(head, config.initializer_range)
+        self._feature_regression = losses.feature_regression(config.feat_loss_backend)
 
     def forward(
         self,
@@ -102,6 +103,7 @@ class LxmertForPreTraining(nn.Module):
         ans: Tensor | None = None,
         return_prediction_logits: bool | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
         return_dict: bool = True,
     ) -> LxmertForPreTrainingOutput | tuple:
         """Keywords as transformers' LxmertForPreTraining.
@@ -114,7 +116,7 @@ class LxmertForPreTraining(nn.Module):
         cfg = self.config
         out = self.lxmert(
             input_ids, visual_feats, visual_pos, attention_mask, visual_attention_mask, token_type_ids,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         lang, vis, pooled = out.language_output, out.vision_output, out.pooled_output
         if return_prediction_logits is None:
@@ -157,7 +159,7 @@ class LxmertForPreTraining(nn.Module):
                     f"got {tuple(target.shape)} and {tuple(weight.shape)}"
                 )
             if name == "feat":
-                parts[name] = losses.masked_feature_regression(
+                parts[name] = self._feature_regression(
                     states, decoder.weight, decoder.bias, target.reshape(states.shape[0], -1), weight, normalizer
                 )
             else:

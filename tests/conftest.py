@@ -1,0 +1,189 @@
+"""Shared helpers for the model tests: small configs (ours and transformers'), random weights and inputs, errors.
+
+Everything here draws from torch's global generator, so a test that calls torch.manual_seed first is
+reproducible. transformers is imported only by the helpers that need it (it is a dev dependency).
+
+Small configs are deliberately awkward: hidden 36 with 3 heads of 12, an odd FFN width (53), an odd
+feature size (29), vocabulary 101. Random weights (`randomize_`) replace the usual N(0, 0.02) with
+fan-in-scaled values and LayerNorms away from (1, 0), so attention is peaked and a swapped or dropped
+weight in a conversion changes the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton decides between compiling and interpreting when @triton.jit runs, for its own tl.* helpers at
+# `import triton`: so without a GPU the interpreter must be on before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math
+from typing import Any
+
+import pytest
+from torch import nn
+
+import lxmert
+
+SMALL: dict[str, Any] = dict(
+    vocab_size=101,
+    hidden_size=36,
+    num_attention_heads=3,
+    intermediate_size=53,
+    max_position_embeddings=40,
+    type_vocab_size=2,
+    l_layers=2,
+    r_layers=1,
+    x_layers=2,
+    visual_feat_dim=29,
+    num_qa_labels=13,
+    num_object_labels=17,
+    num_attr_labels=7,
+)
+
+
+def small_hf_config(**overrides: Any):
+    """transformers.LxmertConfig of the SMALL sizes (visual_loss_normalizer stays transformers' 6.67)."""
+    import transformers
+
+    return transformers.LxmertConfig(**{**SMALL, **overrides})
+
+
+def small_config(**overrides: Any) -> lxmert.LxmertConfig:
+    """Our LxmertConfig of the SMALL sizes (visual_loss_normalizer stays ours, 1 / 0.15)."""
+    return lxmert.LxmertConfig(**{**SMALL, **overrides})
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread, restored afterwards. Tiny models gain nothing from more, and on
+    a busy 2-core machine spinning OpenMP threads make a 3 ms forward take most of a second (the
+    default-size parity test: 10 s on one thread against 26 s on two, under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def rel_err(actual: torch.Tensor, reference: torch.Tensor, floor: float = 0.0) -> float:
+    """max |actual - reference| / max(max |reference|, floor), in float64 (0 when both are all zero).
+
+    `floor` is for a reference that is exactly zero in exact arithmetic (the gradient of a softmax over
+    one key, of a key bias): then rounding noise is judged against the size of its neighbours."""
+    actual, reference = actual.detach().double(), reference.detach().double()
+    assert actual.shape == reference.shape, f"shapes differ: {tuple(actual.shape)} vs {tuple(reference.shape)}"
+    diff = (actual - reference).abs().max().item() if actual.numel() else 0.0
+    scale = max(reference.abs().max().item() if reference.numel() else 0.0, floor)
+    if scale == 0.0:
+        return diff if diff == 0.0 else math.inf
+    return diff / scale
+
+
+def assert_close(actual: torch.Tensor, reference: torch.Tensor, tol: float, what: str = "", floor: float = 0.0) -> None:
+    """rel_err(actual, reference, floor) <= tol, and actual finite."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = rel_err(actual, reference, floor)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+# ----------------------------------------------------------------------------------------- weights
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, gain: float = 1.5) -> nn.Module:
+    """Fill every parameter (ours or transformers') with random values that exercise the whole network.
+
+    Linear / Embedding weights: N(0, gain^2 / fan_in); biases and bare parameters: N(0, 0.1^2);
+    LayerNorm: weight 1 + N(0, 0.2^2), bias N(0, 0.1^2). Tied parameters are filled once.
+    """
+    done: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.weight.normal_(1.0, 0.2)
+            module.bias.normal_(0.0, 0.1)
+            done.update((id(module.weight), id(module.bias)))
+        elif isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in done:
+            module.weight.normal_(0.0, gain / math.sqrt(module.weight.shape[1]))
+            done.add(id(module.weight))
+    for param in model.parameters():
+        if id(param) not in done:
+            param.normal_(0.0, 0.1)
+            done.add(id(param))
+    return model
+
+
+def hf_to_ours(hf_model: nn.Module, our_class: type, **kwargs: Any) -> nn.Module:
+    """Our model of `our_class` with the config and weights of a transformers model, in the same mode."""
+    from lxmert.convert import load_into
+
+    ours = our_class(lxmert.LxmertConfig.from_hf(hf_model.config), **kwargs)
+    load_into(ours, hf_model.state_dict())
+    return ours.train(hf_model.training)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def random_inputs(config: Any, batch: int, tokens: int, regions: int, pad: bool = True) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, token_type_ids, visual_feats, visual_pos for ours or transformers.
+
+    `config` is either LxmertConfig. With pad=True (and tokens > 1) the last row keeps all its tokens and
+    every other row is cut to a random length >= 1: padded positions get id 0 and mask 0; the first
+    token of every row is real, as [CLS] is. Boxes are (x1, y1, x2, y2) in [0, 1] with x1 <= x2, y1 <= y2.
+    """
+    lengths = torch.full((batch,), tokens)
+    if pad and tokens > 1 and batch > 1:
+        lengths[:-1] = torch.randint(1, tokens, (batch - 1,))
+    elif pad and tokens > 1:
+        lengths[0] = torch.randint(1, tokens, ()).item()
+    attention_mask = (torch.arange(tokens)[None, :] < lengths[:, None]).long()
+    input_ids = torch.randint(1, config.vocab_size, (batch, tokens)) * attention_mask
+    token_type_ids = torch.randint(0, config.type_vocab_size, (batch, tokens))
+    corners = torch.rand(batch, regions, 2, 2)  # [.., x or y, two values]
+    lo, hi = corners.min(-1).values, corners.max(-1).values
+    boxes = torch.cat([lo, hi], dim=-1)  # x1, y1, x2, y2
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        visual_feats=torch.randn(batch, regions, config.visual_feat_dim),
+        visual_pos=boxes,
+    )
+
+
+def cast_floats(tree: Any, dtype: torch.dtype) -> Any:
+    """The same nested dict / tuple / list with every floating-point tensor cast to dtype (ids untouched)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.is_floating_point() else tree
+    if isinstance(tree, dict):
+        return {k: cast_floats(v, dtype) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(cast_floats(v, dtype) for v in tree)
+    return tree
+
+
+def random_pretraining_labels(config: Any, batch: int, tokens: int, regions: int) -> dict[str, Any]:
+    """labels, obj_labels, matched_label and ans as transformers' LxmertForPreTraining takes them.
+
+    MLM labels are -100 except about 30% of positions (always position (0, 0)); about 15% of regions are
+    masked for feature regression (always region (0, 0)); every other pair has ans -100 (pair 0 has one).
+    """
+    masked = torch.rand(batch, tokens) < 0.3
+    masked[0, 0] = True
+    labels = torch.where(masked, torch.randint(0, config.vocab_size, (batch, tokens)), torch.full((batch, tokens), -100))
+    feat_mask = (torch.rand(batch, regions) < 0.15).float()
+    feat_mask[0, 0] = 1.0
+    obj_labels = {
+        "obj": (torch.randint(0, config.num_object_labels, (batch, regions)), torch.rand(batch, regions)),
+        "attr": (torch.randint(0, config.num_attr_labels, (batch, regions)), torch.rand(batch, regions)),
+        "feat": (torch.randn(batch, regions, config.visual_feat_dim), feat_mask),
+    }
+    ans = torch.randint(0, config.num_qa_labels, (batch,))
+    ans[1::2] = -100
+    return dict(labels=labels, obj_labels=obj_labels, matched_label=torch.randint(0, 2, (batch,)), ans=ans)
