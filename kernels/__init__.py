@@ -1,0 +1,16 @@
+"""Custom Triton ops for LXMERT, each beside the PyTorch reference it is tested against.
+
+On CUDA tensors the Triton kernels run; on the CPU they run under TRITON_INTERPRET=1 (set before triton is
+first imported), else each op falls back to its PyTorch reference.
+"""
+
+from .fused_attention import bidirectional_attention, cross_attention, reference_attention
+from .feature_regression import masked_feature_regression, reference_masked_feature_regression
+
+__all__ = [
+    "bidirectional_attention",
+    "cross_attention",
+    "reference_attention",
+    "masked_feature_regression",
+    "reference_masked_feature_regression",
+]
