@@ -57,11 +57,11 @@ def small_config(**overrides: Any) -> lxmert.LxmertConfig:
     return lxmert.LxmertConfig(**{**SMALL, **overrides})
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Run a test on one intra-op thread, restored afterwards. Tiny models gain nothing from more, and on
-    a busy 2-core machine spinning OpenMP threads make a 3 ms forward take most of a second (the
-    default-size parity test: 10 s on one thread against 26 s on two, under load)."""
+    """Every test on one intra-op thread. The models and kernels here are tiny: a second thread gains
+    nothing, and on a busy 2-core machine spinning OpenMP threads make a 3 ms forward take most of a second
+    (the default-size parity test: 10 s on one thread against 26 s on two, under load)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -83,6 +83,12 @@ def rel_err(actual: torch.Tensor, reference: torch.Tensor, floor: float = 0.0) -
     if scale == 0.0:
         return diff if diff == 0.0 else math.inf
     return diff / scale
+
+
+def norm_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (Frobenius), in float64."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def assert_close(actual: torch.Tensor, reference: torch.Tensor, tol: float, what: str = "", floor: float = 0.0) -> None:

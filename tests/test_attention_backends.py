@@ -19,7 +19,6 @@ from lxmert.modeling import Attention
 
 from conftest import assert_close, randomize_, random_inputs, random_pretraining_labels, small_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 FWD_TOL = 1e-5
 GRAD_TOL = 1e-4

@@ -16,7 +16,6 @@ from lxmert.convert import from_hf_state_dict, load_into, read_state_dict, to_hf
 
 from conftest import randomize_, random_inputs, random_pretraining_labels, small_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 BATCH, TOKENS, REGIONS = 2, 7, 5
 

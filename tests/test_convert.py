@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import lxmert
+from conftest import norm_rel_err as rel_err
 from lxmert import convert
 
 transformers = pytest.importorskip("transformers")
@@ -25,20 +26,6 @@ transformers = pytest.importorskip("transformers")
 REL = 1e-5
 HEADS = 2
 MARKER = {"path": None}  # where the malicious pickle below would write, if it ever ran
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: a second intra-op thread costs more than it saves (far more on a loaded 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def hf_config(**overrides):

@@ -9,23 +9,10 @@ import pytest
 import torch
 
 import lxmert
+from conftest import norm_rel_err as rel_err
 from lxmert.answers import answer_rows, init_answer_head, normalize_answer
 
 F32_REL = 1e-5  # losses are computed in float32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: a second intra-op thread costs more than it saves (far more on a loaded 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def tiny_config(**overrides) -> lxmert.LxmertConfig:

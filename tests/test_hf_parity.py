@@ -31,7 +31,6 @@ from conftest import (
 )
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 OUT_TOL = 1e-5
 GRAD_TOL = 1e-5  # float64 models, transformers' float32 loss accumulation (see the header)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import lxmert
+from conftest import norm_rel_err as rel_err
 from lxmert import losses
 
 F32_REL = 1e-5  # comparisons of float32 losses with the float64 references
@@ -21,20 +22,6 @@ F32_REL = 1e-5  # comparisons of float32 losses with the float64 references
 
 # ----------------------------------------------------------------------------------------------------------
 # float64 references, written out by hand
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: a second intra-op thread costs more than it saves (far more on a loaded 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def ref_log_softmax(z: torch.Tensor) -> torch.Tensor:
