@@ -1,0 +1,192 @@
+"""The shared benchmark harness: who measured (environment), how (timers, peak memory), and where it goes.
+
+Every benchmark of the project uses these, so that rows from the kernel, throughput and data-loader scripts
+carry the same environment fields and their numbers are taken the same way:
+- time_cuda: CUDA events around each call, after a warm-up, with L2 flushed before every call (a 256 MB
+  write, as triton.testing.do_bench does); median and 20th / 80th percentiles in ms. The host queues the
+  call while the GPU flushes (~0.1 ms on an H100), so only launch overhead beyond that shows in the time.
+- time_cpu: the same statistics from perf_counter, for host-side work (data loading).
+- peak_memory: torch.cuda.max_memory_allocated over one call (everything live counts, inputs too).
+- append_rows: JSON lines, appended to benchmarks/results/<name>.jsonl; markdown_table for the summary.
+
+This module imports no GPU library besides torch (versions are read from package metadata), so importing it
+never decides triton's interpreter mode ahead of the caller.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+L2_FLUSH_BYTES = 256 * 2**20  # larger than any L2 so far (H100 50 MB, H200 60 MB)
+COMMIT_ENV = "BENCH_COMMIT"  # where there is no git checkout (the GPU machine gets a copy without .git)
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def _version(*distributions: str) -> str | None:
+    """The installed version of the first distribution found, by name or by name prefix ending in '*'."""
+    for name in distributions:
+        if name.endswith("*"):
+            for dist in importlib.metadata.distributions():
+                if (dist.metadata["Name"] or "").lower().startswith(name[:-1]):
+                    return dist.version
+            continue
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def git_commit() -> str | None:
+    """HEAD, with "-dirty" when the tree differs from it (result files excepted); $BENCH_COMMIT without git."""
+    try:
+        run = lambda *args: subprocess.run(  # noqa: E731
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout
+        commit = run("rev-parse", "HEAD").strip()
+        changes = [line for line in run("status", "--porcelain").splitlines() if "benchmarks/results/" not in line]
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get(COMMIT_ENV)
+    return commit + ("-dirty" if changes else "")
+
+
+def environment() -> dict[str, Any]:
+    """Flat fields every result row carries: device, software versions, commit, date, host."""
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine() or "cpu"),
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": _version("triton", "pytorch-triton"),
+        "deepspeed": _version("deepspeed"),
+        "dali": _version("nvidia-dali*"),
+        "transformers": _version("transformers"),
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- timers
+
+
+def summarize(times_ms: Sequence[float]) -> dict[str, float | int]:
+    """median / p20 / p80 / min of per-call times in ms, and how many calls were timed."""
+    q = torch.tensor(list(times_ms), dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return {
+        "median_ms": q[1].item(),
+        "p20_ms": q[0].item(),
+        "p80_ms": q[2].item(),
+        "min_ms": min(times_ms),
+        "reps": len(times_ms),
+    }
+
+
+def time_cuda(
+    fn: Callable[..., Any], warmup: int = 10, reps: int = 50, setup: Callable[[], Any] | None = None
+) -> dict[str, float | int]:
+    """GPU time of fn() between CUDA events, L2 flushed before each call; see summarize().
+
+    setup, when given, runs before every call outside the timed region and its result is fn's argument
+    (a fresh forward for timing a backward alone)."""
+    # allocated per call and freed on return: the caching allocator keeps the block for the next call, and
+    # peak_memory (allocated, not reserved, bytes) never counts it
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    call = fn if setup is None else lambda: fn(setup())
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        args = () if setup is None else (setup(),)
+        flush.zero_()
+        start.record()
+        fn(*args)
+        end.record()
+        del args
+    torch.cuda.synchronize()
+    return summarize([start.elapsed_time(end) for start, end in zip(starts, ends)])
+
+
+def time_cpu(
+    fn: Callable[..., Any], warmup: int = 3, reps: int = 20, setup: Callable[[], Any] | None = None
+) -> dict[str, float | int]:
+    """Host wall time of fn() by perf_counter, setup as in time_cuda; see summarize()."""
+    for _ in range(warmup):
+        fn() if setup is None else fn(setup())
+    times = []
+    for _ in range(reps):
+        args = () if setup is None else (setup(),)
+        start = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - start) * 1e3)
+        del args
+    return summarize(times)
+
+
+def peak_memory(fn: Callable[..., Any], setup: Callable[[], Any] | None = None) -> int:
+    """torch.cuda.max_memory_allocated (bytes) over one call of fn, counting everything live during it
+    (setup's result, made before the count starts, too)."""
+    args = () if setup is None else (setup(),)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn(*args)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def results_path(name_or_path: str | os.PathLike) -> Path:
+    """A bare name ("kernels") means benchmarks/results/<name>.jsonl; anything else is a path as given."""
+    path = Path(name_or_path)
+    if path.parent == Path(".") and not path.suffix:
+        return RESULTS_DIR / f"{path}.jsonl"
+    return path
+
+
+def append_rows(name_or_path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
+    """Append each row as one JSON line (creating folders); values JSON cannot hold are written as str."""
+    path = results_path(name_or_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+    return path
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[str, str]]) -> str:
+    """A Markdown table of rows; a column is a key, or (key, header). Missing values are left blank."""
+    keys = [c if isinstance(c, str) else c[0] for c in columns]
+    headers = [c if isinstance(c, str) else c[1] for c in columns]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
