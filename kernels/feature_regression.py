@@ -40,13 +40,13 @@ Limits
 
 from __future__ import annotations
 
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ._mode import all_interpreted, warn_if_imported_too_early
 
 Tensor = torch.Tensor
 
@@ -192,22 +192,8 @@ def reference_masked_feature_regression(
     return (per_row * row_weight.index_select(0, rows).to(acc_dtype)).sum() * (normalizer / max(n, 1))
 
 
-def _interpreter_ready() -> bool:
-    """True when our kernel and triton's own @jit helpers it calls (tl.sum, tl.zeros) are all interpreted:
-    triton 3.6 decides at @triton.jit decoration, i.e. at `import triton` for its helpers."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    jitted = (_feature_regression_fwd_kernel, tl.standard.sum, tl.standard.zeros)
-    return all(isinstance(fn, InterpretedFunction) for fn in jitted)
-
-
-_INTERPRETED = _interpreter_ready()
-if not _INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    warnings.warn(
-        "TRITON_INTERPRET is set but triton was imported before it: the feature-regression kernel cannot run on "
-        "CPU tensors, which use the PyTorch reference instead. Set TRITON_INTERPRET=1 before anything imports triton.",
-        stacklevel=2,
-    )
+_INTERPRETED = all_interpreted(_feature_regression_fwd_kernel, tl.standard.sum, tl.standard.zeros)
+warn_if_imported_too_early(_INTERPRETED, "the feature-regression kernel")
 
 
 def triton_runs_on(t: Tensor) -> bool:

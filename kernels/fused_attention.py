@@ -62,12 +62,12 @@ Limits
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import torch
 import triton
 import triton.language as tl
+
+from ._mode import all_interpreted, warn_if_imported_too_early
 from torch.autograd.function import once_differentiable
 
 Tensor = torch.Tensor
@@ -506,21 +506,8 @@ def _dropout_mask_kernel(
 # -------------------------------------------------------------------------------------- which path runs
 
 
-def _interpreter_ready() -> bool:
-    """True when our kernels and triton's own @jit helpers (tl.sum, tl.max, tl.rand) are all interpreted."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    jitted = (_cross_attention_fwd_kernel, tl.standard.sum, tl.standard.max, tl.random.rand)
-    return all(isinstance(fn, InterpretedFunction) for fn in jitted)
-
-
-_INTERPRETED = _interpreter_ready()
-if not _INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    warnings.warn(
-        "TRITON_INTERPRET is set but triton was imported before it: the attention kernels cannot run on CPU "
-        "tensors, which use the PyTorch reference instead. Set TRITON_INTERPRET=1 before anything imports triton.",
-        stacklevel=2,
-    )
+_INTERPRETED = all_interpreted(_cross_attention_fwd_kernel, tl.standard.sum, tl.standard.max, tl.random.rand)
+warn_if_imported_too_early(_INTERPRETED, "the attention kernels")
 
 
 def triton_runs_on(t: Tensor) -> bool:

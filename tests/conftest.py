@@ -124,6 +124,17 @@ def randomize_(model: nn.Module, gain: float = 1.5) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def perturb_(model: nn.Module, seed: int) -> nn.Module:
+    """Move every parameter off its init by N(0, 0.1^2) (LayerNorm ones, zero biases), so a swapped or wrong
+    copy cannot go unseen, and put the model in eval mode; parameters() yields a tied weight once, so the tie
+    survives."""
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
 def hf_to_ours(hf_model: nn.Module, our_class: type, **kwargs: Any) -> nn.Module:
     """Our model of `our_class` with the config and weights of a transformers model, in the same mode."""
     from lxmert.convert import load_into

@@ -19,6 +19,7 @@ import torch
 
 import lxmert
 from conftest import norm_rel_err as rel_err
+from conftest import perturb_ as randomise
 from lxmert import convert
 
 transformers = pytest.importorskip("transformers")
@@ -36,15 +37,6 @@ def hf_config(**overrides):
     )  # fmt: skip
     values.update(overrides)
     return transformers.LxmertConfig(**values)
-
-
-def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Move every parameter off its init (LayerNorm ones, zero biases) so a swapped name cannot go unseen."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():  # parameters() yields a tied weight once: the tie survives
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 
 import lxmert
 from conftest import norm_rel_err as rel_err
+from conftest import perturb_ as randomise
 from lxmert.answers import answer_rows, init_answer_head, normalize_answer
 
 F32_REL = 1e-5  # losses are computed in float32
@@ -23,15 +24,6 @@ def tiny_config(**overrides) -> lxmert.LxmertConfig:
     )  # fmt: skip
     values.update(overrides)
     return lxmert.LxmertConfig(**values)
-
-
-def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Move every parameter off its init (LayerNorm ones, zero biases) so a wrong copy cannot go unseen."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
 
 
 def inputs(seed=0, b=3, l=7, r=5, feat=12, images=None):
