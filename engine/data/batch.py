@@ -1,0 +1,110 @@
+"""The batch that crosses from the data loaders to the model: PretrainBatch.
+
+Its model fields are named exactly as LxmertForPreTraining.forward's keywords, so a training step is
+`model(**batch.to(device).model_inputs())`; the bookkeeping (which samples, sentences and images, and the
+(epoch, step) it was drawn for) rides along for logging and checks and never reaches the model.
+
+Compact on the host, wide on the device: a loader builds the batch in the store's dtypes (token ids and
+labels int16, attention masks uint8, features and confidences float16 from a float16 store, the feature
+mask float16), which halves to quarters what is pinned and sent over PCIe; `.to(device)` copies those bytes
+and then widens on the device: every integer tensor to int64 (what embeddings and cross-entropy index with)
+and every floating tensor to float32 (`float_dtype`). float16 -> float32 is exact, so the widened batch is
+the same numbers the store holds; the GPU-resident loader produces the same widened batch directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+VISUAL_LOSSES = ("obj", "attr", "feat")
+
+# LxmertForPreTraining.forward keywords, in its order (tests check them against the signature).
+MODEL_FIELDS = (
+    "input_ids", "visual_feats", "visual_pos", "attention_mask", "visual_attention_mask", "token_type_ids",
+    "labels", "obj_labels", "matched_label", "ans",
+)  # fmt: skip
+
+
+@dataclass
+class PretrainBatch:
+    """One data-parallel rank's batch: B samples, L tokens (the longest sentence of the batch), R regions."""
+
+    input_ids: Tensor  # [B, L] [CLS] wordpieces [SEP] [PAD].., after word masking
+    attention_mask: Tensor  # [B, L] 1 = real token
+    token_type_ids: Tensor  # [B, L] all 0 (one segment)
+    visual_feats: Tensor  # [B, R, D] after region masking
+    visual_pos: Tensor  # [B, R, 4] boxes (x1, y1, x2, y2) / (w, h, w, h)
+    visual_attention_mask: Tensor | None  # [B, R] 1 = real region; None when every region is real (obj36)
+    labels: Tensor  # [B, L] MLM targets: the original id at masked tokens, -1 elsewhere
+    obj_labels: dict[str, tuple[Tensor, Tensor]]  # obj/attr: (ids, confidences) [B, R], -1 / 0 on padding;
+    #                                               feat: (original features [B, R, D], mask [B, R] 1 = masked)
+    matched_label: Tensor  # [B] 1 = the image's own sentence, 0 = a sentence of another image
+    ans: Tensor  # [B] QA answer-table row, -1 = none (no label or mismatched)
+    # bookkeeping, host numpy arrays that `.to` leaves where they are
+    sample_index: np.ndarray  # [B] the samples (the authors' uids: text-store rows) drawn
+    sentence_index: np.ndarray  # [B] the text-store rows fed (another image's sentence where matched_label 0)
+    image_index: np.ndarray  # [B] region-store rows
+    epoch: int
+    step: int
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def model_inputs(self) -> dict[str, Any]:
+        """The keyword arguments of LxmertForPreTraining.forward (None fields left out)."""
+        inputs = {name: getattr(self, name) for name in MODEL_FIELDS}
+        return {name: value for name, value in inputs.items() if value is not None}
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> PretrainBatch:
+        changes: dict[str, Any] = {}
+        for name in MODEL_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                changes[name] = fn(value)
+            elif isinstance(value, dict):
+                changes[name] = {k: (fn(ids), fn(weights)) for k, (ids, weights) in value.items()}
+        return dataclasses.replace(self, **changes)
+
+    def to(
+        self, device: torch.device | str, non_blocking: bool = True, float_dtype: torch.dtype = torch.float32
+    ) -> PretrainBatch:
+        """The batch on `device`, widened there: integers -> int64, floating point -> `float_dtype`.
+
+        The compact bytes are copied first (non_blocking from pinned memory), the widening runs on the device."""
+
+        def move(t: Tensor) -> Tensor:
+            wide = float_dtype if t.is_floating_point() else torch.int64
+            return t.to(device, non_blocking=non_blocking).to(wide)
+
+        return self._map(move)
+
+    def pin_memory(self) -> PretrainBatch:
+        """Page-locked host copies (what DataLoader(pin_memory=True) calls), for asynchronous copies."""
+        return self._map(lambda t: t if t.is_pinned() else t.pin_memory())
+
+    def equal(self, other: PretrainBatch) -> bool:
+        """Exactly the same values, dtypes and bookkeeping (for tests and loader cross-checks)."""
+
+        def same(a: Any, b: Any) -> bool:
+            if isinstance(a, Tensor) or isinstance(b, Tensor):
+                return (
+                    isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
+                    and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+                )  # fmt: skip
+            if isinstance(a, dict):
+                return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+            if isinstance(a, tuple):
+                return isinstance(b, tuple) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+            if isinstance(a, np.ndarray):
+                return isinstance(b, np.ndarray) and np.array_equal(a, b)
+            return a == b
+
+        return all(same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
