@@ -83,10 +83,15 @@ def _triton_backend() -> AttentionBackend:
 _ON_FIRST_USE = {"triton": _triton_backend}  # backends whose import is deferred until one is asked for
 
 
+def available_backends() -> list[str]:
+    """Every selectable backend name, without importing the ones loaded on first use."""
+    return sorted({*BACKENDS, *_ON_FIRST_USE})
+
+
 def get_backend(name: str) -> AttentionBackend:
     if name not in BACKENDS and name in _ON_FIRST_USE:
         register_backend(_ON_FIRST_USE[name]())
     try:
         return BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown attn_backend {name!r}; available: {sorted({*BACKENDS, *_ON_FIRST_USE})}") from None
+        raise ValueError(f"unknown attn_backend {name!r}; available: {available_backends()}") from None

@@ -24,7 +24,6 @@ from .config import LxmertConfig
 from .modeling import AnswerHead, HeadTransform, LxmertModel, ModelOutput, init_weights
 
 Tensor = torch.Tensor
-VISUAL_LOSSES = ("obj", "attr", "feat")
 
 
 @dataclass
@@ -56,17 +55,37 @@ class MaskedLMHead(nn.Module):
         return self.decoder(self.transform(hidden)) + self.bias
 
 
+class FeatureRegressionDecoder(nn.Linear):
+    """The feat decoder (hidden -> feature dim). Called with targets it returns the masked regression loss
+    instead of predictions: the loss then reads the decoder's weight inside the decoder's own forward, where
+    parameter-sharding engines (ZeRO-3) have gathered it, and only the masked rows are ever projected."""
+
+    def __init__(self, hidden_size: int, feat_dim: int, loss_backend: str):
+        super().__init__(hidden_size, feat_dim)
+        self._loss = losses.feature_regression(loss_backend)
+
+    def forward(
+        self, x: Tensor, target: Tensor | None = None, row_weight: Tensor | None = None, normalizer: float = 1.0
+    ) -> Tensor:
+        if target is None:
+            return super().forward(x)
+        return self._loss(x, self.weight, self.bias, target, row_weight, normalizer)
+
+
 class ObjectHead(nn.Module):
     """transform, then one decoder per enabled visual loss: obj (classes), attr (classes), feat (regression)."""
 
     def __init__(self, config: LxmertConfig):
         super().__init__()
         self.transform = HeadTransform(config)
-        sizes = {"obj": config.num_object_labels, "attr": config.num_attr_labels, "feat": config.visual_feat_dim}
-        enabled = {"obj": config.visual_obj_loss, "attr": config.visual_attr_loss, "feat": config.visual_feat_loss}
-        self.decoders = nn.ModuleDict(
-            {name: nn.Linear(config.hidden_size, sizes[name]) for name in VISUAL_LOSSES if enabled[name]}
-        )
+        h = config.hidden_size
+        self.decoders = nn.ModuleDict()  # in the order obj, attr, feat, for the enabled losses
+        if config.visual_obj_loss:
+            self.decoders["obj"] = nn.Linear(h, config.num_object_labels)
+        if config.visual_attr_loss:
+            self.decoders["attr"] = nn.Linear(h, config.num_attr_labels)
+        if config.visual_feat_loss:
+            self.decoders["feat"] = FeatureRegressionDecoder(h, config.visual_feat_dim, config.feat_loss_backend)
 
 
 class LxmertForPreTraining(nn.Module):
@@ -86,7 +105,6 @@ class LxmertForPreTraining(nn.Module):
         for head in (self.mlm_head.transform, self.match_head, self.obj_head, self.answer_head):
             if head is not None:
                 init_weights(head, config.initializer_range)
-        self._feature_regression = losses.feature_regression(config.feat_loss_backend)
 
     def forward(
         self,
@@ -158,9 +176,7 @@ class LxmertForPreTraining(nn.Module):
                     f"got {tuple(target.shape)} and {tuple(weight.shape)}"
                 )
             if name == "feat":
-                parts[name] = self._feature_regression(
-                    states, decoder.weight, decoder.bias, target.reshape(states.shape[0], -1), weight, normalizer
-                )
+                parts[name] = decoder(states, target.reshape(states.shape[0], -1), weight, normalizer)
             else:
                 parts[name] = losses.weighted_region_cross_entropy(decoder(states), target, weight, normalizer)
         return parts
