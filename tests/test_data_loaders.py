@@ -202,8 +202,6 @@ def test_state_from_another_order_is_refused(stores):
 
 
 def test_kinds():
-    with pytest.raises(NotImplementedError, match="DALI"):
-        make_loader("dali", None, None, SamplingConfig())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown loader kind"):
         make_loader("tf", None, None, SamplingConfig())  # type: ignore[arg-type]
 

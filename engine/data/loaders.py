@@ -20,9 +20,9 @@ bit for bit (tests compare them) and a batch does not depend on num_workers or p
 - "gpu": the region store (float16 features, boxes, labels, confidences: 12 GB for COCO train2014)
   copied once into device memory; per batch the host draws the plan and builds the text (a few KB, in a
   prefetch thread), the device gathers the regions by index and applies the region masking there.
-- "dali" (planned): NVIDIA DALI's fn.readers.numpy over the same .npy files (roi_start/roi_end slices of
-  the stores, store.array_path), fed the same plans through an external source; it plugs in as another
-  PretrainLoader subclass that implements _batches.
+- "dali" (engine/data/dali.py, needs the [data] extra): NVIDIA DALI's fn.readers.numpy over the same .npy
+  files (roi_start slices of the stores, store.array_path) at the plan's image rows, fed through an
+  external source; masking on the loader's device.
 """
 
 from __future__ import annotations
@@ -322,10 +322,12 @@ def make_loader(
     kind: str, text: TextStore | str | Path, regions: RegionStore | str | Path, config: SamplingConfig,
     device: torch.device | str = "cpu", **options: Any,
 ) -> PretrainLoader:  # fmt: skip
-    """A loader of `kind` ("torch", "gpu"; "dali" planned) over the stores; `options` go to its class."""
-    if kind == "dali":
-        raise NotImplementedError("the DALI loader is not written yet: use kind 'torch' or 'gpu'")
+    """A loader of `kind` ("torch", "gpu", "dali") over the stores; `options` go to its class."""
     classes: dict[str, type[PretrainLoader]] = {"torch": TorchLoader, "gpu": GpuResidentLoader}
+    if kind == "dali":  # imported here: DALI is an optional extra, and engine/data/dali.py imports this module
+        from engine.data.dali import DaliLoader
+
+        classes["dali"] = DaliLoader
     if kind not in classes:
         raise ValueError(f"unknown loader kind {kind!r}; one of {KINDS}")
     text = text if isinstance(text, TextStore) else TextStore(text)
