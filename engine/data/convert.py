@@ -396,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--tsv", nargs="+", metavar="TSV", help="feature TSV files -> a region store")
     mode.add_argument("--text", nargs="+", metavar="JSON", help="pre-training JSON files -> a text store")
+    mode.add_argument(
+        "--task", choices=("vqa", "gqa", "nlvr2"), help="fine-tuning JSON files (--questions) -> a task store"
+    )
     parser.add_argument("--out", required=True, help="the store directory to create")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing store (only once the new one is verified)"
@@ -417,10 +420,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     text.add_argument(
         "--chunk-sentences", type=int, default=CHUNK_SENTENCES, help="sentences a chunk (default %(default)s)"
     )
+    task = parser.add_argument_group("--task mode (also --features, --vocab, --skip-missing-images)")
+    task.add_argument("--questions", nargs="+", metavar="JSON", help="the split's VQA / GQA / NLVR2 JSON files")
+    task.add_argument("--ans2label", help="VQA / GQA: the task's trainval_ans2label.json")
     args = parser.parse_args(argv)
     try:
-        if args.tsv:
-            stats: FeatureStats | TextStats = convert_features(
+        if args.task:
+            from engine.data.tasks import convert_task  # here: engine.data.tasks imports this module
+
+            if not args.features or not args.questions:
+                parser.error("--task needs --questions (its JSON files) and --features (the region store)")
+            if args.task != "nlvr2" and not args.ans2label:
+                parser.error(f"--task {args.task} needs --ans2label (trainval_ans2label.json)")
+            stats: Any = convert_task(
+                args.task, args.questions, args.features, args.ans2label, args.out, vocab_path=args.vocab,
+                skip_missing_images=args.skip_missing_images, overwrite=args.overwrite, progress=not args.quiet,
+            )  # fmt: skip
+        elif args.tsv:
+            stats = convert_features(
                 args.tsv, args.out, feat_dim=args.feat_dim, fp32=args.fp32, num_regions=args.num_regions,
                 skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, chunk_images=args.chunk_images,
                 progress=not args.quiet,

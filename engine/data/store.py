@@ -66,6 +66,7 @@ import numpy as np
 
 REGION_FORMAT = "lxmert-region-store"
 TEXT_FORMAT = "lxmert-text-store"
+TASK_FORMAT = "lxmert-task-store"  # fine-tuning questions (engine/data/tasks.py)
 FORMAT_VERSION = 1
 NUM_REGIONS = 36
 HEADER_BYTES = 128  # .npy header reserved at the front of every array file (a multiple of 64)
@@ -192,7 +193,7 @@ class _GrowingFile:
 def _is_store(path: Path) -> bool:
     try:
         with open(path / META, encoding="utf-8") as f:
-            return json.load(f).get("format") in (REGION_FORMAT, TEXT_FORMAT)
+            return json.load(f).get("format") in (REGION_FORMAT, TEXT_FORMAT, TASK_FORMAT)
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -287,8 +287,9 @@ def generate(
         "minival": ("mscoco_minival", "val2014_obj36", "minival", "testdev", "valid"),
     }
     counts: dict[str, dict[str, int]] = {}
-    for split, n_images in sizes.items():
+    for split_index, (split, n_images) in enumerate(sizes.items()):
         pretrain, tsv, vqa, gqa, nlvr2 = names[split]
+        qid_base = split_index * 10**12  # question ids unique across splits, as in the real data
         c = counts[split] = {"images": n_images, "sentences": 0, "vqa": 0, "gqa": 0, "nlvr2": 0}
         with ExitStack() as files:
             tsv_out = files.enter_context(TsvWriter(out / "mscoco_imgfeat" / f"{tsv}.tsv"))
@@ -313,11 +314,12 @@ def generate(
                 for k, q in enumerate(vqa_qs):
                     vqa_out.write({
                         "answer_type": q.answer_type, "img_id": scene.img_id, "label": q.label,
-                        "question_id": i * 1000 + k, "question_type": q.question_type, "sent": q.sent,
+                        "question_id": qid_base + i * 1000 + k, "question_type": q.question_type, "sent": q.sent,
                     })  # fmt: skip
                 for k, q in enumerate(gqa_qs):
                     gqa_out.write({
-                        "img_id": scene.img_id, "label": q.label, "question_id": f"{i:08d}{k:02d}", "sent": q.sent,
+                        "img_id": scene.img_id, "label": q.label, "question_id": str(qid_base + i * 100 + k),
+                        "sent": q.sent,
                     })  # fmt: skip
                 c["vqa"], c["gqa"] = c["vqa"] + len(vqa_qs), c["gqa"] + len(gqa_qs)
                 if i % 2 == 1 and previous is not None:
