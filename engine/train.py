@@ -172,7 +172,9 @@ class Trainer:
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights in fp32 on the CPU (ZeRO-3 gathers the shards)."""
         if self.use_deepspeed and self.config.train.zero_stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective; None on ranks > 0
+            if state is None:
+                return {}
         else:
             state = (self.engine.module if self.engine is not None else self.model).state_dict()
         return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
@@ -296,6 +298,8 @@ class Trainer:
                         self._zero_grad()
                     break
                 norm, skipped = self._ds_step_info() if self.use_deepspeed else self._optimizer_step()
+                if self.world_size > 1:  # log the global batch's loss, not rank 0's share of it
+                    loss_sum, parts_sum = self._mean_over_ranks(loss_sum, parts_sum)
                 self.step += 1
                 self.skipped_steps += int(skipped)
                 losses = {k: float(v) for k, v in parts_sum.items()}
@@ -352,6 +356,17 @@ class Trainer:
             "model": str(model_path) if model_path else None,
         }  # fmt: skip
         return summary
+
+    def _mean_over_ranks(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """The step's loss and components averaged over the ranks (every rank computes the same keys)."""
+        import torch.distributed as dist
+
+        names = sorted(parts)
+        packed = torch.stack([loss.float().reshape(()), *(parts[k].float().reshape(()) for k in names)])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        packed /= self.world_size
+        return packed[0], {k: packed[i + 1] for i, k in enumerate(names)}
 
     def _zero_grad(self) -> None:
         if not self.use_deepspeed:

@@ -1,0 +1,224 @@
+"""The real CLI (`python -m engine.pretrain`) under the DeepSpeed launcher with 2 CPU ranks (gloo).
+
+- ZeRO 1, 2 and 3, fp32, dropout off: 2 ranks x micro batch 4 log the per-step losses of one process on the same
+  global batch of 8 (the plain path, micro 4 x 2 accumulation steps: what data parallelism computes, the mean of
+  the two halves' losses; the sampler hands rank r the r-th slice of each global batch).
+- ZeRO-2: the checkpoint at step 2, resumed by a second launch with train.resume=auto, continues with the losses
+  of the uninterrupted run.
+- ZeRO-3: the consolidated export (model.safetensors and the --export-hf layout) holds the full fp32 master
+  weights and loads into lxmert.LxmertForPreTraining and transformers.LxmertForPreTraining with equal outputs.
+
+One launch per stage + one resume launch (each 10-30 s on 2 cores, mostly start-up; the first init_distributed
+JIT-builds a shared-memory comm op, ~45 s, cached in TORCH_EXTENSIONS_DIR). A rank occasionally aborts at exit
+after writing its results, so the tests read metrics.jsonl / the files rather than trust the exit code alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lxmert
+from engine import checkpoint as ckpt
+from engine.config import load_config
+from engine.data import convert, synthetic
+from engine.data.store import TextStore
+from engine.train import Trainer, deepspeed_available
+from lxmert.convert import load_into, read_state_dict
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+D = 16
+STEPS = 4
+SAVE_AT = 2
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dist_stores")
+    synthetic.generate(root / "syn", 60, feat_dim=D, seed=3, captions_per_image=3, questions_per_image=2)
+    tsvs = [root / "syn/mscoco_imgfeat/train2014_obj36.tsv", root / "syn/mscoco_imgfeat/val2014_obj36.tsv"]
+    convert.convert_features(tsvs, root / "feats", feat_dim=D, progress=False)
+    texts = [root / "syn/lxmert/mscoco_train.json"]
+    convert.convert_text(texts, root / "feats", root / "text", answers=root / "syn/lxmert/all_ans.json", progress=False)
+    return root / "text", root / "feats"
+
+
+def overrides(stores, out: Path, *extra: str) -> list[str]:
+    text, feats = stores
+    return [
+        "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37",
+        "model.l_layers=1", "model.r_layers=1", "model.x_layers=1", f"model.visual_feat_dim={D}",
+        f"model.num_qa_labels={len(TextStore(text).answers)}",
+        f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
+        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}", "model.attn_backend=sdpa",
+        "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
+        f"data.train.text={text}", f"data.train.features={feats}", "data.num_workers=0",
+        "optim.name=adamw", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=100",
+        f"train.max_steps={STEPS}", "train.log_every=1", f"train.save_every={SAVE_AT}",
+        f"train.output_dir={out}", "train.seed=0", "train.precision=fp32",
+        *extra,
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], log: Path, *flags: str) -> int:
+    """`deepspeed --num_gpus 2 --module engine.pretrain [flags] args` (2 CPU ranks); returns the exit code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "engine.pretrain",
+               *flags, *args]  # fmt: skip
+    with open(log, "w") as f:
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300)
+    return proc.returncode
+
+
+def records(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def losses(recs: list[dict]) -> list[float]:
+    return [r["loss"] for r in recs]
+
+
+def assert_close_lists(got: list[float], expected: list[float], tol: float, what: str) -> None:
+    assert len(got) == len(expected), (what, got, expected)
+    for g, e in zip(got, expected):
+        assert abs(g - e) <= tol * max(1.0, abs(e)), (what, got, expected)
+
+
+@pytest.fixture(scope="module")
+def reference(stores, tmp_path_factory) -> list[dict]:
+    """One process, the plain path, micro batch 4 x 2 accumulation steps = the 2-rank run's global batch."""
+    out = tmp_path_factory.mktemp("reference")
+    config = load_config(None, overrides(stores, out, "train.micro_batch_size=4", "train.grad_accum_steps=2"))
+    trainer = Trainer(config, use_deepspeed=False)
+    trainer.train()
+    return trainer.history
+
+
+_runs: dict[int, tuple[Path, int]] = {}
+
+
+@pytest.fixture(scope="module")
+def run_stage(stores, tmp_path_factory):
+    """Launch (once per stage) the 2-rank run of a ZeRO stage; returns (output_dir, exit code)."""
+
+    def get(stage: int) -> tuple[Path, int]:
+        if stage not in _runs:
+            out = tmp_path_factory.mktemp(f"zero{stage}")
+            flags = ("--export-hf",) if stage == 3 else ()
+            rc = launch(overrides(stores, out, f"train.zero_stage={stage}"), out / "launch.log", *flags)
+            _runs[stage] = (out, rc)
+        return _runs[stage]
+
+    return get
+
+
+def diagnose(out: Path, rc: int) -> str:
+    log = out / "launch.log"
+    return f"exit code {rc}; {log}:\n" + (log.read_text()[-4000:] if log.is_file() else "(no log)")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_match_one_process_on_the_same_global_batch(stage, run_stage, reference):
+    out, rc = run_stage(stage)
+    recs = records(out)
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), diagnose(out, rc)
+    assert_close_lists(losses(recs), losses(reference), 1e-5, f"ZeRO-{stage} loss")
+    for r, e in zip(recs, reference):
+        for name, value in e["losses"].items():
+            assert abs(r["losses"][name] - value) <= 1e-5 * max(1.0, abs(value)), (stage, r["step"], name)
+        assert abs(r["lr"] - e["lr"]) <= 1e-12
+        assert abs(r["grad_norm"] - e["grad_norm"]) <= 1e-4 * max(1.0, e["grad_norm"]), (stage, r, e)
+    # every rank's ZeRO shards of the step-2 and the final checkpoint were written
+    for step in (SAVE_AT, STEPS):
+        path = ckpt.checkpoint_root(out) / ckpt.tag_of(step)
+        assert ckpt.is_complete(path), path
+        assert sorted(p.name for p in path.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+
+
+def test_zero2_resume_continues_with_the_uninterrupted_losses(run_stage, stores, tmp_path):
+    full, rc = run_stage(2)
+    full_losses = losses(records(full))
+    assert len(full_losses) == STEPS, diagnose(full, rc)
+    # a copy of the run as it stood right after the step-2 checkpoint
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(ckpt.checkpoint_root(full) / ckpt.tag_of(SAVE_AT), ckpt.checkpoint_root(out) / ckpt.tag_of(SAVE_AT))
+    (ckpt.checkpoint_root(out) / ckpt.LATEST).write_text(ckpt.tag_of(SAVE_AT))
+    rc = launch(overrides(stores, out, "train.zero_stage=2", "train.resume=auto"), tmp_path / "resume.log")
+    recs = records(out)
+    log = (tmp_path / "resume.log").read_text()
+    assert f"resumed from {ckpt.checkpoint_root(out) / ckpt.tag_of(SAVE_AT)} at step {SAVE_AT}" in log, log[-3000:]
+    assert [r["step"] for r in recs] == list(range(SAVE_AT + 1, STEPS + 1)), (rc, log[-3000:])
+    assert_close_lists(losses(recs), full_losses[SAVE_AT:], 1e-6, "resumed loss")
+
+
+def test_zero3_export_is_the_fp32_master_weights_and_loads_into_both_models(run_stage):
+    out, rc = run_stage(3)
+    path = out / "model.safetensors"
+    assert path.is_file() and (out / "hf/model.safetensors").is_file(), diagnose(out, rc)
+    config = load_config(out / "config.yaml", []).model
+    exported = read_state_dict(path)
+
+    # the master weights of the final checkpoint, consolidated from both ranks' ZeRO-3 shards
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    final = ckpt.checkpoint_root(out) / ckpt.tag_of(STEPS)
+    master = get_fp32_state_dict_from_zero_checkpoint(str(final.parent), tag=final.name)
+    ours = lxmert.LxmertForPreTraining(config)
+    expected_shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert set(exported) == set(expected_shapes)
+    for key, value in exported.items():
+        assert value.dtype == torch.float32, (key, value.dtype)
+        assert value.shape == expected_shapes[key], (key, value.shape)  # gathered, not a partition
+        if key in master:
+            assert torch.equal(value, master[key].float()), key
+
+    load_into(ours, exported)
+    ours.eval()
+    import transformers
+
+    hf_config = transformers.LxmertConfig(**json.loads((out / "hf/config.json").read_text()))
+    hf = transformers.LxmertForPreTraining(hf_config).eval()
+    hf.load_state_dict(read_state_dict(out / "hf/model.safetensors"), strict=True)
+
+    g = torch.Generator().manual_seed(0)
+    b, length, regions = 3, 11, 7
+    inputs = {
+        "input_ids": torch.randint(0, config.vocab_size, (b, length), generator=g),
+        "attention_mask": torch.ones(b, length, dtype=torch.long),
+        "token_type_ids": torch.zeros(b, length, dtype=torch.long),
+        "visual_feats": torch.randn(b, regions, D, generator=g),
+        "visual_pos": torch.rand(b, regions, 4, generator=g),
+    }
+    inputs["attention_mask"][0, 8:] = 0
+    with torch.no_grad():
+        got = ours(**inputs, return_prediction_logits=True)
+        expected = hf(**inputs)
+    for key in ("prediction_logits", "cross_relationship_score", "question_answering_score"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
