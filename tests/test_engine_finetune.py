@@ -1,0 +1,264 @@
+"""Fine-tuning (engine/finetune.py) on the synthetic data: a tiny model (hidden 32) on 16-d features, CPU fp32.
+
+VQA from scratch must beat chance on the synthetic minival; NLVR2's loss must fall; init_from a pre-training
+export copies the backbone exactly and the QA head's rows by answer string; submissions have the authors'
+formats; a missing store or a wrong task is a clear error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lxmert
+from engine.config import load_config
+from engine.data import convert, synthetic
+from engine.data.tasks import TaskStore, convert_task
+from engine.evaluate import read_gqa_submission, read_nlvr2_submission, read_vqa_submission
+from engine.finetune import FineTuneError, FineTuner, main
+from lxmert.answers import normalize_answer
+from lxmert.convert import read_state_dict, write_state_dict
+
+D = 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_data(tmp_path_factory.mktemp("finetune"))
+
+
+def build_data(root: Path, images: int = 200) -> dict[str, Path]:
+    syn = root / "syn"
+    synthetic.generate(syn, images, feat_dim=D, seed=5, captions_per_image=1, questions_per_image=4, minival_fraction=0.2)
+    feats = root / "feats"
+    convert.convert_features([syn / "mscoco_imgfeat/train2014_obj36.tsv", syn / "mscoco_imgfeat/val2014_obj36.tsv"],
+                             feats, feat_dim=D, progress=False)  # fmt: skip
+    out = {"syn": syn, "feats": feats}
+    for task, split, name in (("vqa", "train", "train"), ("vqa", "minival", "minival"), ("gqa", "train", "train"),
+                              ("gqa", "testdev", "testdev"), ("nlvr2", "train", "train"),
+                              ("nlvr2", "valid", "valid")):  # fmt: skip
+        a2l = syn / task / "trainval_ans2label.json" if task != "nlvr2" else None
+        convert_task(task, [syn / task / f"{split}.json"], feats, a2l, root / f"{task}_{name}")
+        out[f"{task}_{name}"] = root / f"{task}_{name}"
+    return out
+
+
+TINY = [
+    "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64", "model.l_layers=1",
+    "model.r_layers=1", "model.x_layers=1", f"model.visual_feat_dim={D}", "model.attn_backend=sdpa",
+    f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}", f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}",
+    f"model.num_qa_labels={len(synthetic.ANSWERS)}",
+]  # fmt: skip
+
+
+def config(data, task: str, out: Path, *extra: str, eval_split: str | None = None):
+    eval_split = eval_split or {"vqa": "minival", "gqa": "testdev", "nlvr2": "valid"}[task]
+    overrides = [
+        *TINY, f"data.train.text={data[f'{task}_train']}", f"data.train.features={data['feats']}",
+        f"data.eval.text={data[f'{task}_{eval_split}']}", f"data.eval.features={data['feats']}",
+        "data.num_workers=0", "data.seed=1", "optim.name=adamw", "optim.lr=1e-3", "optim.warmup_ratio=0.1",
+        "optim.grad_clip=5.0", "train.batch_size=32", "train.epochs=4", "train.log_every=5",
+        f"train.task={task}", f"train.output_dir={out}", "train.seed=0", *extra,
+    ]  # fmt: skip
+    return load_config(None, overrides)
+
+
+def no_eval(cfg):
+    cfg.data.eval.text = cfg.data.eval.features = ""  # an override cannot set an empty string
+    return cfg
+
+
+def test_vqa_from_scratch_learns_and_writes_outputs(data, tmp_path):
+    tuner = FineTuner(config(data, "vqa", tmp_path, "train.epochs=6", "train.batch_size=16"))
+    summary = tuner.train()
+    store = TaskStore(data["vqa_minival"])
+    # chance: the best constant answer's mean soft score on minival
+    totals: dict[int, float] = {}
+    for i in range(len(store)):
+        for k, s in (store.labels_of(i) or {}).items():
+            totals[k] = totals.get(k, 0.0) + s
+    chance = max(totals.values()) / len(store)
+    metric = summary["best_metric"]
+    # The tiny model learns the question-type prior (yes/no, colour, count answers) within this budget, about
+    # 1.8x the constant-answer chance; grounding answers in the image needs many more steps than a unit test has.
+    assert summary["first_loss"] > 5 * summary["last_loss"], summary
+    assert metric > 1.5 * chance, (metric, chance, summary["eval"])
+    assert len(summary["eval"]) == 6 and summary["steps"] == 6 * tuner.steps_per_epoch
+    # outputs: the best model, the submission (every minival question once), the log
+    model = read_state_dict(tmp_path / "best/model.safetensors")
+    assert model["answer_head.fc2.weight"].shape[0] == len(synthetic.ANSWERS)
+    sub = json.loads((tmp_path / "vqa_submission.json").read_text())
+    assert all(set(row) == {"question_id", "answer"} and isinstance(row["question_id"], int) for row in sub)
+    assert sorted(r["question_id"] for r in sub) == sorted(int(q) for q in store.question_ids)
+    assert all(r["answer"] in synthetic.ANSWERS for r in sub)
+    predicted = read_vqa_submission(tmp_path / "vqa_submission.json")
+    labels = {int(store.question_ids[i]): {store.answers[k]: s for k, s in store.labels_of(i).items()}
+              for i in range(len(store))}  # fmt: skip
+    score = sum(labels[q].get(a, 0.0) for q, a in predicted.items()) / len(predicted)
+    assert score == pytest.approx(metric)  # the submission is the best epoch's predictions
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_training_is_deterministic(data, tmp_path):
+    a = FineTuner(no_eval(config(data, "vqa", tmp_path / "a", "train.max_steps=4", "train.log_every=1")))
+    b = FineTuner(no_eval(config(data, "vqa", tmp_path / "b", "train.max_steps=4", "train.log_every=1")))
+    assert (a.epoch_order(0) == b.epoch_order(0)).all() and not (a.epoch_order(0) == a.epoch_order(1)).all()
+    a.train(), b.train()
+    assert len(a.history) == 4 and [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    assert (a.output_dir / "best/model.safetensors").is_file()  # no eval split: the last model is kept
+
+
+def test_nlvr2_runs_and_its_loss_falls(data, tmp_path):
+    tuner = FineTuner(config(data, "nlvr2", tmp_path, "train.batch_size=16", "train.epochs=3",
+                             "train.log_every=1"))  # fmt: skip
+    summary = tuner.train()
+    losses = [r["loss"] for r in tuner.history]
+    k = max(len(losses) // 4, 1)
+    assert sum(losses[-k:]) / k < sum(losses[:k]) / k, losses
+    assert summary["best_metric"] is not None and 0 <= summary["best_metric"] <= 1
+    rows = list(csv.reader((tmp_path / "nlvr2_submission.csv").read_text().splitlines()))
+    store = TaskStore(data["nlvr2_valid"])
+    assert [r[0] for r in rows] == list(store.identifiers) and {r[1] for r in rows} <= {"True", "False"}
+    assert set(read_nlvr2_submission(tmp_path / "nlvr2_submission.csv")) == set(store.identifiers)
+
+
+def test_gqa_submission_format(data, tmp_path):
+    FineTuner(config(data, "gqa", tmp_path, "train.max_steps=3")).train()
+    sub = json.loads((tmp_path / "gqa_submission.json").read_text())
+    store = TaskStore(data["gqa_testdev"])
+    assert all(set(r) == {"questionId", "prediction"} and isinstance(r["questionId"], str) for r in sub)
+    assert sorted(read_gqa_submission(tmp_path / "gqa_submission.json")) == sorted(store.question_ids)
+
+
+def pretrained_export(tmp_path: Path, table: list[str]) -> Path:
+    """A tiny pre-training model whose QA head scores `table`, written as our safetensors export."""
+    overrides = load_config(None, [*TINY, f"model.num_qa_labels={len(table)}"]).model
+    torch.manual_seed(7)
+    model = lxmert.LxmertForPreTraining(overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # not the fine-tuning model's own init
+    path = tmp_path / "pretrain" / "model.safetensors"
+    write_state_dict(model.state_dict(), path)
+    return path
+
+
+def test_init_from_copies_backbone_and_head_rows_by_answer(data, tmp_path):
+    # a pre-training table in another order, missing some task answers and holding extra ones
+    task_answers = TaskStore(data["vqa_train"]).answers
+    table = ["zebra", *reversed(task_answers[5:]), "kite"]
+    path = pretrained_export(tmp_path, table)
+    (path.parent / "answers.json").write_text(json.dumps(table))  # found beside the checkpoint
+    tuner = FineTuner(config(data, "vqa", tmp_path / "run", f"train.init_from={path}"))
+    state = read_state_dict(path)
+    model = tuner.model.state_dict()
+    for k, v in state.items():
+        if k.startswith("lxmert."):
+            assert torch.equal(model[k], v), k
+    for name in ("fc1.weight", "fc1.bias", "norm.weight", "norm.bias"):
+        assert torch.equal(model[f"answer_head.{name}"], state[f"answer_head.{name}"])
+    index = {a: i for i, a in enumerate(table)}
+    for row, answer in enumerate(task_answers):
+        src = index.get(normalize_answer(answer))
+        for name in ("fc2.weight", "fc2.bias"):
+            got = model[f"answer_head.{name}"][row]
+            expected = torch.zeros_like(got) if src is None else state[f"answer_head.{name}"][src]
+            assert torch.equal(got, expected), (answer, name)
+    assert tuner.init_report["answers_found"] == len(task_answers) - 5
+    assert tuner.init_report["answers_missing"] == 5
+
+
+def test_init_from_answer_table_options(data, tmp_path):
+    table = list(synthetic.ANSWERS)
+    path = pretrained_export(tmp_path, table)
+    cfg = config(data, "gqa", tmp_path / "run", f"train.init_from={path.parent}")  # a directory works too
+    with pytest.raises(FineTuneError, match="answer table was not found"):
+        FineTuner(cfg)
+    # the authors' all_ans.json, given explicitly
+    tuner = FineTuner(cfg, answer_table=str(data["syn"] / "lxmert/all_ans.json"))
+    assert tuner.init_report["answers_missing"] == 0
+    # NLVR2 takes the backbone only
+    tuner = FineTuner(config(data, "nlvr2", tmp_path / "nlvr2", f"train.init_from={path}"))
+    state = read_state_dict(path)
+    model = tuner.model.state_dict()
+    assert all(torch.equal(model[k], v) for k, v in state.items() if k.startswith("lxmert."))
+
+
+def test_init_from_a_mismatched_model_is_a_clear_error(data, tmp_path):
+    path = pretrained_export(tmp_path, list(synthetic.ANSWERS))
+    with pytest.raises(FineTuneError, match="does not fit model"):
+        FineTuner(config(data, "vqa", tmp_path / "run", f"train.init_from={path}", "model.hidden_size=64",
+                         "model.intermediate_size=128"))  # fmt: skip
+    with pytest.raises(FineTuneError, match="does not exist"):
+        FineTuner(config(data, "vqa", tmp_path / "run", f"train.init_from={tmp_path / 'nope.safetensors'}"))
+
+
+def test_invalid_configs_are_clear_errors(data, tmp_path, capsys):
+    with pytest.raises(FineTuneError, match="task store .*does not exist"):
+        FineTuner(config(data, "vqa", tmp_path, f"data.train.text={tmp_path / 'missing'}"))
+    with pytest.raises(FineTuneError, match="is a 'nlvr2' store but train.task is 'vqa'"):
+        FineTuner(config(data, "vqa", tmp_path, f"data.train.text={data['nlvr2_train']}"))
+    with pytest.raises(FineTuneError, match="train.task must be one of"):
+        FineTuner(config(data, "vqa", tmp_path, "train.task=pretrain"))
+    cfg = config(data, "vqa", tmp_path)
+    cfg.data.train.text = ""
+    with pytest.raises(FineTuneError, match="must name a task store"):
+        FineTuner(cfg)
+    with pytest.raises(FineTuneError, match="visual_feat_dim"):
+        FineTuner(config(data, "vqa", tmp_path, "model.visual_feat_dim=20"))
+    assert main(["train.task=vqa", f"data.train.text={tmp_path / 'missing'}", "data.train.features=x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train.taks=vqa"]) == 2
+    assert "did you mean 'task'" in capsys.readouterr().err
+
+
+def test_cli_runs_and_reports(data, tmp_path, capsys):
+    overrides = [f"{o}" for o in config_overrides(data, "nlvr2", tmp_path)] + ["train.max_steps=2"]
+    assert main(overrides) == 0
+    out = capsys.readouterr().out
+    assert "train loss" in out and "samples/s" in out and "nlvr2_submission.csv" in out
+
+
+def config_overrides(data, task, out):
+    return [
+        *TINY, f"data.train.text={data[f'{task}_train']}", f"data.train.features={data['feats']}",
+        f"data.eval.text={data[f'{task}_valid']}", f"data.eval.features={data['feats']}", "train.batch_size=8",
+        f"train.task={task}", f"train.output_dir={out}", "optim.lr=1e-3",
+    ]  # fmt: skip
+
+
+def test_answer_table_from_the_pretraining_runs_config(data, tmp_path):
+    """engine.train writes config.yaml and the export into output_dir: the table is its text store's answers.json."""
+    table = list(reversed(synthetic.ANSWERS))
+    path = pretrained_export(tmp_path, table)
+    text_store = tmp_path / "text_store"
+    text_store.mkdir()
+    (text_store / "answers.json").write_text(json.dumps(table))
+    (path.parent / "config.yaml").write_text(f"data:\n  train:\n    text: {text_store}\n")
+    tuner = FineTuner(config(data, "vqa", tmp_path / "run", f"train.init_from={path}"))
+    assert tuner.init_report["answer_table"] == str(text_store / "answers.json")
+    assert tuner.init_report["answers_missing"] == 0
+    state = read_state_dict(path)
+    row = table.index("yes")
+    assert torch.equal(tuner.model.answer_head.fc2.weight[list(synthetic.ANSWERS).index("yes")],
+                       state["answer_head.fc2.weight"][row])  # fmt: skip
+
+
+def test_the_vqa_recipe_runs_with_overrides(data, tmp_path, capsys):
+    """configs/vqa.yaml as shipped, pointed at the synthetic stores and shrunk, from scratch."""
+    overrides = [
+        *TINY, f"data.train.text={data['vqa_train']}", f"data.train.features={data['feats']}",
+        f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}", "data.num_workers=0",
+        "train.max_steps=2", f"train.output_dir={tmp_path}",
+    ]  # fmt: skip
+    assert main(["--config", "configs/vqa.yaml", "--from-scratch", *overrides]) == 0
+    assert (tmp_path / "vqa_submission.json").is_file() and (tmp_path / "best/model.safetensors").is_file()
+    # an init_from that is not there is a clear error
+    assert main(["--config", "configs/vqa.yaml", *overrides, f"train.init_from={tmp_path / 'no_such_run'}"]) == 2
+    assert "train.init_from" in capsys.readouterr().err
