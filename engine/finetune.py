@@ -59,7 +59,7 @@ from engine.data.tasks import TaskStore, task_batch, to_torch
 from engine.evaluate import Accumulator
 from engine.metrics_log import MetricsLog, peak_memory_gib
 from engine.optim import make_optimizer, make_scheduler
-from engine.train import _precision_dtype
+from engine.train import _precision_dtype, optimizer_step
 from lxmert.answers import normalize_answer
 from lxmert.convert import read_state_dict, to_ours
 from lxmert.finetune import LxmertForNLVR2, LxmertForQuestionAnswering
@@ -256,23 +256,7 @@ class FineTuner:
         return out.loss.detach().float()
 
     def _optimizer_step(self) -> tuple[float, bool]:
-        clip = self.config.optim.grad_clip
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        else:
-            norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        skipped = not math.isfinite(norm)
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif not skipped:
-            self.optimizer.step()
-        if not skipped:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm, skipped
+        return optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.config.optim.grad_clip)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float | None, Accumulator]:

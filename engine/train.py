@@ -62,6 +62,29 @@ def _precision_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def optimizer_step(model, optimizer, scheduler, scaler, clip: float) -> tuple[float, bool]:
+    """Unscale, clip, step unless the gradient is non-finite, schedule: (gradient norm before clipping, skipped).
+
+    The plain (non-DeepSpeed) step of pre-training and fine-tuning alike.
+    """
+    scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    else:
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    skipped = not math.isfinite(norm)
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips by itself when it found inf/nan
+        scaler.update()
+    elif not skipped:
+        optimizer.step()
+    if not skipped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, skipped
+
+
 class Trainer:
     """Builds everything from a RunConfig; `train()` runs the loop and returns a summary dict."""
 
@@ -212,24 +235,7 @@ class Trainer:
         return out.loss.detach().float(), {k: v.detach().float() for k, v in out.losses.items()}
 
     def _optimizer_step(self) -> tuple[float, bool]:
-        """Clip, step (unless non-finite), schedule; returns (gradient norm before clipping, skipped)."""
-        clip = self.config.optim.grad_clip
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        else:
-            norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        skipped = not math.isfinite(norm)
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # skips by itself when it found inf/nan
-            self.scaler.update()
-        elif not skipped:
-            self.optimizer.step()
-        if not skipped:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm, skipped
+        return optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.config.optim.grad_clip)
 
     def _loss_scale(self) -> float | None:
         if self.use_deepspeed:
