@@ -22,15 +22,15 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import re
-import tempfile
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from engine.atomic import write_text_atomic
 
 from lxmert.attention import available_backends
 from lxmert.config import LxmertConfig
@@ -383,18 +383,7 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     """The config as YAML, written atomically (a temporary file in the same directory, fsynced, renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(format_config(config))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, format_config(config))
 
 
 def format_config(config: RunConfig) -> str:

@@ -24,14 +24,13 @@ str}; NLVR2 CSV lines "identifier,True|False" without a header (the authors' NLV
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Hashable, Literal, Mapping, Sequence
+from typing import Any, Hashable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from engine.atomic import write_atomic
 from lxmert.answers import normalize_answer
 
 Task = Literal["vqa", "gqa", "nlvr2"]
@@ -176,31 +175,16 @@ class Accumulator:
 # --- submission files --------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: str | Path, write: Callable[[Any], None]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_vqa_submission(path: str | Path, predictions: Mapping[Hashable, str]) -> None:
     """[{"question_id": int, "answer": str}, ...] in the predictions' order."""
     rows = [{"question_id": int(qid), "answer": str(answer)} for qid, answer in predictions.items()]
-    _write_atomic(path, lambda f: json.dump(rows, f))
+    write_atomic(path, lambda f: json.dump(rows, f))
 
 
 def write_gqa_submission(path: str | Path, predictions: Mapping[Hashable, str]) -> None:
     """[{"questionId": str, "prediction": str}, ...] in the predictions' order."""
     rows = [{"questionId": str(qid), "prediction": str(answer)} for qid, answer in predictions.items()]
-    _write_atomic(path, lambda f: json.dump(rows, f))
+    write_atomic(path, lambda f: json.dump(rows, f))
 
 
 def write_nlvr2_submission(path: str | Path, predictions: Mapping[str, int]) -> None:
@@ -209,7 +193,7 @@ def write_nlvr2_submission(path: str | Path, predictions: Mapping[str, int]) -> 
         if int(answer) not in (0, 1):
             raise ValueError(f"write_nlvr2_submission: predictions must be 0 or 1, got {answer!r}")
     text = "".join(f"{key},{'True' if int(answer) == 1 else 'False'}\n" for key, answer in predictions.items())
-    _write_atomic(path, lambda f: f.write(text))
+    write_atomic(path, lambda f: f.write(text), newline="")
 
 
 def read_vqa_submission(path: str | Path) -> dict[int, str]:

@@ -64,6 +64,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.atomic import fsync_dir, write_atomic
+
 REGION_FORMAT = "lxmert-region-store"
 TEXT_FORMAT = "lxmert-text-store"
 TASK_FORMAT = "lxmert-task-store"  # fine-tuning questions (engine/data/tasks.py)
@@ -91,23 +93,6 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
         raise ValueError(f"a .npy header for shape {shape} does not fit in {HEADER_BYTES} bytes")
     text = text.ljust(room) + "\n"
     return b"\x93NUMPY\x01\x00" + (len(text)).to_bytes(2, "little") + text.encode("latin1")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _crc_file(path: Path, start: int, stop: int, crc: int = 0) -> int:
@@ -256,7 +241,7 @@ class StoreBuilder:
 
     def _write_progress(self) -> None:
         progress = {"config": self.config, "chunks": self.chunks, "position": self.position, "state": self.state}
-        _write_json_atomic(self.partial / PROGRESS, progress)
+        write_atomic(self.partial / PROGRESS, lambda f: json.dump(progress, f))
 
     def rows(self, name: str) -> int:
         return self.files[name].rows
@@ -335,16 +320,16 @@ class StoreBuilder:
             os.remove(self.files[name].path)
             del arrays[name]
         for filename, value in json_files.items():
-            _write_json_atomic(self.partial / filename, value)
+            write_atomic(self.partial / filename, lambda f: json.dump(value, f))
         os.remove(self.partial / PROGRESS)
-        _write_json_atomic(self.partial / META, {**meta, "arrays": arrays})
-        _fsync_dir(self.partial)
+        write_atomic(self.partial / META, lambda f: json.dump({**meta, "arrays": arrays}, f))
+        fsync_dir(self.partial)
 
         old = self.out.with_name(self.out.name + f".old-{os.getpid()}")
         if self.out.exists():  # overwrite was asked for (checked in __init__): swap, then drop the old one
             os.rename(self.out, old)
         os.rename(self.partial, self.out)
-        _fsync_dir(self.out.parent)
+        fsync_dir(self.out.parent)
         if old.exists():
             shutil.rmtree(old)
         return self.out
