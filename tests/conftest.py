@@ -204,3 +204,19 @@ def random_pretraining_labels(config: Any, batch: int, tokens: int, regions: int
     ans = torch.randint(0, config.num_qa_labels, (batch,))
     ans[1::2] = -100
     return dict(labels=labels, obj_labels=obj_labels, matched_label=torch.randint(0, 2, (batch,)), ans=ans)
+
+
+# ------------------------------------------------------------------------------------------ data stores
+
+
+def build_pretrain_stores(root, feat_dim: int = 16, text_splits=("mscoco_train",)):
+    """A small synthetic data set (60 images) converted into a feature store and a pre-training text store:
+    returns (text store dir, feature store dir). Both synthetic TSVs go into the one feature store."""
+    from engine.data import convert, synthetic
+
+    synthetic.generate(root / "syn", 60, feat_dim=feat_dim, seed=3, captions_per_image=3, questions_per_image=2)
+    tsvs = [root / "syn/mscoco_imgfeat/train2014_obj36.tsv", root / "syn/mscoco_imgfeat/val2014_obj36.tsv"]
+    convert.convert_features(tsvs, root / "feats", feat_dim=feat_dim, progress=False)
+    texts = [root / f"syn/lxmert/{split}.json" for split in text_splits]
+    convert.convert_text(texts, root / "feats", root / "text", answers=root / "syn/lxmert/all_ans.json", progress=False)
+    return root / "text", root / "feats"

@@ -13,7 +13,6 @@ import pickle
 import numpy as np
 import pytest
 
-from engine.data import convert, synthetic
 from engine.data.philox import philox4x32, random_below, uniforms
 from engine.data.sampling import (
     IGNORE, MASK_BLANK, MASK_KEEP, MASK_RANDOM, NOT_MASKED, BatchPlan, PretrainSampler, SamplingConfig,
@@ -21,6 +20,7 @@ from engine.data.sampling import (
 )  # fmt: skip
 from engine.data.store import RegionStore, TextStore
 from lxmert.tokenizer import MASK_ID, VOCAB_SIZE
+from conftest import build_pretrain_stores
 
 D = 16
 
@@ -28,12 +28,8 @@ D = 16
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[TextStore, RegionStore]:
     root = tmp_path_factory.mktemp("sampling")
-    synthetic.generate(root / "syn", 60, feat_dim=D, seed=3, captions_per_image=3, questions_per_image=2)
-    tsvs = [root / "syn/mscoco_imgfeat/train2014_obj36.tsv", root / "syn/mscoco_imgfeat/val2014_obj36.tsv"]
-    convert.convert_features(tsvs, root / "feats", feat_dim=D, progress=False)
-    texts = [root / "syn/lxmert/mscoco_train.json", root / "syn/lxmert/mscoco_minival.json"]
-    convert.convert_text(texts, root / "feats", root / "text", answers=root / "syn/lxmert/all_ans.json", progress=False)
-    return TextStore(root / "text"), RegionStore(root / "feats")
+    text, feats = build_pretrain_stores(root, D, text_splits=("mscoco_train", "mscoco_minival"))
+    return TextStore(text), RegionStore(feats)
 
 
 def sampler(stores: tuple[TextStore, RegionStore], **config) -> PretrainSampler:

@@ -29,10 +29,11 @@ import torch
 import lxmert
 from engine import checkpoint as ckpt
 from engine.config import load_config
-from engine.data import convert, synthetic
+from engine.data import synthetic
 from engine.data.store import TextStore
 from engine.train import Trainer, deepspeed_available
 from lxmert.convert import load_into, read_state_dict
+from conftest import build_pretrain_stores
 
 pytestmark = [
     pytest.mark.slow,
@@ -48,12 +49,7 @@ SAVE_AT = 2
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("dist_stores")
-    synthetic.generate(root / "syn", 60, feat_dim=D, seed=3, captions_per_image=3, questions_per_image=2)
-    tsvs = [root / "syn/mscoco_imgfeat/train2014_obj36.tsv", root / "syn/mscoco_imgfeat/val2014_obj36.tsv"]
-    convert.convert_features(tsvs, root / "feats", feat_dim=D, progress=False)
-    texts = [root / "syn/lxmert/mscoco_train.json"]
-    convert.convert_text(texts, root / "feats", root / "text", answers=root / "syn/lxmert/all_ans.json", progress=False)
-    return root / "text", root / "feats"
+    return build_pretrain_stores(root, D)
 
 
 def overrides(stores, out: Path, *extra: str) -> list[str]:
