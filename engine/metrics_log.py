@@ -1,8 +1,27 @@
-"""Training logs: one JSON line per logging step in <output_dir>/metrics.jsonl, a compact console line.
+"""Training logs: one JSON line per logging step in <output_dir>/metrics.jsonl, the same numbers as TensorBoard
+scalars in <output_dir>/tensorboard/ (when the tensorboard package is installed), a compact console line, and a
+progress bar with samples/s and the time left (on a terminal only).
 
-    log = MetricsLog(output_dir, enabled=rank == 0)
+    log = MetricsLog(output_dir, enabled=rank == 0, progress_total=total_steps, progress_initial=step)
+    log.advance(1)                               # one optimizer step: the bar moves, its ETA updates
     log.write({"step": 10, "loss": 3.2, ...})    # appended, flushed: a killed run keeps every line written
     log.console("step 10 | loss 3.2 | ...")     # through tqdm when a progress bar is open
+    log.close()                                  # then engine.plots.write_plots(log.path, output_dir)
+
+Records are plain dicts. Train records carry no "kind" (or "kind": "train"); evaluation records carry
+"kind": "eval" and the step they evaluate, e.g. {"kind": "eval", "step": 100, "loss": 2.9, "losses": {...},
+"accuracy": 0.61}. JSON has no inf/nan: non-finite floats are written as the strings "inf", "-inf", "nan".
+
+TensorBoard (`tensorboard_scalars` gives the exact mapping): every finite number of a record is a scalar at
+global step record["step"]; nested dicts join their keys with "/" (losses.mlm -> losses/mlm); records of another
+kind than train go under "<kind>/" (eval/loss, eval/losses/mlm, eval/accuracy). Not written: "step" itself,
+"total_steps", booleans ("skipped": the "skipped_steps" count says it), strings, None, inf and nan. Without the
+tensorboard package one console line says so (once per process) and the run goes on; tensorboard=False turns
+it off.
+
+Progress bar (tqdm, only when stderr is a terminal and progress_total is given): steps done / total, elapsed <
+remaining (tqdm's ETA from its smoothed step rate, counted from progress_initial on a resumed run) and the
+samples/s last given to advance(samples_per_s=...); a logging step calls advance(0, samples_per_s=...).
 
 Throughput figures (samples/s, tokens/s, TFLOP/s, MFU, data-wait share) are computed by the trainer over the
 window since the previous log line; this module only writes them. `peak_memory_gib` reads the accelerator's
@@ -19,6 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# Fields that are not measurements: the x axis itself and a constant.
+_NOT_SCALARS = {"step", "total_steps", "kind"}
+_tensorboard_notice_given = False  # one notice per process, however many runs it starts
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -40,33 +63,84 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The TensorBoard scalars of one record, {tag: value} (see the module docstring for the tags)."""
+    kind = record.get("kind") or "train"
+    prefix = "" if kind == "train" else f"{kind}/"
+    scalars: dict[str, float] = {}
+
+    def add(tag: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{tag}/{k}", v)
+            return
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            scalars[tag] = float(value)
+
+    for key, value in record.items():
+        if key not in _NOT_SCALARS:
+            add(prefix + key, value)
+    return scalars
+
+
+def _load_summary_writer() -> tuple[type | None, str]:
+    """(torch's SummaryWriter, "") or (None, why not). Tests replace this function to inject a fake writer."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as e:  # missing, or a broken install (a protobuf clash): neither may stop a training run
+        return None, f"torch.utils.tensorboard did not import ({type(e).__name__}: {e})"
+    return SummaryWriter, ""
+
+
 class MetricsLog:
     """Appends JSON records to `<output_dir>/metrics.jsonl` (rank 0 only: others get enabled=False)."""
 
     def __init__(self, output_dir: str | Path, enabled: bool = True, progress_total: int | None = None,
-                 progress_initial: int = 0) -> None:  # fmt: skip
+                 progress_initial: int = 0, tensorboard: bool = True) -> None:  # fmt: skip
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.tensorboard_dir = Path(output_dir) / "tensorboard"
         self._file = None
         self._bar = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", buffering=1)
-            if progress_total is not None and sys.stderr.isatty():
-                from tqdm import tqdm
+        self._writer = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+        if progress_total is not None and sys.stderr.isatty():
+            from tqdm import tqdm
 
-                self._bar = tqdm(total=progress_total, initial=progress_initial, unit="step", dynamic_ncols=True)
+            # tqdm's default right side: n/total [elapsed<remaining, rate, postfix]; the postfix is samples/s
+            self._bar = tqdm(total=progress_total, initial=progress_initial, unit="step", dynamic_ncols=True,
+                             file=sys.stderr)  # fmt: skip
+        if tensorboard:
+            writer_class, why_not = _load_summary_writer()
+            if writer_class is not None:
+                self._writer = writer_class(log_dir=str(self.tensorboard_dir))
+            else:
+                global _tensorboard_notice_given
+                if not _tensorboard_notice_given:
+                    _tensorboard_notice_given = True
+                    self.console(f"TensorBoard logging off: {why_not}; pip install tensorboard to have it")
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(_plain(record)) + "\n")
-            self._file.flush()
+        if self._file is None:
+            return
+        self._file.write(json.dumps(_plain(record)) + "\n")
+        self._file.flush()
+        if self._writer is not None and isinstance(record.get("step"), int):
+            for tag, value in tensorboard_scalars(record).items():
+                self._writer.add_scalar(tag, value, record["step"])
+            self._writer.flush()  # log lines are rare: a killed run keeps its curves too
 
     def advance(self, steps: int = 1, samples_per_s: float | None = None) -> None:
+        """Move the bar `steps` steps; samples_per_s (the latest logged figure) stays shown until the next one."""
         if self._bar is not None:
-            self._bar.update(steps)
             if samples_per_s is not None:
-                self._bar.set_postfix(samples_s=f"{samples_per_s:.1f}", refresh=False)
+                self._bar.set_postfix_str(f"{samples_per_s:.1f} samples/s", refresh=False)
+            self._bar.update(steps)
 
     def console(self, line: str) -> None:
         if not self.enabled:
@@ -80,6 +154,9 @@ class MetricsLog:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._file is not None:
             self._file.close()
             self._file = None
