@@ -10,12 +10,15 @@ two directions one after the other, and a fused kernel can replace it.
 "sdpa" is torch.nn.functional.scaled_dot_product_attention with a boolean mask.
 "triton" is kernels/fused_attention.py: one fused kernel per attention, both cross directions in one launch
 (imported on first use; on the CPU it runs under TRITON_INTERPRET=1, else falls back to its reference).
+"flash" is flash-attn's flash_attn_varlen_func (imported on first use; CUDA, fp16 / bf16 only): see
+FlashAttentionBackend.
 A query row with no real key (never the case in LXMERT: [CLS] is always real) gets the mean of the values
-from "eager" and zeros from "sdpa" on the CPU and from "triton".
+from "eager" and zeros from "sdpa" on the CPU, from "triton" and from "flash".
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable
 
@@ -80,7 +83,188 @@ def _triton_backend() -> AttentionBackend:
     return backend
 
 
-_ON_FIRST_USE = {"triton": _triton_backend}  # backends whose import is deferred until one is asked for
+# ------------------------------------------------------------------------------------------ flash-attn
+
+FLASH_DEVICES = ("cuda",)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+"""What flash-attn's kernels take. The flash tests widen both, to run a float64 stand-in for flash_attn on
+the CPU; nothing else changes them."""
+FLASH_MAX_HEAD_DIM = 256  # flash-attn 2 (its wrapper pads other sizes to a multiple of 8 itself)
+
+
+def _check_flash_inputs(*tensors: Tensor) -> None:
+    """Refuse what flash-attn cannot run, by name, instead of falling back to another backend silently."""
+    first = tensors[0]
+    if first.device.type not in FLASH_DEVICES:
+        raise ValueError(
+            f"attn_backend 'flash' runs on CUDA GPUs only (flash-attn has no {first.device.type} kernels); "
+            "use attn_backend 'sdpa' or 'eager' there"
+        )
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1 or first.dtype not in FLASH_DTYPES:
+        allowed = " or ".join(str(d).removeprefix("torch.") for d in FLASH_DTYPES)
+        got = " and ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise ValueError(
+            f"attn_backend 'flash' takes {allowed} queries, keys and values (flash-attn's kernels), got {got}: "
+            "run the model under bf16 autocast or in half precision, or use attn_backend 'sdpa' for float32"
+        )
+    if first.shape[-1] > FLASH_MAX_HEAD_DIM:
+        raise ValueError(f"attn_backend 'flash' supports head_dim <= {FLASH_MAX_HEAD_DIM}, got {first.shape[-1]}")
+
+
+def _segment_lengths(mask_BN: Tensor, segments: tuple[int, ...]) -> Tensor:
+    """Real tokens of each segment of each batch row, [B * S] int32 in (row, segment) order."""
+    bounds = [0, *itertools.accumulate(segments)]
+    per_segment = [mask_BN[:, start:end].sum(1, dtype=torch.int32) for start, end in zip(bounds, bounds[1:])]
+    return torch.stack(per_segment, dim=1).flatten()
+
+
+def _mask_or_all_real(mask_BL: Tensor | None, x_BHLD: Tensor) -> Tensor:
+    if mask_BL is not None:
+        return mask_BL
+    return torch.ones(x_BHLD.shape[0], x_BHLD.shape[2], dtype=torch.bool, device=x_BHLD.device)
+
+
+def _cu_seqlens(lengths: Tensor) -> Tensor:
+    """flash-attn's offsets of the packed sequences: 0, l0, l0 + l1, ..., int32."""
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def varlen_attention(
+    varlen_fn: Callable[..., Tensor],
+    q_BMHD: Tensor,
+    k_BNHD: Tensor,
+    v_BNHD: Tensor,
+    kv_mask_BN: Tensor | None,
+    q_segments: tuple[int, ...],
+    k_segments: tuple[int, ...],
+    dropout_p: float,
+) -> Tensor:
+    """Segment i of each batch row's queries over the real keys of segment i of its keys: one varlen call.
+
+    The M queries of a row split into consecutive segments of the sizes q_segments, its N keys into as many
+    segments of the sizes k_segments. Every query is kept (LXMERT masks keys, never queries; the padded
+    language positions get the same attention over the real keys as from eager); keys and values are
+    unpadded, in order, by kv_mask (True = real), so each (row, segment) is one packed sequence. Returns
+    [B, M, H, D], a view of flash-attn's packed output.
+    """
+    batch, n_queries, heads, dim = q_BMHD.shape
+    n_keys = k_BNHD.shape[1]
+    q_packed = q_BMHD.reshape(batch * n_queries, heads, dim)  # a view for the model's self-attention
+    k_packed = k_BNHD.reshape(batch * n_keys, heads, dim)
+    v_packed = v_BNHD.reshape(batch * n_keys, heads, dim)
+    every_query = torch.ones(batch, n_queries, dtype=torch.bool, device=q_BMHD.device)
+    cu_seqlens_q = _cu_seqlens(_segment_lengths(every_query, q_segments))
+    if kv_mask_BN is None:
+        every_key = torch.ones(batch, n_keys, dtype=torch.bool, device=k_BNHD.device)
+        k_lengths, max_seqlen_k = _segment_lengths(every_key, k_segments), max(k_segments)
+    else:
+        real = kv_mask_BN.flatten().nonzero().squeeze(1)  # a host sync, as the packed size is data-dependent
+        k_packed, v_packed = k_packed.index_select(0, real), v_packed.index_select(0, real)
+        k_lengths = _segment_lengths(kv_mask_BN, k_segments)
+        max_seqlen_k = int(k_lengths.max())
+    out = varlen_fn(
+        q_packed,
+        k_packed,
+        v_packed,
+        cu_seqlens_q,
+        _cu_seqlens(k_lengths),
+        max(q_segments),
+        max_seqlen_k,
+        dropout_p=dropout_p,
+        softmax_scale=1.0 / math.sqrt(dim),
+        causal=False,
+    )
+    return out.view(batch, n_queries, heads, dim)
+
+
+class FlashAttentionBackend(AttentionBackend):
+    """flash-attn's flash_attn_varlen_func (flash-attn >= 2), wrapped for LXMERT's key-padding masks.
+
+    - Unpad / pad: the queries go in whole, [B, H, Lq, D] -> [B*Lq, H, D] (a view for self-attention);
+      the keys and values are gathered by the key mask into packed sequences with int32 cu_seqlens and the
+      exact longest length. The output [B*Lq, H, D] is viewed back as [B, H, Lq, D] (strides [B, Lq, H, D],
+      as triton's), so there is nothing to scatter. A padded language position is a query like any other
+      and gets what eager, sdpa and triton give it; a query whose row has no real key gets zeros (flash-
+      attn: "if the row of the mask is all zero, the output will be zero") and zero gradients.
+    - bidirectional: one varlen call over 2B sequences. The queries are [language; regions] of each row;
+      the keys and values [regions; language], masked by [vis_mask; lang_mask], so sequence 2b is row b's
+      language over its regions and sequence 2b + 1 its regions over its language.
+    - Scale 1 / sqrt(head_dim), causal=False, dropout_p on the probabilities as given (the model passes 0
+      outside training); flash-attn draws its dropout mask from torch's CUDA generator (a different stream
+      from the other backends').
+    - No fallback: CPU tensors, dtypes other than fp16 / bf16 and head_dim > 256 raise a ValueError saying
+      why (FLASH_DEVICES, FLASH_DTYPES); flash-attn itself refuses GPUs older than Ampere.
+    - A masked call waits for the GPU (nonzero for the packed key count, then .max() for the longest key
+      sequence), as flash-attn's own bert_padding.unpad_input does; an unmasked one (region self-attention)
+      never does.
+    """
+
+    def __init__(self, varlen_fn: Callable[..., Tensor]):
+        super().__init__("flash", self._attend)
+        self.varlen_fn = varlen_fn
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float) -> Tensor:
+        _check_flash_inputs(q, k, v)
+        out = varlen_attention(
+            self.varlen_fn,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            kv_mask,
+            (q.shape[2],),
+            (k.shape[2],),
+            dropout_p,
+        )
+        return out.transpose(1, 2)
+
+    def bidirectional(
+        self,
+        lang_qkv: tuple[Tensor, Tensor, Tensor],
+        vis_qkv: tuple[Tensor, Tensor, Tensor],
+        lang_mask: Tensor | None,
+        vis_mask: Tensor | None,
+        dropout_p: float,
+    ) -> tuple[Tensor, Tensor]:
+        (lq, lk, lv), (vq, vk, vv) = lang_qkv, vis_qkv
+        _check_flash_inputs(lq, lk, lv, vq, vk, vv)
+        n_lang, n_vis = lq.shape[2], vq.shape[2]
+
+        def tokens(first: Tensor, second: Tensor) -> Tensor:  # two [B, H, L, D] -> [B, L1 + L2, H, D]
+            return torch.cat([first.transpose(1, 2), second.transpose(1, 2)], dim=1)
+
+        kv_mask = None  # over the keys [regions; language]
+        if lang_mask is not None or vis_mask is not None:
+            kv_mask = torch.cat([_mask_or_all_real(vis_mask, vk), _mask_or_all_real(lang_mask, lk)], dim=1)
+        out = varlen_attention(
+            self.varlen_fn,
+            tokens(lq, vq),
+            tokens(vk, lk),
+            tokens(vv, lv),
+            kv_mask,
+            (n_lang, n_vis),
+            (n_vis, n_lang),
+            dropout_p,
+        )
+        return out[:, :n_lang].transpose(1, 2), out[:, n_lang:].transpose(1, 2)
+
+
+def _flash_backend() -> AttentionBackend:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as error:
+        raise ImportError(
+            "attn_backend 'flash' needs the flash-attn package (>= 2, CUDA GPUs of the Ampere generation or "
+            f"newer), which could not be imported ({error}): pip install flash-attn --no-build-isolation "
+            "on a CUDA machine, or pick attn_backend 'sdpa' or 'triton'"
+        ) from error
+    return FlashAttentionBackend(flash_attn_varlen_func)
+
+
+_ON_FIRST_USE = {  # backends whose import is deferred until one is asked for
+    "triton": _triton_backend,
+    "flash": _flash_backend,
+}
 
 
 def available_backends() -> list[str]:

@@ -58,7 +58,7 @@ class LxmertConfig:
     visual_attr_loss: bool = True
     visual_feat_loss: bool = True
     attn_backend: str = "eager"
-    """Attention implementation for every attention of the model: eager, sdpa, triton (lxmert.attention)."""
+    """Attention implementation for every attention of the model: eager, sdpa, triton, flash (lxmert.attention)."""
     feat_loss_backend: str = "torch"
     """RoI-feature regression loss: "torch" or "triton" (the fused kernel of kernels/feature_regression.py)."""
 
