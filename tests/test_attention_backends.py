@@ -79,9 +79,11 @@ def test_attend_matches_float64_reference_forward_and_gradients(backend, case):
 
     assert out.dtype == torch.float32
     assert_close(out, ref, FWD_TOL, f"{backend} output")
-    floor = max(g.abs().max().item() for g in ref_grads)  # dq is exactly 0 over one key: judge its noise by dk, dv
+    # dq is exactly 0 where a row has one real key (softmax of one score): judge its rounding noise by dk, dv
+    one_real_key = keys == 1 or (mask is not None and bool((mask.sum(-1) <= 1).all()))
+    floor = max(g.abs().max().item() for g in ref_grads) if one_real_key else 0.0
     for name, got, expected in zip("qkv", grads, ref_grads):
-        assert_close(got, expected, GRAD_TOL, f"{backend} d{name}", floor=floor if keys == 1 else 0.0)
+        assert_close(got, expected, GRAD_TOL, f"{backend} d{name}", floor=floor)
     if mask is not None and not mask.all():  # a padded key gets exactly no gradient, as in the reference
         padded = ~mask[:, None, :, None].expand_as(k)
         assert torch.count_nonzero(grads[1][padded]) == 0 and torch.count_nonzero(grads[2][padded]) == 0
