@@ -121,7 +121,10 @@ class TrainConfig:
     offload: Literal["none", "optimizer", "optimizer+params"] = "none"
     """ZeRO-Offload to the CPU: optimizer states (ZeRO >= 1), or also parameters (ZeRO-3 only)."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model (nn.Module.compile in place; DeepSpeed's engine.compile on the DeepSpeed path)."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend: "inductor" (generated kernels), "cudagraphs", "aot_eager" (tracing only: a
+    quick check that the model compiles)."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass (less memory, about a third more compute)."""
     log_every: int = 100

@@ -39,27 +39,28 @@ LambdaLR, engine.backward/step); resume is not implemented (fine-tuning runs are
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
 from engine import checkpoint as ckpt
-from engine.config import ConfigError, RunConfig, load_config, resolve, save_config
+from engine.atomic import write_text_atomic
+from engine.config import ConfigError, RunConfig, format_config, load_config, resolve, save_config
 from engine.data.store import RegionStore, StoreError
 from engine.data.tasks import TaskStore, task_batch, to_torch
 from engine.evaluate import Accumulator
 from engine.metrics_log import MetricsLog, peak_memory_gib
-from engine.optim import make_optimizer, make_scheduler
-from engine.train import _precision_dtype, optimizer_step
+from engine.runtime import Runtime
+from engine.train import all_reduce_sum, choose_deepspeed, launch_env, pick_device, write_run_plots
 from lxmert.answers import normalize_answer
 from lxmert.convert import read_state_dict, to_ours
 from lxmert.finetune import LxmertForNLVR2, LxmertForQuestionAnswering
@@ -141,24 +142,31 @@ def find_answer_table(checkpoint: Path, explicit: str | None) -> Path | None:
 
 
 class FineTuner:
-    """Builds data, model, optimizer from a RunConfig (train.task vqa | gqa | nlvr2); `train()` runs it."""
+    """Builds data, model and runtime from a RunConfig (train.task vqa | gqa | nlvr2); `train()` runs it,
+    `evaluate_only()` predicts the eval split with the weights as loaded."""
 
-    def __init__(self, config: RunConfig, answer_table: str | None = None) -> None:
+    def __init__(self, config: RunConfig, answer_table: str | None = None, use_deepspeed: bool | None = None,
+                 evaluate_only: bool = False) -> None:  # fmt: skip
         task = config.train.task
         if task not in FINETUNE_TASKS:
             raise FineTuneError(f"train.task must be one of {FINETUNE_TASKS} for fine-tuning, got {task!r} "
                                 "(pre-training runs with engine.main / engine.pretrain)")  # fmt: skip
-        self.config = resolve(config, 1)
+        self.rank, self.local_rank, world = launch_env()
+        self.use_deepspeed = choose_deepspeed(config, use_deepspeed, world)
+        self.world_size = world
+        self.config = resolve(config, world)
         self.task = task
         t, d = self.config.train, self.config.data
         self.output_dir = Path(t.output_dir)
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = pick_device(self.local_rank)
         self.train_store, self.train_regions = _open_task_store(d.train.text, d.train.features, task, "train")
         self.eval_store = self.eval_regions = None
         if d.eval.text:
             self.eval_store, self.eval_regions = _open_task_store(d.eval.text, d.eval.features, task, "eval")
             if task != "nlvr2" and self.eval_store.answers != self.train_store.answers:
                 raise FineTuneError(f"data.eval.text {d.eval.text} has another answer list than data.train.text")
+        elif evaluate_only:
+            raise FineTuneError("evaluate-only needs data.eval.text and data.eval.features (the split to predict)")
         self.answers = self.train_store.answers
         if task != "nlvr2" and not self.answers:
             raise FineTuneError(f"data.train.text {d.train.text} has no answers")
@@ -172,25 +180,40 @@ class FineTuner:
         else:
             self.model = LxmertForQuestionAnswering(self.config.model, num_answers=len(self.answers))
         self.init_report: dict[str, Any] = {}
+        resume = None if evaluate_only and t.init_from else ckpt.resolve_resume(t.resume, self.output_dir)
         if t.init_from:
+            _checkpoint_file(t.init_from)  # a wrong path is an error even where a checkpoint takes precedence
+        if t.init_from and resume is None:
             self.init_report = self._init_from(t.init_from, answer_table)
+        elif evaluate_only and resume is None:
+            raise FineTuneError(f"evaluate-only needs weights: train.init_from (a fine-tuned model.safetensors) or "
+                                f"a checkpoint in {self.output_dir / 'checkpoints'}")  # fmt: skip
         self.model.to(self.device)
 
-        self.batch_size = t.micro_batch_size  # single process: the micro batch (x accumulation) is the batch
+        self.micro = t.micro_batch_size
         self.accum = t.grad_accum_steps
-        self.steps_per_epoch = len(self.train_store) // (self.batch_size * self.accum)
+        self.global_batch = self.micro * self.accum * world
+        self.steps_per_epoch = len(self.train_store) // self.global_batch
         if self.steps_per_epoch < 1:
             raise FineTuneError(f"data.train.text has {len(self.train_store)} examples, fewer than one batch of "
                                 f"{t.batch_size}")  # fmt: skip
         self.total_steps = t.total_steps(self.steps_per_epoch)
-        self.optimizer = make_optimizer(self.model, self.config.optim)
-        self.scheduler = make_scheduler(self.optimizer, self.config.optim, self.total_steps)
-        self.autocast_dtype = _precision_dtype(t.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, world)
         self.step = 0
+        self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
-        save_config(self.config, self.output_dir / "config.yaml")
+        self.best: dict[str, Any] | None = None  # {"score", "epoch", "step", "model", "submission"}
+        self.last_checkpoint: Path | None = None
+        self._eval_labels = self._labels(self.eval_store) if self.eval_store is not None else None
+        if resume is not None:
+            self._resume(resume)
+        if self.rank == 0 and not evaluate_only:
+            save_config(self.config, self.output_dir / "config.yaml")
+
+    @property
+    def engine(self):
+        return self.runtime.engine
 
     # ------------------------------------------------------------------------------------ initialisation
 
@@ -200,6 +223,13 @@ class FineTuner:
             state = to_ours(read_state_dict(file))
         except (ValueError, KeyError) as error:
             raise FineTuneError(f"train.init_from {file}: {error}") from error
+        expected = self.model.state_dict()
+        if set(state) == set(expected):  # a fine-tuned model of this task (a best/model.safetensors export)
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as error:
+                raise FineTuneError(f"train.init_from {file} does not fit this {self.task} model: {error}") from error
+            return {"checkpoint": str(file), "fine_tuned": True, "tensors": len(state)}
         backbone = {k[len("lxmert."):]: v for k, v in state.items() if k.startswith("lxmert.")}
         if not backbone:
             raise FineTuneError(f"train.init_from {file} holds no LXMERT backbone (lxmert.* weights)")
@@ -228,144 +258,215 @@ class FineTuner:
         report |= {"answer_table": str(table_path), "answers_found": found, "answers_missing": missing}
         return report
 
+    def _resume(self, path: Path) -> None:
+        state = self.runtime.load(path, self.rank)
+        self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
+        self.evals = list(state.get("evals", []))
+        self.best = state.get("best")
+        self.last_checkpoint = path
+        self.init_report = {"resumed_from": str(path), "step": self.step}
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> Path:
+        client = {"step": self.step, "skipped_steps": self.skipped_steps, "evals": self.evals, "best": self.best,
+                  "task": self.task}  # fmt: skip
+        self.last_checkpoint = self.runtime.save(self.output_dir, self.step, client, self.rank)
+        return self.last_checkpoint
+
     # ---------------------------------------------------------------------------------------------- data
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Example order of an epoch: a permutation from (data.seed, epoch), whole batches only."""
+        """Example order of an epoch: a permutation from (data.seed, epoch), whole global batches only."""
         rng = np.random.default_rng([self.config.data.seed, epoch])
         order = rng.permutation(len(self.train_store))
-        n = self.steps_per_epoch * self.batch_size * self.accum
-        return order[:n]
+        return order[: self.steps_per_epoch * self.global_batch]
 
-    def _batches(self, store: TaskStore, regions: RegionStore, order: np.ndarray) -> Iterator[tuple[np.ndarray, dict]]:
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield idx, to_torch(task_batch(store, regions, idx), self.device)
+    def _micro_batch(self, order: np.ndarray, step_in_epoch: int, micro_step: int) -> dict[str, torch.Tensor]:
+        """This rank's share of one micro step: the global batch is cut into accumulation x ranks chunks."""
+        chunk = micro_step * self.world_size + self.rank
+        start = step_in_epoch * self.global_batch + chunk * self.micro
+        return self._to_device(task_batch(self.train_store, self.train_regions, order[start : start + self.micro]))
 
-    # ---------------------------------------------------------------------------------------------- loop
+    def _to_device(self, batch: dict) -> dict[str, torch.Tensor]:
+        tensors = to_torch(batch, self.device)
+        dtype = self.runtime.input_dtype
+        if dtype != torch.float32:  # DeepSpeed cast the model to the training precision
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        return tensors
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self._autocast():
-            out = self.model(**batch)
-        self.scaler.scale(out.loss.float() / self.accum).backward()
-        return out.loss.detach().float()
-
-    def _optimizer_step(self) -> tuple[float, bool]:
-        return optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.config.optim.grad_clip)
-
-    @torch.no_grad()
-    def evaluate(self) -> tuple[float | None, Accumulator]:
-        """Predictions on the eval split (store order) and the task metric (None for an unlabelled split)."""
-        assert self.eval_store is not None and self.eval_regions is not None
-        store = self.eval_store
-        labels: dict[Any, Any] | None = {}
+    def _labels(self, store: TaskStore) -> dict[Any, Any] | None:
+        labels: dict[Any, Any] = {}
         ids = store.question_ids
         for i in range(len(store)):
             label = store.labels_of(i)
             if label is None:
-                labels = None
-                break
+                return None  # an unlabelled (test) split
             key = int(ids[i]) if self.task == "vqa" else ids[i]
             labels[key] = label if self.task == "nlvr2" else {self.answers[k]: s for k, s in label.items()}
-        acc = Accumulator(self.task, label2ans=None if self.task == "nlvr2" else self.answers, labels=labels)
-        was_training = self.model.training
-        self.model.eval()
-        for idx, batch in self._batches(store, self.eval_regions, np.arange(len(store))):
-            batch.pop("labels", None)
-            with self._autocast():
-                out = self.model(**batch)
-            scores = out.logits if self.task == "nlvr2" else out.question_answering_score
-            keys = [int(ids[i]) if self.task == "vqa" else ids[i] for i in idx]
-            acc.add(keys, scores.float().cpu())
-        self.model.train(was_training)
-        return (acc.result() if labels is not None else None), acc
+        return labels
 
-    def _save_best(self) -> Path:
-        state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                 for k, v in self.model.state_dict().items()}  # fmt: skip
-        return ckpt.export_model(state, self.config.model, self.output_dir / "best")
+    # ---------------------------------------------------------------------------------------------- loop
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.runtime.forward(**batch)
+        self.runtime.backward(out.loss)
+        return out.loss.detach().float()
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        return self.runtime.step()
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float | None, Accumulator]:
+        """Predictions on the eval split and the task metric (None for an unlabelled split). Ranks predict
+        interleaved slices padded to equal length (ZeRO-3's forward is a collective), then share them."""
+        assert self.eval_store is not None and self.eval_regions is not None
+        store, n = self.eval_store, len(self.eval_store)
+        ids = store.question_ids
+        per_rank = -(-n // self.world_size)
+        mine = (self.rank + self.world_size * np.arange(per_rank)) % n  # a repeated id keeps one prediction
+        acc = Accumulator(self.task, label2ans=None if self.task == "nlvr2" else self.answers,
+                          labels=self._eval_labels)  # fmt: skip
+        was_training = self.runtime.training
+        self.runtime.train(False)
+        for start in range(0, len(mine), self.micro):
+            idx = mine[start : start + self.micro]
+            batch = self._to_device(task_batch(store, self.eval_regions, idx))
+            batch.pop("labels", None)
+            out = self.runtime.forward(**batch)
+            scores = out.logits if self.task == "nlvr2" else out.question_answering_score
+            acc.add([int(ids[i]) if self.task == "vqa" else ids[i] for i in idx], scores.float().cpu())
+        self.runtime.train(was_training)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            shares: list[Any] = [None] * self.world_size
+            dist.all_gather_object(shares, acc.predictions)
+            for share in shares:
+                acc.predictions.update(share)
+        return (acc.result() if self._eval_labels is not None else None), acc
+
+    def _export(self, directory: Path) -> Path | None:
+        """The model's weights (gathered under ZeRO-3: every rank calls this) into directory; rank 0 writes."""
+        state = self.runtime.consolidated_state_dict()
+        return ckpt.export_model(state, self.config.model, directory) if self.rank == 0 else None
+
+    def _keep_if_best(self, metric: float | None, epoch: int, acc: Accumulator) -> None:
+        """A new best (or, unlabelled, the latest) model: its weights and its predictions' submission file."""
+        score = metric if metric is not None else -math.inf
+        if self.best is not None and score <= self.best["score"] and metric is not None:
+            return
+        model = self._export(self.output_dir / "best")
+        submission = self.output_dir / SUBMISSION_NAMES[self.task]
+        if self.rank == 0:
+            acc.write_submission(submission)
+        self.best = {"score": score, "epoch": epoch, "step": self.step, "model": str(model or ""),
+                     "submission": str(submission)}  # fmt: skip
+
+    def evaluate_only(self) -> dict[str, Any]:
+        """Predict the eval split with the loaded weights: <output_dir>/evaluate/{submission, result.json}."""
+        start = time.perf_counter()
+        metric, acc = self.evaluate()
+        out = self.output_dir / "evaluate"
+        submission = out / SUBMISSION_NAMES[self.task]
+        result = {"task": self.task, "metric": self.metric_name, "value": metric, "examples": len(acc.predictions),
+                  "eval_text": self.config.data.eval.text, "weights": self.init_report,
+                  "submission": str(submission), "seconds": time.perf_counter() - start}  # fmt: skip
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            acc.write_submission(submission)
+            write_text_atomic(out / "result.json", json.dumps(result, indent=2) + "\n")
+        return result
 
     def train(self) -> dict[str, Any]:
         t = self.config.train
-        log = MetricsLog(self.output_dir, progress_total=self.total_steps)
-        torch.manual_seed(t.seed + 1)  # dropout: the same draws whatever ran between building and training
-        self.model.train()
-        best: tuple[float, int] | None = None
-        best_acc: Accumulator | None = None
-        best_path: Path | None = None
+        log = MetricsLog(self.output_dir, enabled=self.rank == 0, progress_total=self.total_steps,
+                         progress_initial=self.step)  # fmt: skip
+        if self.last_checkpoint is None:
+            torch.manual_seed(t.seed + 1)  # dropout: the same draws whatever ran between building and training
+        self.runtime.train(True)
+        save_every = t.save_every or self.steps_per_epoch
         first = last = None
         run_start = time.perf_counter()
         train_seconds = 0.0
         samples_total = 0
         window_start, window_samples = time.perf_counter(), 0
-        epoch = 0
+        started_at = self.step
+        epoch = self.step // self.steps_per_epoch
         try:
             while self.step < self.total_steps and epoch < t.epochs:
                 epoch_start = time.perf_counter()
-                batches = self._batches(self.train_store, self.train_regions, self.epoch_order(epoch))
-                for _ in range(self.steps_per_epoch):
+                order = self.epoch_order(epoch)
+                for position in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
                     if self.step >= self.total_steps:
                         break
                     loss = torch.zeros((), device=self.device)
-                    for _ in range(self.accum):
-                        _, batch = next(batches)
+                    for micro_step in range(self.accum):
+                        batch = self._micro_batch(order, position, micro_step)
                         loss += self._forward_backward(batch) / self.accum
-                        window_samples += int(batch["input_ids"].shape[0])
                     norm, skipped = self._optimizer_step()
+                    if self.world_size > 1:
+                        loss = all_reduce_sum(loss) / self.world_size
+                    window_samples += self.global_batch
                     self.step += 1
+                    self.skipped_steps += int(skipped)
                     value = float(loss)
                     first = value if first is None else first
                     last = value
-                    log.advance(1)
+                    if skipped:
+                        log.console(f"step {self.step}: non-finite gradient (norm {norm}): step skipped, not applied")
                     if self.step % t.log_every == 0 or self.step == self.total_steps or skipped:
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
                         record = {
                             "kind": "train", "step": self.step, "total_steps": self.total_steps,
-                            "epoch": epoch + (self.step - epoch * self.steps_per_epoch) / self.steps_per_epoch,
-                            "loss": value, "lr": float(self.optimizer.param_groups[0]["lr"]), "grad_norm": norm,
-                            "skipped": skipped, "samples_per_s": window_samples / elapsed,
+                            "epoch": epoch + (position + 1) / self.steps_per_epoch,
+                            "loss": value, "lr": self.runtime.lr(), "grad_norm": norm,
+                            "loss_scale": self.runtime.loss_scale(), "skipped": skipped,
+                            "skipped_steps": self.skipped_steps, "samples_per_s": window_samples / elapsed,
                             "peak_memory_gib": peak_memory_gib(self.device),
                         }  # fmt: skip
                         self.history.append(record)
                         log.write(record)
+                        log.advance(0, samples_per_s=record["samples_per_s"])
                         samples_total += window_samples
                         window_start, window_samples = time.perf_counter(), 0
+                    log.advance(1)
+                    if self.step % save_every == 0 and self.step % self.steps_per_epoch and self.step < self.total_steps:
+                        self.save()  # mid-epoch; the end of an epoch saves after its evaluation
                 train_seconds += time.perf_counter() - epoch_start
                 epoch += 1
                 if self.eval_store is not None:
+                    tick = time.perf_counter()
                     metric, acc = self.evaluate()
                     record = {"kind": "eval", "step": self.step, "epoch": epoch, "metric": metric,
                               "examples": len(acc.predictions)}  # fmt: skip
                     self.evals.append(record)
                     log.write(record)
-                    log.console(f"epoch {epoch}: step {self.step}/{self.total_steps} | train loss {last:.4f} | "
+                    log.console(f"epoch {epoch}: step {self.step}/{self.total_steps} | train loss {last} | "
                                 f"eval {self.metric_name} {metric if metric is None else round(metric, 4)}")  # fmt: skip
-                    score = metric if metric is not None else -math.inf
-                    if best is None or score > best[0] or metric is None:
-                        best, best_acc = (score, epoch), acc
-                        best_path = self._save_best()
+                    self._keep_if_best(metric, epoch, acc)
+                    window_start += time.perf_counter() - tick
+                if self.step > started_at:
+                    self.save()
             samples_total += window_samples
-            if self.eval_store is None:
-                best_path = self._save_best()
-            submission = None
-            if best_acc is not None:
-                submission = self.output_dir / SUBMISSION_NAMES[self.task]
-                best_acc.write_submission(submission)
+            if self.eval_store is None and (self.best is None or self.step > started_at):
+                self.best = {"score": -math.inf, "epoch": epoch, "step": self.step, "submission": None,
+                             "model": str(self._export(self.output_dir / "best") or "")}  # fmt: skip
         finally:
             log.close()
+        plots = write_run_plots(log.path, self.output_dir / "plots") if self.rank == 0 else []
         seconds = time.perf_counter() - run_start
+        best = self.best or {}
+        best_score = best.get("score")
         return {
-            "task": self.task, "steps": self.step, "epochs": epoch, "first_loss": first, "last_loss": last,
-            "eval": self.evals, "best_metric": None if best is None or best[0] == -math.inf else best[0],
-            "best_epoch": None if best is None else best[1], "metric": self.metric_name,
+            "task": self.task, "steps": self.step, "steps_this_run": self.step - started_at, "epochs": epoch,
+            "first_loss": first, "last_loss": last, "skipped_steps": self.skipped_steps, "eval": self.evals,
+            "best_metric": None if best_score is None or best_score == -math.inf else best_score,
+            "best_epoch": best.get("epoch"), "metric": self.metric_name,
             "samples_per_s": samples_total / train_seconds if train_seconds > 0 else None, "seconds": seconds,
-            "model": str(best_path) if best_path else None, "submission": str(submission) if submission else None,
-            "metrics_log": str(self.output_dir / "metrics.jsonl"), "init": self.init_report,
+            "model": best.get("model") or None, "submission": best.get("submission"),
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "metrics_log": str(log.path), "plots": [str(p) for p in plots], "init": self.init_report,
         }  # fmt: skip
 
     @property
@@ -396,19 +497,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML recipe (configs/vqa.yaml, gqa.yaml, nlvr2.yaml)")
     parser.add_argument("--answer-table", help="the pre-training QA head's answer table (see the module doc)")
-    parser.add_argument("--from-scratch", action="store_true",
-                        help="ignore train.init_from (an override cannot set it to an empty string)")
+    parser.add_argument("--from-scratch", action="store_true", help="ignore train.init_from")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="predict data.eval with train.init_from (a fine-tuned model) or the latest checkpoint "
+                             "in train.output_dir; writes <output_dir>/evaluate/")  # fmt: skip
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         config = load_config(args.config, args.overrides)
         if args.from_scratch:
             config.train.init_from = ""
-        tuner = FineTuner(config, answer_table=args.answer_table)
+        rank = launch_env()[0]
+        if rank == 0:
+            print(format_config(resolve(config, launch_env()[2])), flush=True)
+        tuner = FineTuner(config, answer_table=args.answer_table, evaluate_only=args.evaluate_only)
     except (ConfigError, FineTuneError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(report(tuner.train()), flush=True)
+    if args.evaluate_only:
+        result = tuner.evaluate_only()
+        if tuner.rank == 0:
+            print(f"{result['task']} {result['metric']} {result['value']} on {result['examples']} examples; "
+                  f"submission {result['submission']}", flush=True)  # fmt: skip
+        return 0
+    summary = tuner.train()
+    if tuner.rank == 0:
+        print(report(summary), flush=True)
     return 0
 
 

@@ -1,27 +1,27 @@
-"""The pre-training loop: the Trainer owns data, model, optimizer, precision, checkpoints and logs.
+"""The pre-training loop: the Trainer owns data, model, the runtime (engine/runtime.py), checkpoints and logs.
 
     trainer = Trainer(load_config("configs/tiny_cpu.yaml"))
     summary = trainer.train()          # until train.max_steps or train.epochs; resumes per train.resume
 
-Two paths with the same semantics (global batch = micro x accumulation x ranks, clipping, one schedule step
-per optimizer step, a non-finite step skipped and logged, never applied):
-- DeepSpeed (deepspeed.initialize with our optimizer and LambdaLR, config from engine.config.deepspeed_config):
-  when DeepSpeed imports and train.zero_stage > 0 or a launcher started us (WORLD_SIZE set).
-- plain PyTorch, one process (debugging, machines without DeepSpeed): autocast for bf16 / fp16, and for fp16
-  torch.amp.GradScaler's dynamic loss scaling.
+The runtime steps the model on one of two paths with the same semantics (DeepSpeed when it imports and
+train.zero_stage > 0 or a launcher started us (WORLD_SIZE set); plain PyTorch otherwise): global batch = micro x
+accumulation x ranks, clipping, one schedule step per optimizer step, a non-finite step skipped and logged.
 
 Each optimizer step times the wait for data, forward+backward, and the optimizer; every train.log_every steps a
 JSON line goes to <output_dir>/metrics.jsonl (engine/metrics_log.py) with the loss components, lr, gradient
 norm, loss scale, samples/s, tokens/s (text tokens + regions, padding included), TFLOP/s and MFU (engine/flops.py,
 model FLOPs of this rank over this rank's peak; null where the peak is unknown, e.g. the CPU), the share of
 time spent waiting for data and peak memory. The host syncs once per step (the gradient norm decides a skip).
+
+Evaluation (data.eval stores set): every train.eval_every steps (0: at the end of every epoch) and at the end,
+the validation losses (each component, averaged over the split's samples and the ranks) and the QA and
+image-text matching accuracies, as records {"kind": "eval", ...} in metrics.jsonl. The validation masks and
+negatives are drawn as in training with epoch 0 of the eval sampler: the same every time, so evaluations are
+comparable. At the end, loss / throughput plots (engine/plots.py) go to <output_dir>/plots/.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
 import os
 import time
 from collections import defaultdict
@@ -31,13 +31,13 @@ from typing import Any, Iterator
 import torch
 
 from engine import checkpoint as ckpt
-from engine.config import RunConfig, deepspeed_config, resolve, save_config
+from engine.config import RunConfig, resolve, save_config
 from engine.data.batch import PretrainBatch
 from engine.data.loaders import make_loader
 from engine.data.sampling import SamplingConfig
 from engine.flops import mfu, peak_flops, step_flops
 from engine.metrics_log import MetricsLog, console_line, peak_memory_gib
-from engine.optim import make_optimizer, make_scheduler
+from engine.runtime import Runtime
 from lxmert.pretraining import LxmertForPreTraining
 
 BUCKET_BATCHES = 100  # data.length_bucketing: sort by length within windows of this many global batches
@@ -58,31 +58,41 @@ def deepspeed_available() -> bool:
     return True
 
 
-def _precision_dtype(precision: str) -> torch.dtype | None:
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
-def optimizer_step(model, optimizer, scheduler, scaler, clip: float) -> tuple[float, bool]:
-    """Unscale, clip, step unless the gradient is non-finite, schedule: (gradient norm before clipping, skipped).
+def choose_deepspeed(config: RunConfig, use_deepspeed: bool | None, world: int) -> bool:
+    """The DeepSpeed path when asked, or by default when it imports and ZeRO or a launcher asks for it."""
+    if use_deepspeed is None:
+        use_deepspeed = deepspeed_available() and (config.train.zero_stage > 0 or "WORLD_SIZE" in os.environ)
+    if not use_deepspeed and world > 1:
+        raise RuntimeError(f"WORLD_SIZE={world} needs the DeepSpeed path (pip install deepspeed)")
+    return use_deepspeed
 
-    The plain (non-DeepSpeed) step of pre-training and fine-tuning alike.
-    """
-    scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    if clip > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    else:
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-    skipped = not math.isfinite(norm)
-    if scaler.is_enabled():
-        scaler.step(optimizer)  # skips by itself when it found inf/nan
-        scaler.update()
-    elif not skipped:
-        optimizer.step()
-    if not skipped:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm, skipped
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a no-op alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def write_run_plots(metrics_path: Path, out_dir: Path, log: MetricsLog | None = None) -> list[Path]:
+    """engine.plots.write_plots, never failing a finished run: a problem is reported and the run goes on."""
+    try:
+        from engine.plots import write_plots
+
+        return write_plots(metrics_path, out_dir)
+    except Exception as error:  # the run's results are written; a plot is a convenience
+        message = f"plots not written: {type(error).__name__}: {error}"
+        log.console(message) if log is not None else print(message, flush=True)
+        return []
 
 
 class Trainer:
@@ -90,52 +100,41 @@ class Trainer:
 
     def __init__(self, config: RunConfig, use_deepspeed: bool | None = None, export_hf: bool = False) -> None:
         self.rank, self.local_rank, world = launch_env()
-        if use_deepspeed is None:
-            use_deepspeed = deepspeed_available() and (config.train.zero_stage > 0 or "WORLD_SIZE" in os.environ)
-        if not use_deepspeed and world > 1:
-            raise RuntimeError(f"WORLD_SIZE={world} needs the DeepSpeed path (pip install deepspeed)")
-        self.use_deepspeed = use_deepspeed
+        self.use_deepspeed = choose_deepspeed(config, use_deepspeed, world)
         self.world_size = world
         self.config = resolve(config, world)
         self.export_hf = export_hf
         t = self.config.train
         self.output_dir = Path(t.output_dir)
-        self.device = self._pick_device()
+        self.device = pick_device(self.local_rank)
         if self.rank == 0:
             save_config(self.config, self.output_dir / "config.yaml")
 
         torch.manual_seed(t.seed)  # initialisation, then dropout
         self.model = LxmertForPreTraining(self.config.model).to(self.device)
-        self.loader = self._make_loader()
+        self.loader = self._make_loader(self.config.data.train)
+        self.eval_loader = self._make_loader(self.config.data.eval) if self.config.data.eval.text else None
         self.accum = t.grad_accum_steps
         self.steps_per_epoch = len(self.loader) // self.accum
         if self.steps_per_epoch < 1:
             raise ValueError(f"an epoch has {len(self.loader)} micro batches, fewer than grad_accum_steps {self.accum}")
         self.total_steps = t.total_steps(self.steps_per_epoch)
-        self.optimizer = make_optimizer(self.model, self.config.optim)
-        self.scheduler = make_scheduler(self.optimizer, self.config.optim, self.total_steps)
-        self.autocast_dtype = _precision_dtype(t.precision)
-        self.engine = None
-        if use_deepspeed:
-            self._init_deepspeed()
-            self.scaler = None
-        else:
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, world)
         self.step = 0  # optimizer steps done (skipped ones included, as DeepSpeed counts them)
         self.skipped_steps = 0
-        self.history: list[dict[str, Any]] = []  # every logged record
+        self.history: list[dict[str, Any]] = []  # every logged training record
+        self.evals: list[dict[str, Any]] = []  # every evaluation record
         self.last_checkpoint: Path | None = None
         self._resume()
 
+    @property
+    def engine(self):
+        """The DeepSpeed engine (None on the plain path)."""
+        return self.runtime.engine
+
     # ------------------------------------------------------------------------------------------- building
 
-    def _pick_device(self) -> torch.device:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
-
-    def _make_loader(self):
+    def _make_loader(self, stores):
         c, d = self.config, self.config.data
         sampling = SamplingConfig(
             seed=d.seed, batch_size=c.train.micro_batch_size, world_size=self.world_size, rank=self.rank,
@@ -146,16 +145,7 @@ class Trainer:
         options: dict[str, Any] = {}
         if d.loader in ("torch", "dali"):
             options["num_workers"] = d.num_workers
-        return make_loader(d.loader, d.train.text, d.train.features, sampling, device=self.device, **options)
-
-    def _init_deepspeed(self) -> None:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-        ds_config = deepspeed_config(self.config, self.world_size)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_config
-        )
+        return make_loader(d.loader, stores.text, stores.features, sampling, device=self.device, **options)
 
     # -------------------------------------------------------------------------------------------- resume
 
@@ -163,50 +153,75 @@ class Trainer:
         path = ckpt.resolve_resume(self.config.train.resume, self.output_dir)
         if path is None:
             return
-        if self.use_deepspeed:
-            state = ckpt.load_deepspeed(self.engine, path, self.rank)
-        else:
-            state = ckpt.load_plain(path)
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
+        state = self.runtime.load(path, self.rank)
         self.loader.load_state_dict(state["loader"])
         self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
-        if "rng" in state:
-            ckpt.set_rng_state(state["rng"])
+        self.evals = list(state.get("evals", []))
         self.last_checkpoint = path
         self._print(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
-        client = {"loader": self.loader.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps}
-        if self.use_deepspeed:
-            path = ckpt.save_deepspeed(self.engine, self.output_dir, self.step, client, self.rank)
-        else:
-            state = {
-                **client, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": ckpt.rng_state(), "config": dataclasses.asdict(self.config),
-            }  # fmt: skip
-            path = ckpt.save_plain(self.output_dir, self.step, state)
-        self.last_checkpoint = path
-        return path
+        client = {"loader": self.loader.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
+                  "evals": self.evals}  # fmt: skip
+        self.last_checkpoint = self.runtime.save(self.output_dir, self.step, client, self.rank)
+        return self.last_checkpoint
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights in fp32 on the CPU (ZeRO-3 gathers the shards)."""
-        if self.use_deepspeed and self.config.train.zero_stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective; None on ranks > 0
-            if state is None:
-                return {}
-        else:
-            state = (self.engine.module if self.engine is not None else self.model).state_dict()
-        return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
+        """The whole model's weights in fp32 on the CPU (ZeRO-3 gathers the shards; {} on ranks > 0 then)."""
+        return self.runtime.consolidated_state_dict()
 
     def export(self) -> Path | None:
         state = self.consolidated_state_dict()
         if self.rank != 0:
             return None
         return ckpt.export_model(state, self.config.model, self.output_dir, hf=self.export_hf)
+
+    # ---------------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Validation losses and accuracies over the whole eval split (every rank takes its slice)."""
+        assert self.eval_loader is not None, "data.eval.text is not set"
+        was_training = self.runtime.training
+        self.runtime.train(False)
+        self.eval_loader.set_epoch(0)
+        names: list[str] = []
+        sums: torch.Tensor | None = None  # [loss, components..., samples, qa right, qa asked, match right]
+        for batch in self.eval_loader:
+            out = self.runtime.forward(**self._inputs(batch).model_inputs())
+            n = batch.input_ids.shape[0]
+            if not names:
+                names = sorted(out.losses)
+            ans = batch.ans.to(self.device)
+            asked = ans >= 0
+            qa_right = (out.question_answering_score.argmax(-1) == ans) & asked
+            match_right = out.cross_relationship_score.argmax(-1) == batch.matched_label.to(self.device)
+            row = torch.stack([
+                out.loss.detach().float() * n, *(out.losses[k].detach().float() * n for k in names),
+                torch.tensor(float(n), device=self.device), qa_right.sum().float(), asked.sum().float(),
+                match_right.sum().float(),
+            ])  # fmt: skip
+            sums = row if sums is None else sums + row
+        self.runtime.train(was_training)
+        if sums is None:
+            raise ValueError(f"data.eval stores {self.config.data.eval.text} gave no batch")
+        sums = all_reduce_sum(sums).cpu().double()
+        samples, qa_right, qa_asked, match_right = (float(v) for v in sums[-4:])
+        return {
+            "kind": "eval", "step": self.step, "samples": int(samples), "loss": float(sums[0]) / samples,
+            "losses": {k: float(sums[i + 1]) / samples for i, k in enumerate(names)},
+            "qa_accuracy": qa_right / qa_asked if qa_asked else None, "qa_questions": int(qa_asked),
+            "matched_accuracy": match_right / samples,
+        }  # fmt: skip
+
+    def _evaluate_and_log(self, log: MetricsLog) -> None:
+        record = self.evaluate()
+        self.evals.append(record)
+        log.write(record)
+        parts = " ".join(f"{k} {v:.3f}" for k, v in record["losses"].items())
+        qa = record["qa_accuracy"]
+        log.console(f"eval step {self.step}: loss {record['loss']:.4f} ({parts}) | QA accuracy "
+                    f"{'-' if qa is None else f'{qa:.3f}'} | matching accuracy {record['matched_accuracy']:.3f}")  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- loop
 
@@ -216,35 +231,19 @@ class Trainer:
             self.loader.set_epoch(epoch)
             yield from self.loader
 
-    def _autocast(self):
-        if self.use_deepspeed or self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def _inputs(self, batch: PretrainBatch) -> PretrainBatch:
+        """DeepSpeed casts the model to the training precision; the floating-point inputs follow."""
+        if self.runtime.input_dtype != torch.float32:
+            batch = batch.to(self.device, float_dtype=self.runtime.input_dtype)
+        return batch
 
     def _forward_backward(self, batch: PretrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.use_deepspeed:
-            if self.autocast_dtype is not None:  # DeepSpeed cast the model; the features follow
-                batch = batch.to(self.device, float_dtype=self.autocast_dtype)
-            out = self.engine(**batch.model_inputs())
-            self.engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps itself
-            self.engine.step()  # an optimizer step only at the accumulation boundary
-        else:
-            with self._autocast():
-                out = self.model(**batch.model_inputs())
-            self.scaler.scale(out.loss.float() / self.accum).backward()
+        out = self.runtime.forward(**self._inputs(batch).model_inputs())
+        self.runtime.backward(out.loss)
         return out.loss.detach().float(), {k: v.detach().float() for k, v in out.losses.items()}
 
     def _optimizer_step(self) -> tuple[float, bool]:
-        return optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.config.optim.grad_clip)
-
-    def _loss_scale(self) -> float | None:
-        if self.use_deepspeed:
-            scale = getattr(self.engine.optimizer, "cur_scale", None)
-            return float(scale) if scale is not None and self.config.train.precision == "fp16" else None
-        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else None
-
-    def _lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        return self.runtime.step()
 
     def _peak(self) -> float | None:
         if self.device.type != "cuda":
@@ -257,12 +256,18 @@ class Trainer:
         if self.rank == 0:
             print(line, flush=True)
 
+    def _eval_due(self, epoch_ended: bool) -> bool:
+        every = self.config.train.eval_every
+        if self.eval_loader is None:
+            return False
+        return (every > 0 and self.step % every == 0) or (every == 0 and epoch_ended)
+
     def train(self) -> dict[str, Any]:
         t = self.config.train
         save_every = t.save_every or self.steps_per_epoch
         log = MetricsLog(self.output_dir, enabled=self.rank == 0, progress_total=self.total_steps,
                          progress_initial=self.step)  # fmt: skip
-        self.model.train()
+        self.runtime.train(True)
         peak = self._peak()
         micro = self._micro_batches()
         window = defaultdict(float)  # sums since the last log line
@@ -271,6 +276,8 @@ class Trainer:
         last: dict[str, float] | None = None
         started_at = self.step
         run_start = time.perf_counter()
+        plots: list[Path] = []
+        eval_seconds = 0.0
         try:
             while self.step < self.total_steps:
                 loss_sum = torch.zeros((), device=self.device)
@@ -301,9 +308,9 @@ class Trainer:
                     samples += b
                 if got < self.accum:  # the data ran out (epochs done) mid-step: nothing more to apply
                     if got:
-                        self._zero_grad()
+                        self.runtime.zero_grad()
                     break
-                norm, skipped = self._ds_step_info() if self.use_deepspeed else self._optimizer_step()
+                norm, skipped = self._optimizer_step()
                 if self.world_size > 1:  # log the global batch's loss, not rank 0's share of it
                     loss_sum, parts_sum = self._mean_over_ranks(loss_sum, parts_sum)
                 self.step += 1
@@ -317,8 +324,6 @@ class Trainer:
                 window["flops"] += flops
                 window["tokens"] += tokens
                 window["samples"] += samples
-                window["skipped"] += int(skipped)
-                log.advance(1)
                 if skipped:
                     log.console(f"step {self.step}: non-finite gradient (norm {norm}): step skipped, not applied")
                 if self.step % t.log_every == 0 or self.step == self.total_steps or skipped:
@@ -328,10 +333,11 @@ class Trainer:
                     elapsed = max(now - window_start, 1e-9)
                     achieved = window["flops"] / elapsed  # this rank's model FLOP/s
                     record = {
-                        "step": self.step, "total_steps": self.total_steps,
+                        "kind": "train", "step": self.step, "total_steps": self.total_steps,
                         "epoch": self.loader.epoch + self.loader.step / max(len(self.loader), 1),
-                        "loss": total, "losses": losses, "lr": self._lr(), "grad_norm": norm,
-                        "loss_scale": self._loss_scale(), "skipped": skipped, "skipped_steps": self.skipped_steps,
+                        "loss": total, "losses": losses, "lr": self.runtime.lr(), "grad_norm": norm,
+                        "loss_scale": self.runtime.loss_scale(), "skipped": skipped,
+                        "skipped_steps": self.skipped_steps,
                         "samples_per_s": window["samples"] * self.world_size / elapsed,
                         "tokens_per_s": window["tokens"] * self.world_size / elapsed,
                         "tflops": achieved / 1e12,
@@ -343,44 +349,48 @@ class Trainer:
                     self.history.append(record)
                     log.write(record)
                     log.console(console_line(record))
+                    log.advance(0, samples_per_s=record["samples_per_s"])
                     window = defaultdict(float)
                     window_start = time.perf_counter()
+                log.advance(1)
+                epoch_ended = self.step % self.steps_per_epoch == 0
+                if self.step < self.total_steps and self._eval_due(epoch_ended):
+                    tick = time.perf_counter()
+                    self._evaluate_and_log(log)
+                    eval_seconds += time.perf_counter() - tick
+                    window_start += time.perf_counter() - tick  # evaluation time is not training throughput
                 if self.step % save_every == 0 and self.step < self.total_steps:
                     self.save()
+            if self.eval_loader is not None and self.step > started_at:
+                tick = time.perf_counter()
+                self._evaluate_and_log(log)  # the final model's validation, before the last checkpoint
+                eval_seconds += time.perf_counter() - tick
             if self.step > started_at or self.last_checkpoint is None:
                 self.save()
             model_path = self.export()
         finally:
             log.close()
+        if self.rank == 0:
+            plots = write_run_plots(log.path, self.output_dir / "plots")
         seconds = time.perf_counter() - run_start
         done = self.step - started_at
+        train_seconds = seconds - eval_seconds  # checkpoints and the export included
         summary = {
             "steps": self.step, "steps_this_run": done, "skipped_steps": self.skipped_steps,
-            "first": first, "last": last, "seconds": seconds,
-            "samples_per_s": done * self.config.train.batch_size / seconds if seconds > 0 else None,
+            "first": first, "last": last, "seconds": seconds, "eval_seconds": eval_seconds,
+            "samples_per_s": done * self.config.train.batch_size / train_seconds if train_seconds > 0 else None,
+            "eval": self.evals[-1] if self.evals else None,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "model": str(model_path) if model_path else None,
+            "metrics_log": str(log.path), "plots": [str(p) for p in plots],
         }  # fmt: skip
         return summary
 
     def _mean_over_ranks(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
         """The step's loss and components averaged over the ranks (every rank computes the same keys)."""
-        import torch.distributed as dist
-
         names = sorted(parts)
         packed = torch.stack([loss.float().reshape(()), *(parts[k].float().reshape(()) for k in names)])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        all_reduce_sum(packed)
         packed /= self.world_size
         return packed[0], {k: packed[i + 1] for i, k in enumerate(names)}
-
-    def _zero_grad(self) -> None:
-        if not self.use_deepspeed:
-            self.optimizer.zero_grad(set_to_none=True)
-
-    def _ds_step_info(self) -> tuple[float, bool]:
-        """After the accumulation boundary's engine.step(): the norm DeepSpeed measured, and whether it skipped."""
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else math.nan
-        skipped = self.engine.skipped_steps > self.skipped_steps
-        return norm, skipped

@@ -123,10 +123,10 @@ def test_fp16_non_finite_gradient_skips_the_step(stores, tmp_path):
     """CPU fp16 autocast with GradScaler: an inf injected into one gradient at step 3 is skipped, not applied."""
     config = make_config(stores, tmp_path, "train.precision=fp16", "train.max_steps=5")
     trainer = Trainer(config, use_deepspeed=False)
-    assert trainer.scaler.is_enabled()
+    assert trainer.runtime.scaler.is_enabled()
     # the default initial scale 2^16 overflows this model's early gradients in fp16 (skipped steps, as they
     # should be); start low so that only the injected inf is skipped
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1000)
+    trainer.runtime.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1000)
     param = trainer.model.match_head.weight
     snapshots = {}
 

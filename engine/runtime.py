@@ -1,0 +1,265 @@
+"""How a model is stepped, shared by pre-training (engine/train.py) and fine-tuning (engine/finetune.py).
+
+    runtime = Runtime(model, config, total_steps, device, use_deepspeed=...)
+    out = runtime.forward(**inputs)       # autocast (plain path) or the DeepSpeed engine (it casts the model)
+    runtime.backward(out.loss)            # every micro batch
+    norm, skipped = runtime.step()        # once per accumulation boundary: clip, skip if non-finite, schedule
+    path = runtime.save(output_dir, step, client_state)   # engine/checkpoint.py layout
+    client_state = runtime.load(path)
+
+Two paths with the same semantics (global batch = micro x accumulation x ranks, clipping, one schedule step per
+optimizer step, a non-finite step skipped and counted, never applied):
+- DeepSpeed: deepspeed.initialize with our optimizer (engine/optim.py) and LambdaLR, its config derived by
+  engine.config.deepspeed_config (ZeRO stage, offload, bf16 / fp16 with dynamic loss scaling).
+- plain PyTorch, one process: torch.autocast for bf16 / fp16, torch.amp.GradScaler for fp16.
+
+Applied to the model here rather than in lxmert/ (the model stays pure architecture, as torchtitan keeps it):
+- activation checkpointing (train.activation_checkpointing): every encoder layer's forward is recomputed in
+  the backward (torch.utils.checkpoint, non-reentrant, RNG state preserved: the same dropout masks, so the
+  losses and gradients are those of a run without it). The layer's `forward` is replaced on the instance, so
+  parameter names, checkpoints and ZeRO-3's per-module hooks stay as they are.
+- torch.compile (train.compile): nn.Module.compile on the plain path (in place: parameter names unchanged),
+  DeepSpeed's engine.compile on the DeepSpeed path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from engine import checkpoint as ckpt
+from engine.config import RunConfig, deepspeed_config
+from engine.optim import make_optimizer, make_scheduler
+
+PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The autocast / DeepSpeed compute dtype of train.precision (None for fp32)."""
+    return PRECISION_DTYPES[precision]
+
+
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Every language, region and cross-modality layer of an LXMERT model (pre-training or fine-tuning)."""
+    backbone = model.lxmert
+    return [*backbone.lang_layers, *backbone.region_layers, *backbone.cross_layers]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each encoder layer in the backward pass; returns how many layers were wrapped."""
+    layers = encoder_layers(model)
+    for layer in layers:
+        if getattr(layer, "_checkpointed", False):
+            continue
+        forward = layer.forward
+
+        @functools.wraps(forward)
+        def recomputed(*args: Any, _forward: Callable = forward, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+        layer.forward = recomputed
+        layer._checkpointed = True
+    return len(layers)
+
+
+def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, clip: float) -> tuple[float, bool]:
+    """Unscale, clip, step unless the gradient is non-finite, schedule: (gradient norm before clipping, skipped).
+
+    The plain path's step for pre-training and fine-tuning alike.
+    """
+    scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    else:
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    skipped = not math.isfinite(norm)
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips by itself when it found inf/nan
+        scaler.update()
+    elif not skipped:
+        optimizer.step()
+    if not skipped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, skipped
+
+
+class Runtime:
+    """Model + optimizer + schedule + precision (+ DeepSpeed engine) of one run; see the module docstring."""
+
+    def __init__(self, model: nn.Module, config: RunConfig, total_steps: int, device: torch.device,
+                 use_deepspeed: bool, world_size: int = 1) -> None:  # fmt: skip
+        t = config.train
+        self.config = config
+        self.device = device
+        self.use_deepspeed = use_deepspeed
+        self.world_size = world_size
+        self.accum = t.grad_accum_steps
+        self.clip = config.optim.grad_clip
+        self.dtype = precision_dtype(t.precision)
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self.model = model  # the unwrapped module: parameters, state dicts, export
+        self.optimizer = make_optimizer(model, config.optim)
+        self.scheduler = make_scheduler(self.optimizer, config.optim, total_steps)
+        self.engine = None
+        self.scaler = None
+        self._ds_skipped_seen = 0
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+                config=deepspeed_config(config, world_size),
+            )  # fmt: skip
+            if t.compile:
+                self.engine.compile(backend=t.compile_backend)
+        else:
+            self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+            if t.compile:
+                model.compile(backend=t.compile_backend)
+
+    # --------------------------------------------------------------------------------------------- steps
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype of floating-point inputs: DeepSpeed casts the model to the training precision, autocast
+        does not (its inputs stay fp32)."""
+        return self.dtype if self.use_deepspeed and self.dtype is not None else torch.float32
+
+    def autocast(self):
+        if self.use_deepspeed or self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def forward(self, **inputs: Any) -> Any:
+        if self.use_deepspeed:
+            return self.engine(**inputs)
+        with self.autocast():
+            return self.model(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate one micro batch's gradient (each micro batch's loss weighs 1 / accumulation steps)."""
+        if self.use_deepspeed:
+            self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+            self.engine.step()  # an optimizer step only at the accumulation boundary
+        else:
+            self.scaler.scale(loss.float() / self.accum).backward()
+
+    def step(self) -> tuple[float, bool]:
+        """At the accumulation boundary: (gradient norm before clipping, whether the step was skipped)."""
+        if not self.use_deepspeed:
+            return optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.clip)
+        norm = self.engine.get_global_grad_norm()  # DeepSpeed stepped in backward() at the boundary
+        norm = float(norm) if norm is not None else math.nan
+        skipped = self.engine.skipped_steps > self._ds_skipped_seen
+        self._ds_skipped_seen = self.engine.skipped_steps
+        return norm, skipped
+
+    def zero_grad(self) -> None:
+        """Drop gradients accumulated for a step that will not happen (the data ran out mid-step)."""
+        if self.use_deepspeed:
+            self.engine.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def train(self, mode: bool = True) -> None:
+        (self.engine if self.engine is not None else self.model).train(mode)
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def loss_scale(self) -> float | None:
+        """The dynamic loss scale (fp16 only)."""
+        if self.use_deepspeed:
+            scale = getattr(self.engine.optimizer, "cur_scale", None)
+            return float(scale) if scale is not None and self.config.train.precision == "fp16" else None
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else None
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+
+    def save(self, output_dir: str | Path, step: int, client: dict[str, Any], rank: int = 0) -> Path:
+        """A checkpoint of the model, optimizer, schedule, loss scaler and RNG states, plus `client`."""
+        if self.use_deepspeed:
+            return ckpt.save_deepspeed(self.engine, output_dir, step, client, rank)
+        state = {
+            **client, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(),
+        }  # fmt: skip
+        return ckpt.save_plain(output_dir, step, state)
+
+    def load(self, path: Path, rank: int = 0) -> dict[str, Any]:
+        """Restore a checkpoint written by `save`; returns its client state (RNG states already restored)."""
+        if self.use_deepspeed:
+            state = ckpt.load_deepspeed(self.engine, path, rank)
+            self._ds_skipped_seen = self.engine.skipped_steps
+        else:
+            state = ckpt.load_plain(path)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        if "rng" in state:
+            ckpt.set_rng_state(state["rng"])
+        return state
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights in fp32 on the CPU: under DeepSpeed the fp32 master weights (gathered under
+        ZeRO-3: every rank must call this; ranks > 0 get {}), not the 16-bit copies the forward uses."""
+        if not self.use_deepspeed:
+            return {k: _fp32_cpu(v) for k, v in self.model.state_dict().items()}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        wrapper_masters = _wrapper_fp32_masters(self.engine.optimizer)
+        state: dict[str, torch.Tensor] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):  # the same order on every rank
+            master = safe_get_full_fp32_param(param)  # a collective under ZeRO-3
+            if master is None:
+                master = wrapper_masters.get(id(param), param)
+            state[name] = _fp32_cpu(master)
+        for name, buffer in self.model.named_buffers(remove_duplicate=False):
+            state[name] = _fp32_cpu(buffer)
+        import torch.distributed as dist
+
+        if self.config.train.zero_stage == 3 and dist.is_initialized() and dist.get_rank() > 0:
+            return {}
+        expected = self.model.state_dict().keys()  # ZeRO-3's are placeholders, but the names are right
+        return {k: state[k] for k in expected}
+
+
+def _wrapper_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """Without ZeRO, DeepSpeed's 16-bit optimizer wrappers keep the fp32 masters per parameter group: one flat
+    tensor (FP16_Optimizer: fp32_groups_flat) or one per parameter (FP16_UnfusedOptimizer: fp32_groups), the
+    group's parameters (fp16_groups) in order. Returns id(parameter) -> its fp32 master."""
+    groups = getattr(optimizer, "fp16_groups", None) or []
+    masters: dict[int, torch.Tensor] = {}
+    if getattr(optimizer, "fp32_groups_flat", None):
+        for params, flat in zip(groups, optimizer.fp32_groups_flat):
+            offset = 0
+            for param in params:
+                masters[id(param)] = flat.narrow(0, offset, param.numel()).view_as(param)
+                offset += param.numel()
+    elif getattr(optimizer, "fp32_groups", None):
+        for params, fp32 in zip(groups, optimizer.fp32_groups):
+            masters.update((id(p), m) for p, m in zip(params, fp32))
+    return masters
+
+
+def _fp32_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    return tensor.float().cpu() if tensor.is_floating_point() else tensor.cpu()
