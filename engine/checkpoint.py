@@ -148,9 +148,12 @@ def save_deepspeed(engine: Any, output_dir: str | Path, step: int, client_state:
     return root / tag
 
 
-def load_deepspeed(engine: Any, path: Path, rank: int) -> dict[str, Any]:
-    """Model, optimizer, scheduler (and loss scaler) into the engine; returns the client state."""
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=True)
+def load_deepspeed(engine: Any, path: Path, rank: int, module_only: bool = False) -> dict[str, Any]:
+    """Model, optimizer, scheduler (and loss scaler) into the engine (module_only: the model's weights);
+    returns the client state."""
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=module_only,
+                                             load_optimizer_states=not module_only,
+                                             load_lr_scheduler_states=not module_only)  # fmt: skip
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     rng_file = path / f"rng_rank{rank}.pt"

@@ -122,7 +122,7 @@ class TrainConfig:
     """ZeRO-Offload to the CPU: optimizer states (ZeRO >= 1), or also parameters (ZeRO-3 only)."""
     compile: bool = False
     """torch.compile the model (nn.Module.compile in place; DeepSpeed's engine.compile on the DeepSpeed path)."""
-    compile_backend: str = "inductor"
+    compile_backend: Literal["inductor", "cudagraphs", "aot_eager"] = "inductor"
     """torch.compile's backend: "inductor" (generated kernels), "cudagraphs", "aot_eager" (tracing only: a
     quick check that the model compiles)."""
     activation_checkpointing: bool = False
@@ -268,6 +268,9 @@ def _check(config: RunConfig) -> None:
         need(0 <= getattr(m, name) < 1, f"model.{name} must be in [0, 1), got {getattr(m, name)}")
     backends = available_backends()
     need(m.attn_backend in backends, f"model.attn_backend {m.attn_backend!r} is not one of {backends}")
+    need(m.attn_backend != "flash" or t.precision in ("bf16", "fp16"),
+         f"model.attn_backend 'flash' needs train.precision bf16 or fp16 (flash-attn has no fp32 kernels), "
+         f"got {t.precision!r}")  # fmt: skip
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     for name in ("word_mask_prob", "region_mask_prob", "negative_prob"):
         need(0 <= getattr(d, name) < 1, f"data.{name} must be in [0, 1), got {getattr(d, name)}")
@@ -345,6 +348,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     takes_text = any(a is str or (get_origin(a) is Literal and isinstance(get_args(a)[0], str)) for a in arms)
     if takes_text and raw.strip() not in ("null", "~", ""):
         return path, raw  # text fields take the text as written ("01", "1e-4", "yes" stay strings)
+    if not raw.strip() and str in arms and type(None) not in arms:
+        return path, ""  # `train.init_from=` empties a text field that cannot be null
     try:
         return path, yaml.safe_load(raw)
     except yaml.YAMLError as error:

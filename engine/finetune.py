@@ -2,9 +2,11 @@
 write the submission file.
 
     python -m engine.finetune --config configs/vqa.yaml [section.key=value ...] [--answer-table PATH]
-                              [--from-scratch]
+                              [--from-scratch] [--evaluate-only]
 
-What it does (single process, plain PyTorch; the pieces are the pre-training Trainer's, imported):
+Alone it runs one process; under a launcher every rank runs it (`deepspeed --num_gpus 8 -m engine.finetune
+--config configs/vqa.yaml train.zero_stage=2`). Training runs on engine/runtime.py, as pre-training does
+(DeepSpeed or plain PyTorch, precision, ZeRO, activation checkpointing, compile):
 - data: the task stores of engine/data/tasks.py (data.train.text / data.train.features, data.eval.*), batches
   from task_batch + to_torch; each epoch a permutation seeded by (data.seed, epoch) (deterministic, the same
   on every run), the last partial batch dropped (the authors' drop_last); evaluation in store order.
@@ -23,17 +25,23 @@ What it does (single process, plain PyTorch; the pieces are the pre-training Tra
   checkpoint without a QA head starts the VQA/GQA head from scratch, with a warning.
 - optimisation: engine.optim.make_optimizer / make_scheduler (bertadam or adamw, warm-up, linear decay), the
   schedule over train.total_steps(steps per epoch) (train.max_steps caps it), clipping optim.grad_clip,
-  precision fp32 / bf16 / fp16 by autocast (+ GradScaler for fp16) like the Trainer's plain path.
+  precision fp32 / bf16 / fp16 (autocast + GradScaler on the plain path, DeepSpeed's own otherwise).
 - logs: <output_dir>/metrics.jsonl (engine.metrics_log): a train record every train.log_every steps and an
   "eval" record after each epoch; the resolved config in <output_dir>/config.yaml.
 - outputs: <output_dir>/best/model.safetensors + model_config.json (atomic, engine.checkpoint.export_model)
   for the best eval metric (the last epoch when there is no labelled eval split), and the submission file for
-  the eval split predicted by that best model: VQA <output_dir>/vqa_submission.json ([{question_id, answer}]),
-  GQA gqa_submission.json ([{questionId, prediction}]), NLVR2 nlvr2_submission.csv (identifier,True|False).
-
-DeepSpeed: not in this cut. `FineTuner` keeps the Trainer's split (build / _forward_backward / _optimizer_step)
-so a DeepSpeed path can be added the way engine/train.py does it (deepspeed.initialize with our optimizer and
-LambdaLR, engine.backward/step); resume is not implemented (fine-tuning runs are short).
+  the eval split predicted by that best model, written when it is found: VQA <output_dir>/vqa_submission.json
+  ([{question_id, answer}]), GQA gqa_submission.json ([{questionId, prediction}]), NLVR2 nlvr2_submission.csv
+  (identifier,True|False); loss / throughput plots in <output_dir>/plots/.
+- ranks: each global batch (micro x accumulation x ranks) is cut into accumulation x ranks micro batches, so
+  a run's losses do not depend on how the batch is split; evaluation: each rank predicts an interleaved slice
+  (padded to equal length: ZeRO-3's forward is a collective) and the ranks share the predictions.
+- checkpoints: <output_dir>/checkpoints/ (engine/checkpoint.py) at the end of every epoch (after its
+  evaluation) and every train.save_every steps; train.resume="auto" continues a killed run where it stopped
+  (epoch order, dropout RNG, optimizer, best model so far). A checkpoint there takes precedence over init_from.
+- --evaluate-only: predicts data.eval with train.init_from (a fine-tuned best/model.safetensors) or, without
+  it, the latest checkpoint in output_dir; writes <output_dir>/evaluate/{submission, result.json} and leaves
+  the training's outputs alone.
 """
 
 from __future__ import annotations
@@ -207,7 +215,7 @@ class FineTuner:
         self.last_checkpoint: Path | None = None
         self._eval_labels = self._labels(self.eval_store) if self.eval_store is not None else None
         if resume is not None:
-            self._resume(resume)
+            self._resume(resume, weights_only=evaluate_only)
         if self.rank == 0 and not evaluate_only:
             save_config(self.config, self.output_dir / "config.yaml")
 
@@ -258,8 +266,8 @@ class FineTuner:
         report |= {"answer_table": str(table_path), "answers_found": found, "answers_missing": missing}
         return report
 
-    def _resume(self, path: Path) -> None:
-        state = self.runtime.load(path, self.rank)
+    def _resume(self, path: Path, weights_only: bool = False) -> None:
+        state = self.runtime.load(path, self.rank, weights_only=weights_only)
         self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
         self.evals = list(state.get("evals", []))
         self.best = state.get("best")

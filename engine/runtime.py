@@ -203,14 +203,17 @@ class Runtime:
         }  # fmt: skip
         return ckpt.save_plain(output_dir, step, state)
 
-    def load(self, path: Path, rank: int = 0) -> dict[str, Any]:
-        """Restore a checkpoint written by `save`; returns its client state (RNG states already restored)."""
+    def load(self, path: Path, rank: int = 0, weights_only: bool = False) -> dict[str, Any]:
+        """Restore a checkpoint written by `save` (weights_only: the model's weights, for evaluation); returns
+        its client state (RNG states already restored)."""
         if self.use_deepspeed:
-            state = ckpt.load_deepspeed(self.engine, path, rank)
+            state = ckpt.load_deepspeed(self.engine, path, rank, module_only=weights_only)
             self._ds_skipped_seen = self.engine.skipped_steps
         else:
             state = ckpt.load_plain(path)
             self.model.load_state_dict(state["model"])
+            if weights_only:
+                return state
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])

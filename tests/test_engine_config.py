@@ -140,6 +140,12 @@ def test_template_agreeing_explicitly_is_fine(tmp_path):
         deepspeed_config(load_config(None, ["deepspeed.config=no/such.json"]), 1)
 
 
+def test_an_empty_override_empties_a_text_field():
+    config = load_config("configs/vqa.yaml", ["train.init_from=", "data.eval.text="])
+    assert config.train.init_from == "" and config.data.eval.text == ""
+    assert load_config(None, ["train.micro_batch_size="]).train.micro_batch_size is None  # null where allowed
+
+
 def test_overrides_fill_and_are_type_checked():
     c = load_config("configs/pretrain.yaml", [
         "model.hidden_size=128", "model.num_attention_heads=4", "optim.lr=5e-5", "optim.betas=[0.9, 0.98]",
@@ -184,6 +190,8 @@ def test_overrides_fill_and_are_type_checked():
     ("data.sources=[coco]", "unknown source 'coco'; did you mean 'mscoco'?"),
     ("data.word_mask_prob=1.5", r"data.word_mask_prob must be in \[0, 1\)"),
     ("model.attn_backend=flashy", "model.attn_backend 'flashy' is not one of"),
+    ("model.attn_backend=flash", "'flash' needs train.precision bf16 or fp16"),
+    ("train.compile_backend=inductr", "did you mean 'inductor'?"),
     ("model.hidden_size=100", "model: hidden_size 100 is not a multiple of num_attention_heads 12"),
 ])  # fmt: skip
 def test_bad_overrides_give_clear_errors(override, message):

@@ -5,6 +5,8 @@
   the two halves' losses; the sampler hands rank r the r-th slice of each global batch).
 - ZeRO-2: the checkpoint at step 2, resumed by a second launch with train.resume=auto, continues with the losses
   of the uninterrupted run.
+- Fine-tuning (engine.finetune, VQA, ZeRO-2): losses, evaluation and best model of one process with the same
+  global batch.
 - ZeRO-3: the consolidated export (model.safetensors and the --export-hf layout) holds the full fp32 master
   weights and loads into lxmert.LxmertForPreTraining and transformers.LxmertForPreTraining with equal outputs.
 
@@ -31,6 +33,8 @@ from engine import checkpoint as ckpt
 from engine.config import load_config
 from engine.data import synthetic
 from engine.data.store import TextStore
+from engine.data.tasks import TaskStore
+from engine.finetune import FineTuner
 from engine.train import Trainer, deepspeed_available
 from lxmert.convert import load_into, read_state_dict
 from conftest import build_pretrain_stores
@@ -75,8 +79,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], log: Path, *flags: str) -> int:
-    """`deepspeed --num_gpus 2 --module engine.pretrain [flags] args` (2 CPU ranks); returns the exit code."""
+def launch(args: list[str], log: Path, *flags: str, module: str = "engine.pretrain") -> int:
+    """`deepspeed --num_gpus 2 --module <module> [flags] args` (2 CPU ranks); returns the exit code."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
@@ -84,7 +88,7 @@ def launch(args: list[str], log: Path, *flags: str) -> int:
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "engine.pretrain",
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", module,
                *flags, *args]  # fmt: skip
     with open(log, "w") as f:
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300)
@@ -218,3 +222,32 @@ def test_zero3_export_is_the_fp32_master_weights_and_loads_into_both_models(run_
         expected = hf(**inputs)
     for key in ("prediction_logits", "cross_relationship_score", "question_answering_score"):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_two_rank_vqa_fine_tuning_matches_one_process(tmp_path):
+    """engine.finetune under the launcher, ZeRO-2, 2 ranks x micro 4: the losses, the evaluation (each rank
+    predicts a slice, the ranks share them) and the best model of one process with micro 4 x 2 accumulation."""
+    from test_engine_finetune import TINY, build_data
+
+    data = build_data(tmp_path / "data", images=60)
+    common = [*TINY, f"data.train.text={data['vqa_train']}", f"data.train.features={data['feats']}",
+              f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}", "data.num_workers=0",
+              "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0", "optim.name=adamw",
+              "optim.lr=1e-3", "train.task=vqa", "train.batch_size=8", "train.max_steps=6", "train.log_every=1",
+              "train.seed=0"]  # fmt: skip
+    one = FineTuner(load_config(None, [*common, f"train.output_dir={tmp_path / 'one'}", "train.micro_batch_size=4",
+                                       "train.grad_accum_steps=2"]), use_deepspeed=False)  # fmt: skip
+    expected = one.train()
+    out = tmp_path / "two"
+    rc = launch([*common, f"train.output_dir={out}", "train.zero_stage=2"], tmp_path / "launch.log",
+                module="engine.finetune")  # fmt: skip
+    recs = records(out)
+    train = [r for r in recs if r["kind"] == "train"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert len(train) == 6, diagnose(out, rc)
+    assert_close_lists(losses(train), [r["loss"] for r in one.history], 1e-5, "fine-tuning losses")
+    assert len(evals) == 1 and evals[0]["examples"] == len(TaskStore(data["vqa_minival"]))
+    assert evals[0]["metric"] == pytest.approx(expected["eval"][0]["metric"], abs=1e-9)
+    a, b = read_state_dict(expected["model"]), read_state_dict(out / "best/model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key

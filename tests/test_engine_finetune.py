@@ -262,3 +262,60 @@ def test_the_vqa_recipe_runs_with_overrides(data, tmp_path, capsys):
     # an init_from that is not there is a clear error
     assert main(["--config", "configs/vqa.yaml", *overrides, f"train.init_from={tmp_path / 'no_such_run'}"]) == 2
     assert "train.init_from" in capsys.readouterr().err
+
+
+def test_a_killed_run_resumes_with_the_uninterrupted_losses(data, tmp_path, monkeypatch):
+    """Dropout on; checkpoints every 2 steps; killed in step 5 after its backward; resumed from step 4: the
+    remaining losses, the evaluation and the best model are the uninterrupted run's, bit for bit (CPU fp32)."""
+    extra = ("train.max_steps=6", "train.log_every=1", "train.save_every=2", "train.batch_size=16")
+    whole = FineTuner(config(data, "vqa", tmp_path / "whole", *extra))
+    expected = whole.train()
+
+    killed = FineTuner(config(data, "vqa", tmp_path / "killed", *extra))
+    step = killed._optimizer_step
+
+    def dies_in_step_5():
+        if killed.step == 4:
+            raise KeyboardInterrupt
+        return step()
+
+    killed._optimizer_step = dies_in_step_5
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    assert (tmp_path / "killed/checkpoints/latest").read_text().strip() == "step_00000004"
+
+    resumed = FineTuner(config(data, "vqa", tmp_path / "killed", *extra))
+    assert resumed.step == 4 and resumed.init_report["step"] == 4
+    summary = resumed.train()
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history[4:]]
+    assert summary["eval"] == expected["eval"] and summary["best_metric"] == expected["best_metric"]
+    a = read_state_dict(tmp_path / "whole/best/model.safetensors")
+    b = read_state_dict(tmp_path / "killed/best/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert summary["steps_this_run"] == 2 and summary["steps"] == 6
+    # a finished run resumed again has nothing left to do and keeps its results
+    again = FineTuner(config(data, "vqa", tmp_path / "killed", *extra)).train()
+    assert again["steps_this_run"] == 0 and again["best_metric"] == expected["best_metric"]
+
+
+def test_evaluate_only_reproduces_the_best_epochs_metric_and_submission(data, tmp_path, capsys):
+    trained = FineTuner(config(data, "vqa", tmp_path / "run", "train.epochs=2", "train.batch_size=16")).train()
+    assert trained["best_metric"] is not None
+    # from the exported best model
+    cfg = config(data, "vqa", tmp_path / "eval", f"train.init_from={trained['model']}")
+    result = FineTuner(cfg, evaluate_only=True).evaluate_only()
+    assert result["value"] == pytest.approx(trained["best_metric"]) and result["weights"]["fine_tuned"] is True
+    assert read_vqa_submission(result["submission"]) == read_vqa_submission(trained["submission"])
+    assert json.loads((tmp_path / "eval/evaluate/result.json").read_text())["value"] == result["value"]
+    # from the run's latest checkpoint (the last epoch's weights), through the CLI
+    overrides = [*TINY, f"data.train.text={data['vqa_train']}", f"data.train.features={data['feats']}",
+                 f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}",
+                 "train.task=vqa", "train.batch_size=16", f"train.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(["--evaluate-only", *overrides]) == 0
+    last_epoch = trained["eval"][-1]["metric"]
+    out = json.loads((tmp_path / "run/evaluate/result.json").read_text())
+    assert out["value"] == pytest.approx(last_epoch) and "resumed_from" in out["weights"]
+    assert (tmp_path / "run/vqa_submission.json").is_file()  # the training's submission is left alone
+    # nothing to evaluate with is a clear error
+    assert main(["--evaluate-only", *overrides[:-1], f"train.output_dir={tmp_path / 'empty'}"]) == 2
+    assert "evaluate-only needs weights" in capsys.readouterr().err
