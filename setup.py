@@ -33,5 +33,14 @@ setup(
         # scripts/setup.sh --dev does that
         "dev": ["pytest", "transformers==5.17.0"],
     },
-    entry_points={"console_scripts": ["lxmert-convert = lxmert.convert:main"]},
+    entry_points={
+        "console_scripts": [
+            "lxmert-convert = lxmert.convert:main",
+            "lxmert-pretrain = engine.pretrain:main",
+            "lxmert-finetune = engine.finetune:main",
+            "lxmert-data-convert = engine.data.convert:main",
+            "lxmert-synthetic = engine.data.synthetic:main",
+            "lxmert-plots = engine.plots:main",
+        ]
+    },
 )

@@ -1,8 +1,9 @@
 """The real CLI (`python -m engine.pretrain`) under the DeepSpeed launcher with 2 CPU ranks (gloo).
 
-- ZeRO 1, 2 and 3, fp32, dropout off: 2 ranks x micro batch 4 log the per-step losses of one process on the same
-  global batch of 8 (the plain path, micro 4 x 2 accumulation steps: what data parallelism computes, the mean of
-  the two halves' losses; the sampler hands rank r the r-th slice of each global batch).
+- ZeRO 1, 2 and 3, fp32, dropout off (and ZeRO-1 through torchrun): 2 ranks x micro batch 4 log the per-step
+  losses of one process on the same global batch of 8 (the plain path, micro 4 x 2 accumulation steps: what data
+  parallelism computes, the mean of the two halves' losses; the sampler hands rank r the r-th slice of each
+  global batch).
 - ZeRO-2: the checkpoint at step 2, resumed by a second launch with train.resume=auto, continues with the losses
   of the uninterrupted run.
 - Fine-tuning (engine.finetune, VQA, ZeRO-2): losses, evaluation and best model of one process with the same
@@ -79,17 +80,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], log: Path, *flags: str, module: str = "engine.pretrain") -> int:
-    """`deepspeed --num_gpus 2 --module <module> [flags] args` (2 CPU ranks); returns the exit code."""
+def launch(args: list[str], log: Path, *flags: str, module: str = "engine.pretrain", launcher: str = "deepspeed") -> int:
+    """`deepspeed --num_gpus 2 --module <module> [flags] args` (2 CPU ranks; or the same through torchrun);
+    returns the exit code."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
     env.setdefault("OMP_NUM_THREADS", "1")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", module,
-               *flags, *args]  # fmt: skip
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), "-m", module, *flags, *args]  # fmt: skip
+    else:
+        command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                   str(free_port()), "--module", module, *flags, *args]  # fmt: skip
     with open(log, "w") as f:
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300)
     return proc.returncode
@@ -159,6 +164,15 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(stage, run_stage, 
         path = ckpt.checkpoint_root(out) / ckpt.tag_of(step)
         assert ckpt.is_complete(path), path
         assert sorted(p.name for p in path.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+
+
+def test_torchrun_launch_gives_the_same_losses(stores, reference, tmp_path):
+    """The same CLI under torchrun (ZeRO-1): DeepSpeed takes the ranks from torchrun's environment."""
+    out = tmp_path / "torchrun"
+    rc = launch(overrides(stores, out, "train.zero_stage=1"), tmp_path / "launch.log", launcher="torchrun")
+    recs = records(out)
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), diagnose(out, rc)
+    assert_close_lists(losses(recs), losses(reference), 1e-5, "torchrun ZeRO-1 loss")
 
 
 def test_zero2_resume_continues_with_the_uninterrupted_losses(run_stage, stores, tmp_path):
