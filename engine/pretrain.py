@@ -5,8 +5,9 @@ installed); under a launcher every rank runs it:
     deepspeed --num_gpus 8 -m engine.pretrain --config configs/pretrain.yaml
     torchrun --nproc_per_node 8 -m engine.pretrain --config configs/pretrain.yaml train.zero_stage=1
 (LOCAL_RANK / RANK / WORLD_SIZE come from the environment; DeepSpeed's --local_rank argument is accepted.)
-Prints the resolved config (also saved as <output_dir>/config.yaml), logs to <output_dir>/metrics.jsonl, and
-ends with a short report: first and last losses per component, samples/s, the checkpoint and model paths.
+Prints the resolved config (also saved as <output_dir>/config.yaml), logs to <output_dir>/metrics.jsonl (and
+TensorBoard when installed), and ends with a short report: first and last losses per component, samples/s, the
+last validation, the checkpoint, model, log and plot paths.
 """
 
 from __future__ import annotations
@@ -29,8 +30,18 @@ def report(summary: dict) -> str:
             lines.append(f"  {name:<10} {first[name]:>10.4f} {last.get(name, float('nan')):>10.4f}")
     if summary.get("samples_per_s"):
         lines.append(f"  samples/s {summary['samples_per_s']:.1f}")
+    evaluation = summary.get("eval")
+    if evaluation:
+        parts = " ".join(f"{k} {v:.4f}" for k, v in evaluation["losses"].items())
+        qa = evaluation["qa_accuracy"]
+        lines.append(f"  eval (step {evaluation['step']}, {evaluation['samples']} samples): loss {evaluation['loss']:.4f}"
+                     f" ({parts}); QA accuracy {'-' if qa is None else f'{qa:.4f}'}; matching accuracy "
+                     f"{evaluation['matched_accuracy']:.4f}")  # fmt: skip
     lines.append(f"  checkpoint {summary['checkpoint']}")
     lines.append(f"  model      {summary['model']}")
+    lines.append(f"  log        {summary['metrics_log']}")
+    for plot in summary.get("plots", []):
+        lines.append(f"  plot       {plot}")
     return "\n".join(lines)
 
 

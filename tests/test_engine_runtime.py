@@ -38,7 +38,11 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def make_config(stores, out: Path, *extra: str):
-    overrides = [
+    return load_config(None, overrides(stores, out, *extra))
+
+
+def overrides(stores, out: Path, *extra: str) -> list[str]:
+    return [
         "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37",
         "model.l_layers=2", "model.r_layers=1", "model.x_layers=2", f"model.visual_feat_dim={D}",
         f"model.num_qa_labels={len(TextStore(stores['text']).answers)}",
@@ -49,7 +53,6 @@ def make_config(stores, out: Path, *extra: str):
         "train.log_every=1", "train.save_every=1000", f"train.output_dir={out}", "train.seed=0",
         *extra,
     ]  # fmt: skip
-    return load_config(None, overrides)
 
 
 def losses(trainer: Trainer) -> list[float]:
@@ -250,3 +253,18 @@ def test_deepspeed_offload_matches_the_plain_path(stores, tmp_path, one_rank, st
     exported = read_state_dict(summary["model"])
     for name, value in plain.model.state_dict().items():
         assert torch.allclose(exported[name], value, rtol=1e-4, atol=1e-6), name
+
+
+def test_pretrain_cli_reports_the_runs_numbers(stores, tmp_path, capsys):
+    from engine.pretrain import main
+
+    assert main(overrides(stores, tmp_path, f"data.eval.text={stores['minival']}",
+                          f"data.eval.features={stores['feats']}", "train.max_steps=2")) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    final = [r for r in records if r["kind"] == "eval"][-1]
+    assert f"  {'mlm':<10} {train[0]['losses']['mlm']:>10.4f} {train[-1]['losses']['mlm']:>10.4f}" in out
+    assert f"eval (step 2, {final['samples']} samples): loss {final['loss']:.4f}" in out
+    assert f"plot       {tmp_path / 'plots' / 'loss.svg'}" in out and (tmp_path / "plots/loss.svg").is_file()
+    assert f"model      {tmp_path / 'model.safetensors'}" in out
