@@ -126,8 +126,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     per_sample = sample_bytes(text, regions)
     env = harness.environment()
     common = {
-        **env, "device": env["device"] if cuda else "cpu", "host_cpu": None if cuda else env["device"],
-        "measured_on": "gpu" if cuda else "cpu", "benchmark": "dataloader", "images": len(regions),
+        **env, "benchmark": "dataloader", "images": len(regions),
         "samples": len(text), "feat_dim": regions.feat_dim, "feature_dtype": str(regions.arrays["features"].dtype),
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "step_ms": args.step_ms,
         "sample_bytes": per_sample, "quick": args.quick,

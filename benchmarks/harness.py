@@ -7,7 +7,9 @@ carry the same environment fields and their numbers are taken the same way:
   call while the GPU flushes (~0.1 ms on an H100), so only launch overhead beyond that shows in the time.
 - time_cpu: the same statistics from perf_counter, for host-side work (data loading).
 - peak_memory: torch.cuda.max_memory_allocated over one call (everything live counts, inputs too).
-- append_rows: JSON lines, appended to benchmarks/results/<name>.jsonl; markdown_table for the summary.
+- step_clock: host time of the phases of a training step, the device synchronised at each boundary.
+- append_rows: JSON lines, appended to benchmarks/results/<name>.jsonl; markdown_table for the summary;
+  svg_line_chart for a plot (plain SVG text: no plotting library is needed, none is installed here).
 
 This module imports no GPU library besides torch (versions are read from package metadata), so importing it
 never decides triton's interpreter mode ahead of the caller.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import socket
@@ -66,10 +69,13 @@ def git_commit() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    """Flat fields every result row carries: device, software versions, commit, date, host."""
+    """Flat fields every result row carries: device ("cpu" without a GPU, so no CPU row passes for a GPU one),
+    where it was measured, software versions, commit, date, host."""
     cuda = torch.cuda.is_available()
     return {
-        "device": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine() or "cpu"),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "measured_on": "gpu" if cuda else "cpu",
+        "host_cpu": platform.processor() or platform.machine() or None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
@@ -154,6 +160,38 @@ def peak_memory(fn: Callable[..., Any], setup: Callable[[], Any] | None = None) 
     return torch.cuda.max_memory_allocated()
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepClock:
+    """Seconds spent in each named phase of one step: `clock.mark("forward")` closes the phase that started at
+    the previous mark (or at construction). With sync=True the device is synchronised before each reading, so
+    a phase owns the GPU work it queued; that also stops the host from queueing ahead across phases (the
+    data copy of the next batch cannot overlap the optimizer, a backward cannot start before the forward's
+    last kernel), so synchronised steps are slower than free-running ones: a breakdown, not a throughput."""
+
+    def __init__(self, device: torch.device | str, sync: bool = True) -> None:
+        self.device, self.sync = device, sync
+        self.phases: dict[str, float] = {}
+        if sync:
+            synchronize(device)
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if self.sync:
+            synchronize(self.device)
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    @property
+    def total(self) -> float:
+        return sum(self.phases.values())
+
+
 # ---------------------------------------------------------------------------------------------- results
 
 
@@ -190,3 +228,82 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+            "#bcbd22"]  # fmt: skip
+
+
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About `count` round values spanning [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.floor(lo / step) * step
+    return [first + i * step for i in range(int(math.ceil((hi - first) / step)) + 1)]
+
+
+def svg_line_chart(
+    series: dict[str, Sequence[tuple[float, float]]],
+    title: str,
+    x_label: str,
+    y_label: str,
+    log2_x: bool = False,
+    width: int = 760,
+    height: int = 440,
+) -> str:
+    """A line chart as SVG text: one polyline with dots per series, axes with round ticks, a legend.
+    log2_x puts x on a log2 scale (batch sizes, GPU counts); y starts at 0."""
+    points = [(x, y) for pts in series.values() for x, y in pts if y is not None]
+    if not points:
+        raise ValueError("nothing to plot: every series is empty")
+    left, right, top, bottom = 80, 220, 40, 60  # margins: the legend sits on the right
+    fx = (lambda x: math.log2(x)) if log2_x else (lambda x: float(x))
+    xs = [fx(x) for x, _ in points]
+    x_lo, x_hi = min(xs), max(xs)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    y_ticks = _ticks(0.0, max(y for _, y in points) * 1.05)
+    y_hi = y_ticks[-1]
+
+    def px(x: float) -> float:
+        return left + (fx(x) - x_lo) / (x_hi - x_lo) * (width - left - right)
+
+    def py(y: float) -> float:
+        return height - bottom - y / y_hi * (height - top - bottom)
+
+    def text(x: float, y: float, body: str, anchor: str = "middle", extra: str = "") -> str:
+        body = body.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" {extra}>{body}</text>'
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           text(width / 2, 22, title, extra='font-size="15"')]  # fmt: skip
+    x0, y0, x1 = left, height - bottom, width - right
+    out.append(f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="black"/>')
+    out.append(f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{top}" stroke="black"/>')
+    for y in y_ticks:
+        out.append(f'<line x1="{x0}" y1="{py(y):.1f}" x2="{x1}" y2="{py(y):.1f}" stroke="#ddd"/>')
+        out.append(text(x0 - 6, py(y) + 4, f"{y:g}", anchor="end"))
+    x_values = sorted({x for x, _ in points})
+    for x in x_values if log2_x else _ticks(x_lo, x_hi):
+        if x_lo <= fx(x) <= x_hi:
+            out.append(text(px(x), y0 + 18, f"{x:g}"))
+    out.append(text((x0 + x1) / 2, height - 18, x_label))
+    out.append(text(20, (top + y0) / 2, y_label, extra=f'transform="rotate(-90 20 {(top + y0) / 2:.1f})"'))
+    for i, (name, pts) in enumerate(series.items()):
+        color = _PALETTE[i % len(_PALETTE)]
+        pts = sorted((x, y) for x, y in pts if y is not None)
+        if pts:
+            coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+            out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>' for x, y in pts]
+        ly = top + 16 * i
+        out.append(f'<line x1="{x1 + 12}" y1="{ly}" x2="{x1 + 32}" y2="{ly}" stroke="{color}" stroke-width="2"/>')
+        out.append(text(x1 + 38, ly + 4, name, anchor="start"))
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

@@ -23,10 +23,12 @@ CUDA = torch.cuda.is_available()
 
 def test_environment_has_every_field_and_a_commit():
     env = harness.environment()
-    expected = {"device", "gpu_count", "cuda", "torch", "triton", "deepspeed", "dali", "transformers", "python",
-                "commit", "date", "hostname", "cpu_count"}  # fmt: skip
+    expected = {"device", "measured_on", "host_cpu", "gpu_count", "cuda", "torch", "triton", "deepspeed", "dali",
+                "transformers", "python", "commit", "date", "hostname", "cpu_count"}  # fmt: skip
     assert expected <= set(env)
     assert env["torch"] == torch.__version__ and env["cpu_count"] >= 1 and env["device"]
+    if not CUDA:  # a CPU row can never pass for a GPU one
+        assert env["device"] == "cpu" and env["measured_on"] == "cpu" and env["gpu_count"] == 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", env["date"]), env["date"]
     json.dumps(env)  # every field is plain JSON
     if shutil.which("git") and (harness.REPO_ROOT / ".git").exists():
@@ -72,6 +74,32 @@ def test_time_cpu_medians_of_a_sleep_and_setup_is_not_timed():
     seen = []
     stats = harness.time_cpu(seen.append, warmup=1, reps=3, setup=lambda: time.sleep(0.03) or "fresh")
     assert seen == ["fresh"] * 4 and stats["median_ms"] < 20, stats
+
+
+def test_step_clock_splits_a_step_into_phases():
+    clock = harness.StepClock("cpu")
+    time.sleep(0.01)
+    clock.mark("data")
+    time.sleep(0.02)
+    clock.mark("forward")
+    clock.mark("data")  # a phase seen twice accumulates
+    assert list(clock.phases) == ["data", "forward"]
+    assert 0.009 <= clock.phases["data"] < 0.1 and 0.019 <= clock.phases["forward"] < 0.1
+    assert clock.total == pytest.approx(sum(clock.phases.values()))
+
+
+def test_svg_line_chart_is_valid_svg_with_a_line_per_series():
+    import xml.etree.ElementTree as ET
+
+    svg = harness.svg_line_chart({"a <b>": [(64, 10.0), (128, 25.0), (256, 30.0)], "c": [(64, 5.0)]},
+                                 "samples/s & batch", "batch size", "samples/s", log2_x=True)  # fmt: skip
+    root = ET.fromstring(svg)  # escaped text, well formed
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(root.findall(f"{ns}polyline")) == 2 and len(root.findall(f"{ns}circle")) == 4
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert "a <b>" in texts and "samples/s & batch" in texts and {"64", "128", "256"} <= set(texts)
+    with pytest.raises(ValueError):
+        harness.svg_line_chart({"empty": []}, "t", "x", "y")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

@@ -1,0 +1,420 @@
+"""Multi-GPU scaling of the pre-training step under DeepSpeed ZeRO 0/1/2/3: step time, samples/s, bytes sent.
+
+    deepspeed --num_gpus 1 -m benchmarks.scaling            # the single-GPU baseline rows first
+    deepspeed --num_gpus 8 -m benchmarks.scaling [--stages 0 1 2 3] [--micro-batch 64] [--precision bf16]
+    deepspeed --num_gpus 2 -m benchmarks.scaling --model tiny --precision fp32 --micro-batch 4 --steps 3   # CPUs
+
+Every rank builds the engine's own Trainer (engine/train.py: our model, optimizer, LambdaLR and DeepSpeed config
+from engine.config) for each ZeRO stage in turn, on a synthetic data set (benchmarks.dataloader's, built by
+rank 0 and cached). The batches are drawn by the engine's loader before timing and kept on the device, so the
+step time is the model, its communication and the optimizer, not data loading (benchmarks.throughput measures
+the loaders). Per stage:
+- timed: `--steps` steps after `--warmup`, each one forward + engine.backward + engine.step, the device
+  synchronised after each step; median step time, per-GPU samples/s = micro batch / step time, total = x N.
+  Scaling efficiency = per-GPU samples/s over the 1-GPU row of the same config (the latest in --out with
+  world size 1; null until `--num_gpus 1` has run).
+- counted: `--count-steps` more steps with DeepSpeed's communication logger on (deepspeed.comm.configure: it
+  synchronises after every collective, so these steps are not timed). Each logged collective's message size is
+  turned into the bytes this rank sends with the ring factors below; independently, every torch.distributed
+  collective is counted by a wrapper installed before DeepSpeed starts (DeepSpeed's logger sees only what goes
+  through deepspeed.comm; on 2 CPU ranks under gloo both saw the same calls and bytes). Both are compared with
+  the analytic count of benchmarks/projection.py (Psi parameters, T of them the tied word embeddings, which
+  ZeRO-3 gathers at both modules' uses; b bytes an element: 4 fp32, 2 bf16/fp16):
+      ZeRO-0: 2 Psi b (N-1)/N    ZeRO-1, 2: 2 Psi b (N-1)/N    ZeRO-3: (3 Psi + 2 T) b (N-1)/N
+  Bytes a rank sends for a message of S bytes (the whole tensor): all_reduce 2 (N-1)/N S; reduce_scatter and
+  all_gather (N-1)/N S (all_gather_into_tensor logs its input shard, S/N); reduce and broadcast (N-1)/N S
+  averaged over the ranks (ZeRO rotates the root, which sends nothing).
+
+Two DeepSpeed configurations (--zero-configs), each stage run in each:
+- "engine": what engine.pretrain runs (engine.config's DeepSpeed config, DeepSpeed 0.19.8's defaults). Measured on
+  2 CPU ranks: ZeRO-1/2 all-reduce the gradient buckets (use_multi_rank_bucket_allreduce, default true) and then
+  all-gather the parameters, 3 Psi b (N-1)/N, 1.5x the textbook; ZeRO-3 does not release a parameter used
+  again within stage3_max_reuse_distance (1e9 elements, more than LXMERT-base's 228M), so what the forward
+  gathered stays for the backward: 2 Psi b (N-1)/N, the bytes of ZeRO-0 (the textbook count is an upper bound).
+- "textbook": the same with use_multi_rank_bucket_allreduce false (each gradient slice reduced to its owner) and,
+  for ZeRO-3, no persistent parameters, no reuse window and no prefetch (every parameter gathered again for the
+  backward): the formulas above.
+
+Rank 0 appends one row per (configuration, stage) to --out (default benchmarks/results/scaling.jsonl):
+environment, config, world size, per-rank step times and byte counts. On CPUs (gloo) the step times are not GPU
+numbers (the ranks share a few cores): there the bytes are the measurement, and rows say "measured_on": "cpu".
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as tdist
+
+from benchmarks import harness
+from benchmarks.projection import wire_bytes, zero_collectives
+
+TINY_MODEL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37, l_layers=1, r_layers=1, x_layers=1)
+TINY_FEAT_DIM = 16
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# zero_optimization entries of the "textbook" configuration (module docstring), by stage
+TEXTBOOK = {
+    0: {},
+    1: {"use_multi_rank_bucket_allreduce": False},
+    2: {"use_multi_rank_bucket_allreduce": False},
+    3: {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
+}
+# bytes a rank sends for one call, as a multiple of the logged message size, in a world of n ranks
+SEND_FACTOR: dict[str, Callable[[int], float]] = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_reduce_coalesced": lambda n: 2 * (n - 1) / n,
+    "inference_all_reduce": lambda n: 2 * (n - 1) / n,
+    "reduce_scatter_tensor": lambda n: (n - 1) / n,  # logged: the whole input
+    "reduce_scatter": lambda n: (n - 1) / n,  # logged: the input list, the whole tensor
+    "_reduce_scatter_base": lambda n: (n - 1) / n,
+    "all_gather_into_tensor": lambda n: n - 1,  # logged: this rank's shard
+    "all_gather": lambda n: n - 1,
+    "_all_gather_base": lambda n: n - 1,
+    "all_gather_coalesced": lambda n: n - 1,
+    "reduce": lambda n: (n - 1) / n,  # averaged over the ranks: the root sends nothing
+    "broadcast": lambda n: (n - 1) / n,
+}
+
+
+# ----------------------------------------------------------------------------------- counting collectives
+
+
+class TorchCollectiveCounter:
+    """Counts the calls and message bytes of torch.distributed collectives while `active`.
+
+    Installed before DeepSpeed starts (its torch backend keeps references to all_gather_into_tensor and
+    reduce_scatter_tensor from then on). The message is the tensor argument DeepSpeed's logger would report:
+    all_gather_into_tensor's input shard, reduce_scatter_tensor's whole input, a list's summed sizes."""
+
+    # name -> index of the positional argument holding the message (after the output, where there is one)
+    WATCHED = {"all_reduce": 0, "reduce": 0, "broadcast": 0, "all_reduce_coalesced": 0, "all_gather": 1,
+               "all_gather_into_tensor": 1, "_all_gather_base": 1, "reduce_scatter": 1,
+               "reduce_scatter_tensor": 1, "_reduce_scatter_base": 1, "all_gather_coalesced": 1}  # fmt: skip
+    KEYWORDS = ("tensor", "input_tensor", "input_list", "tensors", "input_tensor_list")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.calls: dict[str, int] = defaultdict(int)
+        self.bytes: dict[str, int] = defaultdict(int)
+        for name, position in self.WATCHED.items():
+            original = getattr(tdist, name, None)
+            if original is not None and not getattr(original, "_counted", False):
+                setattr(tdist, name, self._wrap(name, position, original))
+
+    def _wrap(self, name: str, position: int, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def counted(*args, **kwargs):
+            if self.active:
+                message = args[position] if len(args) > position else next(
+                    (kwargs[k] for k in self.KEYWORDS if k in kwargs), None)  # fmt: skip
+                self.calls[name] += 1
+                self.bytes[name] += _nbytes(message)
+            return original(*args, **kwargs)
+
+        counted._counted = True
+        return counted
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+
+
+def _nbytes(message: Any) -> int:
+    if isinstance(message, torch.Tensor):
+        return message.numel() * message.element_size()
+    if isinstance(message, (list, tuple)):
+        return sum(_nbytes(m) for m in message)
+    return 0
+
+
+def sent_bytes(message_bytes: dict[str, float], world: int) -> float:
+    """Bytes a rank sends for the logged messages {op name: summed message bytes} (SEND_FACTOR)."""
+    total = 0.0
+    for name, nbytes in message_bytes.items():
+        op = next((op for op in sorted(SEND_FACTOR, key=len, reverse=True) if name.startswith(op)), None)
+        if op is None:
+            raise ValueError(f"no send factor for collective {name!r}")
+        total += SEND_FACTOR[op](world) * nbytes
+    return total
+
+
+def logger_messages() -> dict[str, dict[str, float]]:
+    """{record name: {"calls", "bytes"}} from DeepSpeed's communication logger since its last reset."""
+    from deepspeed.comm import comms_logger
+
+    out = {}
+    for name, sizes in comms_logger.get_raw_data().items():
+        out[name] = {"calls": sum(v[0] for v in sizes.values()), "bytes": sum(size * v[0] for size, v in sizes.items())}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def zero_overrides(mode: str, stage: int) -> dict[str, Any]:
+    return TEXTBOOK[stage] if mode == "textbook" else {}
+
+
+def run_config(args: argparse.Namespace, stores: tuple[Path, Path], mode: str, stage: int, world: int, out_dir: Path):
+    """The engine's RunConfig for one stage: model size, data, optimizer, precision, ZeRO, a DeepSpeed template."""
+    from engine.config import load_config
+    from engine.data import synthetic
+    from engine.data.store import TextStore
+
+    text, feats = stores
+    template = out_dir / f"deepspeed_{mode}_zero{stage}.json"
+    template.write_text(json.dumps({"zero_optimization": zero_overrides(mode, stage)}))
+    model = TINY_MODEL if args.model == "tiny" else {}
+    overrides = [f"model.{k}={v}" for k, v in model.items()]
+    if args.model == "tiny":
+        overrides += [f"model.visual_feat_dim={TINY_FEAT_DIM}", f"model.num_qa_labels={len(TextStore(text).answers)}",
+                      f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
+                      f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}"]  # fmt: skip
+    overrides += [
+        f"model.attn_backend={args.attn}", f"data.train.text={text}", f"data.train.features={feats}",
+        "data.num_workers=0", "optim.name=adamw", f"train.batch_size={args.micro_batch * world}",
+        f"train.micro_batch_size={args.micro_batch}", "train.epochs=1000", f"train.precision={args.precision}",
+        f"train.zero_stage={stage}", f"train.output_dir={out_dir / f'{mode}_zero{stage}'}", "train.resume=none",
+        f"deepspeed.config={template}", "train.seed=0",
+    ]  # fmt: skip
+    return load_config(None, overrides)
+
+
+def draw_batches(trainer, count: int) -> list:
+    """`count` batches from the engine's loader, on the device in the precision DeepSpeed runs the model in."""
+    float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[trainer.config.train.precision]
+    batches, epoch = [], 0
+    while len(batches) < count:
+        trainer.loader.set_epoch(epoch)
+        for batch in trainer.loader:
+            batches.append(batch.to(trainer.device, float_dtype=float_dtype))
+            if len(batches) == count:
+                break
+        epoch += 1
+    return batches
+
+
+def measure_stage(args: argparse.Namespace, stores, mode: str, stage: int, world: int, rank: int, counter,
+                  out_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """One rank's step times and byte counts at one ZeRO stage in one configuration."""
+    import deepspeed.comm as dscomm
+
+    from engine.train import Trainer
+
+    config = run_config(args, stores, mode, stage, world, out_dir)
+    trainer = Trainer(config, use_deepspeed=True)
+    ds_engine = trainer.engine
+    ds_engine.train()
+    batches = draw_batches(trainer, args.warmup + args.steps + args.count_steps)
+    losses = []
+
+    def step(batch) -> None:
+        out = ds_engine(**batch.model_inputs())
+        ds_engine.backward(out.loss)
+        ds_engine.step()
+        losses.append(out.loss.detach())
+
+    dscomm.configure(enabled=False)
+    for batch in batches[: args.warmup]:
+        step(batch)
+    times = []
+    for batch in batches[args.warmup : args.warmup + args.steps]:
+        clock = harness.StepClock(trainer.device)
+        step(batch)
+        clock.mark("step")
+        times.append(clock.total * 1e3)
+
+    dscomm.configure(enabled=True, prof_all=True, verbose=False, debug=False)
+    dscomm.reset_log()
+    counter.reset()
+    counter.active = True
+    for batch in batches[args.warmup + args.steps :]:
+        step(batch)
+    harness.synchronize(trainer.device)
+    counter.active = False
+    dscomm.configure(enabled=False)
+    logged = logger_messages()
+    dscomm.reset_log()
+
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainer.model.parameters())
+    n = max(args.count_steps, 1)
+    result = {
+        "rank": rank, "step_ms": times, "loss_last": float(torch.stack(losses[-1:]).float().item()),
+        "params": int(params), "tied_params": shared_elements(trainer.model),
+        "logger": {k: {"calls": v["calls"] / n, "bytes": v["bytes"] / n} for k, v in logged.items()},
+        "logger_sent_bytes": sent_bytes({k: v["bytes"] for k, v in logged.items()}, world) / n,
+        "torch": {k: {"calls": counter.calls[k] / n, "bytes": counter.bytes[k] / n} for k in counter.calls},
+        "torch_sent_bytes": sent_bytes(dict(counter.bytes), world) / n,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None,
+    }  # fmt: skip
+    ds_engine.destroy()
+    del trainer, batches
+    gc.collect()  # DeepSpeed's engine and optimizer hold reference cycles: free them before the next stage
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def baseline_row(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest 1-rank row of `path` whose config equals `key` (for the scaling efficiency)."""
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    matches = [r for r in rows if r.get("world_size") == 1 and all(r.get(k) == v for k, v in key.items())]
+    return matches[-1] if matches else None
+
+
+def analytic_bytes(mode: str, stage: int, params: int, tied: int, element: int, world: int) -> float:
+    """Bytes a rank sends a step by the formulas: the textbook ones, or DeepSpeed's gradient all-reduce for ZeRO-1/2
+    in the engine's configuration (ZeRO-3 there: the textbook count, an upper bound)."""
+    collectives = zero_collectives(stage, params, element, element, gradient_all_reduce=mode == "engine",
+                                   tied_params=tied)  # fmt: skip
+    return wire_bytes(collectives, world)
+
+
+def shared_elements(model: torch.nn.Module) -> int:
+    """Elements of parameters registered in more than one module (the tied word embeddings / MLM decoder)."""
+    owners: dict[int, int] = defaultdict(int)
+    sizes: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] += 1
+            sizes[id(p)] = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    return sum(sizes[i] * (count - 1) for i, count in owners.items())
+
+
+def summarize_stage(args, env, mode: str, stage: int, world: int, per_rank: list[dict]) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    step = harness.summarize([t for r in per_rank for t in r["step_ms"]])
+    slowest = max(harness.summarize(r["step_ms"])["median_ms"] for r in per_rank)  # the step waits for every rank
+    params = per_rank[0]["params"]
+    element = DTYPE_BYTES[args.precision]
+    analytic = analytic_bytes(mode, stage, params, per_rank[0]["tied_params"], element, world)
+    key = {"benchmark": "scaling", "device": env["device"], "model": args.model, "attn": args.attn,
+           "precision": args.precision, "micro_batch": args.micro_batch, "zero_config": mode,
+           "zero_stage": stage}  # fmt: skip
+    per_gpu = args.micro_batch / (slowest / 1e3)
+    base = baseline_row(args.out, key) if world > 1 else None
+    efficiency = 1.0 if world == 1 else (per_gpu / base["samples_per_s_per_gpu"] if base else None)
+    logger_sent = [r["logger_sent_bytes"] for r in per_rank]
+    torch_sent = [r["torch_sent_bytes"] for r in per_rank]
+    return {
+        **env, **key, "world_size": world,
+        "global_batch": args.micro_batch * world, "params": params, "tied_params": per_rank[0]["tied_params"], "warmup": args.warmup, "steps": args.steps,
+        "count_steps": args.count_steps, "zero_optimization_overrides": zero_overrides(mode, stage),
+        "step_median_ms": slowest, "step_all_ranks": step,
+        "samples_per_s_per_gpu": per_gpu, "samples_per_s": per_gpu * world, "scaling_efficiency": efficiency,
+        "efficiency_baseline": None if base is None else {"commit": base["commit"], "date": base["date"],
+                                                           "samples_per_s_per_gpu": base["samples_per_s_per_gpu"]},
+        "sent_bytes_logger": sum(logger_sent) / world, "sent_bytes_torch": sum(torch_sent) / world,
+        "sent_bytes_analytic": analytic,
+        "logger_over_analytic": (sum(logger_sent) / world / analytic) if analytic else None,
+        "torch_over_analytic": (sum(torch_sent) / world / analytic) if analytic else None,
+        "per_rank": per_rank, "loss_last": per_rank[0]["loss_last"],
+        "note": None if cuda else "CPU ranks (gloo): the byte counts are the measurement; step times are not GPU numbers",
+    }  # fmt: skip
+
+
+COLUMNS = [
+    ("zero_config", "config"), ("zero_stage", "ZeRO"), ("world_size", "ranks"), ("measured_on", "on"), ("params", "params"),
+    ("step_median_ms", "step ms"), ("samples_per_s_per_gpu", "samples/s/GPU"), ("samples_per_s", "samples/s"),
+    ("scaling_efficiency", "efficiency"), ("sent_mb_logger", "MB sent/rank/step (DS logger)"),
+    ("sent_mb_torch", "(torch.distributed)"), ("sent_mb_analytic", "(analytic)"),
+]  # fmt: skip
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    first = rows[0]
+    where = (f"GPU measurements on {first['device']}" if first["measured_on"] == "gpu"
+             else f"CPU ranks (gloo, host {first.get('host_cpu')}, {first['cpu_count']} cores): bytes measured, times NOT GPU numbers")  # fmt: skip
+    lines = [{**r, "sent_mb_logger": r["sent_bytes_logger"] / 1e6, "sent_mb_torch": r["sent_bytes_torch"] / 1e6,
+              "sent_mb_analytic": r["sent_bytes_analytic"] / 1e6} for r in rows]  # fmt: skip
+    return (
+        f"# Scaling benchmark: {where}\n\nmodel {first['model']} ({first['params']:,} parameters), {first['precision']}, "
+        f"micro batch {first['micro_batch']} per rank, attention {first['attn']}; torch {first['torch']}, deepspeed "
+        f"{first['deepspeed']}, commit {', '.join(sorted({r['commit'] or '?' for r in rows}))}, "
+        f"{min(r['date'] for r in rows)} to {max(r['date'] for r in rows)}. Analytic bytes a rank sends a step (Psi "
+        f"parameters, T = {first['tied_params']:,} of them tied, b bytes an element): textbook ZeRO-0/1/2 "
+        f"2 Psi b (N-1)/N, ZeRO-3 (3 Psi + 2 T) b (N-1)/N; the engine's DeepSpeed configuration all-reduces ZeRO-1/2 "
+        f"gradients, 3 Psi b (N-1)/N (its ZeRO-3 count is the textbook upper bound).\n\n"
+        f"{harness.markdown_table(lines, COLUMNS)}"
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="deepspeed --num_gpus N -m benchmarks.scaling", description=__doc__.split("\n")[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
+    parser.add_argument("--zero-configs", nargs="+", default=["engine", "textbook"], choices=["engine", "textbook"],
+                        help="DeepSpeed configurations measured (module docstring)")
+    parser.add_argument("--model", choices=["base", "tiny"], default="base", help="LXMERT-base, or a tiny one (CPU runs)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--attn", default="sdpa", help="attention backend (lxmert.attention)")
+    parser.add_argument("--micro-batch", type=int, default=64, help="samples per rank and step")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--count-steps", type=int, default=2, help="steps with the communication logger on")
+    parser.add_argument("--images", type=int, default=200, help="images in the synthetic data set")
+    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "lxmert-scaling-bench")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "scaling.jsonl")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    counter = TorchCollectiveCounter()  # before DeepSpeed keeps references to torch.distributed's functions
+    import deepspeed
+
+    from benchmarks.dataloader import dataset
+    from engine.train import launch_env
+
+    rank, local_rank, world = launch_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    feat_dim = TINY_FEAT_DIM if args.model == "tiny" else 2048
+    if rank == 0:
+        dataset(args.data_dir, args.images, feat_dim)  # built once and cached
+    tdist.barrier()
+    text, regions = dataset(args.data_dir, args.images, feat_dim)
+    stores = (text.path, regions.path)
+    env = harness.environment()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix=f"scaling-rank{rank}-") as tmp:
+        for mode, stage in [(mode, stage) for mode in args.zero_configs for stage in args.stages]:
+            start = time.perf_counter()
+            mine = measure_stage(args, stores, mode, stage, world, rank, counter, Path(tmp))
+            gathered: list[Any] = [None] * world
+            tdist.all_gather_object(gathered, mine)
+            if rank == 0:
+                row = summarize_stage(args, env, mode, stage, world, gathered)
+                harness.append_rows(args.out, [row])
+                rows.append(row)
+                print(f"{mode} ZeRO-{stage}, {world} ranks: step {row['step_median_ms']:.1f} ms, "
+                      f"{row['samples_per_s']:.1f} samples/s, sent {row['sent_bytes_logger'] / 1e6:.3f} MB/rank/step "
+                      f"(torch {row['sent_bytes_torch'] / 1e6:.3f}, analytic {row['sent_bytes_analytic'] / 1e6:.3f}); "
+                      f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+    if rank == 0:
+        md = args.out.with_suffix(".md")
+        md.write_text(report(rows), encoding="utf-8")
+        print(harness.markdown_table(rows, COLUMNS[:9]))
+        print(f"{len(rows)} rows appended to {args.out}; table in {md}", flush=True)
+    tdist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,778 @@
+"""End-to-end pre-training throughput: our LXMERT against Hugging Face's, per backend, precision, batch and loader.
+
+    python -m benchmarks.throughput [--quick] [--out benchmarks/results/throughput.jsonl]
+    python -m benchmarks.throughput --smoke          # CPU: a tiny model, two steps; rows say cpu, smoke
+
+One step is the whole five-task pre-training step (MLM, matching, object / attribute / feature regression, QA)
+at LXMERT-base size with the authors' shapes (every sentence padded to 20 tokens, 36 regions): forward,
+backward and the optimizer (fused AdamW, gradient clipping at 1.0 and the non-finite-step check of
+engine.runtime.optimizer_step, the engine's plain path). Variants:
+- implementation: transformers' LxmertForPreTraining (the baseline, "hf") or ours, with attention eager / sdpa /
+  triton (the project's kernels, attention and fused feature regression) / flash (when lxmert.attention offers
+  it and flash-attn imports; else a row says why not);
+- precision: fp32 (IEEE matmuls), tf32 (fp32 with TF32 matmuls), bf16 and fp16 under torch.autocast (AMP, fp32
+  master weights; fp16 with torch.amp.GradScaler), the same for both implementations;
+- batch size; torch.compile (ours only) with and without CUDA graphs (mode "reduce-overhead"; the row counts
+  the graphs inductor declined to capture, `cudagraph_skips`: TORCH_LOGS=cudagraphs prints why);
+- data: "resident" (a few batches drawn by the engine's loader, prepared once and kept on the device: no data
+  cost) or every loader of engine.data.loaders (torch workers, gpu-resident, dali), drawing from a synthetic
+  store with 2048-d features (built once and cached, like benchmarks.dataloader's).
+Both implementations start from the same weights (ours, converted by lxmert.convert) and read the same batches;
+transformers gets the labels as it wants them (ignored = -100), and our visual-loss normaliser is passed to its
+config. A "parity" row per precision compares the two losses on one batch in eval mode (no dropout): the same
+five tasks give the same loss (fp32 within ~1e-5 relative; AMP differs by rounding). transformers runs the MLM
+head on every token and the feature head on every region; ours only on the masked ones: same model FLOPs.
+
+Per variant, after --warmup steps:
+- throughput: --steps steps running freely (the host queues ahead as in training), the device synchronised
+  once at the end: samples/s, tokens/s = samples/s x (20 + 36), achieved TFLOP/s = model FLOPs (engine.flops,
+  counted from the shapes and each batch's masked tokens and regions) / time, MFU = achieved / peak (the GPU's
+  dense peak for the precision from engine.flops.PEAK_TFLOPS, named in each row, or --peak-tflops), the share
+  of time the host waited for data, peak memory (torch.cuda.max_memory_allocated).
+- breakdown: --breakdown-steps more steps with the device synchronised between phases (harness.StepClock):
+  data wait, forward, backward, optimizer. Synchronising stops the overlap a free-running step has (the host
+  queueing the next phase while the GPU works), so these steps are slower: the breakdown's sum is its own step
+  time, reported beside the free-running one.
+The rows of transformers and ours come from the same process, one after the other on the same GPU, so their
+ratio (`speedup_vs_hf`, ours over transformers at the same precision, batch and data) is trustworthy. The best
+configuration is then profiled (torch.profiler, top kernels by GPU time, grouped by kind) into
+<out>_profile.md. Rows (harness.environment() + config + numbers) are appended to --out as they are measured;
+a Markdown summary (<out>.md) and a plot of samples/s against batch size (<out>.svg) are written at the end.
+No variant starts after --time-budget seconds, so a run fits a 10-minute device call (estimated, not measured:
+~50 variants of 3-15 s and two torch.compile runs of ~1-2 min; --quick ~15 variants).
+
+Without a GPU only --smoke runs: a tiny model (hidden 32) at batch 2 for a couple of steps, fp32, every
+implementation and loader, to check the script end to end. Its rows say device "cpu" and smoke true; they are
+not GPU numbers and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+# triton picks interpreter or compiler when it is imported: without a GPU the triton backend runs interpreted
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks import harness  # noqa: E402
+from engine.config import OptimConfig  # noqa: E402
+from engine.data.batch import PretrainBatch  # noqa: E402
+from engine.flops import peak_flops, step_flops  # noqa: E402
+from engine.optim import make_optimizer, make_scheduler  # noqa: E402
+from engine.runtime import optimizer_step  # noqa: E402
+from lxmert import LxmertConfig, LxmertForPreTraining  # noqa: E402
+from lxmert import attention as attention_backends  # noqa: E402
+
+TEXT_LEN, REGIONS = 20, 36  # the authors pad every sentence to 20 tokens; 36 regions an image
+AUTHORS_SAMPLES = 171.5e6  # 20 epochs of the authors' 9.18M pairs
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OURS_ATTENTION = ("eager", "sdpa", "triton", "flash")
+RESIDENT_BATCHES = 4  # distinct batches cycled by the "resident" data
+CLIP = 1.0
+# the synthetic data has 54 answers, 49 object and 19 attribute classes: the heads cover them
+SMOKE_MODEL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37, l_layers=1, r_layers=1, x_layers=1,
+                   num_qa_labels=60, num_object_labels=50, num_attr_labels=20)  # fmt: skip
+SMOKE_FEAT_DIM = 16
+NOT_GPU = "smoke run on the CPU: a tiny model, not a GPU measurement"
+
+
+# -------------------------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    impl: str  # "hf" (transformers) or "ours"
+    attn: str  # ours: eager / sdpa / triton / flash; hf: "hf" (transformers' own attention)
+    precision: str  # fp32 / tf32 / bf16 / fp16
+    batch: int
+    compile: bool = False
+    cudagraphs: bool = False  # with compile: mode "reduce-overhead"
+    loader: str = "resident"
+    workers: int = 0  # torch DataLoader workers / DALI threads
+
+    @property
+    def name(self) -> str:
+        impl = "hf" if self.impl == "hf" else f"ours-{self.attn}"
+        extra = "+cudagraphs" if self.cudagraphs else "+compile" if self.compile else ""
+        data = "" if self.loader == "resident" else f" {self.loader}" + (f"x{self.workers}" if self.workers else "")
+        return f"{impl}{extra} {self.precision} b{self.batch}{data}"
+
+
+def implementations(attention: Sequence[str]) -> list[tuple[str, str]]:
+    return [("hf", "hf")] + [("ours", attn) for attn in attention]
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Variant], list[Variant]]:
+    """The headline group (the first precision at the headline batch, every implementation, transformers first:
+    the ratio's denominator), then the rest of the sweep: every batch size for bf16 / fp16, the headline batch for
+    fp32 / tf32 (their steps are slow). The loader and compiled rows of the headline's best
+    run between the two (extra_variants), so a time budget cuts the least telling rows."""
+
+    def group(precision: str, batch: int) -> list[Variant]:
+        return [Variant(impl, attn, precision, batch) for impl, attn in implementations(args.attn)]
+
+    first, head = args.precisions[0], args.headline_batch
+    rest = []
+    for precision in args.precisions:
+        batches = args.batch_sizes if precision in ("bf16", "fp16") else [head]
+        rest += [v for b in batches if (precision, b) != (first, head) for v in group(precision, b)]
+    return group(first, head), rest
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def pad_text(batch: PretrainBatch, length: int) -> PretrainBatch:
+    """The batch with its text padded to `length` tokens (the authors' fixed 20): pad id 0, mask 0, label -1."""
+    extra = length - batch.input_ids.shape[1]
+    if extra <= 0:
+        return batch
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, extra), value=value)  # noqa: E731
+    return replace(batch, input_ids=pad(batch.input_ids, 0), attention_mask=pad(batch.attention_mask, 0),
+                   token_type_ids=pad(batch.token_type_ids, 0), labels=pad(batch.labels, -1))  # fmt: skip
+
+
+def hf_inputs(batch: PretrainBatch) -> dict[str, Any]:
+    """transformers' keyword arguments: every ignored label (negative here) becomes its ignore index, -100."""
+    ignore = lambda t: torch.where(t < 0, torch.full_like(t, -100), t)  # noqa: E731
+    inputs = batch.model_inputs()
+    inputs["labels"] = ignore(inputs["labels"])
+    inputs["ans"] = ignore(inputs["ans"])
+    obj = dict(inputs["obj_labels"])
+    for key in ("obj", "attr"):
+        ids, conf = obj[key]
+        obj[key] = (ignore(ids), conf)
+    inputs["obj_labels"] = obj
+    return inputs
+
+
+def model_inputs(impl: str, batch: PretrainBatch) -> dict[str, Any]:
+    return hf_inputs(batch) if impl == "hf" else batch.model_inputs()
+
+
+@dataclass
+class Data:
+    """Batches for one variant: `next_batch()` returns (the batch, the model's keyword arguments)."""
+
+    next_batch: Callable[[], tuple[PretrainBatch, dict[str, Any]]]
+    close: Callable[[], None]
+
+
+class Stores:
+    """The synthetic store every variant reads, and the resident batches drawn from it once per batch size."""
+
+    def __init__(self, data_dir: Path, images: int, feat_dim: int, device: torch.device, vocab_size: int) -> None:
+        from benchmarks.dataloader import dataset
+
+        self.text, self.regions = dataset(data_dir, images, feat_dim)
+        self.device, self.vocab_size = device, vocab_size
+        self._resident: dict[int, list[PretrainBatch]] = {}
+
+    def sampling(self, batch: int):
+        from engine.data.sampling import SamplingConfig
+
+        return SamplingConfig(seed=0, batch_size=batch, vocab_size=self.vocab_size)
+
+    def resident(self, batch: int) -> list[PretrainBatch]:
+        if batch not in self._resident:
+            from engine.data.loaders import make_loader
+
+            loader = make_loader("torch", self.text, self.regions, self.sampling(batch), self.device, num_workers=0)
+            batches = []
+            for b in endless(loader):
+                batches.append(pad_text(b, TEXT_LEN))
+                if len(batches) == RESIDENT_BATCHES:
+                    break
+            self._resident[batch] = batches
+        return self._resident[batch]
+
+    def data(self, variant: Variant) -> Data:
+        if variant.loader == "resident":
+            prepared = itertools.cycle([(b, model_inputs(variant.impl, b)) for b in self.resident(variant.batch)])
+            return Data(lambda: next(prepared), lambda: None)
+        from engine.data.loaders import make_loader
+
+        options = {} if variant.loader == "gpu" else {"num_workers": variant.workers}
+        loader = make_loader(variant.loader, self.text, self.regions, self.sampling(variant.batch), self.device,
+                             **options)  # fmt: skip
+        batches = endless(loader)
+
+        def next_batch():
+            batch = pad_text(next(batches), TEXT_LEN)
+            return batch, model_inputs(variant.impl, batch)
+
+        return Data(next_batch, lambda: batches.close())
+
+
+def endless(loader) -> Iterator[PretrainBatch]:
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def masked_counts(batch: PretrainBatch) -> torch.Tensor:
+    """[masked tokens, masked regions] of a batch, left on the device (reading them would sync the host)."""
+    return torch.stack([(batch.labels >= 0).sum(), (batch.obj_labels["feat"][1] != 0).sum()])
+
+
+def batch_shape(batch: PretrainBatch) -> tuple[int, int, int]:
+    """(samples, tokens, regions)."""
+    return (*batch.input_ids.shape, batch.visual_feats.shape[1])
+
+
+def shape_flops(config: LxmertConfig, shape: tuple[int, int, int], counts: Sequence[int]) -> int:
+    """Model FLOPs of one step (engine.flops) from the batch's shape and its [masked tokens, masked regions]."""
+    return step_flops(config, "pretrain", *shape, *counts).total
+
+
+def batch_flops(config: LxmertConfig, batch: PretrainBatch) -> int:
+    return shape_flops(config, batch_shape(batch), masked_counts(batch).tolist())
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+class Skip(Exception):
+    """A variant that cannot run here; its message becomes the row's note."""
+
+
+def model_config(args: argparse.Namespace) -> LxmertConfig:
+    return LxmertConfig(**SMOKE_MODEL, visual_feat_dim=SMOKE_FEAT_DIM) if args.smoke else LxmertConfig()
+
+
+def check_runnable(variant: Variant, device: torch.device) -> None:
+    """Raise Skip with the reason when a variant cannot run on this machine."""
+    if variant.impl == "ours" and variant.attn not in attention_backends.available_backends():
+        raise Skip(f"lxmert.attention has no {variant.attn!r} backend (available: "
+                   f"{', '.join(attention_backends.available_backends())})")  # fmt: skip
+    if variant.attn == "flash":
+        if variant.precision in ("fp32", "tf32"):
+            raise Skip("flash attention runs in bf16 / fp16 only")
+        if device.type != "cuda":
+            raise Skip("flash-attn runs on CUDA GPUs only")
+        try:
+            attention_backends.get_backend("flash")
+        except ImportError as error:
+            raise Skip(f"flash-attn not importable ({error.__cause__ or error})") from None
+    if variant.compile and device.type != "cuda":
+        raise Skip("torch.compile rows run on a GPU only (a CPU compile takes ~20 s and says nothing of GPU speed)")
+    if variant.precision == "tf32" and device.type != "cuda":
+        raise Skip("TF32 is a GPU matmul mode")
+    if variant.loader == "dali":
+        import importlib.util
+
+        if importlib.util.find_spec("nvidia.dali") is None:
+            raise Skip("DALI is not installed (the [data] extra)")
+
+
+def build_model(variant: Variant, config: LxmertConfig, master: dict[str, torch.Tensor], device: torch.device):
+    """The variant's model on the device with the master weights (ours' layout), in train mode."""
+    if variant.impl == "hf":
+        import transformers
+        from transformers.initialization import no_init_weights
+
+        from lxmert.convert import to_hf_state_dict
+
+        with torch.device(device), no_init_weights():
+            model = transformers.LxmertForPreTraining(transformers.LxmertConfig(**config.to_hf_dict()))
+        model.tie_weights()
+        model.load_state_dict(to_hf_state_dict(master), strict=True)
+    else:
+        feat_loss = "triton" if variant.attn == "triton" else "torch"
+        ours = LxmertConfig(**{**config.to_dict(), "attn_backend": variant.attn, "feat_loss_backend": feat_loss})
+        with torch.device(device):
+            model = LxmertForPreTraining(ours)
+        model.load_state_dict(master)
+    model.train()
+    if variant.compile:
+        model = torch.compile(model, mode="reduce-overhead" if variant.cudagraphs else None)
+    return model
+
+
+def master_weights(config: LxmertConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LxmertForPreTraining(config)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def cudagraph_skips() -> int:
+    """Graphs inductor has so far declined to capture in a CUDA graph (TORCH_LOGS=cudagraphs prints why)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
+# ----------------------------------------------------------------------------------------------- steps
+
+
+class StepRunner:
+    """One variant's model, optimizer and precision; `step` runs one training step, marking its phases."""
+
+    def __init__(self, variant: Variant, model, device: torch.device) -> None:
+        self.variant, self.model, self.device = variant, model, device
+        optim = OptimConfig(name="adamw", lr=1e-5, warmup_ratio=0.0, schedule="constant", grad_clip=CLIP)
+        self.optimizer = make_optimizer(model, optim)
+        self.scheduler = make_scheduler(self.optimizer, optim, total_steps=10**9)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=variant.precision == "fp16")
+        self.dtype = PRECISIONS[variant.precision]
+        self.skipped = 0
+
+    def step(self, data: Data, clock: harness.StepClock) -> tuple[PretrainBatch, torch.Tensor]:
+        batch, inputs = data.next_batch()
+        clock.mark("data")
+        if self.variant.cudagraphs:  # a new iteration: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            loss = self.model(**inputs).loss
+        clock.mark("forward")
+        self.scaler.scale(loss.float()).backward()
+        clock.mark("backward")
+        _, skipped = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, CLIP)
+        self.skipped += int(skipped)
+        clock.mark("optimizer")
+        return batch, loss.detach().clone()  # a copy: a CUDA graph's replay reuses its output memory
+
+
+def matmul_precision(precision: str) -> str:
+    return "high" if precision == "tf32" else "highest"
+
+
+def peak_for(variant: Variant, device: torch.device, given_tflops: float | None) -> tuple[float | None, str]:
+    """Peak FLOP/s used for MFU, and where it comes from."""
+    if given_tflops:
+        return given_tflops * 1e12, f"given: --peak-tflops {given_tflops:g}"
+    if device.type != "cuda":
+        return None, "no peak for a CPU"
+    kind = variant.precision  # engine.flops' names: fp32, tf32, bf16, fp16
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops(name, kind)
+    if peak is None:
+        return None, f"{name} is not in engine.flops.PEAK_TFLOPS (pass --peak-tflops)"
+    return peak, f"engine.flops.PEAK_TFLOPS, {kind} dense, for {name}"
+
+
+def measure(variant: Variant, args, config, master, stores: Stores, device) -> dict[str, Any]:
+    """The variant's numbers (see the module docstring); raises Skip or an exception when it cannot run."""
+    check_runnable(variant, device)
+    torch.set_float32_matmul_precision(matmul_precision(variant.precision))
+    skips_before = cudagraph_skips()
+    data = None
+    try:
+        model = build_model(variant, config, master, device)
+        trainer = StepRunner(variant, model, device)
+        data = stores.data(variant)
+        warmup = args.warmup + (args.compile_warmup if variant.compile else 0)
+        losses = []
+        for _ in range(warmup):
+            _, loss = trainer.step(data, harness.StepClock(device, sync=False))
+            losses.append(loss)
+        harness.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        # throughput: free-running steps, one synchronisation at the end (the FLOPs are counted after it)
+        timed, waits = [], 0.0
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            clock = harness.StepClock(device, sync=False)
+            batch, loss = trainer.step(data, clock)
+            waits += clock.phases["data"]
+            timed.append((batch_shape(batch), masked_counts(batch)))  # not the batch: it would count in the peak
+            losses.append(loss)
+        harness.synchronize(device)
+        elapsed = time.perf_counter() - start
+        flops = sum(shape_flops(config, shape, counts.tolist()) for shape, counts in timed)
+        peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+        # breakdown: the device synchronised between phases
+        phases: dict[str, list[float]] = {p: [] for p in ("data", "forward", "backward", "optimizer")}
+        totals = []
+        for _ in range(args.breakdown_steps):
+            clock = harness.StepClock(device, sync=True)
+            trainer.step(data, clock)
+            for phase, seconds in clock.phases.items():
+                phases[phase].append(seconds * 1e3)
+            totals.append(clock.total * 1e3)
+    finally:
+        if data is not None:
+            data.close()
+
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    step_s = elapsed / args.steps
+    samples_per_s = variant.batch / step_s
+    flops_per_step = flops / args.steps
+    peak, peak_source = peak_for(variant, device, args.peak_tflops)
+    achieved = flops_per_step / step_s
+    loss_values = [float(x) for x in torch.stack(losses).float().cpu()]
+    return {
+        "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * (TEXT_LEN + REGIONS),
+        "step_ms": step_s * 1e3, "flops_per_step": flops_per_step, "tflops": achieved / 1e12,
+        "peak_tflops": None if peak is None else peak / 1e12, "peak_source": peak_source,
+        "mfu": None if peak is None else achieved / peak, "data_wait_share": waits / elapsed,
+        "peak_memory_gib": peak_memory,
+        "breakdown_ms": {p: mean(v) for p, v in phases.items()}, "breakdown_step_ms": mean(totals),
+        "loss_first": loss_values[0], "loss_last": loss_values[-1],
+        "losses_finite": all(math.isfinite(x) for x in loss_values),
+        "skipped_steps": trainer.skipped,
+        "cudagraph_skips": cudagraph_skips() - skips_before if variant.cudagraphs else None,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+
+@torch.no_grad()
+def parity(precision: str, config: LxmertConfig, master, batch: PretrainBatch, device) -> dict[str, Any]:
+    """transformers' and our loss on one batch with the same weights, eval mode (no dropout)."""
+    dtype = PRECISIONS[precision]
+    torch.set_float32_matmul_precision(matmul_precision(precision))
+    out = {}
+    for variant in (Variant("hf", "hf", precision, batch.batch_size), Variant("ours", "eager", precision, batch.batch_size)):
+        model = build_model(variant, config, master, device).eval()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            result = model(**model_inputs(variant.impl, batch))
+        out[variant.impl] = float(result.loss)
+        if variant.impl == "ours":
+            out["components"] = {k: float(v) for k, v in result.losses.items()}
+        del model
+    return {
+        "kind": "parity", "precision": precision, "batch": batch.batch_size, "loss_hf": out["hf"],
+        "loss_ours": out["ours"], "loss_components_ours": out["components"],
+        "rel_diff": abs(out["ours"] - out["hf"]) / abs(out["hf"]),
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- profile
+
+
+KERNEL_KINDS = [  # (kind, substrings of kernel or op names), first match wins
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("attention", ("flash", "fmha", "attention", "bidirectional", "_attn", "attn_")),  # ours: *_attention_*, *bidir*
+    ("feature regression (ours)", ("feature_regression",)),
+    ("torch.compile (inductor)", ("triton_",)),
+    ("matmul", ("gemm", "cutlass", "xmma", "cublas", "matmul", "wgmma", "sm90_", "sm80_", "::mm", "addmm", "bmm")),
+    ("copies", ("memcpy", "memset", "copy")),
+    ("norm / softmax / elementwise", ("norm", "softmax", "elementwise", "vectorized", "reduce", "gelu", "dropout",
+                                      "index", "gather", "scatter", "nonzero", "cat", "fill", "where", "mul", "add")),
+]  # fmt: skip
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lower for k in keys)), "other")
+
+
+def profile(variant: Variant, args, config, master, stores: Stores, device) -> str:
+    """Top kernels by GPU time (CPU time without a GPU) over a few steps of `variant`, as Markdown."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    cuda = device.type == "cuda"
+    torch.set_float32_matmul_precision(matmul_precision(variant.precision))
+    model = build_model(variant, config, master, device)
+    trainer = StepRunner(variant, model, device)
+    data = stores.data(variant)
+    try:
+        for _ in range(args.warmup + (args.compile_warmup if variant.compile else 0)):
+            trainer.step(data, harness.StepClock(device, sync=False))
+        harness.synchronize(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        start = time.perf_counter()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(args.profile_steps):
+                trainer.step(data, harness.StepClock(device, sync=False))
+            harness.synchronize(device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    finally:
+        data.close()
+    events = prof.key_averages()
+    if cuda:  # the kernels (and copies) themselves: the CPU ops that launched them report the same time again
+        from torch.autograd import DeviceType
+
+        timed = [(e.key, e.self_device_time_total, e.count) for e in events
+                 if e.device_type != DeviceType.CPU and e.self_device_time_total > 0]  # fmt: skip
+    else:
+        timed = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
+    timed.sort(key=lambda t: -t[1])
+    total = sum(t[1] for t in timed) or 1.0
+    what = "GPU kernels" if cuda else "CPU ops (self time; no GPU)"
+    top = [{"rank": i + 1, "name": name[:110], "kind": kernel_kind(name), "ms": us / 1e3 / args.profile_steps,
+            "share": us / total, "calls": count // args.profile_steps}
+           for i, (name, us, count) in enumerate(timed[: args.profile_top])]  # fmt: skip
+    kinds: dict[str, float] = {}
+    for name, us, _ in timed:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
+    kind_rows = [{"kind": k, "ms": us / 1e3 / args.profile_steps, "share": us / total}
+                 for k, us in sorted(kinds.items(), key=lambda kv: -kv[1])]  # fmt: skip
+    busy = total / wall_us
+    env = harness.environment()
+    header = f"# Profile of {variant.name}: top {what} by time\n\n"
+    if not cuda:
+        header += f"**{NOT_GPU}.** CPU op times say nothing about where GPU time goes.\n\n"
+    return (
+        header + f"{env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}; {args.profile_steps} "
+        f"steps after {args.warmup} warm-up steps; per-step times. {'Device' if cuda else 'Op'} time summed over "
+        f"kernels is {busy:.0%} of the wall time (below 100%: the {'GPU' if cuda else 'CPU'} waits for the host or "
+        f"for data).\n\n## By kind\n\n{harness.markdown_table(kind_rows, ['kind', ('ms', 'ms a step'), 'share'])}\n"
+        f"## Top {len(top)}\n\n{harness.markdown_table(top, ['rank', 'name', 'kind', ('ms', 'ms a step'), 'share', 'calls'])}\n"
+        f"## What would make it faster\n\n{speedup_notes(kind_rows, busy, cuda)}"
+    )
+
+
+def speedup_notes(kind_rows: list[dict], busy: float, cuda: bool) -> str:
+    """Where the time went, as leads for the next change (each from the profile's shares)."""
+    share = {r["kind"]: r["share"] for r in kind_rows}
+    lines = []
+    if cuda and busy < 0.9:
+        lines.append(f"- The GPU is busy {busy:.0%} of the wall time: launch and host overhead shows (the masked-only "
+                     "heads' nonzero syncs, the optimizer step's gradient-norm sync, many small kernels). CUDA graphs "
+                     "(torch.compile mode reduce-overhead) would need those syncs gone: masked rows padded to a fixed "
+                     "count, the skip decision on the device.")  # fmt: skip
+    memory_bound = share.get("norm / softmax / elementwise", 0.0) + share.get("copies", 0.0)
+    lines.append(f"- Memory-bound work (norms, softmax, GELU, dropout, residual adds, copies): {memory_bound:.0%}. "
+                 "Fusing each LayerNorm with its dropout and residual add, and GELU into the FFN matmul's epilogue "
+                 "(torch.compile, or Triton kernels), removes passes over the activations.")  # fmt: skip
+    lines.append(f"- Matmuls: {share.get('matmul', 0.0):.0%}. They are the model FLOPs MFU counts; at hidden 768 and "
+                 "56 tokens a sample, a larger batch keeps them efficient.")  # fmt: skip
+    attention = share.get("attention", 0.0)
+    lines.append(f"- Attention: {attention:.0%}" + (": a faster attention kernel cannot move the step by more than that."
+                                                     if attention < 0.15 else ": worth a faster kernel."))  # fmt: skip
+    lines.append(f"- Optimizer: {share.get('optimizer', 0.0):.0%} (one fused AdamW pass over every parameter; ZeRO-1 "
+                 "and up divide it by the GPU count).")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+COLUMNS = [
+    ("name", "variant"), ("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"),
+    ("mfu", "MFU"), ("speedup_vs_hf", "x HF"), ("step_ms", "step ms"), ("data_wait_share", "data wait"),
+    ("peak_memory_gib", "peak GiB"), ("note", "note"),
+]  # fmt: skip
+BREAKDOWN_COLUMNS = [
+    ("name", "variant"), ("bd_data", "data ms"), ("bd_forward", "forward ms"), ("bd_backward", "backward ms"),
+    ("bd_optimizer", "optimizer ms"), ("breakdown_step_ms", "synced step ms"), ("step_ms", "free-running step ms"),
+]  # fmt: skip
+
+
+def headline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The fastest of ours on resident data (the model's speed; the loader rows say what data costs), and
+    transformers' fastest."""
+    ours = [r for r in rows if r.get("impl") == "ours" and r.get("samples_per_s") and r["loader"] == "resident"]
+    if not ours:
+        return None
+    best = max(ours, key=lambda r: r["samples_per_s"])
+    hf_best = max((r for r in rows if r.get("impl") == "hf" and r.get("samples_per_s") and r["loader"] == "resident"),
+                  key=lambda r: r["samples_per_s"], default=None)  # fmt: skip
+    return {
+        "best": best, "hf_best": hf_best,
+        "hours_20_epochs_1_gpu": AUTHORS_SAMPLES / best["samples_per_s"] / 3600,
+    }
+
+
+def report(rows: list[dict[str, Any]], parity_rows: list[dict[str, Any]], smoke: bool) -> str:
+    env = rows[0] if rows else harness.environment()
+    where = f"**{NOT_GPU}.**" if smoke else f"GPU measurements on {env['device']}."
+    lines = [f"# Pre-training throughput: {where}\n",
+             f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, deepspeed "
+             f"{env['deepspeed']}, DALI {env['dali']}, CUDA {env['cuda']}; commit {env['commit']}, {env['date']}.\n"]  # fmt: skip
+    h = headline(rows)
+    if h:
+        best, hf_best = h["best"], h["hf_best"]
+        mfu = f"{best['mfu']:.1%}" if best.get("mfu") is not None else "n/a"
+        ratio = f"{best['speedup_vs_hf']:.2f}x" if best.get("speedup_vs_hf") else "n/a"
+        lines.append(
+            f"Best of ours: **{best['name']}**, {best['samples_per_s']:.1f} samples/s, {best['tflops']:.1f} TFLOP/s, "
+            f"MFU {mfu} (peak: {best['peak_source']}); {ratio} transformers' LxmertForPreTraining at the same "
+            f"precision, batch and data"
+            + (f"; {best['samples_per_s'] / hf_best['samples_per_s']:.2f}x transformers' best ({hf_best['name']}, "
+               f"{hf_best['samples_per_s']:.1f} samples/s)" if hf_best else "")
+            + f". The authors' 20 epochs ({AUTHORS_SAMPLES / 1e6:g}M samples) at this rate on one device: "
+            f"{h['hours_20_epochs_1_gpu']:.1f} hours.\n"
+        )  # fmt: skip
+    lines.append(f"## Every variant\n\n{harness.markdown_table(rows, COLUMNS)}")
+    timed = [{**r, **{f"bd_{phase}": ms for phase, ms in r["breakdown_ms"].items()}}
+             for r in rows if r.get("breakdown_ms")]  # fmt: skip
+    lines.append("## Step-time breakdown (device synchronised between phases, so slower than free-running)\n\n"
+                 + harness.markdown_table(timed, BREAKDOWN_COLUMNS))  # fmt: skip
+    if parity_rows:
+        lines.append("## Same weights, same batch: transformers' loss and ours (eval mode)\n\n" + harness.markdown_table(
+            parity_rows, ["precision", "batch", ("loss_hf", "transformers"), ("loss_ours", "ours"), ("rel_diff", "rel. diff")]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], smoke: bool) -> str:
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get("samples_per_s") and r["loader"] == "resident" and not r["compile"]:
+            label = ("hf (AMP)" if r["impl"] == "hf" else f"ours-{r['attn']}") + f" {r['precision']}"
+            series.setdefault(label, []).append((r["batch"], r["samples_per_s"]))
+    device = rows[0]["device"] if rows else "?"
+    title = f"LXMERT pre-training step, {device}" + (" (CPU smoke: not GPU numbers)" if smoke else "")
+    return harness.svg_line_chart(series, title, "batch size", "samples/s", log2_x=True)
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model, a couple of steps: the CPU check")
+    parser.add_argument("--quick", action="store_true", help="bf16 at batch 128 only, fewer steps")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 64 128 256 (smoke: 2)")
+    parser.add_argument("--headline-batch", type=int, default=256, help="the batch every variant runs at")
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), help="default bf16 fp16 fp32 tf32")
+    parser.add_argument("--attn", nargs="+", default=list(OURS_ATTENTION), choices=OURS_ATTENTION,
+                        help="our attention backends run (default all)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5; smoke 1)")
+    parser.add_argument("--compile-warmup", type=int, default=10, help="more warm-up steps for torch.compile")
+    parser.add_argument("--steps", type=int, help="free-running timed steps (default 20; smoke 2)")
+    parser.add_argument("--breakdown-steps", type=int, help="synchronised steps (default 10; smoke 2)")
+    parser.add_argument("--loader-workers", type=int, default=4, help="torch workers / DALI threads of the loader rows")
+    parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: engine.flops' table)")
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--profile-top", type=int, default=20)
+    parser.add_argument("--no-profile", action="store_true", help="skip the profile of the best configuration")
+    parser.add_argument("--time-budget", type=float, default=420.0, help="no variant starts after this many seconds")
+    parser.add_argument("--images", type=int, help="images in the synthetic store (default 512; smoke 12)")
+    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "lxmert-throughput-bench")
+    parser.add_argument("--out", type=Path, help="JSON lines appended here (default benchmarks/results/"
+                        "throughput.jsonl; smoke: throughput_smoke_cpu.jsonl); .md, .svg and _profile.md beside it")  # fmt: skip
+    args = parser.parse_args(argv)
+    quick = dict(batch_sizes=[128], precisions=["bf16"], warmup=3, steps=10, breakdown_steps=5, images=512)
+    smoke = dict(batch_sizes=[2], precisions=["fp32"], warmup=1, steps=2, breakdown_steps=2, images=12)
+    full = dict(batch_sizes=[64, 128, 256], precisions=["bf16", "fp16", "fp32", "tf32"], warmup=5, steps=20,
+                breakdown_steps=10, images=512)  # fmt: skip
+    defaults = smoke if args.smoke else quick if args.quick else full
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.quick or args.smoke:
+        args.headline_batch = args.batch_sizes[0]
+    if args.out is None:
+        args.out = harness.RESULTS_DIR / ("throughput_smoke_cpu.jsonl" if args.smoke else "throughput.jsonl")
+    args.profile_steps = min(args.profile_steps, 2) if args.smoke else args.profile_steps
+    return args
+
+
+def extra_variants(best: Variant, args: argparse.Namespace) -> list[Variant]:
+    """After the headline group: its best of ours with every loader, then compiled (with and without CUDA graphs)."""
+    loaders = [replace(best, loader="torch", workers=0 if args.smoke else args.loader_workers),
+               replace(best, loader="gpu"), replace(best, loader="dali", workers=2 if args.smoke else args.loader_workers)]  # fmt: skip
+    compiled = [replace(best, compile=True), replace(best, compile=True, cudagraphs=True)]
+    return loaders + compiled
+
+
+def run(args: argparse.Namespace) -> int:
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("no GPU: the throughput sweep only runs on a GPU; `--smoke` checks the script on the CPU")
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:  # tiny ops: a second thread gains nothing, and spinning threads on a busy machine cost seconds
+        torch.set_num_threads(1)
+    start = time.perf_counter()
+    config = model_config(args)
+    env = harness.environment()
+    common = {**env, "benchmark": "throughput", "smoke": args.smoke,
+              "text_len": TEXT_LEN, "regions": REGIONS, "hidden_size": config.hidden_size,
+              "layers": [config.l_layers, config.r_layers, config.x_layers], "warmup": args.warmup,
+              "steps": args.steps, "breakdown_steps": args.breakdown_steps, "optimizer": "adamw (fused)",
+              "grad_clip": CLIP, "note": NOT_GPU if args.smoke else None}  # fmt: skip
+    print(f"{'smoke run, CPU' if args.smoke else env['device']}: model hidden {config.hidden_size}, rows to {args.out}",
+          flush=True)  # fmt: skip
+    stores = Stores(args.data_dir, args.images, config.visual_feat_dim, device, config.vocab_size)
+    master = master_weights(config, device)
+
+    parity_rows = []
+    for precision in args.precisions:
+        if precision == "tf32" and not cuda:
+            continue
+        row = {**common, **parity(precision, config, master, stores.resident(args.batch_sizes[0])[0], device)}
+        parity_rows.append(row)
+        harness.append_rows(args.out, [row])
+        print(f"parity {precision}: transformers {row['loss_hf']:.6f}, ours {row['loss_ours']:.6f} "
+              f"(rel. diff {row['rel_diff']:.2g})", flush=True)  # fmt: skip
+
+    headline_group, rest = plan(args)
+    rows: list[dict[str, Any]] = []
+    hf_rate: dict[tuple, float] = {}
+
+    def one(variant: Variant) -> None:
+        if time.perf_counter() - start > args.time_budget:
+            print(f"time budget of {args.time_budget:.0f} s spent: {variant.name} not run", flush=True)
+            return
+        base = {**common, **asdict(variant), "name": variant.name, "kind": "throughput"}
+        t0 = time.perf_counter()
+        try:
+            numbers = measure(variant, args, config, master, stores, device)
+        except Skip as reason:
+            row = {**base, "note": f"skipped: {reason}"}
+        except Exception as error:  # out of memory, a backend refusing a shape: a row saying so, the sweep goes on
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            row = {**base, "note": f"failed: {type(error).__name__}: {first[:300]}"}
+            traceback.print_exc(limit=3)
+        else:
+            row = {**base, **numbers}
+            key = (variant.precision, variant.batch, variant.loader)
+            if variant.impl == "hf":
+                hf_rate[key] = numbers["samples_per_s"]
+            elif key in hf_rate:
+                row["speedup_vs_hf"] = numbers["samples_per_s"] / hf_rate[key]
+        if cuda:
+            torch.cuda.empty_cache()
+        harness.append_rows(args.out, [row])
+        rows.append(row)
+        rate = f"{row['samples_per_s']:.1f} samples/s" if row.get("samples_per_s") else row["note"]
+        print(f"  {variant.name}: {rate} ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    for variant in headline_group:
+        one(variant)
+    timed = [r for r in rows if r["impl"] == "ours" and r.get("samples_per_s")]
+    if timed:
+        top = max(timed, key=lambda r: r["samples_per_s"])
+        for variant in extra_variants(Variant("ours", top["attn"], top["precision"], top["batch"]), args):
+            if variant.loader != "resident":  # transformers with the same loader: the ratio's denominator
+                one(replace(variant, impl="hf", attn="hf"))
+            one(variant)
+    for variant in rest:
+        one(variant)
+
+    md = args.out.with_suffix(".md")
+    md.write_text(report(rows, parity_rows, args.smoke), encoding="utf-8")
+    timed = [r for r in rows if r.get("samples_per_s")]
+    if timed:
+        args.out.with_suffix(".svg").write_text(plot(rows, args.smoke), encoding="utf-8")
+    h = headline(rows)
+    if h and not args.no_profile:
+        top = h["best"]
+        variant = Variant("ours", top["attn"], top["precision"], top["batch"], top["compile"], top["cudagraphs"])
+        text = profile(variant, args, config, master, stores, device)
+        args.out.with_name(args.out.stem + "_profile.md").write_text(text, encoding="utf-8")
+    print(harness.markdown_table(rows, COLUMNS[:7] + COLUMNS[-1:]))
+    print(f"{len(rows) + len(parity_rows)} rows appended to {args.out}; summary {md}; "
+          f"{time.perf_counter() - start:.0f} s in all", flush=True)  # fmt: skip
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
