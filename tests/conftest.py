@@ -220,3 +220,19 @@ def build_pretrain_stores(root, feat_dim: int = 16, text_splits=("mscoco_train",
     texts = [root / f"syn/lxmert/{split}.json" for split in text_splits]
     convert.convert_text(texts, root / "feats", root / "text", answers=root / "syn/lxmert/all_ans.json", progress=False)
     return root / "text", root / "feats"
+
+
+def tiny_model_overrides(text_store, feat_dim: int, layers: tuple[int, int, int] = (1, 1, 1)) -> list[str]:
+    """model.* overrides of the tiny pre-training model the engine tests train (hidden 32, 2 heads, an odd
+    intermediate size), sized for a synthetic text store's answers and the synthetic label sets."""
+    from engine.data import synthetic
+    from engine.data.store import TextStore
+
+    l_layers, r_layers, x_layers = layers
+    return [
+        "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37",
+        f"model.l_layers={l_layers}", f"model.r_layers={r_layers}", f"model.x_layers={x_layers}",
+        f"model.visual_feat_dim={feat_dim}", f"model.num_qa_labels={len(TextStore(text_store).answers)}",
+        f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
+        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}", "model.attn_backend=sdpa",
+    ]  # fmt: skip

@@ -32,13 +32,11 @@ import torch
 import lxmert
 from engine import checkpoint as ckpt
 from engine.config import load_config
-from engine.data import synthetic
-from engine.data.store import TextStore
 from engine.data.tasks import TaskStore
 from engine.finetune import FineTuner
 from engine.train import Trainer, deepspeed_available
 from lxmert.convert import load_into, read_state_dict
-from conftest import build_pretrain_stores
+from conftest import build_pretrain_stores, tiny_model_overrides
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,11 +58,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def overrides(stores, out: Path, *extra: str) -> list[str]:
     text, feats = stores
     return [
-        "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37",
-        "model.l_layers=1", "model.r_layers=1", "model.x_layers=1", f"model.visual_feat_dim={D}",
-        f"model.num_qa_labels={len(TextStore(text).answers)}",
-        f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
-        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}", "model.attn_backend=sdpa",
+        *tiny_model_overrides(text, D),
         "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
         f"data.train.text={text}", f"data.train.features={feats}", "data.num_workers=0",
         "optim.name=adamw", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=100",

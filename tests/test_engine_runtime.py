@@ -17,12 +17,12 @@ import torch
 
 import lxmert
 from engine.config import load_config
-from engine.data import convert, synthetic
+from engine.data import convert
 from engine.data.store import TextStore
 from engine.runtime import apply_activation_checkpointing, encoder_layers
 from engine.train import Trainer, deepspeed_available
 from lxmert.convert import load_into, read_state_dict
-from conftest import build_pretrain_stores
+from conftest import build_pretrain_stores, tiny_model_overrides
 
 D = 16
 NO_DROPOUT = ("model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0")
@@ -43,11 +43,7 @@ def make_config(stores, out: Path, *extra: str):
 
 def overrides(stores, out: Path, *extra: str) -> list[str]:
     return [
-        "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37",
-        "model.l_layers=2", "model.r_layers=1", "model.x_layers=2", f"model.visual_feat_dim={D}",
-        f"model.num_qa_labels={len(TextStore(stores['text']).answers)}",
-        f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
-        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}", "model.attn_backend=sdpa",
+        *tiny_model_overrides(stores["text"], D, layers=(2, 1, 2)),
         f"data.train.text={stores['text']}", f"data.train.features={stores['feats']}", "data.num_workers=0",
         "optim.lr=1e-3", "optim.name=adamw", "train.batch_size=8", "train.epochs=100", "train.max_steps=4",
         "train.log_every=1", "train.save_every=1000", f"train.output_dir={out}", "train.seed=0",

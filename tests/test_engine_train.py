@@ -18,11 +18,9 @@ import torch
 import lxmert
 from engine import checkpoint as ckpt
 from engine.config import load_config
-from engine.data import synthetic
-from engine.data.store import TextStore
 from engine.train import Trainer, deepspeed_available
 from lxmert.convert import load_into, read_state_dict
-from conftest import build_pretrain_stores
+from conftest import build_pretrain_stores, tiny_model_overrides
 
 D = 16
 
@@ -36,11 +34,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def make_config(stores, out: Path, *extra: str):
     text, feats = stores
     overrides = [
-        "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37",
-        "model.l_layers=1", "model.r_layers=1", "model.x_layers=1", f"model.visual_feat_dim={D}",
-        f"model.num_qa_labels={len(TextStore(text).answers)}",
-        f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
-        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}", "model.attn_backend=sdpa",
+        *tiny_model_overrides(text, D),
         f"data.train.text={text}", f"data.train.features={feats}", "data.num_workers=0",
         "optim.lr=1e-3", "train.batch_size=8", "train.epochs=100", "train.max_steps=30", "train.log_every=1",
         "train.save_every=1000", f"train.output_dir={out}", "train.seed=0",
