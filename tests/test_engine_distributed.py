@@ -4,6 +4,8 @@
   losses of one process on the same global batch of 8 (the plain path, micro 4 x 2 accumulation steps: what data
   parallelism computes, the mean of the two halves' losses; the sampler hands rank r the r-th slice of each
   global batch).
+- The final validation (each rank its slice of every global batch, sums all-reduced) equals one process's
+  evaluation of the same slices.
 - ZeRO-2: the checkpoint at step 2, resumed by a second launch with train.resume=auto, continues with the losses
   of the uninterrupted run.
 - Fine-tuning (engine.finetune, VQA, ZeRO-2): losses, evaluation and best model of one process with the same
@@ -61,6 +63,7 @@ def overrides(stores, out: Path, *extra: str) -> list[str]:
         *tiny_model_overrides(text, D),
         "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
         f"data.train.text={text}", f"data.train.features={feats}", "data.num_workers=0",
+        f"data.eval.text={text}", f"data.eval.features={feats}",
         "optim.name=adamw", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=100",
         f"train.max_steps={STEPS}", "train.log_every=1", f"train.save_every={SAVE_AT}",
         f"train.output_dir={out}", "train.seed=0", "train.precision=fp32",
@@ -94,9 +97,11 @@ def launch(args: list[str], log: Path, *flags: str, module: str = "engine.pretra
     return proc.returncode
 
 
-def records(out: Path) -> list[dict]:
+def records(out: Path, kind: str = "train") -> list[dict]:
+    """The run's metrics.jsonl records of one kind (train, eval)."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [r for r in rows if r.get("kind", "train") == kind]
 
 
 def losses(recs: list[dict]) -> list[float]:
@@ -110,13 +115,36 @@ def assert_close_lists(got: list[float], expected: list[float], tol: float, what
 
 
 @pytest.fixture(scope="module")
-def reference(stores, tmp_path_factory) -> list[dict]:
+def reference(stores, tmp_path_factory) -> Trainer:
     """One process, the plain path, micro batch 4 x 2 accumulation steps = the 2-rank run's global batch."""
     out = tmp_path_factory.mktemp("reference")
     config = load_config(None, overrides(stores, out, "train.micro_batch_size=4", "train.grad_accum_steps=2"))
     trainer = Trainer(config, use_deepspeed=False)
     trainer.train()
-    return trainer.history
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def reference_eval(reference) -> dict:
+    """The reference's final model evaluated in this process as the 2-rank run evaluates: each rank's eval
+    loader (micro batch 4, its slice of each global batch of 8), the sample-weighted sums combined."""
+    rank, world = reference.rank, reference.world_size
+    parts = []
+    try:
+        for r in range(2):
+            reference.rank, reference.world_size = r, 2
+            reference.eval_loader = reference._make_loader(reference.config.data.eval)
+            parts.append(reference.evaluate())
+    finally:
+        reference.rank, reference.world_size = rank, world
+    n = sum(p["samples"] for p in parts)
+    asked = sum(p["qa_questions"] for p in parts)
+    return {
+        "samples": n, "loss": sum(p["loss"] * p["samples"] for p in parts) / n,
+        "losses": {k: sum(p["losses"][k] * p["samples"] for p in parts) / n for k in parts[0]["losses"]},
+        "matched_accuracy": sum(p["matched_accuracy"] * p["samples"] for p in parts) / n,
+        "qa_accuracy": sum(p["qa_accuracy"] * p["qa_questions"] for p in parts) / asked,
+    }  # fmt: skip
 
 
 _runs: dict[int, tuple[Path, int]] = {}
@@ -143,16 +171,23 @@ def diagnose(out: Path, rc: int) -> str:
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_two_ranks_match_one_process_on_the_same_global_batch(stage, run_stage, reference):
+def test_two_ranks_match_one_process_on_the_same_global_batch(stage, run_stage, reference, reference_eval):
     out, rc = run_stage(stage)
     recs = records(out)
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), diagnose(out, rc)
-    assert_close_lists(losses(recs), losses(reference), 1e-5, f"ZeRO-{stage} loss")
-    for r, e in zip(recs, reference):
+    assert_close_lists(losses(recs), losses(reference.history), 1e-5, f"ZeRO-{stage} loss")
+    for r, e in zip(recs, reference.history):
         for name, value in e["losses"].items():
             assert abs(r["losses"][name] - value) <= 1e-5 * max(1.0, abs(value)), (stage, r["step"], name)
         assert abs(r["lr"] - e["lr"]) <= 1e-12
         assert abs(r["grad_norm"] - e["grad_norm"]) <= 1e-4 * max(1.0, e["grad_norm"]), (stage, r, e)
+    # the final validation: each rank evaluates its slice, the sums are all-reduced
+    (final,) = records(out, "eval")
+    assert final["step"] == STEPS and final["samples"] == reference_eval["samples"]
+    assert_close_lists([final["loss"], *final["losses"].values(), final["matched_accuracy"]],
+                       [reference_eval["loss"], *reference_eval["losses"].values(),
+                        reference_eval["matched_accuracy"]], 1e-5, f"ZeRO-{stage} eval")  # fmt: skip
+    assert final["qa_accuracy"] == pytest.approx(reference_eval["qa_accuracy"], abs=1e-9)
     # every rank's ZeRO shards of the step-2 and the final checkpoint were written
     for step in (SAVE_AT, STEPS):
         path = ckpt.checkpoint_root(out) / ckpt.tag_of(step)
@@ -166,7 +201,7 @@ def test_torchrun_launch_gives_the_same_losses(stores, reference, tmp_path):
     rc = launch(overrides(stores, out, "train.zero_stage=1"), tmp_path / "launch.log", launcher="torchrun")
     recs = records(out)
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), diagnose(out, rc)
-    assert_close_lists(losses(recs), losses(reference), 1e-5, "torchrun ZeRO-1 loss")
+    assert_close_lists(losses(recs), losses(reference.history), 1e-5, "torchrun ZeRO-1 loss")
 
 
 def test_zero2_resume_continues_with_the_uninterrupted_losses(run_stage, stores, tmp_path):
@@ -249,9 +284,7 @@ def test_two_rank_vqa_fine_tuning_matches_one_process(tmp_path):
     out = tmp_path / "two"
     rc = launch([*common, f"train.output_dir={out}", "train.zero_stage=2"], tmp_path / "launch.log",
                 module="engine.finetune")  # fmt: skip
-    recs = records(out)
-    train = [r for r in recs if r["kind"] == "train"]
-    evals = [r for r in recs if r["kind"] == "eval"]
+    train, evals = records(out), records(out, "eval")
     assert len(train) == 6, diagnose(out, rc)
     assert_close_lists(losses(train), [r["loss"] for r in one.history], 1e-5, "fine-tuning losses")
     assert len(evals) == 1 and evals[0]["examples"] == len(TaskStore(data["vqa_minival"]))
