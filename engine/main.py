@@ -1,175 +1,512 @@
-"""A short pre-training run of a small LXMERT on synthetic data, on the CPU, in under a minute.
+"""The main job: a small LXMERT pre-trained and fine-tuned on the CPU, end to end, with the project's own parts.
 
-The README's main job until the real engine (data store, DeepSpeed loop, checkpoints) lands. It runs the
-whole pre-training path: the six loss components, backward, clipping, fused AdamW. The synthetic world is
-learnable: each image is a scene of three object classes, each region a noisy prototype of its class plus an
-attribute; its caption names the attributes and classes of its first regions; half of the pairs get another
-image's caption; the answer is the class of the first object the caption names. Within 100 steps the masked
-words and the region labels are learnt and the total falls by more than half; matching and QA, which need the
-cross-modality path, stay near chance that early.
+    python -m engine.main [--workdir runs/main] [--steps N] [--seed S] [--fresh]
 
-    python -m engine.main --steps 100 --batch-size 16 --seed 0
+1. data: engine.data.synthetic writes a learnable synthetic data set in the authors' public layout
+   (<workdir>/data: lxmert/*.json, mscoco_imgfeat/*.tsv, vqa/*.json), and engine.data.convert /
+   engine.data.tasks turn it into stores (<workdir>/stores: region features, the pre-training text of the
+   train and minival splits, VQA train and minival questions).
+2. pre-training: engine.train.Trainer on configs/tiny_cpu.yaml (its model: hidden 128, 2/1/1 layers) with
+   this job's steps, batch, learning rate and seed, all five tasks on (masked words, masked objects: labels
+   and features, image-sentence matching, QA), into <workdir>/pretrain.
+3. fine-tuning: engine.finetune.FineTuner on the synthetic VQA stores, initialised from the pre-training
+   export (the QA head's rows matched by answer string), into <workdir>/vqa.
+4. report, computed from the two metrics.jsonl files: per loss component the mean of the first and of the
+   last logged steps, pre-training samples/s, the VQA score against the majority-answer baseline, the wall
+   time of each phase, the paths; and plots (engine.plots) when that module is there.
+
+The job fails (exit 1, the components named) when a pre-training loss component did not fall by MIN_FALL: on
+this data every one of them is learnable, so a flat one means something is broken.
+
+Reruns are cheap and never destroy finished work: data and stores that exist and verify are reused (a store
+build that was interrupted resumes); pre-training resumes from its latest checkpoint (a finished run is only
+reported again); a finished fine-tuning is reused. A rerun whose settings differ from those the work dir
+was made with is refused, naming the differences: --fresh deletes this job's outputs in the work dir and
+starts over, or pick another --workdir.
 """
 
+from __future__ import annotations
+
 import argparse
+import dataclasses
+import json
+import math
+import shutil
 import sys
 import time
-from collections import defaultdict
-from statistics import mean
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import torch
+from engine.atomic import write_text_atomic
+from engine.config import RunConfig, load_config, resolve
 
-import lxmert
-
-CLS, SEP, MASK = 101, 102, 103  # BERT uncased special tokens ([PAD] is 0)
-OBJECT_WORDS = 2000  # object class c is the word id OBJECT_WORDS + c
-ATTRIBUTE_WORDS = 3000  # attribute a is the word id ATTRIBUTE_WORDS + a
-MASK_PROBABILITY = 0.15  # for both words and regions, as in the authors' pre-training
-MIN_FALL = 0.1  # the run fails unless the last 10 steps' mean total loss is this much below the first 10's
-
-
-def small_config() -> "lxmert.LxmertConfig":
-    return lxmert.LxmertConfig(
-        hidden_size=128, num_attention_heads=4, intermediate_size=256,
-        l_layers=2, r_layers=1, x_layers=1,
-        num_qa_labels=50, num_object_labels=40, num_attr_labels=20, visual_feat_dim=64,
-    )
+TINY_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
+FEAT_DIM = 64  # the tiny recipe's model.visual_feat_dim
+COMPONENTS = ("mlm", "matched", "obj", "attr", "feat", "qa")  # LxmertForPreTraining's loss components
+MIN_FALL = 0.02  # a component "fell" when its last steps' mean is at least 2% below its first steps'
+STORES = ("feats", "text_train", "text_minival", "vqa_train", "vqa_minival")
 
 
-class SyntheticPretrainingData:
-    """Batches of forward keywords for LxmertForPreTraining, drawn from a fixed random 'world'."""
-
-    def __init__(
-        self, config, seed: int, num_regions: int = 36, seq_len: int = 20, max_mentions: int = 4,
-        classes_per_image: int = 3,
-    ):
-        self.config = config
-        self.num_regions = num_regions
-        self.seq_len = seq_len
-        self.max_mentions = max_mentions  # regions named in a caption: 2 words each, plus [CLS] and [SEP]
-        self.classes_per_image = classes_per_image  # few, so that another image's caption rarely fits
-        assert 2 + 2 * max_mentions <= seq_len
-        self.rng = torch.Generator().manual_seed(seed)
-        feat_dim = config.visual_feat_dim
-        self.object_prototypes = torch.randn(config.num_object_labels, feat_dim, generator=self.rng)
-        self.attribute_prototypes = 0.5 * torch.randn(config.num_attr_labels, feat_dim, generator=self.rng)
-
-    def _rand(self, *shape):
-        return torch.rand(*shape, generator=self.rng)
-
-    def _randint(self, high, *shape):
-        return torch.randint(high, shape, generator=self.rng)
-
-    def batch(self, batch_size: int) -> dict:
-        cfg, B, R, L = self.config, batch_size, self.num_regions, self.seq_len
-
-        # Images: a scene of a few object classes; per region one of them, an attribute, a feature and a box.
-        scenes = self._randint(cfg.num_object_labels, B, self.classes_per_image)
-        objects = scenes.gather(1, self._randint(self.classes_per_image, B, R))
-        attributes = self._randint(cfg.num_attr_labels, B, R)
-        region_feats = (self.object_prototypes[objects] + self.attribute_prototypes[attributes]
-                        + 0.1 * torch.randn(B, R, cfg.visual_feat_dim, generator=self.rng))
-        corners = self._rand(B, R, 2, 2)  # two random points per region span its box
-        boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values], dim=-1)  # x1, y1, x2, y2
-
-        # Captions "[CLS] attr obj attr obj ... [SEP]" naming regions 0..n-1; half of them from another image.
-        matched = self._rand(B) < 0.5
-        source = torch.where(matched, torch.arange(B), (torch.arange(B) + 1) % B)
-        mentions = 1 + self._randint(self.max_mentions, B)
-        words = torch.stack([ATTRIBUTE_WORDS + attributes[:, : self.max_mentions],
-                             OBJECT_WORDS + objects[:, : self.max_mentions]], dim=-1).flatten(1)[source]
-        positions = torch.arange(L)
-        caption_len = 2 + 2 * mentions[source]  # [CLS] + words + [SEP]
-        input_ids = torch.zeros(B, L, dtype=torch.long)
-        input_ids[:, 1 : 1 + words.shape[1]] = words
-        input_ids[:, 0] = CLS
-        input_ids[positions >= caption_len[:, None] - 1] = 0
-        input_ids[torch.arange(B), caption_len - 1] = SEP
-        attention_mask = (positions < caption_len[:, None]).long()
-
-        # Word masking: 15% of the words (at least one a caption); 80% [MASK], 10% a random attribute word,
-        # 10% kept.
-        is_word = (positions > 0) & (positions < caption_len[:, None] - 1)
-        draw = torch.where(is_word, self._rand(B, L), 2.0)
-        masked = (draw < MASK_PROBABILITY) | (draw == draw.min(dim=1, keepdim=True).values)
-        labels = torch.where(masked, input_ids, -1)
-        action = self._rand(B, L)
-        input_ids = torch.where(masked & (action < 0.8), MASK, input_ids)
-        random_words = ATTRIBUTE_WORDS + self._randint(cfg.num_attr_labels, B, L)
-        input_ids = torch.where(masked & (action >= 0.8) & (action < 0.9), random_words, input_ids)
-
-        # Region masking: 15%; 80% zeroed, 10% another region's feature, 10% kept. Targets are the originals.
-        region_mask = self._rand(B, R) < MASK_PROBABILITY
-        action = self._rand(B, R)
-        other = region_feats.flatten(0, 1)[self._randint(B * R, B, R)]
-        visual_feats = torch.where((region_mask & (action < 0.8))[..., None], 0.0, region_feats)
-        visual_feats = torch.where((region_mask & (action >= 0.8) & (action < 0.9))[..., None], other, visual_feats)
-
-        return dict(
-            input_ids=input_ids,
-            visual_feats=visual_feats,
-            visual_pos=boxes,
-            attention_mask=attention_mask,
-            labels=labels,
-            obj_labels={
-                "obj": (objects, 0.5 + 0.5 * self._rand(B, R)),
-                "attr": (attributes, 0.5 + 0.5 * self._rand(B, R)),
-                "feat": (region_feats, region_mask.float()),
-            },
-            matched_label=matched.long(),
-            ans=torch.where(matched, objects[:, 0], -1),  # QA only on matched pairs
-        )
+class JobError(RuntimeError):
+    """The job cannot go on: a work dir made with other settings, a store that fails verification."""
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
+@dataclass
+class JobOptions:
+    workdir: Path = Path("runs/main")
+    images: int = 400
+    """Synthetic images (10% of them the minival split)."""
+    data_seed: int = 0
+    """Seed of the synthetic world."""
+    steps: int = 1200
+    """Pre-training optimizer steps."""
+    batch_size: int = 32
+    lr: float = 1e-3
+    finetune_epochs: int = 4
+    finetune_batch_size: int = 32
+    finetune_lr: float = 1e-3
+    seed: int = 0
+    """Seed of initialisation, dropout and data order (pre-training and fine-tuning)."""
+    log_every: int = 0
+    """Pre-training steps between log lines; 0: steps / 50."""
+    model: list[str] = field(default_factory=list)
+    """model.* overrides (field=value) for both runs (the tests' tiny sizes)."""
+    fresh: bool = False
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the job puts everything under its work dir."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def stores(self) -> Path:
+        return self.root / "stores"
+
+    def store(self, name: str) -> Path:
+        return self.stores / name
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "pretrain"
+
+    @property
+    def finetune(self) -> Path:
+        return self.root / "vqa"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def prepare_data(layout: Layout, options: JobOptions) -> str:
+    """Generate and convert what is missing; returns what was done ("reused", "built", ...)."""
+    from engine.data import convert, synthetic
+    from engine.data.store import RegionStore, StoreError, TextStore
+    from engine.data.tasks import TaskStore, convert_task
+
+    spec = {"images": options.images, "seed": options.data_seed, "feat_dim": FEAT_DIM}
+    marker = layout.data / "synthetic.json"  # generate() writes it last: its presence means the files are whole
+    generated = False
+    if marker.is_file():
+        written = json.loads(marker.read_text())
+        found = {"images": sum(s["images"] for s in written["splits"].values()), "seed": written["seed"],
+                 "feat_dim": written["feat_dim"]}  # fmt: skip
+        if found != spec:
+            raise JobError(f"{layout.data} holds synthetic data made with {found}, not {spec}: pass --fresh to "
+                           "regenerate it, or use another --workdir")  # fmt: skip
+    else:
+        synthetic.generate(layout.data, options.images, feat_dim=FEAT_DIM, seed=options.data_seed)
+        generated = True
+
+    raw = layout.data
+    answers = raw / "lxmert" / "all_ans.json"
+    feats = layout.store("feats")
+    builders = {
+        "feats": lambda overwrite: convert.convert_features(
+            [raw / "mscoco_imgfeat" / "train2014_obj36.tsv", raw / "mscoco_imgfeat" / "val2014_obj36.tsv"], feats,
+            feat_dim=FEAT_DIM, overwrite=overwrite, progress=False),
+        "text_train": lambda overwrite: convert.convert_text(
+            [raw / "lxmert" / "mscoco_train.json"], feats, layout.store("text_train"), answers=answers,
+            overwrite=overwrite, progress=False),
+        "text_minival": lambda overwrite: convert.convert_text(
+            [raw / "lxmert" / "mscoco_minival.json"], feats, layout.store("text_minival"), answers=answers,
+            overwrite=overwrite, progress=False),
+        "vqa_train": lambda overwrite: convert_task(
+            "vqa", [raw / "vqa" / "train.json"], feats, raw / "vqa" / "trainval_ans2label.json",
+            layout.store("vqa_train"), overwrite=overwrite),
+        "vqa_minival": lambda overwrite: convert_task(
+            "vqa", [raw / "vqa" / "minival.json"], feats, raw / "vqa" / "trainval_ans2label.json",
+            layout.store("vqa_minival"), overwrite=overwrite),
+    }  # fmt: skip
+    opener = {"feats": RegionStore, "text_train": TextStore, "text_minival": TextStore, "vqa_train": TaskStore,
+              "vqa_minival": TaskStore}  # fmt: skip
+    built = []
+    for name in STORES:
+        path = layout.store(name)
+        if (path / "meta.json").is_file():
+            try:
+                store = opener[name](path)
+                store.verify()
+                if name == "feats" and (len(store) != options.images or store.feat_dim != FEAT_DIM):
+                    raise StoreError(f"it holds {len(store)} images of {store.feat_dim}-d features, not "
+                                     f"{options.images} of {FEAT_DIM}-d")  # fmt: skip
+            except (StoreError, OSError, ValueError, KeyError) as error:
+                raise JobError(f"the store {path} does not verify ({error}): pass --fresh to rebuild the "
+                               "stores") from error  # fmt: skip
+            continue
+        builders[name](False)  # resumes an interrupted build of the same inputs
+        built.append(name)
+    if not built:
+        return "generated; stores reused" if generated else "reused (verified)"
+    return ("generated, " if generated else "") + "converted " + ", ".join(built)
+
+
+def majority_baseline(store_path: Path) -> tuple[str, float]:
+    """The single answer that scores best on a VQA split, and its VQA score there: the chance level."""
+    from engine.data.tasks import TaskStore
+
+    store = TaskStore(store_path)
+    totals: dict[int, float] = {}
+    n = 0
+    for i in range(len(store)):
+        label = store.labels_of(i)
+        if label is None:
+            continue
+        n += 1
+        for answer, score in label.items():
+            totals[answer] = totals.get(answer, 0.0) + score
+    if not totals:
+        return "", 0.0
+    best = max(totals, key=lambda a: totals[a])
+    return store.answers[best], totals[best] / n
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def pretrain_config(layout: Layout, options: JobOptions) -> RunConfig:
+    steps = options.steps
+    log_every = options.log_every or max(1, steps // 50)
+    overrides = [
+        f"data.train.text={layout.store('text_train')}", f"data.train.features={layout.store('feats')}",
+        f"data.eval.text={layout.store('text_minival')}", f"data.eval.features={layout.store('feats')}",
+        f"data.seed={options.seed}", f"train.seed={options.seed}",
+        f"train.max_steps={steps}", "train.epochs=1000000", f"train.batch_size={options.batch_size}",
+        f"optim.lr={options.lr}", f"train.log_every={log_every}", f"train.save_every={max(1, steps // 4)}",
+        f"train.eval_every={max(1, steps // 4)}", f"train.output_dir={layout.pretrain}", "train.resume=auto",
+        *(f"model.{kv}" for kv in options.model),
+    ]  # fmt: skip
+    return load_config(TINY_RECIPE, overrides)
+
+
+def finetune_config(layout: Layout, options: JobOptions) -> RunConfig:
+    overrides = [
+        "train.task=vqa", f"data.train.text={layout.store('vqa_train')}",
+        f"data.train.features={layout.store('feats')}", f"data.eval.text={layout.store('vqa_minival')}",
+        f"data.eval.features={layout.store('feats')}", f"data.seed={options.seed}", f"train.seed={options.seed}",
+        "train.max_steps=null", f"train.epochs={options.finetune_epochs}",
+        f"train.batch_size={options.finetune_batch_size}", f"optim.lr={options.finetune_lr}",
+        "optim.warmup_ratio=0.1", "optim.grad_clip=5.0", "train.log_every=10", "train.save_every=0",
+        "train.eval_every=0", f"train.output_dir={layout.finetune}",
+        f"train.init_from={layout.pretrain / 'model.safetensors'}",
+        *(f"model.{kv}" for kv in options.model),
+    ]  # fmt: skip
+    return load_config(TINY_RECIPE, overrides)
+
+
+def _config_dict(config: RunConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(resolve(config, 1)), default=str))
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _refuse_if_changed(saved_config: Path, config: RunConfig, what: str) -> None:
+    """Raise when the run in saved_config's directory was made with other settings."""
+    if not saved_config.is_file():
+        return
+    saved = _config_dict(load_config(saved_config))
+    changed = _differences(saved, _config_dict(config))
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise JobError(f"the {what} run in {saved_config.parent} was made with other settings ({shown}): pass "
+                       "--fresh to start over, or use another --workdir")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- the runs
+
+
+def run_pretraining(layout: Layout, options: JobOptions) -> dict[str, Any]:
+    from engine.train import Trainer
+
+    config = pretrain_config(layout, options)
+    _refuse_if_changed(layout.pretrain / "config.yaml", config, "pre-training")
+    return Trainer(config).train()
+
+
+def run_finetuning(layout: Layout, options: JobOptions) -> dict[str, Any]:
+    from engine.finetune import FineTuner
+
+    config = finetune_config(layout, options)
+    _refuse_if_changed(layout.finetune / "config.yaml", config, "fine-tuning")
+    return FineTuner(config, answer_table=str(layout.store("text_train"))).train()
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def read_records(metrics_path: Path, kind: str = "train") -> list[dict[str, Any]]:
+    """The records of one kind ("train": those without a kind, too) in step order. A resumed run appends from
+    its checkpoint: a record whose step is not after the previous one replaces the records from that step on."""
+    out: list[dict[str, Any]] = []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a run killed mid-line
+                continue
+            if not isinstance(record, dict) or record.get("kind", "train") != kind or "step" not in record:
+                continue
+            while out and out[-1]["step"] >= record["step"]:
+                out.pop()
+            out.append(record)
+    return out
+
+
+@dataclass
+class Trend:
+    first: float
+    last: float
+
+    def fell(self, min_fall: float = MIN_FALL) -> bool:
+        return math.isfinite(self.first) and math.isfinite(self.last) and self.last < (1 - min_fall) * self.first
+
+
+def window_of(n_records: int) -> int:
+    """How many logged steps make "the first" and "the last": a tenth of them, 1 to 10."""
+    return max(1, min(10, n_records // 10))
+
+
+def loss_trends(records: list[dict[str, Any]]) -> dict[str, Trend]:
+    """Per loss component (and "loss", the total) the mean of the first and of the last window_of(n) records."""
+    if not records:
+        return {}
+    k = window_of(len(records))
+
+    def mean(rs: list[dict[str, Any]], name: str) -> float:
+        values = [float(r["loss"] if name == "loss" else r["losses"][name]) for r in rs]
+        return sum(values) / len(values)
+
+    names = ["loss", *records[0].get("losses", {})]
+    return {name: Trend(mean(records[:k], name), mean(records[-k:], name)) for name in names}
+
+
+def check_falling(trends: dict[str, Trend], min_fall: float = MIN_FALL) -> list[str]:
+    """The problems: every component of COMPONENTS (and the total) must be there and have fallen."""
+    problems = []
+    for name in ("loss", *COMPONENTS):
+        trend = trends.get(name)
+        if trend is None:
+            problems.append(f"{name}: not logged")
+        elif not trend.fell(min_fall):
+            problems.append(f"{name} did not fall by {min_fall:.0%}: {trend.first:.4f} -> {trend.last:.4f}")
+    return problems
+
+
+def throughput(records: list[dict[str, Any]], batch_size: int) -> float | None:
+    """Samples/s of the training loop over the logged windows (each window's samples over its time)."""
+    samples = seconds = 0.0
+    previous = 0
+    for r in records:
+        window = (r["step"] - previous) * batch_size
+        previous = r["step"]
+        if r.get("samples_per_s"):
+            samples += window
+            seconds += window / r["samples_per_s"]
+    return samples / seconds if seconds else None
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _eval_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not record:
+        return None
+    keep = ("step", "loss", "losses", "qa_accuracy", "matched_accuracy")
+    return {k: record[k] for k in keep if k in record}
+
+
+def build_report(layout: Layout, options: JobOptions, pre: dict[str, Any], fine: dict[str, Any],
+                 seconds: dict[str, float], data_status: str) -> dict[str, Any]:  # fmt: skip
+    """The report's numbers, read from the runs' metrics.jsonl files (the summaries give the paths)."""
+    pre_metrics, fine_metrics = layout.pretrain / "metrics.jsonl", layout.finetune / "metrics.jsonl"
+    pre_train, pre_evals = read_records(pre_metrics), read_records(pre_metrics, "eval")
+    trends = loss_trends(pre_train)
+    fine_train, fine_evals = read_records(fine_metrics), read_records(fine_metrics, "eval")
+    scored = [e for e in fine_evals if e.get("metric") is not None]
+    best = max(scored, key=lambda e: e["metric"]) if scored else None  # the first of equals, as the FineTuner
+    answer, chance = majority_baseline(layout.store("vqa_minival"))
+    return {
+        "workdir": str(layout.root), "data": data_status, "seconds": seconds,
+        "pretrain": {
+            "steps": pre_train[-1]["step"] if pre_train else 0, "steps_this_run": pre.get("steps_this_run"),
+            "batch_size": options.batch_size, "window": window_of(len(pre_train)),
+            "losses": {name: {"first": t.first, "last": t.last, "fell": t.fell()} for name, t in trends.items()},
+            "samples_per_s": throughput(pre_train, options.batch_size),
+            "first_eval": _eval_summary(pre_evals[0] if pre_evals else None),
+            "last_eval": _eval_summary(pre_evals[-1] if pre_evals else None),
+            "checkpoint": pre.get("checkpoint"), "model": pre.get("model"), "metrics": str(pre_metrics),
+            "plots": pre.get("plots", []),
+        },
+        "finetune": {
+            "steps": fine_train[-1]["step"] if fine_train else 0, "steps_this_run": fine.get("steps_this_run"),
+            "batch_size": options.finetune_batch_size, "epochs": len(fine_evals),
+            "first_loss": fine_train[0]["loss"] if fine_train else None,
+            "last_loss": fine_train[-1]["loss"] if fine_train else None,
+            "samples_per_s": throughput(fine_train, options.finetune_batch_size),
+            "metric": fine.get("metric", "vqa_score"), "by_epoch": [e["metric"] for e in fine_evals],
+            "best": best["metric"] if best else None, "best_epoch": best["epoch"] if best else None,
+            "chance": chance, "chance_answer": answer, "model": fine.get("model"),
+            "submission": fine.get("submission"), "checkpoint": fine.get("checkpoint"), "metrics": str(fine_metrics),
+            "plots": fine.get("plots", []),
+        },
+        "problems": check_falling(trends),
+    }  # fmt: skip
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    pre, fine = report["pretrain"], report["finetune"]
+    lines = [f"== LXMERT main job ({report['workdir']}) ==", f"data: {report['data']}"]
+    resumed = "" if pre["steps_this_run"] == pre["steps"] else f", {pre['steps_this_run']} of them in this run"
+    lines.append(f"pre-training: {pre['steps']} steps at batch {pre['batch_size']}{resumed}; per loss the mean of "
+                 f"the first and of the last {pre['window']} logged steps:")  # fmt: skip
+    lines.append(f"  {'loss':<8} {'first':>9} {'last':>9}  fell")
+    for name, t in pre["losses"].items():
+        lines.append(f"  {name:<8} {t['first']:>9.4f} {t['last']:>9.4f}  {'yes' if t['fell'] else 'NO'}")
+    if pre["samples_per_s"]:
+        lines.append(f"  {pre['samples_per_s']:.1f} samples/s (training steps, from the log)")
+    for label, e in (("first", pre["first_eval"]), ("last", pre["last_eval"])):
+        if e:
+            parts = " ".join(f"{k} {v:.3f}" for k, v in e.get("losses", {}).items())
+            lines.append(f"  eval, {label} (step {e['step']}): loss {_fmt(e.get('loss'))} ({parts}); QA accuracy "
+                         f"{_fmt(e.get('qa_accuracy'))}, matching accuracy {_fmt(e.get('matched_accuracy'))}")  # fmt: skip
+    resumed = "" if fine["steps_this_run"] == fine["steps"] else f", {fine['steps_this_run']} of them in this run"
+    lines.append(f"fine-tuning (VQA): {fine['steps']} steps at batch {fine['batch_size']}, {fine['epochs']} "
+                 f"epochs{resumed}")  # fmt: skip
+    if fine["first_loss"] is not None:
+        lines.append(f"  train loss {fine['first_loss']:.4f} (first logged step) -> {fine['last_loss']:.4f} (last)")
+    if fine["samples_per_s"]:
+        lines.append(f"  {fine['samples_per_s']:.1f} samples/s (training steps, from the log)")
+    lines.append(f"  eval {fine['metric']} by epoch: " + ", ".join(_fmt(a) for a in fine["by_epoch"]))
+    lines.append(f"  best {_fmt(fine['best'])} (epoch {fine['best_epoch']}) against chance {fine['chance']:.4f} "
+                 f"(always answering {fine['chance_answer']!r}, the best single answer on the eval split)")  # fmt: skip
+    lines.append("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
+    lines.append("paths:")
+    for label, path in (
+        ("pre-training checkpoint", pre["checkpoint"]), ("pre-trained model", pre["model"]),
+        ("pre-training log", pre["metrics"]), ("fine-tuned best model", fine["model"]),
+        ("submission", fine["submission"]), ("fine-tuning log", fine["metrics"]),
+        *(("plot", p) for p in pre["plots"] + fine["plots"]), ("this report", report.get("path")),
+    ):  # fmt: skip
+        lines.append(f"  {label:<24} {path}")
+    if report["problems"]:
+        lines.append("FAILED: " + "; ".join(report["problems"]))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- the job
+
+
+def clean(layout: Layout) -> None:
+    """--fresh: delete what this job wrote in the work dir (its own entries only)."""
+    for path in (layout.data, layout.stores, layout.pretrain, layout.finetune, layout.report):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run_job(options: JobOptions) -> dict[str, Any]:
+    """Data, pre-training, fine-tuning; returns the report (also written to <workdir>/report.json)."""
+    layout = Layout(Path(options.workdir))
+    if options.fresh:
+        clean(layout)
+    seconds: dict[str, float] = {}
+    tick = time.perf_counter()
+    data_status = prepare_data(layout, options)
+    seconds["data"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    pre = run_pretraining(layout, options)
+    seconds["pre-training"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    fine = run_finetuning(layout, options)
+    seconds["fine-tuning"] = time.perf_counter() - tick
+    seconds["total"] = sum(seconds.values())
+    report = build_report(layout, options, pre, fine, seconds, data_status)
+    report["path"] = str(layout.report)
+    write_text_atomic(layout.report, json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> JobOptions:
+    d = JobOptions()
+    parser = argparse.ArgumentParser(prog="python -m engine.main", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=d.workdir, help="where everything goes (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="pre-training steps (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="pre-training batch (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="pre-training peak lr (default %(default)s)")
+    parser.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs, help="default %(default)s")
+    parser.add_argument("--finetune-batch-size", type=int, default=d.finetune_batch_size, help="default %(default)s")
+    parser.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="default %(default)s")
+    parser.add_argument("--seed", type=int, default=d.seed, help="training seed (default %(default)s)")
+    parser.add_argument("--images", type=int, default=d.images, help="synthetic images (default %(default)s)")
+    parser.add_argument("--data-seed", type=int, default=d.data_seed, help="synthetic world (default %(default)s)")
+    parser.add_argument("--log-every", type=int, default=d.log_every, help="0: steps / 50 (default)")
+    parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a model.* override for both runs, e.g. --model hidden_size=64 (repeatable)")
+    parser.add_argument("--fresh", action="store_true", help="delete this job's outputs in the work dir first")
     args = parser.parse_args(argv)
-    log_every = 10
-    if args.steps < 2 * log_every:
-        parser.error(f"--steps must be at least {2 * log_every} to compare the first and last {log_every} steps")
+    if args.steps < 1 or args.images < 2:
+        parser.error("--steps must be >= 1 and --images >= 2")
+    return JobOptions(
+        workdir=args.workdir, images=args.images, data_seed=args.data_seed, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, finetune_epochs=args.finetune_epochs,
+        finetune_batch_size=args.finetune_batch_size, finetune_lr=args.finetune_lr, seed=args.seed,
+        log_every=args.log_every, model=args.model, fresh=args.fresh,
+    )  # fmt: skip
 
-    torch.manual_seed(args.seed)
-    config = small_config()
-    model = lxmert.LxmertForPreTraining(config)
-    model.train()
-    data = SyntheticPretrainingData(config, seed=args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
-    print(f"LXMERT pre-training on synthetic data: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{args.steps} steps at batch {args.batch_size}, lr {args.lr}, seed {args.seed}, device cpu")
 
-    history = defaultdict(list)  # component name -> one float a step; each log line prints its window's mean
-    pending = []  # detached loss tensors not yet read, so the host syncs once a logging step
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        out = model(**data.batch(args.batch_size))
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        pending.append({"total": out.loss.detach(), **{k: v.detach() for k, v in out.losses.items()}})
-        if step % log_every == 0 or step == args.steps:
-            window = len(pending)
-            for losses in pending:
-                for name, value in losses.items():
-                    history[name].append(value.item())
-            pending.clear()
-            means = "  ".join(f"{name} {mean(values[-window:]):.4f}" for name, values in history.items())
-            print(f"step {step:4d}  {means}")
-    elapsed = time.perf_counter() - start
-
-    print(f"\n{'component':>12}  first {log_every}  last {log_every}")
-    for name, values in history.items():
-        first, last = mean(values[:log_every]), mean(values[-log_every:])
-        print(f"{name:>12}  {first:8.4f}  {last:8.4f}")
-    print(f"{args.steps * args.batch_size / elapsed:.1f} samples/s ({elapsed:.1f} s for {args.steps} steps)")
-
-    first, last = mean(history["total"][:log_every]), mean(history["total"][-log_every:])
-    if not last < (1 - MIN_FALL) * first:  # a margin, so that batch-to-batch noise does not count as learning
-        print(f"FAILED: the total loss did not fall by {MIN_FALL:.0%} ({first:.4f} -> {last:.4f})", file=sys.stderr)
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    try:
+        report = run_job(options)
+    except JobError as error:
+        print(f"engine.main: {error}", file=sys.stderr)
+        return 2
+    print(format_report(report), flush=True)
+    if report["problems"]:
+        print("engine.main: FAILED: a pre-training loss did not fall, so something is broken: "
+              + "; ".join(report["problems"]), file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

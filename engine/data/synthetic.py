@@ -52,6 +52,15 @@ TEXTURES = ("wooden", "metal", "plastic", "striped", "dark", "bright", "wet", "s
 _PLURALS = {"bus": "buses", "bench": "benches"}
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 NUMBERS = tuple(str(n) for n in range(10))  # counting answers (up to 3 things x 3), distractors included
+# With places=True every image is at one of three places: its background regions are of that place's three
+# classes (each class one texture per image); its captions end with the place ("... at the beach.") and its
+# region descriptions include it ("the beach"). Image-sentence matching then has a cue spread over the whole
+# image, few-valued, so LXMERT learns it in minutes (it has to compare a word with what it sees: with the many
+# thing classes alone that takes far longer), and masked background regions have a context that predicts them.
+PLACES = (
+    ("beach", "at", ("sand", "water", "sky")), ("city", "in", ("street", "building", "pole")),
+    ("room", "in", ("floor", "wall", "window")),
+)  # (name, preposition, background classes)  # fmt: skip
 
 OBJECT_NAMES = OBJECTS + BACKGROUND  # object id = index here
 ATTRIBUTE_NAMES = COLORS + TEXTURES  # attribute id = index here
@@ -89,6 +98,14 @@ class Scene:
     img_id: str
     things: tuple[Thing, ...]
     record: RegionRecord
+    place: int | None = None  # an index into PLACES (World(places=True)), else None
+
+    def where(self) -> str:
+        """'at the beach' (places=True), else ''."""
+        if self.place is None:
+            return ""
+        name, preposition, _ = PLACES[self.place]
+        return f"{preposition} the {name}"
 
 
 @dataclass(frozen=True)
@@ -102,9 +119,9 @@ class Question:
 class World:
     """The class and attribute prototypes every region feature is drawn around."""
 
-    def __init__(self, seed: int, feat_dim: int, noise: float = 0.5) -> None:
+    def __init__(self, seed: int, feat_dim: int, noise: float = 0.5, places: bool = False) -> None:
         rng = np.random.default_rng([seed, _WORLD_KEY])
-        self.seed, self.feat_dim, self.noise = seed, feat_dim, noise
+        self.seed, self.feat_dim, self.noise, self.places = seed, feat_dim, noise, places
         self.obj_protos = rng.standard_normal((len(OBJECT_NAMES), feat_dim)).astype(np.float32)
         self.attr_protos = rng.standard_normal((len(ATTRIBUTE_NAMES), feat_dim)).astype(np.float32)
 
@@ -124,8 +141,18 @@ class World:
         thing_obj = [t.obj for t in things for _ in range(t.count)]
         thing_attr = [t.color for t in things for _ in range(t.count)]
         n_back = regions - len(thing_obj)
-        obj_ids = np.array(thing_obj + list(len(OBJECTS) + rng.integers(len(BACKGROUND), size=n_back)), np.int64)
-        attr_ids = np.array(thing_attr + list(len(COLORS) + rng.integers(len(TEXTURES), size=n_back)), np.int64)
+        place = None
+        if self.places:  # the place's background classes, one texture each
+            place = int(rng.integers(len(PLACES)))
+            classes = np.array([BACKGROUND.index(name) for name in PLACES[place][2]])
+            textures = rng.integers(len(TEXTURES), size=len(classes))
+            which = rng.integers(len(classes), size=n_back)
+            back_obj, back_attr = list(classes[which]), list(textures[which])
+        else:  # every background region of any class and texture (the draws of the original world)
+            back_obj = list(rng.integers(len(BACKGROUND), size=n_back))
+            back_attr = list(rng.integers(len(TEXTURES), size=n_back))
+        obj_ids = np.array(thing_obj + [len(OBJECTS) + int(o) for o in back_obj], np.int64)
+        attr_ids = np.array(thing_attr + [len(COLORS) + int(a) for a in back_attr], np.int64)
         obj_conf = np.concatenate([rng.uniform(0.6, 1.0, len(thing_obj)), rng.uniform(0.1, 0.6, n_back)])
         order = np.argsort(-obj_conf, kind="stable")
         obj_ids, attr_ids, obj_conf = obj_ids[order], attr_ids[order], obj_conf[order].astype(np.float32)
@@ -142,7 +169,7 @@ class World:
             attrs_id=attr_ids, attrs_conf=attr_conf, num_boxes=regions, boxes=boxes,
             features=self.features(obj_ids, attr_ids, rng),
         )  # fmt: skip
-        return Scene(img_id, things, record)
+        return Scene(img_id, things, record, place)
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -156,20 +183,26 @@ _CAPTIONS = ("a photo of {}.", "an image with {}.", "this picture shows {}.", "{
 
 
 def captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
-    """COCO-style captions naming all the things, or all but one, in a random order."""
+    """COCO-style captions naming all the things, or all but one, in a random order (and the place, if any)."""
     out = []
     for _ in range(n):
         things = list(scene.things)
         rng.shuffle(things)  # type: ignore[arg-type]
         if len(things) > 1 and rng.random() < 0.3:
             things = things[:-1]
-        out.append(_CAPTIONS[int(rng.integers(len(_CAPTIONS)))].format(_join([t.phrase() for t in things])))
+        phrase = _join([t.phrase() for t in things])
+        if scene.place is not None:
+            phrase += " " + scene.where()
+        out.append(_CAPTIONS[int(rng.integers(len(_CAPTIONS)))].format(phrase))
     return out
 
 
 def region_phrases(scene: Scene) -> list[str]:
-    """Visual Genome-style region descriptions, one a thing."""
-    return [t.phrase() for t in scene.things]
+    """Visual Genome-style region descriptions, one a thing (and the place, if any: "the beach")."""
+    phrases = [t.phrase() for t in scene.things]
+    if scene.place is not None:
+        phrases.append(f"the {PLACES[scene.place][0]}")
+    return phrases
 
 
 def _soft(answer: str, distractor: str | None, rng: np.random.Generator) -> dict[str, float]:
@@ -273,14 +306,17 @@ def generate(
     captions_per_image: int = 5,
     questions_per_image: int = 4,
     noise: float = 0.5,
+    places: bool = False,
 ) -> dict[str, Any]:
-    """Write the data set into `out_dir` (layout in this file's header); returns what synthetic.json holds."""
+    """Write the data set into `out_dir` (layout in this file's header); returns what synthetic.json holds.
+
+    places=True: every image at one of PLACES (see there); False keeps the original world, byte for byte."""
     if images < 2:
         raise ValueError("need at least 2 images (one for minival)")
     out = Path(out_dir)
     for sub in ("lxmert", "mscoco_imgfeat", "vqa", "gqa", "nlvr2"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    world = World(seed, feat_dim, noise)
+    world = World(seed, feat_dim, noise, places)
     sizes = split_sizes(images, minival_fraction)
     names = {
         "train": ("mscoco_train", "train2014_obj36", "train", "train", "train"),
@@ -342,6 +378,8 @@ def generate(
         "object_names": list(OBJECT_NAMES), "attribute_names": list(ATTRIBUTE_NAMES), "answers": list(ANSWERS),
         "splits": counts,
     }  # fmt: skip
+    if places:  # only then: the original world's synthetic.json stays as it was
+        summary["places"] = [name for name, _, _ in PLACES]
     write_json(out / "synthetic.json", summary)
     return summary
 
@@ -357,11 +395,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--questions-per-image", type=int, default=4)
     parser.add_argument("--noise", type=float, default=0.5, help="std of the feature noise (default %(default)s)")
+    parser.add_argument("--places", action="store_true", help="every image at a place its captions name (PLACES)")
     args = parser.parse_args(argv)
     summary = generate(
         args.out_dir, args.images, feat_dim=args.feat_dim, seed=args.seed, regions=args.regions,
         minival_fraction=args.minival_fraction, captions_per_image=args.captions_per_image,
-        questions_per_image=args.questions_per_image, noise=args.noise,
+        questions_per_image=args.questions_per_image, noise=args.noise, places=args.places,
     )  # fmt: skip
     print(json.dumps({"out_dir": args.out_dir, **summary["splits"]}))
 
