@@ -19,6 +19,8 @@ Layout (the authors' data/ directory; all tasks draw their images from the two f
     nlvr2/train.json, nlvr2/valid.json                        statements about consecutive image pairs
     synthetic.json                                            the world: class and attribute names, sizes
 
+places=True (--places) sets every image at a place (PLACES) that its features, background and captions show.
+
 Deterministic: the world comes from the seed, each image from (seed, split, index), so the output is
 byte-identical for a seed and any image can be regenerated alone. Writing streams image by image (bounded
 memory): from a few hundred images in a second to millions of sentences for benchmarks.
@@ -52,11 +54,12 @@ TEXTURES = ("wooden", "metal", "plastic", "striped", "dark", "bright", "wet", "s
 _PLURALS = {"bus": "buses", "bench": "benches"}
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 NUMBERS = tuple(str(n) for n in range(10))  # counting answers (up to 3 things x 3), distractors included
-# With places=True every image is at one of three places: its background regions are of that place's three
-# classes (each class one texture per image); its captions end with the place ("... at the beach.") and its
-# region descriptions include it ("the beach"). Image-sentence matching then has a cue spread over the whole
-# image, few-valued, so LXMERT learns it in minutes (it has to compare a word with what it sees: with the many
-# thing classes alone that takes far longer), and masked background regions have a context that predicts them.
+# With places=True (off by default: the original world, byte for byte) every image is at one of three places,
+# which shows in all of it: each region's feature gets the place's prototype (PLACE_WEIGHT), the background
+# regions are of the place's three classes (each class one texture per image), its captions end with the place
+# ("... at the beach.") and its region descriptions include it ("the beach"). A masked region then has a
+# context that predicts it (object, attribute and feature losses fall further), and image-sentence matching a
+# few-valued cue spread over the whole image (engine/main.py: matching still needs longer than a CPU-minutes run).
 PLACES = (
     ("beach", "at", ("sand", "water", "sky")), ("city", "in", ("street", "building", "pole")),
     ("room", "in", ("floor", "wall", "window")),
@@ -66,6 +69,7 @@ OBJECT_NAMES = OBJECTS + BACKGROUND  # object id = index here
 ATTRIBUTE_NAMES = COLORS + TEXTURES  # attribute id = index here
 ANSWERS = ("yes", "no", *NUMBERS, *COLORS, *OBJECTS)  # the answer table, already normalised
 ATTR_WEIGHT = 0.5  # the attribute prototype's share of a region feature
+PLACE_WEIGHT = 1.0  # the place prototype's share (places=True)
 MAX_THINGS, MAX_COUNT = 3, 3
 _WORLD_KEY = 7919  # seeds the prototypes, apart from every (split, image) key
 SPLITS = ("train", "minival")
@@ -124,10 +128,16 @@ class World:
         self.seed, self.feat_dim, self.noise, self.places = seed, feat_dim, noise, places
         self.obj_protos = rng.standard_normal((len(OBJECT_NAMES), feat_dim)).astype(np.float32)
         self.attr_protos = rng.standard_normal((len(ATTRIBUTE_NAMES), feat_dim)).astype(np.float32)
+        if places:  # drawn last: the other prototypes are those of the original world
+            self.place_protos = rng.standard_normal((len(PLACES), feat_dim)).astype(np.float32)
 
-    def features(self, obj_ids: np.ndarray, attr_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def features(self, obj_ids: np.ndarray, attr_ids: np.ndarray, rng: np.random.Generator,
+                 place: int | None = None) -> np.ndarray:  # fmt: skip
         noise = rng.standard_normal((len(obj_ids), self.feat_dim), dtype=np.float32) * np.float32(self.noise)
-        return self.obj_protos[obj_ids] + np.float32(ATTR_WEIGHT) * self.attr_protos[attr_ids] + noise
+        out = self.obj_protos[obj_ids] + np.float32(ATTR_WEIGHT) * self.attr_protos[attr_ids] + noise
+        if place is not None:
+            out += np.float32(PLACE_WEIGHT) * self.place_protos[place]
+        return out
 
     def scene(self, img_id: str, rng: np.random.Generator, regions: int = 36) -> Scene:
         """An image: its things and its detections (confidence-ordered, as a detector writes them)."""
@@ -167,7 +177,7 @@ class World:
         record = RegionRecord(
             img_id=img_id, img_h=img_h, img_w=img_w, objects_id=obj_ids, objects_conf=obj_conf,
             attrs_id=attr_ids, attrs_conf=attr_conf, num_boxes=regions, boxes=boxes,
-            features=self.features(obj_ids, attr_ids, rng),
+            features=self.features(obj_ids, attr_ids, rng, place),
         )  # fmt: skip
         return Scene(img_id, things, record, place)
 
