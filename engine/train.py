@@ -83,15 +83,14 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def write_run_plots(metrics_path: Path, out_dir: Path, log: MetricsLog | None = None) -> list[Path]:
-    """engine.plots.write_plots, never failing a finished run: a problem is reported and the run goes on."""
+def write_run_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
+    """engine.plots.write_plots, never failing a finished run: a problem is printed and the run goes on."""
     try:
         from engine.plots import write_plots
 
         return write_plots(metrics_path, out_dir)
     except Exception as error:  # the run's results are written; a plot is a convenience
-        message = f"plots not written: {type(error).__name__}: {error}"
-        log.console(message) if log is not None else print(message, flush=True)
+        print(f"plots not written: {type(error).__name__}: {error}", flush=True)
         return []
 
 
