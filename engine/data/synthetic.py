@@ -29,6 +29,7 @@ memory): from a few hundred images in a second to millions of sentences for benc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -56,10 +57,13 @@ COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 NUMBERS = tuple(str(n) for n in range(10))  # counting answers (up to 3 things x 3), distractors included
 # With places=True (off by default: the original world, byte for byte) every image is at one of three places,
 # which shows in all of it: each region's feature gets the place's prototype (PLACE_WEIGHT), the background
-# regions are of the place's three classes (each class one texture per image), its captions end with the place
-# ("... at the beach.") and its region descriptions include it ("the beach"). A masked region then has a
-# context that predicts it (object, attribute and feature losses fall further), and image-sentence matching a
-# few-valued cue spread over the whole image (engine/main.py: matching still needs longer than a CPU-minutes run).
+# regions are of the place's three classes (each class one texture per image), and every sentence names it:
+# captions ("... at the beach."), region descriptions ("a red dog at the beach") and questions ("what color is
+# the dog at the beach?"). A masked region then has a context that predicts it (object, attribute and feature
+# losses fall further), and image-sentence matching a few-valued cue in every pair that a small model learns
+# within a CPU-minutes run (engine/main.py has the measurements). PLACES_VERSION names this world in
+# synthetic.json (version 1 named the place only in captions and in one region description, "the beach").
+PLACES_VERSION = 2
 PLACES = (
     ("beach", "at", ("sand", "water", "sky")), ("city", "in", ("street", "building", "pole")),
     ("room", "in", ("floor", "wall", "window")),
@@ -208,11 +212,16 @@ def captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
 
 
 def region_phrases(scene: Scene) -> list[str]:
-    """Visual Genome-style region descriptions, one a thing (and the place, if any: "the beach")."""
-    phrases = [t.phrase() for t in scene.things]
-    if scene.place is not None:
-        phrases.append(f"the {PLACES[scene.place][0]}")
-    return phrases
+    """Visual Genome-style region descriptions, one a thing (with the place, if any: "a red dog at the beach")."""
+    return [_at(t.phrase(), scene) for t in scene.things]
+
+
+def _at(text: str, scene: Scene) -> str:
+    """text with the scene's place appended (places=True), before a final '?': every sentence names it."""
+    if scene.place is None:
+        return text
+    mark = "?" if text.endswith("?") else ""
+    return f"{text.removesuffix(mark)} {scene.where()}{mark}"
 
 
 def _soft(answer: str, distractor: str | None, rng: np.random.Generator) -> dict[str, float]:
@@ -256,7 +265,7 @@ def questions(scene: Scene, rng: np.random.Generator, n: int, style: str = "vqa"
             else:  # "what is red?" would be ambiguous
                 label = {str(sum(t.count for t in same_color)): 1.0}
                 q = Question(f"how many {COLORS[thing.color]} things are there?", label, "number", "how many")
-        out.append(q)
+        out.append(dataclasses.replace(q, sent=_at(q.sent, scene)))
     return out
 
 
@@ -389,7 +398,7 @@ def generate(
         "splits": counts,
     }  # fmt: skip
     if places:  # only then: the original world's synthetic.json stays as it was
-        summary["places"] = [name for name, _, _ in PLACES]
+        summary["places"], summary["places_version"] = [name for name, _, _ in PLACES], PLACES_VERSION
     write_json(out / "synthetic.json", summary)
     return summary
 
