@@ -7,8 +7,9 @@
    engine.data.tasks turn it into verified stores (<workdir>/stores: the region features, the pre-training
    text of the train and minival splits, the VQA train and minival questions).
 2. pre-training: engine.train.Trainer on configs/tiny_cpu.yaml's model (hidden 128, 2/1/1 layers; MODEL's
-   initialisation and no dropout) with AdamW and this job's steps, batch, learning rate and seed, all tasks on (masked words; masked objects: labels, attributes
-   and features; image-sentence matching; QA), evaluated on minival four times, into <workdir>/pretrain.
+   initialisation and no dropout) with AdamW and this job's steps, batch, learning rate and seed, all tasks on
+   (masked words; masked objects: labels, attributes and features; image-sentence matching; QA), evaluated on
+   minival four times, into <workdir>/pretrain.
 3. fine-tuning: engine.finetune.FineTuner on the synthetic VQA stores from the pre-training export (the QA
    head's rows matched by answer string; the recipe's BertAdam at lr 1e-4), evaluated every epoch, into
    <workdir>/vqa.

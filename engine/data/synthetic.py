@@ -19,7 +19,8 @@ Layout (the authors' data/ directory; all tasks draw their images from the two f
     nlvr2/train.json, nlvr2/valid.json                        statements about consecutive image pairs
     synthetic.json                                            the world: class and attribute names, sizes
 
-places=True (--places) sets every image at a place (PLACES) that its features, background and captions show.
+places=True (--places) sets every image at a place (PLACES) that its features and background show and that
+every sentence names.
 
 Deterministic: the world comes from the seed, each image from (seed, split, index), so the output is
 byte-identical for a seed and any image can be regenerated alone. Writing streams image by image (bounded
