@@ -9,7 +9,8 @@ Layout under <output_dir>/checkpoints/ (the same for both paths, so `resume="aut
 
 The plain path writes into `step_XXXXXXXX.tmp/` and renames it into place only when every byte is on disk, then
 moves `latest`: a crash mid-save leaves the previous checkpoint and pointer as they were (a stale .tmp is
-removed by the next save). DeepSpeed's save writes `latest` itself after its files.
+removed by the next save). DeepSpeed's save writes `latest` itself after its files (ours, the RNG states, come
+first). train.keep_checkpoints = N deletes all but the N newest complete checkpoints after each save (`prune`).
 
 Resume is exact: the loader's position (engine/data/loaders.py: batches are keyed by (seed, epoch, step)), the
 optimizer and schedule, the loss scaler, and torch (CPU and CUDA), numpy and Python RNG states are restored, so
@@ -122,6 +123,26 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def prune(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete the checkpoints older than the `keep` newest complete ones (never the one `latest` names);
+    incomplete step directories older than those go too (a crashed save). Returns what was deleted."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = checkpoint_root(output_dir)
+    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _TAG.fullmatch(p.name)))
+    complete = [(step, p) for step, p in steps if is_complete(p)]
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[-keep][0]
+    protected = find_latest(output_dir)
+    deleted = []
+    for step, path in steps:
+        if step < oldest_kept and path != protected:
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     """train.resume -> the checkpoint directory to load, or None to start afresh."""
     if resume == "none":
@@ -140,11 +161,13 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 
 def save_deepspeed(engine: Any, output_dir: str | Path, step: int, client_state: dict[str, Any], rank: int) -> Path:
-    """engine.save_checkpoint (every rank calls it: ZeRO shards are per rank) plus this rank's RNG states."""
+    """This rank's RNG states, then engine.save_checkpoint (every rank calls it: ZeRO shards are per rank),
+    which moves `latest` after its files: a checkpoint that `latest` names has its RNG states."""
     root = checkpoint_root(output_dir)
     tag = tag_of(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    (root / tag).mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     return root / tag
 
 

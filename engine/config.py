@@ -133,6 +133,8 @@ class TrainConfig:
     """Optimizer steps between evaluations; 0 = at the end of every epoch."""
     save_every: int = 0
     """Optimizer steps between checkpoints; 0 = at the end of every epoch."""
+    keep_checkpoints: int = 0
+    """How many of the newest checkpoints to keep in output_dir (older ones are deleted after each save); 0 = all."""
     output_dir: str = "runs/lxmert"
     """Checkpoints, logs and the resolved config go here."""
     resume: str = "auto"
@@ -292,6 +294,7 @@ def _check(config: RunConfig) -> None:
         need(value is None or value >= 1, f"train.{name} must be >= 1 or null, got {value}")
     for name in ("eval_every", "save_every"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0 (0 = every epoch), got {getattr(t, name)}")
+    need(t.keep_checkpoints >= 0, f"train.keep_checkpoints must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     need(t.offload == "none" or t.zero_stage >= 1, f"train.offload {t.offload!r} needs train.zero_stage >= 1")
     need(t.offload != "optimizer+params" or t.zero_stage == 3,
          f"train.offload 'optimizer+params' needs train.zero_stage 3 (parameters are sharded only by ZeRO-3), "

@@ -194,14 +194,20 @@ class Runtime:
     # ---------------------------------------------------------------------------------------- checkpoints
 
     def save(self, output_dir: str | Path, step: int, client: dict[str, Any], rank: int = 0) -> Path:
-        """A checkpoint of the model, optimizer, schedule, loss scaler and RNG states, plus `client`."""
+        """A checkpoint of the model, optimizer, schedule, loss scaler and RNG states, plus `client`; then rank 0
+        deletes the checkpoints beyond train.keep_checkpoints (older ones only: the other ranks may still be
+        writing this one)."""
         if self.use_deepspeed:
-            return ckpt.save_deepspeed(self.engine, output_dir, step, client, rank)
-        state = {
-            **client, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(),
-        }  # fmt: skip
-        return ckpt.save_plain(output_dir, step, state)
+            path = ckpt.save_deepspeed(self.engine, output_dir, step, client, rank)
+        else:
+            state = {
+                **client, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(),
+            }  # fmt: skip
+            path = ckpt.save_plain(output_dir, step, state)
+        if self.config.train.keep_checkpoints and rank == 0:
+            ckpt.prune(output_dir, self.config.train.keep_checkpoints)
+        return path
 
     def load(self, path: Path, rank: int = 0, weights_only: bool = False) -> dict[str, Any]:
         """Restore a checkpoint written by `save` (weights_only: the model's weights, for evaluation); returns

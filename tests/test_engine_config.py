@@ -186,6 +186,7 @@ def test_overrides_fill_and_are_type_checked():
     ("optim.betas=[0.9, 1.0]", r"optim.betas must be in \[0, 1\)"),
     ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
     ("train.batch_size=0", "train.batch_size must be >= 1"),
+    ("train.keep_checkpoints=-1", r"train.keep_checkpoints must be >= 0 \(0 = keep all\), got -1"),
     ("train.offload=optimizer", "needs train.zero_stage >= 1"),
     ("data.sources=[coco]", "unknown source 'coco'; did you mean 'mscoco'?"),
     ("data.word_mask_prob=1.5", r"data.word_mask_prob must be in \[0, 1\)"),

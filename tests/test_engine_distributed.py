@@ -213,12 +213,18 @@ def test_zero2_resume_continues_with_the_uninterrupted_losses(run_stage, stores,
     out.mkdir()
     shutil.copytree(ckpt.checkpoint_root(full) / ckpt.tag_of(SAVE_AT), ckpt.checkpoint_root(out) / ckpt.tag_of(SAVE_AT))
     (ckpt.checkpoint_root(out) / ckpt.LATEST).write_text(ckpt.tag_of(SAVE_AT))
-    rc = launch(overrides(stores, out, "train.zero_stage=2", "train.resume=auto"), tmp_path / "resume.log")
+    rc = launch(overrides(stores, out, "train.zero_stage=2", "train.resume=auto", "train.keep_checkpoints=1"),
+                tmp_path / "resume.log")  # fmt: skip
     recs = records(out)
     log = (tmp_path / "resume.log").read_text()
     assert f"resumed from {ckpt.checkpoint_root(out) / ckpt.tag_of(SAVE_AT)} at step {SAVE_AT}" in log, log[-3000:]
     assert [r["step"] for r in recs] == list(range(SAVE_AT + 1, STEPS + 1)), (rc, log[-3000:])
     assert_close_lists(losses(recs), full_losses[SAVE_AT:], 1e-6, "resumed loss")
+    # keep_checkpoints=1 under DeepSpeed: the final checkpoint (with both ranks' RNG states) is all that is left
+    root = ckpt.checkpoint_root(out)
+    assert [p.name for p in root.glob("step_*")] == [ckpt.tag_of(STEPS)]
+    assert ckpt.find_latest(out) == root / ckpt.tag_of(STEPS)
+    assert sorted(p.name for p in (root / ckpt.tag_of(STEPS)).glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
 
 
 def test_zero3_export_is_the_fp32_master_weights_and_loads_into_both_models(run_stage):

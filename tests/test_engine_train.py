@@ -92,6 +92,38 @@ def test_resume_is_bit_identical(baseline, stores, tmp_path):
     assert losses_of(first) + losses_of(second) == reference  # exact equality of floats
 
 
+def test_prune_keeps_the_newest_complete_checkpoints_and_the_latest(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        ckpt.save_plain(tmp_path, step, {"step": step})
+    root = ckpt.checkpoint_root(tmp_path)
+    (root / ckpt.tag_of(0)).mkdir()  # an older save that crashed: incomplete
+    (root / ckpt.tag_of(9)).mkdir()  # an incomplete newer one (another save in flight): never touched
+    (root / ckpt.LATEST).write_text(ckpt.tag_of(2) + "\n")  # latest names an old one: it stays
+    deleted = ckpt.prune(tmp_path, 2)
+    assert sorted(p.name for p in deleted) == [ckpt.tag_of(s) for s in (0, 1, 3)]
+    assert sorted(p.name for p in root.glob("step_*")) == [ckpt.tag_of(s) for s in (2, 4, 5, 9)]
+    assert ckpt.prune(tmp_path, 2) == [] and ckpt.load_plain(root / ckpt.tag_of(5))["step"] == 5
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        ckpt.prune(tmp_path, 0)
+
+
+def test_keep_checkpoints_rotates_and_the_run_still_resumes(baseline, stores, tmp_path):
+    """train.keep_checkpoints=2 with a checkpoint every 5 steps: after step 20 only steps 15 and 20 are left, and a
+    resumed run continues from 20 with the uninterrupted run's losses."""
+    config = make_config(stores, tmp_path, "train.save_every=5", "train.keep_checkpoints=2")
+    first = Trainer(config, use_deepspeed=False)
+    first.total_steps = 20
+    first.train()
+    root = ckpt.checkpoint_root(tmp_path)
+    assert sorted(p.name for p in root.glob("step_*")) == [ckpt.tag_of(15), ckpt.tag_of(20)]
+    second = Trainer(make_config(stores, tmp_path, "train.save_every=5", "train.keep_checkpoints=2"),
+                     use_deepspeed=False)  # fmt: skip
+    assert second.step == 20
+    second.train()
+    assert losses_of(first) + losses_of(second) == losses_of(baseline[0])
+    assert sorted(p.name for p in root.glob("step_*")) == [ckpt.tag_of(25), ckpt.tag_of(30)]
+
+
 def test_failed_save_keeps_the_previous_checkpoint(baseline, stores, tmp_path, monkeypatch):
     state = {"step": 1, "weights": torch.arange(5.0)}
     good = ckpt.save_plain(tmp_path, 1, state)
