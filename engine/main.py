@@ -548,8 +548,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_report(report), flush=True)
     if report["problems"]:
-        print("engine.main: FAILED: a pre-training loss did not fall, so something is broken: "
-              + "; ".join(report["problems"]), file=sys.stderr)  # fmt: skip
+        problems = report["problems"]
+        if all(p.startswith("matched") for p in problems):  # a short run, more likely than a broken one
+            print(f"engine.main: FAILED: image-sentence matching did not learn: {'; '.join(problems)}. It leaves "
+                  f"its plateau at ln 2 only after some hundred steps (the default {JobOptions.steps} steps learn "
+                  "it: engine/main.py's docstring); for shorter runs pass --no-require-matched", file=sys.stderr)
+        else:
+            print("engine.main: FAILED: a pre-training loss did not fall, so something is broken: "
+                  + "; ".join(problems), file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

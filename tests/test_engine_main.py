@@ -285,9 +285,11 @@ def test_required_losses_that_do_not_fall_fail_the_job(ran):
     code, out, err = rerun_with({"feat": 0.5})
     assert code == 1
     assert "feat did not fall by 2%: 0.5000 -> 0.5000" in err and "something is broken" in err
+    assert "--no-require-matched" not in err  # the hint only when matching is what failed
     assert "FAILED" in out
     code, out, err = rerun_with({"matched": 0.6932}, "--require-matched")
     assert code == 1 and "matched did not fall by 2%: 0.6932 -> 0.6932" in err
+    assert "matching did not learn" in err and "for shorter runs pass --no-require-matched" in err
     assert report_of(workdir)["pretrain"]["losses"]["matched"]["required"]
     code, out, err = rerun_with({"matched": 0.6932})  # ARGS: --no-require-matched
     assert code == 0 and "FAILED" not in out, err
