@@ -111,6 +111,11 @@ def is_complete(path: Path) -> bool:
     return (path / STATE_FILE).is_file() or any(path.glob("*model_states.pt"))
 
 
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every step_* directory under a checkpoints root, complete or not, oldest first."""
+    return sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _TAG.fullmatch(p.name)))
+
+
 def find_latest(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint: the one `latest` names, else the highest complete step directory."""
     root = checkpoint_root(output_dir)
@@ -119,8 +124,8 @@ def find_latest(output_dir: str | Path) -> Path | None:
         named = root / pointer.read_text().strip()
         if is_complete(named):
             return named
-    found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _TAG.fullmatch(p.name)) and is_complete(p)]
-    return max(found)[1] if found else None
+    found = [path for _, path in _step_dirs(root) if is_complete(path)]
+    return found[-1] if found else None
 
 
 def prune(output_dir: str | Path, keep: int) -> list[Path]:
@@ -128,8 +133,7 @@ def prune(output_dir: str | Path, keep: int) -> list[Path]:
     incomplete step directories older than those go too (a crashed save). Returns what was deleted."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    root = checkpoint_root(output_dir)
-    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _TAG.fullmatch(p.name)))
+    steps = _step_dirs(checkpoint_root(output_dir))
     complete = [(step, p) for step, p in steps if is_complete(p)]
     if len(complete) <= keep:
         return []

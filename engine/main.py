@@ -213,6 +213,11 @@ def baselines(train_json: Path, eval_json: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- configs
 
 
+def model_overrides(options: JobOptions) -> list[str]:
+    """The model.* overrides of both runs (fine-tuning loads the pre-training export: the same model)."""
+    return [f"model.{kv}" for kv in (*MODEL, *options.model)]
+
+
 def pretrain_config(layout: Layout, options: JobOptions) -> RunConfig:
     steps = options.steps
     log_every = options.log_every or max(1, steps // 50)
@@ -224,7 +229,7 @@ def pretrain_config(layout: Layout, options: JobOptions) -> RunConfig:
         f"optim.name={options.optimizer}", f"optim.lr={options.lr}", f"train.log_every={log_every}",
         f"train.save_every={max(1, steps // 4)}",
         f"train.eval_every={max(1, steps // 4)}", f"train.output_dir={layout.pretrain}", "train.resume=auto",
-        *(f"model.{kv}" for kv in (*MODEL, *options.model)),
+        *model_overrides(options),
     ]  # fmt: skip
     return load_config(TINY_RECIPE, overrides)
 
@@ -243,7 +248,7 @@ def finetune_config(layout: Layout, options: JobOptions) -> RunConfig:
         "train.save_every=0",
         "train.eval_every=0", f"train.output_dir={layout.finetune}",
         f"train.init_from={layout.pretrain / 'model.safetensors'}",
-        *(f"model.{kv}" for kv in (*MODEL, *options.model)),
+        *model_overrides(options),
     ]  # fmt: skip
     return load_config(TINY_RECIPE, overrides)
 
@@ -530,13 +535,7 @@ def parse_args(argv: list[str] | None = None) -> JobOptions:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.images < 2:
         parser.error("--steps must be >= 1 and --images >= 2")
-    return JobOptions(
-        workdir=args.workdir, images=args.images, data_seed=args.data_seed, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, finetune_epochs=args.finetune_epochs,
-        finetune_batch_size=args.finetune_batch_size, finetune_lr=args.finetune_lr, seed=args.seed,
-        log_every=args.log_every, model=args.model, threads=args.threads,
-        optimizer=args.optimizer, require_matched=args.require_matched, fresh=args.fresh,
-    )  # fmt: skip
+    return JobOptions(**vars(args))  # one option a field, named alike
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,10 +205,7 @@ def captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
         rng.shuffle(things)  # type: ignore[arg-type]
         if len(things) > 1 and rng.random() < 0.3:
             things = things[:-1]
-        phrase = _join([t.phrase() for t in things])
-        if scene.place is not None:
-            phrase += " " + scene.where()
-        out.append(_CAPTIONS[int(rng.integers(len(_CAPTIONS)))].format(phrase))
+        out.append(_CAPTIONS[int(rng.integers(len(_CAPTIONS)))].format(_at(_join([t.phrase() for t in things]), scene)))
     return out
 
 
@@ -415,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--questions-per-image", type=int, default=4)
     parser.add_argument("--noise", type=float, default=0.5, help="std of the feature noise (default %(default)s)")
-    parser.add_argument("--places", action="store_true", help="every image at a place its captions name (PLACES)")
+    parser.add_argument("--places", action="store_true", help="every image at a place every sentence names (PLACES)")
     args = parser.parse_args(argv)
     summary = generate(
         args.out_dir, args.images, feat_dim=args.feat_dim, seed=args.seed, regions=args.regions,
