@@ -35,7 +35,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "lxmert-convert = lxmert.convert:main",
+            "lxmert-convert = engine.convert_checkpoint:main",
             "lxmert-pretrain = engine.pretrain:main",
             "lxmert-finetune = engine.finetune:main",
             "lxmert-data-convert = engine.data.convert:main",

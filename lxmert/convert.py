@@ -7,13 +7,11 @@
            `lxrt_encoder.model.bert.` + `logit_fc.`; module names otherwise as transformers'
 
 Files are read with safetensors or torch.load(weights_only=True): a checkpoint never executes a pickle.
-Command line: `python -m lxmert.convert SRC DST [--from auto|hf|authors|ours] [--to ours|hf]`.
+The command line is `lxmert-convert` (engine/convert_checkpoint.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import tempfile
@@ -216,14 +214,9 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     return state
 
 
-def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], layout: str = "auto") -> None:
-    """Load a checkpoint of any layout into one of this package's models, naming every mismatch."""
-    state = to_ours(state, layout)
-    expected = model.state_dict()
-    if _TIED[0] in expected and _TIED[0] not in state and _TIED[1] in state:
-        state[_TIED[0]] = state[_TIED[1]]
-    if _TIED[0] in state and _TIED[1] in state and not torch.equal(state[_TIED[0]], state[_TIED[1]]):
-        raise ValueError(f"{_TIED[0]} and {_TIED[1]} are one tied weight in LXMERT, but the checkpoint holds two different tensors")
+def state_dict_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps `state` from loading where `expected` (a module's state dict) is: missing and unexpected keys,
+    shape mismatches, each summarised with a few examples; [] when it fits."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -235,6 +228,18 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], layout:
         problems.append(f"{len(extra)} unexpected keys, e.g. {extra[:5]}")
     if wrong:
         problems.append(f"{len(wrong)} shape mismatches, e.g. {wrong[:3]}")
+    return problems
+
+
+def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], layout: str = "auto") -> None:
+    """Load a checkpoint of any layout into one of this package's models, naming every mismatch."""
+    state = to_ours(state, layout)
+    expected = model.state_dict()
+    if _TIED[0] in expected and _TIED[0] not in state and _TIED[1] in state:
+        state[_TIED[0]] = state[_TIED[1]]
+    if _TIED[0] in state and _TIED[1] in state and not torch.equal(state[_TIED[0]], state[_TIED[1]]):
+        raise ValueError(f"{_TIED[0]} and {_TIED[1]} are one tied weight in LXMERT, but the checkpoint holds two different tensors")
+    problems = state_dict_problems(expected, state)
     if problems:
         raise KeyError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state)
@@ -304,34 +309,10 @@ def write_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike)
             save_file(tensors, tmp, metadata={"format": "pt"})
         else:
             torch.save(tensors, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # what open() would give, not mkstemp's (or safetensors' own) 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lxmert-convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="checkpoint file: .pth/.bin/.pt (weights only) or .safetensors")
-    parser.add_argument("dst", help="output file (.safetensors or .pth); for --to hf a directory gets "
-                        "model.safetensors + config.json that transformers loads")  # fmt: skip
-    parser.add_argument("--from", dest="src_layout", default="auto", choices=("auto", "hf", "authors", "ours"))
-    parser.add_argument("--to", dest="dst_layout", default="ours", choices=("ours", "hf"))
-    parser.add_argument("--num-attention-heads", type=int, help="for config.json (default: hidden size / 64)")
-    args = parser.parse_args(argv)
-
-    ours = to_ours(read_state_dict(args.src), args.src_layout)
-    state = to_hf_state_dict(ours) if args.dst_layout == "hf" else ours
-    dst = Path(args.dst)
-    if dst.suffix not in (".safetensors", ".pth", ".pt", ".bin"):  # a model directory, with its config
-        config = infer_config(ours, args.num_attention_heads)
-        dst.mkdir(parents=True, exist_ok=True)
-        config_dict = config.to_hf_dict() if args.dst_layout == "hf" else config.to_dict()
-        (dst / "config.json").write_text(json.dumps(config_dict, indent=2))
-        dst = dst / "model.safetensors"
-    write_state_dict(state, dst)
-    print(f"wrote {dst} ({len(state)} tensors, layout {args.dst_layout})")
-
-
-if __name__ == "__main__":
-    main()

@@ -20,6 +20,7 @@ import torch
 import lxmert
 from conftest import norm_rel_err as rel_err
 from conftest import perturb_ as randomise
+from engine import convert_checkpoint as convert_cli
 from lxmert import convert
 
 transformers = pytest.importorskip("transformers")
@@ -399,7 +400,7 @@ def authors_file(hf_pre, tmp_path_factory):
 def test_cli_authors_to_hf_directory(authors_file, hf_pre, tmp_path, capsys):
     out_dir = tmp_path / "hf_model"
     heads = ["--num-attention-heads", str(HEADS)]  # the default, hidden / 64, does not fit hidden 16
-    convert.main([str(authors_file), str(out_dir), "--from", "authors", "--to", "hf", *heads])
+    assert convert_cli.main([str(authors_file), str(out_dir), "--from", "authors", "--to", "hf", *heads]) == 0
     assert sorted(os.listdir(out_dir)) == ["config.json", "model.safetensors"]
     assert "model.safetensors" in capsys.readouterr().out
 
@@ -416,10 +417,10 @@ def test_cli_authors_to_hf_directory(authors_file, hf_pre, tmp_path, capsys):
     assert_same_pretraining_outputs(ours, loaded, seed=10)
 
 
-def test_cli_authors_to_ours(authors_file, hf_pre, tmp_path):
+def test_cli_authors_to_ours(authors_file, hf_pre, tmp_path, capsys):
     dst = tmp_path / "ours.safetensors"
     heads = ["--num-attention-heads", str(HEADS)]
-    convert.main([str(authors_file), str(dst), "--from", "authors", "--to", "ours"])  # a file: no config needed
+    assert convert_cli.main([str(authors_file), str(dst), "--from", "authors", "--to", "ours"]) == 0  # a file: no config
     state = convert.read_state_dict(dst)
     assert convert.detect_layout(state) == "ours"
     assert_same_state(state, convert.from_authors_state_dict(convert.read_state_dict(authors_file)))
@@ -428,13 +429,81 @@ def test_cli_authors_to_ours(authors_file, hf_pre, tmp_path):
     convert.load_into(model, state)
     assert_same_pretraining_outputs(model, hf_pre, seed=11)
 
-    # to a directory (layout detected): config.json + model.safetensors, the config loads back
+    # to a directory (layout detected): model_config.json + model.safetensors, the config loads back
     out_dir = tmp_path / "ours_dir"
-    convert.main([str(authors_file), str(out_dir), *heads])
-    assert sorted(os.listdir(out_dir)) == ["config.json", "model.safetensors"]
-    assert lxmert.LxmertConfig.from_dict(json.loads((out_dir / "config.json").read_text())) == config
+    assert convert_cli.main([str(authors_file), str(out_dir), *heads]) == 0
+    assert sorted(os.listdir(out_dir)) == ["model.safetensors", "model_config.json"]
+    assert lxmert.LxmertConfig.from_dict(json.loads((out_dir / "model_config.json").read_text())) == config
     assert_same_state(convert.read_state_dict(out_dir / "model.safetensors"), state)
 
-    # a directory needs the head count when hidden_size is not a multiple of 64
-    with pytest.raises(ValueError, match="multiple of 64"):
-        convert.main([str(authors_file), str(tmp_path / "no_heads")])
+    # a directory needs the head count when hidden_size is not a multiple of 64: exit 2, one line, nothing written
+    assert convert_cli.main([str(authors_file), str(tmp_path / "no_heads")]) == 2
+    assert "multiple of 64" in capsys.readouterr().err
+    assert not (tmp_path / "no_heads").exists()
+
+
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory):
+    """Our export of a model whose heads are not 64 wide (hidden 128, 4 heads of 32): model.safetensors +
+    model_config.json, as engine.checkpoint.export_model writes them. hidden / 64 would say 2 heads."""
+    from engine.checkpoint import export_model
+
+    torch.manual_seed(5)
+    hf = randomise(transformers.LxmertForPreTraining(hf_config(hidden_size=128, num_attention_heads=4)), seed=6)
+    config = lxmert.LxmertConfig.from_hf(hf.config)
+    out = tmp_path_factory.mktemp("wide")
+    export_model(convert.from_hf_state_dict(hf.state_dict()), config, out)
+    return out, hf
+
+
+def test_cli_uses_the_config_beside_the_checkpoint(wide_heads, tmp_path):
+    """`lxmert-convert model.safetensors out --to hf`: the heads come from model_config.json, not hidden / 64,
+    and transformers computes what ours computes."""
+    src, hf = wide_heads
+    out = tmp_path / "hf"
+    assert convert_cli.main([str(src / "model.safetensors"), str(out), "--to", "hf"]) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert written["num_attention_heads"] == 4
+    loaded = transformers.LxmertForPreTraining.from_pretrained(out).eval()
+    ours = lxmert.LxmertForPreTraining(lxmert.LxmertConfig.from_dict(json.loads((src / "model_config.json").read_text())))
+    convert.load_into(ours.eval(), convert.read_state_dict(src / "model.safetensors"))
+    assert_same_pretraining_outputs(ours, loaded, seed=12)
+    assert_same_pretraining_outputs(ours, hf.eval(), seed=12)
+
+
+def test_cli_refuses_to_guess_the_heads_and_a_config_that_does_not_fit(wide_heads, tmp_path, capsys):
+    src, _ = wide_heads
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "weights.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    assert convert_cli.main([str(bare / "weights.safetensors"), str(tmp_path / "out"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-attention-heads" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    # a config whose sizes are not the weights': named, nothing written
+    wrong = json.loads((src / "model_config.json").read_text()) | {"intermediate_size": 99}
+    (bare / "model_config.json").write_text(json.dumps(wrong))
+    assert convert_cli.main([str(bare / "weights.safetensors"), str(tmp_path / "out"), "--to", "hf"]) == 2
+    assert "intermediate_size 99 (weights: 20)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # an explicit head count that contradicts the config
+    assert convert_cli.main([str(src), str(tmp_path / "out"), "--num-attention-heads", "2"]) == 2
+    assert "contradicts" in capsys.readouterr().err
+    # a source that does not exist
+    assert convert_cli.main([str(tmp_path / "nothing.safetensors"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_reads_a_transformers_directory_both_ways(hf_pre, tmp_path):
+    """save_pretrained's directory (config.json + model.safetensors) -> ours -> transformers again."""
+    hf_dir = tmp_path / "hf_saved"
+    hf_pre.save_pretrained(hf_dir)
+    assert convert_cli.main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    ours_config = lxmert.LxmertConfig.from_dict(json.loads((tmp_path / "ours/model_config.json").read_text()))
+    assert ours_config.num_attention_heads == HEADS  # hidden 16: no guess could give it
+    ours = lxmert.LxmertForPreTraining(ours_config).eval()
+    convert.load_into(ours, convert.read_state_dict(tmp_path / "ours/model.safetensors"))
+    assert_same_pretraining_outputs(ours, hf_pre.eval(), seed=13)
+    assert convert_cli.main([str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = transformers.LxmertForPreTraining.from_pretrained(tmp_path / "back").eval()
+    assert_same_state(dict(back.state_dict()), dict(hf_pre.state_dict()))
