@@ -13,7 +13,8 @@ under --data-dir (default /tmp/lxmert-dataloader-bench/<images>x<feat_dim>); the
 - bytes/s: samples/s x the store bytes one sample reads (its region rows + token row): the read bandwidth.
 - setup_s: building the loader (the gpu kind copies the whole region store to the device).
 Epochs roll over when a run needs more steps than an epoch has. Rows (environment + config + numbers) are
-appended to benchmarks/results/dataloader.jsonl, a Markdown table beside them (.md). Without a GPU every row
+appended to --out (default runs/benchmarks/dataloader.jsonl, ignored by git; the recorded rows are in
+benchmarks/results/), a Markdown table beside them (.md). Without a GPU every row
 says device "cpu" and the table says these are CPU measurements: legitimate for a data loader's host side,
 but not what a GPU run (pinned copies, device masking, DALI's GPU path) would show.
 """
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dali-threads", type=int, default=4, help="DALI CPU threads (default 4)")
     parser.add_argument("--step-ms", type=float, default=0.0, help="the consumer's simulated step time (sleep)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where converted stores are cached")
-    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "dataloader.jsonl",
+    parser.add_argument("--out", type=Path, default=harness.RUNS_DIR / "dataloader.jsonl",
                         help="JSON lines appended here; the Markdown table goes beside it (.md)")  # fmt: skip
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL

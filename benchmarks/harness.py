@@ -8,7 +8,7 @@ carry the same environment fields and their numbers are taken the same way:
 - time_cpu: the same statistics from perf_counter, for host-side work (data loading).
 - peak_memory: torch.cuda.max_memory_allocated over one call (everything live counts, inputs too).
 - step_clock: host time of the phases of a training step, the device synchronised at each boundary.
-- append_rows: JSON lines, appended to benchmarks/results/<name>.jsonl; markdown_table for the summary;
+- append_rows: JSON lines, appended to a path (a bare name: benchmarks/results/<name>.jsonl); markdown_table for the summary;
   svg_line_chart for a plot (plain SVG text: no plotting library is needed, none is installed here).
 
 This module imports no GPU library besides torch (versions are read from package metadata), so importing it
@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"  # the measurements the repository records (--out names it)
+RUNS_DIR = REPO_ROOT / "runs" / "benchmarks"  # where a run writes by default: ignored by git, tracked files untouched
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any L2 so far (H100 50 MB, H200 60 MB)
 COMMIT_ENV = "BENCH_COMMIT"  # where there is no git checkout (the GPU machine gets a copy without .git)
 

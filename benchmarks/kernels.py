@@ -1,6 +1,6 @@
 """Kernel benchmarks: the fused attention and feature-regression kernels against their PyTorch alternatives.
 
-    python -m benchmarks.kernels [--quick] [--check-only] [--out benchmarks/results/kernels.jsonl]
+    python -m benchmarks.kernels [--quick] [--check-only] [--out runs/benchmarks/kernels.jsonl]
 
 Run it as a module from the repository root (run as a file, `import kernels` would find this file).
 
@@ -654,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset: batch 256, two attention shapes, bf16")
     parser.add_argument("--check-only", action="store_true", help="correctness checks only, no timing, no files")
-    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "kernels.jsonl",
+    parser.add_argument("--out", type=Path, default=harness.RUNS_DIR / "kernels.jsonl",
                         help="JSON lines appended here; the Markdown summary goes beside it (.md)")  # fmt: skip
     args = parser.parse_args(argv)
     start = time.perf_counter()

@@ -1,8 +1,8 @@
 """Multi-GPU scaling of the pre-training step under DeepSpeed ZeRO 0/1/2/3: step time, samples/s, bytes sent.
 
-    deepspeed --num_gpus 1 -m benchmarks.scaling            # the single-GPU baseline rows first
-    deepspeed --num_gpus 8 -m benchmarks.scaling [--stages 0 1 2 3] [--micro-batch 64] [--precision bf16]
-    deepspeed --num_gpus 2 -m benchmarks.scaling --model tiny --precision fp32 --micro-batch 4 --steps 3   # CPUs
+    deepspeed --num_gpus 1 --module benchmarks.scaling            # the single-GPU baseline rows first
+    deepspeed --num_gpus 8 --module benchmarks.scaling [--stages 0 1 2 3] [--micro-batch 64] [--precision bf16]
+    deepspeed --num_gpus 2 --module benchmarks.scaling --model tiny --precision fp32 --micro-batch 4 --steps 3   # CPUs
 
 Every rank builds the engine's own Trainer (engine/train.py: our model, optimizer, LambdaLR and DeepSpeed config
 from engine.config) for each ZeRO stage in turn, on a synthetic data set (benchmarks.dataloader's, built by
@@ -35,7 +35,7 @@ Two DeepSpeed configurations (--zero-configs), each stage run in each:
   for ZeRO-3, no persistent parameters, no reuse window and no prefetch (every parameter gathered again for the
   backward): the formulas above.
 
-Rank 0 appends one row per (configuration, stage) to --out (default benchmarks/results/scaling.jsonl):
+Rank 0 appends one row per (configuration, stage) to --out (default runs/benchmarks/scaling.jsonl):
 environment, config, world size, per-rank step times and byte counts. On CPUs (gloo) the step times are not GPU
 numbers (the ranks share a few cores): there the bytes are the measurement, and rows say "measured_on": "cpu".
 """
@@ -352,7 +352,7 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="deepspeed --num_gpus N -m benchmarks.scaling", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="deepspeed --num_gpus N --module benchmarks.scaling", description=__doc__.split("\n")[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
     parser.add_argument("--zero-configs", nargs="+", default=["engine", "textbook"], choices=["engine", "textbook"],
                         help="DeepSpeed configurations measured (module docstring)")
@@ -365,7 +365,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--count-steps", type=int, default=2, help="steps with the communication logger on")
     parser.add_argument("--images", type=int, default=200, help="images in the synthetic data set")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "lxmert-scaling-bench")
-    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "scaling.jsonl")
+    parser.add_argument("--out", type=Path, default=harness.RUNS_DIR / "scaling.jsonl")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.precision is None:
@@ -376,10 +376,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     counter = TorchCollectiveCounter()  # before DeepSpeed keeps references to torch.distributed's functions
-    import deepspeed
-
     from benchmarks.dataloader import dataset
-    from engine.train import launch_env
+    from engine.launch import import_deepspeed, launch_env
+
+    deepspeed = import_deepspeed()
 
     rank, local_rank, world = launch_env()
     if torch.cuda.is_available():

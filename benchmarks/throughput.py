@@ -1,6 +1,6 @@
 """End-to-end pre-training throughput: our LXMERT against Hugging Face's, per backend, precision, batch and loader.
 
-    python -m benchmarks.throughput [--quick] [--out benchmarks/results/throughput.jsonl]
+    python -m benchmarks.throughput [--quick] [--out runs/benchmarks/throughput.jsonl]
     python -m benchmarks.throughput --smoke          # CPU: a tiny model, two steps; rows say cpu, smoke
 
 One step is the whole five-task pre-training step (MLM, matching, object / attribute / feature regression, QA)
@@ -651,7 +651,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=420.0, help="no variant starts after this many seconds")
     parser.add_argument("--images", type=int, help="images in the synthetic store (default 512; smoke 12)")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "lxmert-throughput-bench")
-    parser.add_argument("--out", type=Path, help="JSON lines appended here (default benchmarks/results/"
+    parser.add_argument("--out", type=Path, help="JSON lines appended here (default runs/benchmarks/"
                         "throughput.jsonl; smoke: throughput_smoke_cpu.jsonl); .md, .svg and _profile.md beside it")  # fmt: skip
     args = parser.parse_args(argv)
     quick = dict(batch_sizes=[128], precisions=["bf16"], warmup=3, steps=10, breakdown_steps=5, images=512)
@@ -665,7 +665,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick or args.smoke:
         args.headline_batch = args.batch_sizes[0]
     if args.out is None:
-        args.out = harness.RESULTS_DIR / ("throughput_smoke_cpu.jsonl" if args.smoke else "throughput.jsonl")
+        args.out = harness.RUNS_DIR / ("throughput_smoke_cpu.jsonl" if args.smoke else "throughput.jsonl")
     args.profile_steps = min(args.profile_steps, 2) if args.smoke else args.profile_steps
     return args
 

@@ -1,5 +1,6 @@
 """Atomic file writes: a temporary file in the same directory, flushed, fsynced and renamed over the target,
-so a crash leaves either the old file or the new one, never half of one."""
+so a crash leaves either the old file or the new one, never half of one. The file gets the permissions a plain
+open() would give it (0666 less the umask), not mkstemp's private 0600."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[str]], Any], newli
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
             write(f)
             f.flush()
@@ -24,6 +26,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[str]], Any], newli
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def default_file_mode() -> int:
+    """0666 less the process's umask: the mode open() gives a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -157,7 +157,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if path.is_dir() and not is_complete(path):  # a checkpoints/ root or an output_dir
         path = find_latest(path.parent if path.name == "checkpoints" else path) or path
     if not is_complete(path):
-        raise FileNotFoundError(f"train.resume={resume!r}: no complete checkpoint there")
+        raise FileNotFoundError(f"train.resume {resume}: no complete checkpoint there (\"auto\" resumes from "
+                                "output_dir if it has one, \"none\" starts afresh)")
     return path
 
 

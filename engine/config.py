@@ -145,6 +145,9 @@ class TrainConfig:
     """Stop after this many optimizer steps (smoke runs); the schedule then spans these steps."""
     seed: int = 0
     """Seed of model initialisation and dropout."""
+    threads: int = 0
+    """torch's intra-op threads per rank; 0 = the cores this process may use / the ranks on this node (an
+    OMP_NUM_THREADS set in the environment is kept)."""
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the run: the learning-rate schedule's length."""
@@ -294,6 +297,7 @@ def _check(config: RunConfig) -> None:
         need(value is None or value >= 1, f"train.{name} must be >= 1 or null, got {value}")
     for name in ("eval_every", "save_every"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0 (0 = every epoch), got {getattr(t, name)}")
+    need(t.threads >= 0, f"train.threads must be >= 0 (0 = cores / local ranks), got {t.threads}")
     need(t.keep_checkpoints >= 0, f"train.keep_checkpoints must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     need(t.offload == "none" or t.zero_stage >= 1, f"train.offload {t.offload!r} needs train.zero_stage >= 1")
     need(t.offload != "optimizer+params" or t.zero_stage == 3,
@@ -311,7 +315,22 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"a config is a mapping of sections, got {type(values).__name__}")
     config = _build(RunConfig, values, "")
     _check(config)
+    config._given = frozenset(_dotted_keys(values))
     return config
+
+
+def _dotted_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        keys += _dotted_keys(value, f"{where}.") if isinstance(value, dict) else [where]
+    return keys
+
+
+def given_keys(config: RunConfig) -> frozenset[str]:
+    """The dotted keys a recipe or an override set explicitly (`model.hidden_size`), as opposed to defaults;
+    empty for a config not built by from_dict / load_config."""
+    return getattr(config, "_given", frozenset())
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -519,9 +538,10 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
         given = _get(template, path)
         explicit = given is not None and given != "auto"
         if explicit and (given != value or isinstance(given, bool) != isinstance(value, bool)):
-            raise ConfigError(
-                f"{source}: {path} is {given!r} but the typed config makes it {value!r} (remove it or use \"auto\")"
-            )
+            hint = "remove it or use \"auto\""
+            if path == "zero_optimization.stage" and Path(f"configs/deepspeed/zero{value}.json").is_file():
+                hint = f"name the stage's template, deepspeed.config=configs/deepspeed/zero{value}.json, or {hint}"
+            raise ConfigError(f"{source}: {path} is {given!r} but the typed config makes it {value!r} ({hint})")
         if value != "none" or given is not None:  # an offload section only where it is on or already written
             _put(ds, path, value)
     if t.zero_stage >= 1 and o.name == "bertadam":

@@ -1,17 +1,19 @@
 """Fine-tuning (VQA, GQA, NLVR2) from a pre-trained LXMERT: train, evaluate every epoch, keep the best model,
 write the submission file.
 
-    python -m engine.finetune --config configs/vqa.yaml [section.key=value ...] [--answer-table PATH]
-                              [--from-scratch] [--evaluate-only]
+    lxmert-finetune --config configs/vqa.yaml [section.key=value ...] [--answer-table PATH]
+                    [--from-scratch] [--evaluate-only]
 
-Alone it runs one process; under a launcher every rank runs it (`deepspeed --num_gpus 8 -m engine.finetune
+Alone it runs one process; under a launcher every rank runs it (`deepspeed --num_gpus 8 --module engine.finetune
 --config configs/vqa.yaml train.zero_stage=2`). Training runs on engine/runtime.py, as pre-training does
 (DeepSpeed or plain PyTorch, precision, ZeRO, activation checkpointing, compile):
 - data: the task stores of engine/data/tasks.py (data.train.text / data.train.features, data.eval.*), batches
   from task_batch + to_torch; each epoch a permutation seeded by (data.seed, epoch) (deterministic, the same
   on every run), the last partial batch dropped (the authors' drop_last); evaluation in store order.
 - model: LxmertForQuestionAnswering(config.model, num_answers = the task store's answers) for VQA/GQA,
-  LxmertForNLVR2 for NLVR2. model.num_qa_labels is only the *pre-training* QA head's size.
+  LxmertForNLVR2 for NLVR2. model.num_qa_labels is only the *pre-training* QA head's size. The architecture
+  (ARCHITECTURE's fields) comes from the config beside train.init_from (model_config.json, or transformers'
+  config.json); a recipe or override that sets one of them to another value is an error naming both.
 - init: train.init_from, a pre-training checkpoint in any layout lxmert.convert reads (our model.safetensors
   export, a directory holding one, transformers', the authors' model_LXRT.pth). The backbone is loaded whole
   (strict: a size mismatch is an error naming the keys); VQA/GQA heads start from the pre-trained QA head's
@@ -41,7 +43,7 @@ Alone it runs one process; under a launcher every rank runs it (`deepspeed --num
   (epoch order, dropout RNG, optimizer, best model so far). A checkpoint there takes precedence over init_from.
 - --evaluate-only: predicts data.eval with train.init_from (a fine-tuned best/model.safetensors) or, without
   it, the latest checkpoint in output_dir; writes <output_dir>/evaluate/{submission, result.json} and leaves
-  the training's outputs alone.
+  the training's outputs alone. The training store is not read (the answers are the eval store's).
 """
 
 from __future__ import annotations
@@ -62,15 +64,18 @@ import yaml
 
 from engine import checkpoint as ckpt
 from engine.atomic import write_text_atomic
-from engine.config import ConfigError, RunConfig, format_config, load_config, resolve, save_config
+from engine.config import ConfigError, RunConfig, format_config, given_keys, load_config, resolve, save_config
+from engine.convert_checkpoint import ConvertError, find_config, read_model_config, weights_file
 from engine.data.store import RegionStore, StoreError
 from engine.data.tasks import TaskStore, task_batch, to_torch
 from engine.evaluate import Accumulator
-from engine.metrics_log import MetricsLog, peak_memory_gib
+from engine.launch import Launch, all_reduce_sum, choose_deepspeed, pick_device, set_threads
+from engine.metrics_log import MetricsLog, console_line, peak_memory_gib
 from engine.runtime import Runtime
-from engine.train import all_reduce_sum, choose_deepspeed, launch_env, pick_device, write_run_plots
+from engine.train import open_store, write_run_plots
 from lxmert.answers import normalize_answer
-from lxmert.convert import read_state_dict, to_ours
+from lxmert.config import LxmertConfig
+from lxmert.convert import read_state_dict, state_dict_problems, to_ours
 from lxmert.finetune import LxmertForNLVR2, LxmertForQuestionAnswering
 
 FINETUNE_TASKS = ("vqa", "gqa", "nlvr2")
@@ -85,15 +90,11 @@ class FineTuneError(ValueError):
 
 
 def _open_task_store(text: str, features: str, task: str, what: str) -> tuple[TaskStore, RegionStore]:
-    if not text or not features:
-        raise FineTuneError(f"data.{what}.text and data.{what}.features must name a task store and its feature store")
-    for path, kind in ((text, "task store"), (features, "feature store")):
-        if not Path(path).is_dir():
-            raise FineTuneError(f"data.{what}: the {kind} {path} does not exist (build it with engine.data.convert)")
     try:
-        store, regions = TaskStore(text), RegionStore(features)
-    except (StoreError, OSError, KeyError, ValueError) as error:
-        raise FineTuneError(f"data.{what}: cannot open {text} / {features}: {error}") from error
+        regions = open_store(features, f"data.{what}.features", RegionStore, "engine.data.convert --tsv")
+        store = open_store(text, f"data.{what}.text", TaskStore, f"engine.data.convert --task {task}")
+    except ConfigError as error:
+        raise FineTuneError(str(error)) from None
     if store.task != task:
         raise FineTuneError(f"data.{what}.text {text} is a {store.task!r} store but train.task is {task!r}")
     try:
@@ -104,15 +105,51 @@ def _open_task_store(text: str, features: str, task: str, what: str) -> tuple[Ta
 
 
 def _checkpoint_file(path: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "model_LXRT.pth"):
-            if (p / name).is_file():
-                return p / name
-        raise FineTuneError(f"train.init_from {p} is a directory without model.safetensors (or pytorch_model.bin)")
-    if not p.is_file():
-        raise FineTuneError(f"train.init_from {p} does not exist")
-    return p
+    """The weights file train.init_from names (a file, or a model directory holding one)."""
+    try:
+        return weights_file(Path(path))
+    except ConvertError as error:
+        raise FineTuneError(f"train.init_from {error}") from None
+
+
+# The fields that fix a checkpoint's shapes and arithmetic: fine-tuning takes them from the checkpoint's config.
+ARCHITECTURE = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "hidden_act",
+                "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "l_layers", "r_layers", "x_layers",
+                "visual_feat_dim", "visual_pos_dim", "num_qa_labels", "num_object_labels", "num_attr_labels")  # fmt: skip
+
+
+def checkpoint_config(file: Path) -> tuple[Path, LxmertConfig] | None:
+    """The model config written beside a checkpoint (ours: model_config.json; transformers': config.json)."""
+    path = find_config(file, None)
+    if path is None:
+        return None
+    try:
+        return path, read_model_config(path)
+    except ConvertError as error:
+        raise FineTuneError(str(error)) from None
+
+
+def adopt_architecture(config: RunConfig, checkpoint: Path) -> list[str]:
+    """Set config.model's ARCHITECTURE fields to those of the checkpoint's own config (in place); a field that
+    the recipe or an override set to another value is an error naming both. Returns the fields changed."""
+    found = checkpoint_config(checkpoint)
+    if found is None:
+        return []
+    path, theirs = found
+    given = given_keys(config)
+    adopted, conflicts = [], []
+    for name in ARCHITECTURE:
+        ours, value = getattr(config.model, name), getattr(theirs, name)
+        if ours == value:
+            continue
+        if f"model.{name}" in given:
+            conflicts.append(f"model.{name} is {ours!r} but the checkpoint's {path} says {value!r}")
+        else:
+            setattr(config.model, name, value)
+            adopted.append(name)
+    if conflicts:
+        raise FineTuneError("; ".join(conflicts) + " (the architecture comes from train.init_from: drop the override)")
+    return adopted
 
 
 def read_answer_table(path: str | Path) -> list[str]:
@@ -158,29 +195,36 @@ class FineTuner:
         task = config.train.task
         if task not in FINETUNE_TASKS:
             raise FineTuneError(f"train.task must be one of {FINETUNE_TASKS} for fine-tuning, got {task!r} "
-                                "(pre-training runs with engine.main / engine.pretrain)")  # fmt: skip
-        self.rank, self.local_rank, world = launch_env()
-        self.use_deepspeed = choose_deepspeed(config, use_deepspeed, world)
+                                "(lxmert-pretrain pre-trains)")  # fmt: skip
+        self.launch = Launch.from_env()
+        self.rank, self.local_rank, world = self.launch.rank, self.launch.local_rank, self.launch.world_size
+        self.use_deepspeed = choose_deepspeed(config.train.zero_stage, use_deepspeed, self.launch)
         self.world_size = world
         self.config = resolve(config, world)
         self.task = task
         t, d = self.config.train, self.config.data
         self.output_dir = Path(t.output_dir)
+        checkpoint = _checkpoint_file(t.init_from) if t.init_from else None  # even where a checkpoint resumes
+        self.adopted = adopt_architecture(self.config, checkpoint) if checkpoint is not None else []
         self.device = pick_device(self.local_rank)
-        self.train_store, self.train_regions = _open_task_store(d.train.text, d.train.features, task, "train")
+        self.threads = set_threads(t.threads, self.launch)
         self.eval_store = self.eval_regions = None
-        if d.eval.text:
+        if d.eval.text or evaluate_only:
             self.eval_store, self.eval_regions = _open_task_store(d.eval.text, d.eval.features, task, "eval")
-            if task != "nlvr2" and self.eval_store.answers != self.train_store.answers:
-                raise FineTuneError(f"data.eval.text {d.eval.text} has another answer list than data.train.text")
-        elif evaluate_only:
-            raise FineTuneError("evaluate-only needs data.eval.text and data.eval.features (the split to predict)")
-        self.answers = self.train_store.answers
+        self.train_store = self.train_regions = None
+        if not evaluate_only:  # predicting needs only the split predicted
+            self.train_store, self.train_regions = _open_task_store(d.train.text, d.train.features, task, "train")
+        first = self.train_store or self.eval_store
+        if self.train_store is not None and self.eval_store is not None and task != "nlvr2" and (
+                self.eval_store.answers != self.train_store.answers):  # fmt: skip
+            raise FineTuneError(f"data.eval.text {d.eval.text} has another answer list than data.train.text")
+        self.answers = first.answers
         if task != "nlvr2" and not self.answers:
-            raise FineTuneError(f"data.train.text {d.train.text} has no answers")
-        if self.train_regions.feat_dim != self.config.model.visual_feat_dim:
-            raise FineTuneError(f"the feature store has {self.train_regions.feat_dim}-d features but "
-                                f"model.visual_feat_dim is {self.config.model.visual_feat_dim}")  # fmt: skip
+            raise FineTuneError(f"data.{'eval' if evaluate_only else 'train'}.text {first.path} has no answers")
+        for split, regions in (("train", self.train_regions), ("eval", self.eval_regions)):
+            if regions is not None and regions.feat_dim != self.config.model.visual_feat_dim:
+                raise FineTuneError(f"data.{split}.features {regions.path} holds {regions.feat_dim}-d features but "
+                                    f"model.visual_feat_dim is {self.config.model.visual_feat_dim}")  # fmt: skip
 
         torch.manual_seed(t.seed)
         if task == "nlvr2":
@@ -188,11 +232,12 @@ class FineTuner:
         else:
             self.model = LxmertForQuestionAnswering(self.config.model, num_answers=len(self.answers))
         self.init_report: dict[str, Any] = {}
-        resume = None if evaluate_only and t.init_from else ckpt.resolve_resume(t.resume, self.output_dir)
-        if t.init_from:
-            _checkpoint_file(t.init_from)  # a wrong path is an error even where a checkpoint takes precedence
-        if t.init_from and resume is None:
-            self.init_report = self._init_from(t.init_from, answer_table)
+        try:
+            resume = None if evaluate_only and t.init_from else ckpt.resolve_resume(t.resume, self.output_dir)
+        except FileNotFoundError as error:
+            raise FineTuneError(str(error)) from None
+        if checkpoint is not None and resume is None:
+            self.init_report = self._init_from(checkpoint, answer_table)
         elif evaluate_only and resume is None:
             raise FineTuneError(f"evaluate-only needs weights: train.init_from (a fine-tuned model.safetensors) or "
                                 f"a checkpoint in {self.output_dir / 'checkpoints'}")  # fmt: skip
@@ -201,12 +246,12 @@ class FineTuner:
         self.micro = t.micro_batch_size
         self.accum = t.grad_accum_steps
         self.global_batch = self.micro * self.accum * world
-        self.steps_per_epoch = len(self.train_store) // self.global_batch
+        self.steps_per_epoch = len(self.train_store) // self.global_batch if self.train_store is not None else 1
         if self.steps_per_epoch < 1:
             raise FineTuneError(f"data.train.text has {len(self.train_store)} examples, fewer than one batch of "
                                 f"{t.batch_size}")  # fmt: skip
         self.total_steps = t.total_steps(self.steps_per_epoch)
-        self.runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, world)
+        self.runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, self.launch)
         self.step = 0
         self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
@@ -225,26 +270,27 @@ class FineTuner:
 
     # ------------------------------------------------------------------------------------ initialisation
 
-    def _init_from(self, path: str, answer_table: str | None) -> dict[str, Any]:
-        file = _checkpoint_file(path)
+    def _init_from(self, file: Path, answer_table: str | None) -> dict[str, Any]:
         try:
             state = to_ours(read_state_dict(file))
         except (ValueError, KeyError) as error:
             raise FineTuneError(f"train.init_from {file}: {error}") from error
         expected = self.model.state_dict()
         if set(state) == set(expected):  # a fine-tuned model of this task (a best/model.safetensors export)
-            try:
-                self.model.load_state_dict(state)
-            except RuntimeError as error:
-                raise FineTuneError(f"train.init_from {file} does not fit this {self.task} model: {error}") from error
+            problems = state_dict_problems(expected, state)
+            if problems:
+                raise FineTuneError(f"train.init_from {file} does not fit this {self.task} model: "
+                                    + "; ".join(problems))  # fmt: skip
+            self.model.load_state_dict(state)
             return {"checkpoint": str(file), "fine_tuned": True, "tensors": len(state)}
         backbone = {k[len("lxmert."):]: v for k, v in state.items() if k.startswith("lxmert.")}
         if not backbone:
             raise FineTuneError(f"train.init_from {file} holds no LXMERT backbone (lxmert.* weights)")
-        try:
-            self.model.lxmert.load_state_dict(backbone)
-        except RuntimeError as error:
-            raise FineTuneError(f"train.init_from {file} does not fit model.*: {error}") from error
+        problems = state_dict_problems(self.model.lxmert.state_dict(), backbone)
+        if problems:
+            raise FineTuneError(f"train.init_from {file} does not fit model.* (no model_config.json or config.json "
+                                f"beside it tells its sizes): " + "; ".join(problems))  # fmt: skip
+        self.model.lxmert.load_state_dict(backbone)
         report: dict[str, Any] = {"checkpoint": str(file), "backbone_tensors": len(backbone)}
         if self.task == "nlvr2":
             return report  # the NLVR2 head (2H -> 2) has no pre-trained counterpart
@@ -390,6 +436,8 @@ class FineTuner:
         t = self.config.train
         log = MetricsLog(self.output_dir, enabled=self.rank == 0, progress_total=self.total_steps,
                          progress_initial=self.step)  # fmt: skip
+        if self.last_checkpoint is not None and self.step < self.total_steps:
+            log.write({"kind": "resume", "step": self.step, "checkpoint": str(self.last_checkpoint)})
         if self.last_checkpoint is None:
             torch.manual_seed(t.seed + 1)  # dropout: the same draws whatever ran between building and training
         self.runtime.train(True)
@@ -398,7 +446,7 @@ class FineTuner:
         run_start = time.perf_counter()
         train_seconds = 0.0
         samples_total = 0
-        window_start, window_samples = time.perf_counter(), 0
+        window_start, window_samples, window_steps = time.perf_counter(), 0, 0
         started_at = self.step
         epoch = self.step // self.steps_per_epoch
         try:
@@ -416,6 +464,7 @@ class FineTuner:
                     if self.world_size > 1:
                         loss = all_reduce_sum(loss) / self.world_size
                     window_samples += self.global_batch
+                    window_steps += 1
                     self.step += 1
                     self.skipped_steps += int(skipped)
                     value = float(loss)
@@ -431,13 +480,16 @@ class FineTuner:
                             "loss": value, "lr": self.runtime.lr(), "grad_norm": norm,
                             "loss_scale": self.runtime.loss_scale(), "skipped": skipped,
                             "skipped_steps": self.skipped_steps, "samples_per_s": window_samples / elapsed,
-                            "peak_memory_gib": peak_memory_gib(self.device),
+                            "peak_memory_gib": peak_memory_gib(self.device), "threads": self.threads,
+                            "step_time_s": elapsed / window_steps,
+                            "eta_s": elapsed / window_steps * (self.total_steps - self.step),
                         }  # fmt: skip
                         self.history.append(record)
                         log.write(record)
+                        log.console(console_line(record))
                         log.advance(0, samples_per_s=record["samples_per_s"])
                         samples_total += window_samples
-                        window_start, window_samples = time.perf_counter(), 0
+                        window_start, window_samples, window_steps = time.perf_counter(), 0, 0
                     log.advance(1)
                     if self.step % save_every == 0 and self.step % self.steps_per_epoch and self.step < self.total_steps:
                         self.save()  # mid-epoch; the end of an epoch saves after its evaluation
@@ -447,11 +499,12 @@ class FineTuner:
                     tick = time.perf_counter()
                     metric, acc = self.evaluate()
                     record = {"kind": "eval", "step": self.step, "epoch": epoch, "metric": metric,
-                              "examples": len(acc.predictions)}  # fmt: skip
+                              "metric_name": self.metric_name, "examples": len(acc.predictions)}  # fmt: skip
                     self.evals.append(record)
                     log.write(record)
-                    log.console(f"epoch {epoch}: step {self.step}/{self.total_steps} | train loss {last} | "
-                                f"eval {self.metric_name} {metric if metric is None else round(metric, 4)}")  # fmt: skip
+                    shown = "- (unlabelled split)" if metric is None else f"{metric:.4f}"
+                    log.console(f"eval epoch {epoch} (step {self.step}/{self.total_steps}): {self.metric_name} {shown} "
+                                f"| train loss {last:.4f}")  # fmt: skip
                     self._keep_if_best(metric, epoch, acc)
                     window_start += time.perf_counter() - tick
                 if self.step > started_at:
@@ -483,18 +536,19 @@ class FineTuner:
 
 
 def report(summary: dict[str, Any]) -> str:
-    lines = [f"fine-tuned {summary['task']}: {summary['steps']} steps, {summary['epochs']} epochs, "
-             f"{summary['seconds']:.1f} s"]  # fmt: skip
+    epochs = f"{summary['epochs']} epoch{'' if summary['epochs'] == 1 else 's'}"
+    lines = [f"fine-tuned {summary['task']}: {summary['steps']} steps, {epochs}, {summary['seconds']:.1f} s"]
     if summary["first_loss"] is not None:
         lines.append(f"  train loss {summary['first_loss']:.4f} (first step) -> {summary['last_loss']:.4f} (last)")
     if summary["samples_per_s"]:
         lines.append(f"  {summary['samples_per_s']:.1f} samples/s (training)")
     for e in summary["eval"]:
-        lines.append(f"  eval epoch {e['epoch']}: {summary['metric']} {e['metric']}")
+        shown = "- (unlabelled split)" if e["metric"] is None else f"{e['metric']:.4f}"
+        lines.append(f"  eval epoch {e['epoch']}: {summary['metric']} {shown}")
     if summary["best_metric"] is not None:
         lines.append(f"  best {summary['metric']} {summary['best_metric']:.4f} (epoch {summary['best_epoch']})")
     if summary["init"]:
-        lines.append(f"  init: {summary['init']}")
+        lines.append("  init: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["init"].items()))
     lines.append(f"  model {summary['model']}")
     lines.append(f"  submission {summary['submission']}")
     lines.append(f"  log {summary['metrics_log']}")
@@ -502,7 +556,7 @@ def report(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lxmert-finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML recipe (configs/vqa.yaml, gqa.yaml, nlvr2.yaml)")
     parser.add_argument("--answer-table", help="the pre-training QA head's answer table (see the module doc)")
     parser.add_argument("--from-scratch", action="store_true", help="ignore train.init_from")
@@ -518,13 +572,14 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         if args.from_scratch:
             config.train.init_from = ""
-        rank = launch_env()[0]
-        if rank == 0:
-            print(format_config(resolve(config, launch_env()[2])), flush=True)
         tuner = FineTuner(config, answer_table=args.answer_table, evaluate_only=args.evaluate_only)
     except (ConfigError, FineTuneError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"lxmert-finetune: error: {error}", file=sys.stderr)
         return 2
+    if tuner.rank == 0:
+        print(format_config(tuner.config), flush=True)
+        if tuner.adopted:
+            print(f"model architecture from {tuner.config.train.init_from}: {', '.join(tuner.adopted)}", flush=True)
     if args.evaluate_only:
         result = tuner.evaluate_only()
         if tuner.rank == 0:

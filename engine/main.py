@@ -89,7 +89,7 @@ class JobOptions:
     model: list[str] = field(default_factory=list)
     """model.* overrides (field=value) for both runs (the tests' tiny sizes)."""
     threads: int = 1
-    """torch's intra-op threads; 0 leaves torch's default (one a core). One: the model is small, and on a
+    """torch's intra-op threads (train.threads of both runs); 0: cores / ranks. One: the model is small, and on a
     shared 2-core machine a second spinning OpenMP thread made steps 15x slower (7 against 116 samples/s)."""
     optimizer: str = "adamw"
     """Pre-training's optim.name (the recipe's bertadam escapes the matching plateau later: module docstring)."""
@@ -229,7 +229,7 @@ def pretrain_config(layout: Layout, options: JobOptions) -> RunConfig:
         f"optim.name={options.optimizer}", f"optim.lr={options.lr}", f"train.log_every={log_every}",
         f"train.save_every={max(1, steps // 4)}",
         f"train.eval_every={max(1, steps // 4)}", f"train.output_dir={layout.pretrain}", "train.resume=auto",
-        *model_overrides(options),
+        f"train.threads={options.threads}", *model_overrides(options),
     ]  # fmt: skip
     return load_config(TINY_RECIPE, overrides)
 
@@ -247,14 +247,17 @@ def finetune_config(layout: Layout, options: JobOptions) -> RunConfig:
         "optim.warmup_ratio=0.1", "optim.grad_clip=5.0", f"train.log_every={max(1, steps_per_epoch // 5)}",
         "train.save_every=0",
         "train.eval_every=0", f"train.output_dir={layout.finetune}",
-        f"train.init_from={layout.pretrain / 'model.safetensors'}",
+        f"train.init_from={layout.pretrain / 'model.safetensors'}", f"train.threads={options.threads}",
         *model_overrides(options),
     ]  # fmt: skip
     return load_config(TINY_RECIPE, overrides)
 
 
 def _config_dict(config: RunConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(resolve(config, 1)), default=str))
+    """The settings a rerun must share with the run it continues (the thread count is free to change)."""
+    values = json.loads(json.dumps(dataclasses.asdict(resolve(config, 1)), default=str))
+    values["train"].pop("threads", None)
+    return values
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -301,21 +304,12 @@ def run_finetuning(layout: Layout, options: JobOptions) -> dict[str, Any]:
 
 
 def read_records(metrics_path: Path, kind: str = "train") -> list[dict[str, Any]]:
-    """The records of one kind ("train": those without a kind, too) in step order. A resumed run appends from
-    its checkpoint: a record whose step is not after the previous one replaces the records from that step on."""
-    out: list[dict[str, Any]] = []
-    with open(metrics_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a run killed mid-line
-                continue
-            if not isinstance(record, dict) or record.get("kind", "train") != kind or "step" not in record:
-                continue
-            while out and out[-1]["step"] >= record["step"]:
-                out.pop()
-            out.append(record)
-    return out
+    """The records of one kind ("train" or "eval") in step order, a resumed run resolved: engine.plots'
+    reader, the one the plots are drawn from."""
+    from engine.plots import read_metrics
+
+    train, evals = read_metrics(metrics_path)
+    return train if kind == "train" else evals
 
 
 @dataclass
@@ -434,8 +428,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"== LXMERT main job ({report['workdir']}) ==", f"data: {report['data']}"]
     resumed = "" if pre["steps_this_run"] == pre["steps"] else f", {pre['steps_this_run']} of them in this run"
     lines.append(f"pre-training: {pre['steps']} steps at batch {pre['batch_size']}{resumed}; per loss the mean of "
-                 f"the first and of the last {pre['window']} logged steps:")  # fmt: skip
-    lines.append(f"  {'loss':<8} {'first':>9} {'last':>9}  fell by {MIN_FALL:.0%}")
+                 f"the first and of the last {pre['window']} logged steps, and whether it fell (last at least "
+                 f"{MIN_FALL:.0%} below first):")  # fmt: skip
+    lines.append(f"  {'loss':<8} {'first':>9} {'last':>9}  fell")
     for name, t in pre["losses"].items():
         note = f"  (also to below chance, ln 2 = {CHANCE[name]:.4f}{'' if t['required'] else '; not required'})" if (
             name in CHANCE) else ""  # fmt: skip
@@ -448,8 +443,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  eval, {label} (step {e['step']}): loss {_fmt(e.get('loss'))} ({parts}); QA accuracy "
                          f"{_fmt(e.get('qa_accuracy'))}, matching accuracy {_fmt(e.get('matched_accuracy'))}")  # fmt: skip
     resumed = "" if fine["steps_this_run"] == fine["steps"] else f", {fine['steps_this_run']} of them in this run"
-    lines.append(f"fine-tuning (VQA): {fine['steps']} steps at batch {fine['batch_size']}, {fine['epochs']} "
-                 f"epochs{resumed}")  # fmt: skip
+    epochs = f"{fine['epochs']} epoch{'' if fine['epochs'] == 1 else 's'}"
+    lines.append(f"fine-tuning (VQA): {fine['steps']} steps at batch {fine['batch_size']}, {epochs}{resumed}")
     if fine["first_loss"] is not None:
         lines.append(f"  train loss {fine['first_loss']:.4f} (first logged step) -> {fine['last_loss']:.4f} (last)")
     if fine["samples_per_s"]:
@@ -486,10 +481,6 @@ def clean(layout: Layout) -> None:
 
 def run_job(options: JobOptions) -> dict[str, Any]:
     """Data, pre-training, fine-tuning; returns the report (also written to <workdir>/report.json)."""
-    import torch
-
-    if options.threads:
-        torch.set_num_threads(options.threads)
     layout = Layout(Path(options.workdir))
     if options.fresh:
         clean(layout)

@@ -16,8 +16,8 @@ TensorBoard (`tensorboard_scalars` gives the exact mapping): every finite number
 global step record["step"]; nested dicts join their keys with "/" (losses.mlm -> losses/mlm); records of another
 kind than train go under "<kind>/" (eval/loss, eval/losses/mlm, eval/accuracy). Not written: "step" itself,
 "total_steps", booleans ("skipped": the "skipped_steps" count says it), strings, None, inf and nan. Without the
-tensorboard package one console line says so (once per process) and the run goes on; tensorboard=False turns
-it off.
+tensorboard package (an optional extra) nothing is said; an installed one that fails to import gets one console
+line (once per process) and the run goes on; tensorboard=False turns it off.
 
 Progress bar (tqdm, only when stderr is a terminal and progress_total is given): steps done / total, elapsed <
 remaining (tqdm's ETA from its smoothed step rate, counted from progress_initial on a resumed run) and the
@@ -89,7 +89,11 @@ def _load_summary_writer() -> tuple[type | None, str]:
     """(torch's SummaryWriter, "") or (None, why not). Tests replace this function to inject a fake writer."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception as e:  # missing, or a broken install (a protobuf clash): neither may stop a training run
+    except ModuleNotFoundError as e:
+        if e.name == "tensorboard":  # not installed: an optional extra, nothing to report
+            return None, ""
+        return None, f"torch.utils.tensorboard did not import ({type(e).__name__}: {e})"
+    except Exception as e:  # a broken install (a protobuf clash) may not stop a training run, but is reported
         return None, f"torch.utils.tensorboard did not import ({type(e).__name__}: {e})"
     return SummaryWriter, ""
 
@@ -121,7 +125,7 @@ class MetricsLog:
                 self._writer = writer_class(log_dir=str(self.tensorboard_dir))
             else:
                 global _tensorboard_notice_given
-                if not _tensorboard_notice_given:
+                if why_not and not _tensorboard_notice_given:
                     _tensorboard_notice_given = True
                     self.console(f"TensorBoard logging off: {why_not}; pip install tensorboard to have it")
 
@@ -163,19 +167,33 @@ class MetricsLog:
 
 
 def console_line(record: dict[str, Any]) -> str:
-    """`step 10/300 | loss 3.21 (mlm 2.1 ...) | lr 1.0e-03 | 812 samples/s | MFU 41.0% | wait 3% | 1.2 GiB`."""
+    """`step 10/300 | loss 3.21 (mlm 2.1 ...) | lr 1.00e-03 | gnorm 1.2 | 812 samples/s | MFU 41.0% | wait 3% |
+    1.2 GiB | eta 0:04:10`; the fields a record lacks are left out."""
     parts = [f"step {record['step']}/{record['total_steps']}", f"loss {record['loss']:.4f}"]
     components = " ".join(f"{k} {v:.3f}" for k, v in record.get("losses", {}).items())
     if components:
         parts[-1] += f" ({components})"
-    parts.append(f"lr {record['lr']:.2e}")
+    parts.append(f"lr {record['lr'] + 0.0:.2e}")  # + 0.0: the linear schedule ends at -0.0
     parts.append(f"gnorm {record['grad_norm']:.3g}" if isinstance(record["grad_norm"], float) else "gnorm -")
     parts.append(f"{record['samples_per_s']:.1f} samples/s")
-    parts.append(f"{record['tflops']:.2f} TFLOP/s")
+    if record.get("tflops") is not None:
+        parts.append(f"{record['tflops']:.2f} TFLOP/s")
     if record.get("mfu") is not None:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
-    parts.append(f"wait {100 * record['data_wait_share']:.0f}%")
+    if record.get("data_wait_share") is not None:
+        parts.append(f"wait {100 * record['data_wait_share']:.0f}%")
     parts.append(f"{record['peak_memory_gib']:.2f} GiB")
     if record.get("skipped_steps"):
         parts.append(f"skipped {record['skipped_steps']}")
+    if record.get("eta_s") is not None:
+        parts.append(f"eta {format_duration(record['eta_s'])}")
     return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    """`0:04:10`, `1 d 2:03:04`: hours, minutes and seconds, days when there are any."""
+    seconds = max(0, round(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    text = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days} d {text}" if days else text

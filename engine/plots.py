@@ -8,9 +8,11 @@ without a plotting library (none is a dependency).
 
 write_plots(metrics_path, out_dir, log_y=False) -> list[Path] reads the records engine.metrics_log.MetricsLog
 writes and always writes both files (atomically, engine.atomic), returning their paths:
-- loss.svg: "loss" and each "losses" component against "step". Train records draw solid lines; eval records
-  draw dashed lines with round markers, in the colour of the train series of the same name. log_y=True puts
-  the y axis on a log scale (values <= 0 are then left out).
+- loss.svg: "loss" against "step" in the first panel, then a panel per "losses" component (each on its own
+  scale), then, when eval records carry a "metric" (fine-tuning's VQA score or accuracy, named by
+  "metric_name"), a panel of it. Train records draw solid lines; eval records draw dashed lines with round
+  markers, in the colour of the train series of the same name. log_y=True puts the loss axes on a log scale
+  (values <= 0 are then left out).
 - throughput.svg: the train records' "samples_per_s"; below it, on the same step axis, "mfu" in percent when
   any train record has a finite one.
 Each line is one <path class="series" data-series=NAME data-kind=train|eval> (NAME as in TensorBoard: "loss",
@@ -21,7 +23,8 @@ What the reader accepts (one JSON object per line):
 - "step" must be an integer; a record without one is skipped with a warning.
 - every other field may be missing or null (no point there); numbers may be the strings "nan", "inf", "-inf"
   (MetricsLog's spelling of non-finite floats): no point there either, and the line breaks at that step.
-- a resumed run appends to the same file and logs again from its checkpoint: a record whose step is not after
+- a resumed run writes {"kind": "resume", "step": k, "checkpoint": ...} first: records after step k are dropped
+  (what the killed run logged past its last checkpoint). Without one (older logs), a record whose step is not after
   the previous record of its kind starts over from that step. Earlier records of its kind at that step or
   later, and of the other kind at later steps, are dropped: the last record of each step wins, and steps a
   killed run logged past its last checkpoint do not linger.
@@ -69,6 +72,10 @@ def read_metrics(metrics_path: str | Path) -> tuple[list[dict[str, Any]], list[d
                 warnings.warn(f"{path}:{line_number}: skipped a line that is not a JSON object", stacklevel=2)
                 continue
             kind = record.get("kind") or "train"
+            if kind == "resume" and isinstance(record.get("step"), int):  # the run went on from this checkpoint
+                kept = [(k, r) for k, r in kept if r["step"] <= record["step"]]
+                last_step = {k: r["step"] for k, r in kept}
+                continue
             if kind not in ("train", "eval"):
                 continue
             step = record.get("step")
@@ -129,16 +136,32 @@ def _components(records: Iterable[dict[str, Any]]) -> list[str]:
     return list(names)
 
 
-def _loss_series(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[Series]:
+def _loss_panels(train: list[dict[str, Any]], evals: list[dict[str, Any]], log_y: bool) -> list[Panel]:
+    """The total loss, then one panel per component (each on its own scale: the total of LXMERT's six losses is
+    many times its smallest), train and eval together."""
     components = _components(train + evals)
-    out = []
-    for kind, records in (("train", train), ("eval", evals)):
-        total = _series("loss", f"loss ({kind})", kind, COLORS[0], records, lambda r: r.get("loss"))
-        out.append(total)
-        for i, name in enumerate(components, 1):
-            get = lambda r, name=name: _losses(r).get(name)  # noqa: E731
-            out.append(_series(f"losses/{name}", f"{name} ({kind})", kind, COLORS[i % len(COLORS)], records, get))
-    return [s for s in out if s is not None]
+
+    def series(name: str, label: str, color: str, get: Callable[[dict[str, Any]], Any]) -> list[Series]:
+        found = [_series(name, f"{label} ({kind})", kind, color, records, get)
+                 for kind, records in (("train", train), ("eval", evals))]  # fmt: skip
+        return [s for s in found if s is not None]
+
+    title = "loss (total of the components)" if components else "loss"
+    panels = [Panel(title, "loss", series("loss", "loss", COLORS[0], lambda r: r.get("loss")), log_y=log_y)]
+    for i, name in enumerate(components, 1):
+        get = lambda r, name=name: _losses(r).get(name)  # noqa: E731
+        panels.append(Panel(f"{name} loss", name, series(f"losses/{name}", name, COLORS[i % len(COLORS)], get),
+                            log_y=log_y))  # fmt: skip
+    return panels
+
+
+def _metric_panel(evals: list[dict[str, Any]]) -> Panel | None:
+    """Fine-tuning's evaluation score (VQA score, accuracy) by step, when the eval records carry one."""
+    metric = _series("metric", "eval", "eval", COLORS[1], evals, lambda r: r.get("metric"))
+    if metric is None:
+        return None
+    name = next((r["metric_name"] for r in evals if isinstance(r.get("metric_name"), str)), "metric")
+    return Panel(f"evaluation: {name}", name, [metric])
 
 
 @dataclass
@@ -291,14 +314,17 @@ def write_plots(metrics_path: str | Path, out_dir: str | Path, log_y: bool = Fal
     metrics_path, out_dir = Path(metrics_path), Path(out_dir)
     train, evals = read_metrics(metrics_path)
     run = metrics_path.parent.name or str(metrics_path)
-    loss = Panel("loss", "loss", _loss_series(train, evals), log_y=log_y)
+    loss = _loss_panels(train, evals, log_y)
+    metric = _metric_panel(evals)
+    if metric is not None:
+        loss.append(metric)
     samples = _series("samples_per_s", "samples/s (train)", "train", COLORS[0], train, lambda r: r.get("samples_per_s"))
     throughput = [Panel("throughput", "samples/s", [samples] if samples is not None else [], from_zero=True)]
     mfu = _series("mfu", "MFU (train)", "train", COLORS[1], train, lambda r: r.get("mfu"), scale=100.0)
     if mfu is not None and any(math.isfinite(v) for _, v in mfu.points):
         throughput.append(Panel("model FLOPs utilisation", "MFU (%)", [mfu], from_zero=True))
     written = []
-    for name, panels in (("loss.svg", [loss]), ("throughput.svg", throughput)):
+    for name, panels in (("loss.svg", loss), ("throughput.svg", throughput)):
         path = out_dir / name
         write_text_atomic(path, _svg(panels, f"{run}: {name[:-4]}"))
         written.append(path)
@@ -306,7 +332,7 @@ def write_plots(metrics_path: str | Path, out_dir: str | Path, log_y: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.plots",
+    parser = argparse.ArgumentParser(prog="lxmert-plots",
                                      description="loss.svg and throughput.svg from a run's metrics.jsonl")  # fmt: skip
     parser.add_argument("metrics", type=Path, help="the run's metrics.jsonl")
     parser.add_argument("--out", type=Path, help="directory for the SVG files (default: the metrics file's)")

@@ -1,11 +1,13 @@
-"""Pre-train LXMERT: `python -m engine.pretrain --config configs/<recipe>.yaml [section.field=value ...]`.
+"""Pre-train LXMERT: `lxmert-pretrain --config configs/<recipe>.yaml [section.field=value ...]` (or
+`python -m engine.pretrain ...`).
 
-Alone it runs one process (the plain PyTorch path, or DeepSpeed when train.zero_stage > 0 and DeepSpeed is
-installed); under a launcher every rank runs it:
-    deepspeed --num_gpus 8 -m engine.pretrain --config configs/pretrain.yaml
+Alone it runs one process (the plain PyTorch path, or DeepSpeed on a world of one when train.zero_stage > 0 and
+DeepSpeed is installed: engine/launch.py); under a launcher every rank runs it:
+    deepspeed --num_gpus 8 --module engine.pretrain --config configs/pretrain.yaml
     torchrun --nproc_per_node 8 -m engine.pretrain --config configs/pretrain.yaml train.zero_stage=1
 (LOCAL_RANK / RANK / WORLD_SIZE come from the environment; DeepSpeed's --local_rank argument is accepted.)
-Prints the resolved config (also saved as <output_dir>/config.yaml), logs to <output_dir>/metrics.jsonl (and
+Every store and the config are checked before anything is written: a mistake is one line on stderr naming the
+key or file, exit 2. Prints the resolved config (also saved as <output_dir>/config.yaml), logs to <output_dir>/metrics.jsonl (and
 TensorBoard when installed), and ends with a short report: first and last losses per component, samples/s, the
 last validation, the checkpoint, model, log and plot paths.
 """
@@ -16,8 +18,8 @@ import argparse
 import os
 import sys
 
-from engine.config import ConfigError, format_config, load_config, resolve
-from engine.train import Trainer, launch_env
+from engine.config import ConfigError, format_config, load_config
+from engine.train import Trainer
 
 
 def report(summary: dict) -> str:
@@ -46,7 +48,7 @@ def report(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lxmert-pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="a recipe YAML (configs/)")
     parser.add_argument("--export-hf", action="store_true", help="also write transformers' layout + config.json")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -56,16 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         config = load_config(args.config, args.overrides)
-        rank, _, world = launch_env()
-        if rank == 0:
-            print(format_config(resolve(config, world)), flush=True)
+        if config.train.task != "pretrain":
+            raise ConfigError(f"train.task is {config.train.task!r}: lxmert-pretrain pre-trains (lxmert-finetune "
+                              "fine-tunes)")  # fmt: skip
+        trainer = Trainer(config, export_hf=args.export_hf)
     except ConfigError as error:
-        print(f"engine.pretrain: {error}", file=sys.stderr)
+        print(f"lxmert-pretrain: error: {error}", file=sys.stderr)
         return 2
-    if config.train.task != "pretrain":
-        print(f"engine.pretrain: train.task is {config.train.task!r}; this CLI pre-trains", file=sys.stderr)
-        return 2
-    trainer = Trainer(config, export_hf=args.export_hf)
+    if trainer.rank == 0:
+        print(format_config(trainer.config), flush=True)
     summary = trainer.train()
     if trainer.rank == 0:
         print(report(summary), flush=True)

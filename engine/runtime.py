@@ -1,6 +1,6 @@
 """How a model is stepped, shared by pre-training (engine/train.py) and fine-tuning (engine/finetune.py).
 
-    runtime = Runtime(model, config, total_steps, device, use_deepspeed=...)
+    runtime = Runtime(model, config, total_steps, device, use_deepspeed=..., launch=Launch.from_env())
     out = runtime.forward(**inputs)       # autocast (plain path) or the DeepSpeed engine (it casts the model)
     runtime.backward(out.loss)            # every micro batch
     norm, skipped = runtime.step()        # once per accumulation boundary: clip, skip if non-finite, schedule
@@ -10,7 +10,11 @@
 Two paths with the same semantics (global batch = micro x accumulation x ranks, clipping, one schedule step per
 optimizer step, a non-finite step skipped and counted, never applied):
 - DeepSpeed: deepspeed.initialize with our optimizer (engine/optim.py) and LambdaLR, its config derived by
-  engine.config.deepspeed_config (ZeRO stage, offload, bf16 / fp16 with dynamic loss scaling).
+  engine.config.deepspeed_config (ZeRO stage, offload, bf16 / fp16 with dynamic loss scaling), on the process
+  group engine.launch.init_distributed sets up (a world of one without a launcher). At ZeRO-0 in fp32 DeepSpeed
+  steps our optimizer without keeping the gradient norm and would apply a non-finite step: the runtime measures
+  the all-reduced norm at the accumulation boundary and, when it is not finite, lets the step apply nothing and
+  puts the schedule back.
 - plain PyTorch, one process: torch.autocast for bf16 / fp16, torch.amp.GradScaler for fp16.
 
 Applied to the model here rather than in lxmert/ (the model stays pure architecture, as torchtitan keeps it):
@@ -36,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine import checkpoint as ckpt
 from engine.config import RunConfig, deepspeed_config
+from engine.launch import Launch, import_deepspeed, init_distributed
 from engine.optim import make_optimizer, make_scheduler
 
 PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,12 +103,12 @@ class Runtime:
     """Model + optimizer + schedule + precision (+ DeepSpeed engine) of one run; see the module docstring."""
 
     def __init__(self, model: nn.Module, config: RunConfig, total_steps: int, device: torch.device,
-                 use_deepspeed: bool, world_size: int = 1) -> None:  # fmt: skip
+                 use_deepspeed: bool, launch: Launch = Launch()) -> None:  # fmt: skip
         t = config.train
         self.config = config
         self.device = device
         self.use_deepspeed = use_deepspeed
-        self.world_size = world_size
+        self.world_size = launch.world_size
         self.accum = t.grad_accum_steps
         self.clip = config.optim.grad_clip
         self.dtype = precision_dtype(t.precision)
@@ -115,14 +120,20 @@ class Runtime:
         self.engine = None
         self.scaler = None
         self._ds_skipped_seen = 0
+        self._measure_norm = False
+        self._skip_step = False
+        self._boundary_norm: float | None = None  # measured here where DeepSpeed reports none (see backward)
         if use_deepspeed:
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            init_distributed(device, launch)
+            self.engine, self.optimizer, _, self.scheduler = import_deepspeed().initialize(
                 model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
-                config=deepspeed_config(config, world_size),
+                config=deepspeed_config(config, launch.world_size),
             )  # fmt: skip
+            # Without ZeRO and 16-bit wrappers DeepSpeed steps our optimizer itself, clips without keeping the
+            # norm (get_global_grad_norm() is None) and applies a non-finite step: both are done here instead.
+            self._measure_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
+            if self._measure_norm:
+                self._guard_optimizer_step()
             if t.compile:
                 self.engine.compile(backend=t.compile_backend)
         else:
@@ -153,6 +164,8 @@ class Runtime:
         """Accumulate one micro batch's gradient (each micro batch's loss weighs 1 / accumulation steps)."""
         if self.use_deepspeed:
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+            if self._measure_norm and self.engine.is_gradient_accumulation_boundary():
+                self._boundary_norm = self._norm_or_skip()
             self.engine.step()  # an optimizer step only at the accumulation boundary
         else:
             self.scaler.scale(loss.float() / self.accum).backward()
@@ -161,11 +174,46 @@ class Runtime:
         """At the accumulation boundary: (gradient norm before clipping, whether the step was skipped)."""
         if not self.use_deepspeed:
             return optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.clip)
+        if self._measure_norm:
+            norm, self._boundary_norm = self._boundary_norm, None
+            if self._skip_step:
+                self._undo_schedule_step()
+                self._skip_step = False
+                return norm, True
+            return norm, False
         norm = self.engine.get_global_grad_norm()  # DeepSpeed stepped in backward() at the boundary
         norm = float(norm) if norm is not None else math.nan
         skipped = self.engine.skipped_steps > self._ds_skipped_seen
         self._ds_skipped_seen = self.engine.skipped_steps
         return norm, skipped
+
+    def _norm_or_skip(self) -> float:
+        """The all-reduced gradient's norm before DeepSpeed's step; a non-finite one makes that step apply
+        nothing (the optimizer's step is guarded, see _guard_optimizer_step)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self._skip_step = not math.isfinite(norm)
+        if self._skip_step:
+            self._schedule_before = self.scheduler.state_dict()
+        return norm
+
+    def _guard_optimizer_step(self) -> None:
+        """DeepSpeed calls optimizer.step() itself on this path: wrap it so a step flagged non-finite is not taken."""
+        optimizer = self.engine.optimizer
+        step = optimizer.step
+
+        @functools.wraps(step)  # keeps the LR scheduler's marker on the step it wrapped
+        def step_unless_skipped(*args: Any, **kwargs: Any) -> Any:
+            return None if self._skip_step else step(*args, **kwargs)
+
+        optimizer.step = step_unless_skipped
+
+    def _undo_schedule_step(self) -> None:
+        """DeepSpeed stepped the schedule for the step that applied nothing: put it back, as the plain path
+        never steps it for a skipped step."""
+        self.scheduler.load_state_dict(self._schedule_before)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
 
     def zero_grad(self) -> None:
         """Drop gradients accumulated for a step that will not happen (the data ran out mid-step)."""

@@ -11,7 +11,10 @@ Each optimizer step times the wait for data, forward+backward, and the optimizer
 JSON line goes to <output_dir>/metrics.jsonl (engine/metrics_log.py) with the loss components, lr, gradient
 norm, loss scale, samples/s, tokens/s (text tokens + regions, padding included), TFLOP/s and MFU (engine/flops.py,
 model FLOPs of this rank over this rank's peak; null where the peak is unknown, e.g. the CPU), the share of
-time spent waiting for data and peak memory. The host syncs once per step (the gradient norm decides a skip).
+time spent waiting for data, peak memory, this rank's threads and the time left. The host still waits for the
+device several times a step (each loss component, the masked counts for the FLOP figure, the gradient norm that
+decides a skip). The stores are opened and checked against each other and the model before anything is built
+or written (open_pretrain_stores): a problem is a ConfigError naming the data.* key.
 
 Evaluation (data.eval stores set): every train.eval_every steps (0: at the end of every epoch) and at the end,
 the validation losses (each component, averaged over the split's samples and the ranks) and the QA and
@@ -22,7 +25,6 @@ comparable. At the end, loss / throughput plots (engine/plots.py) go to <output_
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,56 +33,19 @@ from typing import Any, Iterator
 import torch
 
 from engine import checkpoint as ckpt
-from engine.config import RunConfig, resolve, save_config
+from engine.config import ConfigError, RunConfig, StorePaths, resolve, save_config
 from engine.data.batch import PretrainBatch
 from engine.data.loaders import make_loader
 from engine.data.sampling import SamplingConfig
+from engine.data.store import RegionStore, StoreError, TextStore
 from engine.flops import mfu, peak_flops, step_flops
+from engine.launch import Launch, all_reduce_sum, choose_deepspeed, pick_device, set_threads
 from engine.metrics_log import MetricsLog, console_line, peak_memory_gib
 from engine.runtime import Runtime
+from lxmert.config import LxmertConfig
 from lxmert.pretraining import LxmertForPreTraining
 
 BUCKET_BATCHES = 100  # data.length_bucketing: sort by length within windows of this many global batches
-
-
-def launch_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher's environment (deepspeed, torchrun); 0, 0, 1 alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, int(os.environ.get("LOCAL_RANK", str(rank))), world
-
-
-def deepspeed_available() -> bool:
-    try:
-        import deepspeed  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def pick_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def choose_deepspeed(config: RunConfig, use_deepspeed: bool | None, world: int) -> bool:
-    """The DeepSpeed path when asked, or by default when it imports and ZeRO or a launcher asks for it."""
-    if use_deepspeed is None:
-        use_deepspeed = deepspeed_available() and (config.train.zero_stage > 0 or "WORLD_SIZE" in os.environ)
-    if not use_deepspeed and world > 1:
-        raise RuntimeError(f"WORLD_SIZE={world} needs the DeepSpeed path (pip install deepspeed)")
-    return use_deepspeed
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a no-op alone)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
 
 
 def write_run_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
@@ -94,37 +59,76 @@ def write_run_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
         return []
 
 
+STORE_KINDS = {"RegionStore": "feature store", "TextStore": "text store", "TaskStore": "task store"}
+
+
+def open_store(path: str, key: str, kind: type, build: str):
+    """A store named by config key `key`, opened; any problem is a ConfigError naming the key and the path."""
+    what = STORE_KINDS.get(kind.__name__, "store")
+    if not path:
+        raise ConfigError(f"{key} is empty: it must name a {what} directory (built by {build}), or pass --config "
+                          "configs/<recipe>.yaml")  # fmt: skip
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}: the {what} {path} does not exist (build it with {build})")
+    try:
+        return kind(path)
+    except (StoreError, OSError, KeyError, ValueError) as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def open_pretrain_stores(stores: StorePaths, split: str, model: LxmertConfig) -> tuple[TextStore, RegionStore]:
+    """The text and feature stores of data.<split>, checked against each other and against the model."""
+    regions = open_store(stores.features, f"data.{split}.features", RegionStore, "engine.data.convert --tsv")
+    text = open_store(stores.text, f"data.{split}.text", TextStore, "engine.data.convert --text")
+    try:
+        text.check_features(regions)
+    except StoreError as error:
+        raise ConfigError(f"data.{split}: {error}") from None
+    if regions.feat_dim != model.visual_feat_dim:
+        raise ConfigError(f"data.{split}.features {regions.path} holds {regions.feat_dim}-d features but "
+                          f"model.visual_feat_dim is {model.visual_feat_dim}")  # fmt: skip
+    if model.task_qa and len(text.answers) != model.num_qa_labels:  # the head is the table, as the authors size it
+        raise ConfigError(f"data.{split}.text {text.path} has {len(text.answers)} answers but the QA head has "
+                          f"model.num_qa_labels {model.num_qa_labels}: make them equal")  # fmt: skip
+    return text, regions
+
+
 class Trainer:
     """Builds everything from a RunConfig; `train()` runs the loop and returns a summary dict."""
 
     def __init__(self, config: RunConfig, use_deepspeed: bool | None = None, export_hf: bool = False) -> None:
-        self.rank, self.local_rank, world = launch_env()
-        self.use_deepspeed = choose_deepspeed(config, use_deepspeed, world)
+        self.launch = Launch.from_env()
+        self.rank, self.local_rank, world = self.launch.rank, self.launch.local_rank, self.launch.world_size
+        self.use_deepspeed = choose_deepspeed(config.train.zero_stage, use_deepspeed, self.launch)
         self.world_size = world
         self.config = resolve(config, world)
         self.export_hf = export_hf
         t = self.config.train
         self.output_dir = Path(t.output_dir)
         self.device = pick_device(self.local_rank)
-        if self.rank == 0:
-            save_config(self.config, self.output_dir / "config.yaml")
+        self.threads = set_threads(t.threads, self.launch)
+        for split in ("train", "eval") if self.config.data.eval.text else ("train",):
+            open_pretrain_stores(getattr(self.config.data, split), split, self.config.model)  # before the build
 
         torch.manual_seed(t.seed)  # initialisation, then dropout
         self.model = LxmertForPreTraining(self.config.model).to(self.device)
-        self.loader = self._make_loader(self.config.data.train)
-        self.eval_loader = self._make_loader(self.config.data.eval) if self.config.data.eval.text else None
+        self.loader = self._make_loader(self.config.data.train, "train")
+        self.eval_loader = self._make_loader(self.config.data.eval, "eval") if self.config.data.eval.text else None
         self.accum = t.grad_accum_steps
         self.steps_per_epoch = len(self.loader) // self.accum
         if self.steps_per_epoch < 1:
-            raise ValueError(f"an epoch has {len(self.loader)} micro batches, fewer than grad_accum_steps {self.accum}")
+            raise ConfigError(f"data.train: an epoch has {len(self.loader)} micro batches, fewer than "
+                              f"train.grad_accum_steps {self.accum}")  # fmt: skip
         self.total_steps = t.total_steps(self.steps_per_epoch)
-        self.runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, world)
+        self.runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, self.launch)
         self.step = 0  # optimizer steps done (skipped ones included, as DeepSpeed counts them)
         self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []  # every logged training record
         self.evals: list[dict[str, Any]] = []  # every evaluation record
         self.last_checkpoint: Path | None = None
         self._resume()
+        if self.rank == 0:  # only once everything the run reads has been checked
+            save_config(self.config, self.output_dir / "config.yaml")
 
     @property
     def engine(self):
@@ -133,8 +137,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- building
 
-    def _make_loader(self, stores):
+    def _make_loader(self, stores: StorePaths, split: str = "train"):
+        """The loader of one split's stores; a missing, unfinished or mismatched store is a ConfigError naming
+        the data.<split> key."""
         c, d = self.config, self.config.data
+        text, regions = open_pretrain_stores(stores, split, c.model)
         sampling = SamplingConfig(
             seed=d.seed, batch_size=c.train.micro_batch_size, world_size=self.world_size, rank=self.rank,
             bucket_batches=BUCKET_BATCHES if d.length_bucketing else 0, word_mask_prob=d.word_mask_prob,
@@ -144,12 +151,22 @@ class Trainer:
         options: dict[str, Any] = {}
         if d.loader in ("torch", "dali"):
             options["num_workers"] = d.num_workers
-        return make_loader(d.loader, stores.text, stores.features, sampling, device=self.device, **options)
+        unknown = set(d.sources) - set(text.sources)
+        if unknown:
+            raise ConfigError(f"data.sources: {sorted(unknown)} are not in the data.{split}.text store {text.path} "
+                              f"(it has {text.sources}; [] takes every source)")  # fmt: skip
+        try:
+            return make_loader(d.loader, text, regions, sampling, device=self.device, **options)
+        except (ValueError, StoreError) as error:
+            raise ConfigError(f"data.{split}: {error}") from None
 
     # -------------------------------------------------------------------------------------------- resume
 
     def _resume(self) -> None:
-        path = ckpt.resolve_resume(self.config.train.resume, self.output_dir)
+        try:
+            path = ckpt.resolve_resume(self.config.train.resume, self.output_dir)
+        except FileNotFoundError as error:
+            raise ConfigError(str(error)) from None
         if path is None:
             return
         state = self.runtime.load(path, self.rank)
@@ -190,7 +207,7 @@ class Trainer:
             out = self.runtime.forward(**self._inputs(batch).model_inputs())
             n = batch.input_ids.shape[0]
             if not names:
-                names = sorted(out.losses)
+                names = list(out.losses)  # the model's order, as the training records list them
             ans = batch.ans.to(self.device)
             asked = ans >= 0
             qa_right = (out.question_answering_score.argmax(-1) == ans) & asked
@@ -266,6 +283,8 @@ class Trainer:
         save_every = t.save_every or self.steps_per_epoch
         log = MetricsLog(self.output_dir, enabled=self.rank == 0, progress_total=self.total_steps,
                          progress_initial=self.step)  # fmt: skip
+        if self.last_checkpoint is not None and self.step < self.total_steps:
+            log.write({"kind": "resume", "step": self.step, "checkpoint": str(self.last_checkpoint)})
         self.runtime.train(True)
         peak = self._peak()
         micro = self._micro_batches()
@@ -342,8 +361,9 @@ class Trainer:
                         "tflops": achieved / 1e12,
                         "mfu": mfu(window["flops"], elapsed, peak) if peak else None,
                         "data_wait_share": window["wait"] / elapsed,
-                        "peak_memory_gib": peak_memory_gib(self.device),
+                        "peak_memory_gib": peak_memory_gib(self.device), "threads": self.threads,
                         "step_time_s": elapsed / window["steps"],
+                        "eta_s": elapsed / window["steps"] * (self.total_steps - self.step),
                     }  # fmt: skip
                     self.history.append(record)
                     log.write(record)
@@ -387,8 +407,9 @@ class Trainer:
 
     def _mean_over_ranks(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-        """The step's loss and components averaged over the ranks (every rank computes the same keys)."""
-        names = sorted(parts)
+        """The step's loss and components averaged over the ranks (every rank computes the same keys, in the
+        model's order, which the log keeps)."""
+        names = list(parts)
         packed = torch.stack([loss.float().reshape(()), *(parts[k].float().reshape(()) for k in names)])
         all_reduce_sum(packed)
         packed /= self.world_size

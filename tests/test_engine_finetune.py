@@ -319,3 +319,80 @@ def test_evaluate_only_reproduces_the_best_epochs_metric_and_submission(data, tm
     # nothing to evaluate with is a clear error
     assert main(["--evaluate-only", *overrides[:-1], f"train.output_dir={tmp_path / 'empty'}"]) == 2
     assert "evaluate-only needs weights" in capsys.readouterr().err
+
+
+# The sizes of a pre-trained model that is neither the recipe's nor TINY: fine-tuning must take them from it.
+OTHER = dict(hidden_size=48, num_attention_heads=3, intermediate_size=40, l_layers=2, r_layers=1, x_layers=2,
+             visual_feat_dim=D, num_object_labels=len(synthetic.OBJECT_NAMES),
+             num_attr_labels=len(synthetic.ATTRIBUTE_NAMES), num_qa_labels=len(synthetic.ANSWERS))  # fmt: skip
+
+
+def other_export(tmp_path: Path) -> Path:
+    """Our export (model.safetensors + model_config.json, engine.checkpoint.export_model) of an OTHER model."""
+    from engine.checkpoint import export_model
+
+    torch.manual_seed(11)
+    model_config = lxmert.LxmertConfig(**OTHER)
+    model = lxmert.LxmertForPreTraining(model_config)
+    path = export_model(model.state_dict(), model_config, tmp_path / "pretrain")
+    (path.parent / "answers.json").write_text(json.dumps(list(synthetic.ANSWERS)))
+    return path
+
+
+def store_overrides(data, task: str, out: Path) -> list[str]:
+    eval_split = {"vqa": "minival", "gqa": "testdev", "nlvr2": "valid"}[task]
+    return [f"data.train.text={data[f'{task}_train']}", f"data.train.features={data['feats']}",
+            f"data.eval.text={data[f'{task}_{eval_split}']}", f"data.eval.features={data['feats']}",
+            "data.num_workers=0", f"train.task={task}", f"train.output_dir={out}", "train.batch_size=16",
+            "train.max_steps=2", "optim.lr=1e-3"]  # fmt: skip
+
+
+def test_init_from_takes_the_architecture_from_the_checkpoints_config(data, tmp_path, capsys):
+    path = other_export(tmp_path)
+    # no model.* override at all: every size comes from model_config.json, the backbone loads exactly
+    tuner = FineTuner(load_config(None, [*store_overrides(data, "vqa", tmp_path / "run"), f"train.init_from={path}"]))
+    for name, value in OTHER.items():
+        assert getattr(tuner.config.model, name) == value, name
+    assert set(tuner.adopted) == set(OTHER)  # every one differs from the defaults
+    state = read_state_dict(path)
+    model = tuner.model.state_dict()
+    assert all(torch.equal(model[k], v) for k, v in state.items() if k.startswith("lxmert."))
+    tuner.train()
+    saved = load_config(tmp_path / "run/config.yaml").model  # the run records the sizes it trained
+    assert (saved.hidden_size, saved.num_attention_heads, saved.l_layers) == (48, 3, 2)
+    # an override that agrees is fine; one that contradicts is an error naming both values, before anything runs
+    FineTuner(load_config(None, [*store_overrides(data, "nlvr2", tmp_path / "agree"), f"train.init_from={path}",
+                                 "model.hidden_size=48"]))  # fmt: skip
+    with pytest.raises(FineTuneError, match=r"model.intermediate_size is 99 but the checkpoint's .*model_config.json "
+                                            r"says 40"):  # fmt: skip
+        FineTuner(load_config(None, [*store_overrides(data, "vqa", tmp_path / "clash"), f"train.init_from={path}",
+                                     "model.intermediate_size=99"]))  # fmt: skip
+    assert not (tmp_path / "clash").exists()
+    # through the CLI: exit 2 and one line
+    assert main([*store_overrides(data, "vqa", tmp_path / "clash"), f"train.init_from={path}",
+                 "model.num_attention_heads=4", "model.hidden_size=48"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.num_attention_heads is 4 but" in err and "says 3" in err
+
+
+def test_init_from_a_transformers_directory_takes_its_config_json(data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lxmert.convert import to_hf_state_dict
+
+    hf = transformers.LxmertForPreTraining(transformers.LxmertConfig(**OTHER))
+    hf.load_state_dict(to_hf_state_dict(read_state_dict(other_export(tmp_path))))
+    hf.save_pretrained(tmp_path / "hf")
+    tuner = FineTuner(load_config(None, [*store_overrides(data, "nlvr2", tmp_path / "run"),
+                                         f"train.init_from={tmp_path / 'hf'}"]))  # fmt: skip
+    assert (tuner.config.model.hidden_size, tuner.config.model.num_attention_heads) == (48, 3)
+
+
+def test_evaluate_only_needs_no_training_store(data, tmp_path, capsys):
+    trained = FineTuner(config(data, "vqa", tmp_path / "run", "train.max_steps=3", "train.batch_size=16")).train()
+    overrides = [*TINY, f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}",
+                 f"data.train.text={tmp_path / 'not_here'}", f"data.train.features={tmp_path / 'not_here_either'}",
+                 "train.task=vqa", f"train.output_dir={tmp_path / 'eval'}", f"train.init_from={trained['model']}"]  # fmt: skip
+    assert main(["--evaluate-only", *overrides]) == 0
+    result = json.loads((tmp_path / "eval/evaluate/result.json").read_text())
+    assert result["value"] == pytest.approx(trained["best_metric"])
+    assert read_vqa_submission(result["submission"]) == read_vqa_submission(trained["submission"])

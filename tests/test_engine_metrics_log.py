@@ -9,6 +9,7 @@ import json
 import math
 import re
 import sys
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -275,7 +276,7 @@ def test_tensorboard_off(tmp_path, fake_writer):
     assert fake_writer.instances == []
 
 
-def test_missing_tensorboard_gives_one_notice(tmp_path, monkeypatch, capsys):
+def test_missing_tensorboard_is_silent_and_a_broken_one_gives_one_notice(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: `import tensorboard` fails
     monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
     monkeypatch.setattr(metrics_log, "_tensorboard_notice_given", False)
@@ -285,6 +286,15 @@ def test_missing_tensorboard_gives_one_notice(tmp_path, monkeypatch, capsys):
         log.close()
         assert (tmp_path / run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
         assert not (tmp_path / run / "tensorboard").exists()
+    assert "TensorBoard" not in capsys.readouterr().out  # an optional extra that is absent: nothing to say
+    # installed but broken (here: a package without a version): one notice for the process, the runs go on
+    monkeypatch.setitem(sys.modules, "tensorboard", types.ModuleType("tensorboard"))
+    for run in ("c", "d"):
+        monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+        log = MetricsLog(tmp_path / run)
+        log.write({"step": 1, "loss": 1.0})
+        log.close()
+        assert (tmp_path / run / "metrics.jsonl").is_file() and not (tmp_path / run / "tensorboard").exists()
     notices = [line for line in capsys.readouterr().out.splitlines() if "TensorBoard" in line]
     assert len(notices) == 1, notices
     assert notices[0].startswith("TensorBoard logging off: torch.utils.tensorboard did not import (")
@@ -338,3 +348,33 @@ def test_no_progress_bar_off_a_terminal(tmp_path, monkeypatch, capsys):
     log.console("step 1 | loss 1.0")
     log.close()
     assert pipe.getvalue() == "" and capsys.readouterr().out == "step 1 | loss 1.0\n"
+
+
+def test_loss_plot_has_a_panel_per_component_and_the_fine_tuning_score(tmp_path):
+    """The total of six losses is many times the smallest: each component gets its own panel (and scale); a
+    fine-tuning log's evaluation score gets one too."""
+    records = [train_record(s, 10.0 / s) for s in (1, 2, 3)]
+    evals = [{"kind": "eval", "step": 3, "epoch": 1, "metric": 0.25, "metric_name": "vqa_score"},
+             {"kind": "eval", "step": 6, "epoch": 2, "metric": 0.5, "metric_name": "vqa_score"}]  # fmt: skip
+    loss_svg, _ = write_plots(write_jsonl(tmp_path / "metrics.jsonl", records + evals), tmp_path)
+    root = ET.parse(loss_svg).getroot()
+    panels = [g for g in root.iter(f"{SVG}g") if g.get("class") == "panel"]
+    assert [p.get("data-title") for p in panels] == ["loss (total of the components)", "mlm loss", "obj loss",
+                                                     "evaluation: vqa_score"]  # fmt: skip
+    in_panel = {p.get("data-title"): {q.get("data-series") for q in p.iter(f"{SVG}path")} for p in panels}
+    assert in_panel["mlm loss"] == {"losses/mlm"} and in_panel["evaluation: vqa_score"] == {"metric"}
+    # each panel spans its own range: the component's extremes reach the panel's top and bottom like the total's
+    series = series_of(loss_svg)
+    ys = {name: [y for _, y in points(series[name, "train"])] for name in ("loss", "losses/obj")}
+    assert math.isclose(max(ys["loss"]) - min(ys["loss"]), max(ys["losses/obj"]) - min(ys["losses/obj"]), rel_tol=1e-3)
+    assert_maps_monotonically([3, 6], [0.25, 0.5], points(series["metric", "eval"]))
+
+
+def test_console_line_shows_a_zero_lr_as_zero_and_the_time_left():
+    from engine.metrics_log import console_line, format_duration
+
+    line = console_line({**train_record(10, 1.0), "lr": -0.0, "eta_s": 3725.4, "peak_memory_gib": 1.0})
+    assert "lr 0.00e+00" in line and "eta 1:02:05" in line
+    assert "TFLOP/s" not in console_line({"step": 1, "total_steps": 2, "loss": 1.0, "lr": 1e-4, "grad_norm": 1.0,
+                                           "samples_per_s": 5.0, "peak_memory_gib": 0.1})  # fields a record lacks
+    assert format_duration(90061) == "1 d 1:01:01" and format_duration(0.4) == "0:00:00"

@@ -19,8 +19,9 @@ import lxmert
 from engine.config import load_config
 from engine.data import convert
 from engine.data.store import TextStore
+from engine.launch import deepspeed_available
 from engine.runtime import apply_activation_checkpointing, encoder_layers
-from engine.train import Trainer, deepspeed_available
+from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
 from conftest import build_pretrain_stores, tiny_model_overrides
 
@@ -185,8 +186,14 @@ def test_deepspeed_bf16_tracks_fp32_and_exports_the_fp32_masters(stores, tmp_pat
     assert (weight - fp32_weight).abs().max() < 1e-2 * fp32_weight.abs().max()
 
 
+def cpu_has_fp16() -> bool:
+    """DeepSpeed refuses fp16 on a CPU whose oneDNN has no fp16 kernels (the CPU accelerator's check)."""
+    return torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
 @pytest.mark.slow
 @needs_deepspeed
+@pytest.mark.skipif(not cpu_has_fp16(), reason="DeepSpeed: 'Type fp16 is not supported on your device' (this CPU)")
 def test_deepspeed_fp16_skips_an_injected_inf_step(stores, tmp_path, one_rank):
     template = tmp_path / "fp16.json"
     # a low initial scale: the default 2^16 overflows this model's early fp16 gradients (skipped, as it should)
@@ -228,6 +235,52 @@ def test_deepspeed_fp16_skips_an_injected_inf_step(stores, tmp_path, one_rank):
     assert records[3]["loss_scale"] == records[2]["loss_scale"] / 2 == 1.0
     assert records[3]["lr"] == records[2]["lr"]  # the schedule did not advance either
     assert records[4]["loss"] < records[1]["loss"]
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_path, one_rank):
+    """ZeRO-0 fp32: DeepSpeed steps the client optimizer itself and reports no gradient norm (and would apply a
+    non-finite step). The runtime measures the norm (the plain path's, on the same batches) and skips such a step:
+    weights, schedule and later losses as if it never came."""
+    plain = Trainer(make_config(stores, tmp_path / "plain", *NO_DROPOUT), use_deepspeed=False)
+    plain.train()
+    ds = Trainer(make_config(stores, tmp_path / "ds", *NO_DROPOUT, "train.zero_stage=0"), use_deepspeed=True)
+    ds.train()
+    for a, b in zip(plain.history, ds.history, strict=True):
+        assert math.isfinite(b["grad_norm"]) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    line = (tmp_path / "ds/metrics.jsonl").read_text()
+    assert '"grad_norm": "nan"' not in line and '"grad_norm": null' not in line
+
+    # an inf gradient in the third step: skipped, nothing applied, the lr not advanced
+    skipper = Trainer(make_config(stores, tmp_path / "skip", *NO_DROPOUT, "train.zero_stage=0", "train.max_steps=5"),
+                      use_deepspeed=True)  # fmt: skip
+    param = skipper.model.match_head.weight
+    param.register_hook(lambda grad: grad * math.inf if skipper.step == 2 else grad)
+    snapshots = {}
+    forward_backward, optimizer_step = skipper._forward_backward, skipper._optimizer_step
+
+    def recording_forward_backward(batch):  # DeepSpeed steps inside the backward: copy the weights before it
+        if skipper.step == 2:
+            snapshots["before"] = {k: v.clone() for k, v in skipper.model.state_dict().items()}
+        return forward_backward(batch)
+
+    def recording_step():
+        result = optimizer_step()
+        if skipper.step == 2:
+            snapshots["after"] = {k: v.clone() for k, v in skipper.model.state_dict().items()}
+        return result
+
+    skipper._forward_backward, skipper._optimizer_step = recording_forward_backward, recording_step
+    skipper.train()
+    records = {r["step"]: r for r in skipper.history}
+    assert records[3]["skipped"] is True and not math.isfinite(records[3]["grad_norm"])
+    assert skipper.skipped_steps == 1 and all(not records[s]["skipped"] for s in (1, 2, 4, 5))
+    for name, value in snapshots["before"].items():
+        assert torch.equal(value, snapshots["after"][name]), name
+    assert records[3]["lr"] == records[2]["lr"] and records[4]["lr"] < records[3]["lr"]
+    assert all(math.isfinite(records[s]["loss"]) for s in (4, 5))
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ import torch
 import lxmert
 from engine import checkpoint as ckpt
 from engine.config import load_config
-from engine.train import Trainer, deepspeed_available
+from engine.launch import deepspeed_available
+from engine.plots import read_metrics
+from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
 from conftest import build_pretrain_stores, tiny_model_overrides
 
@@ -90,6 +93,33 @@ def test_resume_is_bit_identical(baseline, stores, tmp_path):
     assert second.step == 12
     second.train()
     assert losses_of(first) + losses_of(second) == reference  # exact equality of floats
+    # the log says where the second run went on, and the reader resolves the two runs into one
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    resumes = [r for r in lines if r.get("kind") == "resume"]
+    assert resumes == [{"kind": "resume", "step": 12, "checkpoint": str(ckpt.checkpoint_root(tmp_path) / ckpt.tag_of(12))}]
+    train, _ = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in train] == list(range(1, 31)) and [r["loss"] for r in train] == reference
+
+
+def test_a_resume_record_drops_what_the_killed_run_logged_past_its_checkpoint(tmp_path):
+    rows = [{"step": s, "loss": float(s)} for s in range(1, 6)] + [{"kind": "eval", "step": 5, "loss": 0.5}]
+    rows += [{"kind": "resume", "step": 3, "checkpoint": "c"}] + [{"step": s, "loss": 10.0 + s} for s in (4, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, evals = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["loss"] for r in train] == [1.0, 2.0, 3.0, 14.0, 15.0] and evals == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_respect_the_umask(stores, tmp_path, umask, mode):
+    """Atomic writes go through mkstemp (0600); the files must end with what open() would give them."""
+    old = os.umask(umask)
+    try:
+        Trainer(make_config(stores, tmp_path, "train.max_steps=2"), use_deepspeed=False).train()
+    finally:
+        os.umask(old)
+    for name in ("config.yaml", "model.safetensors", "model_config.json", "plots/loss.svg", "plots/throughput.svg",
+                 "checkpoints/latest", "metrics.jsonl"):  # fmt: skip
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
 
 
 def test_prune_keeps_the_newest_complete_checkpoints_and_the_latest(tmp_path):

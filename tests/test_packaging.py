@@ -30,4 +30,24 @@ def test_every_command_answers_help(name):
     executable = Path(sys.executable).parent / name  # pip puts console scripts beside the interpreter
     proc = subprocess.run([str(executable), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "usage:" in proc.stdout
+    assert proc.stdout.startswith(f"usage: {name} "), proc.stdout[:200]  # --help names the command typed
+
+
+def test_the_readmes_data_and_run_directories_are_ignored_by_git():
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("data/feats/meta.json", "runs/main/report.json", "runs/benchmarks/kernels.jsonl"):
+        proc = subprocess.run(["git", "check-ignore", "-q", path], cwd=repo)
+        assert proc.returncode == 0, f"{path} is not ignored"
+
+
+def test_benchmarks_write_new_runs_outside_the_tracked_results():
+    from benchmarks import dataloader, harness, kernels, scaling
+
+    assert harness.RUNS_DIR.relative_to(harness.REPO_ROOT).parts[0] == "runs"
+    for parse, name in ((lambda: scaling.parse_args([]), "scaling"),):
+        assert parse().out == harness.RUNS_DIR / f"{name}.jsonl"
+    for module, name in ((dataloader, "dataloader"), (kernels, "kernels")):
+        source = Path(module.__file__).read_text()
+        assert f'default=harness.RUNS_DIR / "{name}.jsonl"' in source, name

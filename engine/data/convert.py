@@ -391,7 +391,7 @@ def convert_text(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.data.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="lxmert-data-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--tsv", nargs="+", metavar="TSV", help="feature TSV files -> a region store")

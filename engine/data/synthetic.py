@@ -402,7 +402,7 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.data.synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lxmert-synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--images", type=int, default=400, help="images in all (default %(default)s)")
     parser.add_argument("--feat-dim", type=int, default=2048, help="region feature size (default %(default)s)")

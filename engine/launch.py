@@ -1,0 +1,170 @@
+"""How a run is launched: ranks, device, threads, the DeepSpeed or plain path, and the process group.
+
+    launch = Launch.from_env()           # rank, local rank, world size from deepspeed / torchrun (0, 0, 1 alone)
+    device = pick_device(launch.local_rank)
+    set_threads(config.train.threads, launch)
+    init_distributed(device)             # before deepspeed.initialize; one process needs no launcher
+
+One process with ZeRO (`lxmert-pretrain --config configs/pretrain.yaml`, zero_stage 1) runs without a launcher:
+DeepSpeed's own init_distributed would look for an MPI job when the launcher's variables are missing (and fail
+without mpi4py), so a world of one is set up here on an in-memory store (no port; only LOCAL_RANK=0 is set,
+which deepspeed.initialize insists on).
+
+Threads: each rank runs torch's intra-op pool; by default this is the cores this process may use divided by the
+ranks on this node (the deepspeed launcher sets no OMP_NUM_THREADS on the CPU: two CPU ranks with a pool of every
+core each ran 5-10x slower than torchrun's). `train.threads` fixes it; an OMP_NUM_THREADS the user set is kept.
+
+DeepSpeed is imported only where it is used, quietly: on a machine without CUDA it is told it runs on the CPU
+(DS_ACCELERATOR, no "Setting accelerator to CPU" warning), and a few of its log lines that the engine knows to be
+fine (the client BertAdam under ZeRO is "untested", its comm op "built successfully" at every start, torch's
+deprecation of two collectives DeepSpeed calls every step) are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# DeepSpeed log lines that describe what the engine does on purpose (engine/config.py deepspeed_config)
+_KNOWN_FINE = ("untested optimizer",)
+# torch's deprecation of collectives DeepSpeed 0.19.8 calls under ZeRO (theirs to change, repeated every step)
+_DEEPSPEED_DEPRECATIONS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+_BUILT = "built successfully"  # DeepSpeed prints it for its comm op at every start
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    launched: bool = False
+    """A launcher (deepspeed, torchrun) started this process: its variables are set."""
+
+    @classmethod
+    def from_env(cls) -> "Launch":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        # torchrun: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world))))
+        return cls(rank, local_rank, world, max(1, local_world), "WORLD_SIZE" in os.environ)
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment (deepspeed, torchrun); 0, 0, 1 alone."""
+    launch = Launch.from_env()
+    return launch.rank, launch.local_rank, launch.world_size
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(launch: Launch) -> int:
+    """The cores this process may use, shared by the ranks on this node (at least 1)."""
+    return max(1, available_cores() // launch.local_world_size)
+
+
+def set_threads(threads: int, launch: Launch) -> int:
+    """torch's intra-op threads for this rank: `threads` if > 0, else OMP_NUM_THREADS if the user set it, else
+    default_threads. Returns the count in use."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(default_threads(launch))
+    return torch.get_num_threads()
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+
+
+def deepspeed_available() -> bool:
+    """Whether DeepSpeed is installed (looked up, not imported: importing it costs seconds and logs)."""
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+class _DropKnownFine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _KNOWN_FINE)
+
+
+def import_deepspeed():
+    """deepspeed, imported without the warnings the engine knows to be fine (see the module docstring)."""
+    if "deepspeed" not in sys.modules and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.utils import logger
+
+    if not any(isinstance(f, _DropKnownFine) for f in logger.filters):
+        logger.addFilter(_DropKnownFine())
+        warnings.filterwarnings("ignore", message=_DEEPSPEED_DEPRECATIONS, category=FutureWarning)
+    return deepspeed
+
+
+def choose_deepspeed(train_zero_stage: int, use_deepspeed: bool | None, launch: Launch) -> bool:
+    """The DeepSpeed path when asked, or by default when it is installed and ZeRO or a launcher asks for it."""
+    if use_deepspeed is None:
+        use_deepspeed = deepspeed_available() and (train_zero_stage > 0 or launch.launched)
+    if not use_deepspeed and launch.world_size > 1:
+        raise RuntimeError(f"WORLD_SIZE={launch.world_size} needs the DeepSpeed path (pip install deepspeed)")
+    return use_deepspeed
+
+
+def _shm_op_built() -> bool:
+    """Whether DeepSpeed's CPU shared-memory comm op is in torch's extension cache (else the first process group
+    JIT-builds it: about a minute on 2 cores)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return any(root.glob("*/deepspeed_shm_comm/*.so")) or any(root.glob("deepspeed_shm_comm/*.so"))
+
+
+def init_distributed(device: torch.device, launch: Launch) -> None:
+    """The process group DeepSpeed runs on: the launcher's (env://), or a world of one without a launcher."""
+    deepspeed = import_deepspeed()
+    if device.type == "cpu" and launch.rank == 0 and not _shm_op_built():
+        print("DeepSpeed is building its CPU communication op (first run on this machine only, about a minute; "
+              "cached in TORCH_EXTENSIONS_DIR)", flush=True)  # fmt: skip
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    import torch.distributed as dist
+
+    if not launch.launched:
+        os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set
+        if not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    for line in printed.getvalue().splitlines():
+        if _BUILT not in line:
+            print(line, flush=True)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a no-op alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
