@@ -1,8 +1,9 @@
-"""The batch that crosses from the data loaders to the model: PretrainBatch.
+"""The batches that cross from the data loaders to the model: PretrainBatch and fine-tuning's TaskBatch.
 
-Its model fields are named exactly as LxmertForPreTraining.forward's keywords, so a training step is
-`model(**batch.to(device).model_inputs())`; the bookkeeping (which samples, sentences and images, and the
-(epoch, step) it was drawn for) rides along for logging and checks and never reaches the model.
+Their model fields are named exactly as the model's forward keywords (LxmertForPreTraining; LxmertForQuestion-
+Answering and LxmertForNLVR2), so a training step is `model(**batch.to(device).model_inputs())`; the bookkeeping
+(which samples, sentences and images, the (epoch, step) it was drawn for) rides along for logging and checks
+and never reaches the model.
 
 Compact on the host, wide on the device: a loader builds the batch in the store's dtypes (token ids and
 labels int16, attention masks uint8, features and confidences float16 from a float16 store, the feature
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,9 +33,72 @@ MODEL_FIELDS = (
 )  # fmt: skip
 
 
+class ModelBatch:
+    """What both batches do: hand the model its keywords, move to a device and widen there, pin."""
+
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])  # type: ignore[attr-defined]
+
+    def model_inputs(self) -> dict[str, Any]:
+        """The keyword arguments of the model's forward (None fields left out)."""
+        inputs = {name: getattr(self, name) for name in self.MODEL_FIELDS}
+        return {name: value for name, value in inputs.items() if value is not None}
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Any:
+        changes: dict[str, Any] = {}
+        for name in self.MODEL_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                changes[name] = fn(value)
+            elif isinstance(value, dict):
+                changes[name] = {k: (fn(ids), fn(weights)) for k, (ids, weights) in value.items()}
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to(self, device: torch.device | str, non_blocking: bool = True, float_dtype: torch.dtype = torch.float32) -> Any:
+        """The batch on `device`, widened there: integers -> int64, floating point -> `float_dtype`.
+
+        The compact bytes are copied first (non_blocking from pinned memory), the widening runs on the device."""
+
+        def move(t: Tensor) -> Tensor:
+            wide = float_dtype if t.is_floating_point() else torch.int64
+            return t.to(device, non_blocking=non_blocking).to(wide)
+
+        return self._map(move)
+
+    def pin_memory(self) -> Any:
+        """Page-locked host copies (what DataLoader(pin_memory=True) calls), for asynchronous copies."""
+        return self._map(lambda t: t if t.is_pinned() else t.pin_memory())
+
+    def equal(self, other: Any) -> bool:
+        """Exactly the same values, dtypes and bookkeeping (for tests and loader cross-checks)."""
+
+        def same(a: Any, b: Any) -> bool:
+            if isinstance(a, Tensor) or isinstance(b, Tensor):
+                return (
+                    isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
+                    and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+                )  # fmt: skip
+            if isinstance(a, dict):
+                return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+            if isinstance(a, tuple):
+                return isinstance(b, tuple) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+            if isinstance(a, np.ndarray):
+                return isinstance(b, np.ndarray) and np.array_equal(a, b)
+            return a == b
+
+        return type(self) is type(other) and all(
+            same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)  # type: ignore
+        )
+
+
 @dataclass
-class PretrainBatch:
+class PretrainBatch(ModelBatch):
     """One data-parallel rank's batch: B samples, L tokens (the longest sentence of the batch), R regions."""
+
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = MODEL_FIELDS
 
     input_ids: Tensor  # [B, L] [CLS] wordpieces [SEP] [PAD].., after word masking
     attention_mask: Tensor  # [B, L] 1 = real token
@@ -54,57 +118,22 @@ class PretrainBatch:
     epoch: int
     step: int
 
-    @property
-    def batch_size(self) -> int:
-        return int(self.input_ids.shape[0])
 
-    def model_inputs(self) -> dict[str, Any]:
-        """The keyword arguments of LxmertForPreTraining.forward (None fields left out)."""
-        inputs = {name: getattr(self, name) for name in MODEL_FIELDS}
-        return {name: value for name, value in inputs.items() if value is not None}
+# LxmertForQuestionAnswering / LxmertForNLVR2 forward keywords the task batches fill
+TASK_FIELDS = ("input_ids", "visual_feats", "visual_pos", "attention_mask", "visual_attention_mask", "labels")
 
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> PretrainBatch:
-        changes: dict[str, Any] = {}
-        for name in MODEL_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, Tensor):
-                changes[name] = fn(value)
-            elif isinstance(value, dict):
-                changes[name] = {k: (fn(ids), fn(weights)) for k, (ids, weights) in value.items()}
-        return dataclasses.replace(self, **changes)
 
-    def to(
-        self, device: torch.device | str, non_blocking: bool = True, float_dtype: torch.dtype = torch.float32
-    ) -> PretrainBatch:
-        """The batch on `device`, widened there: integers -> int64, floating point -> `float_dtype`.
+@dataclass
+class TaskBatch(ModelBatch):
+    """One rank's fine-tuning batch (engine.data.tasks.task_arrays, compact until `.to`): B questions or
+    statements, L tokens (the batch's longest), R regions; NLVR2 has two images a statement ([B, 2, R, ...])."""
 
-        The compact bytes are copied first (non_blocking from pinned memory), the widening runs on the device."""
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = TASK_FIELDS
 
-        def move(t: Tensor) -> Tensor:
-            wide = float_dtype if t.is_floating_point() else torch.int64
-            return t.to(device, non_blocking=non_blocking).to(wide)
-
-        return self._map(move)
-
-    def pin_memory(self) -> PretrainBatch:
-        """Page-locked host copies (what DataLoader(pin_memory=True) calls), for asynchronous copies."""
-        return self._map(lambda t: t if t.is_pinned() else t.pin_memory())
-
-    def equal(self, other: PretrainBatch) -> bool:
-        """Exactly the same values, dtypes and bookkeeping (for tests and loader cross-checks)."""
-
-        def same(a: Any, b: Any) -> bool:
-            if isinstance(a, Tensor) or isinstance(b, Tensor):
-                return (
-                    isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
-                    and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
-                )  # fmt: skip
-            if isinstance(a, dict):
-                return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-            if isinstance(a, tuple):
-                return isinstance(b, tuple) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-            if isinstance(a, np.ndarray):
-                return isinstance(b, np.ndarray) and np.array_equal(a, b)
-            return a == b
-
-        return all(same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
+    input_ids: Tensor  # [B, L] [CLS] wordpieces [SEP] [PAD]..
+    attention_mask: Tensor  # [B, L] 1 = real token
+    visual_feats: Tensor  # [B, R, D] or [B, 2, R, D]
+    visual_pos: Tensor  # [B, R, 4] or [B, 2, R, 4]
+    visual_attention_mask: Tensor | None  # 1 = real region; None when every region is real
+    labels: Tensor | None  # VQA/GQA [B, answers] soft scores; NLVR2 [B] 0 / 1; None: unlabelled or not asked
+    indices: np.ndarray  # [B] task-store rows (bookkeeping: the predictions' question ids)

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,36 +26,23 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from engine.data.build import (
+    INT16_MAX, SentenceConversion, append_labels, existing_inputs, features_info, file_sha256, input_identity,
+)  # fmt: skip
 from engine.data.formats import (
     FEAT_DIM, MAX_KEPT_ERRORS, NUM_ATTR_LABELS, NUM_OBJECT_LABELS, AnswerTable, DataError, ReadStats, RegionRecord,
     read_answer_table, read_pretrain, read_tsv,
 )  # fmt: skip
 from engine.data.store import (
-    FORMAT_VERSION, NUM_REGIONS, REGION_FORMAT, TEXT_FORMAT, ArraySpec, RegionStore, StoreBuilder, StoreError,
+    FORMAT_VERSION, NUM_REGIONS, REGION_FORMAT, TEXT_FORMAT, ArraySpec, StoreBuilder, StoreError,
     sha256_strings,
 )  # fmt: skip
+from engine.data.tasks import convert_task
 from lxmert.tokenizer import MAX_SEQ_LENGTH, LxmertTokenizer
 
 FP16_MAX = 65504.0
-INT16_MAX = 32767
 CHUNK_IMAGES = 512  # about 75 MB of float16 features at 36 x 2048
 CHUNK_SENTENCES = 65536
-
-
-def _identity(path: Path) -> dict[str, Any]:
-    """What makes a resumed build trust an input: its resolved path, size and modification time."""
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _existing(paths: Sequence[str | Path]) -> list[Path]:
-    out = [Path(p) for p in paths]
-    for p in out:
-        if not p.is_file():
-            raise FileNotFoundError(f"input {p} not found")
-    if not out:
-        raise ValueError("no input files given")
-    return out
 
 
 # ------------------------------------------------------------------------------------- region features
@@ -130,7 +116,7 @@ def convert_features(
     progress: bool = True,
 ) -> FeatureStats:
     """Feature TSVs (in order; an img_id may appear once over all of them) -> a region store at `out`."""
-    paths = _existing(tsv_paths)
+    paths = existing_inputs(tsv_paths)
     if max(num_object_labels, num_attr_labels) > INT16_MAX + 1:
         raise ValueError("object and attribute ids are stored as int16: at most 32768 classes")
     float_dtype = "<f4" if fp32 else "<f2"
@@ -149,7 +135,7 @@ def convert_features(
         feat_dim=feat_dim, fp32=fp32, num_regions=num_regions, num_object_labels=num_object_labels,
         num_attr_labels=num_attr_labels, skip_bad_rows=skip_bad_rows, chunk_images=chunk_images,
     )  # fmt: skip
-    builder = StoreBuilder(out, REGION_FORMAT, {"inputs": [_identity(p) for p in paths], **options}, specs, overwrite)
+    builder = StoreBuilder(out, REGION_FORMAT, {"inputs": [input_identity(p) for p in paths], **options}, specs, overwrite)
     position = builder.position or {"file": 0, "offset": 0, "row": 1}
     sizes = [p.stat().st_size for p in paths]
     bar = tqdm(
@@ -236,8 +222,122 @@ class TextStats:
     resumed_at: int = 0  # sentences a previous, interrupted run had converted
 
 
-def _vocab_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+class TextConversion(SentenceConversion):
+    """Pre-training JSON files -> a text store (the authors' sentf / labelf records; see convert_text)."""
+
+    format = TEXT_FORMAT
+
+    def __init__(self, json_paths: Sequence[str | Path], features: str | Path, out: str | Path, *,
+                 answers: str | Path | AnswerTable | None, vocab_path: str | Path | None, max_length: int,
+                 skip_bad_rows: bool, skip_missing_images: bool, overwrite: bool, chunk_sentences: int,
+                 progress: bool) -> None:  # fmt: skip
+        super().__init__(json_paths, features, out, vocab_path=vocab_path, max_length=max_length,
+                         chunk=chunk_sentences, overwrite=overwrite, progress=progress)  # fmt: skip
+        self.table = read_answer_table(answers) if isinstance(answers, (str, Path)) else answers
+        if self.table is not None and len(self.table) > INT16_MAX + 1:
+            raise ValueError(f"label ids are stored as int16: the answer table's {len(self.table)} answers do not fit")
+        self.answers_list = list(self.table.answers) if self.table is not None else []
+        self.skip_bad_rows, self.skip_missing_images = skip_bad_rows, skip_missing_images
+        self.index = {img_id: i for i, img_id in enumerate(self.regions.img_ids)}
+        self.info = features_info(self.regions, features)
+
+    def specs(self) -> dict[str, ArraySpec]:
+        return {
+            "image_index": ArraySpec("<i4"), "source_id": ArraySpec("|u1"), "sent_index": ArraySpec("<i4"),
+            "label_offsets": ArraySpec("<i8"), "label_ids": ArraySpec("<i2"), "label_scores": ArraySpec("<f4"),
+        }  # fmt: skip
+
+    def config(self, tokenizer: LxmertTokenizer) -> dict[str, Any]:
+        return {
+            "inputs": [input_identity(p) for p in self.paths], "features": self.info,
+            "answers_sha256": sha256_strings(self.answers_list), "vocab_sha256": file_sha256(tokenizer.vocab_path),
+            "max_length": self.max_length, "skip_bad_rows": self.skip_bad_rows,
+            "skip_missing_images": self.skip_missing_images, "chunk_sentences": self.chunk,
+        }  # fmt: skip
+
+    def restore(self, state: Any) -> None:
+        state = state or {"stats": {}, "sources": []}
+        self.stats = TextStats(**state["stats"])
+        self.stats.resumed_at = self.stats.sentences
+        self.sources: list[str] = state["sources"]
+        self.bad_before = self.stats.bad_records
+        self.read = ReadStats()
+
+    @property
+    def records_done(self) -> int:
+        return self.stats.records
+
+    def start(self, builder: StoreBuilder) -> None:
+        if builder.rows("label_offsets") == 0:
+            builder.append("label_offsets", np.zeros(1, np.int64))
+
+    def records(self, path: Path, start: int) -> Iterator[tuple[int, Any]]:
+        self.read = ReadStats()
+        on_error = "skip" if self.skip_bad_rows else "raise"
+        for rec in read_pretrain(path, on_error=on_error, stats=self.read, start_record=start):
+            yield rec.index, rec
+
+    def take(self, path: Path, index: int, rec: Any) -> None:
+        stats = self.stats
+        stats.records += 1
+        image = self.index.get(rec.img_id)
+        if image is None:
+            if not self.skip_missing_images:
+                raise DataError(
+                    path, f"record {index}",
+                    f"img_id {rec.img_id!r} is not in the feature store {self.features} ({len(self.regions)} images); "
+                    "convert its features too, or pass --skip-missing-images to drop such sentences",
+                )  # fmt: skip
+            stats.missing_image_records += 1
+            stats.missing_image_sentences += sum(len(s) for s in rec.sentf.values())
+            return
+        if rec.labelf and self.table is None:
+            raise DataError(
+                path, f"record {index}", "has QA labels (labelf) but no answer table was given: "
+                "pass answers=all_ans.json (--answers)",
+            )  # fmt: skip
+        for entry in rec.entries():
+            if entry.source not in self.sources:
+                if len(self.sources) == 256:
+                    raise DataError(path, f"record {index}", "more than 256 sources (source ids are uint8)")
+                self.sources.append(entry.source)
+            labels: dict[int, float] = {}
+            if entry.label is not None:
+                assert self.table is not None
+                labels = self.table.convert_label(entry.label)
+                stats.answers_dropped += len(entry.label) - len(labels)
+            stats.labelled += bool(labels)
+            stats.sentences += 1
+            self.pending.append((entry.sentence, image, self.sources.index(entry.source), entry.sent_index, labels))
+
+    def append_rows(self, builder: StoreBuilder, rows: list[tuple[Any, ...]]) -> None:
+        builder.append("image_index", np.array([r[1] for r in rows], np.int32))
+        builder.append("source_id", np.array([r[2] for r in rows], np.uint8))
+        builder.append("sent_index", np.array([r[3] for r in rows], np.int32))
+        append_labels(builder, (r[4].items() for r in rows))
+
+    def before_commit(self) -> None:
+        self.stats.bad_records = self.bad_before + self.read.bad
+        if self.read.errors:
+            self.stats.errors = (self.stats.errors + self.read.errors)[:MAX_KEPT_ERRORS]
+            self.read.errors.clear()
+
+    def end_of_file(self) -> None:
+        self.bad_before = self.stats.bad_records
+
+    def state(self) -> Any:
+        return {"stats": self.stats_state(self.stats), "sources": self.sources}
+
+    def meta(self, tokenizer: LxmertTokenizer) -> dict[str, Any]:
+        return {
+            "format": TEXT_FORMAT, "version": FORMAT_VERSION, "n_sentences": self.stats.sentences,
+            "sources": self.sources, "max_length": self.max_length, "features": self.info,
+            "answers_sha256": sha256_strings(self.answers_list), "vocab_sha256": file_sha256(tokenizer.vocab_path),
+            "inputs": [str(p) for p in self.paths], "stats": dataclasses.asdict(self.stats),
+        }  # fmt: skip
+
+    def json_files(self, builder: StoreBuilder) -> dict[str, Any]:
+        return {"answers.json": self.answers_list}
 
 
 def convert_text(
@@ -258,132 +358,11 @@ def convert_text(
 
     `answers` (all_ans.json or a table) is needed as soon as a sentence has a QA label.
     """
-    paths = _existing(json_paths)
-    regions = RegionStore(features)
-    table = read_answer_table(answers) if isinstance(answers, (str, Path)) else answers
-    if table is not None and len(table) > INT16_MAX + 1:
-        raise ValueError(f"label ids are stored as int16: the answer table's {len(table)} answers do not fit")
-    if max_length > 255:
-        raise ValueError("lengths are stored as uint8: max_length must be <= 255")
-    tokenizer = LxmertTokenizer(vocab_path, max_length)
-    if tokenizer.vocab_size > INT16_MAX + 1:
-        raise ValueError(f"token ids are stored as int16: a vocabulary of {tokenizer.vocab_size} does not fit")
-
-    specs = {
-        "token_ids": ArraySpec("<i2", (max_length,)),
-        "lengths": ArraySpec("|u1"),
-        "image_index": ArraySpec("<i4"),
-        "source_id": ArraySpec("|u1"),
-        "sent_index": ArraySpec("<i4"),
-        "label_offsets": ArraySpec("<i8"),
-        "label_ids": ArraySpec("<i2"),
-        "label_scores": ArraySpec("<f4"),
-    }
-    features_info = {"path": str(features), "n_images": len(regions), "img_ids_sha256": sha256_strings(regions.img_ids)}
-    answers_list = list(table.answers) if table is not None else []
-    config = {
-        "inputs": [_identity(p) for p in paths], "features": features_info,
-        "answers_sha256": sha256_strings(answers_list), "vocab_sha256": _vocab_sha256(tokenizer.vocab_path),
-        "max_length": max_length, "skip_bad_rows": skip_bad_rows, "skip_missing_images": skip_missing_images,
-        "chunk_sentences": chunk_sentences,
-    }  # fmt: skip
-    builder = StoreBuilder(out, TEXT_FORMAT, config, specs, overwrite)
-    state = builder.state if builder.resumed else {"stats": {}, "sources": []}
-    stats = TextStats(**state["stats"])
-    stats.resumed_at = stats.sentences
-    sources: list[str] = state["sources"]
-    position = builder.position or {"file": 0, "record": 0}
-    bar = tqdm(desc=Path(out).name, unit=" records", initial=stats.records, disable=not progress, file=sys.stderr)
-    try:
-        if builder.rows("label_offsets") == 0:
-            builder.append("label_offsets", np.zeros(1, np.int64))
-        index = {img_id: i for i, img_id in enumerate(regions.img_ids)}
-        columns = ("sentence", "image_index", "source_id", "sent_index", "labels")
-        pending: dict[str, list[Any]] = {k: [] for k in columns}
-        bad_before = stats.bad_records
-
-        def commit(pos: dict[str, int], read: ReadStats) -> None:
-            n = len(pending["sentence"])
-            if n:
-                token_ids, mask = tokenizer.batch_encode(pending["sentence"], pad_to=max_length)
-                builder.append("token_ids", token_ids.astype(np.int16))
-                builder.append("lengths", mask.sum(axis=1).astype(np.uint8))
-                builder.append("image_index", np.array(pending["image_index"], np.int32))
-                builder.append("source_id", np.array(pending["source_id"], np.uint8))
-                builder.append("sent_index", np.array(pending["sent_index"], np.int32))
-                counts = np.array([len(labels) for labels in pending["labels"]], np.int64)
-                total = builder.rows("label_ids")
-                builder.append("label_offsets", total + np.cumsum(counts))
-                flat = [item for labels in pending["labels"] for item in labels.items()]
-                builder.append("label_ids", np.array([a for a, _ in flat], np.int16).reshape(-1))
-                builder.append("label_scores", np.array([s for _, s in flat], np.float32).reshape(-1))
-                for values in pending.values():
-                    values.clear()
-            stats.bad_records = bad_before + read.bad
-            if read.errors:
-                stats.errors = (stats.errors + read.errors)[:MAX_KEPT_ERRORS]
-                read.errors.clear()
-            saved = dataclasses.asdict(stats)
-            del saved["resumed_at"]
-            builder.commit(pos, {"stats": saved, "sources": sources})
-
-        for file_index in range(position["file"], len(paths)):
-            path = paths[file_index]
-            read = ReadStats()
-            start = position["record"] if file_index == position["file"] else 0
-            on_error = "skip" if skip_bad_rows else "raise"
-            for rec in read_pretrain(path, on_error=on_error, stats=read, start_record=start):
-                stats.records += 1
-                bar.update()
-                image = index.get(rec.img_id)
-                if image is None:
-                    if not skip_missing_images:
-                        raise DataError(
-                            path, f"record {rec.index}",
-                            f"img_id {rec.img_id!r} is not in the feature store {features} ({len(regions)} images); "
-                            "convert its features too, or pass --skip-missing-images to drop such sentences",
-                        )  # fmt: skip
-                    stats.missing_image_records += 1
-                    stats.missing_image_sentences += sum(len(s) for s in rec.sentf.values())
-                    continue
-                if rec.labelf and table is None:
-                    raise DataError(
-                        path, f"record {rec.index}", "has QA labels (labelf) but no answer table was given: "
-                        "pass answers=all_ans.json (--answers)",
-                    )  # fmt: skip
-                for entry in rec.entries():
-                    if entry.source not in sources:
-                        if len(sources) == 256:
-                            raise DataError(path, f"record {rec.index}", "more than 256 sources (source ids are uint8)")
-                        sources.append(entry.source)
-                    labels: dict[int, float] = {}
-                    if entry.label is not None:
-                        assert table is not None
-                        labels = table.convert_label(entry.label)
-                        stats.answers_dropped += len(entry.label) - len(labels)
-                    stats.labelled += bool(labels)
-                    stats.sentences += 1
-                    pending["sentence"].append(entry.sentence)
-                    pending["image_index"].append(image)
-                    pending["source_id"].append(sources.index(entry.source))
-                    pending["sent_index"].append(entry.sent_index)
-                    pending["labels"].append(labels)
-                if len(pending["sentence"]) >= chunk_sentences:
-                    commit({"file": file_index, "record": rec.index + 1}, read)
-            commit({"file": file_index + 1, "record": 0}, read)
-            bad_before = stats.bad_records
-
-        meta = {
-            "format": TEXT_FORMAT, "version": FORMAT_VERSION, "n_sentences": stats.sentences, "sources": sources,
-            "max_length": max_length, "features": features_info, "answers_sha256": config["answers_sha256"],
-            "vocab_sha256": config["vocab_sha256"], "inputs": [str(p) for p in paths],
-            "stats": dataclasses.asdict(stats),
-        }  # fmt: skip
-        builder.finish(meta, {"answers.json": answers_list})
-        return stats
-    finally:
-        bar.close()
-        builder.close()
+    return TextConversion(
+        json_paths, features, out, answers=answers, vocab_path=vocab_path, max_length=max_length,
+        skip_bad_rows=skip_bad_rows, skip_missing_images=skip_missing_images, overwrite=overwrite,
+        chunk_sentences=chunk_sentences, progress=progress,
+    ).run()  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -426,8 +405,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.task:
-            from engine.data.tasks import convert_task  # here: engine.data.tasks imports this module
-
             if not args.features or not args.questions:
                 parser.error("--task needs --questions (its JSON files) and --features (the region store)")
             if args.task != "nlvr2" and not args.ans2label:

@@ -37,12 +37,13 @@ import numpy as np
 import torch
 
 from engine.data.batch import PretrainBatch
-from engine.data.loaders import _REGION_LABELS, PretrainLoader, assemble, text_arrays
+from engine.data.batching import PretrainLoader, assemble, text_arrays
 from engine.data.sampling import BatchPlan, PretrainSampler, mask_regions
+from engine.data.store import REGION_LABELS
 
 Tensor = torch.Tensor
 DALI_PACKAGE = "nvidia-dali-cuda130==2.4.0"
-REGION_ARRAYS = ("features", *_REGION_LABELS)  # read by DALI, in the pipeline's output order
+REGION_ARRAYS = ("features", *REGION_LABELS)  # read by DALI, in the pipeline's output order
 
 
 def import_dali() -> tuple[Any, Any, Any, Any]:

@@ -1,4 +1,5 @@
-"""One loader interface for pre-training, several implementations; every one yields the same PretrainBatches.
+"""One loader interface (engine/data/batching.Loader), for pre-training in several implementations that yield
+the same PretrainBatches, and for fine-tuning (TaskLoader: TaskBatches).
 
     loader = make_loader("torch", "data/text_train", "data/feats_train",
                          SamplingConfig(seed=0, batch_size=64, world_size=4, rank=rank), device="cuda", num_workers=6)
@@ -23,13 +24,16 @@ bit for bit (tests compare them) and a batch does not depend on num_workers or p
 - "dali" (engine/data/dali.py, needs the [data] extra): NVIDIA DALI's fn.readers.numpy over the same .npy
   files (roi_start slices of the stores, store.array_path) at the plan's image rows, fed through an
   external source; masking on the loader's device.
+Fine-tuning's TaskLoader is the "torch" kind over a task store: a TrainOrder (the epoch's permutation cut into
+each rank's micro batches) or an EvalOrder (each rank's interleaved slice) says which rows; workers build the
+TaskBatch from the memory-mapped stores (engine.data.tasks.task_arrays) and it is widened on the device.
 """
 
 from __future__ import annotations
 
-import abc
 import itertools
 from collections import deque
+from dataclasses import dataclass
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,135 +43,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from engine.data.batch import PretrainBatch
-from engine.data.sampling import BatchPlan, PretrainSampler, SamplingConfig, mask_regions, mask_tokens
-from engine.data.store import RegionStore, TextStore, region_mask
+from engine.data.batch import PretrainBatch, TaskBatch
+from engine.data.batching import HostBatchBuilder, Loader, PretrainLoader, assemble, text_arrays
+from engine.data.sampling import BatchPlan, PretrainSampler, SamplingConfig, mask_regions
+from engine.data.store import REGION_LABELS, RegionStore, TextStore
+from engine.data.tasks import TaskStore, task_arrays
 
 Tensor = torch.Tensor
 KINDS = ("torch", "gpu", "dali")  # engine.config's DataConfig.loader
-_REGION_LABELS = ("boxes", "obj_ids", "obj_conf", "attr_ids", "attr_conf")
-
-
-# ------------------------------------------------------------------------------ host-side pieces
-
-
-def text_arrays(text: TextStore, plan: BatchPlan) -> dict[str, np.ndarray]:
-    """The text side of a batch in compact dtypes, padded to the batch's longest sentence; plus the plan's
-    per-sample targets. Shared by every loader (a few KB a batch)."""
-    unique, inverse = np.unique(plan.sentence_index, return_inverse=True)
-    length = plan.max_length
-    token_ids = text.arrays["token_ids"][unique][inverse, :length]  # int16, rows read in order
-    input_ids, labels = mask_tokens(token_ids, plan.token_action[:, :length], plan.random_tokens[:, :length])
-    out = {
-        "input_ids": input_ids,
-        "attention_mask": (np.arange(length) < plan.lengths[:, None]).astype(np.uint8),
-        "token_type_ids": np.zeros_like(input_ids),
-        "labels": labels,
-        "matched": plan.matched,
-        "ans": plan.ans.astype(np.int16),
-    }
-    regions = plan.region_action.shape[1]
-    if (plan.num_boxes < regions).any():  # images with padding regions: keep attention off them
-        out["visual_attention_mask"] = region_mask(plan.num_boxes, regions).astype(np.uint8)
-    return out
-
-
-def assemble(plan: BatchPlan, t: dict[str, Tensor]) -> PretrainBatch:
-    """A PretrainBatch from named tensors (text_arrays' names plus the region arrays)."""
-    return PretrainBatch(
-        input_ids=t["input_ids"], attention_mask=t["attention_mask"], token_type_ids=t["token_type_ids"],
-        visual_feats=t["visual_feats"], visual_pos=t["boxes"], visual_attention_mask=t.get("visual_attention_mask"),
-        labels=t["labels"],
-        obj_labels={
-            "obj": (t["obj_ids"], t["obj_conf"]), "attr": (t["attr_ids"], t["attr_conf"]),
-            "feat": (t["features"], t["feat_mask"]),
-        },
-        matched_label=t["matched"], ans=t["ans"], sample_index=plan.sample_index,
-        sentence_index=plan.sentence_index, image_index=plan.image_index, epoch=plan.epoch, step=plan.step,
-    )  # fmt: skip
-
-
-class HostBatchBuilder:
-    """Builds a whole batch on the host from the memory-mapped stores, in compact dtypes (CPU tensors)."""
-
-    def __init__(self, sampler: PretrainSampler) -> None:
-        self.sampler, self.text, self.regions = sampler, sampler.text, sampler.regions
-
-    def build(self, epoch: int, step: int) -> PretrainBatch:
-        plan = self.sampler.plan(epoch, step)
-        arrays = text_arrays(self.text, plan)
-        gathered = self.regions.gather(plan.image_index)  # the plan orders samples by image: sorted reads
-        for name in ("features", *_REGION_LABELS):
-            arrays[name] = getattr(gathered, name)
-        replacement = self.regions.arrays["features"][plan.replace_image, plan.replace_region]
-        arrays["visual_feats"], arrays["feat_mask"] = mask_regions(
-            arrays["features"], plan.region_action, plan.blank_at, plan.replace_at, replacement
-        )
-        return assemble(plan, {name: torch.from_numpy(a) for name, a in arrays.items()})
-
-
-# ------------------------------------------------------------------------------------ interface
-
-
-class PretrainLoader(abc.ABC):
-    """An iterable of PretrainBatch (on `device`, widened) over one epoch of one rank, resumable at a step.
-
-    `step` counts the batches of `epoch` already yielded; state_dict() taken after the training step on a
-    batch resumes with the next one. Subclasses implement `_batches(epoch, start_step)`.
-    """
-
-    kind = ""
-
-    def __init__(self, sampler: PretrainSampler, device: torch.device | str = "cpu") -> None:
-        self.sampler = sampler
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.epoch = 0
-        self.step = 0
-        self._resume = False  # a loaded position that the next pass starts from
-
-    def __len__(self) -> int:
-        """Steps an epoch (the same on every rank)."""
-        return self.sampler.steps_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its first step on the next pass; a position just loaded for this epoch is kept."""
-        if self._resume and epoch == self.epoch:
-            return
-        self.epoch, self.step, self._resume = epoch, 0, False
-
-    def _identity(self) -> dict[str, Any]:
-        cfg = self.sampler.config
-        return {
-            "seed": cfg.seed, "global_batch_size": cfg.global_batch_size, "num_samples": self.sampler.num_samples,
-            "drop_last": cfg.drop_last, "bucket_batches": cfg.bucket_batches,
-        }  # fmt: skip
-
-    def state_dict(self) -> dict[str, Any]:
-        """(epoch, step) and what must match for the position to mean the same batches on resume.
-
-        The world size may change if the global batch size does not (batches are cut from global ones)."""
-        return {"epoch": self.epoch, "step": self.step, **self._identity()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in self._identity().items():
-            if key in state and state[key] != value:
-                raise ValueError(f"loader state has {key}={state[key]!r}, this loader {value!r}: not the same order")
-        if not 0 <= state["step"] <= len(self):
-            raise ValueError(f"loader state step {state['step']} out of range for {len(self)} steps")
-        self.epoch, self.step, self._resume = int(state["epoch"]), int(state["step"]), True
-
-    def __iter__(self) -> Iterator[PretrainBatch]:
-        start = self.step if self._resume else 0
-        self._resume, self.step = False, start
-        for batch in self._batches(self.epoch, start):
-            self.step += 1
-            yield batch
-
-    @abc.abstractmethod
-    def _batches(self, epoch: int, start_step: int) -> Iterator[PretrainBatch]:
-        """This rank's batches of `epoch` from `start_step` to the end, on self.device, widened."""
+__all__ = ["KINDS", "DeviceRegionTable", "EvalOrder", "GpuResidentLoader", "HostBatchBuilder", "Loader",
+           "PretrainLoader", "TaskLoader", "TorchLoader", "TrainOrder", "make_loader"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- torch DataLoader
@@ -186,16 +71,40 @@ class _Steps(Sampler[tuple[int, int]]):
         return self.stop - self.start
 
 
-class _BatchDataset(Dataset[PretrainBatch]):
-    def __init__(self, builder: HostBatchBuilder) -> None:
+class _BatchDataset(Dataset[Any]):
+    def __init__(self, builder: Any) -> None:
         self.builder = builder
 
-    def __getitem__(self, key: tuple[int, int]) -> PretrainBatch:
+    def __getitem__(self, key: tuple[int, int]) -> Any:
         return self.builder.build(*key)
 
 
-def _as_is(batch: PretrainBatch) -> PretrainBatch:
+def _as_is(batch: Any) -> Any:
     return batch
+
+
+class BatchDataLoader:
+    """A torch DataLoader over `builder.build(epoch, step)`: one item is one whole batch, built by a worker
+    (the builder pickles small: stores travel as their paths), pinned on CUDA, `prefetch_factor` ahead."""
+
+    def __init__(self, builder: Any, device: torch.device, *, num_workers: int = 0, pin_memory: bool | None = None,
+                 prefetch_factor: int = 2) -> None:  # fmt: skip
+        self._steps = _Steps()
+        pin = device.type == "cuda" if pin_memory is None else pin_memory
+        self.dataloader = DataLoader(
+            _BatchDataset(builder), batch_size=None, sampler=self._steps, collate_fn=_as_is,
+            num_workers=num_workers, pin_memory=pin, prefetch_factor=prefetch_factor if num_workers else None,
+            persistent_workers=num_workers > 0,
+            # A DataLoader draws its workers' base seed from a generator at every new iterator (each epoch, and
+            # on resume); by default torch's global one, which would shift the model's dropout stream by where
+            # a run resumed. Its own generator keeps the global stream the trainer's alone. (Batches never
+            # depend on it: every draw is keyed by (seed, epoch, position).)
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+
+    def batches(self, epoch: int, start: int, stop: int) -> Iterator[Any]:
+        self._steps.epoch, self._steps.start, self._steps.stop = epoch, start, stop
+        yield from self.dataloader
 
 
 class TorchLoader(PretrainLoader):
@@ -208,22 +117,132 @@ class TorchLoader(PretrainLoader):
         pin_memory: bool | None = None, prefetch_factor: int = 2,
     ) -> None:  # fmt: skip
         super().__init__(sampler, device)
-        self._steps = _Steps()
-        pin = self.device.type == "cuda" if pin_memory is None else pin_memory
-        self.dataloader = DataLoader(
-            _BatchDataset(HostBatchBuilder(sampler)), batch_size=None, sampler=self._steps, collate_fn=_as_is,
-            num_workers=num_workers, pin_memory=pin, prefetch_factor=prefetch_factor if num_workers else None,
-            persistent_workers=num_workers > 0,
-            # A DataLoader draws its workers' base seed from a generator at every new iterator (each epoch, and
-            # on resume); by default torch's global one, which would shift the model's dropout stream by where
-            # a run resumed. Its own generator keeps the global stream the trainer's alone. (Batches never
-            # depend on it: every draw is keyed by (seed, epoch, position).)
-            generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
+        self.workers = BatchDataLoader(HostBatchBuilder(sampler), self.device, num_workers=num_workers,
+                                       pin_memory=pin_memory, prefetch_factor=prefetch_factor)  # fmt: skip
+
+    @property
+    def dataloader(self) -> DataLoader:
+        return self.workers.dataloader
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[PretrainBatch]:
-        self._steps.epoch, self._steps.start, self._steps.stop = epoch, start_step, len(self)
-        for batch in self.dataloader:
+        for batch in self.workers.batches(epoch, start_step, len(self)):
+            yield batch.to(self.device)
+
+
+# --------------------------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass(frozen=True)
+class TrainOrder:
+    """Which task-store rows fine-tuning's micro batch k of an epoch holds on one rank.
+
+    Each epoch is a permutation seeded by (seed, epoch), cut to whole global batches (micro x accumulation x
+    ranks: the authors' drop_last); global batch s is cut into accumulation x ranks chunks of `micro`, and rank r's
+    micro batch k = s * accumulation + m is chunk m * ranks + r: a run's losses do not depend on the split."""
+
+    num_examples: int
+    seed: int
+    micro: int
+    accum: int
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.accum
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.permutation(self.num_examples)[: self.steps_per_epoch * self.global_batch]
+
+    def indices(self, epoch: int, k: int, order: np.ndarray | None = None) -> np.ndarray:
+        order = self.epoch_order(epoch) if order is None else order
+        step, micro_step = divmod(k, self.accum)
+        start = step * self.global_batch + (micro_step * self.world + self.rank) * self.micro
+        return order[start : start + self.micro]
+
+
+@dataclass(frozen=True)
+class EvalOrder:
+    """Evaluation's rows on one rank: an interleaved slice (rank, rank + ranks, ...), padded by wrapping to the
+    same length on every rank (ZeRO-3's forward is a collective), in chunks of `micro`."""
+
+    num_examples: int
+    micro: int
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def rows(self) -> np.ndarray:
+        per_rank = -(-self.num_examples // self.world)
+        return (self.rank + self.world * np.arange(per_rank)) % self.num_examples
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.micro)
+
+    def indices(self, epoch: int, k: int) -> np.ndarray:
+        return self.rows[k * self.micro : (k + 1) * self.micro]
+
+
+class TaskBatchBuilder:
+    """A TaskBatch (compact CPU tensors) for micro batch k of an epoch; caches the epoch's order."""
+
+    def __init__(self, store: TaskStore, regions: RegionStore, order: TrainOrder | EvalOrder, labels: bool) -> None:
+        self.store, self.regions, self.order, self.labels = store, regions, order, labels
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+
+    def indices(self, epoch: int, k: int) -> np.ndarray:
+        if isinstance(self.order, EvalOrder):
+            return self.order.indices(epoch, k)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            self._epoch_order = (epoch, self.order.epoch_order(epoch))
+        return self.order.indices(epoch, k, self._epoch_order[1])
+
+    def build(self, epoch: int, k: int) -> TaskBatch:
+        idx = self.indices(epoch, k)
+        arrays = task_arrays(self.store, self.regions, idx, labels=self.labels)
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+        return TaskBatch(
+            input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+            visual_feats=tensors["visual_feats"], visual_pos=tensors["visual_pos"],
+            visual_attention_mask=tensors.get("visual_attention_mask"), labels=tensors.get("labels"), indices=idx,
+        )  # fmt: skip
+
+
+class TaskLoader(Loader):
+    """Fine-tuning's TaskBatches (VQA/GQA, NLVR2) through the loader interface: torch DataLoader workers build
+    them from the memory-mapped stores (data.num_workers), pinned on CUDA, prefetched; widened on the device.
+    Training passes follow a TrainOrder (resumable at a micro batch), evaluation passes an EvalOrder."""
+
+    kind = "torch"
+
+    def __init__(self, store: TaskStore, regions: RegionStore, order: TrainOrder | EvalOrder,
+                 device: torch.device | str = "cpu", *, labels: bool = True, num_workers: int = 0,
+                 pin_memory: bool | None = None, prefetch_factor: int = 2) -> None:  # fmt: skip
+        super().__init__(device)
+        self.store, self.order = store, order
+        self.builder = TaskBatchBuilder(store, regions, order, labels)
+        self.workers = BatchDataLoader(self.builder, self.device, num_workers=num_workers, pin_memory=pin_memory,
+                                       prefetch_factor=prefetch_factor)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def _identity(self) -> dict[str, Any]:
+        order = self.order
+        seed = order.seed if isinstance(order, TrainOrder) else None
+        return {"seed": seed, "global_batch_size": order.micro * getattr(order, "accum", 1) * order.world,
+                "num_samples": order.num_examples, "drop_last": isinstance(order, TrainOrder)}  # fmt: skip
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[TaskBatch]:
+        for batch in self.workers.batches(epoch, start_step, len(self)):
             yield batch.to(self.device)
 
 
@@ -237,7 +256,7 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
 class DeviceRegionTable:
     """A region store's per-region arrays as tensors on one device, copied once (in chunks of images)."""
 
-    ARRAYS = ("features", *_REGION_LABELS)
+    ARRAYS = ("features", *REGION_LABELS)
 
     def __init__(self, regions: RegionStore, device: torch.device | str, chunk_images: int = 4096) -> None:
         self.device = torch.device(device)
@@ -329,7 +348,7 @@ def make_loader(
 ) -> PretrainLoader:  # fmt: skip
     """A loader of `kind` ("torch", "gpu", "dali") over the stores; `options` go to its class."""
     classes: dict[str, type[PretrainLoader]] = {"torch": TorchLoader, "gpu": GpuResidentLoader}
-    if kind == "dali":  # imported here: DALI is an optional extra, and engine/data/dali.py imports this module
+    if kind == "dali":  # imported here: DALI is an optional extra
         from engine.data.dali import DaliLoader
 
         classes["dali"] = DaliLoader

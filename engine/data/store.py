@@ -338,7 +338,7 @@ class StoreBuilder:
 # ------------------------------------------------------------------------------------------ readers
 
 
-class _Store:
+class Store:
     """A complete store directory opened read-only: meta, and each array memory-mapped (no copy)."""
 
     format = ""
@@ -398,6 +398,7 @@ class Regions:
 
 
 REGION_ARRAYS = ("features", "boxes", "obj_ids", "obj_conf", "attr_ids", "attr_conf", "num_boxes", "img_hw")
+REGION_LABELS = ("boxes", "obj_ids", "obj_conf", "attr_ids", "attr_conf")  # per region, besides the features
 
 
 def region_mask(num_boxes: np.ndarray, num_regions: int = NUM_REGIONS) -> np.ndarray:
@@ -405,7 +406,7 @@ def region_mask(num_boxes: np.ndarray, num_regions: int = NUM_REGIONS) -> np.nda
     return np.arange(num_regions) < np.asarray(num_boxes)[..., None]
 
 
-class RegionStore(_Store):
+class RegionStore(Store):
     """A region-feature store (layout in this file's header), memory-mapped."""
 
     format = REGION_FORMAT
@@ -470,7 +471,51 @@ class Sentences:
     label_scores: np.ndarray  # [K] float32
 
 
-class TextStore(_Store):
+class SentenceStore(Store):
+    """A store of tokenised sentences (text and task stores) whose image indices point into a region store;
+    soft labels, where it has them, ragged: row i owns label_ids/label_scores[label_offsets[i]:[i + 1]]."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self.max_length: int = self.meta["max_length"]
+        self._checked: set[tuple[int, str]] = set()
+
+    def __len__(self) -> int:
+        return int(self.arrays["lengths"].shape[0])
+
+    def check_features(self, regions: RegionStore) -> None:
+        """Raise unless `regions` is the feature store this store's image indices point into (checked once a
+        region store)."""
+        key = (len(regions), str(regions.path))
+        if key in self._checked:
+            return
+        expected = self.meta["features"]
+        if len(regions) != expected["n_images"] or sha256_strings(regions.img_ids) != expected["img_ids_sha256"]:
+            raise StoreError(
+                f"{self.path} indexes a feature store of {expected['n_images']} images "
+                f"(built from {expected['path']}), not {regions.path} ({len(regions)} images)"
+            )
+        self._checked.add(key)
+
+    def soft_labels(self, i: int) -> dict[int, float]:
+        """Row i's labels, {label id: score} (empty: none)."""
+        offsets = self.arrays["label_offsets"]
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        ids, scores = self.arrays["label_ids"][lo:hi], self.arrays["label_scores"][lo:hi]
+        return {int(a): float(s) for a, s in zip(ids, scores)}
+
+    def gather_labels(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ragged labels of rows `idx` in batch order: (offsets [B + 1], label ids [K], label scores [K])."""
+        a = self.arrays
+        lo, hi = a["label_offsets"][idx], a["label_offsets"][idx + 1]
+        counts = hi - lo
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        rows = np.repeat(lo - offsets[:-1], counts) + np.arange(offsets[-1])  # label rows, batch order
+        return offsets, a["label_ids"][rows], a["label_scores"][rows]
+
+
+class TextStore(SentenceStore):
     """A tokenised-text store (layout in this file's header), memory-mapped."""
 
     format = TEXT_FORMAT
@@ -480,25 +525,9 @@ class TextStore(_Store):
         with open(self.path / "answers.json", encoding="utf-8") as f:
             self.answers: list[str] = json.load(f)
         self.sources: list[str] = self.meta["sources"]
-        self.max_length: int = self.meta["max_length"]
-
-    def __len__(self) -> int:
-        return int(self.arrays["lengths"].shape[0])
-
-    def check_features(self, regions: RegionStore) -> None:
-        """Raise unless `regions` is the feature store this text store's image_index points into."""
-        expected = self.meta["features"]
-        if len(regions) != expected["n_images"] or sha256_strings(regions.img_ids) != expected["img_ids_sha256"]:
-            raise StoreError(
-                f"{self.path} indexes a feature store of {expected['n_images']} images "
-                f"(built from {expected['path']}), not {regions.path} ({len(regions)} images)"
-            )
 
     def labels_of(self, i: int) -> dict[int, float]:
-        offsets = self.arrays["label_offsets"]
-        lo, hi = int(offsets[i]), int(offsets[i + 1])
-        ids, scores = self.arrays["label_ids"][lo:hi], self.arrays["label_scores"][lo:hi]
-        return {int(a): float(s) for a, s in zip(ids, scores)}
+        return self.soft_labels(i)
 
     def get(self, i: int) -> TextEntry:
         if not 0 <= i < len(self):
@@ -515,13 +544,9 @@ class TextStore(_Store):
     def gather(self, indices: Sequence[int] | np.ndarray) -> Sentences:
         a = self.arrays
         idx = np.asarray(indices, dtype=np.int64)
-        lo, hi = a["label_offsets"][idx], a["label_offsets"][idx + 1]
-        counts = hi - lo
-        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        rows = np.repeat(lo - offsets[:-1], counts) + np.arange(offsets[-1])  # label rows, batch order
+        offsets, label_ids, label_scores = self.gather_labels(idx)
         return Sentences(
             token_ids=a["token_ids"][idx], lengths=a["lengths"][idx], image_index=a["image_index"][idx],
             source_id=a["source_id"][idx], sent_index=a["sent_index"][idx], label_offsets=offsets,
-            label_ids=a["label_ids"][rows], label_scores=a["label_scores"][rows],
+            label_ids=label_ids, label_scores=label_scores,
         )  # fmt: skip

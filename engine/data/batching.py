@@ -1,0 +1,157 @@
+"""What every loader shares: the loader interface (resumable passes over (epoch, step)), and the pre-training
+batch built on the host from the plan (engine/data/sampling.py). engine/data/loaders.py and engine/data/dali.py
+build on it; neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.data.batch import PretrainBatch
+from engine.data.sampling import BatchPlan, PretrainSampler, mask_regions, mask_tokens
+from engine.data.store import REGION_LABELS, TextStore, region_mask
+
+Tensor = torch.Tensor
+
+
+# ------------------------------------------------------------------------------ host-side pieces
+
+
+def text_arrays(text: TextStore, plan: BatchPlan) -> dict[str, np.ndarray]:
+    """The text side of a batch in compact dtypes, padded to the batch's longest sentence; plus the plan's
+    per-sample targets. Shared by every loader (a few KB a batch)."""
+    unique, inverse = np.unique(plan.sentence_index, return_inverse=True)
+    length = plan.max_length
+    token_ids = text.arrays["token_ids"][unique][inverse, :length]  # int16, rows read in order
+    input_ids, labels = mask_tokens(token_ids, plan.token_action[:, :length], plan.random_tokens[:, :length])
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": (np.arange(length) < plan.lengths[:, None]).astype(np.uint8),
+        "token_type_ids": np.zeros_like(input_ids),
+        "labels": labels,
+        "matched": plan.matched,
+        "ans": plan.ans.astype(np.int16),
+    }
+    regions = plan.region_action.shape[1]
+    if (plan.num_boxes < regions).any():  # images with padding regions: keep attention off them
+        out["visual_attention_mask"] = region_mask(plan.num_boxes, regions).astype(np.uint8)
+    return out
+
+
+def assemble(plan: BatchPlan, t: dict[str, Tensor]) -> PretrainBatch:
+    """A PretrainBatch from named tensors (text_arrays' names plus the region arrays)."""
+    return PretrainBatch(
+        input_ids=t["input_ids"], attention_mask=t["attention_mask"], token_type_ids=t["token_type_ids"],
+        visual_feats=t["visual_feats"], visual_pos=t["boxes"], visual_attention_mask=t.get("visual_attention_mask"),
+        labels=t["labels"],
+        obj_labels={
+            "obj": (t["obj_ids"], t["obj_conf"]), "attr": (t["attr_ids"], t["attr_conf"]),
+            "feat": (t["features"], t["feat_mask"]),
+        },
+        matched_label=t["matched"], ans=t["ans"], sample_index=plan.sample_index,
+        sentence_index=plan.sentence_index, image_index=plan.image_index, epoch=plan.epoch, step=plan.step,
+    )  # fmt: skip
+
+
+class HostBatchBuilder:
+    """Builds a whole batch on the host from the memory-mapped stores, in compact dtypes (CPU tensors)."""
+
+    def __init__(self, sampler: PretrainSampler) -> None:
+        self.sampler, self.text, self.regions = sampler, sampler.text, sampler.regions
+
+    def build(self, epoch: int, step: int) -> PretrainBatch:
+        plan = self.sampler.plan(epoch, step)
+        arrays = text_arrays(self.text, plan)
+        gathered = self.regions.gather(plan.image_index)  # the plan orders samples by image: sorted reads
+        for name in ("features", *REGION_LABELS):
+            arrays[name] = getattr(gathered, name)
+        replacement = self.regions.arrays["features"][plan.replace_image, plan.replace_region]
+        arrays["visual_feats"], arrays["feat_mask"] = mask_regions(
+            arrays["features"], plan.region_action, plan.blank_at, plan.replace_at, replacement
+        )
+        return assemble(plan, {name: torch.from_numpy(a) for name, a in arrays.items()})
+
+
+# ------------------------------------------------------------------------------------ interface
+
+
+class Loader(abc.ABC):
+    """An iterable of batches (on `device`, widened) over one epoch of one rank, resumable at a step.
+
+    `step` counts the batches of `epoch` already yielded; state_dict() taken after the training step on a
+    batch resumes with the next one. Subclasses implement `__len__`, `_identity` and `_batches(epoch, start)`.
+    """
+
+    kind = ""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.epoch = 0
+        self.step = 0
+        self._resume = False  # a loaded position that the next pass starts from
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Batches an epoch (the same on every rank)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first step on the next pass; a position just loaded for this epoch is kept."""
+        if self._resume and epoch == self.epoch:
+            return
+        self.epoch, self.step, self._resume = epoch, 0, False
+
+    @abc.abstractmethod
+    def _identity(self) -> dict[str, Any]:
+        """What must match for a saved position to mean the same batches."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """(epoch, step) and what must match for the position to mean the same batches on resume.
+
+        The world size may change if the global batch size does not (batches are cut from global ones)."""
+        return {"epoch": self.epoch, "step": self.step, **self._identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in self._identity().items():
+            if key in state and state[key] != value:
+                raise ValueError(f"loader state has {key}={state[key]!r}, this loader {value!r}: not the same order")
+        if not 0 <= state["step"] <= len(self):
+            raise ValueError(f"loader state step {state['step']} out of range for {len(self)} steps")
+        self.epoch, self.step, self._resume = int(state["epoch"]), int(state["step"]), True
+
+    def __iter__(self) -> Iterator[Any]:
+        start = self.step if self._resume else 0
+        self._resume, self.step = False, start
+        for batch in self._batches(self.epoch, start):
+            self.step += 1
+            yield batch
+
+    @abc.abstractmethod
+    def _batches(self, epoch: int, start_step: int) -> Iterator[Any]:
+        """This rank's batches of `epoch` from `start_step` to the end, on self.device, widened."""
+
+
+class PretrainLoader(Loader):
+    """A Loader of PretrainBatch whose order and masking a PretrainSampler plans."""
+
+    def __init__(self, sampler: PretrainSampler, device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def _identity(self) -> dict[str, Any]:
+        cfg = self.sampler.config
+        return {
+            "seed": cfg.seed, "global_batch_size": cfg.global_batch_size, "num_samples": self.sampler.num_samples,
+            "drop_last": cfg.drop_last, "bucket_batches": cfg.bucket_batches,
+        }  # fmt: skip
+
+
