@@ -5,8 +5,9 @@
 
 One step is the whole five-task pre-training step (MLM, matching, object / attribute / feature regression, QA)
 at LXMERT-base size with the authors' shapes (every sentence padded to 20 tokens, 36 regions): forward,
-backward and the optimizer (fused AdamW, gradient clipping at 1.0 and the non-finite-step check of
-engine.runtime.optimizer_step, the engine's plain path). Variants:
+backward and the optimizer (fused AdamW, gradient clipping at 1.0 and the non-finite-step check). Ours is timed
+through the engine's own step (engine.train.TrainStep on engine.runtime.Runtime, what lxmert-pretrain runs, its
+per-micro-batch bookkeeping included); transformers' through a bare loop with the same optimizer. Variants:
 - implementation: transformers' LxmertForPreTraining (the baseline, "hf") or ours, with attention eager / sdpa /
   triton (the project's kernels, attention and fused feature regression) / flash (when lxmert.attention offers
   it and flash-attn imports; else a row says why not);
@@ -321,14 +322,17 @@ def cudagraph_skips() -> int:
 # ----------------------------------------------------------------------------------------------- steps
 
 
-class StepRunner:
-    """One variant's model, optimizer and precision; `step` runs one training step, marking its phases."""
+OPTIM = OptimConfig(name="adamw", lr=1e-5, warmup_ratio=0.0, schedule="constant", grad_clip=CLIP)
+
+
+class HfStep:
+    """transformers' model stepped as a bare training loop would: forward, backward, the optimizer (the same
+    fused AdamW, clipping and non-finite check as the engine's plain path); `step` marks its phases."""
 
     def __init__(self, variant: Variant, model, device: torch.device) -> None:
         self.variant, self.model, self.device = variant, model, device
-        optim = OptimConfig(name="adamw", lr=1e-5, warmup_ratio=0.0, schedule="constant", grad_clip=CLIP)
-        self.optimizer = make_optimizer(model, optim)
-        self.scheduler = make_scheduler(self.optimizer, optim, total_steps=10**9)
+        self.optimizer = make_optimizer(model, OPTIM)
+        self.scheduler = make_scheduler(self.optimizer, OPTIM, total_steps=10**9)
         self.scaler = torch.amp.GradScaler(device.type, enabled=variant.precision == "fp16")
         self.dtype = PRECISIONS[variant.precision]
         self.skipped = 0
@@ -336,8 +340,6 @@ class StepRunner:
     def step(self, data: Data, clock: harness.StepClock) -> tuple[PretrainBatch, torch.Tensor]:
         batch, inputs = data.next_batch()
         clock.mark("data")
-        if self.variant.cudagraphs:  # a new iteration: the graphs' previous outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             loss = self.model(**inputs).loss
         clock.mark("forward")
@@ -346,7 +348,47 @@ class StepRunner:
         _, skipped = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, CLIP)
         self.skipped += int(skipped)
         clock.mark("optimizer")
-        return batch, loss.detach().clone()  # a copy: a CUDA graph's replay reuses its output memory
+        return batch, loss.detach().clone()
+
+
+class EngineStep:
+    """Ours: the engine's own step, engine.train.TrainStep over engine.runtime.Runtime (what lxmert-pretrain
+    runs each step: autocast and the loss scaler, the per-micro-batch loss and FLOP bookkeeping, the optimizer
+    step with clipping and the non-finite check), so its samples/s are the loop's."""
+
+    def __init__(self, variant: Variant, model, device: torch.device) -> None:
+        from engine.config import RunConfig, TrainConfig, resolve
+        from engine.runtime import Runtime
+        from engine.tasks.pretrain import PretrainTask
+        from engine.train import TrainStep
+
+        self.variant = variant
+        precision = "fp32" if variant.precision == "tf32" else variant.precision  # TF32: a matmul mode of fp32
+        config = resolve(RunConfig(optim=OPTIM, train=TrainConfig(batch_size=variant.batch, precision=precision)), 1)
+        config.model = model.config
+        runtime = Runtime(model, config, total_steps=10**9, device=device, use_deepspeed=False)
+        task = PretrainTask()
+        task.config = config
+        self.engine = TrainStep(runtime, task, accum=1, world_size=1, device=device)
+        self.skipped = 0
+
+    def step(self, data: Data, clock: harness.StepClock) -> tuple[PretrainBatch, torch.Tensor]:
+        drawn: list[PretrainBatch] = []
+
+        def micro() -> Iterator[PretrainBatch]:
+            batch, _ = data.next_batch()
+            drawn.append(batch)
+            yield batch
+
+        if self.variant.cudagraphs:  # a new iteration: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        result = self.engine.train_step(micro(), clock)
+        self.skipped += int(result["skipped"])
+        return drawn[0], torch.tensor(result["loss"])
+
+
+def step_runner(variant: Variant, model, device: torch.device) -> HfStep | EngineStep:
+    return HfStep(variant, model, device) if variant.impl == "hf" else EngineStep(variant, model, device)
 
 
 def matmul_precision(precision: str) -> str:
@@ -375,7 +417,7 @@ def measure(variant: Variant, args, config, master, stores: Stores, device) -> d
     data = None
     try:
         model = build_model(variant, config, master, device)
-        trainer = StepRunner(variant, model, device)
+        trainer = step_runner(variant, model, device)
         data = stores.data(variant)
         warmup = args.warmup + (args.compile_warmup if variant.compile else 0)
         losses = []
@@ -485,7 +527,7 @@ def profile(variant: Variant, args, config, master, stores: Stores, device) -> s
     cuda = device.type == "cuda"
     torch.set_float32_matmul_precision(matmul_precision(variant.precision))
     model = build_model(variant, config, master, device)
-    trainer = StepRunner(variant, model, device)
+    trainer = step_runner(variant, model, device)
     data = stores.data(variant)
     try:
         for _ in range(args.warmup + (args.compile_warmup if variant.compile else 0)):

@@ -28,6 +28,25 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[str]], Any], newli
         raise
 
 
+def write_file_atomic(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call write(name) to fill a temporary file beside `path` by name (a library that opens the file itself,
+    as safetensors does), then fsync it, give it open()'s mode and rename it over `path` (and fsync the dir)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())  # the writer may have replaced the file with a private one
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def default_file_mode() -> int:
     """0666 less the process's umask: the mode open() gives a new file."""
     umask = os.umask(0)

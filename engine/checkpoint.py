@@ -15,6 +15,10 @@ first). train.keep_checkpoints = N deletes all but the N newest complete checkpo
 Resume is exact: the loader's position (engine/data/loaders.py: batches are keyed by (seed, epoch, step)), the
 optimizer and schedule, the loss scaler, and torch (CPU and CUDA), numpy and Python RNG states are restored, so
 a run killed after step k and resumed gives the losses of an uninterrupted run (bit-identical on CPU fp32).
+
+The export: `write_state_dict` (safetensors, atomic and fsynced) and `export_model`, <dir>/model.safetensors +
+model_config.json (+ transformers' layout in hf/). A run reaches all of these through engine/runtime.py only;
+lxmert-convert (engine/convert_checkpoint.py) writes with write_state_dict too.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from engine.atomic import fsync_dir, write_text_atomic
+from engine.atomic import fsync_dir, write_file_atomic, write_text_atomic
 from lxmert.config import LxmertConfig
-from lxmert.convert import to_hf_state_dict, write_state_dict
+from lxmert.convert import to_hf_state_dict
 
 LATEST = "latest"
 STATE_FILE = "state.pt"
@@ -193,9 +197,27 @@ def load_deepspeed(engine: Any, path: Path, rank: int, module_only: bool = False
 # ------------------------------------------------------------------------------------------------ export
 
 
+def write_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write .safetensors (or a torch file for other suffixes) atomically: a crash never leaves half a file."""
+    path = Path(path)
+    # safetensors refuses tensors that share memory (the tied decoder, views of a fused qkv): store copies
+    seen: set[int] = set()
+    tensors = {}
+    for key, value in state.items():
+        value = value.detach().cpu()
+        tensors[key] = value.clone().contiguous() if value.data_ptr() in seen or not value.is_contiguous() else value
+        seen.add(value.data_ptr())
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        write_file_atomic(path, lambda name: save_file(tensors, name, metadata={"format": "pt"}))
+    else:
+        write_file_atomic(path, lambda name: torch.save(tensors, name))
+
+
 def export_model(state: Mapping[str, torch.Tensor], config: LxmertConfig, output_dir: str | Path,
                  hf: bool = False) -> Path:  # fmt: skip
-    """<output_dir>/model.safetensors in our layout (+ config.json of our fields); with hf=True also
+    """<output_dir>/model.safetensors in our layout (+ model_config.json of our fields); with hf=True also
     <output_dir>/hf/{model.safetensors, config.json} in transformers' layout."""
     output_dir = Path(output_dir)
     path = output_dir / "model.safetensors"

@@ -1,14 +1,18 @@
 """The run configuration: a tree of typed dataclasses that YAML recipes and command-line overrides only fill.
 
     config = load_config("configs/pretrain.yaml", ["optim.lr=5e-5", "model.hidden_size=384"])
-    config = resolve(config, world_size=8)           # derives micro batch and gradient accumulation
+    config = resolve(config, world_size=8)           # derives micro batch and gradient accumulation (the loop
+                                                     # resolves once, engine/train.py, and passes it down)
     ds_config = deepspeed_config(config, world_size=8)  # the dict for deepspeed.initialize(config=...)
+    config = updated(config, train={"max_steps": 10})   # typed edits, checked as a recipe's (the main job's)
 
 Precedence: dataclass defaults < YAML file < overrides (`section.field=value`, nested `data.train.text=...`,
 values parsed as YAML scalars). Every key is checked against the dataclasses: an unknown key is an error with a
 did-you-mean, a value of the wrong type names the key, the expected type and the value, and invalid values
 (lr <= 0, parameter offload below ZeRO-3, ...) are errors before anything is built. `resolve` adds the checks
-that need the world size. Checking that store directories exist is left to the code that opens them.
+that need the world size. Checking that store directories exist is left to the tasks that open them. The keys a
+recipe or an override set are remembered (given_keys: fine-tuning takes the rest of the architecture from its
+checkpoint).
 
 The DeepSpeed JSON is derived here, never written by hand: batch sizes, clipping, precision and the ZeRO stage
 and offload come from the typed config; an optional template JSON (configs/deepspeed/) only tunes the rest, and
@@ -70,6 +74,9 @@ class DataConfig:
     """Share of regions masked (80% zeroed, 10% another image's region, 10% kept)."""
     negative_prob: float = 0.5
     """Probability that a pair's sentence is replaced by one of another image (cross-modality matching)."""
+    drop_last: bool = False
+    """Pre-training: drop the last partial global batch of an epoch (the authors' drop_last=True) instead of
+    filling it by wrapping around to the epoch's start. Fine-tuning always drops it (the authors' too)."""
     length_bucketing: bool = False
     """Batch sentences of similar length and cut padding to the longest one (the authors always pad to 20)."""
     sources: list[str] = field(default_factory=list)
@@ -333,6 +340,17 @@ def given_keys(config: RunConfig) -> frozenset[str]:
     return getattr(config, "_given", frozenset())
 
 
+def updated(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """A copy of `config` with fields set by section (`updated(c, train={"max_steps": 10})`), typed values checked
+    as a recipe's are; the keys it sets count as given (given_keys) besides the original's."""
+    for section, fields in sections.items():
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{section}: expected a mapping of fields, got {type(fields).__name__}")
+    new = from_dict(_merge(to_dict(config), sections))
+    new._given = given_keys(config) | frozenset(_dotted_keys(sections))
+    return new
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The nested plain mapping (tuples as lists) that from_dict and YAML read back."""
 
@@ -388,6 +406,15 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`section.field=value` texts as the nested mapping of typed values they set (unknown keys are errors)."""
+    values: dict[str, Any] = {}
+    for text in overrides:
+        key_path, value = _parse_override(text)
+        values = _merge(values, _nest(key_path, value))
+    return values
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Defaults, then the YAML file (if any), then `section.field=value` overrides; checked."""
     values: dict[str, Any] = {}
@@ -399,10 +426,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config is a mapping of sections, got {type(loaded).__name__}")
         values = loaded or {}
-    for text in overrides:
-        key_path, value = _parse_override(text)
-        values = _merge(values, _nest(key_path, value))
-    return from_dict(values)
+    return from_dict(_merge(values, parse_overrides(list(overrides))))
 
 
 def _nest(path: list[str], value: Any) -> dict[str, Any]:
@@ -511,7 +535,9 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
     No "optimizer" or "scheduler" section: the engine passes its own optimizer (engine/optim.py) and LambdaLR
     to deepspeed.initialize. DeepSpeed's "Adam" would be bias-corrected Adam, not the authors' BertAdam.
     """
-    config = resolve(config, world_size)
+    t = config.train
+    if None in (t.micro_batch_size, t.grad_accum_steps) or t.world_size != world_size:
+        config = resolve(config, world_size)  # a caller outside the loop (the loop passes its resolved config)
     t, o = config.train, config.optim
     source = config.deepspeed.config
     template = read_deepspeed_template(source) if source else {}

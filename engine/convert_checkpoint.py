@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 from engine.atomic import write_text_atomic
+from engine.checkpoint import write_state_dict
 from lxmert.config import LxmertConfig
 from lxmert.convert import StateDict, detect_layout, infer_config, read_state_dict, to_hf_state_dict, to_ours
-from lxmert.convert import write_state_dict
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model_LXRT.pth")

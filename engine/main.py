@@ -22,14 +22,10 @@ The check: the job fails (exit 1, naming them) when the total or a loss componen
 MIN_FALL, as that means something is broken; image-sentence matching ("matched") must also end below chance
 (ln 2) by MIN_FALL: its first steps sit above chance while the untrained head settles, and falling from there to
 chance is not learning. Matching asks LXMERT to compare what a sentence says with what it sees (no text-only or
-image-only signal: an XOR of the two), and a small model sits on a plateau at ln 2 before it finds that. Measured
-here (2 shared cores, batch 32, all tasks on): with the recipe's initialisation (0.02), dropout 0.1 and BertAdam
-it stayed at ln 2 for 1000-2200 steps in every variant of the world tried; three things end the plateau within
-a CPU-minutes run, and the job uses them: a world in which every sentence names the image's place (synthetic,
-places=True), initializer_range 0.05 with dropout off (MODEL), and AdamW. The default run (1200 steps, seed 0)
-leaves the plateau near step 550 and ends at 0.43 (validation matching accuracy 0.82); 1500-step runs of seeds
-1 and 2 left it at steps 550 and 700; with BertAdam (1000 steps) it left it near step 700 and ended at 0.59.
---no-require-matched drops matching from the check for runs too short to learn it.
+image-only signal: an XOR of the two), and a small model sits on a plateau at ln 2 before it finds that; three
+things end the plateau within a CPU-minutes run, and the job uses them: a world in which every sentence names the
+image's place (synthetic, places=True), initializer_range 0.05 with dropout off (MODEL), and AdamW (what was
+measured: NOTES.md, "Main job"). --no-require-matched drops matching from the check for runs too short to learn it.
 
 Reruns are cheap and never destroy finished work: data and stores that exist and verify are reused (an
 interrupted store build resumes); pre-training and fine-tuning resume from their latest checkpoints, and a
@@ -52,11 +48,17 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import write_text_atomic
-from engine.config import RunConfig, load_config, resolve
+from engine.config import RunConfig, load_config, parse_overrides, updated
 
 TINY_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
-MODEL = ("initializer_range=0.05", "hidden_dropout_prob=0.0", "attention_probs_dropout_prob=0.0")  # module docstring
-FEAT_DIM = 64  # the tiny recipe's model.visual_feat_dim
+MODEL = {"initializer_range": 0.05, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # docstring
+
+
+def tiny_recipe() -> RunConfig:
+    return load_config(TINY_RECIPE)
+
+
+FEAT_DIM = tiny_recipe().model.visual_feat_dim  # what the synthetic data is written with: the recipe's
 COMPONENTS = ("mlm", "matched", "obj", "attr", "feat", "qa")  # LxmertForPreTraining's loss components
 REQUIRED = ("loss", *COMPONENTS)  # must fall (matching unless --no-require-matched)
 MIN_FALL = 0.02  # a loss "fell" when its last steps' mean is at least 2% below its first steps'
@@ -137,12 +139,13 @@ def prepare_data(layout: Layout, options: JobOptions) -> str:
     from engine.data.store import RegionStore, StoreError, TextStore
     from engine.data.tasks import TaskStore, convert_task
 
-    spec = {"images": options.images, "seed": options.data_seed, "feat_dim": FEAT_DIM,
+    feat_dim = FEAT_DIM
+    spec = {"images": options.images, "seed": options.data_seed, "feat_dim": feat_dim,
             "places": synthetic.PLACES_VERSION}  # fmt: skip
     marker = layout.data / "synthetic.json"  # generate() writes it last: its presence means the files are whole
     generated = not marker.is_file()
     if generated:
-        synthetic.generate(layout.data, options.images, feat_dim=FEAT_DIM, seed=options.data_seed, places=True)
+        synthetic.generate(layout.data, options.images, feat_dim=feat_dim, seed=options.data_seed, places=True)
     written = json.loads(marker.read_text())
     version = written.get("places_version", 1 if "places" in written else None)  # no version: the first world
     found = {"images": sum(s["images"] for s in written["splits"].values()), "seed": written["seed"],
@@ -155,7 +158,7 @@ def prepare_data(layout: Layout, options: JobOptions) -> str:
     answers, ans2label = raw / "lxmert" / "all_ans.json", raw / "vqa" / "trainval_ans2label.json"
     tsvs = [raw / "mscoco_imgfeat" / "train2014_obj36.tsv", raw / "mscoco_imgfeat" / "val2014_obj36.tsv"]
     build = {
-        "feats": lambda out: convert.convert_features(tsvs, out, feat_dim=FEAT_DIM, progress=False),
+        "feats": lambda out: convert.convert_features(tsvs, out, feat_dim=feat_dim, progress=False),
         "text_train": lambda out: convert.convert_text(
             [raw / "lxmert" / "mscoco_train.json"], feats, out, answers=answers, progress=False),
         "text_minival": lambda out: convert.convert_text(
@@ -175,9 +178,9 @@ def prepare_data(layout: Layout, options: JobOptions) -> str:
         try:
             store = kind[name](path)
             store.verify()
-            if name == "feats" and (len(store) != options.images or store.feat_dim != FEAT_DIM):
+            if name == "feats" and (len(store) != options.images or store.feat_dim != feat_dim):
                 raise StoreError(f"{len(store)} images of {store.feat_dim}-d features, not {options.images} of "
-                                 f"{FEAT_DIM}-d")  # fmt: skip
+                                 f"{feat_dim}-d")  # fmt: skip
         except (StoreError, OSError, ValueError, KeyError) as error:
             raise JobError(f"the store {path} does not verify ({error}): pass --fresh to rebuild it") from error
     done = ["generated" if generated else "reused"]
@@ -213,50 +216,53 @@ def baselines(train_json: Path, eval_json: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- configs
 
 
-def model_overrides(options: JobOptions) -> list[str]:
-    """The model.* overrides of both runs (fine-tuning loads the pre-training export: the same model)."""
-    return [f"model.{kv}" for kv in (*MODEL, *options.model)]
+def job_recipe(options: JobOptions) -> RunConfig:
+    """The tiny recipe with the job's model (MODEL, then the --model overrides) and threads, for both runs
+    (fine-tuning loads the pre-training export: the same model)."""
+    user_model = parse_overrides([f"model.{kv}" for kv in options.model]).get("model", {})
+    return updated(tiny_recipe(), model={**MODEL, **user_model}, train={"threads": options.threads})
 
 
 def pretrain_config(layout: Layout, options: JobOptions) -> RunConfig:
     steps = options.steps
-    log_every = options.log_every or max(1, steps // 50)
-    overrides = [
-        f"data.train.text={layout.store('text_train')}", f"data.train.features={layout.store('feats')}",
-        f"data.eval.text={layout.store('text_minival')}", f"data.eval.features={layout.store('feats')}",
-        f"data.seed={options.seed}", f"train.seed={options.seed}",
-        f"train.max_steps={steps}", "train.epochs=1000000", f"train.batch_size={options.batch_size}",
-        f"optim.name={options.optimizer}", f"optim.lr={options.lr}", f"train.log_every={log_every}",
-        f"train.save_every={max(1, steps // 4)}",
-        f"train.eval_every={max(1, steps // 4)}", f"train.output_dir={layout.pretrain}", "train.resume=auto",
-        f"train.threads={options.threads}", *model_overrides(options),
-    ]  # fmt: skip
-    return load_config(TINY_RECIPE, overrides)
+    stores = {"features": str(layout.store("feats"))}
+    return updated(
+        job_recipe(options),
+        data={"train": {**stores, "text": str(layout.store("text_train"))},
+              "eval": {**stores, "text": str(layout.store("text_minival"))}, "seed": options.seed},
+        optim={"name": options.optimizer, "lr": options.lr},
+        train={"seed": options.seed, "max_steps": steps, "epochs": 1_000_000, "batch_size": options.batch_size,
+               "log_every": options.log_every or max(1, steps // 50), "save_every": max(1, steps // 4),
+               "eval_every": max(1, steps // 4), "output_dir": str(layout.pretrain), "resume": "auto"},
+    )  # fmt: skip
 
 
 def finetune_config(layout: Layout, options: JobOptions) -> RunConfig:
     from engine.data.tasks import TaskStore
 
     steps_per_epoch = len(TaskStore(layout.store("vqa_train"))) // options.finetune_batch_size
-    overrides = [
-        "train.task=vqa", f"data.train.text={layout.store('vqa_train')}",
-        f"data.train.features={layout.store('feats')}", f"data.eval.text={layout.store('vqa_minival')}",
-        f"data.eval.features={layout.store('feats')}", f"data.seed={options.seed}", f"train.seed={options.seed}",
-        "train.max_steps=null", f"train.epochs={options.finetune_epochs}",
-        f"train.batch_size={options.finetune_batch_size}", f"optim.lr={options.finetune_lr}",
-        "optim.warmup_ratio=0.1", "optim.grad_clip=5.0", f"train.log_every={max(1, steps_per_epoch // 5)}",
-        "train.save_every=0",
-        "train.eval_every=0", f"train.output_dir={layout.finetune}",
-        f"train.init_from={layout.pretrain / 'model.safetensors'}", f"train.threads={options.threads}",
-        *model_overrides(options),
-    ]  # fmt: skip
-    return load_config(TINY_RECIPE, overrides)
+    stores = {"features": str(layout.store("feats"))}
+    return updated(
+        job_recipe(options),
+        data={"train": {**stores, "text": str(layout.store("vqa_train"))},
+              "eval": {**stores, "text": str(layout.store("vqa_minival"))}, "seed": options.seed},
+        optim={"lr": options.finetune_lr, "warmup_ratio": 0.1, "grad_clip": 5.0},
+        train={"task": "vqa", "seed": options.seed, "max_steps": None, "epochs": options.finetune_epochs,
+               "batch_size": options.finetune_batch_size, "log_every": max(1, steps_per_epoch // 5),
+               "save_every": 0, "eval_every": 0, "output_dir": str(layout.finetune),
+               "init_from": str(layout.pretrain / "model.safetensors")},
+    )  # fmt: skip
+
+
+# What a rerun may change: the thread count, and what the loop derives from the batch and the launch.
+FREE_FIELDS = ("threads", "micro_batch_size", "grad_accum_steps", "world_size")
 
 
 def _config_dict(config: RunConfig) -> dict[str, Any]:
-    """The settings a rerun must share with the run it continues (the thread count is free to change)."""
-    values = json.loads(json.dumps(dataclasses.asdict(resolve(config, 1)), default=str))
-    values["train"].pop("threads", None)
+    """The settings a rerun must share with the run it continues."""
+    values = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    for name in FREE_FIELDS:
+        values["train"].pop(name, None)
     return values
 
 
@@ -304,9 +310,9 @@ def run_finetuning(layout: Layout, options: JobOptions) -> dict[str, Any]:
 
 
 def read_records(metrics_path: Path, kind: str = "train") -> list[dict[str, Any]]:
-    """The records of one kind ("train" or "eval") in step order, a resumed run resolved: engine.plots'
+    """The records of one kind ("train" or "eval") in step order, a resumed run resolved: engine.metrics_log's
     reader, the one the plots are drawn from."""
-    from engine.plots import read_metrics
+    from engine.metrics_log import read_metrics
 
     train, evals = read_metrics(metrics_path)
     return train if kind == "train" else evals

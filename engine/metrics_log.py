@@ -34,6 +34,7 @@ import json
 import math
 import resource
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,45 @@ import torch
 # Fields that are not measurements: the x axis itself and a constant.
 _NOT_SCALARS = {"step", "total_steps", "kind"}
 _tensorboard_notice_given = False  # one notice per process, however many runs it starts
+
+
+def read_metrics(metrics_path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, eval records) of a metrics.jsonl in step order, a resumed run resolved: the one reader
+    (the plots, the reports and the main job read through it). What it accepts: engine/plots.py's docstring."""
+    path = Path(metrics_path)
+    kept: list[tuple[str, dict[str, Any]]] = []
+    last_step: dict[str, int] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                warnings.warn(f"{path}:{line_number}: skipped a line that is not JSON ({e.msg})", stacklevel=2)
+                continue
+            if not isinstance(record, dict):
+                warnings.warn(f"{path}:{line_number}: skipped a line that is not a JSON object", stacklevel=2)
+                continue
+            kind = record.get("kind") or "train"
+            if kind == "resume" and isinstance(record.get("step"), int):  # the run went on from this checkpoint
+                kept = [(k, r) for k, r in kept if r["step"] <= record["step"]]
+                last_step = {k: r["step"] for k, r in kept}
+                continue
+            if kind not in ("train", "eval"):
+                continue
+            step = record.get("step")
+            if isinstance(step, float) and step.is_integer():
+                step = int(step)
+            if not isinstance(step, int) or isinstance(step, bool):
+                warnings.warn(f"{path}:{line_number}: skipped a {kind} record without an integer step", stacklevel=2)
+                continue
+            if kind in last_step and step <= last_step[kind]:  # a resumed run: start over from this step
+                kept = [(k, r) for k, r in kept if r["step"] < step or (k != kind and r["step"] == step)]
+                last_step = {k: r["step"] for k, r in kept}  # kept is in step order within each kind
+            kept.append((kind, {**record, "step": step}))
+            last_step[kind] = step
+    return [r for k, r in kept if k == "train"], [r for k, r in kept if k == "eval"]
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -37,59 +37,20 @@ An empty log still gives both files, their panels saying "no data".
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from xml.sax.saxutils import escape, quoteattr
 
 from engine.atomic import write_text_atomic
+from engine.metrics_log import read_metrics
 
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf")  # fmt: skip
 WIDTH, PANEL_HEIGHT = 780, 320
 LEFT, RIGHT, TOP, BOTTOM = 72, 200, 36, 44  # margins of each panel's plot box; the legend is on the right
 LEGEND_ROW = 15
-
-
-def read_metrics(metrics_path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train records, eval records) of a metrics.jsonl in step order, resumed runs resolved (module docstring)."""
-    path = Path(metrics_path)
-    kept: list[tuple[str, dict[str, Any]]] = []
-    last_step: dict[str, int] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                warnings.warn(f"{path}:{line_number}: skipped a line that is not JSON ({e.msg})", stacklevel=2)
-                continue
-            if not isinstance(record, dict):
-                warnings.warn(f"{path}:{line_number}: skipped a line that is not a JSON object", stacklevel=2)
-                continue
-            kind = record.get("kind") or "train"
-            if kind == "resume" and isinstance(record.get("step"), int):  # the run went on from this checkpoint
-                kept = [(k, r) for k, r in kept if r["step"] <= record["step"]]
-                last_step = {k: r["step"] for k, r in kept}
-                continue
-            if kind not in ("train", "eval"):
-                continue
-            step = record.get("step")
-            if isinstance(step, float) and step.is_integer():
-                step = int(step)
-            if not isinstance(step, int) or isinstance(step, bool):
-                warnings.warn(f"{path}:{line_number}: skipped a {kind} record without an integer step", stacklevel=2)
-                continue
-            if kind in last_step and step <= last_step[kind]:  # a resumed run: start over from this step
-                kept = [(k, r) for k, r in kept if r["step"] < step or (k != kind and r["step"] == step)]
-                last_step = {k: r["step"] for k, r in kept}  # kept is in step order within each kind
-            kept.append((kind, {**record, "step": step}))
-            last_step[kind] = step
-    return [r for k, r in kept if k == "train"], [r for k, r in kept if k == "eval"]
 
 
 def _number(value: Any) -> float | None:

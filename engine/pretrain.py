@@ -7,9 +7,10 @@ DeepSpeed is installed: engine/launch.py); under a launcher every rank runs it:
     torchrun --nproc_per_node 8 -m engine.pretrain --config configs/pretrain.yaml train.zero_stage=1
 (LOCAL_RANK / RANK / WORLD_SIZE come from the environment; DeepSpeed's --local_rank argument is accepted.)
 Every store and the config are checked before anything is written: a mistake is one line on stderr naming the
-key or file, exit 2. Prints the resolved config (also saved as <output_dir>/config.yaml), logs to <output_dir>/metrics.jsonl (and
-TensorBoard when installed), and ends with a short report: first and last losses per component, samples/s, the
-last validation, the checkpoint, model, log and plot paths.
+key or file, exit 2. The loop is engine/train.py's, the task engine/tasks/pretrain.py. Prints the resolved
+config (also saved as <output_dir>/config.yaml), logs to <output_dir>/metrics.jsonl (and TensorBoard when
+installed), and ends with a short report: first and last losses per component, samples/s, the last validation,
+the checkpoint, model, log and plot paths.
 """
 
 from __future__ import annotations
@@ -19,32 +20,7 @@ import os
 import sys
 
 from engine.config import ConfigError, format_config, load_config
-from engine.train import Trainer
-
-
-def report(summary: dict) -> str:
-    lines = [f"done: {summary['steps']} steps ({summary['steps_this_run']} in this run, "
-             f"{summary['skipped_steps']} skipped) in {summary['seconds']:.1f} s"]  # fmt: skip
-    first, last = summary.get("first"), summary.get("last")
-    if first and last:
-        lines.append(f"  {'loss':<10} {'first':>10} {'last':>10}")
-        for name in first:
-            lines.append(f"  {name:<10} {first[name]:>10.4f} {last.get(name, float('nan')):>10.4f}")
-    if summary.get("samples_per_s"):
-        lines.append(f"  samples/s {summary['samples_per_s']:.1f}")
-    evaluation = summary.get("eval")
-    if evaluation:
-        parts = " ".join(f"{k} {v:.4f}" for k, v in evaluation["losses"].items())
-        qa = evaluation["qa_accuracy"]
-        lines.append(f"  eval (step {evaluation['step']}, {evaluation['samples']} samples): loss {evaluation['loss']:.4f}"
-                     f" ({parts}); QA accuracy {'-' if qa is None else f'{qa:.4f}'}; matching accuracy "
-                     f"{evaluation['matched_accuracy']:.4f}")  # fmt: skip
-    lines.append(f"  checkpoint {summary['checkpoint']}")
-    lines.append(f"  model      {summary['model']}")
-    lines.append(f"  log        {summary['metrics_log']}")
-    for plot in summary.get("plots", []):
-        lines.append(f"  plot       {plot}")
-    return "\n".join(lines)
+from engine.train import Trainer, report
 
 
 def main(argv: list[str] | None = None) -> int:

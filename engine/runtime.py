@@ -6,6 +6,7 @@
     norm, skipped = runtime.step()        # once per accumulation boundary: clip, skip if non-finite, schedule
     path = runtime.save(output_dir, step, client_state)   # engine/checkpoint.py layout
     client_state = runtime.load(path)
+    runtime.export(output_dir, rank)      # model.safetensors + model_config.json (every rank calls it)
 
 Two paths with the same semantics (global batch = micro x accumulation x ranks, clipping, one schedule step per
 optimizer step, a non-finite step skipped and counted, never applied):
@@ -17,13 +18,9 @@ optimizer step, a non-finite step skipped and counted, never applied):
   puts the schedule back.
 - plain PyTorch, one process: torch.autocast for bf16 / fp16, torch.amp.GradScaler for fp16.
 
-Applied to the model here rather than in lxmert/ (the model stays pure architecture, as torchtitan keeps it):
-- activation checkpointing (train.activation_checkpointing): every encoder layer's forward is recomputed in
-  the backward (torch.utils.checkpoint, non-reentrant, RNG state preserved: the same dropout masks, so the
-  losses and gradients are those of a run without it). The layer's `forward` is replaced on the instance, so
-  parameter names, checkpoints and ZeRO-3's per-module hooks stay as they are.
-- torch.compile (train.compile): nn.Module.compile on the plain path (in place: parameter names unchanged),
-  DeepSpeed's engine.compile on the DeepSpeed path.
+Activation checkpointing and torch.compile (engine/parallelize.py) are applied to the model here. Every
+checkpoint call goes through the runtime: where a run resumes (resume_point), save, load, and the consolidated
+export (export: model.safetensors + model_config.json, engine/checkpoint.py's layout).
 """
 
 from __future__ import annotations
@@ -32,16 +29,16 @@ import contextlib
 import functools
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from engine import checkpoint as ckpt
-from engine.config import RunConfig, deepspeed_config
+from engine.config import ConfigError, RunConfig, deepspeed_config
 from engine.launch import Launch, import_deepspeed, init_distributed
 from engine.optim import make_optimizer, make_scheduler
+from engine.parallelize import apply_activation_checkpointing, compile_model
 
 PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,31 +46,6 @@ PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.b
 def precision_dtype(precision: str) -> torch.dtype | None:
     """The autocast / DeepSpeed compute dtype of train.precision (None for fp32)."""
     return PRECISION_DTYPES[precision]
-
-
-def encoder_layers(model: nn.Module) -> list[nn.Module]:
-    """Every language, region and cross-modality layer of an LXMERT model (pre-training or fine-tuning)."""
-    backbone = model.lxmert
-    return [*backbone.lang_layers, *backbone.region_layers, *backbone.cross_layers]
-
-
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each encoder layer in the backward pass; returns how many layers were wrapped."""
-    layers = encoder_layers(model)
-    for layer in layers:
-        if getattr(layer, "_checkpointed", False):
-            continue
-        forward = layer.forward
-
-        @functools.wraps(forward)
-        def recomputed(*args: Any, _forward: Callable = forward, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
-                return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
-
-        layer.forward = recomputed
-        layer._checkpointed = True
-    return len(layers)
 
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, clip: float) -> tuple[float, bool]:
@@ -135,11 +107,11 @@ class Runtime:
             if self._measure_norm:
                 self._guard_optimizer_step()
             if t.compile:
-                self.engine.compile(backend=t.compile_backend)
+                compile_model(self.engine, t.compile_backend)
         else:
             self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
             if t.compile:
-                model.compile(backend=t.compile_backend)
+                compile_model(model, t.compile_backend)
 
     # --------------------------------------------------------------------------------------------- steps
 
@@ -275,6 +247,14 @@ class Runtime:
             ckpt.set_rng_state(state["rng"])
         return state
 
+    def export(self, directory: str | Path, rank: int = 0, hf: bool = False) -> Path | None:
+        """The consolidated fp32 weights as <directory>/model.safetensors + model_config.json (hf: also
+        transformers' layout in hf/). Every rank calls it (ZeRO-3 gathers); rank 0 writes and gets the path."""
+        state = self.consolidated_state_dict()
+        if rank != 0:
+            return None
+        return ckpt.export_model(state, self.config.model, directory, hf=hf)
+
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights in fp32 on the CPU: under DeepSpeed the fp32 master weights (gathered under
         ZeRO-3: every rank must call this; ranks > 0 get {}), not the 16-bit copies the forward uses."""
@@ -297,6 +277,15 @@ class Runtime:
             return {}
         expected = self.model.state_dict().keys()  # ZeRO-3's are placeholders, but the names are right
         return {k: state[k] for k in expected}
+
+
+def resume_point(resume: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint a run continues from (train.resume: "auto", "none" or a path), or None to start afresh;
+    a path without a complete checkpoint is a ConfigError."""
+    try:
+        return ckpt.resolve_resume(resume, output_dir)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _wrapper_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:

@@ -1,26 +1,27 @@
-"""The pre-training loop: the Trainer owns data, model, the runtime (engine/runtime.py), checkpoints and logs.
+"""The one training loop: every task (engine/tasks: pre-training, VQA / GQA, NLVR2) is stepped, logged,
+evaluated, checkpointed and resumed by it in the same way.
 
-    trainer = Trainer(load_config("configs/tiny_cpu.yaml"))
+    trainer = Trainer(load_config("configs/tiny_cpu.yaml"))          # train.task picks the task
     summary = trainer.train()          # until train.max_steps or train.epochs; resumes per train.resume
 
-The runtime steps the model on one of two paths with the same semantics (DeepSpeed when it imports and
-train.zero_stage > 0 or a launcher started us (WORLD_SIZE set); plain PyTorch otherwise): global batch = micro x
-accumulation x ranks, clipping, one schedule step per optimizer step, a non-finite step skipped and logged.
+forward_backward (one micro batch) -> train_step (train.grad_accum_steps micro batches, one optimizer step) ->
+train (the steps, with logs, evaluations and checkpoints). The runtime (engine/runtime.py) steps the model on one
+of two paths with the same semantics (DeepSpeed when it is installed and train.zero_stage > 0 or a launcher
+started us; plain PyTorch otherwise: engine/launch.py): global batch = micro x accumulation x ranks, clipping,
+one schedule step per optimizer step, a non-finite step skipped and logged. The config is resolved once, here.
 
-Each optimizer step times the wait for data, forward+backward, and the optimizer; every train.log_every steps a
-JSON line goes to <output_dir>/metrics.jsonl (engine/metrics_log.py) with the loss components, lr, gradient
-norm, loss scale, samples/s, tokens/s (text tokens + regions, padding included), TFLOP/s and MFU (engine/flops.py,
-model FLOPs of this rank over this rank's peak; null where the peak is unknown, e.g. the CPU), the share of
-time spent waiting for data, peak memory, this rank's threads and the time left. The host still waits for the
-device several times a step (each loss component, the masked counts for the FLOP figure, the gradient norm that
-decides a skip). The stores are opened and checked against each other and the model before anything is built
-or written (open_pretrain_stores): a problem is a ConfigError naming the data.* key.
+Every train.log_every steps a train record goes to <output_dir>/metrics.jsonl (engine/metrics_log.py), the same
+fields for every task: the loss (and its components where the model has them), lr, gradient norm, loss scale,
+samples/s, tokens/s (text tokens + regions, padding included), TFLOP/s and MFU (engine/flops.py model FLOPs of
+this rank over this rank's peak; null where the peak is unknown, e.g. the CPU), the share of time spent waiting
+for data, peak memory, this rank's threads and the time left. The host still waits for the device several times
+a step (each loss component, the masked counts for the FLOP figure, the gradient norm that decides a skip).
 
-Evaluation (data.eval stores set): every train.eval_every steps (0: at the end of every epoch) and at the end,
-the validation losses (each component, averaged over the split's samples and the ranks) and the QA and
-image-text matching accuracies, as records {"kind": "eval", ...} in metrics.jsonl. The validation masks and
-negatives are drawn as in training with epoch 0 of the eval sampler: the same every time, so evaluations are
-comparable. At the end, loss / throughput plots (engine/plots.py) go to <output_dir>/plots/.
+Evaluation (an eval split set): every train.eval_every steps (0: at the end of every epoch) and at the end, as
+{"kind": "eval", ...} records (the task decides what is measured). Checkpoints every train.save_every steps (0:
+every epoch), at every epoch's end and at the end, holding the loader's position, the step, the evaluations and
+the task's state; a restarted run writes {"kind": "resume", ...} and goes on from the newest. At the end, the
+task's outputs (exports) and the loss / throughput plots (engine/plots.py) in <output_dir>/plots/.
 """
 
 from __future__ import annotations
@@ -32,20 +33,21 @@ from typing import Any, Iterator
 
 import torch
 
-from engine import checkpoint as ckpt
 from engine.config import ConfigError, RunConfig, StorePaths, resolve, save_config
-from engine.data.batch import PretrainBatch
-from engine.data.loaders import make_loader
-from engine.data.sampling import SamplingConfig
-from engine.data.store import RegionStore, StoreError, TextStore
-from engine.flops import mfu, peak_flops, step_flops
+from engine.flops import mfu, peak_flops
 from engine.launch import Launch, all_reduce_sum, choose_deepspeed, pick_device, set_threads
 from engine.metrics_log import MetricsLog, console_line, peak_memory_gib
-from engine.runtime import Runtime
-from lxmert.config import LxmertConfig
-from lxmert.pretraining import LxmertForPreTraining
+from engine.runtime import Runtime, resume_point
+from engine.tasks.base import Task
+from engine.tasks.finetune import FINETUNE_TASKS, FinetuneTask
+from engine.tasks.pretrain import PretrainTask
 
-BUCKET_BATCHES = 100  # data.length_bucketing: sort by length within windows of this many global batches
+
+def make_task(config: RunConfig, export_hf: bool = False) -> Task:
+    """The task train.task names."""
+    if config.train.task in FINETUNE_TASKS:
+        return FinetuneTask(config.train.task)
+    return PretrainTask(export_hf=export_hf)
 
 
 def write_run_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
@@ -59,75 +61,120 @@ def write_run_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
         return []
 
 
-STORE_KINDS = {"RegionStore": "feature store", "TextStore": "text store", "TaskStore": "task store"}
+def _mark(clock: Any, phase: str) -> None:
+    if clock is not None:
+        clock.mark(phase)
 
 
-def open_store(path: str, key: str, kind: type, build: str):
-    """A store named by config key `key`, opened; any problem is a ConfigError naming the key and the path."""
-    what = STORE_KINDS.get(kind.__name__, "store")
-    if not path:
-        raise ConfigError(f"{key} is empty: it must name a {what} directory (built by {build}), or pass --config "
-                          "configs/<recipe>.yaml")  # fmt: skip
-    if not Path(path).is_dir():
-        raise ConfigError(f"{key}: the {what} {path} does not exist (build it with {build})")
-    try:
-        return kind(path)
-    except (StoreError, OSError, KeyError, ValueError) as error:
-        raise ConfigError(f"{key}: {error}") from None
+class TrainStep:
+    """One optimizer step of the engine: the Trainer's, and what benchmarks.throughput times (the same code, so
+    its samples/s are what the loop achieves, per-micro-batch bookkeeping included)."""
+
+    def __init__(self, runtime: Runtime, task: Task, accum: int, world_size: int, device: torch.device) -> None:
+        self.runtime, self.task, self.accum, self.world_size, self.device = runtime, task, accum, world_size, device
+
+    def inputs(self, batch: Any) -> Any:
+        """DeepSpeed casts the model to the training precision; the floating-point inputs follow."""
+        if self.runtime.input_dtype != torch.float32:
+            batch = batch.to(self.device, float_dtype=self.runtime.input_dtype)
+        return batch
+
+    def forward_backward(self, batch: Any, clock: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro batch: the loss and its components (detached, fp32) after accumulating its gradient."""
+        out = self.runtime.forward(**self.inputs(batch).model_inputs())
+        _mark(clock, "forward")
+        self.runtime.backward(out.loss)
+        _mark(clock, "backward")
+        parts = getattr(out, "losses", None) or {}
+        return out.loss.detach().float(), {k: v.detach().float() for k, v in parts.items()}
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        return self.runtime.step()
+
+    def train_step(self, micro: Iterator[Any], clock: Any = None) -> dict[str, Any] | None:
+        """train.grad_accum_steps micro batches and the optimizer step; None when the data ran out first.
+        `clock` (benchmarks.harness.StepClock) marks the phases: data, forward, backward, optimizer."""
+        loss_sum = torch.zeros((), device=self.device)
+        parts_sum: dict[str, torch.Tensor] = {}
+        counts = {"wait": 0.0, "flops": 0, "tokens": 0, "samples": 0}
+        got = 0
+        for _ in range(self.accum):
+            tick = time.perf_counter()
+            batch = next(micro, None)
+            counts["wait"] += time.perf_counter() - tick
+            _mark(clock, "data")
+            if batch is None:
+                break
+            got += 1
+            loss, parts = self.forward_backward(batch, clock)
+            loss_sum += loss / self.accum
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / self.accum
+            counts["flops"] += self.task.flops(batch)
+            counts["tokens"] += self.task.tokens(batch)
+            counts["samples"] += batch.batch_size
+        if got < self.accum:  # the data ran out (epochs done) mid-step: nothing more to apply
+            if got:
+                self.runtime.zero_grad()
+            return None
+        norm, skipped = self.optimizer_step()
+        _mark(clock, "optimizer")
+        if self.world_size > 1:  # log the global batch's loss, not this rank's share of it
+            loss_sum, parts_sum = self._mean_over_ranks(loss_sum, parts_sum)
+        return {"loss": float(loss_sum), "losses": {k: float(v) for k, v in parts_sum.items()}, "grad_norm": norm,
+                "skipped": skipped, **counts}  # fmt: skip
+
+    def _mean_over_ranks(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """The step's loss and components averaged over the ranks (every rank computes the same keys, in the
+        model's order, which the log keeps)."""
+        names = list(parts)
+        packed = torch.stack([loss.float().reshape(()), *(parts[k].float().reshape(()) for k in names)])
+        all_reduce_sum(packed)
+        packed /= self.world_size
+        return packed[0], {k: packed[i + 1] for i, k in enumerate(names)}
 
 
-def open_pretrain_stores(stores: StorePaths, split: str, model: LxmertConfig) -> tuple[TextStore, RegionStore]:
-    """The text and feature stores of data.<split>, checked against each other and against the model."""
-    regions = open_store(stores.features, f"data.{split}.features", RegionStore, "engine.data.convert --tsv")
-    text = open_store(stores.text, f"data.{split}.text", TextStore, "engine.data.convert --text")
-    try:
-        text.check_features(regions)
-    except StoreError as error:
-        raise ConfigError(f"data.{split}: {error}") from None
-    if regions.feat_dim != model.visual_feat_dim:
-        raise ConfigError(f"data.{split}.features {regions.path} holds {regions.feat_dim}-d features but "
-                          f"model.visual_feat_dim is {model.visual_feat_dim}")  # fmt: skip
-    if model.task_qa and len(text.answers) != model.num_qa_labels:  # the head is the table, as the authors size it
-        raise ConfigError(f"data.{split}.text {text.path} has {len(text.answers)} answers but the QA head has "
-                          f"model.num_qa_labels {model.num_qa_labels}: make them equal")  # fmt: skip
-    return text, regions
+class Trainer(TrainStep):
+    """Builds the run from a RunConfig and a task; `train()` runs the loop and returns a summary dict."""
 
-
-class Trainer:
-    """Builds everything from a RunConfig; `train()` runs the loop and returns a summary dict."""
-
-    def __init__(self, config: RunConfig, use_deepspeed: bool | None = None, export_hf: bool = False) -> None:
+    def __init__(self, config: RunConfig, use_deepspeed: bool | None = None, export_hf: bool = False,
+                 task: Task | None = None) -> None:  # fmt: skip
         self.launch = Launch.from_env()
         self.rank, self.local_rank, world = self.launch.rank, self.launch.local_rank, self.launch.world_size
         self.use_deepspeed = choose_deepspeed(config.train.zero_stage, use_deepspeed, self.launch)
         self.world_size = world
         self.config = resolve(config, world)
-        self.export_hf = export_hf
+        self.task = task if task is not None else make_task(self.config, export_hf)
+        self.task.config = self.config
         t = self.config.train
         self.output_dir = Path(t.output_dir)
         self.device = pick_device(self.local_rank)
         self.threads = set_threads(t.threads, self.launch)
-        for split in ("train", "eval") if self.config.data.eval.text else ("train",):
-            open_pretrain_stores(getattr(self.config.data, split), split, self.config.model)  # before the build
+        self.task.check(self)  # every input, before anything is built or written
+        self.resume_from = resume_point(self.task.resume_setting(), self.output_dir)
 
         torch.manual_seed(t.seed)  # initialisation, then dropout
-        self.model = LxmertForPreTraining(self.config.model).to(self.device)
-        self.loader = self._make_loader(self.config.data.train, "train")
-        self.eval_loader = self._make_loader(self.config.data.eval, "eval") if self.config.data.eval.text else None
+        self.model = self.task.build_model(self)
+        self.loader = self.task.train_loader(self)
+        self.eval_loader = self.task.eval_loader(self)
         self.accum = t.grad_accum_steps
-        self.steps_per_epoch = len(self.loader) // self.accum
+        self.steps_per_epoch = len(self.loader) // self.accum if self.loader is not None else 1
         if self.steps_per_epoch < 1:
             raise ConfigError(f"data.train: an epoch has {len(self.loader)} micro batches, fewer than "
                               f"train.grad_accum_steps {self.accum}")  # fmt: skip
         self.total_steps = t.total_steps(self.steps_per_epoch)
-        self.runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, self.launch)
+        runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, self.launch)
+        super().__init__(runtime, self.task, self.accum, world, self.device)
         self.step = 0  # optimizer steps done (skipped ones included, as DeepSpeed counts them)
+        self.started_at = 0
         self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []  # every logged training record
         self.evals: list[dict[str, Any]] = []  # every evaluation record
         self.last_checkpoint: Path | None = None
-        self._resume()
-        if self.rank == 0:  # only once everything the run reads has been checked
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        if self.rank == 0 and not self.task.evaluate_only:  # only once everything the run reads has been checked
             save_config(self.config, self.output_dir / "config.yaml")
 
     @property
@@ -135,50 +182,28 @@ class Trainer:
         """The DeepSpeed engine (None on the plain path)."""
         return self.runtime.engine
 
-    # ------------------------------------------------------------------------------------------- building
-
     def _make_loader(self, stores: StorePaths, split: str = "train"):
-        """The loader of one split's stores; a missing, unfinished or mismatched store is a ConfigError naming
-        the data.<split> key."""
-        c, d = self.config, self.config.data
-        text, regions = open_pretrain_stores(stores, split, c.model)
-        sampling = SamplingConfig(
-            seed=d.seed, batch_size=c.train.micro_batch_size, world_size=self.world_size, rank=self.rank,
-            bucket_batches=BUCKET_BATCHES if d.length_bucketing else 0, word_mask_prob=d.word_mask_prob,
-            region_mask_prob=d.region_mask_prob, negative_prob=d.negative_prob, vocab_size=c.model.vocab_size,
-            sources=tuple(d.sources),
-        )  # fmt: skip
-        options: dict[str, Any] = {}
-        if d.loader in ("torch", "dali"):
-            options["num_workers"] = d.num_workers
-        unknown = set(d.sources) - set(text.sources)
-        if unknown:
-            raise ConfigError(f"data.sources: {sorted(unknown)} are not in the data.{split}.text store {text.path} "
-                              f"(it has {text.sources}; [] takes every source)")  # fmt: skip
-        try:
-            return make_loader(d.loader, text, regions, sampling, device=self.device, **options)
-        except (ValueError, StoreError) as error:
-            raise ConfigError(f"data.{split}: {error}") from None
+        """Pre-training's loader of one split (tests build a rank's eval loader with it)."""
+        return self.task.make_loader(self, stores, split)
 
-    # -------------------------------------------------------------------------------------------- resume
+    # -------------------------------------------------------------------------------------- checkpoints
 
-    def _resume(self) -> None:
-        try:
-            path = ckpt.resolve_resume(self.config.train.resume, self.output_dir)
-        except FileNotFoundError as error:
-            raise ConfigError(str(error)) from None
-        if path is None:
-            return
-        state = self.runtime.load(path, self.rank)
-        self.loader.load_state_dict(state["loader"])
+    def _resume(self, path: Path) -> None:
+        state = self.runtime.load(path, self.rank, weights_only=self.task.evaluate_only)
         self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
+        if self.loader is not None:
+            # a checkpoint from before the loaders kept fine-tuning's position: its step says where
+            loader_state = state.get("loader") or {"epoch": self.step // self.steps_per_epoch,
+                                                   "step": (self.step % self.steps_per_epoch) * self.accum}
+            self.loader.load_state_dict(loader_state)
         self.evals = list(state.get("evals", []))
+        self.task.load_state_dict(state, path)
         self.last_checkpoint = path
         self._print(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
         client = {"loader": self.loader.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
-                  "evals": self.evals}  # fmt: skip
+                  "evals": self.evals, **self.task.state_dict()}  # fmt: skip
         self.last_checkpoint = self.runtime.save(self.output_dir, self.step, client, self.rank)
         return self.last_checkpoint
 
@@ -186,80 +211,35 @@ class Trainer:
         """The whole model's weights in fp32 on the CPU (ZeRO-3 gathers the shards; {} on ranks > 0 then)."""
         return self.runtime.consolidated_state_dict()
 
-    def export(self) -> Path | None:
-        state = self.consolidated_state_dict()
-        if self.rank != 0:
-            return None
-        return ckpt.export_model(state, self.config.model, self.output_dir, hf=self.export_hf)
-
-    # ---------------------------------------------------------------------------------------- evaluation
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
-        """Validation losses and accuracies over the whole eval split (every rank takes its slice)."""
-        assert self.eval_loader is not None, "data.eval.text is not set"
-        was_training = self.runtime.training
-        self.runtime.train(False)
-        self.eval_loader.set_epoch(0)
-        names: list[str] = []
-        sums: torch.Tensor | None = None  # [loss, components..., samples, qa right, qa asked, match right]
-        for batch in self.eval_loader:
-            out = self.runtime.forward(**self._inputs(batch).model_inputs())
-            n = batch.input_ids.shape[0]
-            if not names:
-                names = list(out.losses)  # the model's order, as the training records list them
-            ans = batch.ans.to(self.device)
-            asked = ans >= 0
-            qa_right = (out.question_answering_score.argmax(-1) == ans) & asked
-            match_right = out.cross_relationship_score.argmax(-1) == batch.matched_label.to(self.device)
-            row = torch.stack([
-                out.loss.detach().float() * n, *(out.losses[k].detach().float() * n for k in names),
-                torch.tensor(float(n), device=self.device), qa_right.sum().float(), asked.sum().float(),
-                match_right.sum().float(),
-            ])  # fmt: skip
-            sums = row if sums is None else sums + row
-        self.runtime.train(was_training)
-        if sums is None:
-            raise ValueError(f"data.eval stores {self.config.data.eval.text} gave no batch")
-        sums = all_reduce_sum(sums).cpu().double()
-        samples, qa_right, qa_asked, match_right = (float(v) for v in sums[-4:])
-        return {
-            "kind": "eval", "step": self.step, "samples": int(samples), "loss": float(sums[0]) / samples,
-            "losses": {k: float(sums[i + 1]) / samples for i, k in enumerate(names)},
-            "qa_accuracy": qa_right / qa_asked if qa_asked else None, "qa_questions": int(qa_asked),
-            "matched_accuracy": match_right / samples,
-        }  # fmt: skip
-
-    def _evaluate_and_log(self, log: MetricsLog) -> None:
-        record = self.evaluate()
-        self.evals.append(record)
-        log.write(record)
-        parts = " ".join(f"{k} {v:.3f}" for k, v in record["losses"].items())
-        qa = record["qa_accuracy"]
-        log.console(f"eval step {self.step}: loss {record['loss']:.4f} ({parts}) | QA accuracy "
-                    f"{'-' if qa is None else f'{qa:.3f}'} | matching accuracy {record['matched_accuracy']:.3f}")  # fmt: skip
-
-    # ---------------------------------------------------------------------------------------------- loop
-
-    def _micro_batches(self) -> Iterator[PretrainBatch]:
+    def _micro_batches(self) -> Iterator[Any]:
         """Micro batches from the loaded position on, epoch after epoch."""
         for epoch in range(self.loader.epoch, self.config.train.epochs):
             self.loader.set_epoch(epoch)
             yield from self.loader
 
-    def _inputs(self, batch: PretrainBatch) -> PretrainBatch:
-        """DeepSpeed casts the model to the training precision; the floating-point inputs follow."""
-        if self.runtime.input_dtype != torch.float32:
-            batch = batch.to(self.device, float_dtype=self.runtime.input_dtype)
-        return batch
+    # ------------------------------------------------------------------------------------------ evaluation
 
-    def _forward_backward(self, batch: PretrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.runtime.forward(**self._inputs(batch).model_inputs())
-        self.runtime.backward(out.loss)
-        return out.loss.detach().float(), {k: v.detach().float() for k, v in out.losses.items()}
+    def evaluate(self) -> dict[str, Any]:
+        """The task's evaluation of the current model (every rank takes part)."""
+        was_training = self.runtime.training
+        self.runtime.train(False)
+        try:
+            return self.task.evaluate(self)
+        finally:
+            self.runtime.train(was_training)
 
-    def _optimizer_step(self) -> tuple[float, bool]:
-        return self.runtime.step()
+    def _evaluate_and_log(self, log: MetricsLog) -> None:
+        record = self.evaluate()
+        self.evals.append(record)
+        log.write(record)
+        log.console(self.task.eval_line(record))
+        self.task.after_evaluation(self, record)
+
+    def _eval_due(self, epoch_ended: bool) -> bool:
+        every = self.config.train.eval_every
+        if self.eval_loader is None:
+            return False
+        return (every > 0 and self.step % every == 0) or (every == 0 and epoch_ended)
 
     def _peak(self) -> float | None:
         if self.device.type != "cuda":
@@ -272,11 +252,27 @@ class Trainer:
         if self.rank == 0:
             print(line, flush=True)
 
-    def _eval_due(self, epoch_ended: bool) -> bool:
-        every = self.config.train.eval_every
-        if self.eval_loader is None:
-            return False
-        return (every > 0 and self.step % every == 0) or (every == 0 and epoch_ended)
+    # ----------------------------------------------------------------------------------------------- loop
+
+    def _record(self, step: dict[str, Any], window: dict[str, float], elapsed: float, peak: float | None) -> dict:
+        """The train record of a log step: the same fields for every task (module docstring)."""
+        record: dict[str, Any] = {
+            "kind": "train", "step": self.step, "total_steps": self.total_steps,
+            "epoch": self.loader.epoch + self.loader.step / max(len(self.loader), 1), "loss": step["loss"],
+        }  # fmt: skip
+        if step["losses"]:
+            record["losses"] = step["losses"]
+        record |= {
+            "lr": self.runtime.lr(), "grad_norm": step["grad_norm"], "loss_scale": self.runtime.loss_scale(),
+            "skipped": step["skipped"], "skipped_steps": self.skipped_steps,
+            "samples_per_s": window["samples"] * self.world_size / elapsed,
+            "tokens_per_s": window["tokens"] * self.world_size / elapsed, "tflops": window["flops"] / elapsed / 1e12,
+            "mfu": mfu(window["flops"], elapsed, peak) if peak else None, "data_wait_share": window["wait"] / elapsed,
+            "peak_memory_gib": peak_memory_gib(self.device), "threads": self.threads,
+            "step_time_s": elapsed / window["steps"],
+            "eta_s": elapsed / window["steps"] * (self.total_steps - self.step),
+        }  # fmt: skip
+        return record
 
     def train(self) -> dict[str, Any]:
         t = self.config.train
@@ -285,86 +281,35 @@ class Trainer:
                          progress_initial=self.step)  # fmt: skip
         if self.last_checkpoint is not None and self.step < self.total_steps:
             log.write({"kind": "resume", "step": self.step, "checkpoint": str(self.last_checkpoint)})
+        self.task.start(self, resumed=self.last_checkpoint is not None)
         self.runtime.train(True)
         peak = self._peak()
         micro = self._micro_batches()
-        window = defaultdict(float)  # sums since the last log line
+        window: dict[str, float] = defaultdict(float)  # sums since the last log line
         window_start = time.perf_counter()
-        first: dict[str, float] | None = None
-        last: dict[str, float] | None = None
-        started_at = self.step
+        run: dict[str, Any] = {"first": None, "last": None}
+        self.started_at = self.step
         run_start = time.perf_counter()
-        plots: list[Path] = []
         eval_seconds = 0.0
         try:
             while self.step < self.total_steps:
-                loss_sum = torch.zeros((), device=self.device)
-                parts_sum: dict[str, torch.Tensor] = {}
-                wait = 0.0
-                flops = 0
-                tokens = 0
-                samples = 0
-                got = 0
-                for _ in range(self.accum):
-                    tick = time.perf_counter()
-                    batch = next(micro, None)
-                    wait += time.perf_counter() - tick
-                    if batch is None:
-                        break
-                    got += 1
-                    loss, parts = self._forward_backward(batch)
-                    loss_sum += loss / self.accum
-                    for k, v in parts.items():
-                        parts_sum[k] = parts_sum.get(k, 0.0) + v / self.accum
-                    b, length = batch.input_ids.shape
-                    regions = batch.visual_feats.shape[1]
-                    masked_tokens = int((batch.labels >= 0).sum())
-                    masked_regions = int((batch.obj_labels["feat"][1] != 0).sum()) if "feat" in batch.obj_labels else 0
-                    flops += step_flops(self.config.model, "pretrain", b, length, regions, masked_tokens,
-                                        masked_regions).total  # fmt: skip
-                    tokens += b * (length + regions)
-                    samples += b
-                if got < self.accum:  # the data ran out (epochs done) mid-step: nothing more to apply
-                    if got:
-                        self.runtime.zero_grad()
+                step = self.train_step(micro)
+                if step is None:
                     break
-                norm, skipped = self._optimizer_step()
-                if self.world_size > 1:  # log the global batch's loss, not rank 0's share of it
-                    loss_sum, parts_sum = self._mean_over_ranks(loss_sum, parts_sum)
                 self.step += 1
-                self.skipped_steps += int(skipped)
-                losses = {k: float(v) for k, v in parts_sum.items()}
-                total = float(loss_sum)
-                first = first or {"loss": total, **losses}
-                last = {"loss": total, **losses}
+                self.skipped_steps += int(step["skipped"])
+                run["first"] = run["first"] or {"loss": step["loss"], **step["losses"]}
+                run["last"] = {"loss": step["loss"], **step["losses"]}
                 window["steps"] += 1
-                window["wait"] += wait
-                window["flops"] += flops
-                window["tokens"] += tokens
-                window["samples"] += samples
-                if skipped:
-                    log.console(f"step {self.step}: non-finite gradient (norm {norm}): step skipped, not applied")
-                if self.step % t.log_every == 0 or self.step == self.total_steps or skipped:
+                for name in ("wait", "flops", "tokens", "samples"):
+                    window[name] += step[name]
+                if step["skipped"]:
+                    log.console(f"step {self.step}: non-finite gradient (norm {step['grad_norm']}): step skipped, "
+                                "not applied")  # fmt: skip
+                if self.step % t.log_every == 0 or self.step == self.total_steps or step["skipped"]:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
-                    now = time.perf_counter()
-                    elapsed = max(now - window_start, 1e-9)
-                    achieved = window["flops"] / elapsed  # this rank's model FLOP/s
-                    record = {
-                        "kind": "train", "step": self.step, "total_steps": self.total_steps,
-                        "epoch": self.loader.epoch + self.loader.step / max(len(self.loader), 1),
-                        "loss": total, "losses": losses, "lr": self.runtime.lr(), "grad_norm": norm,
-                        "loss_scale": self.runtime.loss_scale(), "skipped": skipped,
-                        "skipped_steps": self.skipped_steps,
-                        "samples_per_s": window["samples"] * self.world_size / elapsed,
-                        "tokens_per_s": window["tokens"] * self.world_size / elapsed,
-                        "tflops": achieved / 1e12,
-                        "mfu": mfu(window["flops"], elapsed, peak) if peak else None,
-                        "data_wait_share": window["wait"] / elapsed,
-                        "peak_memory_gib": peak_memory_gib(self.device), "threads": self.threads,
-                        "step_time_s": elapsed / window["steps"],
-                        "eta_s": elapsed / window["steps"] * (self.total_steps - self.step),
-                    }  # fmt: skip
+                    record = self._record(step, window, max(time.perf_counter() - window_start, 1e-9), peak)
                     self.history.append(record)
                     log.write(record)
                     log.console(console_line(record))
@@ -378,39 +323,67 @@ class Trainer:
                     self._evaluate_and_log(log)
                     eval_seconds += time.perf_counter() - tick
                     window_start += time.perf_counter() - tick  # evaluation time is not training throughput
-                if self.step % save_every == 0 and self.step < self.total_steps:
+                if self.step < self.total_steps and (self.step % save_every == 0 or epoch_ended):
                     self.save()
-            if self.eval_loader is not None and self.step > started_at:
+            if self.eval_loader is not None and self.step > self.started_at:
                 tick = time.perf_counter()
-                self._evaluate_and_log(log)  # the final model's validation, before the last checkpoint
+                self._evaluate_and_log(log)  # the final model's evaluation, before the last checkpoint
                 eval_seconds += time.perf_counter() - tick
-            if self.step > started_at or self.last_checkpoint is None:
+            if self.step > self.started_at or self.last_checkpoint is None:
                 self.save()
-            model_path = self.export()
+            run |= self.task.finish(self)
         finally:
             log.close()
-        if self.rank == 0:
-            plots = write_run_plots(log.path, self.output_dir / "plots")
+        plots = write_run_plots(log.path, self.output_dir / "plots") if self.rank == 0 else []
         seconds = time.perf_counter() - run_start
-        done = self.step - started_at
+        done = self.step - self.started_at
         train_seconds = seconds - eval_seconds  # checkpoints and the export included
-        summary = {
-            "steps": self.step, "steps_this_run": done, "skipped_steps": self.skipped_steps,
-            "first": first, "last": last, "seconds": seconds, "eval_seconds": eval_seconds,
+        return {
+            "steps": self.step, "steps_this_run": done, "skipped_steps": self.skipped_steps, "seconds": seconds,
+            "eval_seconds": eval_seconds,
             "samples_per_s": done * self.config.train.batch_size / train_seconds if train_seconds > 0 else None,
-            "eval": self.evals[-1] if self.evals else None,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "model": str(model_path) if model_path else None,
-            "metrics_log": str(log.path), "plots": [str(p) for p in plots],
+            "metrics_log": str(log.path), "plots": [str(p) for p in plots], **self.task.summary(self, run),
         }  # fmt: skip
-        return summary
 
-    def _mean_over_ranks(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-        """The step's loss and components averaged over the ranks (every rank computes the same keys, in the
-        model's order, which the log keeps)."""
-        names = list(parts)
-        packed = torch.stack([loss.float().reshape(()), *(parts[k].float().reshape(()) for k in names)])
-        all_reduce_sum(packed)
-        packed /= self.world_size
-        return packed[0], {k: packed[i + 1] for i, k in enumerate(names)}
+
+# -------------------------------------------------------------------------------------------- the report
+
+
+def report(summary: dict[str, Any]) -> str:
+    """The console report of a run's summary, for every task: steps, losses, throughput, evaluations, paths."""
+    lines = [f"done: {summary['steps']} steps ({summary['steps_this_run']} in this run, "
+             f"{summary['skipped_steps']} skipped) in {summary['seconds']:.1f} s"]  # fmt: skip
+    if "task" in summary:
+        epochs = summary["epochs"]
+        lines[0] = f"fine-tuned {summary['task']}: {epochs} epoch{'' if epochs == 1 else 's'}, " + lines[0]
+    first, last = summary.get("first"), summary.get("last")
+    if first is None and summary.get("first_loss") is not None:
+        first, last = {"loss": summary["first_loss"]}, {"loss": summary["last_loss"]}
+    if first and last:
+        lines.append(f"  train loss {'first':>10} {'last':>10}")
+        for name in first:
+            lines.append(f"  {name:<10} {first[name]:>10.4f} {last.get(name, float('nan')):>10.4f}")
+    if summary.get("samples_per_s"):
+        lines.append(f"  samples/s {summary['samples_per_s']:.1f}")
+    evaluation = summary.get("eval")
+    if isinstance(evaluation, dict):  # pre-training: the last validation
+        parts = " ".join(f"{k} {v:.4f}" for k, v in evaluation["losses"].items())
+        qa = evaluation["qa_accuracy"]
+        lines.append(f"  eval (step {evaluation['step']}, {evaluation['samples']} samples): loss {evaluation['loss']:.4f}"
+                     f" ({parts}); QA accuracy {'-' if qa is None else f'{qa:.4f}'}; matching accuracy "
+                     f"{evaluation['matched_accuracy']:.4f}")  # fmt: skip
+    for e in evaluation if isinstance(evaluation, list) else []:  # fine-tuning: every epoch's score
+        shown = "- (unlabelled split)" if e["metric"] is None else f"{e['metric']:.4f}"
+        lines.append(f"  eval epoch {e['epoch']}: {summary['metric']} {shown}")
+    if summary.get("best_metric") is not None:
+        lines.append(f"  best {summary['metric']} {summary['best_metric']:.4f} (epoch {summary['best_epoch']})")
+    if summary.get("init"):
+        lines.append("  init: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["init"].items()))
+    for label, key in (("checkpoint", "checkpoint"), ("model", "model"), ("submission", "submission"),
+                       ("log", "metrics_log")):  # fmt: skip
+        if key in summary:
+            lines.append(f"  {label:<10} {summary[key]}")
+    for plot in summary.get("plots", []):
+        lines.append(f"  {'plot':<10} {plot}")
+    return "\n".join(lines)

@@ -237,8 +237,10 @@ def _attention_bwd_tile(
 # ---------------------------------------------------------------------------------------------- kernels
 
 
+# One attention in one direction (language or region self-attention, one side of a cross attention): a program
+# per (batch, head). _bidirectional_* run both directions of the cross layer's shared attention in one launch.
 @triton.jit(do_not_specialize=["seed"])
-def _cross_attention_fwd_kernel(
+def _attention_fwd_kernel(
     q_ptr,  # [B, H, Lq, D] queries (strides stride_q*, unit stride in D)
     k_ptr,  # [B, H, Lk, D] keys
     v_ptr,  # [B, H, Lk, D] values
@@ -280,7 +282,7 @@ def _cross_attention_fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _cross_attention_bwd_kernel(
+def _attention_bwd_kernel(
     q_ptr,  # [B, H, Lq, D] queries
     k_ptr,  # [B, H, Lk, D] keys
     v_ptr,  # [B, H, Lk, D] values
@@ -506,7 +508,7 @@ def _dropout_mask_kernel(
 # -------------------------------------------------------------------------------------- which path runs
 
 
-_INTERPRETED = all_interpreted(_cross_attention_fwd_kernel, tl.standard.sum, tl.standard.max, tl.random.rand)
+_INTERPRETED = all_interpreted(_attention_fwd_kernel, tl.standard.sum, tl.standard.max, tl.random.rand)
 warn_if_imported_too_early(_INTERPRETED, "the attention kernels")
 
 
@@ -603,14 +605,14 @@ def _dropout_args(dropout_p: float, seed: int) -> dict:
     return dict(dropout_p=float(dropout_p), dropout_scale=1.0 / (1.0 - dropout_p), seed=seed)
 
 
-def _cross_attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed) -> Tensor:
+def _attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed) -> Tensor:
     batch, heads, len_q, dim = q.shape
     len_k = k.shape[2]
     block_m, num_m_blocks = _query_blocks(len_q)
     out = _empty_bhld(batch, heads, len_q, dim, q)
     mask, smb, sml = _mask_args(kv_mask, q, batch, len_k)
     dt = _dtype_args(q.dtype)
-    _cross_attention_fwd_kernel[(batch * heads,)](
+    _attention_fwd_kernel[(batch * heads,)](
         q, k, v, out, mask, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), smb, sml,
         heads, len_q, len_k, scale * _LOG2E, **_dropout_args(dropout_p, seed),
         HAS_MASK=kv_mask is not None, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=dim, BLOCK_D=_block(dim),
@@ -620,14 +622,14 @@ def _cross_attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed) -> Tensor:
     return out
 
 
-def _cross_attention_bwd(q, k, v, kv_mask, d_out, scale, dropout_p, seed) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_bwd(q, k, v, kv_mask, d_out, scale, dropout_p, seed) -> tuple[Tensor, Tensor, Tensor]:
     batch, heads, len_q, dim = q.shape
     len_k = k.shape[2]
     block_m, num_m_blocks = _query_blocks(len_q)
     d_out = _unit_last(d_out)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask, smb, sml = _mask_args(kv_mask, q, batch, len_k)
-    _cross_attention_bwd_kernel[(batch * heads,)](
+    _attention_bwd_kernel[(batch * heads,)](
         q, k, v, d_out, dq, dk, dv, mask,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(d_out), *_bhl(dq), *_bhl(dk), *_bhl(dv), smb, sml,
         heads, len_q, len_k, scale * _LOG2E, scale, **_dropout_args(dropout_p, seed),
@@ -701,7 +703,7 @@ class _CrossAttentionFn(torch.autograd.Function):
     def forward(ctx, q, k, v, kv_mask, scale, dropout_p):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         seed = draw_dropout_seed() if dropout_p > 0.0 else 0
-        out = _cross_attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed)
+        out = _attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, kv_mask)
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         return out
@@ -710,7 +712,7 @@ class _CrossAttentionFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out):
         q, k, v, kv_mask = ctx.saved_tensors
-        dq, dk, dv = _cross_attention_bwd(q, k, v, kv_mask, d_out, ctx.scale, ctx.dropout_p, ctx.seed)
+        dq, dk, dv = _attention_bwd(q, k, v, kv_mask, d_out, ctx.scale, ctx.dropout_p, ctx.seed)
         return dq, dk, dv, None, None, None
 
 

@@ -71,7 +71,7 @@ BACKENDS: dict[str, AttentionBackend] = {
 
 
 def register_backend(backend: AttentionBackend) -> None:
-    """Make a backend selectable by name (kernels register theirs when they import)."""
+    """Make a backend selectable by name (get_backend registers "triton" and "flash" on their first use)."""
     BACKENDS[backend.name] = backend
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping
@@ -289,30 +288,6 @@ def infer_config(state: Mapping[str, torch.Tensor], num_attention_heads: int | N
     return LxmertConfig(**values)
 
 
-def write_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write .safetensors (or a torch file for other suffixes) atomically: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses tensors that share memory (the tied decoder, views of a fused qkv): store copies
-    seen: set[int] = set()
-    tensors = {}
-    for key, value in state.items():
-        value = value.detach().cpu()
-        tensors[key] = value.clone().contiguous() if value.data_ptr() in seen or not value.is_contiguous() else value
-        seen.add(value.data_ptr())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, tmp, metadata={"format": "pt"})
-        else:
-            torch.save(tensors, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # what open() would give, not mkstemp's (or safetensors' own) 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+if __name__ == "__main__":  # the command line moved to engine/ (lxmert/ is the model only)
+    raise SystemExit("python -m lxmert.convert is now `lxmert-convert` (engine/convert_checkpoint.py): "
+                     "lxmert-convert SRC DST [--from ...] [--to ...]")

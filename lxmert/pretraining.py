@@ -73,7 +73,9 @@ class FeatureRegressionDecoder(nn.Linear):
 
 
 class ObjectHead(nn.Module):
-    """transform, then one decoder per enabled visual loss: obj (classes), attr (classes), feat (regression)."""
+    """transform, then one decoder per enabled visual loss: obj (classes), attr (classes), feat (regression); the
+    forward returns those losses (the feature loss is computed inside its decoder's forward: ZeRO-3 gathers a
+    weight only there)."""
 
     def __init__(self, config: LxmertConfig):
         super().__init__()
@@ -86,6 +88,25 @@ class ObjectHead(nn.Module):
             self.decoders["attr"] = nn.Linear(h, config.num_attr_labels)
         if config.visual_feat_loss:
             self.decoders["feat"] = FeatureRegressionDecoder(h, config.visual_feat_dim, config.feat_loss_backend)
+
+    def forward(self, vis: Tensor, obj_labels: dict[str, tuple[Tensor, Tensor]], normalizer: float) -> dict[str, Tensor]:
+        """The enabled visual losses of region states vis [B, R, H] against obj_labels, each times `normalizer`."""
+        states = self.transform(vis).reshape(-1, vis.shape[-1])  # [B * R, H]: every region
+        parts = {}
+        for name, decoder in self.decoders.items():
+            if name not in obj_labels:
+                raise KeyError(f"obj_labels has no {name!r} entry, but the {name} loss is enabled in the config")
+            target, weight = obj_labels[name]
+            if target.shape[:2] != vis.shape[:2] or weight.shape[:2] != vis.shape[:2]:
+                raise ValueError(
+                    f"obj_labels[{name!r}] must be per region [batch, regions={vis.shape[1]}, ...], "
+                    f"got {tuple(target.shape)} and {tuple(weight.shape)}"
+                )
+            if name == "feat":
+                parts[name] = decoder(states, target.reshape(states.shape[0], -1), weight, normalizer)
+            else:
+                parts[name] = losses.weighted_region_cross_entropy(decoder(states), target, weight, normalizer)
+        return parts
 
 
 class LxmertForPreTraining(nn.Module):
@@ -147,7 +168,7 @@ class LxmertForPreTraining(nn.Module):
         if matched_label is not None and cfg.task_matched:
             parts["matched"] = losses.cross_entropy(cross_relationship_score, matched_label)
         if obj_labels is not None and self.obj_head is not None:
-            parts.update(self._visual_losses(vis, obj_labels))
+            parts.update(self.obj_head(vis, obj_labels, cfg.visual_loss_normalizer))
         if ans is not None and answer_score is not None:
             parts["qa"] = losses.cross_entropy(answer_score, ans)
 
@@ -161,22 +182,3 @@ class LxmertForPreTraining(nn.Module):
             losses=parts or None,
         )
         return result if return_dict else result.to_tuple()
-
-    def _visual_losses(self, vis: Tensor, obj_labels: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-        normalizer = self.config.visual_loss_normalizer
-        states = self.obj_head.transform(vis).reshape(-1, vis.shape[-1])  # [B * R, H]: every region
-        parts = {}
-        for name, decoder in self.obj_head.decoders.items():
-            if name not in obj_labels:
-                raise KeyError(f"obj_labels has no {name!r} entry, but the {name} loss is enabled in the config")
-            target, weight = obj_labels[name]
-            if target.shape[:2] != vis.shape[:2] or weight.shape[:2] != vis.shape[:2]:
-                raise ValueError(
-                    f"obj_labels[{name!r}] must be per region [batch, regions={vis.shape[1]}, ...], "
-                    f"got {tuple(target.shape)} and {tuple(weight.shape)}"
-                )
-            if name == "feat":
-                parts[name] = decoder(states, target.reshape(states.shape[0], -1), weight, normalizer)
-            else:
-                parts[name] = losses.weighted_region_cross_entropy(decoder(states), target, weight, normalizer)
-        return parts

@@ -21,6 +21,7 @@ import lxmert
 from conftest import norm_rel_err as rel_err
 from conftest import perturb_ as randomise
 from engine import convert_checkpoint as convert_cli
+from engine.checkpoint import write_state_dict
 from lxmert import convert
 
 transformers = pytest.importorskip("transformers")
@@ -284,7 +285,7 @@ def test_write_read_round_trip(tmp_path, suffix):
     state = model.state_dict()
     assert state["mlm_head.decoder.weight"].data_ptr() == state["lxmert.embeddings.word.weight"].data_ptr()  # tied
     path = tmp_path / f"model{suffix}"
-    convert.write_state_dict(state, path)
+    write_state_dict(state, path)
     back = convert.read_state_dict(path)
     assert_same_state(back, dict(state))
     fresh = lxmert.LxmertForPreTraining(model.config).eval()
@@ -295,7 +296,7 @@ def test_write_read_round_trip(tmp_path, suffix):
         assert torch.equal(fresh(**x).prediction_logits, model(**x).prediction_logits)
     # the transformers layout (tied decoder under two names, q/k/v split off one matrix) too
     hf_path = tmp_path / f"hf{suffix}"
-    convert.write_state_dict(convert.to_hf_state_dict(state), hf_path)
+    write_state_dict(convert.to_hf_state_dict(state), hf_path)
     assert_same_state(convert.read_state_dict(hf_path), convert.to_hf_state_dict(state))
     assert sorted(os.listdir(tmp_path)) == [f"hf{suffix}", f"model{suffix}"]  # no temp files left
 
@@ -350,7 +351,7 @@ def test_missing_file(tmp_path):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_truncated_file(tmp_path, suffix):
     path = tmp_path / f"cut{suffix}"
-    convert.write_state_dict({"w": torch.randn(64, 64), "b": torch.randn(64)}, path)
+    write_state_dict({"w": torch.randn(64, 64), "b": torch.randn(64)}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=re.escape(str(path))):
@@ -361,7 +362,7 @@ def test_truncated_file(tmp_path, suffix):
 def test_write_is_atomic(tmp_path, monkeypatch, suffix):
     path = tmp_path / f"model{suffix}"
     old = {"w": torch.randn(8, 8)}
-    convert.write_state_dict(old, path)
+    write_state_dict(old, path)
     before = path.read_bytes()
 
     def crash_midway(_tensors, target, *args, **kwargs):
@@ -375,13 +376,13 @@ def test_write_is_atomic(tmp_path, monkeypatch, suffix):
     else:
         monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(OSError, match="disk full"):
-        convert.write_state_dict({"w": torch.randn(8, 8), "v": torch.randn(3)}, path)
+        write_state_dict({"w": torch.randn(8, 8), "v": torch.randn(3)}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == [path.name]
     monkeypatch.undo()
 
     new = {"w": torch.randn(8, 8), "v": torch.randn(3)}
-    convert.write_state_dict(new, path)  # a write that succeeds replaces the file
+    write_state_dict(new, path)  # a write that succeeds replaces the file
     assert_same_state(convert.read_state_dict(path), new)
     assert os.listdir(tmp_path) == [path.name]
 

@@ -21,7 +21,8 @@ from engine.data.tasks import TaskStore, convert_task
 from engine.evaluate import read_gqa_submission, read_nlvr2_submission, read_vqa_submission
 from engine.finetune import FineTuneError, FineTuner, main
 from lxmert.answers import normalize_answer
-from lxmert.convert import read_state_dict, write_state_dict
+from engine.checkpoint import write_state_dict
+from lxmert.convert import read_state_dict
 
 D = 16
 
@@ -229,7 +230,7 @@ def config_overrides(data, task, out):
     return [
         *TINY, f"data.train.text={data[f'{task}_train']}", f"data.train.features={data['feats']}",
         f"data.eval.text={data[f'{task}_valid']}", f"data.eval.features={data['feats']}", "train.batch_size=8",
-        f"train.task={task}", f"train.output_dir={out}", "optim.lr=1e-3",
+        f"train.task={task}", f"train.output_dir={out}", "optim.lr=1e-3", "data.num_workers=0",
     ]  # fmt: skip
 
 
@@ -272,14 +273,14 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(data, tmp_path, monk
     expected = whole.train()
 
     killed = FineTuner(config(data, "vqa", tmp_path / "killed", *extra))
-    step = killed._optimizer_step
+    step = killed.optimizer_step
 
     def dies_in_step_5():
         if killed.step == 4:
             raise KeyboardInterrupt
         return step()
 
-    killed._optimizer_step = dies_in_step_5
+    killed.optimizer_step = dies_in_step_5
     with pytest.raises(KeyboardInterrupt):
         killed.train()
     assert (tmp_path / "killed/checkpoints/latest").read_text().strip() == "step_00000004"
@@ -310,7 +311,8 @@ def test_evaluate_only_reproduces_the_best_epochs_metric_and_submission(data, tm
     # from the run's latest checkpoint (the last epoch's weights), through the CLI
     overrides = [*TINY, f"data.train.text={data['vqa_train']}", f"data.train.features={data['feats']}",
                  f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}",
-                 "train.task=vqa", "train.batch_size=16", f"train.output_dir={tmp_path / 'run'}"]  # fmt: skip
+                 "data.num_workers=0", "train.task=vqa", "train.batch_size=16",
+                 f"train.output_dir={tmp_path / 'run'}"]  # fmt: skip
     assert main(["--evaluate-only", *overrides]) == 0
     last_epoch = trained["eval"][-1]["metric"]
     out = json.loads((tmp_path / "run/evaluate/result.json").read_text())
@@ -391,8 +393,32 @@ def test_evaluate_only_needs_no_training_store(data, tmp_path, capsys):
     trained = FineTuner(config(data, "vqa", tmp_path / "run", "train.max_steps=3", "train.batch_size=16")).train()
     overrides = [*TINY, f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}",
                  f"data.train.text={tmp_path / 'not_here'}", f"data.train.features={tmp_path / 'not_here_either'}",
-                 "train.task=vqa", f"train.output_dir={tmp_path / 'eval'}", f"train.init_from={trained['model']}"]  # fmt: skip
+                 "data.num_workers=0", "train.task=vqa", f"train.output_dir={tmp_path / 'eval'}",
+                 f"train.init_from={trained['model']}"]  # fmt: skip
     assert main(["--evaluate-only", *overrides]) == 0
     result = json.loads((tmp_path / "eval/evaluate/result.json").read_text())
     assert result["value"] == pytest.approx(trained["best_metric"])
     assert read_vqa_submission(result["submission"]) == read_vqa_submission(trained["submission"])
+
+
+RECORD_FIELDS = {"step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "skipped", "samples_per_s", "tokens_per_s",
+                 "tflops", "mfu", "data_wait_share", "peak_memory_gib", "threads", "step_time_s", "eta_s"}  # fmt: skip
+
+
+def test_fine_tuning_logs_what_pre_training_logs_and_workers_change_nothing(data, tmp_path):
+    """One loop: every train record carries the throughput fields of pre-training's; batches come through the
+    loader interface, so data.num_workers=2 gives the same losses and weights as building them inline."""
+    extra = ("train.max_steps=4", "train.log_every=1", "train.batch_size=16")
+    inline = FineTuner(config(data, "vqa", tmp_path / "inline", *extra))
+    inline.train()
+    assert inline.loader.workers.dataloader.num_workers == 0
+    workers = FineTuner(config(data, "vqa", tmp_path / "workers", *extra, "data.num_workers=2"))
+    assert workers.loader.workers.dataloader.num_workers == 2
+    workers.train()
+    assert [r["loss"] for r in workers.history] == [r["loss"] for r in inline.history]
+    a, b = read_state_dict(tmp_path / "inline/best/model.safetensors"), read_state_dict(tmp_path / "workers/best/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for record in inline.history:
+        assert RECORD_FIELDS <= set(record), RECORD_FIELDS - set(record)
+        assert record["tflops"] > 0 and record["tokens_per_s"] > record["samples_per_s"] > 0
+        assert record["mfu"] is None and 0 <= record["data_wait_share"] <= 1  # the CPU: no known peak

@@ -20,7 +20,7 @@ from engine.config import load_config
 from engine.data import convert
 from engine.data.store import TextStore
 from engine.launch import deepspeed_available
-from engine.runtime import apply_activation_checkpointing, encoder_layers
+from engine.parallelize import apply_activation_checkpointing, encoder_layers
 from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
 from conftest import build_pretrain_stores, tiny_model_overrides
@@ -211,12 +211,12 @@ def test_deepspeed_fp16_skips_an_injected_inf_step(stores, tmp_path, one_rank):
         return grad * math.inf if trainer.step == 2 else grad  # the backward of the third step
 
     param.register_hook(inject)
-    forward_backward, optimizer_step = trainer._forward_backward, trainer._optimizer_step
+    forward_backward, optimizer_step = trainer.forward_backward, trainer.optimizer_step
 
-    def recording_forward_backward(batch):
+    def recording_forward_backward(batch, *args):
         if trainer.step == 2:
             snapshots["before"] = trainer.consolidated_state_dict()
-        return forward_backward(batch)
+        return forward_backward(batch, *args)
 
     def recording_step():
         result = optimizer_step()
@@ -225,7 +225,7 @@ def test_deepspeed_fp16_skips_an_injected_inf_step(stores, tmp_path, one_rank):
             snapshots["lr"] = trainer.runtime.lr()
         return result
 
-    trainer._forward_backward, trainer._optimizer_step = recording_forward_backward, recording_step
+    trainer.forward_backward, trainer.optimizer_step = recording_forward_backward, recording_step
     trainer.train()
     records = {r["step"]: r for r in trainer.history}
     assert records[3]["skipped"] is True and trainer.skipped_steps == 1
@@ -259,12 +259,12 @@ def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_pa
     param = skipper.model.match_head.weight
     param.register_hook(lambda grad: grad * math.inf if skipper.step == 2 else grad)
     snapshots = {}
-    forward_backward, optimizer_step = skipper._forward_backward, skipper._optimizer_step
+    forward_backward, optimizer_step = skipper.forward_backward, skipper.optimizer_step
 
-    def recording_forward_backward(batch):  # DeepSpeed steps inside the backward: copy the weights before it
+    def recording_forward_backward(batch, *args):  # DeepSpeed steps inside the backward: copy the weights before it
         if skipper.step == 2:
             snapshots["before"] = {k: v.clone() for k, v in skipper.model.state_dict().items()}
-        return forward_backward(batch)
+        return forward_backward(batch, *args)
 
     def recording_step():
         result = optimizer_step()
@@ -272,7 +272,7 @@ def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_pa
             snapshots["after"] = {k: v.clone() for k, v in skipper.model.state_dict().items()}
         return result
 
-    skipper._forward_backward, skipper._optimizer_step = recording_forward_backward, recording_step
+    skipper.forward_backward, skipper.optimizer_step = recording_forward_backward, recording_step
     skipper.train()
     records = {r["step"]: r for r in skipper.history}
     assert records[3]["skipped"] is True and not math.isfinite(records[3]["grad_norm"])

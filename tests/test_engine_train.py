@@ -193,7 +193,7 @@ def test_fp16_non_finite_gradient_skips_the_step(stores, tmp_path):
         return grad
 
     param.register_hook(inject)
-    original = trainer._optimizer_step
+    original = trainer.optimizer_step
 
     def recording_step():
         result = original()
@@ -201,7 +201,7 @@ def test_fp16_non_finite_gradient_skips_the_step(stores, tmp_path):
             snapshots["after"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         return result
 
-    trainer._optimizer_step = recording_step
+    trainer.optimizer_step = recording_step
     trainer.train()
     records = {r["step"]: r for r in trainer.history}
     assert records[3]["skipped"] is True and trainer.skipped_steps == 1

@@ -54,7 +54,7 @@ def logged(metrics: Path) -> list[dict]:
 def run_all(root: Path) -> dict:
     """Build the data, run the three runs; return what each logged and the hashes of its final weights."""
     from engine.config import load_config
-    from engine.data import convert, synthetic
+    from engine.data import convert
     from engine.data.tasks import convert_task
     from engine.finetune import FineTuner
     from engine.train import Trainer
