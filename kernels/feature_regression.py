@@ -51,7 +51,7 @@ from ._mode import all_interpreted, warn_if_imported_too_early
 Tensor = torch.Tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M, the masked rows, changes every batch: one binary for every count
 def _feature_regression_fwd_kernel(
     pred_ptr,  # [M, F] x[rows] @ W^T + b, unit stride in F; overwritten in place with the unit gradient G
     target_ptr,  # [N, F] targets of all regions (any strides); only the rows listed in rows_ptr are read

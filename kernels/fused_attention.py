@@ -30,7 +30,10 @@ Design
   and no preprocessing kernel is needed.
 - Softmax in base 2 with log2(e) folded into the scale; accumulation in fp32 (fp64 for fp64 inputs, for
   gradcheck). Dot operands are the input dtype (fp16 / bf16 on tensor cores, P and dS rounded to it as
-  flash-attention does); fp32 dots use IEEE fp32 (not tf32: the fp32 path is the faithful one).
+  flash-attention does); fp32 dots are "tf32x3": three TF32 products (hi*hi + hi*lo + lo*hi) on tensor cores,
+  fp32-level error (tests/test_kernels_sm90.py emulates it against float64), where IEEE fp32 dots lowered to
+  FMA loops that spilled in 39 of 48 variants on sm_90. fp32's backward runs 8 warps over 16-row query blocks
+  (fewer spill at 255 registers). benchmarks/kernels_sm90.py compiles every variant for sm_90 and checks it.
   Outputs are in the input dtype. The output is allocated [B, Lq, H, D] in memory (returned as the
   [B, H, Lq, D] tensor with those strides) so the model's ctx.transpose(1, 2).reshape(B, Lq, H*D) is free.
 - A row without a real key outputs zeros and gets zero gradients (softmax over nothing = 0, not NaN).
@@ -42,7 +45,11 @@ Design
   Triton kernel using the same scheme, so the reference can reproduce the kernel exactly (tests do).
 
 Limits
-- dtypes fp32, fp16, bf16, fp64 (q, k, v the same); any D <= 256 (blocks padded to a power of two >= 16
+- On a GPU (sm_90): at most GPU_MAX_KEYS = 64 keys a direction and head dim 128 (fp16 / bf16) or 64 (fp32),
+  what compiles with no spill (benchmarks/kernels_sm90.py; LXMERT needs 36 keys of dim 64); beyond, a
+  ValueError names attn_backend 'sdpa'. The interpreter keeps the design limits below.
+- dtypes fp32, fp16, bf16 (q, k, v the same); fp64 in the interpreter only (gradcheck; a GPU refuses it:
+  its masked MMA does not compile on sm_90); any D <= 256 (blocks padded to a power of two >= 16
   with masks: 32 / 64 / 128 are the intended sizes); Lk <= 128 per direction (ValueError beyond); any Lq
   and batch; lengths need not be multiples of anything (every block is masked). Empty inputs take the
   reference path.
@@ -73,12 +80,17 @@ from torch.autograd.function import once_differentiable
 Tensor = torch.Tensor
 
 MAX_KEYS = 128  # the whole key tile lives in registers
+GPU_MAX_KEYS = 64  # on sm_90 a 128-key tile spills or overflows shared memory (benchmarks/kernels_sm90.py)
+GPU_MAX_HEAD_DIM = 128  # fp16 / bf16
+GPU_MAX_HEAD_DIM_FP32 = 64
 MAX_BLOCK_M = 64  # query rows per loop iteration
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 # Starting points for an H100; untuned (no GPU was available when this was written).
 _NUM_WARPS_FWD = 4
 _NUM_WARPS_BWD = 4  # try 8 when BLOCK_M * BLOCK_N >= 64 * 128
+_NUM_WARPS_BWD_FP32 = 8
+_BWD_BLOCK_M_FP32 = 16  # fp32 backward query blocks: 64 (and 32) rows spill at 255 registers on sm_90
 
 
 # ----------------------------------------------------------------------------------------- tile functions
@@ -520,6 +532,7 @@ def triton_runs_on(t: Tensor) -> bool:
 # ------------------------------------------------------------------------------------------- launchers
 
 
+_FP32_DOT_PRECISION = "tf32x3"  # fp32 dots on tensor cores, three TF32 products: fp32-level error (see header)
 _TL_DTYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
@@ -532,12 +545,20 @@ def _dtype_args(dtype: torch.dtype) -> dict:
     """DOT_DTYPE, DOT_PRECISION, ACC_DTYPE for an input dtype (see the header for the interpreter's bf16)."""
     if dtype not in _TL_DTYPES:
         raise TypeError(f"attention kernel: unsupported dtype {dtype} (fp32, fp16, bf16, fp64)")
+    if dtype == torch.float64 and not _INTERPRETED:
+        raise TypeError("attention kernel: fp64 runs in the Triton interpreter only (gradcheck on the CPU); "
+                        "on a GPU use fp32, bf16 or fp16")  # fmt: skip
     dot = tl.float32 if (dtype == torch.bfloat16 and _INTERPRETED) else _TL_DTYPES[dtype]
     return dict(
         DOT_DTYPE=dot,
-        DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else None,  # None: the default
+        DOT_PRECISION=_FP32_DOT_PRECISION if dtype == torch.float32 else "ieee" if dtype == torch.float64 else None,
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
     )
+
+
+def _bwd_warps(dtype: torch.dtype) -> int:
+    """fp32's tf32x3 dots hold three operand splits: twice the warps share the registers (no spills on sm_90)."""
+    return _NUM_WARPS_BWD_FP32 if dtype == torch.float32 else _NUM_WARPS_BWD
 
 
 def _block(n: int) -> int:
@@ -545,9 +566,10 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(max(n, 1)))
 
 
-def _query_blocks(len_q: int) -> tuple[int, int]:
-    """(rows per query block, number of blocks): the trip count is a constexpr, 1 for LXMERT."""
-    block = min(_block(len_q), MAX_BLOCK_M)
+def _query_blocks(len_q: int, cap: int = MAX_BLOCK_M) -> tuple[int, int]:
+    """(rows per query block, number of blocks): the trip count is a constexpr, 1 for LXMERT (2-3 for fp32's
+    backward, whose blocks are capped at _BWD_BLOCK_M_FP32 rows)."""
+    block = min(_block(len_q), cap)
     return block, triton.cdiv(len_q, block)
 
 
@@ -589,6 +611,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"attention kernel: {k.shape[2]} keys > MAX_KEYS = {MAX_KEYS}")
     if q.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"attention kernel: head dim {q.shape[3]} > {MAX_HEAD_DIM}")
+    if q.is_cuda:  # what compiles for sm_90 without spills (benchmarks/kernels_sm90.py); the interpreter is freer
+        max_dim = GPU_MAX_HEAD_DIM_FP32 if q.dtype == torch.float32 else GPU_MAX_HEAD_DIM
+        if k.shape[2] > GPU_MAX_KEYS or q.shape[3] > max_dim:
+            raise ValueError(f"attention kernel on a GPU: at most {GPU_MAX_KEYS} keys and head dim {max_dim} "
+                             f"({q.dtype}), got {k.shape[2]} keys of dim {q.shape[3]}: use attn_backend 'sdpa'")
 
 
 def _check_rng(programs: int, len_q: int, len_k: int) -> None:
@@ -625,7 +652,7 @@ def _attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed) -> Tensor:
 def _attention_bwd(q, k, v, kv_mask, d_out, scale, dropout_p, seed) -> tuple[Tensor, Tensor, Tensor]:
     batch, heads, len_q, dim = q.shape
     len_k = k.shape[2]
-    block_m, num_m_blocks = _query_blocks(len_q)
+    block_m, num_m_blocks = _query_blocks(len_q, _BWD_BLOCK_M_FP32 if q.dtype == torch.float32 else MAX_BLOCK_M)
     d_out = _unit_last(d_out)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask, smb, sml = _mask_args(kv_mask, q, batch, len_k)
@@ -635,7 +662,7 @@ def _attention_bwd(q, k, v, kv_mask, d_out, scale, dropout_p, seed) -> tuple[Ten
         heads, len_q, len_k, scale * _LOG2E, scale, **_dropout_args(dropout_p, seed),
         HAS_MASK=kv_mask is not None, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=dim, BLOCK_D=_block(dim),
         BLOCK_M=block_m, NUM_M_BLOCKS=num_m_blocks, BLOCK_N=_block(len_k), **_dtype_args(q.dtype),
-        num_warps=_NUM_WARPS_BWD,
+        num_warps=_bwd_warps(q.dtype),
     )  # fmt: skip
     return dq, dk, dv
 
@@ -690,7 +717,7 @@ def _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dro
         *_bhl(lang_grads[0]), *_bhl(vis_grads[0]), slb, sll, svb, svl,
         heads, len_lang, len_vis, scale * _LOG2E, scale, **_dropout_args(dropout_p, seed),
         HAS_LANG_MASK=lang_mask is not None, HAS_VIS_MASK=vis_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-        **_bidirectional_blocks(len_lang, len_vis, dim), **_dtype_args(lq.dtype), num_warps=_NUM_WARPS_BWD,
+        **_bidirectional_blocks(len_lang, len_vis, dim), **_dtype_args(lq.dtype), num_warps=_bwd_warps(lq.dtype),
     )  # fmt: skip
     return tuple(lang_grads.unbind(0)), tuple(vis_grads.unbind(0))
 

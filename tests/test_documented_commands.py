@@ -259,6 +259,9 @@ PLAN: list[tuple[str, Run | Elsewhere | GpuOnly]] = [
     ("python -m benchmarks.dataloader [--quick] [--batch-size 64] [--step-ms T]",
      Run(out("dataloader"), (("[--quick] [--batch-size 64] [--step-ms T]", "--quick --batch-size 64 --step-ms 1"),),
          check=benchmark_rows("dataloader"), in_checkout=True)),
+    ("python -m benchmarks.kernels_sm90 [--jobs N] [--only TEXT] [--out runs/benchmarks/kernels_sm90.md]",
+     Run(replace=(("[--jobs N] [--only TEXT] [--out runs/benchmarks/kernels_sm90.md]",
+                   "--jobs 2 --only featreg --out {work}/bench/kernels_sm90.md"),), in_checkout=True)),  # fmt: skip
     ("python -m benchmarks.throughput --smoke",
      Run(out("throughput_smoke_cpu"), check=benchmark_rows("throughput_smoke_cpu"), in_checkout=True)),
     ("deepspeed --num_gpus 1 --module benchmarks.scaling",
@@ -362,7 +365,7 @@ def the_command(command: str, plan: Run, work: Path) -> str:
     for old, new in plan.replace:
         assert old in command, f"{old!r} is no longer in {command!r}: update PLAN"
         command = command.replace(old, new)
-    return f"{command} {plan.append.format(work=work)}".strip()
+    return f"{command} {plan.append}".strip().format(work=work)
 
 
 @pytest.fixture(scope="module")
