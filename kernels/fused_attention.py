@@ -43,6 +43,12 @@ Design
   CPU generator (draw_dropout_seed), so torch.manual_seed makes runs reproducible; the backward
   regenerates the same mask from the same seed. dropout_keep_mask() materialises that mask with a tiny
   Triton kernel using the same scheme, so the reference can reproduce the kernel exactly (tests do).
+- torch.compile: each launch is a torch.library custom op, lxmert::attention_fwd / attention_bwd and
+  lxmert::bidirectional_fwd / bidirectional_bwd, with a fake impl (the same output shapes and strides, no
+  launch) and its autograd registered, so dynamo traces the entry points without a graph break and the
+  graph holds one node per launch. The seed reaches the ops as a CPU int64 tensor [1], read on the host inside
+  the op: as an int it would need .item() in the traced code, a graph break. Compiled, its torch.randint is
+  traced and drawn by inductor's generator (still seeded by torch.manual_seed, a different stream from eager).
 
 Limits
 - On a GPU (sm_90): at most GPU_MAX_KEYS = 64 keys a direction and head dim 128 (fp16 / bf16) or 64 (fp32),
@@ -61,9 +67,11 @@ Limits
   decoration time, for its own tl.sum / tl.max / tl.rand as well as ours). Otherwise CPU tensors fall back
   to reference_attention, differentiated by autograd, with a torch.rand dropout mask (same keep rate, a
   different random stream from the kernel's). triton_runs_on(tensor) says which path a tensor takes.
+  The path is picked from facts dynamo guards on (the device type and the module's _INTERPRETED), and the
+  fallback is plain torch ops, traced like the rest of the model.
 - The interpreter keeps bf16 as raw bits, so there bf16 is converted to fp32 right after each load and
   the dots run in fp32 (the GPU path keeps bf16 dot operands).
-- Not traceable by torch.compile (the entry points are torch.compiler.disable'd); no double backward.
+- No double backward.
 """
 
 from __future__ import annotations
@@ -75,7 +83,6 @@ import triton
 import triton.language as tl
 
 from ._mode import all_interpreted, warn_if_imported_too_early
-from torch.autograd.function import once_differentiable
 
 Tensor = torch.Tensor
 
@@ -582,13 +589,9 @@ def _bhl(t: Tensor) -> tuple[int, int, int]:
 
 
 def _mask_args(kv_mask: Tensor | None, like: Tensor, batch: int, length: int) -> tuple[Tensor, int, int]:
-    """(uint8 view of the mask or a dummy, stride_b, stride_l)."""
+    """(uint8 view of the mask or a dummy, stride_b, stride_l); the entry points have checked it (_check_mask)."""
     if kv_mask is None:
         return like, 0, 0
-    if tuple(kv_mask.shape) != (batch, length):
-        raise ValueError(f"key mask must be [B, Lk] = {[batch, length]}, got {list(kv_mask.shape)}")
-    if kv_mask.device != like.device:
-        raise ValueError(f"key mask is on {kv_mask.device}, q / k / v on {like.device}")
     mask = (kv_mask if kv_mask.dtype == torch.bool else kv_mask != 0).view(torch.uint8)
     return mask, mask.stride(0), mask.stride(1)
 
@@ -618,14 +621,34 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
                              f"({q.dtype}), got {k.shape[2]} keys of dim {q.shape[3]}: use attn_backend 'sdpa'")
 
 
+def _check_mask(kv_mask: Tensor | None, like: Tensor, batch: int, length: int) -> None:
+    if kv_mask is None:
+        return
+    if tuple(kv_mask.shape) != (batch, length):
+        raise ValueError(f"key mask must be [B, Lk] = {[batch, length]}, got {list(kv_mask.shape)}")
+    if kv_mask.device != like.device:
+        raise ValueError(f"key mask is on {kv_mask.device}, q / k / v on {like.device}")
+
+
 def _check_rng(programs: int, len_q: int, len_k: int) -> None:
     if programs * len_q * len_k >= 2**31:
         raise ValueError("attention dropout: B*H*Lq*Lk is too large for the int32 Philox offsets")
 
 
+def _draw_seed() -> Tensor:
+    """int64 [1] on the CPU from torch's default generator. A tensor, not an int: torch.compile traces the draw
+    into the graph, where an int would need .item() (a graph break); the ops read it on the host (no device sync)."""
+    return torch.randint(0, 2**31 - 1, (1,), device="cpu")
+
+
 def draw_dropout_seed() -> int:
-    """The dropout seed of one call, from torch's (CPU) default generator: torch.manual_seed reproduces it."""
-    return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
+    """A dropout seed as the entry points draw it, from torch's (CPU) default generator: after torch.manual_seed(s)
+    it is the seed of the first call that follows (tests rebuild the kernel's mask with it)."""
+    return int(_draw_seed().item())
+
+
+def _seed_value(seed: Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())
 
 
 def _dropout_args(dropout_p: float, seed: int) -> dict:
@@ -702,7 +725,7 @@ def _bidirectional_fwd(lang, vis, lang_mask, vis_mask, scale, dropout_p, seed) -
     return lang_out, vis_out
 
 
-def _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dropout_p, seed):
+def _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dropout_p, seed) -> tuple[Tensor, Tensor]:
     (lq, lk, lv), (vq, vk, vv) = lang, vis
     batch, heads, len_lang, dim = lq.shape
     len_vis = vq.shape[2]
@@ -719,49 +742,101 @@ def _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dro
         HAS_LANG_MASK=lang_mask is not None, HAS_VIS_MASK=vis_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
         **_bidirectional_blocks(len_lang, len_vis, dim), **_dtype_args(lq.dtype), num_warps=_bwd_warps(lq.dtype),
     )  # fmt: skip
-    return tuple(lang_grads.unbind(0)), tuple(vis_grads.unbind(0))
+    return lang_grads, vis_grads  # [3, B, H, L, D] and [3, B, H, R, D]: (dq, dk, dv) of each side
 
 
-# ------------------------------------------------------------------------------------- autograd functions
+# ------------------------------------------------------------------------------------ torch.library ops
+# One custom op per launch, so torch.compile traces each as one opaque node. A fake impl allocates what its
+# launcher allocates (same shapes and strides: outputs laid out [B, L, H, D]) and launches nothing. The seed is
+# the CPU tensor of _draw_seed, or None without dropout.
 
 
-class _CrossAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kv_mask, scale, dropout_p):
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        seed = draw_dropout_seed() if dropout_p > 0.0 else 0
-        out = _attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, kv_mask)
-        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out):
-        q, k, v, kv_mask = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd(q, k, v, kv_mask, d_out, ctx.scale, ctx.dropout_p, ctx.seed)
-        return dq, dk, dv, None, None, None
+@torch.library.custom_op("lxmert::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, scale: float, dropout_p: float, seed: Tensor | None
+) -> Tensor:
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    return _attention_fwd(q, k, v, kv_mask, scale, dropout_p, _seed_value(seed))
 
 
-class _BidirectionalAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, lq, lk, lv, vq, vk, vv, lang_mask, vis_mask, scale, dropout_p):
-        lang = tuple(_unit_last(t) for t in (lq, lk, lv))
-        vis = tuple(_unit_last(t) for t in (vq, vk, vv))
-        seed = draw_dropout_seed() if dropout_p > 0.0 else 0
-        lang_out, vis_out = _bidirectional_fwd(lang, vis, lang_mask, vis_mask, scale, dropout_p, seed)
-        ctx.save_for_backward(*lang, *vis, lang_mask, vis_mask)
-        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
-        return lang_out, vis_out
+@_attention_fwd_op.register_fake
+def _attention_fwd_fake(q, k, v, kv_mask, scale, dropout_p, seed):
+    return _empty_bhld(*q.shape, q)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_lang, d_vis):
-        lq, lk, lv, vq, vk, vv, lang_mask, vis_mask = ctx.saved_tensors  # unused outputs get zero grads
-        lang_grads, vis_grads = _bidirectional_bwd(
-            (lq, lk, lv), (vq, vk, vv), lang_mask, vis_mask, d_lang, d_vis, ctx.scale, ctx.dropout_p, ctx.seed
-        )
-        return (*lang_grads, *vis_grads, None, None, None, None)
+
+@torch.library.custom_op("lxmert::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, d_out: Tensor, scale: float, dropout_p: float,
+    seed: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    return _attention_bwd(q, k, v, kv_mask, d_out, scale, dropout_p, _seed_value(seed))
+
+
+@_attention_bwd_op.register_fake
+def _attention_bwd_fake(q, k, v, kv_mask, d_out, scale, dropout_p, seed):
+    return tuple(torch.empty_like(_unit_last(t)) for t in (q, k, v))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, kv_mask, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, kv_mask, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _attention_backward(ctx, d_out):
+    q, k, v, kv_mask, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.lxmert.attention_bwd(q, k, v, kv_mask, d_out, ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+@torch.library.custom_op("lxmert::bidirectional_fwd", mutates_args=())
+def _bidirectional_fwd_op(
+    lq: Tensor, lk: Tensor, lv: Tensor, vq: Tensor, vk: Tensor, vv: Tensor, lang_mask: Tensor | None,
+    vis_mask: Tensor | None, scale: float, dropout_p: float, seed: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    lang, vis = tuple(_unit_last(t) for t in (lq, lk, lv)), tuple(_unit_last(t) for t in (vq, vk, vv))
+    return _bidirectional_fwd(lang, vis, lang_mask, vis_mask, scale, dropout_p, _seed_value(seed))
+
+
+@_bidirectional_fwd_op.register_fake
+def _bidirectional_fwd_fake(lq, lk, lv, vq, vk, vv, lang_mask, vis_mask, scale, dropout_p, seed):
+    return _empty_bhld(*lq.shape, lq), _empty_bhld(*vq.shape, vq)
+
+
+@torch.library.custom_op("lxmert::bidirectional_bwd", mutates_args=())
+def _bidirectional_bwd_op(
+    lq: Tensor, lk: Tensor, lv: Tensor, vq: Tensor, vk: Tensor, vv: Tensor, lang_mask: Tensor | None,
+    vis_mask: Tensor | None, d_lang: Tensor, d_vis: Tensor, scale: float, dropout_p: float, seed: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(dq, dk, dv of the language side stacked [3, B, H, L, D], the same of the regions [3, B, H, R, D])."""
+    lang, vis = tuple(_unit_last(t) for t in (lq, lk, lv)), tuple(_unit_last(t) for t in (vq, vk, vv))
+    return _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dropout_p, _seed_value(seed))
+
+
+@_bidirectional_bwd_op.register_fake
+def _bidirectional_bwd_fake(lq, lk, lv, vq, vk, vv, lang_mask, vis_mask, d_lang, d_vis, scale, dropout_p, seed):
+    return lq.new_empty((3, *lq.shape)), vq.new_empty((3, *vq.shape))
+
+
+def _bidirectional_setup(ctx, inputs, output):
+    *qkv, lang_mask, vis_mask, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(*qkv, lang_mask, vis_mask, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _bidirectional_backward(ctx, d_lang, d_vis):
+    *qkv, lang_mask, vis_mask, seed = ctx.saved_tensors  # an unused output's gradient comes as zeros
+    lang_grads, vis_grads = torch.ops.lxmert.bidirectional_bwd(
+        *qkv, lang_mask, vis_mask, d_lang, d_vis, ctx.scale, ctx.dropout_p, seed
+    )
+    return (*lang_grads.unbind(0), *vis_grads.unbind(0), None, None, None, None, None)
+
+
+_bidirectional_fwd_op.register_autograd(_bidirectional_backward, setup_context=_bidirectional_setup)
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -781,7 +856,6 @@ def _torch_keep(shape: tuple[int, ...], dropout_p: float, device) -> Tensor | No
     return torch.rand(shape, device=device) >= dropout_p if dropout_p > 0.0 else None
 
 
-@torch.compiler.disable
 def cross_attention(
     q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0
 ) -> Tensor:
@@ -795,15 +869,16 @@ def cross_attention(
     scale = _default_scale(q, scale)
     batch, heads, len_q, _ = q.shape
     len_k = k.shape[2]
+    _check_mask(kv_mask, q, batch, len_k)
     if not triton_runs_on(q) or q.numel() == 0 or k.numel() == 0:
         keep = _torch_keep((batch, heads, len_q, len_k), dropout_p, q.device)
         return reference_attention(q, k, v, kv_mask, scale, keep, dropout_p)
     if dropout_p > 0.0:
         _check_rng(batch * heads, len_q, len_k)
-    return _CrossAttentionFn.apply(q, k, v, kv_mask, scale, dropout_p)
+    seed = _draw_seed() if dropout_p > 0.0 else None
+    return torch.ops.lxmert.attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed)
 
 
-@torch.compiler.disable
 def bidirectional_from_views(
     lang_qkv: tuple[Tensor, Tensor, Tensor],
     vis_qkv: tuple[Tensor, Tensor, Tensor],
@@ -828,6 +903,8 @@ def bidirectional_from_views(
     scale = _default_scale(lq, scale)
     batch, heads, len_lang, _ = lq.shape
     len_vis = vq.shape[2]
+    _check_mask(lang_mask, lq, batch, len_lang)
+    _check_mask(vis_mask, lq, batch, len_vis)
     if not triton_runs_on(lq) or lq.numel() == 0 or vq.numel() == 0:
         lang_keep = _torch_keep((batch, heads, len_lang, len_vis), dropout_p, lq.device)
         vis_keep = _torch_keep((batch, heads, len_vis, len_lang), dropout_p, lq.device)
@@ -837,7 +914,8 @@ def bidirectional_from_views(
         )
     if dropout_p > 0.0:
         _check_rng(2 * batch * heads, len_lang, len_vis)
-    return _BidirectionalAttentionFn.apply(lq, lk, lv, vq, vk, vv, lang_mask, vis_mask, scale, dropout_p)
+    seed = _draw_seed() if dropout_p > 0.0 else None
+    return torch.ops.lxmert.bidirectional_fwd(lq, lk, lv, vq, vk, vv, lang_mask, vis_mask, scale, dropout_p, seed)
 
 
 def bidirectional_attention(

@@ -213,3 +213,93 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
     loss, grads = run(fr.masked_feature_regression, *cpu_inputs)
     assert rel_err(loss, kernel_loss.cpu()) <= 1e-6
     assert all(rel_err(g, k.cpu()) <= 1e-6 for g, k in zip(grads, kernel_grads))
+
+
+# ---- rows given: the flat indices of the weighted rows, padded with -1 (no host sync) ------------------
+def padded_rows(row_weight, padding, g, dtype=torch.int64):
+    """The weighted rows in random order with `padding` entries -1 at random positions."""
+    real = (row_weight != 0).nonzero().squeeze(1).cpu()
+    rows = torch.cat([real, torch.full((padding,), -1, dtype=real.dtype)])
+    return rows[torch.randperm(len(rows), generator=g)].to(DEVICE, dtype)
+
+
+ROWS_CASES = {  # (n, h, f, weights, padding)
+    "lxmert_mask": (72, 64, 128, "mask", 11),
+    "soft_n37_f100": (37, 48, 100, "soft", 5),
+    "all_weighted": (36, 16, 40, torch.ones(36), 3),
+    "nothing_weighted": (36, 16, 40, torch.zeros(36), 4),  # every entry padding: a launch, loss 0
+    "no_padding": (37, 16, 1100, "soft", 0),  # F over two blocks with a tail
+}
+
+
+@pytest.mark.parametrize("case", list(ROWS_CASES))
+def test_rows_given_equals_rows_found_float64(case):
+    n, h, f, weights, padding = ROWS_CASES[case]
+    g = torch.Generator().manual_seed(len(case))
+    x, weight, bias, target, row_weight = make_inputs(n, h, f, torch.float64, torch.float64, weights, seed=len(case))
+    rows = padded_rows(row_weight, padding, g)
+    found = run(fr.masked_feature_regression, x, weight, bias, target, row_weight, grad_scale=1.5)
+    given = run(fr.masked_feature_regression, x, weight, bias, target, row_weight, grad_scale=1.5, rows=rows)
+    reference = run(fr.reference_masked_feature_regression, x, weight, bias, target, row_weight, grad_scale=1.5,
+                    rows=rows)  # fmt: skip
+    for a, b in ((given, found), (given, reference)):
+        assert max(errors(a, b)) <= 1e-12, errors(a, b)
+    for g_ in given[1]:
+        assert g_.dtype == torch.float64
+    if not row_weight.any():
+        assert given[0].item() == 0.0 and not any(g_.any() for g_ in given[1])
+
+
+def test_rows_given_equals_lxmert_losses_with_rows():
+    x, weight, bias, target, row_weight = make_inputs(72, 64, 128, weights="soft", seed=4)
+    rows = padded_rows(row_weight, 9, torch.Generator().manual_seed(4), torch.int32)  # the loaders' dtype
+    loss, grads = run(fr.masked_feature_regression, *(x, weight, bias, target, row_weight), grad_scale=2.0, rows=rows)
+    ref_loss, ref_grads = run(losses.masked_feature_regression, *(x, weight, bias, target, row_weight), grad_scale=2.0,
+                              rows=rows)  # fmt: skip
+    assert rel_err(loss, ref_loss) <= 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) <= 1e-6
+
+
+def test_rows_given_is_deterministic_and_padding_gets_no_gradient():
+    x, weight, bias, target, row_weight = make_inputs(72, 64, 128, seed=5)
+    row_weight[0] = 0.0  # padding entries gather row 0: it must stay without a gradient
+    rows = padded_rows(row_weight, 13, torch.Generator().manual_seed(5))
+    first = run(fr.masked_feature_regression, x, weight, bias, target, row_weight, rows=rows)
+    again = run(fr.masked_feature_regression, x, weight, bias, target, row_weight, rows=rows)
+    assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+    assert not first[1][0][row_weight == 0].any()
+
+
+def test_rows_empty_is_a_static_zero():
+    x, weight, bias, target, row_weight = make_inputs(36, 16, 40, seed=6)
+    loss, grads = run(fr.masked_feature_regression, x, weight, bias, target, row_weight,
+                      rows=torch.empty(0, dtype=torch.int64, device=DEVICE))  # fmt: skip
+    assert loss.item() == 0.0 and all(g is not None and not g.any() for g in grads)
+
+
+def test_gradcheck_float64_with_rows():
+    x, weight, bias, target, _ = make_inputs(5, 3, 5, torch.float64, torch.float64, seed=7)
+    row_weight = torch.tensor([1.0, 0, 0.5, 2.0, 0], dtype=torch.float64, device=DEVICE)
+    rows = torch.tensor([3, -1, 0, -1, 2], device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    fn = lambda x, w, b: fr.masked_feature_regression(x, w, b, target, row_weight, NORMALIZER, rows=rows)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_cpu_fallback_with_rows_without_interpreter(monkeypatch):
+    inputs = make_inputs(37, 32, 100, weights="soft", seed=8)
+    rows = padded_rows(inputs[4], 6, torch.Generator().manual_seed(8))
+    kernel_loss, kernel_grads = run(fr.masked_feature_regression, *inputs, rows=rows)
+    monkeypatch.setattr(fr, "_INTERPRETED", False)
+    monkeypatch.setattr(fr, "_loss_and_unit_grad", None)  # the fallback must not launch
+    loss, grads = run(fr.masked_feature_regression, *[t.cpu() for t in inputs], rows=rows.cpu())
+    assert rel_err(loss, kernel_loss.cpu()) <= 1e-6
+    assert all(rel_err(g, k.cpu()) <= 1e-6 for g, k in zip(grads, kernel_grads))
+
+
+def test_bad_rows_raise():
+    x, weight, bias, target, row_weight = make_inputs(8, 16, 32)
+    for rows in (torch.zeros(2, 2, dtype=torch.int64), torch.zeros(3), torch.zeros(3, dtype=torch.bool)):
+        with pytest.raises(ValueError):
+            fr.masked_feature_regression(x, weight, bias, target, row_weight, rows=rows.to(DEVICE))

@@ -335,6 +335,20 @@ def test_limits_raise():
         ca.cross_attention(q, q, q, torch.ones(1, 5, dtype=torch.bool, device=DEVICE))
 
 
+def test_bad_key_masks_raise_before_any_op(monkeypatch):
+    """The masks are checked by the entry points (the ops' fake impls do not look at them), on both paths."""
+    g = torch.Generator().manual_seed(15)
+    lang, vis = model_views(randn(2, 4 + 6, 3, 1, 16, g=g).float(), 4)
+    good_lang, good_vis = torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool)
+    for interpreted in (True, False):
+        monkeypatch.setattr(ca, "_INTERPRETED", interpreted and ca._INTERPRETED)
+        for lang_mask, vis_mask in ((good_lang[:, :3], good_vis), (good_lang, good_vis[:1]), (good_vis, good_vis)):
+            with pytest.raises(ValueError, match="key mask must be"):
+                ca.bidirectional_from_views(lang, vis, on_device(lang_mask), on_device(vis_mask), 0.0)
+        with pytest.raises(ValueError, match="key mask must be"):
+            ca.cross_attention(*lang, on_device(good_vis))
+
+
 def test_cpu_without_interpreter_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(ca, "_INTERPRETED", False)
     g = torch.Generator().manual_seed(10)
