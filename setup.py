@@ -41,6 +41,7 @@ setup(
             "lxmert-data-convert = engine.data.convert:main",
             "lxmert-synthetic = engine.data.synthetic:main",
             "lxmert-plots = engine.plots:main",
+            "lxmert-attention = engine.attention_pictures:main",
         ]
     },
 )

@@ -214,6 +214,16 @@ def append_rows(name_or_path: str | os.PathLike, rows: Iterable[dict[str, Any]])
     return path
 
 
+def write_summary(path: str | os.PathLike, lines: Sequence[str]) -> Path:
+    """A benchmark's Markdown summary: written to `path` (creating folders) and printed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    print(text, end="")
+    return path
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""

@@ -142,14 +142,18 @@ def pad_text(batch: PretrainBatch, length: int) -> PretrainBatch:
     if extra <= 0:
         return batch
     pad = lambda t, value: torch.nn.functional.pad(t, (0, extra), value=value)  # noqa: E731
+    old, rows = batch.input_ids.shape[1], batch.mlm_rows  # flat b * L + l: re-spread over the longer rows
+    rows = torch.where(rows >= 0, rows // old * length + rows % old, rows)
     return replace(batch, input_ids=pad(batch.input_ids, 0), attention_mask=pad(batch.attention_mask, 0),
-                   token_type_ids=pad(batch.token_type_ids, 0), labels=pad(batch.labels, -1))  # fmt: skip
+                   token_type_ids=pad(batch.token_type_ids, 0), labels=pad(batch.labels, -1),
+                   mlm_rows=rows)  # fmt: skip
 
 
 def hf_inputs(batch: PretrainBatch) -> dict[str, Any]:
     """transformers' keyword arguments: every ignored label (negative here) becomes its ignore index, -100."""
     ignore = lambda t: torch.where(t < 0, torch.full_like(t, -100), t)  # noqa: E731
     inputs = batch.model_inputs()
+    del inputs["mlm_rows"], inputs["feat_rows"]  # ours only: transformers finds the masked rows itself
     inputs["labels"] = ignore(inputs["labels"])
     inputs["ans"] = ignore(inputs["ans"])
     obj = dict(inputs["obj_labels"])
@@ -226,9 +230,9 @@ def endless(loader) -> Iterator[PretrainBatch]:
         epoch += 1
 
 
-def masked_counts(batch: PretrainBatch) -> torch.Tensor:
-    """[masked tokens, masked regions] of a batch, left on the device (reading them would sync the host)."""
-    return torch.stack([(batch.labels >= 0).sum(), (batch.obj_labels["feat"][1] != 0).sum()])
+def masked_counts(batch: PretrainBatch) -> list[int]:
+    """[masked tokens, masked regions] of a batch: the loader's host-side counts."""
+    return [batch.masked_tokens, batch.masked_regions]
 
 
 def batch_shape(batch: PretrainBatch) -> tuple[int, int, int]:
@@ -242,7 +246,7 @@ def shape_flops(config: LxmertConfig, shape: tuple[int, int, int], counts: Seque
 
 
 def batch_flops(config: LxmertConfig, batch: PretrainBatch) -> int:
-    return shape_flops(config, batch_shape(batch), masked_counts(batch).tolist())
+    return shape_flops(config, batch_shape(batch), masked_counts(batch))
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -346,7 +350,7 @@ class HfStep:
         self.scaler.scale(loss.float()).backward()
         clock.mark("backward")
         _, skipped = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, CLIP)
-        self.skipped += int(skipped)
+        self.skipped += skipped  # a device tensor: read once, after the timing
         clock.mark("optimizer")
         return batch, loss.detach().clone()
 
@@ -383,8 +387,8 @@ class EngineStep:
         if self.variant.cudagraphs:  # a new iteration: the graphs' previous outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         result = self.engine.train_step(micro(), clock)
-        self.skipped += int(result["skipped"])
-        return drawn[0], torch.tensor(result["loss"])
+        self.skipped += result["skipped"]  # device tensors: read once, after the timing
+        return drawn[0], result["loss"]
 
 
 def step_runner(variant: Variant, model, device: torch.device) -> HfStep | EngineStep:
@@ -439,7 +443,7 @@ def measure(variant: Variant, args, config, master, stores: Stores, device) -> d
             losses.append(loss)
         harness.synchronize(device)
         elapsed = time.perf_counter() - start
-        flops = sum(shape_flops(config, shape, counts.tolist()) for shape, counts in timed)
+        flops = sum(shape_flops(config, shape, counts) for shape, counts in timed)
         peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
         # breakdown: the device synchronised between phases
@@ -471,7 +475,7 @@ def measure(variant: Variant, args, config, master, stores: Stores, device) -> d
         "breakdown_ms": {p: mean(v) for p, v in phases.items()}, "breakdown_step_ms": mean(totals),
         "loss_first": loss_values[0], "loss_last": loss_values[-1],
         "losses_finite": all(math.isfinite(x) for x in loss_values),
-        "skipped_steps": trainer.skipped,
+        "skipped_steps": int(trainer.skipped),
         "cudagraph_skips": cudagraph_skips() - skips_before if variant.cudagraphs else None,
     }  # fmt: skip
 

@@ -1,10 +1,16 @@
 """Atomic file writes: a temporary file in the same directory, flushed, fsynced and renamed over the target,
 so a crash leaves either the old file or the new one, never half of one. The file gets the permissions a plain
-open() would give it (0666 less the umask), not mkstemp's private 0600."""
+open() would give it (0666 less the umask), not mkstemp's private 0600. A kill -9 can leave the temporary file
+behind (`.<name>.<random>.tmp`); `remove_temp_files` clears them from a directory only this process writes.
+
+`kill_point(name)` is the crash tests' hook: with LXMERT_KILL_AT=name:N in the environment the process kills
+itself (SIGKILL, like a power cut or the OOM killer) the N-th time it passes that point; otherwise a no-op.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -21,6 +27,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[str]], Any], newli
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        kill_point("atomic.replace")
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
@@ -70,3 +77,23 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_temp_files(directory: str | os.PathLike) -> None:
+    """Delete the temporary files that writes killed before their rename left in `directory`."""
+    for tmp in Path(directory).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+KILL_AT = "LXMERT_KILL_AT"
+_passes: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process the N-th time it gets here when the environment has LXMERT_KILL_AT=name:N."""
+    target = os.environ.get(KILL_AT)
+    if not target or target.rpartition(":")[0] != name:
+        return
+    _passes[name] = _passes.get(name, 0) + 1
+    if _passes[name] == int(target.rpartition(":")[2]):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections import defaultdict
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -38,6 +38,10 @@ class BertAdam(torch.optim.Optimizer):
 
     foreach: update all tensors of a (device, dtype) with torch._foreach_* ops (default: on CUDA); the
     arithmetic is the same as the per-tensor loop.
+
+    found_inf: as torch's fused optimizers, a 0-dim float tensor attribute set before step() (by GradScaler or
+    engine.runtime.step_unless); where it is 1 the step applies nothing (m, v and p keep their values, whatever
+    the gradients hold), decided on the device. Where it is 0 the arithmetic is exactly the plain step's.
     """
 
     def __init__(
@@ -87,35 +91,64 @@ class BertAdam(torch.optim.Optimizer):
             if foreach is None:
                 foreach = all(p.is_cuda for p in params)
             update = _foreach_update if foreach else _loop_update
-            update(params, grads, ms, vs, group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+            skip = _Skip(getattr(self, "found_inf", None), group["betas"])
+            update(params, grads, ms, vs, group["lr"], *group["betas"], group["eps"], group["weight_decay"], skip)
         return loss
 
 
-def _loop_update(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay) -> None:
+class _Skip:
+    """found_inf as the update uses it: where it is 1 the gradient reads as 0, the betas as 1 and the update is
+    scaled by 0, so m, v and p keep their values exactly; where it is 0 every factor is the plain step's value
+    (x * 1 and torch.where are exact), so the arithmetic does not change. None: no skipping, no extra op."""
+
+    def __init__(self, found_inf: torch.Tensor | None, betas: tuple[float, float]) -> None:
+        self.on = found_inf is not None
+        if self.on:
+            skip = found_inf.reshape(()) != 0
+            self.mask, self.keep = skip, (~skip).to(torch.float32)
+            one = torch.ones((), device=skip.device)
+            self.beta1, self.beta2 = (torch.where(skip, one, torch.tensor(b, device=skip.device)) for b in betas)
+
+    def betas(self, beta1: float, beta2: float) -> tuple[Any, Any]:
+        return (self.beta1, self.beta2) if self.on else (beta1, beta2)
+
+    def grad(self, g: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, 0.0, g) if self.on else g  # inf / nan gradients never reach m and v
+
+
+def _loop_update(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, skip: _Skip) -> None:
+    b1, b2 = skip.betas(beta1, beta2)
     for p, g, m, v in zip(params, grads, ms, vs):
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        g = skip.grad(g)
+        m.mul_(b1).add_(g, alpha=1 - beta1)
+        v.mul_(b2).addcmul_(g, g, value=1 - beta2)
         update = m / v.sqrt().add_(eps)
         if weight_decay > 0.0:
             update.add_(p, alpha=weight_decay)
+        if skip.on:
+            update.mul_(skip.keep)
         p.add_(update, alpha=-lr)
 
 
-def _foreach_update(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay) -> None:
+def _foreach_update(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, skip: _Skip) -> None:
+    b1, b2 = skip.betas(beta1, beta2)
     by_kind = defaultdict(list)  # foreach ops take tensors of one device and dtype
     for i, p in enumerate(params):
         by_kind[(p.device, p.dtype)].append(i)
     for index in by_kind.values():
-        p, g, m, v = ([t[i] for i in index] for t in (params, grads, ms, vs))
-        torch._foreach_mul_(m, beta1)
+        p, m, v = ([t[i] for i in index] for t in (params, ms, vs))
+        g = [skip.grad(grads[i]) for i in index]
+        torch._foreach_mul_(m, b1)
         torch._foreach_add_(m, g, alpha=1 - beta1)
-        torch._foreach_mul_(v, beta2)
+        torch._foreach_mul_(v, b2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, eps)
         update = torch._foreach_div(m, denom)
         if weight_decay > 0.0:
             torch._foreach_add_(update, p, alpha=weight_decay)
+        if skip.on:
+            torch._foreach_mul_(update, skip.keep)
         torch._foreach_add_(p, update, alpha=-lr)
 
 

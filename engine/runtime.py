@@ -4,6 +4,7 @@
     out = runtime.forward(**inputs)       # autocast (plain path) or the DeepSpeed engine (it casts the model)
     runtime.backward(out.loss)            # every micro batch
     norm, skipped = runtime.step()        # once per accumulation boundary: clip, skip if non-finite, schedule
+    skipped_steps = runtime.settle()      # at log lines and checkpoints: reads the skips, fixes the schedule
     path = runtime.save(output_dir, step, client_state)   # engine/checkpoint.py layout
     client_state = runtime.load(path)
     runtime.export(output_dir, rank)      # model.safetensors + model_config.json (every rank calls it)
@@ -37,7 +38,7 @@ from torch import nn
 from engine import checkpoint as ckpt
 from engine.config import ConfigError, RunConfig, deepspeed_config
 from engine.launch import Launch, import_deepspeed, init_distributed
-from engine.optim import make_optimizer, make_scheduler
+from engine.optim import BertAdam, make_optimizer, make_scheduler
 from engine.parallelize import apply_activation_checkpointing, compile_model
 
 PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,27 +49,48 @@ def precision_dtype(precision: str) -> torch.dtype | None:
     return PRECISION_DTYPES[precision]
 
 
-def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, clip: float) -> tuple[float, bool]:
-    """Unscale, clip, step unless the gradient is non-finite, schedule: (gradient norm before clipping, skipped).
+def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale, clip, step unless the gradient is non-finite, schedule: (gradient norm before clipping, skipped),
+    0-dim tensors on the device. Nothing here waits for the device.
 
-    The plain path's step for pre-training and fine-tuning alike.
+    The plain path's step for pre-training and fine-tuning alike. The non-finite decision stays on the device
+    (step_unless). The schedule steps every time: Runtime.settle takes a skipped step's schedule step back at the
+    next log line or checkpoint, so between a skipped step and the next log line the learning rate runs one
+    schedule step ahead per skip (with fp16's rare overflow skips, a few steps of a 1/total_steps shift).
     """
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     if clip > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
     else:
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-    skipped = not math.isfinite(norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    skipped = ~torch.isfinite(norm)
+    step_unless(optimizer, skipped)
     if scaler.is_enabled():
-        scaler.step(optimizer)  # skips by itself when it found inf/nan
-        scaler.update()
-    elif not skipped:
-        optimizer.step()
-    if not skipped:
-        scheduler.step()
+        scaler.update()  # from the inf checks of unscale_: halves the scale after an overflow, on the device
+    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, skipped
+
+
+def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer applies nothing where its `found_inf` attribute is 1 (decided on the device): BertAdam
+    and torch's fused AdamW / Adam (what GradScaler hands its inf checks to)."""
+    return isinstance(optimizer, BertAdam) or bool(optimizer.defaults.get("fused"))
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step(), applying nothing where the 0-dim bool `skip` is true. Optimizers that cannot take the
+    decision on the device (takes_found_inf) read it: one host wait."""
+    if not takes_found_inf(optimizer):
+        if not bool(skip):
+            optimizer.step()
+        return
+    optimizer.found_inf = skip.to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 class Runtime:
@@ -84,6 +106,7 @@ class Runtime:
         self.accum = t.grad_accum_steps
         self.clip = config.optim.grad_clip
         self.dtype = precision_dtype(t.precision)
+        self.compiled = t.compile
         if t.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.model = model  # the unwrapped module: parameters, state dicts, export
@@ -95,6 +118,7 @@ class Runtime:
         self._measure_norm = False
         self._skip_step = False
         self._boundary_norm: float | None = None  # measured here where DeepSpeed reports none (see backward)
+        self._unsettled = torch.zeros((), dtype=torch.int64, device=device)  # skipped steps not yet settled
         if use_deepspeed:
             init_distributed(device, launch)
             self.engine, self.optimizer, _, self.scheduler = import_deepspeed().initialize(
@@ -142,10 +166,18 @@ class Runtime:
         else:
             self.scaler.scale(loss.float() / self.accum).backward()
 
-    def step(self) -> tuple[float, bool]:
-        """At the accumulation boundary: (gradient norm before clipping, whether the step was skipped)."""
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """At the accumulation boundary: (gradient norm before clipping, whether the step was skipped), 0-dim
+        tensors. The plain path leaves both on the device (no host wait); settle() reads the skips."""
         if not self.use_deepspeed:
-            return optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.clip)
+            norm, skipped = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.clip)
+            self._unsettled += skipped
+            return norm, skipped
+        norm, skipped = self._deepspeed_step()  # DeepSpeed decides on the host (its own waits, reported)
+        self._unsettled += int(skipped)
+        return torch.tensor(norm), torch.tensor(skipped)
+
+    def _deepspeed_step(self) -> tuple[float, bool]:
         if self._measure_norm:
             norm, self._boundary_norm = self._boundary_norm, None
             if self._skip_step:
@@ -158,6 +190,18 @@ class Runtime:
         skipped = self.engine.skipped_steps > self._ds_skipped_seen
         self._ds_skipped_seen = self.engine.skipped_steps
         return norm, skipped
+
+    def settle(self) -> int:
+        """The steps skipped since the last settle: one read of the device, for log lines and checkpoints. The
+        plain path's schedule stepped for them (optimizer_step cannot know on the host): taken back here, so the
+        schedule has counted applied steps only, as DeepSpeed's does."""
+        skipped = int(self._unsettled)
+        if skipped:
+            self._unsettled.zero_()
+            if not self.use_deepspeed:
+                self.scheduler.last_epoch -= skipped + 1
+                self.scheduler.step()  # recomputes every group's lr at the step count taken back
+        return skipped
 
     def _norm_or_skip(self) -> float:
         """The all-reduced gradient's norm before DeepSpeed's step; a non-finite one makes that step apply
@@ -231,12 +275,17 @@ class Runtime:
 
     def load(self, path: Path, rank: int = 0, weights_only: bool = False) -> dict[str, Any]:
         """Restore a checkpoint written by `save` (weights_only: the model's weights, for evaluation); returns
-        its client state (RNG states already restored)."""
-        if self.use_deepspeed:
-            state = ckpt.load_deepspeed(self.engine, path, rank, module_only=weights_only)
-            self._ds_skipped_seen = self.engine.skipped_steps
-        else:
-            state = ckpt.load_plain(path)
+        its client state (RNG states already restored). A part that does not parse, or a DeepSpeed file that
+        needs more than the allow-list (engine/checkpoint.py), is a ConfigError naming the file."""
+        try:
+            if self.use_deepspeed:
+                state = ckpt.load_deepspeed(self.engine, path, rank, module_only=weights_only)
+                self._ds_skipped_seen = self.engine.skipped_steps
+            else:
+                state = ckpt.load_plain(path)
+        except ckpt.CheckpointError as error:
+            raise ConfigError(f"resume: {error}") from None
+        if not self.use_deepspeed:
             self.model.load_state_dict(state["model"])
             if weights_only:
                 return state
@@ -280,11 +329,19 @@ class Runtime:
 
 
 def resume_point(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint a run continues from (train.resume: "auto", "none" or a path), or None to start afresh;
-    a path without a complete checkpoint is a ConfigError."""
+    """The checkpoint a run continues from (train.resume: "auto", "none" or a path), or None to start afresh:
+    the newest one that loads (engine/checkpoint.py resolve_resume; rank 0 prints a line for each one skipped). A
+    path without a complete checkpoint, or a run whose checkpoints are all damaged, is a ConfigError naming the
+    file."""
+    rank = Launch.from_env().rank
+
+    def report(line: str) -> None:
+        if rank == 0:
+            print(line, flush=True)
+
     try:
-        return ckpt.resolve_resume(resume, output_dir)
-    except FileNotFoundError as error:
+        return ckpt.resolve_resume(resume, output_dir, report)
+    except (FileNotFoundError, ckpt.CheckpointError) as error:
         raise ConfigError(str(error)) from None
 
 

@@ -14,8 +14,11 @@ Every train.log_every steps a train record goes to <output_dir>/metrics.jsonl (e
 fields for every task: the loss (and its components where the model has them), lr, gradient norm, loss scale,
 samples/s, tokens/s (text tokens + regions, padding included), TFLOP/s and MFU (engine/flops.py model FLOPs of
 this rank over this rank's peak; null where the peak is unknown, e.g. the CPU), the share of time spent waiting
-for data, peak memory, this rank's threads and the time left. The host still waits for the device several times
-a step (each loss component, the masked counts for the FLOP figure, the gradient norm that decides a skip).
+for data, peak memory, this rank's threads and the time left; "skipped" says whether a step since the last record
+had a non-finite gradient. On the plain path a step that does not log never waits for the device: the loader
+hands over the masked rows and counts, the losses and the gradient norm stay on the device (read_step reads them
+at a log step, in one copy) and the optimizer takes the non-finite decision there (Runtime.settle reads the skips
+at log lines and checkpoints). benchmarks/host_waits.py counts the waits; tests/test_host_waits.py keeps them at 0.
 
 Evaluation (an eval split set): every train.eval_every steps (0: at the end of every epoch) and at the end, as
 {"kind": "eval", ...} records (the task decides what is measured). Checkpoints every train.save_every steps (0:
@@ -81,6 +84,8 @@ class TrainStep:
 
     def forward_backward(self, batch: Any, clock: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro batch: the loss and its components (detached, fp32) after accumulating its gradient."""
+        if self.runtime.compiled:  # a new iteration for CUDA graphs (mode or backend): no-op otherwise
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.runtime.forward(**self.inputs(batch).model_inputs())
         _mark(clock, "forward")
         self.runtime.backward(out.loss)
@@ -93,7 +98,10 @@ class TrainStep:
 
     def train_step(self, micro: Iterator[Any], clock: Any = None) -> dict[str, Any] | None:
         """train.grad_accum_steps micro batches and the optimizer step; None when the data ran out first.
-        `clock` (benchmarks.harness.StepClock) marks the phases: data, forward, backward, optimizer."""
+        `clock` (benchmarks.harness.StepClock) marks the phases: data, forward, backward, optimizer.
+
+        loss, losses, grad_norm and skipped are 0-dim tensors left on the device: the step never waits for it
+        (read_step reads them, at log steps); wait, flops, tokens and samples are host numbers."""
         loss_sum = torch.zeros((), device=self.device)
         parts_sum: dict[str, torch.Tensor] = {}
         counts = {"wait": 0.0, "flops": 0, "tokens": 0, "samples": 0}
@@ -121,8 +129,7 @@ class TrainStep:
         _mark(clock, "optimizer")
         if self.world_size > 1:  # log the global batch's loss, not this rank's share of it
             loss_sum, parts_sum = self._mean_over_ranks(loss_sum, parts_sum)
-        return {"loss": float(loss_sum), "losses": {k: float(v) for k, v in parts_sum.items()}, "grad_norm": norm,
-                "skipped": skipped, **counts}  # fmt: skip
+        return {"loss": loss_sum, "losses": parts_sum, "grad_norm": norm, "skipped": skipped, **counts}
 
     def _mean_over_ranks(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
@@ -133,6 +140,15 @@ class TrainStep:
         all_reduce_sum(packed)
         packed /= self.world_size
         return packed[0], {k: packed[i + 1] for i, k in enumerate(names)}
+
+
+def read_step(step: dict[str, Any]) -> dict[str, Any]:
+    """A train_step result's loss, components and gradient norm as floats, read from the device in one copy."""
+    names = list(step["losses"])
+    device = step["loss"].device
+    values = [step["loss"], *(step["losses"][k] for k in names), step["grad_norm"]]
+    packed = torch.stack([v.detach().to(device, torch.float32).reshape(()) for v in values]).tolist()
+    return {"loss": packed[0], "losses": dict(zip(names, packed[1:-1])), "grad_norm": packed[-1]}
 
 
 class Trainer(TrainStep):
@@ -169,6 +185,7 @@ class Trainer(TrainStep):
         self.step = 0  # optimizer steps done (skipped ones included, as DeepSpeed counts them)
         self.started_at = 0
         self.skipped_steps = 0
+        self.unlogged_skips = 0  # skipped steps since the last train record
         self.history: list[dict[str, Any]] = []  # every logged training record
         self.evals: list[dict[str, Any]] = []  # every evaluation record
         self.last_checkpoint: Path | None = None
@@ -201,7 +218,14 @@ class Trainer(TrainStep):
         self.last_checkpoint = path
         self._print(f"resumed from {path} at step {self.step}")
 
+    def _settle(self) -> None:
+        """Read the steps skipped since the last settle (Runtime.settle: one device read) into the counts."""
+        skipped = self.runtime.settle()
+        self.skipped_steps += skipped
+        self.unlogged_skips += skipped
+
     def save(self) -> Path:
+        self._settle()
         client = {"loader": self.loader.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
                   "evals": self.evals, **self.task.state_dict()}  # fmt: skip
         self.last_checkpoint = self.runtime.save(self.output_dir, self.step, client, self.rank)
@@ -254,8 +278,10 @@ class Trainer(TrainStep):
 
     # ----------------------------------------------------------------------------------------------- loop
 
-    def _record(self, step: dict[str, Any], window: dict[str, float], elapsed: float, peak: float | None) -> dict:
-        """The train record of a log step: the same fields for every task (module docstring)."""
+    def _record(self, step: dict[str, Any], window: dict[str, float], elapsed: float, peak: float | None,
+                skipped: int) -> dict:  # fmt: skip
+        """The train record of a log step (step: read_step's floats; skipped: steps skipped since the last log
+        line): the same fields for every task (module docstring)."""
         record: dict[str, Any] = {
             "kind": "train", "step": self.step, "total_steps": self.total_steps,
             "epoch": self.loader.epoch + self.loader.step / max(len(self.loader), 1), "loss": step["loss"],
@@ -264,7 +290,7 @@ class Trainer(TrainStep):
             record["losses"] = step["losses"]
         record |= {
             "lr": self.runtime.lr(), "grad_norm": step["grad_norm"], "loss_scale": self.runtime.loss_scale(),
-            "skipped": step["skipped"], "skipped_steps": self.skipped_steps,
+            "skipped": skipped > 0, "skipped_steps": self.skipped_steps,
             "samples_per_s": window["samples"] * self.world_size / elapsed,
             "tokens_per_s": window["tokens"] * self.world_size / elapsed, "tflops": window["flops"] / elapsed / 1e12,
             "mfu": mfu(window["flops"], elapsed, peak) if peak else None, "data_wait_share": window["wait"] / elapsed,
@@ -297,19 +323,20 @@ class Trainer(TrainStep):
                 if step is None:
                     break
                 self.step += 1
-                self.skipped_steps += int(step["skipped"])
-                run["first"] = run["first"] or {"loss": step["loss"], **step["losses"]}
-                run["last"] = {"loss": step["loss"], **step["losses"]}
+                run["first"] = run["first"] or step  # device tensors: read at the end
+                run["last"] = step
                 window["steps"] += 1
                 for name in ("wait", "flops", "tokens", "samples"):
                     window[name] += step[name]
-                if step["skipped"]:
-                    log.console(f"step {self.step}: non-finite gradient (norm {step['grad_norm']}): step skipped, "
-                                "not applied")  # fmt: skip
-                if self.step % t.log_every == 0 or self.step == self.total_steps or step["skipped"]:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    record = self._record(step, window, max(time.perf_counter() - window_start, 1e-9), peak)
+                if self.step % t.log_every == 0 or self.step == self.total_steps:  # the only reads of the device
+                    values = read_step(step)
+                    self._settle()
+                    skipped, self.unlogged_skips = self.unlogged_skips, 0
+                    if skipped:
+                        log.console(f"step {self.step}: {skipped} of the last {int(window['steps'])} steps had a "
+                                    "non-finite gradient: skipped, not applied")  # fmt: skip
+                    record = self._record(values, window, max(time.perf_counter() - window_start, 1e-9), peak,
+                                          skipped)  # fmt: skip
                     self.history.append(record)
                     log.write(record)
                     log.console(console_line(record))
@@ -331,6 +358,11 @@ class Trainer(TrainStep):
                 eval_seconds += time.perf_counter() - tick
             if self.step > self.started_at or self.last_checkpoint is None:
                 self.save()
+            self._settle()
+            for end in ("first", "last"):
+                if run[end] is not None:
+                    values = read_step(run[end])
+                    run[end] = {"loss": values["loss"], **values["losses"]}
             run |= self.task.finish(self)
         finally:
             log.close()

@@ -14,6 +14,10 @@ two directions one after the other, and a fused kernel can replace it.
 FlashAttentionBackend.
 A query row with no real key (never the case in LXMERT: [CLS] is always real) gets the mean of the values
 from "eager" and zeros from "sdpa" on the CPU, from "triton" and from "flash".
+
+Attention probabilities (the model's output_attentions=True): the fused backends never form them, so for such a
+call every attention of the forward runs eager's probability-forming path (`eager_attention_with_probs`,
+`eager_bidirectional_with_probs`), whatever the configured backend; a call without them never touches it.
 """
 
 from __future__ import annotations
@@ -29,14 +33,38 @@ Tensor = torch.Tensor
 AttendFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float], Tensor]
 
 
-def eager_attention(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float) -> Tensor:
+def eager_attention_with_probs(
+    q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float
+) -> tuple[Tensor, Tensor]:
+    """The reference: (context [B, H, Lq, D], probabilities [B, H, Lq, Lk]). The probabilities are those the
+    values were weighted with, after dropout, as transformers returns them; a padded key's is exactly 0 (its
+    -10000 underflows exp in every float dtype)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if kv_mask is not None:
         scores = scores + (~kv_mask[:, None, None, :]).to(scores.dtype) * -10000.0
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, v)
+    return torch.matmul(probs, v), probs
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float) -> Tensor:
+    return eager_attention_with_probs(q, k, v, kv_mask, dropout_p)[0]
+
+
+def eager_bidirectional_with_probs(
+    lang_qkv: tuple[Tensor, Tensor, Tensor],
+    vis_qkv: tuple[Tensor, Tensor, Tensor],
+    lang_mask: Tensor | None,
+    vis_mask: Tensor | None,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The cross layer's two directions on the eager path: (language context, region context, language-over-
+    regions probabilities [B, H, L, R], regions-over-language probabilities [B, H, R, L])."""
+    (lq, lk, lv), (vq, vk, vv) = lang_qkv, vis_qkv
+    lang_ctx, lang_probs = eager_attention_with_probs(lq, vk, vv, vis_mask, dropout_p)
+    vis_ctx, vis_probs = eager_attention_with_probs(vq, lk, lv, lang_mask, dropout_p)
+    return lang_ctx, vis_ctx, lang_probs, vis_probs
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float) -> Tensor:

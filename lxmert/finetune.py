@@ -29,6 +29,9 @@ class LxmertForQuestionAnsweringOutput(ModelOutput):
     question_answering_score: Tensor | None = None  # [B, answers]
     language_hidden_states: tuple[Tensor, ...] | None = None
     vision_hidden_states: tuple[Tensor, ...] | None = None
+    language_attentions: tuple[Tensor, ...] | None = None  # see LxmertModelOutput
+    vision_attentions: tuple[Tensor, ...] | None = None
+    cross_encoder_attentions: tuple[Tensor, ...] | None = None
 
 
 @dataclass
@@ -76,7 +79,8 @@ class LxmertForQuestionAnswering(nn.Module):
                 raise ValueError(f"labels must be soft scores of shape {tuple(score.shape)}, got {tuple(labels.shape)}")
             loss = losses.soft_score_bce(score, labels)
         result = LxmertForQuestionAnsweringOutput(
-            loss, score, out.language_hidden_states, out.vision_hidden_states
+            loss, score, out.language_hidden_states, out.vision_hidden_states,
+            out.language_attentions, out.vision_attentions, out.cross_encoder_attentions,
         )
         return result if return_dict else result.to_tuple()
 

@@ -5,7 +5,11 @@
 Language and object-relationship layers are the same post-LN BERT layer. A cross layer runs ONE shared
 attention module both ways (language over regions, regions over language), then a self-attention and a
 feed-forward block per stream. Every attention projects Q, K and V with one fused matrix and calls the
-backend chosen by `config.attn_backend`.
+backend chosen by `config.attn_backend`; with output_attentions=True every attention of that forward takes
+eager's probability-forming path instead (lxmert.attention), and the probabilities come back as transformers
+returns them: one [B, heads, L, L] per language layer, one [B, heads, R, R] per region layer, and the cross
+layers' language-over-regions probabilities [B, heads, L, R] (transformers returns neither the regions-over-
+language direction nor the cross layers' self-attentions).
 
 Names differ from the authors' and transformers' (see lxmert.convert for the mapping); the arithmetic does not.
 """
@@ -18,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import get_backend
+from .attention import eager_attention_with_probs, eager_bidirectional_with_probs, get_backend
 from .config import LxmertConfig
 
 Tensor = torch.Tensor
@@ -34,7 +38,8 @@ def activation(name: str):
 
 
 class ModelOutput:
-    """Dataclass outputs readable by attribute, by name (out["loss"]) and as a tuple of the non-None fields."""
+    """Dataclass outputs readable by attribute, by name (out["loss"]) and as a tuple of the non-None fields
+    (transformers' return_dict=False tuple; LxmertForPreTrainingOutput keeps fixed slots, see there)."""
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
@@ -50,6 +55,9 @@ class LxmertModelOutput(ModelOutput):
     pooled_output: Tensor  # [B, H] tanh(dense(language [CLS]))
     language_hidden_states: tuple[Tensor, ...] | None = None  # one per language layer, then per cross layer
     vision_hidden_states: tuple[Tensor, ...] | None = None  # one per region layer, then per cross layer
+    language_attentions: tuple[Tensor, ...] | None = None  # one [B, heads, L, L] per language layer
+    vision_attentions: tuple[Tensor, ...] | None = None  # one [B, heads, R, R] per region layer
+    cross_encoder_attentions: tuple[Tensor, ...] | None = None  # one [B, heads, L, R] per cross layer
 
 
 class TextEmbeddings(nn.Module):
@@ -90,7 +98,8 @@ class Attention(nn.Module):
     """Multi-head attention with its output block: LN(x + dropout(W_o attend(x W_qkv))).
 
     `forward` is self-attention; `bidirectional` is the cross layer's shared module run both ways, with the
-    language and region tokens projected by one matrix multiplication.
+    language and region tokens projected by one matrix multiplication. with_probs=True runs eager's path and
+    also returns the probabilities (see the module header).
     """
 
     def __init__(self, config: LxmertConfig):
@@ -116,21 +125,33 @@ class Attention(nn.Module):
     def _dropout_p(self) -> float:
         return self.attn_dropout if self.training else 0.0
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, with_probs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """x [B, L, H] -> [B, L, H]; with_probs: (that, probabilities [B, heads, L, L])."""
         q, k, v = self._heads(x)
+        if with_probs:
+            ctx, probs = eager_attention_with_probs(q, k, v, mask, self._dropout_p())
+            return self._finish(ctx, x), probs
         return self._finish(self.backend.attend(q, k, v, mask, self._dropout_p()), x)
 
     def bidirectional(
-        self, lang: Tensor, vis: Tensor, lang_mask: Tensor | None, vis_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+        self, lang: Tensor, vis: Tensor, lang_mask: Tensor | None, vis_mask: Tensor | None, with_probs: bool = False
+    ) -> tuple[Tensor, ...]:
+        """(language, regions) after each attended to the other; with_probs: then the language-over-regions
+        probabilities [B, heads, L, R] and the regions-over-language ones [B, heads, R, L]."""
         n_lang = lang.shape[1]
         both = torch.cat([lang, vis], dim=1)
         q, k, v = self._heads(both)
         lang_qkv = tuple(t[:, :, :n_lang] for t in (q, k, v))
         vis_qkv = tuple(t[:, :, n_lang:] for t in (q, k, v))
-        lang_ctx, vis_ctx = self.backend.bidirectional(lang_qkv, vis_qkv, lang_mask, vis_mask, self._dropout_p())
+        if with_probs:
+            lang_ctx, vis_ctx, *probs = eager_bidirectional_with_probs(
+                lang_qkv, vis_qkv, lang_mask, vis_mask, self._dropout_p()
+            )
+        else:
+            lang_ctx, vis_ctx = self.backend.bidirectional(lang_qkv, vis_qkv, lang_mask, vis_mask, self._dropout_p())
+            probs = []
         out = self._finish(torch.cat([lang_ctx, vis_ctx], dim=2), both)
-        return out[:, :n_lang], out[:, n_lang:]
+        return out[:, :n_lang], out[:, n_lang:], *probs
 
 
 class FeedForward(nn.Module):
@@ -156,7 +177,11 @@ class BertLayer(nn.Module):
         self.attention = Attention(config)
         self.ffn = FeedForward(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False) -> Tensor | tuple[Tensor, ...]:
+        """x [B, L, H] -> [B, L, H]; output_attentions: (that, the self-attention probabilities)."""
+        if output_attentions:
+            x, probs = self.attention(x, mask, with_probs=True)
+            return self.ffn(x), probs
         return self.ffn(self.attention(x, mask))
 
 
@@ -172,8 +197,18 @@ class CrossLayer(nn.Module):
         self.vis_ffn = FeedForward(config)
 
     def forward(
-        self, lang: Tensor, vis: Tensor, lang_mask: Tensor | None, vis_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+        self, lang: Tensor, vis: Tensor, lang_mask: Tensor | None, vis_mask: Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, ...]:  # fmt: skip
+        """(language, regions); output_attentions: then the language-over-regions cross-attention probabilities
+        [B, heads, L, R], the ones transformers returns (every attention of the layer runs eager's path)."""
+        if output_attentions:
+            lang, vis, lang_over_regions, _ = self.cross_attention.bidirectional(
+                lang, vis, lang_mask, vis_mask, with_probs=True
+            )
+            lang = self.lang_ffn(self.lang_attention(lang, lang_mask, with_probs=True)[0])
+            vis = self.vis_ffn(self.vis_attention(vis, vis_mask, with_probs=True)[0])
+            return lang, vis, lang_over_regions
         lang, vis = self.cross_attention.bidirectional(lang, vis, lang_mask, vis_mask)
         lang = self.lang_ffn(self.lang_attention(lang, lang_mask))
         vis = self.vis_ffn(self.vis_attention(vis, vis_mask))
@@ -253,9 +288,9 @@ def check_inputs(
             raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
     for name, ids, limit in (("input_ids", input_ids, config.vocab_size), ("token_type_ids", token_type_ids, config.type_vocab_size)):
         if ids is not None and ids.numel():
-            low, high = torch.aminmax(ids)
-            if low < 0 or high >= limit:
-                raise ValueError(f"{name} must lie in [0, {limit}), got values in [{int(low)}, {int(high)}]")
+            # asserted on the device: a CPU tensor raises RuntimeError here, a CUDA one fails the step with this
+            # message, and neither makes the host wait (the engine's loaders check ids on the host first)
+            torch._assert_async(((ids >= 0) & (ids < limit)).all(), f"{name} must lie in [0, {limit})")
 
 
 class LxmertModel(nn.Module):
@@ -284,8 +319,9 @@ class LxmertModel(nn.Module):
         output_attentions: bool = False,
         return_dict: bool = True,
     ) -> LxmertModelOutput | tuple:
-        if output_attentions:
-            raise ValueError("output_attentions is not supported: fused attention backends never form the probabilities")
+        """Keywords and outputs as transformers' LxmertModel. output_attentions=True: the probabilities of every
+        language, region and cross layer (the module header says which), formed on eager's path whatever
+        config.attn_backend is: that call runs eager's attention throughout."""
         check_inputs(self.config, input_ids, visual_feats, visual_pos, attention_mask, token_type_ids, visual_attention_mask)
         lang_mask = None if attention_mask is None else attention_mask.bool()
         vis_mask = None if visual_attention_mask is None else visual_attention_mask.bool()
@@ -295,14 +331,27 @@ class LxmertModel(nn.Module):
         lang = self.embeddings(input_ids, token_type_ids)
         vis = self.visual_embeddings(visual_feats, visual_pos)
         lang_states, vis_states = [], []
+        lang_probs, vis_probs, cross_probs = [], [], []
         for layer in self.lang_layers:
-            lang = layer(lang, lang_mask)
+            if output_attentions:
+                lang, probs = layer(lang, lang_mask, output_attentions=True)
+                lang_probs.append(probs)
+            else:
+                lang = layer(lang, lang_mask)
             lang_states.append(lang)
         for layer in self.region_layers:
-            vis = layer(vis, vis_mask)
+            if output_attentions:
+                vis, probs = layer(vis, vis_mask, output_attentions=True)
+                vis_probs.append(probs)
+            else:
+                vis = layer(vis, vis_mask)
             vis_states.append(vis)
         for layer in self.cross_layers:
-            lang, vis = layer(lang, vis, lang_mask, vis_mask)
+            if output_attentions:
+                lang, vis, probs = layer(lang, vis, lang_mask, vis_mask, output_attentions=True)
+                cross_probs.append(probs)
+            else:
+                lang, vis = layer(lang, vis, lang_mask, vis_mask)
             lang_states.append(lang)
             vis_states.append(vis)
         pooled = torch.tanh(self.pooler(lang[:, 0]))
@@ -313,5 +362,8 @@ class LxmertModel(nn.Module):
             pooled_output=pooled,
             language_hidden_states=tuple(lang_states) if output_hidden_states else None,
             vision_hidden_states=tuple(vis_states) if output_hidden_states else None,
+            language_attentions=tuple(lang_probs) if output_attentions else None,
+            vision_attentions=tuple(vis_probs) if output_attentions else None,
+            cross_encoder_attentions=tuple(cross_probs) if output_attentions else None,
         )
         return out if return_dict else out.to_tuple()

@@ -34,7 +34,20 @@ class LxmertForPreTrainingOutput(ModelOutput):
     question_answering_score: Tensor | None = None  # [B, num_qa_labels]
     language_hidden_states: tuple[Tensor, ...] | None = None
     vision_hidden_states: tuple[Tensor, ...] | None = None
+    language_attentions: tuple[Tensor, ...] | None = None  # see LxmertModelOutput
+    vision_attentions: tuple[Tensor, ...] | None = None
+    cross_encoder_attentions: tuple[Tensor, ...] | None = None
     losses: dict[str, Tensor] | None = None  # each component: mlm, matched, obj, attr, feat, qa
+
+    def to_tuple(self) -> tuple:
+        """transformers' return_dict=False tuple: loss when there is one, then the three head outputs, whose
+        slots are always there (None for logits not asked for, or without a QA head, where transformers puts
+        pooled_output[0][0]), then the hidden states and attentions asked for. `losses` is not in it."""
+        heads = (self.prediction_logits, self.cross_relationship_score, self.question_answering_score)
+        rest = (self.language_hidden_states, self.vision_hidden_states, self.language_attentions,
+                self.vision_attentions, self.cross_encoder_attentions)  # fmt: skip
+        loss = () if self.loss is None else (self.loss,)
+        return loss + heads + tuple(t for t in rest if t is not None)
 
 
 class MaskedLMHead(nn.Module):
@@ -65,11 +78,12 @@ class FeatureRegressionDecoder(nn.Linear):
         self._loss = losses.feature_regression(loss_backend)
 
     def forward(
-        self, x: Tensor, target: Tensor | None = None, row_weight: Tensor | None = None, normalizer: float = 1.0
-    ) -> Tensor:
+        self, x: Tensor, target: Tensor | None = None, row_weight: Tensor | None = None, normalizer: float = 1.0,
+        rows: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         if target is None:
             return super().forward(x)
-        return self._loss(x, self.weight, self.bias, target, row_weight, normalizer)
+        return self._loss(x, self.weight, self.bias, target, row_weight, normalizer, rows=rows)
 
 
 class ObjectHead(nn.Module):
@@ -89,8 +103,10 @@ class ObjectHead(nn.Module):
         if config.visual_feat_loss:
             self.decoders["feat"] = FeatureRegressionDecoder(h, config.visual_feat_dim, config.feat_loss_backend)
 
-    def forward(self, vis: Tensor, obj_labels: dict[str, tuple[Tensor, Tensor]], normalizer: float) -> dict[str, Tensor]:
-        """The enabled visual losses of region states vis [B, R, H] against obj_labels, each times `normalizer`."""
+    def forward(self, vis: Tensor, obj_labels: dict[str, tuple[Tensor, Tensor]], normalizer: float,
+                feat_rows: Tensor | None = None) -> dict[str, Tensor]:  # fmt: skip
+        """The enabled visual losses of region states vis [B, R, H] against obj_labels, each times `normalizer`
+        (feat_rows: the masked regions' flat indices, see LxmertForPreTraining.forward)."""
         states = self.transform(vis).reshape(-1, vis.shape[-1])  # [B * R, H]: every region
         parts = {}
         for name, decoder in self.decoders.items():
@@ -103,7 +119,7 @@ class ObjectHead(nn.Module):
                     f"got {tuple(target.shape)} and {tuple(weight.shape)}"
                 )
             if name == "feat":
-                parts[name] = decoder(states, target.reshape(states.shape[0], -1), weight, normalizer)
+                parts[name] = decoder(states, target.reshape(states.shape[0], -1), weight, normalizer, feat_rows)
             else:
                 parts[name] = losses.weighted_region_cross_entropy(decoder(states), target, weight, normalizer)
         return parts
@@ -140,6 +156,8 @@ class LxmertForPreTraining(nn.Module):
         matched_label: Tensor | None = None,
         ans: Tensor | None = None,
         return_prediction_logits: bool | None = None,
+        mlm_rows: Tensor | None = None,
+        feat_rows: Tensor | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         return_dict: bool = True,
@@ -149,7 +167,8 @@ class LxmertForPreTraining(nn.Module):
         labels [B, L]: MLM targets, negative where not masked. obj_labels: {"obj": (ids [B, R], conf [B, R]),
         "attr": (ids, conf), "feat": (target feats [B, R, F], mask [B, R])}. matched_label [B] (1 = matched).
         ans [B]: answer index, negative to ignore. return_prediction_logits: full-vocabulary logits for every
-        token; by default only when no MLM labels are given (training never needs them).
+        token; by default only when no MLM labels are given (training never needs them), and always with
+        return_dict=False (transformers' tuple has them). output_attentions: as LxmertModel.
         """
         cfg = self.config
         out = self.lxmert(
@@ -158,27 +177,36 @@ class LxmertForPreTraining(nn.Module):
         )
         lang, vis, pooled = out.language_output, out.vision_output, out.pooled_output
         if return_prediction_logits is None:
-            return_prediction_logits = labels is None
+            return_prediction_logits = labels is None or not return_dict
         cross_relationship_score = self.match_head(pooled)
         answer_score = self.answer_head(pooled) if self.answer_head is not None else None
 
         parts: dict[str, Tensor] = {}
         if labels is not None and cfg.task_mask_lm:
-            parts["mlm"] = losses.masked_token_loss(lang, labels, self.mlm_head)
+            parts["mlm"] = losses.masked_token_loss(lang, labels, self.mlm_head, mlm_rows)
         if matched_label is not None and cfg.task_matched:
             parts["matched"] = losses.cross_entropy(cross_relationship_score, matched_label)
         if obj_labels is not None and self.obj_head is not None:
-            parts.update(self.obj_head(vis, obj_labels, cfg.visual_loss_normalizer))
+            parts.update(self.obj_head(vis, obj_labels, cfg.visual_loss_normalizer, feat_rows))
         if ans is not None and answer_score is not None:
             parts["qa"] = losses.cross_entropy(answer_score, ans)
 
+        if parts:
+            loss = torch.stack(list(parts.values())).sum()
+        elif any(x is not None for x in (labels, obj_labels, matched_label, ans)):  # none enabled: 0, as transformers
+            loss = torch.zeros((), device=pooled.device)
+        else:
+            loss = None
         result = LxmertForPreTrainingOutput(
-            loss=torch.stack(list(parts.values())).sum() if parts else None,
+            loss=loss,
             prediction_logits=self.mlm_head(lang) if return_prediction_logits else None,
             cross_relationship_score=cross_relationship_score,
             question_answering_score=answer_score,
             language_hidden_states=out.language_hidden_states,
             vision_hidden_states=out.vision_hidden_states,
+            language_attentions=out.language_attentions,
+            vision_attentions=out.vision_attentions,
+            cross_encoder_attentions=out.cross_encoder_attentions,
             losses=parts or None,
         )
         return result if return_dict else result.to_tuple()

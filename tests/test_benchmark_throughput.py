@@ -141,8 +141,9 @@ def test_transformers_inputs_use_its_ignore_index():
         labels=torch.tensor([[-1, 7, -1]]),
         obj_labels={"obj": (torch.tensor([[3, -1]]), torch.ones(1, 2)), "attr": (torch.tensor([[-1, 2]]), torch.ones(1, 2)),
                     "feat": (torch.zeros(1, 2, 4), torch.tensor([[1.0, 0.0]]))},
-        matched_label=torch.tensor([1]), ans=torch.tensor([-1]), sample_index=None, sentence_index=None,
-        image_index=None, epoch=0, step=0,
+        matched_label=torch.tensor([1]), ans=torch.tensor([-1]), mlm_rows=torch.tensor([1, -1]),
+        feat_rows=torch.tensor([0, -1]), sample_index=None, sentence_index=None, image_index=None, epoch=0, step=0,
+        masked_tokens=1, masked_regions=1,
     )  # fmt: skip
     inputs = tp.hf_inputs(batch)
     assert inputs["labels"].tolist() == [[-100, 7, -100]] and inputs["ans"].tolist() == [-100]
@@ -151,6 +152,7 @@ def test_transformers_inputs_use_its_ignore_index():
     padded = tp.pad_text(batch, 5)
     assert padded.input_ids.tolist() == [[101, 5, 0, 0, 0]] and padded.attention_mask.tolist() == [[1, 1, 0, 0, 0]]
     assert padded.labels.tolist() == [[-1, 7, -1, -1, -1]] and padded.token_type_ids.shape == (1, 5)
+    assert padded.mlm_rows.tolist() == [1, -1] and "mlm_rows" not in inputs and "feat_rows" not in inputs
 
 
 @pytest.mark.skipif(CUDA, reason="the refusal is the CPU path")

@@ -299,10 +299,13 @@ def test_answer_tables(tmp_path: Path) -> None:
     assert table.answers == ["yes", "2", "dog", "gray"] and table.dsets[0] == ("vqa", "gqa")
     assert formats.read_answer_table(path, dsets=["gqa"]).answers == ["yes", "dog"]
     assert formats.answer_table_json(formats.read_answer_table(path))[1] == {"ans": "2", "dsets": ["vqa"]}
-    # the authors' conversion: normalise, drop answers outside the table; a later duplicate wins
+    # the authors' conversion: normalise, drop answers outside the table; a moved answer overwrites
     label = {"Two": 0.6, "the Dog.": 1.0, "cat": 0.9, "Grey": 0.3, "gray": 0.9}
-    assert table.convert_label(label) == {1: 0.6, 2: 1.0, 3: 0.9}
+    assert table.convert_label(label) == {1: 0.6, 2: 1.0, 3: 0.3}
     assert normalize_answer("the Dog.") == "dog"
+    two, gray = table.index["2"], table.index["gray"]
+    assert table.convert_label({"two": 0.5, "2": 1.0}) == {two: 0.5} == table.convert_label({"2": 1.0, "two": 0.5})
+    assert table.convert_label({"Grey": 0.2, "gray": 0.9}) == {gray: 0.2}
     with pytest.raises(DataError, match="listed twice"):
         formats.read_answer_table(_write(tmp_path / "dup.json", entries + [{"ans": "yes"}]))
     with pytest.raises(DataError, match="missing key 'ans'"):
@@ -441,3 +444,75 @@ def test_synthetic_words_are_single_wordpieces(synth: Path) -> None:
 def test_synthetic_cli(tmp_path: Path) -> None:
     synthetic.main([str(tmp_path / "cli"), "--images", "6", "--feat-dim", "8", "--seed", "1"])
     assert len(list(formats.read_tsv(tmp_path / "cli/mscoco_imgfeat/val2014_obj36.tsv", feat_dim=8))) == 1
+
+
+def authors_label_loop(label: dict[str, float], used: set[str]) -> dict[str, float]:
+    """airsplay/lxmert src/pretrain/lxmert_data.py, LXMERTDataset.__init__, transcribed (convert_ans is
+    normalize_answer, `used` the answer table's membership)."""
+    label = dict(label)
+    for ans in list(label.keys()):
+        new_ans = normalize_answer(ans)
+        if new_ans in used:
+            if ans != new_ans:
+                label[new_ans] = label.pop(ans)
+        else:
+            label.pop(ans)
+    return label
+
+
+def test_answer_merging_is_the_authors_on_random_labels(tmp_path: Path) -> None:
+    answers = ["2", "3", "gray", "dog", "yes", "no"]
+    spellings = ["2", "two", "Two", "3", "three", "gray", "Grey", "grey", "gray.", "dog", "the dog", "a Dog.", "yes",
+                 "Yes", "no", "cat"]  # fmt: skip
+    table = formats.read_answer_table(_write(tmp_path / "all_ans.json", [{"ans": a} for a in answers]))
+    rng = np.random.default_rng(15)
+    for _ in range(500):
+        keys = rng.choice(spellings, size=rng.integers(1, 7), replace=False)
+        label = {str(k): float(rng.integers(1, 10)) / 10 for k in keys}
+        expected = authors_label_loop(label, set(answers))
+        got = table.convert_label(label)
+        assert got == {table.index[a]: s for a, s in expected.items()}, label
+        assert list(got) == [table.index[a] for a in expected], label  # and in the authors' order
+
+
+# --------------------------------------------------------------------------------------- text encodings
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 1 << 20])
+def test_json_readers_accept_a_byte_order_mark(tmp_path: Path, chunk: int) -> None:
+    value = [{"img_id": "caf\u00e9", "sentf": {"vg": ["\u4e2d a dog"]}}, {"img_id": "b", "sentf": {}}]
+    path = tmp_path / "marked.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(value, ensure_ascii=False).encode("utf-8"))
+    assert [v for _, v in formats.iter_json_array(path, chunk_chars=chunk)] == value
+    vqa = tmp_path / "vqa.json"
+    vqa.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"img_id": "i", "question_id": 1, "sent": "q?"}]).encode())
+    assert formats.read_vqa(vqa)[0].question_id == 1
+    (tmp_path / "ans.json").write_bytes(b"\xef\xbb\xbf" + b'[{"ans": "yes"}]')
+    assert formats.read_answer_table(tmp_path / "ans.json").answers == ["yes"]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 20])
+def test_a_byte_that_is_not_utf8_names_record_offset_and_line(tmp_path: Path, chunk: int) -> None:
+    records = [{"img_id": "a", "sentf": {"vg": ["caf\u00e9"]}}, {"img_id": "b", "sentf": {"vg": ["x"]}}, {"c": 3}]
+    text = "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
+    data = text.encode("utf-8")
+    at = data.index(b'"x"') + 1
+    path = tmp_path / "latin1.json"
+    path.write_bytes(data[:at] + b"\xe9" + data[at + 1 :])  # a Latin-1 e-acute in record 1, on line 3
+    with pytest.raises(DataError) as info:
+        list(formats.iter_json_array(path, chunk_chars=chunk))
+    assert str(info.value) == (f"{path}, record 1, byte {at} (line 3): not valid UTF-8 (invalid continuation byte: "
+                               "b'\\xe9'); is the file in another encoding?")  # fmt: skip
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # the offset counts the mark
+    with pytest.raises(DataError, match=rf"{path}, record 1, byte {at + 3} \(line 3\): not valid UTF-8"):
+        list(formats.iter_json_array(path, chunk_chars=chunk))
+    path.write_bytes(data[:-3] + b"\xc3")  # the file ends inside a character
+    end = len(data) - 3
+    with pytest.raises(DataError, match=rf"record 2, byte {end} \(line 4\): not valid UTF-8 \(unexpected end"):
+        list(formats.iter_json_array(path, chunk_chars=chunk))
+    gqa = tmp_path / "gqa.json"
+    raw = b'[{"img_id": "i",\n "question_id": "\xff"}]'
+    gqa.write_bytes(raw)
+    at = raw.index(b"\xff")
+    with pytest.raises(DataError, match=rf"{gqa}, byte {at} \(line 2\): not valid UTF-8 \(invalid start byte"):
+        formats.read_gqa(gqa)

@@ -321,3 +321,31 @@ def test_nlvr2_batch_feeds_the_model(synth: Path, feats: dict[str, Path], tmp_pa
     with torch.no_grad():
         out = model(**to_torch(batch))
     assert out.logits.shape == (3, 2) and torch.isfinite(out.loss)
+
+
+def test_skip_bad_rows_in_task_mode(synth: Path, feats: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """--skip-bad-rows drops and counts a malformed record and a repeated question_id (it used to be ignored
+    in --task mode); without it, the first bad record stops the conversion with its file and index."""
+    records = json.loads((synth / FILES["vqa"][1]).read_text())
+    bad = records[:1] + [{**records[1], "sent": 7}] + records[1:] + [records[0]]  # record 1 malformed, last repeats 0
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=rf"{path}, record 1: sent must be str"):
+        build(synth, feats["all"], "vqa", tmp_path / "s", paths=[path])
+    stats = build(synth, feats["all"], "vqa", tmp_path / "s", paths=[path], skip_bad_rows=True)
+    assert (stats.examples, stats.bad_records) == (len(records), 2)
+    assert "record 1: sent must be str" in stats.errors[0]
+    assert f"record {len(bad) - 1}: question_id" in stats.errors[1] and "appears in an earlier" in stats.errors[1]
+    store = TaskStore(tmp_path / "s")
+    assert list(store.question_ids) == [r["question_id"] for r in records]
+    assert store.meta["stats"]["bad_records"] == 2
+
+    args = ["--task", "vqa", "--questions", str(path), "--features", str(feats["all"]),
+            "--ans2label", str(synth / "vqa/trainval_ans2label.json"), "--quiet"]  # fmt: skip
+    assert convert.main([*args, "--out", str(tmp_path / "c1")]) == 1
+    assert "record 1: sent must be str" in capsys.readouterr().err
+    assert convert.main([*args, "--out", str(tmp_path / "c2"), "--skip-bad-rows"]) == 0
+    out, err = capsys.readouterr()
+    assert "bad_records 2" in out and err.count("skipped:") == 2
+    same_store(tmp_path / "s", tmp_path / "c2")

@@ -174,12 +174,26 @@ def evaluated(work: Path) -> None:
     assert 0 <= result["value"] <= 1 and Path(work / result["submission"]).is_file()
 
 
+def pictures(prefix: str) -> Callable[[Path], None]:
+    def check(work: Path) -> None:
+        svg = (work / f"{prefix}.svg").read_text()
+        assert "data-weight" in svg and (work / f"{prefix}.png").read_bytes().startswith(b"\x89PNG")
+
+    return check
+
+
 def benchmark_rows(name: str) -> Callable[[Path], None]:
     def check(work: Path) -> None:
         rows = [json.loads(line) for line in (work / "bench" / f"{name}.jsonl").read_text().splitlines()]
         assert rows and all(r["device"] == "cpu" for r in rows)
 
     return check
+
+
+def gpu_session_dry_run(work: Path) -> None:
+    summary = json.loads((work / "bench/gpu_session/summary.json").read_text())
+    assert summary["session"]["dry_run"] and all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
+    assert summary["numbers"] and all(n["measured_on"] == "cpu" and n["dry_run"] for n in summary["numbers"])
 
 
 def out(name: str) -> str:
@@ -236,6 +250,17 @@ PLAN: list[tuple[str, Run | Elsewhere | GpuOnly]] = [
          check=fine_tuned("runs/vqa_zero"))),
     ("lxmert-finetune --config configs/vqa.yaml --evaluate-only train.init_from=runs/vqa/best",
      Run("data.num_workers=0", check=evaluated)),
+    # README, the attention pictures (the main job's outputs there; the recipe chain's here)
+    ("lxmert-attention runs/main/pretrain --text-store runs/main/stores/text_minival --index 18 --object-names "
+     "runs/main/data/synthetic.json --out runs/main/attention",
+     Run(replace=(("runs/main/pretrain", "runs/pretrain"), ("runs/main/stores/text_minival", "data/stores/text_minival"),
+                  ("runs/main/data/synthetic.json", "data/synthetic.json"), ("runs/main/attention", "runs/attention")),
+         check=pictures("runs/attention"))),  # fmt: skip
+    ("lxmert-attention runs/main/vqa/best --sentence \"what color is the bear in the room?\" --tsv "
+     "runs/main/data/mscoco_imgfeat/val2014_obj36.tsv --img-id COCO_val2014_000000000001 --head 2 --out "
+     "runs/main/vqa_attention",
+     Run(replace=(("runs/main/vqa/best", "runs/vqa/best"), ("runs/main/data/", "data/"),
+                  ("runs/main/vqa_attention", "runs/vqa_attention")), check=pictures("runs/vqa_attention"))),
     # configs/README, the tiny recipe
     ("lxmert-synthetic data/synthetic --images 400 --feat-dim 64 --seed 0", Run()),
     ("lxmert-data-convert --feat-dim 64 --tsv data/synthetic/mscoco_imgfeat/train2014_obj36.tsv "
@@ -262,8 +287,17 @@ PLAN: list[tuple[str, Run | Elsewhere | GpuOnly]] = [
     ("python -m benchmarks.kernels_sm90 [--jobs N] [--only TEXT] [--out runs/benchmarks/kernels_sm90.md]",
      Run(replace=(("[--jobs N] [--only TEXT] [--out runs/benchmarks/kernels_sm90.md]",
                    "--jobs 2 --only featreg --out {work}/bench/kernels_sm90.md"),), in_checkout=True)),  # fmt: skip
+    ("python -m benchmarks.host_waits [--paths eager sdpa triton zero1 zero2] [--out runs/benchmarks/host_waits.md]",
+     Run(replace=(("[--paths eager sdpa triton zero1 zero2] [--out runs/benchmarks/host_waits.md]",
+                   "--paths eager zero1 --steps 4 --log-every 2 --out {work}/bench/host_waits.md"),),
+         in_checkout=True)),  # fmt: skip
+    ("python -m benchmarks.store_precision [--steps 300]",
+     Run(replace=(("[--steps 300]", "--steps 4 --log-every 2 --images 24 --out {work}/bench/store_precision.md"),),
+         in_checkout=True)),  # fmt: skip
     ("python -m benchmarks.throughput --smoke",
      Run(out("throughput_smoke_cpu"), check=benchmark_rows("throughput_smoke_cpu"), in_checkout=True)),
+    ("python -m benchmarks.gpu_session --dry-run",
+     Run("--out {work}/bench/gpu_session", check=gpu_session_dry_run, in_checkout=True)),
     ("deepspeed --num_gpus 1 --module benchmarks.scaling",
      Run(f"{TINY_SCALING} --stages 0 1 {out('scaling')}", in_checkout=True)),
     ("deepspeed --num_gpus 2 --module benchmarks.scaling --model base --precision fp32 --micro-batch 2 --warmup 1 "
@@ -275,10 +309,9 @@ PLAN: list[tuple[str, Run | Elsewhere | GpuOnly]] = [
                                                 "(tests/test_benchmark_throughput.py); --smoke is its CPU check")),
     ("deepspeed --num_gpus N --module benchmarks.scaling", GpuOnly("N GPUs; its 1- and 2-rank CPU forms run above")),
     ("deepspeed --num_gpus 8 --module benchmarks.scaling", GpuOnly("eight GPUs")),
-    ("export BENCH_COMMIT=<sha>", GpuOnly("part of the one GPU call below (a placeholder to fill in)")),
-    ("python -m benchmarks.throughput --out $OUT/throughput.jsonl --time-budget 360 && python -m benchmarks.kernels "
-     "--quick --out $OUT/kernels.jsonl && python -m benchmarks.dataloader --out $OUT/dataloader.jsonl",
-     GpuOnly("the device tool's one GPU call: $OUT exists only there, the sweep needs CUDA")),
+    ("python -m benchmarks.gpu_session --carry-check",
+     GpuOnly("checks the .whl folder made for the device call (ignored by git, so absent in CI); "
+             "tests/test_gpu_session.py runs it on an empty and a filled folder")),
 ]
 RUNS = [(command, plan) for command, plan in PLAN if isinstance(plan, Run)]
 

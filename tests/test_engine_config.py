@@ -57,6 +57,8 @@ def test_recipe_values_are_the_authors():
     assert (pre.train.batch_size, pre.train.epochs, pre.optim.eps, pre.optim.weight_decay) == (256, 20, 1e-6, 0.01)
     assert pre.optim.no_decay is None and pre.model.hidden_size == 768 and pre.model.x_layers == 5
     assert all([pre.model.task_mask_lm, pre.model.task_obj_predict, pre.model.task_matched, pre.model.task_qa])
+    assert pre.data.drop_last and load_config("configs/pretrain_adamw.yaml").data.drop_last  # get_tuple(drop_last=True)
+    assert not load_config(None).data.drop_last  # elsewhere every sample is seen each epoch
     for name, lr in (("vqa", 5e-5), ("gqa", 1e-5), ("nlvr2", 5e-5)):
         c = load_config(f"configs/{name}.yaml")
         assert (c.train.task, c.optim.lr, c.train.batch_size, c.train.epochs) == (name, lr, 32, 4)

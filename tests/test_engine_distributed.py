@@ -193,11 +193,15 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(stage, run_stage, 
                        [reference_eval["loss"], *reference_eval["losses"].values(),
                         reference_eval["matched_accuracy"]], 1e-5, f"ZeRO-{stage} eval")  # fmt: skip
     assert final["qa_accuracy"] == pytest.approx(reference_eval["qa_accuracy"], abs=1e-9)
-    # every rank's ZeRO shards of the step-2 and the final checkpoint were written
+    # every rank's ZeRO shards and RNG states of the step-2 and the final checkpoint were written and are listed in
+    # the manifest rank 0 wrote
     for step in (SAVE_AT, STEPS):
         path = ckpt.checkpoint_root(out) / ckpt.tag_of(step)
         assert ckpt.is_complete(path), path
-        assert sorted(p.name for p in path.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+        parts = ckpt.read_manifest(path)["parts"]
+        assert sorted(p for p in parts if p.startswith("rng_rank")) == ["rng_rank0.json", "rng_rank1.json"]
+        assert sum("optim_states" in p for p in parts) == (2 if stage > 0 else 0), sorted(parts)
+        assert sorted(p.name for p in path.iterdir()) == sorted([*parts, ckpt.MANIFEST])
 
 
 @pytest.mark.parametrize("stage", [0, 1])
@@ -233,7 +237,7 @@ def test_zero2_resume_continues_with_the_uninterrupted_losses(run_stage, stores,
     root = ckpt.checkpoint_root(out)
     assert [p.name for p in root.glob("step_*")] == [ckpt.tag_of(STEPS)]
     assert ckpt.find_latest(out) == root / ckpt.tag_of(STEPS)
-    assert sorted(p.name for p in (root / ckpt.tag_of(STEPS)).glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+    assert sorted(p.name for p in (root / ckpt.tag_of(STEPS)).glob("rng_rank*")) == ["rng_rank0.json", "rng_rank1.json"]
 
 
 def test_zero3_export_is_the_fp32_master_weights_and_loads_into_both_models(run_stage):

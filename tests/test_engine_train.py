@@ -158,11 +158,13 @@ def test_failed_save_keeps_the_previous_checkpoint(baseline, stores, tmp_path, m
     state = {"step": 1, "weights": torch.arange(5.0)}
     good = ckpt.save_plain(tmp_path, 1, state)
 
-    def broken_save(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
+    def broken_save(tensors, name, *args, **kwargs):  # the tensors' file of the next save: half written
+        Path(name).write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_plain(tmp_path, 2, {"step": 2})
     monkeypatch.undo()
@@ -245,3 +247,21 @@ def test_deepspeed_zero1_matches_the_plain_path(stores, tmp_path, monkeypatch):
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_data_drop_last_reaches_the_sampler(stores, tmp_path, drop_last):
+    """data.drop_last (the authors' recipes set it): an epoch of N samples in global batches of 8 has N // 8
+    steps and leaves the tail out, or ceil(N / 8) steps with every sample in."""
+    from engine.data.store import TextStore
+
+    text, feats = stores
+    trainer = Trainer(make_config(stores, tmp_path, f"data.drop_last={str(drop_last).lower()}",
+                                  f"data.eval.text={text}", f"data.eval.features={feats}"), use_deepspeed=False)  # fmt: skip
+    n = len(TextStore(text))
+    assert n % 8, "the store must leave a partial batch"
+    assert trainer.steps_per_epoch == (n // 8 if drop_last else -(-n // 8))
+    assert len(trainer.eval_loader) == -(-n // 8)  # evaluation keeps the last batch, as the authors' valid loader
+    trainer.loader.set_epoch(0)
+    seen = {int(i) for batch in trainer.loader for i in batch.sample_index}
+    assert len(seen) == (n // 8 * 8 if drop_last else n)

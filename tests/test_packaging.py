@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = {"lxmert-convert", "lxmert-pretrain", "lxmert-finetune", "lxmert-data-convert", "lxmert-synthetic",
-            "lxmert-plots"}  # fmt: skip
+COMMANDS = {"lxmert-attention", "lxmert-convert", "lxmert-pretrain", "lxmert-finetune", "lxmert-data-convert",
+            "lxmert-synthetic", "lxmert-plots"}  # fmt: skip
 
 
 def entry_points() -> dict[str, importlib.metadata.EntryPoint]:

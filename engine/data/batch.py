@@ -29,7 +29,7 @@ VISUAL_LOSSES = ("obj", "attr", "feat")
 # LxmertForPreTraining.forward keywords, in its order (tests check them against the signature).
 MODEL_FIELDS = (
     "input_ids", "visual_feats", "visual_pos", "attention_mask", "visual_attention_mask", "token_type_ids",
-    "labels", "obj_labels", "matched_label", "ans",
+    "labels", "obj_labels", "matched_label", "ans", "mlm_rows", "feat_rows",
 )  # fmt: skip
 
 
@@ -111,12 +111,16 @@ class PretrainBatch(ModelBatch):
     #                                               feat: (original features [B, R, D], mask [B, R] 1 = masked)
     matched_label: Tensor  # [B] 1 = the image's own sentence, 0 = a sentence of another image
     ans: Tensor  # [B] QA answer-table row, -1 = none (no label or mismatched)
+    mlm_rows: Tensor  # [M] int32 flat b * L + l of the tokens with a label, padded with -1 (batching.row_bucket)
+    feat_rows: Tensor  # [K] int32 flat b * R + r of the masked regions (feat mask 1), padded with -1
     # bookkeeping, host numpy arrays that `.to` leaves where they are
     sample_index: np.ndarray  # [B] the samples (the authors' uids: text-store rows) drawn
     sentence_index: np.ndarray  # [B] the text-store rows fed (another image's sentence where matched_label 0)
     image_index: np.ndarray  # [B] region-store rows
     epoch: int
     step: int
+    masked_tokens: int  # the real entries of mlm_rows and feat_rows (the FLOP count's, read on the host)
+    masked_regions: int
 
 
 # LxmertForQuestionAnswering / LxmertForNLVR2 forward keywords the task batches fill

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from engine.data.batch import PretrainBatch
-from engine.data.sampling import BatchPlan, PretrainSampler, mask_regions, mask_tokens
-from engine.data.store import REGION_LABELS, TextStore, region_mask
+from engine.data.sampling import NOT_MASKED, BatchPlan, PretrainSampler, mask_regions, mask_tokens
+from engine.data.store import REGION_LABELS, StoreError, TextStore, region_mask
 
 Tensor = torch.Tensor
 
@@ -22,18 +22,45 @@ Tensor = torch.Tensor
 # ------------------------------------------------------------------------------ host-side pieces
 
 
-def text_arrays(text: TextStore, plan: BatchPlan) -> dict[str, np.ndarray]:
+def row_bucket(count: int) -> int:
+    """The padded length of `count` masked rows: the next of 8 sizes an octave (8, 9, .., 16, 18, .., 32, 36, ..),
+    at least 8. An epoch's masked-token and masked-region counts cluster around 15% of the batch, so its steps
+    take a handful of shapes (graphs and compiled kernels are reused), and the padding stays under 1/8."""
+    step = 1 << max(0, count.bit_length() - 4)
+    return max(8, -(-count // step) * step)
+
+
+def padded_rows(mask: np.ndarray) -> np.ndarray:
+    """The flat indices of mask's True entries, padded with -1 to row_bucket(count): int32 (the losses' `rows`)."""
+    found = np.flatnonzero(mask).astype(np.int32)
+    rows = np.full(row_bucket(found.size), -1, dtype=np.int32)
+    rows[: found.size] = found
+    return rows
+
+
+def text_arrays(text: TextStore, plan: BatchPlan, vocab_size: int) -> dict[str, np.ndarray]:
     """The text side of a batch in compact dtypes, padded to the batch's longest sentence; plus the plan's
-    per-sample targets. Shared by every loader (a few KB a batch)."""
+    per-sample targets and the masked rows the losses take (mlm_rows, feat_rows: known here on the host, so the
+    step never waits for the device to find them). Shared by every loader (a few KB a batch).
+
+    Token ids at or beyond vocab_size (a store tokenized with another vocabulary) are a StoreError naming the
+    store and the row; the model only asserts ids on the device."""
     unique, inverse = np.unique(plan.sentence_index, return_inverse=True)
     length = plan.max_length
     token_ids = text.arrays["token_ids"][unique][inverse, :length]  # int16, rows read in order
-    input_ids, labels = mask_tokens(token_ids, plan.token_action[:, :length], plan.random_tokens[:, :length])
+    if token_ids.size and (token_ids.max() >= vocab_size or token_ids.min() < 0):
+        bad = int(np.flatnonzero(((token_ids >= vocab_size) | (token_ids < 0)).any(1))[0])
+        raise StoreError(f"text store {text.path}: row {int(plan.sentence_index[bad])} holds token ids "
+                         f"{token_ids[bad].tolist()} outside [0, model.vocab_size {vocab_size})")  # fmt: skip
+    token_action = plan.token_action[:, :length]
+    input_ids, labels = mask_tokens(token_ids, token_action, plan.random_tokens[:, :length])
     out = {
         "input_ids": input_ids,
         "attention_mask": (np.arange(length) < plan.lengths[:, None]).astype(np.uint8),
         "token_type_ids": np.zeros_like(input_ids),
         "labels": labels,
+        "mlm_rows": padded_rows(token_action != NOT_MASKED),  # where labels >= 0
+        "feat_rows": padded_rows(plan.region_action != NOT_MASKED),  # where the feature mask is 1
         "matched": plan.matched,
         "ans": plan.ans.astype(np.int16),
     }
@@ -48,13 +75,15 @@ def assemble(plan: BatchPlan, t: dict[str, Tensor]) -> PretrainBatch:
     return PretrainBatch(
         input_ids=t["input_ids"], attention_mask=t["attention_mask"], token_type_ids=t["token_type_ids"],
         visual_feats=t["visual_feats"], visual_pos=t["boxes"], visual_attention_mask=t.get("visual_attention_mask"),
-        labels=t["labels"],
+        labels=t["labels"], mlm_rows=t["mlm_rows"], feat_rows=t["feat_rows"],
         obj_labels={
             "obj": (t["obj_ids"], t["obj_conf"]), "attr": (t["attr_ids"], t["attr_conf"]),
             "feat": (t["features"], t["feat_mask"]),
         },
         matched_label=t["matched"], ans=t["ans"], sample_index=plan.sample_index,
         sentence_index=plan.sentence_index, image_index=plan.image_index, epoch=plan.epoch, step=plan.step,
+        masked_tokens=int(np.count_nonzero(plan.token_action[:, : plan.max_length] != NOT_MASKED)),
+        masked_regions=int(np.count_nonzero(plan.region_action != NOT_MASKED)),
     )  # fmt: skip
 
 
@@ -66,7 +95,7 @@ class HostBatchBuilder:
 
     def build(self, epoch: int, step: int) -> PretrainBatch:
         plan = self.sampler.plan(epoch, step)
-        arrays = text_arrays(self.text, plan)
+        arrays = text_arrays(self.text, plan, self.sampler.config.vocab_size)
         gathered = self.regions.gather(plan.image_index)  # the plan orders samples by image: sorted reads
         for name in ("features", *REGION_LABELS):
             arrays[name] = getattr(gathered, name)

@@ -7,7 +7,10 @@ One streaming pass over the input files in order, in chunks: a subclass reads a 
 (`records`), turns each into rows (`take`, appending to `pending`: the sentence first, then its columns) and
 writes a chunk's columns (`append_rows`); the skeleton tokenises each chunk's sentences in one batch, commits the
 chunk with the input position and the subclass's state (so that a rerun resumes after it: StoreBuilder in
-engine/data/store.py), and finishes the store with the subclass's meta and JSON files.
+engine/data/store.py), and finishes the store with the subclass's meta and JSON files. A rerun that finds the
+store sealed by a killed run only installs it (its meta.json stands in for the state: the same "stats", and the
+text store's "sources"). Inputs that leave no sentence to store are an error (DataError), and the partial build
+is deleted.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ import hashlib
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
+from engine.atomic import kill_point
+from engine.data.formats import DataError
 from engine.data.store import ArraySpec, RegionStore, StoreBuilder, sha256_strings
-from lxmert.tokenizer import LxmertTokenizer
+
+if TYPE_CHECKING:  # imported where used: the lxmert package imports torch, which a --tsv conversion never needs
+    from lxmert.tokenizer import LxmertTokenizer
 
 INT16_MAX = 32767
 
@@ -35,14 +42,24 @@ def input_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def existing_inputs(paths: Sequence[str | Path]) -> list[Path]:
+def existing_inputs(paths: Sequence[str | Path], kind: str = "JSON file") -> list[Path]:
+    """The input paths, each checked to be a file (`kind` names what it should be, for the error)."""
     out = [Path(p) for p in paths]
     for p in out:
+        if p.is_dir():
+            raise IsADirectoryError(f"input {p} is a directory, not a {kind}")
         if not p.is_file():
             raise FileNotFoundError(f"input {p} not found")
     if not out:
         raise ValueError("no input files given")
     return out
+
+
+def nothing_to_store(paths: Sequence[Path], problem: str, errors: Sequence[str] = ()) -> DataError:
+    """The error of a conversion whose inputs left no row to store (with the first skipped row's message)."""
+    where = "the whole file" if len(paths) == 1 else f"all {len(paths)} files"
+    first = f"; the first skipped: {errors[0]}" if errors else ""
+    return DataError(", ".join(map(str, paths)), where, f"{problem}: nothing to convert{first}")
 
 
 def file_sha256(path: Path) -> str:
@@ -71,15 +88,20 @@ class SentenceConversion(abc.ABC):
     drop: tuple[str, ...] = ()  # growing arrays that are build state only
 
     def __init__(self, paths: Sequence[str | Path], features: str | Path, out: str | Path, *, vocab_path: Any,
-                 max_length: int, chunk: int, overwrite: bool, progress: bool) -> None:  # fmt: skip
+                 max_length: int | None, chunk: int, overwrite: bool, progress: bool) -> None:  # fmt: skip
+        from lxmert.tokenizer import MAX_SEQ_LENGTH
+
         self.paths = existing_inputs(paths)
         self.features, self.out = features, Path(out)
         self.regions = RegionStore(features)
-        self.max_length, self.chunk, self.overwrite, self.progress = max_length, chunk, overwrite, progress
+        self.max_length = MAX_SEQ_LENGTH if max_length is None else max_length
+        self.chunk, self.overwrite, self.progress = chunk, overwrite, progress
         self.vocab_path = vocab_path
         self.pending: list[tuple[Any, ...]] = []
 
     def tokenizer(self) -> LxmertTokenizer:
+        from lxmert.tokenizer import LxmertTokenizer
+
         if self.max_length > 255:
             raise ValueError("lengths are stored as uint8: max_length must be <= 255")
         tokenizer = LxmertTokenizer(self.vocab_path, self.max_length)
@@ -149,6 +171,10 @@ class SentenceConversion(abc.ABC):
         tokenizer = self.tokenizer()
         specs = {"token_ids": ArraySpec("<i2", (self.max_length,)), "lengths": ArraySpec("|u1"), **self.specs()}
         builder = StoreBuilder(self.out, self.format, self.config(tokenizer), specs, self.overwrite)
+        if builder.complete is not None:  # a previous run was killed after sealing the store
+            self.restore(builder.complete)
+            builder.install()
+            return self.stats
         self.restore(builder.state if builder.resumed else None)
         position = builder.position or {"file": 0, "record": 0}
         bar = tqdm(desc=self.out.name, unit=" records", initial=self.records_done, disable=not self.progress,
@@ -161,10 +187,15 @@ class SentenceConversion(abc.ABC):
                 for index, record in self.records(path, start):
                     bar.update()
                     self.take(path, index, record)
+                    kill_point("build.record")
                     if len(self.pending) >= self.chunk:
                         self.commit(builder, tokenizer, {"file": file_index, "record": index + 1})
                 self.commit(builder, tokenizer, {"file": file_index + 1, "record": 0})
                 self.end_of_file()
+            if builder.rows("lengths") == 0:
+                builder.discard()
+                counts = ", ".join(f"{k} {v}" for k, v in self.stats_state(self.stats).items() if k != "errors")
+                raise nothing_to_store(self.paths, f"no sentences to store ({counts})", self.stats.errors)
             builder.finish(self.meta(tokenizer), self.json_files(builder), drop=self.drop)
             return self.stats
         finally:

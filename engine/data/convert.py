@@ -11,6 +11,11 @@ authors' pre-training data does. A crash or ^C is resumed by rerunning the same 
 only when complete and verified. Bad input stops with the file and row/record (formats.DataError), or with
 --skip-bad-rows is skipped and counted. A sentence whose img_id the feature store lacks is an error naming
 the text file, record and img_id (the authors silently drop them); --skip-missing-images counts and drops them.
+--skip-bad-rows works the same way for the task files of --task (a record that fails validation, or repeats an
+earlier question_id / identifier). Text files may start with a UTF-8 byte-order mark; a byte that is not UTF-8
+stops with the file, the record and the byte offset and line. An input that is a directory, not a file, is an
+error; so is a conversion left with nothing to store (an empty TSV or JSON list, every row skipped as bad or
+every record's image missing): a store of no rows is never what was meant, and no partial build is left behind.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
+from engine.atomic import kill_point
 from engine.data.build import (
     INT16_MAX, SentenceConversion, append_labels, existing_inputs, features_info, file_sha256, input_identity,
+    nothing_to_store,
 )  # fmt: skip
 from engine.data.formats import (
     FEAT_DIM, MAX_KEPT_ERRORS, NUM_ATTR_LABELS, NUM_OBJECT_LABELS, AnswerTable, DataError, ReadStats, RegionRecord,
@@ -38,7 +45,9 @@ from engine.data.store import (
     sha256_strings,
 )  # fmt: skip
 from engine.data.tasks import convert_task
-from lxmert.tokenizer import MAX_SEQ_LENGTH, LxmertTokenizer
+
+if TYPE_CHECKING:  # the tokenizer imports torch (the lxmert package): only text and task conversions load it
+    from lxmert.tokenizer import LxmertTokenizer
 
 FP16_MAX = 65504.0
 CHUNK_IMAGES = 512  # about 75 MB of float16 features at 36 x 2048
@@ -116,7 +125,7 @@ def convert_features(
     progress: bool = True,
 ) -> FeatureStats:
     """Feature TSVs (in order; an img_id may appear once over all of them) -> a region store at `out`."""
-    paths = existing_inputs(tsv_paths)
+    paths = existing_inputs(tsv_paths, "TSV file")
     if max(num_object_labels, num_attr_labels) > INT16_MAX + 1:
         raise ValueError("object and attribute ids are stored as int16: at most 32768 classes")
     float_dtype = "<f4" if fp32 else "<f2"
@@ -136,6 +145,11 @@ def convert_features(
         num_attr_labels=num_attr_labels, skip_bad_rows=skip_bad_rows, chunk_images=chunk_images,
     )  # fmt: skip
     builder = StoreBuilder(out, REGION_FORMAT, {"inputs": [input_identity(p) for p in paths], **options}, specs, overwrite)
+    if builder.complete is not None:  # a previous run was killed after sealing the store: only the install is left
+        builder.install()
+        stats = FeatureStats(**builder.complete["stats"])
+        stats.resumed_at = stats.images
+        return stats
     position = builder.position or {"file": 0, "offset": 0, "row": 1}
     sizes = [p.stat().st_size for p in paths]
     bar = tqdm(
@@ -150,15 +164,18 @@ def convert_features(
         chunk = _RegionChunk(chunk_images, num_regions, feat_dim, float_dtype)
         bad_before = stats.bad_rows  # bad rows of the files before the current one
 
+        def saved() -> dict[str, Any]:  # the stats as progress.json and meta.json keep them
+            state = dataclasses.asdict(stats)
+            del state["resumed_at"]
+            return state
+
         def commit(pos: dict[str, int], read: ReadStats) -> None:
             chunk.flush_into(builder)
             stats.bad_rows = bad_before + read.bad
             if read.errors:
                 stats.errors = (stats.errors + read.errors)[:MAX_KEPT_ERRORS]
                 read.errors.clear()
-            state = dataclasses.asdict(stats)
-            del state["resumed_at"]
-            builder.commit(pos, {"stats": state})
+            builder.commit(pos, {"stats": saved()})
 
         for file_index in range(position["file"], len(paths)):
             path = paths[file_index]
@@ -188,6 +205,7 @@ def convert_features(
                 stats.padded += rec.num_boxes < num_regions
                 stats.truncated += rec.num_boxes > num_regions
                 chunk.add(rec)
+                kill_point("convert.row")
                 if chunk.n == chunk_images:
                     commit({"file": file_index, "offset": rec.end_offset, "row": rec.row + 1}, read)
             bar.update(sizes[file_index] - start_offset)
@@ -195,9 +213,13 @@ def convert_features(
             bad_before = stats.bad_rows
 
         ids = builder.raw_path("img_ids").read_bytes().decode("utf-8").splitlines()
+        if not ids:
+            builder.discard()
+            rows = f"all {stats.bad_rows} rows are bad (skipped)" if stats.bad_rows else "no rows (an empty file?)"
+            raise nothing_to_store(paths, f"{rows}: no images to store", stats.errors)
         meta = {
             "format": REGION_FORMAT, "version": FORMAT_VERSION, "n_images": len(ids), **options,
-            "float_dtype": float_dtype, "inputs": [str(p) for p in paths], "stats": dataclasses.asdict(stats),
+            "float_dtype": float_dtype, "inputs": [str(p) for p in paths], "stats": saved(),
         }  # fmt: skip
         builder.finish(meta, {"img_ids.json": ids}, drop=["img_ids"])
         return stats
@@ -228,7 +250,7 @@ class TextConversion(SentenceConversion):
     format = TEXT_FORMAT
 
     def __init__(self, json_paths: Sequence[str | Path], features: str | Path, out: str | Path, *,
-                 answers: str | Path | AnswerTable | None, vocab_path: str | Path | None, max_length: int,
+                 answers: str | Path | AnswerTable | None, vocab_path: str | Path | None, max_length: int | None,
                  skip_bad_rows: bool, skip_missing_images: bool, overwrite: bool, chunk_sentences: int,
                  progress: bool) -> None:  # fmt: skip
         super().__init__(json_paths, features, out, vocab_path=vocab_path, max_length=max_length,
@@ -333,7 +355,7 @@ class TextConversion(SentenceConversion):
             "format": TEXT_FORMAT, "version": FORMAT_VERSION, "n_sentences": self.stats.sentences,
             "sources": self.sources, "max_length": self.max_length, "features": self.info,
             "answers_sha256": sha256_strings(self.answers_list), "vocab_sha256": file_sha256(tokenizer.vocab_path),
-            "inputs": [str(p) for p in self.paths], "stats": dataclasses.asdict(self.stats),
+            "inputs": [str(p) for p in self.paths], "stats": self.stats_state(self.stats),
         }  # fmt: skip
 
     def json_files(self, builder: StoreBuilder) -> dict[str, Any]:
@@ -347,7 +369,7 @@ def convert_text(
     *,
     answers: str | Path | AnswerTable | None = None,
     vocab_path: str | Path | None = None,
-    max_length: int = MAX_SEQ_LENGTH,
+    max_length: int | None = None,
     skip_bad_rows: bool = False,
     skip_missing_images: bool = False,
     overwrite: bool = False,
@@ -356,7 +378,8 @@ def convert_text(
 ) -> TextStats:
     """Pre-training JSON files -> a text store at `out` whose image_index rows point into the `features` store.
 
-    `answers` (all_ans.json or a table) is needed as soon as a sentence has a QA label.
+    `answers` (all_ans.json or a table) is needed as soon as a sentence has a QA label; max_length None is the
+    tokenizer's (lxmert.tokenizer.MAX_SEQ_LENGTH, 20).
     """
     return TextConversion(
         json_paths, features, out, answers=answers, vocab_path=vocab_path, max_length=max_length,
@@ -382,7 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing store (only once the new one is verified)"
     )
-    parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows / records")
+    parser.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip and count malformed rows / records (every mode)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     features = parser.add_argument_group("--tsv mode")
     features.add_argument("--fp32", action="store_true", help="float32 features and confidences (default float16)")
@@ -411,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--task {args.task} needs --ans2label (trainval_ans2label.json)")
             stats: Any = convert_task(
                 args.task, args.questions, args.features, args.ans2label, args.out, vocab_path=args.vocab,
-                skip_missing_images=args.skip_missing_images, overwrite=args.overwrite, progress=not args.quiet,
+                skip_bad_rows=args.skip_bad_rows, skip_missing_images=args.skip_missing_images,
+                overwrite=args.overwrite, progress=not args.quiet,
             )  # fmt: skip
         elif args.tsv:
             stats = convert_features(
@@ -427,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 skip_bad_rows=args.skip_bad_rows, skip_missing_images=args.skip_missing_images,
                 overwrite=args.overwrite, chunk_sentences=args.chunk_sentences, progress=not args.quiet,
             )  # fmt: skip
-    except (DataError, StoreError, FileExistsError, FileNotFoundError) as e:
+    except (DataError, StoreError, FileExistsError, FileNotFoundError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary = {k: v for k, v in dataclasses.asdict(stats).items() if k != "errors"}

@@ -83,7 +83,7 @@ class DaliLoader(PretrainLoader):
     # ------------------------------------------------------------------------------- host side
 
     def _host_part(self, plan: BatchPlan) -> dict[str, Tensor]:
-        arrays = text_arrays(self.sampler.text, plan)
+        arrays = text_arrays(self.sampler.text, plan, self.sampler.config.vocab_size)
         features = self.sampler.regions.arrays["features"]
         arrays.update(
             region_action=plan.region_action, blank_at=plan.blank_at, replace_at=plan.replace_at,

@@ -10,27 +10,29 @@ comes in, exactly as the authors' code (airsplay/lxmert) reads them.
 - Pre-training JSON: a list of {img_id, sentf: {source: [sentences]}, labelf: {source: [{answer: score}]}}
   with labelf[src][i] the label of sentf[src][i] (a source may have no labels: COCO captions). The files
   reach a gigabyte, so `iter_json_array` streams the top-level list record by record.
-- Fine-tuning JSON (VQA, GQA, NLVR2) and the answer tables are small: read whole, validated record by record.
+- Fine-tuning JSON (VQA, GQA, NLVR2) and the answer tables are small: read whole, validated record by record
+  (`parse_vqa` and its siblings validate one record, for a converter that skips bad ones).
+- JSON is UTF-8, as json.dump writes it; a leading byte-order mark (Windows editors) is accepted and dropped.
 
-Every malformed input raises DataError (a ValueError) naming the file, the row or record, and the problem.
-Readers of the big formats take on_error="skip": a bad row or record is counted in a ReadStats and skipped.
+Every malformed input raises DataError (a ValueError) naming the file, the row or record, and the problem; a
+byte that is not UTF-8 is named by record, byte offset and line. Readers of the big formats take
+on_error="skip": a bad row or record is counted in a ReadStats and skipped.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
-
-from lxmert.answers import normalize_answer
 
 OnError = Literal["raise", "skip"]
 
@@ -291,26 +293,64 @@ def write_tsv(path: str | Path, records: Iterable[RegionRecord]) -> int:
 
 # ------------------------------------------------------------------------------------- streaming JSON
 
-_JSON_CHUNK = 1 << 20  # characters read at a time
+_JSON_CHUNK = 1 << 20  # bytes read at a time
 _WHITESPACE = " \t\n\r"
+
+
+def _not_utf8(error: UnicodeDecodeError) -> str:
+    bad = error.object[error.start : error.end]
+    return f"not valid UTF-8 ({error.reason}: {bad!r}); is the file in another encoding?"
+
+
+class _Utf8Reader:
+    """The text of a binary file, a block at a time, without a leading byte-order mark. At a byte that is not
+    UTF-8 the text stops: the valid text before it comes first, then "" with `bad` = (where, problem)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.decoder = f, codecs.getincrementaldecoder("utf-8")()
+        if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+            f.seek(0)
+        self.offset, self.lines = f.tell(), 0  # bytes decoded so far (the mark included), newlines among them
+        self.bad: tuple[str, str] | None = None
+
+    def read(self, size: int) -> str:
+        while self.bad is None:
+            raw = self.f.read(size)
+            pending = self.decoder.getstate()[0]  # the start of a character the last block cut
+            try:
+                text = self.decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:  # e.object is pending + raw
+                valid = e.object[: e.start]
+                at, line = self.offset - len(pending) + e.start, 1 + self.lines + valid.count(b"\n")
+                self.bad = f"byte {at} (line {line})", _not_utf8(e)
+                return valid.decode("utf-8")
+            self.offset, self.lines = self.offset + len(raw), self.lines + raw.count(b"\n")
+            if text or not raw:
+                return text
+        return ""
 
 
 def iter_json_array(path: str | Path, chunk_chars: int = _JSON_CHUNK) -> Iterator[tuple[int, Any]]:
     """(index, value) for each element of the top-level JSON list in `path`, holding one element at a time.
 
-    A syntax error raises DataError naming the element's index ("record 12").
+    A syntax error raises DataError naming the element's index ("record 12"); a byte that is not UTF-8, the
+    element and the byte's offset and line. `chunk_chars` is how many bytes are read at a time.
     """
     path = Path(path)
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
-        buf, pos, eof = "", 0, False
+    with open(path, "rb") as f:
+        reader = _Utf8Reader(f)
+        buf, pos, eof, index = "", 0, False, 0
 
         def fill(min_more: int = chunk_chars) -> bool:
             """Append at least a chunk (or min_more) to the buffer, dropping what was consumed."""
             nonlocal buf, pos, eof
             if eof:
                 return False
-            more = f.read(max(chunk_chars, min_more))
+            more = reader.read(max(chunk_chars, min_more))
+            if not more and reader.bad is not None:
+                where, problem = reader.bad
+                raise DataError(path, f"record {index}, {where}", problem)
             buf, pos = buf[pos:] + more, 0
             eof = not more
             return bool(more)
@@ -327,7 +367,6 @@ def iter_json_array(path: str | Path, chunk_chars: int = _JSON_CHUNK) -> Iterato
         if next_char() != "[":
             raise DataError(path, "start of file", "expected a JSON list of records")
         pos += 1
-        index = 0
         while True:
             c = next_char()
             if c == "]":
@@ -387,9 +426,16 @@ def write_json(path: str | Path, value: Any) -> None:
 
 
 def _load_json(path: str | Path) -> Any:
+    raw = Path(path).read_bytes()
+    mark = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        text = raw[mark:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = mark + e.start
+        line = 1 + raw[:at].count(b"\n")
+        raise DataError(path, f"byte {at} (line {line})", _not_utf8(e)) from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, f"line {e.lineno} column {e.colno}", f"invalid JSON: {e.msg}") from None
 
@@ -528,7 +574,8 @@ class Nlvr2Example:
     uid: str | None = None
 
 
-def _records(path: Path) -> list[Any]:
+def read_json_list(path: str | Path) -> list[Any]:
+    """A small JSON file that must hold a list (of records); DataError otherwise."""
     data = _load_json(path)
     if not isinstance(data, list):
         raise DataError(path, "start of file", f"expected a JSON list of records, got {type(data).__name__}")
@@ -558,19 +605,42 @@ def _unique(path: Path, what: str, keys: list[Any]) -> None:
         seen[key] = i
 
 
+def parse_vqa(path: Path, i: int, r: Any) -> VqaQuestion:
+    """Record i of a VQA file, validated: {answer_type, img_id, label, question_id (int), question_type, sent}."""
+    label = _get(path, i, r, "label", dict, optional=True)
+    return VqaQuestion(
+        question_id=_get(path, i, r, "question_id", int), img_id=_get(path, i, r, "img_id", str),
+        sent=_get(path, i, r, "sent", str), label=None if label is None else _check_label(path, f"record {i}", label),
+        answer_type=_get(path, i, r, "answer_type", str, optional=True),
+        question_type=_get(path, i, r, "question_type", str, optional=True),
+    )  # fmt: skip
+
+
+def parse_gqa(path: Path, i: int, r: Any) -> GqaQuestion:
+    """Record i of a GQA file, validated: {img_id, label, question_id (str), sent}."""
+    label = _get(path, i, r, "label", dict, optional=True)
+    return GqaQuestion(
+        question_id=_get(path, i, r, "question_id", str), img_id=_get(path, i, r, "img_id", str),
+        sent=_get(path, i, r, "sent", str), label=None if label is None else _check_label(path, f"record {i}", label),
+    )  # fmt: skip
+
+
+def parse_nlvr2(path: Path, i: int, r: Any) -> Nlvr2Example:
+    """Record i of an NLVR2 file, validated: {identifier, img0, img1, label (0 or 1), sent, uid}."""
+    label = _get(path, i, r, "label", int, optional=True)
+    if label not in (None, 0, 1):
+        raise DataError(path, f"record {i}", f"label must be 0 or 1, got {label!r}")
+    return Nlvr2Example(
+        identifier=_get(path, i, r, "identifier", str), img0=_get(path, i, r, "img0", str),
+        img1=_get(path, i, r, "img1", str), sent=_get(path, i, r, "sent", str), label=label,
+        uid=_get(path, i, r, "uid", str, optional=True),
+    )  # fmt: skip
+
+
 def read_vqa(path: str | Path) -> list[VqaQuestion]:
     """VQA questions {answer_type, img_id, label, question_id (int), question_type, sent}; no label in test."""
     path = Path(path)
-    out = []
-    for i, r in enumerate(_records(path)):
-        label = _get(path, i, r, "label", dict, optional=True)
-        out.append(VqaQuestion(
-            question_id=_get(path, i, r, "question_id", int), img_id=_get(path, i, r, "img_id", str),
-            sent=_get(path, i, r, "sent", str),
-            label=None if label is None else _check_label(path, f"record {i}", label),
-            answer_type=_get(path, i, r, "answer_type", str, optional=True),
-            question_type=_get(path, i, r, "question_type", str, optional=True),
-        ))  # fmt: skip
+    out = [parse_vqa(path, i, r) for i, r in enumerate(read_json_list(path))]
     _unique(path, "question_id", [q.question_id for q in out])
     return out
 
@@ -578,14 +648,7 @@ def read_vqa(path: str | Path) -> list[VqaQuestion]:
 def read_gqa(path: str | Path) -> list[GqaQuestion]:
     """GQA questions {img_id, label, question_id (str), sent}; no label in the submission split."""
     path = Path(path)
-    out = []
-    for i, r in enumerate(_records(path)):
-        label = _get(path, i, r, "label", dict, optional=True)
-        out.append(GqaQuestion(
-            question_id=_get(path, i, r, "question_id", str), img_id=_get(path, i, r, "img_id", str),
-            sent=_get(path, i, r, "sent", str),
-            label=None if label is None else _check_label(path, f"record {i}", label),
-        ))  # fmt: skip
+    out = [parse_gqa(path, i, r) for i, r in enumerate(read_json_list(path))]
     _unique(path, "question_id", [q.question_id for q in out])
     return out
 
@@ -593,16 +656,7 @@ def read_gqa(path: str | Path) -> list[GqaQuestion]:
 def read_nlvr2(path: str | Path) -> list[Nlvr2Example]:
     """NLVR2 statements {identifier, img0, img1, label (0 or 1), sent, uid}."""
     path = Path(path)
-    out = []
-    for i, r in enumerate(_records(path)):
-        label = _get(path, i, r, "label", int, optional=True)
-        if label not in (None, 0, 1):
-            raise DataError(path, f"record {i}", f"label must be 0 or 1, got {label!r}")
-        out.append(Nlvr2Example(
-            identifier=_get(path, i, r, "identifier", str), img0=_get(path, i, r, "img0", str),
-            img1=_get(path, i, r, "img1", str), sent=_get(path, i, r, "sent", str), label=label,
-            uid=_get(path, i, r, "uid", str, optional=True),
-        ))  # fmt: skip
+    out = [parse_nlvr2(path, i, r) for i, r in enumerate(read_json_list(path))]
     _unique(path, "identifier", [x.identifier for x in out])
     return out
 
@@ -635,14 +689,21 @@ class AnswerTable:
     def convert_label(self, label: Mapping[str, float]) -> dict[int, float]:
         """{table id: score}: each answer normalised (lxmert.answers), answers outside the table dropped.
 
-        Exactly the authors' loop: where two answers normalise to the same one, the later score wins.
+        The authors' loop (LXMERTDataset.__init__, over list(label.keys())), step for step: in the label's order,
+        an answer whose normal form is outside the table is dropped, one already in normal form stays, and any
+        other moves onto its normal form, overwriting what is there. So {"two": .5, "2": 1} and {"2": 1,
+        "two": .5} both give {"2": .5}, and {"Grey": .2, "gray": .9} gives {"gray": .2}.
         """
-        converted: dict[str, float] = {}
-        for answer, score in label.items():
+        from lxmert.answers import normalize_answer  # here: the lxmert package imports torch, which TSVs never need
+
+        merged = dict(label)
+        for answer in list(merged):
             normal = normalize_answer(answer)
-            if normal in self.index:
-                converted[normal] = score
-        return {self.index[a]: float(s) for a, s in converted.items()}
+            if normal not in self.index:
+                merged.pop(answer)
+            elif normal != answer:
+                merged[normal] = merged.pop(answer)
+        return {self.index[a]: float(s) for a, s in merged.items()}
 
 
 def read_answer_table(path: str | Path, dsets: Iterable[str] | None = None) -> AnswerTable:
@@ -650,7 +711,7 @@ def read_answer_table(path: str | Path, dsets: Iterable[str] | None = None) -> A
     path = Path(path)
     answers, sets = [], []
     wanted = None if dsets is None else set(dsets)
-    for i, r in enumerate(_records(path)):
+    for i, r in enumerate(read_json_list(path)):
         answer = _get(path, i, r, "ans", str)
         used = tuple(_get(path, i, r, "dsets", list, optional=True) or ())
         if wanted is None or wanted & set(used):

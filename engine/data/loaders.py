@@ -297,7 +297,7 @@ class GpuResidentLoader(PretrainLoader):
 
     def _host_part(self, epoch: int, step: int) -> tuple[BatchPlan, dict[str, Tensor]]:
         plan = self.sampler.plan(epoch, step)
-        arrays = text_arrays(self.sampler.text, plan)
+        arrays = text_arrays(self.sampler.text, plan, self.sampler.config.vocab_size)
         arrays.update(
             image_index=plan.image_index, region_action=plan.region_action, blank_at=plan.blank_at,
             replace_at=plan.replace_at, replace_image=plan.replace_image, replace_region=plan.replace_region,

@@ -46,8 +46,12 @@ Building (StoreBuilder): arrays grow in `<out>.partial/` as .npy files whose 128
 the end; every chunk is flushed, fsynced and recorded with its row counts and crc32s in progress.json
 (replaced atomically), together with the converter's input position. A rerun with the same inputs and options
 truncates each file to the last recorded chunk and continues from that position. `finish` writes the headers,
-re-reads every array and checks shape, dtype and each chunk's crc32, writes meta.json, and renames the
-directory to `<out>`; an existing store there is replaced only with overwrite=True, and only by a verified one.
+re-reads every array and checks shape, dtype and each chunk's crc32, writes the JSON files and meta.json (which
+names the build: meta["build"] is its config), and installs the store: deletes the build state, renames the
+directory to `<out>`. An existing store there is replaced only with overwrite=True, and only by a verified one.
+A kill anywhere is resumed by the same command: before meta.json, from the last chunk; after it (a sealed
+partial), only the install is left, and the conversion is not redone; in the middle of replacing an existing
+store (moved aside to `<out>.partial.old`), the swap is finished, or undone when the rerun is another build.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.atomic import fsync_dir, write_atomic
+from engine.atomic import fsync_dir, kill_point, remove_temp_files, write_atomic
 
 REGION_FORMAT = "lxmert-region-store"
 TEXT_FORMAT = "lxmert-text-store"
@@ -152,7 +156,7 @@ class _GrowingFile:
         array = np.ascontiguousarray(array, dtype=spec.dtype)
         if array.shape[1:] != spec.row_shape:
             raise ValueError(f"{self.path.name}: rows of shape {array.shape[1:]}, expected {spec.row_shape}")
-        data = array.data.cast("B")
+        data = array.reshape(-1).view(np.uint8)  # bytes, also of a chunk of no rows
         self.file.write(data)
         self.chunk_crc = zlib.crc32(data, self.chunk_crc)
         self.rows += array.shape[0]
@@ -175,12 +179,22 @@ class _GrowingFile:
 # ------------------------------------------------------------------------------------------ builder
 
 
-def _is_store(path: Path) -> bool:
+def _meta_of(path: Path) -> dict[str, Any] | None:
     try:
         with open(path / META, encoding="utf-8") as f:
-            return json.load(f).get("format") in (REGION_FORMAT, TEXT_FORMAT, TASK_FORMAT)
-    except (OSError, ValueError, AttributeError):
-        return False
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _is_store(path: Path) -> bool:
+    return (_meta_of(path) or {}).get("format") in (REGION_FORMAT, TEXT_FORMAT, TASK_FORMAT)
+
+
+def _build_of(path: Path) -> Any:
+    """The config of the build that wrote the store (or sealed partial) at `path`; None if there is none."""
+    return (_meta_of(path) or {}).get("build")
 
 
 class StoreExistsError(FileExistsError):
@@ -193,7 +207,8 @@ class StoreBuilder:
     `config` identifies the build (inputs with sizes and mtimes, options): a partial build is resumed only
     when its config is equal, else it is discarded. The caller appends rows to the arrays, then `commit`s a
     chunk with its input `position` and `state` (both JSON values it gets back on resume), and at the end
-    calls `finish` with the meta and small JSON files.
+    calls `finish` with the meta and small JSON files. When a previous run of the same build was killed after
+    sealing the store, `complete` is its meta.json: the caller skips the conversion and calls `install`.
     """
 
     def __init__(
@@ -202,22 +217,35 @@ class StoreBuilder:
     ) -> None:  # fmt: skip
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
+        self.replaced = self.out.with_name(self.out.name + ".partial.old")  # the store being replaced, briefly
         self.kind, self.specs, self.overwrite = kind, dict(arrays), overwrite
         self.config = json.loads(json.dumps({"kind": kind, "version": FORMAT_VERSION, **config}))
+        self.chunks: list[dict[str, Any]] = []
+        self.position: Any = None
+        self.state: Any = None
+        self.files: dict[str, _GrowingFile] = {}
+        self.complete: dict[str, Any] | None = self._read_sealed()
+        self._recover_swap()
         if self.out.exists():
             if not _is_store(self.out):  # never delete what we did not write
                 raise StoreExistsError(f"{self.out} already exists and is not a store: refusing to replace it")
             if not overwrite:
-                raise StoreExistsError(f"{self.out} already exists; pass overwrite=True (--overwrite) to replace it")
+                same = _build_of(self.out) == self.config
+                raise StoreExistsError(
+                    f"{self.out} already exists"
+                    + (" (converted from these very inputs and options)" if same else "")
+                    + "; pass overwrite=True (--overwrite) to replace it"
+                )  # fmt: skip
+        if self.complete is not None:
+            remove_temp_files(self.partial)
+            return
 
-        self.chunks: list[dict[str, Any]] = []
-        self.position: Any = None
-        self.state: Any = None
         progress = self._read_progress()
-        if progress is not None and progress["config"] == self.config:
+        if progress is not None and progress["config"] == self.config and self._holds(progress["chunks"]):
             self.chunks, self.position, self.state = progress["chunks"], progress["position"], progress["state"]
+            remove_temp_files(self.partial)  # of writes a kill cut short
         elif self.partial.exists():
-            shutil.rmtree(self.partial)
+            self._discard()
         self.partial.mkdir(parents=True, exist_ok=True)
         committed = self.chunks[-1]["rows"] if self.chunks else {name: 0 for name in self.specs}
         self.files = {
@@ -239,6 +267,37 @@ class StoreBuilder:
         except (OSError, json.JSONDecodeError):
             return None
 
+    def _read_sealed(self) -> dict[str, Any] | None:
+        """The meta.json of a partial that a previous run of this build sealed (then killed before the rename)."""
+        return _meta_of(self.partial) if _build_of(self.partial) == self.config else None
+
+    def _holds(self, chunks: list[dict[str, Any]]) -> bool:
+        """Whether every array file still holds the rows progress.json records (nobody deleted or cut one)."""
+        if not chunks:
+            return True
+        for name, spec in self.specs.items():
+            path = self.partial / (name + spec.suffix)
+            size = (HEADER_BYTES if spec.header else 0) + chunks[-1]["rows"][name] * spec.row_bytes
+            if not path.is_file() or path.stat().st_size < size:
+                return False
+        return True
+
+    def _recover_swap(self) -> None:
+        """Finish or undo the replacement of an existing store that a kill interrupted (see `install`)."""
+        if not self.replaced.exists():
+            return
+        if _is_store(self.out):  # the new store is in place: the old one was still to be deleted
+            shutil.rmtree(self.replaced)
+        elif not self.out.exists() and self.complete is None and _is_store(self.replaced):
+            os.rename(self.replaced, self.out)  # the sealed partial is not this build's: put the old store back
+            fsync_dir(self.out.parent)
+
+    def _discard(self) -> None:
+        """Delete the partial build, its records first: a kill midway leaves nothing that looks resumable."""
+        for name in (PROGRESS, META):
+            (self.partial / name).unlink(missing_ok=True)
+        shutil.rmtree(self.partial)
+
     def _write_progress(self) -> None:
         progress = {"config": self.config, "chunks": self.chunks, "position": self.position, "state": self.state}
         write_atomic(self.partial / PROGRESS, lambda f: json.dump(progress, f))
@@ -248,11 +307,13 @@ class StoreBuilder:
 
     def append(self, name: str, array: np.ndarray) -> None:
         self.files[name].append(array)
+        kill_point("store.append")
 
     def commit(self, position: Any, state: Any) -> None:
         """Make everything appended so far durable and record it: a rerun resumes after this point."""
         for f in self.files.values():
             f.sync()
+        kill_point("store.commit")
         chunk = {
             "rows": {name: f.rows for name, f in self.files.items()},
             "crc32": {name: f.chunk_crc for name, f in self.files.items()},
@@ -270,6 +331,12 @@ class StoreBuilder:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+    def discard(self) -> None:
+        """Give the build up (nothing in it is worth resuming): close and delete the partial directory."""
+        self.close()
+        if self.partial.exists():
+            self._discard()
 
     def _verify(self) -> dict[str, dict[str, Any]]:
         """Re-read every array: shape and dtype through numpy, and each chunk's crc32; returns per-array info."""
@@ -303,35 +370,52 @@ class StoreBuilder:
         return info
 
     def finish(self, meta: Mapping[str, Any], json_files: Mapping[str, Any], drop: Sequence[str] = ()) -> Path:
-        """Finalise headers, verify, write `json_files` and meta.json, rename to `out`; returns `out`.
+        """Finalise headers, verify, write `json_files` and meta.json (the seal), then `install`; returns `out`.
 
-        `drop` names growing arrays that were build state only (removed before the rename)."""
+        `drop` names growing arrays that were build state only (deleted by the install)."""
         committed = self.chunks[-1]["rows"] if self.chunks else {name: 0 for name in self.specs}
         if any(f.rows != committed[name] for name, f in self.files.items()):
             raise RuntimeError("finish() with rows appended after the last commit()")
         for f in self.files.values():
             f.finalize()
+            kill_point("finish.header")
         try:
             arrays = self._verify()
         except StoreError:
-            shutil.rmtree(self.partial)  # resuming would only reproduce the bad bytes: start over next time
+            self._discard()  # resuming would only reproduce the bad bytes: start over next time
             raise
         for name in drop:
-            os.remove(self.files[name].path)
             del arrays[name]
         for filename, value in json_files.items():
             write_atomic(self.partial / filename, lambda f: json.dump(value, f))
-        os.remove(self.partial / PROGRESS)
-        write_atomic(self.partial / META, lambda f: json.dump({**meta, "arrays": arrays}, f))
-        fsync_dir(self.partial)
+        sealed = {**meta, "arrays": arrays, "build": self.config}
+        write_atomic(self.partial / META, lambda f: json.dump(sealed, f))
+        self.complete = sealed
+        kill_point("finish.sealed")
+        return self.install()
 
-        old = self.out.with_name(self.out.name + f".old-{os.getpid()}")
+    def install(self) -> Path:
+        """Move a sealed partial into place: delete its build state, replace an existing store, rename it `out`.
+
+        Each step can be killed and redone: a rerun of the build finds the sealed partial (or the swap half
+        done, see _recover_swap) and calls this again."""
+        if self.complete is None:
+            raise RuntimeError("install() before finish() sealed the store")
+        self.close()
+        for name, spec in self.specs.items():
+            if name not in self.complete["arrays"]:
+                (self.partial / (name + spec.suffix)).unlink(missing_ok=True)
+        (self.partial / PROGRESS).unlink(missing_ok=True)
+        fsync_dir(self.partial)
+        kill_point("install.cleaned")
         if self.out.exists():  # overwrite was asked for (checked in __init__): swap, then drop the old one
-            os.rename(self.out, old)
+            os.rename(self.out, self.replaced)
+            kill_point("install.swapped")
         os.rename(self.partial, self.out)
         fsync_dir(self.out.parent)
-        if old.exists():
-            shutil.rmtree(old)
+        kill_point("install.renamed")
+        if self.replaced.exists():
+            shutil.rmtree(self.replaced)
         return self.out
 
 

@@ -27,7 +27,9 @@ Soft labels are the authors' VQA/GQA targets: the question's {answer: score} map
 answers not in it dropped (their `if ans in self.ans2label`) and counted in stats.answers_dropped; a label
 dict whose answers are all dropped leaves an empty range and a zero target, as theirs does.
 A record whose img_id (NLVR2: img0 or img1) the region store lacks is an error naming the file, record and
-img_id; skip_missing_images=True drops and counts it.
+img_id; skip_missing_images=True drops and counts it. A record that fails validation, or repeats the
+question_id / identifier of an earlier record or file, is an error naming both; skip_bad_rows=True
+(--skip-bad-rows) drops and counts it (stats.bad_records, the first messages in stats.errors).
 
 Reading: TaskStore(path) (memory-mapped; `gather` returns TaskExamples) and `task_arrays(store, regions,
 indices)`, the model's keyword arrays as numpy in compact dtypes (dynamic padding to the batch's longest sentence;
@@ -37,29 +39,32 @@ turns into TaskBatches; `task_batch` gives them widened and `to_torch` as tensor
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.data.build import (
     INT16_MAX, SentenceConversion, append_labels, features_info, file_sha256, input_identity,
 )  # fmt: skip
-from engine.data.formats import MAX_KEPT_ERRORS, DataError, read_ans2label, read_gqa, read_nlvr2, read_vqa
+from engine.data.formats import (
+    MAX_KEPT_ERRORS, DataError, parse_gqa, parse_nlvr2, parse_vqa, read_ans2label, read_json_list,
+)  # fmt: skip
 from engine.data.store import (
     FORMAT_VERSION, HEADER_BYTES, TASK_FORMAT, ArraySpec, RegionStore, SentenceStore, StoreBuilder, StoreError,
     region_mask, sha256_strings,
 )  # fmt: skip
-from lxmert.tokenizer import MAX_SEQ_LENGTH, LxmertTokenizer
+
+if TYPE_CHECKING:  # the tokenizer imports torch (the lxmert package): loaded when a conversion starts
+    from lxmert.tokenizer import LxmertTokenizer
 
 TASKS = ("vqa", "gqa", "nlvr2")
 QA_TASKS = ("vqa", "gqa")
 CHUNK_EXAMPLES = 65536
-_READERS = {"vqa": read_vqa, "gqa": read_gqa, "nlvr2": read_nlvr2}
+_PARSERS = {"vqa": parse_vqa, "gqa": parse_gqa, "nlvr2": parse_nlvr2}
 
 
 def _check_task(task: str) -> None:
@@ -78,6 +83,7 @@ class TaskStats:
     label_entries: int = 0  # soft labels kept
     answers_dropped: int = 0  # label answers not in ans2label (dropped, as the authors' dataset does)
     missing_image_records: int = 0  # records dropped because the region store lacks an image (skip mode)
+    bad_records: int = 0  # malformed or repeated records dropped (skip_bad_rows)
     errors: list[str] = field(default_factory=list)  # the first dropped records' messages
     resumed_at: int = 0  # examples a previous, interrupted run had converted
 
@@ -111,12 +117,13 @@ class TaskConversion(SentenceConversion):
 
     def __init__(self, task: str, json_paths: Sequence[str | Path], features_store: str | Path,
                  ans2label_path: str | Path | None, out: str | Path, *, vocab_path: str | Path | None,
-                 max_length: int, skip_missing_images: bool, overwrite: bool, chunk_examples: int,
-                 progress: bool) -> None:  # fmt: skip
+                 max_length: int | None, skip_bad_rows: bool, skip_missing_images: bool, overwrite: bool,
+                 chunk_examples: int, progress: bool) -> None:  # fmt: skip
         _check_task(task)
         super().__init__(json_paths, features_store, out, vocab_path=vocab_path, max_length=max_length,
                          chunk=chunk_examples, overwrite=overwrite, progress=progress)  # fmt: skip
-        self.task, self.ans2label_path, self.skip_missing_images = task, ans2label_path, skip_missing_images
+        self.task, self.ans2label_path = task, ans2label_path
+        self.skip_bad_rows, self.skip_missing_images = skip_bad_rows, skip_missing_images
         self.answers: list[str] = []
         self.ans2label: dict[str, int] = {}
         if task in QA_TASKS:
@@ -140,8 +147,8 @@ class TaskConversion(SentenceConversion):
         return {
             "task": self.task, "inputs": [input_identity(p) for p in self.paths], "features": self.info,
             "answers_sha256": sha256_strings(self.answers), "vocab_sha256": file_sha256(tokenizer.vocab_path),
-            "max_length": self.max_length, "skip_missing_images": self.skip_missing_images,
-            "chunk_examples": self.chunk,
+            "max_length": self.max_length, "skip_bad_rows": self.skip_bad_rows,
+            "skip_missing_images": self.skip_missing_images, "chunk_examples": self.chunk,
         }  # fmt: skip
 
     def restore(self, state: Any) -> None:
@@ -164,9 +171,22 @@ class TaskConversion(SentenceConversion):
         self.seen = dict.fromkeys(keys)
 
     def records(self, path: Path, start: int) -> Iterator[tuple[int, Any]]:
-        records = _READERS[self.task](path)
+        records, parse = read_json_list(path), _PARSERS[self.task]
         for index in range(start, len(records)):
-            yield index, records[index]
+            try:
+                record = parse(path, index, records[index])
+            except DataError as error:
+                self._drop_bad(error)
+                continue
+            yield index, record
+
+    def _drop_bad(self, error: DataError) -> None:
+        """Raise a bad record's error, or (skip_bad_rows) count it and keep its message."""
+        if not self.skip_bad_rows:
+            raise error
+        self.stats.bad_records += 1
+        if len(self.stats.errors) < MAX_KEPT_ERRORS:
+            self.stats.errors.append(str(error))
 
     def _image(self, path: Path, index: int, img_id: str, what: str) -> int | None:
         try:
@@ -187,7 +207,9 @@ class TaskConversion(SentenceConversion):
         stats = self.stats
         key = getattr(rec, self.key_name)
         if key in self.seen:
-            raise DataError(path, f"record {index}", f"{self.key_name} {key!r} appears in an earlier record or file")
+            problem = f"{self.key_name} {key!r} appears in an earlier record or file"
+            self._drop_bad(DataError(path, f"record {index}", problem))
+            return
         self.seen[key] = None
         if self.task == "nlvr2":
             i0 = self._image(path, index, rec.img0, "img0")
@@ -235,7 +257,7 @@ class TaskConversion(SentenceConversion):
             "max_length": self.max_length, "answers": self.answers, "features": self.info,
             "answers_sha256": sha256_strings(self.answers), "vocab_sha256": file_sha256(tokenizer.vocab_path),
             "ans2label": None if self.task == "nlvr2" else str(self.ans2label_path),
-            "inputs": [str(p) for p in self.paths], "stats": dataclasses.asdict(self.stats),
+            "inputs": [str(p) for p in self.paths], "stats": self.stats_state(self.stats),
         }  # fmt: skip
 
     def json_files(self, builder: StoreBuilder) -> dict[str, Any]:
@@ -253,7 +275,8 @@ def convert_task(
     out: str | Path,
     *,
     vocab_path: str | Path | None = None,
-    max_length: int = MAX_SEQ_LENGTH,
+    max_length: int | None = None,
+    skip_bad_rows: bool = False,
     skip_missing_images: bool = False,
     overwrite: bool = False,
     chunk_examples: int = CHUNK_EXAMPLES,
@@ -261,12 +284,12 @@ def convert_task(
 ) -> TaskStats:
     """The authors' fine-tuning JSON files of one split (in order) -> a task store at `out` over `features_store`.
 
-    `ans2label_path` (trainval_ans2label.json) is required for VQA/GQA and ignored (may be None) for NLVR2.
-    Resumable and atomic like every store (engine/data/store.py)."""
+    `ans2label_path` (trainval_ans2label.json) is required for VQA/GQA and ignored (may be None) for NLVR2;
+    max_length None is the tokenizer's (20). Resumable and atomic like every store (engine/data/store.py)."""
     return TaskConversion(
         task, json_paths, features_store, ans2label_path, out, vocab_path=vocab_path, max_length=max_length,
-        skip_missing_images=skip_missing_images, overwrite=overwrite, chunk_examples=chunk_examples,
-        progress=progress,
+        skip_bad_rows=skip_bad_rows, skip_missing_images=skip_missing_images, overwrite=overwrite,
+        chunk_examples=chunk_examples, progress=progress,
     ).run()  # fmt: skip
 
 

@@ -93,8 +93,11 @@ class PretrainTask(Task):
         if unknown:
             raise ConfigError(f"data.sources: {sorted(unknown)} are not in the data.{split}.text store {text.path} "
                               f"(it has {text.sources}; [] takes every source)")  # fmt: skip
+        sampling = sampling_config(trainer)
+        if split == "eval":  # the authors' valid loader keeps its last batch whatever the training's drop_last
+            sampling = dataclasses.replace(sampling, drop_last=False)
         try:
-            return make_loader(d.loader, text, regions, sampling_config(trainer), device=trainer.device, **options)
+            return make_loader(d.loader, text, regions, sampling, device=trainer.device, **options)
         except (ValueError, StoreError) as error:
             raise ConfigError(f"data.{split}: {error}") from None
 
@@ -108,9 +111,8 @@ class PretrainTask(Task):
     def flops(self, batch: PretrainBatch) -> int:
         b, length = batch.input_ids.shape
         regions = batch.visual_feats.shape[1]
-        masked_tokens = int((batch.labels >= 0).sum())
-        masked_regions = int((batch.obj_labels["feat"][1] != 0).sum()) if "feat" in batch.obj_labels else 0
-        return step_flops(self.config.model, "pretrain", b, length, regions, masked_tokens, masked_regions).total
+        masked_regions = batch.masked_regions if "feat" in batch.obj_labels else 0  # host counts: no device read
+        return step_flops(self.config.model, "pretrain", b, length, regions, batch.masked_tokens, masked_regions).total
 
     def tokens(self, batch: PretrainBatch) -> int:
         b, length = batch.input_ids.shape

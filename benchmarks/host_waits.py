@@ -1,0 +1,238 @@
+"""Host waits of the training step, counted on any machine: the operations that would make a CUDA host wait for
+the device (a scalar read, nonzero and the other data-dependent shapes, a copy to the host), per step of a tiny
+pre-training run through the engine's own Trainer.
+
+    python -m benchmarks.host_waits                     # eager, sdpa, triton; DeepSpeed ZeRO-1 / ZeRO-2 in one process
+    python -m benchmarks.host_waits --paths eager       # one path
+
+Counted by a TorchDispatchMode (HostWaitCounter): aten._local_scalar_dense (.item(), bool(), float(), int() of a
+tensor), nonzero, masked_select, unique, boolean-mask indexing, and copies from a device to the CPU; plus .tolist(),
+.numpy() and .cpu() calls, which read device memory on a GPU. Not counted: the host-side loader (next(batches) is
+excluded), checkpoints (save), tensors created explicitly on the CPU (device="cpu": the Triton kernels' dropout
+seeds come from torch's CPU generator, a host read on a GPU too) and anything inside one dispatched operation (a
+custom op such as lxmert::attention_fwd is one launch). Each step's count runs from the start of its train_step
+to the start of the next, so a log step's count includes the log line's reads.
+
+The goal (issue 13): 0 on a step that does not log and at most 12 on a log step, for the plain path. DeepSpeed's
+own waits are measured and reported, not asserted. Writes runs/benchmarks/host_waits.md (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import sys
+import tempfile
+import weakref
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
+
+aten = torch.ops.aten
+WAITING_OPS = {
+    aten._local_scalar_dense.default: "item",
+    aten.nonzero.default: "nonzero",
+    aten.masked_select.default: "masked_select",
+    aten._unique2.default: "unique",
+    aten.unique_dim.default: "unique",
+    aten.unique_consecutive.default: "unique",
+}
+READING_METHODS = ("tolist", "numpy", "cpu")  # host reads that do not dispatch for CPU tensors
+PATHS = ("eager", "sdpa", "triton", "zero1", "zero2")
+
+
+def _tensors(args: Any) -> Iterator[torch.Tensor]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _tensors(a)
+
+
+class HostWaitCounter(TorchDispatchMode):
+    """Counts host waits by kind into `self.counts[self.phase]` while `self.phase` is not None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase: Any = None
+        self.counts: dict[Any, Counter] = {}
+        self._host = weakref.WeakSet()  # tensors made on the CPU on purpose (device="cpu")
+        self._inside = 0  # > 0 while one dispatched op runs (its Python internals are not ours)
+        self._saved: dict[str, Callable] = {}
+
+    def count(self, kind: str) -> None:
+        if self.phase is not None and self._inside == 0:
+            self.counts.setdefault(self.phase, Counter())[kind] += 1
+
+    def _kind(self, func, args, kwargs) -> str | None:
+        if func in WAITING_OPS:
+            if func is aten._local_scalar_dense.default and args[0] in self._host:
+                return None
+            return WAITING_OPS[func]
+        if func is aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1] if isinstance(i, torch.Tensor)
+        ):
+            return "bool_index"
+        if func in (aten._to_copy.default, aten.copy_.default):
+            src = args[0] if func is aten._to_copy.default else args[1]
+            dst = kwargs.get("device", src.device) if func is aten._to_copy.default else args[0].device
+            if src.device.type != "cpu" and torch.device(dst).type == "cpu":
+                return "to_host"
+        return None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = self._kind(func, args, kwargs)
+        if kind is not None:
+            self.count(kind)
+        self._inside += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self._inside -= 1
+        if str(kwargs.get("device", "")) == "cpu":
+            for t in _tensors(out if isinstance(out, (list, tuple)) else (out,)):
+                self._host.add(t)
+        return out
+
+    def __enter__(self):
+        for name in READING_METHODS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            @functools.wraps(original)
+            def reading(t, *args, _original=original, _name=name, **kwargs):
+                if t not in self._host:
+                    self.count(_name)
+                return _original(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, reading)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self._saved.clear()
+        return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        phase, self.phase = self.phase, None
+        try:
+            yield
+        finally:
+            self.phase = phase
+
+
+def watch(trainer, counter: HostWaitCounter) -> None:
+    """Attribute the counter's events to the trainer's steps: from the start of each train_step to the next one's,
+    the loader and checkpoints excluded; nothing after the run's last checkpoint."""
+    step_fn, save_fn, micro_fn = trainer.train_step, trainer.save, trainer._micro_batches
+
+    def train_step(micro, clock=None):
+        counter.phase = trainer.step + 1
+        return step_fn(micro, clock)
+
+    def save():
+        with counter.paused():
+            path = save_fn()
+        if trainer.step >= trainer.total_steps:
+            counter.phase = None  # the run is over: the export and the summary are not steps
+        return path
+
+    def micro_batches():
+        batches = micro_fn()
+        while True:
+            with counter.paused():
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+    trainer.train_step, trainer.save, trainer._micro_batches = train_step, save, micro_batches
+
+
+def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple[Path, Path] | None = None):
+    """The engine's RunConfig of a tiny pre-training run on a synthetic store (or `stores`: text, features);
+    path: an attention backend or a DeepSpeed ZeRO stage (zero1, zero2: one process, fp32)."""
+    from benchmarks.dataloader import dataset
+    from benchmarks.throughput import SMOKE_FEAT_DIM
+    from engine.config import load_config
+    from engine.data import synthetic
+    from engine.data.store import RegionStore, TextStore
+
+    if stores is None:
+        text, regions = dataset(work / "data", 64, SMOKE_FEAT_DIM)
+    else:
+        text, regions = TextStore(stores[0]), RegionStore(stores[1])
+    backend = path if path in ("eager", "sdpa", "triton") else "sdpa"
+    overrides = [
+        "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37", "model.l_layers=1",
+        "model.r_layers=1", "model.x_layers=1", f"model.visual_feat_dim={regions.feat_dim}",
+        f"model.num_qa_labels={len(text.answers)}", f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
+        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}", f"model.attn_backend={backend}",
+        f"model.feat_loss_backend={'triton' if backend == 'triton' else 'torch'}",
+        f"data.train.text={text.path}", f"data.train.features={regions.path}", "data.num_workers=0",
+        "train.batch_size=4", "train.epochs=100", f"train.max_steps={steps}", f"train.log_every={log_every}",
+        "train.save_every=1000", f"train.output_dir={work / path}", "train.seed=0",
+        f"train.zero_stage={int(path[-1]) if path.startswith('zero') else 0}",
+    ]  # fmt: skip
+    return load_config(None, overrides)
+
+
+def count_run(path: str, work: Path, steps: int = 20, log_every: int = 10) -> dict[int, Counter]:
+    """{step: Counter(kind -> waits)} of a `steps`-step run logging every `log_every` steps."""
+    from engine.train import Trainer
+
+    trainer = Trainer(tiny_config(path, work, steps, log_every), use_deepspeed=path.startswith("zero"))
+    counter = HostWaitCounter()
+    watch(trainer, counter)
+    with counter:
+        trainer.train()
+    return {step: counter.counts.get(step, Counter()) for step in range(1, steps + 1)}
+
+
+def summarise(path: str, counts: dict[int, Counter], log_every: int) -> dict[str, Any]:
+    log_steps = {s for s in counts if s % log_every == 0 or s == max(counts)}
+    other = [sum(c.values()) for s, c in counts.items() if s not in log_steps]
+    logged = [sum(c.values()) for s, c in counts.items() if s in log_steps]
+    kinds = sum(counts.values(), Counter())
+    return {"path": path, "steps": len(counts), "max_other": max(other, default=0), "max_log": max(logged, default=0),
+            "total": sum(kinds.values()), "kinds": dict(kinds)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--out", default="runs/benchmarks/host_waits.md")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in args.paths:
+            rows.append(summarise(path, count_run(path, Path(tmp), args.steps, args.log_every), args.log_every))
+    for r in rows:
+        r["by_kind"] = ", ".join(f"{k} {n}" for k, n in sorted(r["kinds"].items())) or "-"
+    columns = [("path", "path"), ("max_other", "max on a step without a log line"), ("max_log", "max on a log step"),
+               ("total", "total"), ("by_kind", "by kind")]  # fmt: skip
+    harness.write_summary(args.out, [
+        f"# Host waits per training step ({args.steps} steps, a log line every {args.log_every})", "",
+        "Counted by benchmarks/host_waits.py on the CPU (a count, not a timing: it holds on any device).", "",
+        harness.markdown_table(rows, columns),
+    ])  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

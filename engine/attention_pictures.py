@@ -1,0 +1,551 @@
+"""`lxmert-attention`: the LXMERT paper's attention pictures of one sample, drawn from a checkpoint's probabilities.
+
+    lxmert-attention runs/main/pretrain --text-store runs/main/stores/text_minival --index 7 \
+        --object-names runs/main/data/synthetic.json --out docs/attention
+    lxmert-attention CKPT --sentence "what is the man holding?" --tsv val2014_obj36.tsv \
+        --img-id COCO_val2014_000000000042 --picture 42.png --layer 8 --cross-layer 4 --head 3
+
+CKPT is a model directory (ours: model.safetensors + model_config.json, as every run exports; or transformers') or
+a weights file with its config beside it (lxmert-convert's rules: engine/convert_checkpoint.py). Only the
+backbone is used, so pre-training, VQA/GQA and NLVR2 checkpoints all work. The sample is
+- a sentence of a store: --text-store (a pre-training text store, or a VQA / GQA task store) and --index, with its
+  image from the feature store it indexes (--features, by default the one it was built from), or
+- a sentence (--sentence, tokenised with the BERT vocabulary, --vocab) and one row of a feature TSV in the
+  authors' format (--tsv, and --img-id or --row; the first row by default), boxes normalised as the store
+  converter does, the first 36 regions kept.
+The model runs once in eval mode with output_attentions=True (eager's probabilities, lxmert/attention.py), on the
+sentence unpadded and on the image's real regions only. One figure, PREFIX.svg and PREFIX.png (--out, --format):
+1. language self-attention of --layer (default the last language layer) as a heat map: a row per query word
+   piece, a column per key, colour = probability on one scale per map (its colour bar gives 0 and the largest);
+2. regions' self-attention of --region-layer (default the last object-relationship layer), the same way, a
+   region labelled by its index and, with --object-names, its detected attribute and class;
+3. cross-modality attention of --cross-layer (default the last cross layer): a panel per word piece showing the
+   image (--picture: drawn on it; else its canvas, the image's aspect ratio) with every region's box shaded by
+   that word's probability on it, from clear (the word's smallest) to dark (its largest), the --top strongest
+   outlined and labelled, and the strongest named under the panel with its probability.
+--head picks one head for all three (default: the mean over the heads). Layers and heads count from 0, as the
+output tuples do (language_attentions[layer][0, head]). Each drawn value is in the SVG: heat-map cells are
+<rect class="cell" data-map="language|regions" data-query=i data-key=j data-weight=p>, boxes
+<rect class="box" data-map="cross" data-token=i data-region=j data-weight=p>, p the probability (float32, 9
+digits), so the file can be checked against the model.
+
+Bad inputs (a missing or unreadable checkpoint, store, row, picture or name file; an index, layer or head out of
+range; features of another width than the model's) print one line naming the file or record, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.atomic import write_file_atomic, write_text_atomic
+from engine.figure import Figure, Picture, PictureError, text_width
+
+NUM_REGIONS = 36  # regions an image keeps, as the store converter does
+HEAT_STOPS = ((0.0, "#f7fbff"), (0.25, "#c6dbef"), (0.5, "#6baed6"), (0.75, "#2171b5"), (1.0, "#08306b"))
+BOX_COLOR = "#d62728"
+LABEL, SMALL, TITLE = 10.0, 10.0, 15.0  # font sizes: multiples of 5 draw exactly to width at the PNG's scale 2
+MARGIN, GAP = 16.0, 28.0
+PANEL_W = 190.0  # one word's canvas in the cross-attention grid
+CHAR_WIDTH_SMALL = text_width("x", SMALL)
+
+
+class AttentionPictureError(ValueError):
+    """A bad input of the command: the message names the file, record or option."""
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def load_backbone(checkpoint: str | Path) -> tuple[torch.nn.Module, Path]:
+    """The LxmertModel of a checkpoint (the backbone of any of our models), eager attention, eval mode; and the
+    weights file it was read from."""
+    from engine.convert_checkpoint import ConvertError, find_config, model_config, weights_file
+    from lxmert.convert import detect_layout, load_into, read_state_dict, to_ours
+    from lxmert.modeling import LxmertModel
+
+    try:
+        weights = weights_file(Path(checkpoint))
+        raw = read_state_dict(weights)
+        layout = detect_layout(raw)
+        ours = to_ours(raw, layout)
+        config = model_config(ours, layout, find_config(weights, None), None)
+    except ConvertError as error:
+        raise AttentionPictureError(str(error)) from None
+    except (KeyError, ValueError, OSError) as error:
+        raise AttentionPictureError(f"{checkpoint}: {error}") from None
+    if any(key.startswith("lxmert.") for key in ours):
+        ours = {k[len("lxmert."):]: v for k, v in ours.items() if k.startswith("lxmert.")}
+    # eager: output_attentions takes its path anyway, and a flash checkpoint must not need flash-attn here
+    model = LxmertModel(dataclasses.replace(config, attn_backend="eager"))
+    try:
+        load_into(model, ours, layout="ours")
+    except (KeyError, ValueError) as error:
+        raise AttentionPictureError(f"{weights}: {error}") from None
+    return model.eval(), weights
+
+
+# -------------------------------------------------------------------------------------------- sample
+
+
+@dataclass
+class Sample:
+    """One sentence and one image's real regions, as the model takes them (batch of one, nothing padded)."""
+
+    tokens: list[str]  # word pieces, [CLS] .. [SEP]
+    input_ids: np.ndarray  # [L] int64
+    features: np.ndarray  # [R, D] float32
+    boxes: np.ndarray  # [R, 4] float32 (x1, y1, x2, y2) / (w, h, w, h)
+    obj_ids: np.ndarray  # [R] detected class ids (-1: none)
+    attr_ids: np.ndarray  # [R]
+    img_hw: tuple[int, int]
+    img_id: str
+    where: str  # "text_minival[7], image ID" / "file.tsv, row 3 (ID)": names the sample on the figure
+
+
+def _tokenizer(vocab: str | None):
+    from lxmert.tokenizer import LxmertTokenizer
+
+    try:
+        return LxmertTokenizer(vocab)
+    except (FileNotFoundError, ValueError) as error:
+        raise AttentionPictureError(str(error)) from None
+
+
+def _built_from(store) -> Path:
+    """The feature store a text store was built from: the path it recorded, else a sibling of that name (a work
+    dir moved or named relative to another directory)."""
+    recorded = Path(store.meta["features"]["path"])
+    sibling = store.path.parent / recorded.name
+    return sibling if not recorded.exists() and sibling.exists() else recorded
+
+
+def sample_from_store(text_store: str | Path, index: int, features: str | Path | None, vocab: str | None,
+                      vocab_size: int) -> Sample:  # fmt: skip
+    """Sentence `index` of a text store or a VQA / GQA task store, and its image from the feature store."""
+    from engine.data.store import META, RegionStore, StoreError, TextStore
+    from engine.data.tasks import TaskStore
+
+    path = Path(text_store)
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise AttentionPictureError(f"{path} is not a store: {META} {reason}") from None
+    kinds = {"lxmert-text-store": TextStore, "lxmert-task-store": TaskStore}
+    if meta.get("format") not in kinds:
+        raise AttentionPictureError(f"{path}: a {meta.get('format')!r} store, not a text or task store")
+    try:
+        store = kinds[meta["format"]](path)
+        if getattr(store, "task", None) == "nlvr2":
+            raise AttentionPictureError(f"{path}: an NLVR2 store pairs two images with a sentence; use a text, "
+                                        "VQA or GQA store")  # fmt: skip
+        feature_path = Path(features) if features is not None else _built_from(store)
+        regions = RegionStore(feature_path)
+        store.check_features(regions)
+    except StoreError as error:
+        raise AttentionPictureError(str(error)) from None
+    if not 0 <= index < len(store):
+        raise AttentionPictureError(f"{path}: --index {index} is out of range ({len(store)} sentences, "
+                                    f"0-{len(store) - 1})")  # fmt: skip
+    a = store.arrays
+    ids = a["token_ids"][index, : int(a["lengths"][index])].astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise AttentionPictureError(f"{path}: sentence {index} holds token ids {ids.tolist()} outside the model's "
+                                    f"vocabulary [0, {vocab_size})")  # fmt: skip
+    image = int(a["image_index"][index])
+    r = regions.get(image)
+    n = int(r.num_boxes)
+    return Sample(
+        tokens=_tokenizer(vocab).convert_ids_to_tokens(ids), input_ids=ids,
+        features=np.array(r.features[:n], np.float32), boxes=np.array(r.boxes[:n], np.float32),
+        obj_ids=np.array(r.obj_ids[:n], np.int64), attr_ids=np.array(r.attr_ids[:n], np.int64),
+        img_hw=(int(r.img_hw[0]), int(r.img_hw[1])), img_id=regions.img_ids[image],
+        where=f"{path.name}[{index}], image {regions.img_ids[image]}",
+    )  # fmt: skip
+
+
+def sample_from_tsv(sentence: str, tsv: str | Path, img_id: str | None, row: int | None, vocab: str | None,
+                    feat_dim: int) -> Sample:  # fmt: skip
+    """`sentence` tokenised as the authors do, and one row of a feature TSV (by img_id, by line number, else the
+    first); only that row is decoded (a COCO TSV is gigabytes), and checked as the store converter checks it."""
+    from engine.data.formats import DataError, parse_tsv_row
+
+    if not sentence.strip():
+        raise AttentionPictureError("--sentence is empty")
+    path = Path(tsv)
+    if not path.is_file():
+        raise AttentionPictureError(f"{path}: no such feature TSV")
+    key = None if img_id is None else img_id.encode("utf-8") + b"\t"
+    record = None
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                body = line.rstrip(b"\r\n")
+                if body and (body.startswith(key) if key is not None else row in (None, number)):
+                    record = parse_tsv_row(path, number, body, feat_dim, num_object_labels=None, num_attr_labels=None)
+                    break
+                if key is None and row is not None and number >= row:
+                    break
+    except DataError as error:
+        raise AttentionPictureError(str(error)) from None
+    if record is None:
+        wanted = f"no row with img_id {img_id!r}" if img_id is not None else f"no row {row} (blank or past the end)"
+        raise AttentionPictureError(f"{path}: {wanted}")
+    tokenizer = _tokenizer(vocab)
+    ids = np.array(tokenizer.encode(sentence), np.int64)
+    n = min(record.num_boxes, NUM_REGIONS)
+    boxes = record.boxes[:n].astype(np.float32)  # the store converter's normalisation
+    boxes[:, (0, 2)] /= record.img_w
+    boxes[:, (1, 3)] /= record.img_h
+    np.clip(boxes, 0.0, 1.0, out=boxes)
+    return Sample(
+        tokens=tokenizer.convert_ids_to_tokens(ids), input_ids=ids, features=record.features[:n].astype(np.float32),
+        boxes=boxes, obj_ids=record.objects_id[:n].astype(np.int64), attr_ids=record.attrs_id[:n].astype(np.int64),
+        img_hw=(record.img_h, record.img_w), img_id=record.img_id,
+        where=f"{path.name}, row {record.row} ({record.img_id})",
+    )  # fmt: skip
+
+
+def read_names(path: str | Path) -> tuple[list[str], list[str]]:
+    """(object names, attribute names) from a JSON file (a list of object names, or an object with
+    "object_names" and maybe "attribute_names", as the synthetic set's synthetic.json) or a text file of one
+    object class a line (bottom-up attention's objects_vocab.txt: the first of comma-separated synonyms)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise AttentionPictureError(f"{path}: cannot read the names ({reason})") from None
+    if path.suffix == ".json":
+        try:
+            value = json.loads(text)
+        except ValueError as error:
+            raise AttentionPictureError(f"{path}: not JSON ({error})") from None
+        if isinstance(value, dict):
+            objects, attributes = value.get("object_names"), value.get("attribute_names", [])
+        else:
+            objects, attributes = value, []
+        if not isinstance(objects, list) or not all(isinstance(n, str) for n in objects + list(attributes or [])):
+            raise AttentionPictureError(f"{path}: expected a list of names or an object with \"object_names\"")
+        return objects, list(attributes or [])
+    return [line.split(",")[0].strip() for line in text.splitlines() if line.strip()], []
+
+
+def region_labels(sample: Sample, objects: list[str], attributes: list[str]) -> list[str]:
+    """'r3 red dog' per region (index, then the detected attribute and class where names are known)."""
+    labels = []
+    for j, (obj, attr) in enumerate(zip(sample.obj_ids.tolist(), sample.attr_ids.tolist())):
+        words = []
+        if attributes and 0 <= attr < len(attributes):
+            words.append(attributes[attr])
+        if objects:
+            words.append(objects[obj] if 0 <= obj < len(objects) else f"#{obj}")
+        labels.append(" ".join([f"r{j}", *words]))
+    return labels
+
+
+# ---------------------------------------------------------------------------------------- attentions
+
+
+@dataclass
+class Maps:
+    """The three maps drawn, [queries, keys] probabilities, and what they are."""
+
+    language: np.ndarray  # [L, L]
+    cross: np.ndarray  # [L, R] language over regions
+    regions: np.ndarray | None  # [R, R]; None for a model without object-relationship layers
+    language_layer: str
+    cross_layer: str
+    region_layer: str
+    head: str
+
+
+def _pick(name: str, option: str, value: int | None, count: int) -> int:
+    if count == 0:
+        return -1
+    index = count - 1 if value is None else value
+    if not -count <= index < count:
+        raise AttentionPictureError(f"{option} {value}: the model has {count} {name} layers (0-{count - 1})")
+    return index % count
+
+
+def attention_maps(model: torch.nn.Module, sample: Sample, layer: int | None = None, cross_layer: int | None = None,
+                   region_layer: int | None = None, head: int | None = None) -> Maps:  # fmt: skip
+    """The model's probabilities for the sample: one layer of each stream, one head or (head=None) their mean."""
+    config = model.config
+    if sample.features.shape[1] != config.visual_feat_dim:
+        raise AttentionPictureError(f"{sample.where}: {sample.features.shape[1]}-d region features, the model takes "
+                                    f"{config.visual_feat_dim}-d")  # fmt: skip
+    heads = config.num_attention_heads
+    if head is not None and not 0 <= head < heads:
+        raise AttentionPictureError(f"--head {head}: the model has {heads} heads (0-{heads - 1})")
+    lang_i = _pick("language", "--layer", layer, config.l_layers)
+    cross_i = _pick("cross-modality", "--cross-layer", cross_layer, config.x_layers)
+    region_i = _pick("object-relationship", "--region-layer", region_layer, config.r_layers)
+    if lang_i < 0 or cross_i < 0:
+        raise AttentionPictureError("the model has no language or no cross-modality layers: nothing to draw")
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.from_numpy(sample.input_ids)[None],
+            visual_feats=torch.from_numpy(sample.features)[None],
+            visual_pos=torch.from_numpy(sample.boxes)[None],
+            output_attentions=True,
+        )
+
+    def one(probs: torch.Tensor) -> np.ndarray:  # [1, heads, Q, K] -> [Q, K]
+        chosen = probs[0].mean(0) if head is None else probs[0, head]
+        return chosen.float().numpy()
+
+    def named(index: int, count: int) -> str:
+        return f"layer {index} of 0-{count - 1}"
+
+    return Maps(
+        language=one(out.language_attentions[lang_i]), cross=one(out.cross_encoder_attentions[cross_i]),
+        regions=one(out.vision_attentions[region_i]) if region_i >= 0 else None,
+        language_layer=named(lang_i, config.l_layers), cross_layer=named(cross_i, config.x_layers),
+        region_layer=named(region_i, config.r_layers) if region_i >= 0 else "no layers",
+        head=f"mean of {heads} heads" if head is None else f"head {head} of 0-{heads - 1}",
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- drawing
+
+
+def heat_color(t: float) -> str:
+    """t in [0, 1] -> '#rrggbb' on a white-to-dark-blue scale."""
+    t = min(max(float(t), 0.0), 1.0)
+    for (t0, c0), (t1, c1) in zip(HEAT_STOPS, HEAT_STOPS[1:]):
+        if t <= t1:
+            f = (t - t0) / (t1 - t0)
+            ends = [(int(c0[i: i + 2], 16), int(c1[i: i + 2], 16)) for i in (1, 3, 5)]
+            return "#" + "".join(f"{round(a + (b - a) * f):02x}" for a, b in ends)
+    return HEAT_STOPS[-1][1]
+
+
+def _weight(p: float) -> str:
+    return f"{p:.9g}"
+
+
+def _heat_map(fig: Figure, x: float, y: float, probs: np.ndarray, rows: list[str], cols: list[str], cell: float,
+              name: str, title: str, legend: str) -> None:  # fmt: skip
+    """A titled heat map with its top-left label corner at (x, y): row labels left, column labels above."""
+    label_w = max(text_width(s, SMALL) for s in rows) + 6
+    label_h = max(text_width(s, SMALL) for s in cols) + 6
+    fig.text(x, y + TITLE, title, size=TITLE, bold=True)
+    fig.text(x, y + TITLE + 14, legend, size=LABEL)
+    top, left = y + TITLE + 22 + label_h, x + label_w
+    vmax = float(probs.max()) if probs.size and probs.max() > 0 else 1.0
+    for j, label in enumerate(cols):
+        fig.text(left + (j + 0.5) * cell + 0.35 * SMALL, top - 4, label, size=SMALL, vertical=True)
+    for i, label in enumerate(rows):
+        fig.text(left - 4, top + (i + 0.5) * cell + 0.35 * SMALL, label, size=SMALL, anchor="end")
+        for j in range(len(cols)):
+            p = float(probs[i, j])
+            fig.rect(left + j * cell, top + i * cell, cell, cell, fill=heat_color(p / vmax),
+                     attrs={"class": "cell", "data-map": name, "data-query": str(i), "data-key": str(j),
+                            "data-weight": _weight(p)})  # fmt: skip
+    height = cell * len(rows)
+    fig.rect(left, top, cell * len(cols), height, stroke="#888888", stroke_width=0.5)
+    fig.text(left - 4, top - 4, "query \\ key", size=SMALL, fill="#666666", anchor="end")
+    bar_x, steps = left + cell * len(cols) + 10, 32  # the colour bar: 0 at the bottom, the largest at the top
+    for k in range(steps):
+        y_k = top + height * (1 - (k + 1) / steps)
+        fig.rect(bar_x, y_k, 10, height / steps + 0.3, fill=heat_color((k + 0.5) / steps))
+    fig.rect(bar_x, top, 10, height, stroke="#888888", stroke_width=0.5)
+    fig.text(bar_x + 14, top + 0.7 * SMALL, f"{vmax:.3f}", size=SMALL)
+    fig.text(bar_x + 14, top + height, "0", size=SMALL)
+
+
+def _heat_map_size(n_rows: int, n_cols: int, rows: list[str], cols: list[str], cell: float) -> tuple[float, float]:
+    label_w = max(text_width(s, SMALL) for s in rows) + 6
+    label_h = max(text_width(s, SMALL) for s in cols) + 6
+    return label_w + cell * n_cols + 60, TITLE + 22 + label_h + cell * n_rows
+
+
+def _cross_panel(fig: Figure, x: float, y: float, w: float, h: float, token_index: int, token: str, weights: np.ndarray,
+                 boxes: np.ndarray, labels: list[str], picture: Picture | None, top: int) -> None:  # fmt: skip
+    """One word's attention over the regions: each box filled from clear (the word's smallest weight) to dark (its
+    largest), over the others (36 boxes overlap: shading from 0 would tint the whole image); the `top` outlined."""
+    fig.text(x, y + 12, token, size=LABEL, bold=True)
+    y += 18
+    if picture is not None:
+        fig.picture(picture, x, y, w, h)
+    else:
+        fig.rect(x, y, w, h, fill="#f2f2f2")
+    lo, hi = (float(weights.min()), float(weights.max())) if weights.size else (0.0, 1.0)
+    span = hi - lo if hi > lo else 1.0
+    order = np.argsort(weights, kind="stable")  # the strongest drawn last, on top
+    strongest = order[::-1][:top]
+    outlined = set(strongest.tolist())
+    for j in order.tolist():
+        x1, y1, x2, y2 = boxes[j].tolist()
+        p = float(weights[j])
+        fig.rect(x + x1 * w, y + y1 * h, (x2 - x1) * w, (y2 - y1) * h, fill=BOX_COLOR, opacity=0.6 * (p - lo) / span,
+                 stroke=BOX_COLOR if j in outlined else None, stroke_width=1.2,
+                 attrs={"class": "box", "data-map": "cross", "data-token": str(token_index), "data-region": str(j),
+                        "data-weight": _weight(p)})  # fmt: skip
+    for j in strongest.tolist():  # region labels on top of every fill
+        x1, y1 = boxes[j][0] * w, boxes[j][1] * h
+        fig.rect(x + x1, y + y1, text_width(f"r{j}", SMALL) + 4, SMALL + 3, fill="#ffffff", opacity=0.8)
+        fig.text(x + x1 + 2, y + y1 + SMALL + 0.5, f"r{j}", size=SMALL, fill=BOX_COLOR)
+    fig.rect(x, y, w, h, stroke="#888888", stroke_width=0.5)
+    best = int(strongest[0]) if len(strongest) else 0
+    note = f"max {labels[best]} {float(weights[best]):.3f}" if weights.size else "no regions"
+    fig.text(x, y + h + 12, note[: int(w / (CHAR_WIDTH_SMALL))], size=SMALL)
+
+
+
+def draw(sample: Sample, maps: Maps, labels: list[str], picture: Picture | None = None, top: int = 3,
+         checkpoint: str = "") -> Figure:  # fmt: skip
+    """The whole figure: the two self-attention heat maps side by side, then a panel per word piece."""
+    tokens = sample.tokens
+    lang_cell = 18.0 if len(tokens) <= 24 else max(8.0, 432.0 / len(tokens))
+    region_cell = 12.0 if len(labels) <= 40 else max(5.0, 480.0 / len(labels))
+    lang_w, lang_h = _heat_map_size(len(tokens), len(tokens), tokens, tokens, lang_cell)
+    if maps.regions is not None:
+        reg_w, reg_h = _heat_map_size(len(labels), len(labels), labels, labels, region_cell)
+    else:
+        reg_w, reg_h = 300.0, 40.0
+    img_h, img_w = sample.img_hw
+    aspect = (picture.height / picture.width) if picture is not None and picture.width else img_h / img_w
+    panel_h = PANEL_W * min(max(aspect, 0.4), 1.6)
+    width = max(MARGIN * 2 + lang_w + GAP + reg_w, MARGIN * 2 + 4 * (PANEL_W + GAP) - GAP)
+    columns = max(1, int((width - 2 * MARGIN + GAP) // (PANEL_W + GAP)))
+    grid_rows = math.ceil(len(tokens) / columns)
+    head_h = 48.0
+    cross_top = MARGIN + head_h + max(lang_h, reg_h) + GAP
+    cross_h = 36.0 + grid_rows * (18 + panel_h + 22)
+    fig = Figure(width, cross_top + cross_h + MARGIN, f"LXMERT attention: {sample.where}")
+
+    sentence = " ".join(tokens)
+    fits = int((width - 2 * MARGIN) / text_width("x", TITLE))
+    fig.text(MARGIN, MARGIN + TITLE, f"LXMERT attention  {sentence}"[:fits], size=TITLE, bold=True)
+    fig.text(MARGIN, MARGIN + TITLE + 16, f"checkpoint {checkpoint}   sample {sample.where}   {maps.head}", size=LABEL,
+             fill="#444444")  # fmt: skip
+    y = MARGIN + head_h
+    _heat_map(fig, MARGIN, y, maps.language, tokens, tokens, lang_cell, "language", "language self-attention",
+              f"{maps.language_layer}, {maps.head}")  # fmt: skip
+    if maps.regions is not None:
+        _heat_map(fig, MARGIN + lang_w + GAP, y, maps.regions, labels, labels, region_cell, "regions",
+                  "regions' self-attention", f"object-relationship {maps.region_layer}, {maps.head}")  # fmt: skip
+    else:
+        fig.text(MARGIN + lang_w + GAP, y + TITLE, "regions' self-attention: the model has no object-relationship "
+                 "layers", size=LABEL)  # fmt: skip
+
+    fig.text(MARGIN, cross_top + TITLE, "cross-modality attention, each word over the regions", size=TITLE, bold=True)
+    fig.text(MARGIN, cross_top + TITLE + 14, f"cross-modality {maps.cross_layer}, {maps.head}; a box is shaded by "
+             f"the word's weight on it, from clear (the word's smallest) to dark (its largest), the {top} strongest "
+             "outlined", size=LABEL)  # fmt: skip
+    for i, token in enumerate(tokens):
+        row, col = divmod(i, columns)
+        _cross_panel(fig, MARGIN + col * (PANEL_W + GAP), cross_top + 36 + row * (18 + panel_h + 22), PANEL_W, panel_h,
+                     i, token, maps.cross[i], sample.boxes, labels, picture, top)  # fmt: skip
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- command
+
+
+def _head(value: str) -> int | None:
+    if value == "mean":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a head index or 'mean', got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lxmert-attention", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("checkpoint", help="a model directory (model.safetensors + model_config.json) or weights file")
+    store = parser.add_argument_group("a sample from a store")
+    store.add_argument("--text-store", help="a text store, or a VQA / GQA task store")
+    store.add_argument("--index", type=int, default=0, help="the sentence's row in the store (default 0)")
+    store.add_argument("--features", help="the feature store it indexes (default: the one it was built from)")
+    tsv = parser.add_argument_group("or a sentence and a feature TSV row")
+    tsv.add_argument("--sentence", help="the sentence (tokenised with the BERT vocabulary)")
+    tsv.add_argument("--tsv", help="a feature TSV in the authors' format")
+    which = tsv.add_mutually_exclusive_group()
+    which.add_argument("--img-id", help="the row of this img_id")
+    which.add_argument("--row", type=int, help="the row on this line (1-based; default the first row)")
+    parser.add_argument("--picture", help="the image file (PNG; JPEG and others in the PNG output need Pillow)")
+    parser.add_argument("--object-names", help="names of the detector's classes (synthetic.json, or objects_vocab.txt)")
+    parser.add_argument("--vocab", help="BERT uncased vocab.txt (default: the installed copy)")
+    parser.add_argument("--layer", type=int, help="language layer, from 0 (default: the last)")
+    parser.add_argument("--cross-layer", type=int, help="cross-modality layer, from 0 (default: the last)")
+    parser.add_argument("--region-layer", type=int, help="object-relationship layer, from 0 (default: the last)")
+    parser.add_argument("--head", type=_head, default=None, help="a head, from 0, or 'mean' (default)")
+    parser.add_argument("--top", type=int, default=3, help="regions outlined a word (default 3)")
+    parser.add_argument("--out", default="attention", help="output prefix: PREFIX.svg, PREFIX.png (default attention)")
+    parser.add_argument("--format", nargs="+", choices=("svg", "png"), default=["svg", "png"])
+    parser.add_argument("--scale", type=float, default=2.0, help="PNG pixels a figure unit (default 2)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Everything but the argument parsing; returns the files written."""
+    if (args.text_store is None) == (args.sentence is None):
+        raise AttentionPictureError("give a sample: --text-store DIR [--index I], or --sentence TEXT --tsv FILE")
+    if args.sentence is not None and args.tsv is None:
+        raise AttentionPictureError("--sentence needs --tsv FILE (the image's region features)")
+    if args.top < 1 or args.scale <= 0:
+        raise AttentionPictureError("--top must be at least 1 and --scale positive")
+    model, _ = load_backbone(args.checkpoint)
+    config = model.config
+    if args.text_store is not None:
+        sample = sample_from_store(args.text_store, args.index, args.features, args.vocab, config.vocab_size)
+    else:
+        sample = sample_from_tsv(args.sentence, args.tsv, args.img_id, args.row, args.vocab, config.visual_feat_dim)
+    objects, attributes = read_names(args.object_names) if args.object_names else ([], [])
+    try:
+        picture = Picture.read(args.picture) if args.picture else None
+        if picture is not None and picture.pixels is None and "png" in args.format:
+            raise PictureError(f"{picture.path}: a {picture.mime} picture is drawn into the PNG only when Pillow is "
+                               "installed (pip install pillow); convert it to PNG, or pass --format svg")  # fmt: skip
+    except PictureError as error:
+        raise AttentionPictureError(str(error)) from None
+    if picture is not None and picture.width and picture.height:
+        drawn, stored = picture.width / picture.height, sample.img_hw[1] / sample.img_hw[0]
+        if abs(drawn / stored - 1) > 0.02:
+            print(f"lxmert-attention: warning: {picture.path} is {picture.width}x{picture.height}, the features' image "
+                  f"{sample.img_hw[1]}x{sample.img_hw[0]}: the boxes are drawn stretched to the picture",
+                  file=sys.stderr)  # fmt: skip
+    maps = attention_maps(model, sample, args.layer, args.cross_layer, args.region_layer, args.head)
+    figure = draw(sample, maps, region_labels(sample, objects, attributes), picture, args.top, args.checkpoint)
+    written = []
+    if "svg" in args.format:
+        path = Path(f"{args.out}.svg")
+        write_text_atomic(path, figure.svg())
+        written.append(path)
+    if "png" in args.format:
+        path = Path(f"{args.out}.png")
+        png = figure.png(args.scale)
+        write_file_atomic(path, lambda name: Path(name).write_bytes(png))
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        written = run(args)
+    except AttentionPictureError as error:
+        print(f"lxmert-attention: error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

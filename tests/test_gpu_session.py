@@ -1,0 +1,254 @@
+"""benchmarks/gpu_session.py: its dry run on the CPU (every stage, every number labelled), its stage runner (a failed
+stage recorded and the next ones run, a stage over its limit killed with its whole process group, the time kept
+for later stages), the $OUT limits of the device tool, and the check of what the device call must carry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu_session as gs
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["preflight", "environment", "kernel_tests", "kernels", "throughput", "pretrain_data", "pretrain"]
+PY = sys.executable
+
+
+def numbers_section(markdown: str) -> list[str]:
+    return markdown.split("\n## Numbers\n", 1)[1].splitlines()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ dry run
+
+
+@pytest.mark.slow
+def test_the_dry_run_reports_every_stage_with_every_number_labelled_cpu_dry_run(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))  # DeepSpeed's CPU comm op
+    start = time.perf_counter()
+    proc = subprocess.run([PY, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(out), "--wheels",
+                           str(tmp_path / "no_wheels")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert seconds < 300, f"the dry run took {seconds:.0f} s"
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == STAGES
+    assert all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
+    assert summary["session"]["dry_run"] is True and summary["session"]["label"] == gs.DRY_LABEL
+    environment = summary["environment"]
+    for key in ("device", "measured_on", "torch", "triton", "cuda", "deepspeed", "transformers", "commit", "date",
+                "nvidia_smi", "python_executable"):  # fmt: skip
+        assert key in environment, key
+    assert environment["device"] == "cpu" and environment["measured_on"] == "cpu"
+    assert environment["TRITON_INTERPRET"] == "1"
+    assert summary["session"]["commit"] and summary["session"]["date"]
+    # the carry folder given is empty: the dry run says so and goes on
+    assert any("missing" in note and "deepspeed" in note for note in summary["session"]["notes"])
+
+    numbers = summary["numbers"]
+    assert {n["stage"] for n in numbers} == set(STAGES) - {"preflight", "environment"}
+    for n in numbers:
+        assert n["measured_on"] == "cpu" and n["dry_run"] is True and n["label"] == gs.DRY_LABEL, n
+    by_name = {(n["stage"], n["name"]): n["value"] for n in numbers}
+    assert by_name[("kernel_tests", "tests passed")] > 0 and by_name[("kernel_tests", "tests failed")] == 0
+    assert by_name[("kernels", "correctness checks passed")] > 0
+    assert by_name[("pretrain", "steps done")] == 4
+    assert any(stage == "pretrain" and "samples/s" in name and value > 0 for (stage, name), value in by_name.items())
+    assert any(stage == "throughput" and name.startswith("ours-") for stage, name in by_name)
+
+    markdown = (out / "summary.md").read_text()
+    assert markdown.startswith("# GPU session DRY RUN on the CPU: no number in this file is a GPU number")
+    for stage in STAGES:
+        assert f"| {stage} | ok |" in markdown
+    bullets = [line for line in numbers_section(markdown) if line.startswith("- ")]
+    assert len(bullets) == len(numbers)
+    for line in bullets:
+        assert line.endswith(f"[{gs.DRY_LABEL}]"), line
+    for line in numbers_section(markdown):
+        assert not line.strip() or line.startswith(("- ", "#", "Each line", "Files:")), line
+
+    assert gs.out_problems(out) == []
+    assert {p.name for p in out.iterdir()} <= set(gs.OUT_FILES)
+    assert {"summary.md", "summary.json", "session.log", "artifacts.tar.gz", "kernel_tests.xml", "throughput.jsonl",
+            "pretrain_metrics.jsonl"} <= {p.name for p in out.iterdir()}  # fmt: skip
+    log = (out / "session.log").read_text()
+    assert all(f"===== {stage}: ok" in log for stage in STAGES)
+    assert "--smoke" in log and "train.precision=bf16" in log and "engine.pretrain" in log
+
+
+# ------------------------------------------------------------------------------------------ the runner
+
+SLEEPER = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so that the kill has to escalate to SIGKILL
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(120)
+"""
+
+
+def test_a_failed_stage_and_one_over_its_limit_are_recorded_and_the_later_stages_still_run(tmp_path, monkeypatch):
+    """The dry run's own stages through the same runner, a few replaced by stand-ins: kernel_tests by a bogus
+    command, kernels by one that outlives its limit (ignoring SIGTERM, with a child of its own)."""
+    monkeypatch.setattr(gs, "KILL_GRACE_S", 0.5)
+    monkeypatch.setattr(gs, "MIN_STAGE_S", 0.5)
+    session = gs.Session(out=tmp_path / "out", work=tmp_path / "work", dry_run=True, budget_s=120)
+    session.env = gs.stage_env(session, [])
+    stages = {stage.name: stage for stage in gs.stages(dry_run=True)}
+    ran_after_failure, grandchild = tmp_path / "second_command_ran", tmp_path / "grandchild.pid"
+    stand_in = lambda text: lambda session: [[PY, "-c", f"print({text!r})"]]  # noqa: E731
+    stages["preflight"].commands = stand_in("preflight stand-in")
+    # environment stays real: the session needs its record
+    bogus = [PY, "-c", "import sys; print('bogus'); sys.exit(3)"]
+    stages["kernel_tests"].commands = lambda session: [bogus, [PY, "-c", f"open({str(ran_after_failure)!r}, 'w')"]]
+    stages["kernels"].limit_s = 2.0
+    stages["kernels"].commands = lambda session: [[PY, "-c", SLEEPER, str(grandchild)]]
+    stages["throughput"].commands = stand_in("throughput stand-in")
+    stages["pretrain_data"].commands = stand_in("pretrain_data stand-in")
+    stages["pretrain"].commands = stand_in("pretrain stand-in")
+
+    start = time.perf_counter()
+    assert gs.run_session(session, list(stages.values())) == 1
+    results = {r.name: r for r in session.results}
+    assert [r.name for r in session.results] == STAGES
+    assert {name: r.status for name, r in results.items()} == {
+        "preflight": "ok", "environment": "ok", "kernel_tests": "failed", "kernels": "timed out", "throughput": "ok",
+        "pretrain_data": "ok", "pretrain": "ok"}  # fmt: skip
+    assert results["kernel_tests"].returncode == 3 and "exit status 3" in results["kernel_tests"].note
+    assert not ran_after_failure.exists(), "a stage goes on after its failing command"
+    assert results["kernels"].limit_s == 2.0 and 2.0 <= results["kernels"].seconds < 6.0
+    assert "killed at its limit" in results["kernels"].note
+    pid = int(grandchild.read_text())
+    deadline = time.time() + 5
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid), "the timed-out stage's child outlived it"
+    assert time.perf_counter() - start < 60
+    assert session.environment["measured_on"] == "cpu"
+
+    summary = json.loads((session.out / "summary.json").read_text())
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [(r.name, r.status) for r in session.results]
+    markdown = (session.out / "summary.md").read_text()
+    assert "| kernel_tests | failed |" in markdown and "| kernels | timed out |" in markdown
+    assert "| pretrain | ok |" in markdown
+    log = (session.out / "session.log").read_text()
+    assert "bogus" in log and "the stage's limit reached" in log and "pretrain stand-in" in log
+    assert gs.out_problems(session.out) == []
+
+
+def test_a_stage_that_needs_a_failed_one_is_skipped_and_a_stage_cannot_eat_the_time_kept_for_later(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(gs, "MIN_STAGE_S", 0.5)
+    session = gs.Session(out=tmp_path / "out", work=tmp_path / "work", dry_run=True, budget_s=12)
+    session.env = gs.stage_env(session, [])
+    command = lambda *code: lambda session: [[PY, "-c", ";".join(code)]]  # noqa: E731
+    stages = [
+        gs.Stage("greedy", "wants 100 s", 100, 0, command("import time", "time.sleep(100)")),
+        gs.Stage("data", "fails", 30, 1, command("import sys", "sys.exit(1)")),
+        gs.Stage("train", "needs data", 30, 1, command("print(1)"), needs=("data",)),
+        gs.Stage("last", "keeps its time", 30, 7, command("print('last ran')")),
+    ]
+    assert gs.run_session(session, stages) == 1
+    results = {r.name: r for r in session.results}
+    assert results["greedy"].status == "timed out" and results["greedy"].limit_s <= 12 - 9 + 0.5
+    assert results["data"].status == "failed"
+    assert results["train"].status == "skipped" and "needs data" in results["train"].note
+    assert results["last"].status == "ok"
+
+
+def test_out_problems_names_what_the_device_tool_would_not_return(tmp_path):
+    for i in range(9):
+        (tmp_path / f"f{i}.txt").write_text("x")
+    (tmp_path / "a/b/c").mkdir(parents=True)
+    (tmp_path / "a/b/c/deep.txt").write_text("x")
+    (tmp_path / "bad name.txt").write_text("x")
+    problems = " | ".join(gs.out_problems(tmp_path))
+    assert "11 files, more than 8" in problems and "more than 2 folders down" in problems
+    assert "bad name.txt: a name with other characters" in problems
+
+
+# ---------------------------------------------------------------------------------------- what travels
+
+
+def fill(wheels: Path) -> None:
+    """File names as pip writes them (the contents are not looked at), and a 30522-line vocabulary."""
+    wheels.mkdir(exist_ok=True)
+    for carry in gs.CARRY:
+        tag = "cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64" if carry.tag.startswith("cp312") else carry.tag
+        (wheels / f"{carry.name}-{carry.version}-{tag}.whl").write_bytes(b"")
+    (wheels / gs.VOCAB).write_text("".join(f"token{i}\n" for i in range(gs.VOCAB_LINES)))
+
+
+def test_the_carry_check_lists_what_is_missing_and_how_to_get_it(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert gs.main(["--carry-check", "--wheels", str(empty)]) == 2
+    printed = capsys.readouterr().out
+    for carry in gs.CARRY:
+        assert f"{carry.name}=={carry.version}" in printed
+    assert "deepspeed==0.19.8" in printed and "vocab.txt: missing" in printed
+    assert "DS_BUILD_OPS=0" in printed and "pip download" in printed
+
+    full = tmp_path / "full"
+    fill(full)
+    assert gs.carry_problems(full) == []
+    assert gs.main(["--carry-check", "--wheels", str(full)]) == 0
+    assert "holds what the device call carries" in capsys.readouterr().out
+
+    (full / "deepspeed-0.18.0-py3-none-any.whl").write_bytes(b"")  # two versions of one package
+    (full / gs.VOCAB).write_text("[PAD]\n")
+    problems = " | ".join(gs.carry_problems(full))
+    assert "deepspeed: 2 wheels" in problems and "keep one" in problems and "1 lines, not 30522" in problems
+
+
+def test_the_device_form_fails_fast_when_the_carry_is_incomplete(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gs, "missing_here", lambda: (gs.CARRY, True))  # as on the GPU image: none of them there
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    start = time.perf_counter()
+    code = gs.main(["--out", str(tmp_path / "out"), "--wheels", str(empty), "--work", str(tmp_path / "work")])
+    assert code == 2 and time.perf_counter() - start < 10
+    assert "nothing run" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [("preflight", "failed")]
+    assert "deepspeed==0.19.8" in summary["stages"][0]["note"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole GPU session")
+def test_the_device_form_stops_after_the_environment_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs, "missing_here", lambda: ((), False))  # nothing to install: this venv has it all
+    code = gs.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert code == 1
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    statuses = {s["name"]: s["status"] for s in summary["stages"]}
+    assert statuses["preflight"] == "ok" and statuses["environment"] == "ok"
+    assert all(statuses[name] == "skipped" for name in STAGES[2:])
+    assert all("no CUDA device" in s["note"] for s in summary["stages"][2:])
+
+
+def test_the_readme_fills_the_carry_as_the_check_says_and_names_the_device_call():
+    text = (REPO / "benchmarks/README.md").read_text()
+    blocks = text.split("```")[1::2]  # the fenced blocks
+    (fill_block,) = [b for b in blocks if "DS_BUILD_OPS" in b]
+    lines = fill_block.replace("\\\n    ", "").strip().splitlines()
+    assert lines == gs.how_to_carry().splitlines()
+    assert any('python3 -m benchmarks.gpu_session --out $OUT", carry=[".whl"], timeout_s=600' in b for b in blocks)
