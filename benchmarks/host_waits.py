@@ -166,7 +166,7 @@ def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple
     """The engine's RunConfig of a tiny pre-training run on a synthetic store (or `stores`: text, features);
     path: an attention backend or a DeepSpeed ZeRO stage (zero1, zero2: one process, fp32)."""
     from benchmarks.dataloader import dataset
-    from benchmarks.throughput import SMOKE_FEAT_DIM
+    from benchmarks.throughput import SMOKE_FEAT_DIM, SMOKE_MODEL
     from engine.config import load_config
     from engine.data import synthetic
     from engine.data.store import RegionStore, TextStore
@@ -176,9 +176,9 @@ def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple
     else:
         text, regions = TextStore(stores[0]), RegionStore(stores[1])
     backend = path if path in ("eager", "sdpa", "triton") else "sdpa"
+    shape = ("hidden_size", "num_attention_heads", "intermediate_size", "l_layers", "r_layers", "x_layers")
     overrides = [
-        "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37", "model.l_layers=1",
-        "model.r_layers=1", "model.x_layers=1", f"model.visual_feat_dim={regions.feat_dim}",
+        *(f"model.{key}={SMOKE_MODEL[key]}" for key in shape), f"model.visual_feat_dim={regions.feat_dim}",
         f"model.num_qa_labels={len(text.answers)}", f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
         f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}", f"model.attn_backend={backend}",
         f"model.feat_loss_backend={'triton' if backend == 'triton' else 'torch'}",

@@ -3,12 +3,16 @@ so a crash leaves either the old file or the new one, never half of one. The fil
 open() would give it (0666 less the umask), not mkstemp's private 0600. A kill -9 can leave the temporary file
 behind (`.<name>.<random>.tmp`); `remove_temp_files` clears them from a directory only this process writes.
 
+`file_sha256(path)` is the one file checksum (checkpoint manifests, the stores' vocabulary fingerprints), read in
+chunks so a multi-GB checkpoint part is never held in memory.
+
 `kill_point(name)` is the crash tests' hook: with LXMERT_KILL_AT=name:N in the environment the process kills
 itself (SIGKILL, like a power cut or the OOM killer) the N-th time it passes that point; otherwise a no-op.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import tempfile
@@ -87,6 +91,12 @@ def remove_temp_files(directory: str | os.PathLike) -> None:
 
 KILL_AT = "LXMERT_KILL_AT"
 _passes: dict[str, int] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's sha256, hex, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def kill_point(name: str) -> None:

@@ -51,7 +51,6 @@ lxmert-convert (engine/convert_checkpoint.py) writes with write_state_dict too.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import pickle
@@ -64,7 +63,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from engine.atomic import fsync_dir, kill_point, write_file_atomic, write_text_atomic
+from engine.atomic import file_sha256, fsync_dir, kill_point, write_file_atomic, write_text_atomic
 from lxmert.config import LxmertConfig
 from lxmert.convert import to_hf_state_dict
 
@@ -194,16 +193,11 @@ def _one_line(error: BaseException) -> str:
 # ------------------------------------------------------------------------------------- parts and manifests
 
 
-def _sha256(file: Path) -> str:
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _part(file: Path) -> dict[str, Any]:
     """A part's manifest entry (its size and checksum), once it is on disk."""
     with open(file, "rb") as f:
         os.fsync(f.fileno())
-    return {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    return {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
 
 
 def _write_manifest(directory: Path, step: int, path: str, parts: dict[str, dict[str, Any]]) -> None:
@@ -351,7 +345,7 @@ def verify(path: str | Path) -> None:
     """CheckpointError naming the first part whose checksum is not the manifest's (reads every byte)."""
     path = Path(path)
     for name, entry in read_manifest(path)["parts"].items():
-        if _sha256(path / name) != entry["sha256"]:
+        if file_sha256(path / name) != entry["sha256"]:
             raise CheckpointError(f"{path / name}: its checksum is not the manifest's (changed after the save)")
 
 

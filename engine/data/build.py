@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -60,10 +59,6 @@ def nothing_to_store(paths: Sequence[Path], problem: str, errors: Sequence[str] 
     where = "the whole file" if len(paths) == 1 else f"all {len(paths)} files"
     first = f"; the first skipped: {errors[0]}" if errors else ""
     return DataError(", ".join(map(str, paths)), where, f"{problem}: nothing to convert{first}")
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def features_info(regions: RegionStore, path: str | Path) -> dict[str, Any]:

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from engine.atomic import kill_point
+from engine.atomic import file_sha256, kill_point
 from engine.data.build import (
-    INT16_MAX, SentenceConversion, append_labels, existing_inputs, features_info, file_sha256, input_identity,
+    INT16_MAX, SentenceConversion, append_labels, existing_inputs, features_info, input_identity,
     nothing_to_store,
 )  # fmt: skip
 from engine.data.formats import (

@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.atomic import file_sha256
 from engine.data.build import (
-    INT16_MAX, SentenceConversion, append_labels, features_info, file_sha256, input_identity,
+    INT16_MAX, SentenceConversion, append_labels, features_info, input_identity,
 )  # fmt: skip
 from engine.data.formats import (
     MAX_KEPT_ERRORS, DataError, parse_gqa, parse_nlvr2, parse_vqa, read_ans2label, read_json_list,
