@@ -106,8 +106,8 @@ class _Skip:
         if self.on:
             skip = found_inf.reshape(()) != 0
             self.mask, self.keep = skip, (~skip).to(torch.float32)
-            one = torch.ones((), device=skip.device)
-            self.beta1, self.beta2 = (torch.where(skip, one, torch.tensor(b, device=skip.device)) for b in betas)
+            # Python scalars, not tensors made from them: a host-to-device copy would wait for the device
+            self.beta1, self.beta2 = (torch.where(skip, 1.0, b).to(torch.float32) for b in betas)
 
     def betas(self, beta1: float, beta2: float) -> tuple[Any, Any]:
         return (self.beta1, self.beta2) if self.on else (beta1, beta2)
