@@ -10,7 +10,8 @@ tensor), nonzero, masked_select, unique, boolean-mask indexing, and copies from 
 .numpy() and .cpu() calls, which read device memory on a GPU. Not counted: the host-side loader (next(batches) is
 excluded), checkpoints (save), tensors created explicitly on the CPU (device="cpu": the Triton kernels' dropout
 seeds come from torch's CPU generator, a host read on a GPU too) and anything inside one dispatched operation (a
-custom op such as lxmert::attention_fwd is one launch). Each step's count runs from the start of its train_step
+custom op such as lxmert::attention_fwd is one launch). Not visible on the CPU: a copy from pageable host memory
+to the device (torch.tensor(x, device="cuda") waits too); the step makes none, by reading. Each step's count runs from the start of its train_step
 to the start of the next, so a log step's count includes the log line's reads.
 
 The goal (issue 13): 0 on a step that does not log and at most 12 on a log step, for the plain path. DeepSpeed's
