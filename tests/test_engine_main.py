@@ -299,12 +299,21 @@ def test_required_losses_that_do_not_fall_fail_the_job(ran):
 def test_the_default_job_learns_all_five_tasks(tmp_path):
     """The README's main job as a user runs it (default settings, about 3.5 minutes on one core): exit 0 with
     every loss falling, image-sentence matching to well below chance, and a fine-tuned VQA score above the
-    question-only baseline. Seeded and single-threaded, so the numbers are those NOTES.md records."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = job.main(["--workdir", str(tmp_path / "work")])
-    assert code == 0, err.getvalue()[-3000:]
-    report = report_of(tmp_path / "work")
+    question-only baseline. Seeded and single-threaded, so the numbers are those NOTES.md records.
+
+    .ci/run runs that very job first, verbatim, and names its work dir in LXMERT_MAIN_JOB_DONE once it exited 0:
+    the test then checks that run's report instead of running the job a second time."""
+    done = os.environ.get("LXMERT_MAIN_JOB_DONE")
+    if done:
+        workdir = Path(done)
+        assert job.JobOptions().workdir == Path("runs/main") and workdir.name == "main", done
+    else:
+        workdir = tmp_path / "work"
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = job.main(["--workdir", str(workdir)])
+        assert code == 0, err.getvalue()[-3000:]
+    report = report_of(workdir)
     pre, fine = report["pretrain"], report["finetune"]
     assert report["problems"] == [] and pre["steps"] == job.JobOptions().steps
     assert all(t["fell"] and t["required"] for t in pre["losses"].values())
