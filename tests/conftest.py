@@ -24,6 +24,10 @@ if not torch.cuda.is_available():
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -239,3 +243,22 @@ def tiny_model_overrides(text_store, feat_dim: int, layers: tuple[int, int, int]
         f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
         f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}", "model.attn_backend=sdpa",
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- shared expensive runs
+
+
+@pytest.fixture(scope="session")
+def gpu_session_dry_run(tmp_path_factory) -> dict[str, Any]:
+    """`python -m benchmarks.gpu_session --dry-run` as benchmarks/README.md documents it (with an output folder and
+    an empty wheel folder), run once for the whole suite: tests/test_gpu_session.py checks what it wrote and
+    tests/test_documented_commands.py counts it as that documented command's run (it takes minutes)."""
+    root = tmp_path_factory.mktemp("gpu_session")
+    argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(root / "out"), "--wheels",
+            str(root / "no_wheels")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))  # DeepSpeed's CPU comm op
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    return {"argv": argv, "proc": proc, "out": root / "out", "seconds": time.perf_counter() - start}

@@ -7,6 +7,8 @@ one, in the order a user would run them, as one of:
   there), with the tiny overrides that make it a test appended (a smaller model, fewer steps, outputs kept apart)
   and a few substitutions where the document's value needs hardware (`--num_gpus 8` -> 2 CPU ranks); each
   substitution must match, so a changed document fails here instead of drifting;
+- Shared: run once for the whole suite by a session fixture of tests/conftest.py (the command as written, options
+  appended), whose outputs other tests check too; here its exit, output and outputs are checked as a Run's;
 - Elsewhere: run verbatim by something named (the README's two quick-start commands are .ci/run's);
 - GpuOnly: the explicit table of what needs a GPU, with the reason.
 A command in a document and not in PLAN, or in PLAN and no longer in a document, fails
@@ -105,6 +107,13 @@ class Run:
 
 
 @dataclass(frozen=True)
+class Shared:
+    fixture: str
+    check: Callable[[Path], None] | None = None
+    """Called with the run's output folder."""
+
+
+@dataclass(frozen=True)
 class Elsewhere:
     where: str
 
@@ -190,8 +199,8 @@ def benchmark_rows(name: str) -> Callable[[Path], None]:
     return check
 
 
-def gpu_session_dry_run(work: Path) -> None:
-    summary = json.loads((work / "bench/gpu_session/summary.json").read_text())
+def dry_run_summary(out: Path) -> None:
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["session"]["dry_run"] and all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
     assert summary["numbers"] and all(n["measured_on"] == "cpu" and n["dry_run"] for n in summary["numbers"])
 
@@ -200,7 +209,7 @@ def out(name: str) -> str:
     return f"--out {{work}}/bench/{name}.jsonl"  # the benchmarks run in the checkout: keep its runs/ untouched
 
 
-PLAN: list[tuple[str, Run | Elsewhere | GpuOnly]] = [
+PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly]] = [
     ("bash scripts/setup.sh && .venv/bin/python -m engine.main", Elsewhere(".ci/run")),
     ("bash scripts/setup.sh --dev && .venv/bin/python -m pytest -q", Elsewhere(".ci/run")),
     # README, Data
@@ -297,8 +306,7 @@ PLAN: list[tuple[str, Run | Elsewhere | GpuOnly]] = [
          in_checkout=True)),  # fmt: skip
     ("python -m benchmarks.throughput --smoke",
      Run(out("throughput_smoke_cpu"), check=benchmark_rows("throughput_smoke_cpu"), in_checkout=True)),
-    ("python -m benchmarks.gpu_session --dry-run",
-     Run("--out {work}/bench/gpu_session", check=gpu_session_dry_run, in_checkout=True)),
+    ("python -m benchmarks.gpu_session --dry-run", Shared("gpu_session_dry_run", check=dry_run_summary)),
     ("deepspeed --num_gpus 1 --module benchmarks.scaling",
      Run(f"{TINY_SCALING} --stages 0 1 {out('scaling')}", in_checkout=True)),
     ("deepspeed --num_gpus 2 --module benchmarks.scaling --model base --precision fp32 --micro-batch 2 --warmup 1 "
@@ -315,6 +323,7 @@ PLAN: list[tuple[str, Run | Elsewhere | GpuOnly]] = [
              "tests/test_gpu_session.py runs it on an empty and a filled folder")),
 ]
 RUNS = [(command, plan) for command, plan in PLAN if isinstance(plan, Run)]
+SHARED = [(command, plan) for command, plan in PLAN if isinstance(plan, Shared)]
 
 
 def test_every_documented_command_is_planned():
@@ -432,14 +441,31 @@ def test_documented_command_runs(command, plan, workdir):
     # the check below then decides
     aborted_at_exit = "terminate called without an active exception" in proc.stderr and plan.check is not None
     try:
-        assert proc.returncode == 0 or aborted_at_exit, (
-            f"{line}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
-        if not line.startswith(("deepspeed ", "torchrun ")):  # a launcher's own process is DeepSpeed's, not ours
-            for noise in ("Setting accelerator to CPU", "untested optimizer", "TensorBoard logging off"):
-                assert noise not in proc.stdout + proc.stderr, noise
+        assert_ran_clean(line, proc, aborted_at_exit)
         if plan.check is not None:
             plan.check(workdir)
     except BaseException:
         _failed.append(command)
         raise
+
+
+def assert_ran_clean(line: str, proc: subprocess.CompletedProcess, aborted_at_exit: bool = False) -> None:
+    """Exit 0 (or DeepSpeed's abort at exit, when a check reads the results), no traceback, none of the known noise."""
+    assert proc.returncode == 0 or aborted_at_exit, (
+        f"{line}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    if not line.startswith(("deepspeed ", "torchrun ")):  # a launcher's own process is DeepSpeed's, not ours
+        for noise in ("Setting accelerator to CPU", "untested optimizer", "TensorBoard logging off"):
+            assert noise not in proc.stdout + proc.stderr, noise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, plan", SHARED, ids=[c[:80] for c, _ in SHARED])
+def test_documented_command_shared_run(command, plan, request):
+    """The suite's one run of the command (a conftest fixture), checked as test_documented_command_runs would."""
+    result = request.getfixturevalue(plan.fixture)
+    line = " ".join(["python", *result["argv"][1:]])
+    assert line.startswith(command + " ") or line == command, f"the fixture runs {line!r}, not {command!r}"
+    assert_ran_clean(line, result["proc"])
+    if plan.check is not None:
+        plan.check(result["out"])

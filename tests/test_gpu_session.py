@@ -37,15 +37,8 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_the_dry_run_reports_every_stage_with_every_number_labelled_cpu_dry_run(tmp_path):
-    out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))  # DeepSpeed's CPU comm op
-    start = time.perf_counter()
-    proc = subprocess.run([PY, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(out), "--wheels",
-                           str(tmp_path / "no_wheels")], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    seconds = time.perf_counter() - start
+def test_the_dry_run_reports_every_stage_with_every_number_labelled_cpu_dry_run(gpu_session_dry_run):
+    out, proc, seconds = gpu_session_dry_run["out"], gpu_session_dry_run["proc"], gpu_session_dry_run["seconds"]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert seconds < 300, f"the dry run took {seconds:.0f} s"
 
