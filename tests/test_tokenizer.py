@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
 from lxmert.tokenizer import (
     CLS_ID,
+    MASK_ID,
     MAX_SEQ_LENGTH,
     PAD_ID,
     SEP_ID,
+    SHIPPED_VOCAB,
     VOCAB_SIZE,
     LxmertTokenizer,
     find_vocab,
 )
 
-try:
-    VOCAB = find_vocab()
-except FileNotFoundError as missing:
-    pytest.skip(f"no offline BERT vocabulary: {missing}", allow_module_level=True)
+VOCAB = find_vocab()  # the copy shipped in the package
 
+BERT_UNCASED_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"  # google-research/bert's
 LONG_SENTENCE = "What is the man on the left side of the picture, near the red car, holding in his right hand?"
 SENTENCES = [
     "Who is holding the umbrella?",
@@ -155,6 +157,15 @@ def test_bad_vocabularies_are_refused(tmp_path, corrupt, message: str) -> None:
     with pytest.raises(ValueError, match=message) as error:
         LxmertTokenizer(path)
     assert "bad_vocab.txt" in str(error.value)
+
+
+def test_the_shipped_vocabulary_is_bert_uncased_with_its_licence_note() -> None:
+    assert VOCAB == SHIPPED_VOCAB and VOCAB.is_file()
+    assert hashlib.sha256(VOCAB.read_bytes()).hexdigest() == BERT_UNCASED_SHA256
+    tokens = VOCAB.read_text(encoding="utf-8").split("\n")[:-1]
+    assert len(tokens) == VOCAB_SIZE and tokens[1996] == "the" and tokens[MASK_ID] == "[MASK]"
+    notice = (VOCAB.parent / "NOTICE").read_text()
+    assert "google-research/bert" in notice and "Apache License, Version 2.0" in notice
 
 
 def test_missing_vocabulary(tmp_path) -> None:

