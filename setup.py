@@ -25,6 +25,7 @@ setup(
         "safetensors>=0.4",
         "pyyaml",
         "tqdm",
+        "matplotlib>=3.7",  # every picture: the run's plots, the attention pictures, the benchmark charts
     ],
     extras_require={
         "data": ["nvidia-dali-cuda130==2.4.0"],

@@ -1,22 +1,24 @@
-"""Plots of a training run from its metrics.jsonl: loss.svg and throughput.svg, self-contained SVG files drawn
-without a plotting library (none is a dependency).
+"""Plots of a training run from its metrics.jsonl, drawn with matplotlib (Agg; imported only when drawing):
+loss.svg / loss.png and throughput.svg / throughput.png.
 
     from engine.plots import write_plots
-    paths = write_plots(output_dir / "metrics.jsonl", output_dir)   # [output_dir/loss.svg, .../throughput.svg]
+    paths = write_plots(output_dir / "metrics.jsonl", output_dir)   # [loss.svg, loss.png, throughput.svg, ...png]
 
     python -m engine.plots runs/x/metrics.jsonl [--out DIR] [--log-y]
 
 write_plots(metrics_path, out_dir, log_y=False) -> list[Path] reads the records engine.metrics_log.MetricsLog
-writes and always writes both files (atomically, engine.atomic), returning their paths:
-- loss.svg: "loss" against "step" in the first panel, then a panel per "losses" component (each on its own
-  scale), then, when eval records carry a "metric" (fine-tuning's VQA score or accuracy, named by
-  "metric_name"), a panel of it. Train records draw solid lines; eval records draw dashed lines with round
-  markers, in the colour of the train series of the same name. log_y=True puts the loss axes on a log scale
-  (values <= 0 are then left out).
-- throughput.svg: the train records' "samples_per_s"; below it, on the same step axis, "mfu" in percent when
-  any train record has a finite one.
-Each line is one <path class="series" data-series=NAME data-kind=train|eval> (NAME as in TensorBoard: "loss",
-"losses/mlm", "samples_per_s", "mfu"), so the files are easy to check as XML.
+writes and always writes the four files (atomically, engine.atomic), returning their paths; figures() gives the
+two matplotlib Figures without writing them:
+- loss: "loss" against "step" in the first panel, then a panel per "losses" component (each on its own scale),
+  then, when eval records carry a "metric" (fine-tuning's VQA score or accuracy, named by "metric_name"), a
+  panel of it. Train records draw solid lines; eval records draw dashed lines with round markers, in the colour
+  of the train series of the same name. log_y=True puts the loss axes on a log scale (values <= 0 are then left
+  out).
+- throughput: the train records' "samples_per_s"; below it, on the same step axis, "mfu" in percent when any
+  train record has a finite one.
+Each line is one Line2D whose gid is "NAME:KIND" (NAME as in TensorBoard: "loss", "losses/mlm", "samples_per_s",
+"mfu"; KIND train or eval) and whose data are the steps and values drawn (nan where the line breaks); each panel's
+Axes has the gid "panel:TITLE". The SVG carries both gids as element ids.
 
 What the reader accepts (one JSON object per line):
 - train records: no "kind", or "kind": "train"; eval records: "kind": "eval"; other kinds are ignored.
@@ -40,17 +42,18 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
-from xml.sax.saxutils import escape, quoteattr
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from engine.atomic import write_text_atomic
+import numpy as np
+
+from engine.atomic import write_file_atomic
 from engine.metrics_log import read_metrics
 
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf")  # fmt: skip
-WIDTH, PANEL_HEIGHT = 780, 320
-LEFT, RIGHT, TOP, BOTTOM = 72, 200, 36, 44  # margins of each panel's plot box; the legend is on the right
-LEGEND_ROW = 15
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+COLORS = tuple(f"C{i}" for i in range(10))  # matplotlib's default cycle
+PNG_DPI = 100
 
 
 def _number(value: Any) -> float | None:
@@ -74,7 +77,7 @@ class Series:
     name: str  # the TensorBoard tag: "loss", "losses/mlm", "samples_per_s", "mfu"
     label: str
     kind: str  # "train" or "eval"
-    color: str
+    color: str  # a matplotlib colour
     points: list[tuple[int, float]]
 
 
@@ -133,146 +136,61 @@ class Panel:
     log_y: bool = False
     from_zero: bool = False  # the y axis includes 0 (throughput: a 5% dip should look like one)
 
-    def plottable(self, series: Series) -> list[tuple[int, float] | None]:
-        """The points in plot space (log10 for log_y); None where the line breaks."""
-        out: list[tuple[int, float] | None] = []
-        for step, value in series.points:
-            ok = math.isfinite(value) and (value > 0 or not self.log_y)
-            out.append((step, math.log10(value) if self.log_y else value) if ok else None)
-        return out
 
+def _draw(panels: list[Panel], title: str) -> Figure:
+    """One figure: the panels stacked, sharing the step axis. Each line's gid is "NAME:KIND" ("losses/mlm:eval"),
+    each panel's "panel:TITLE"; the SVG writes both as ids."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-def _nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> tuple[list[float], float]:
-    """About `count` round ticks (1, 2, 2.5 or 5 times a power of ten apart) within [lo, hi], and their step."""
-    raw = (hi - lo) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    multiples = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
-    step = next(m * magnitude for m in multiples if m * magnitude >= raw * (1 - 1e-9))
-    if integer:
-        step = max(1, round(step))
-    first = math.ceil(lo / step - 1e-9) * step
-    n = math.floor((hi - first) / step + 1e-9) + 1
-    return [first + i * step + 0.0 for i in range(n)], step  # + 0.0: no "-0" label
-
-
-def _tick_labels(ticks: list[float], step: float) -> list[str]:
-    if not ticks:
-        return []
-    if max(abs(t) for t in ticks) >= 1e6 or step < 1e-4:
-        return [f"{t:.6g}" for t in ticks]
-    decimals = next(d for d in range(6) if abs(round(step, d) - step) <= step * 1e-6)
-    return [f"{t:.{decimals}f}" for t in ticks]
-
-
-def _log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
-    """Ticks (in log10 space) and labels for a log axis spanning 10**lo .. 10**hi."""
-    decades = range(math.floor(lo), math.ceil(hi) + 1)
-    for multiples in ((1,), (1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9)):
-        values = [m * 10.0**e for e in decades for m in multiples]
-        values = [v for v in values if lo - 1e-9 <= math.log10(v) <= hi + 1e-9]
-        if len(values) >= 3:
-            values = values[:: math.ceil(len(values) / 10)]
-            return [math.log10(v) for v in values], [f"{v:g}" for v in values]
-    linear, step = _nice_ticks(10**lo, 10**hi)
-    linear = [v for v in linear if v > 0]
-    return [math.log10(v) for v in linear], _tick_labels(linear, step)
-
-
-def _padded(lo: float, hi: float, fraction: float = 0.05) -> tuple[float, float]:
-    if hi > lo:
-        pad = (hi - lo) * fraction
-        return lo - pad, hi + pad
-    pad = abs(lo) * 0.1 or 1.0
-    return lo - pad, hi + pad
-
-
-def _svg(panels: list[Panel], title: str) -> str:
-    """One SVG document: the panels stacked, sharing the step axis."""
-    height = PANEL_HEIGHT * len(panels)
-    box_w, box_h = WIDTH - LEFT - RIGHT, PANEL_HEIGHT - TOP - BOTTOM
-    steps = [p[0] for panel in panels for s in panel.series for p in panel.plottable(s) if p is not None]
-    x_lo, x_hi = (min(steps), max(steps)) if steps else (0, 1)
-    if x_lo == x_hi:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    x_ticks, x_step = _nice_ticks(x_lo, x_hi, count=6, integer=True)
-    x_labels = _tick_labels(x_ticks, x_step)
-
-    def px(step: float) -> float:
-        return LEFT + (step - x_lo) / (x_hi - x_lo) * box_w
-
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}"'
-        ' font-family="sans-serif" font-size="11">',
-        f"<title>{escape(title)}</title>",
-        f'<rect width="{WIDTH}" height="{height}" fill="white"/>',
-    ]
-    for index, panel in enumerate(panels):
-        top = index * PANEL_HEIGHT + TOP
-        bottom = top + box_h
-        lines = [(s, panel.plottable(s)) for s in panel.series]
-        values = [p[1] for _, pts in lines for p in pts if p is not None]
-        y_lo, y_hi = _padded(min(values), max(values)) if values else (0.0, 1.0)
-        if panel.from_zero and values:
-            y_lo, y_hi = min(y_lo, 0.0), max(y_hi, 0.0)
+    fig = Figure(figsize=(9.0, 0.4 + 3.0 * len(panels)), layout="constrained")
+    fig.suptitle(title)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels):
+        ax.set_gid(f"panel:{panel.title}")
+        ax.set_title(panel.title, loc="left", fontweight="bold")
+        ax.set_ylabel(panel.y_label + (" (log scale)" if panel.log_y else ""))
+        ax.grid(True, color="#e5e5e5")
         if panel.log_y:
-            y_ticks, y_labels = _log_ticks(y_lo, y_hi)
-        else:
-            y_ticks, y_step = _nice_ticks(y_lo, y_hi)
-            y_labels = _tick_labels(y_ticks, y_step)
-
-        def py(value: float, y_lo: float = y_lo, y_hi: float = y_hi, bottom: float = bottom) -> float:
-            return bottom - (value - y_lo) / (y_hi - y_lo) * box_h
-
-        out.append(f"<g class=\"panel\" data-title={quoteattr(panel.title)}>")
-        out.append(f'<text x="{LEFT}" y="{top - 12}" font-size="13" font-weight="bold">{escape(panel.title)}</text>')
-        out.append(f'<text transform="translate(16 {top + box_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
-                   f"{escape(panel.y_label)}{' (log scale)' if panel.log_y else ''}</text>")  # fmt: skip
-        for tick, label in zip(y_ticks, y_labels):
-            y = py(tick)
-            out.append(f'<line x1="{LEFT}" x2="{LEFT + box_w}" y1="{y:.2f}" y2="{y:.2f}" stroke="#e5e5e5"/>')
-            out.append(f'<text x="{LEFT - 6}" y="{y + 4:.2f}" text-anchor="end">{escape(label)}</text>')
-        for tick, label in zip(x_ticks, x_labels):
-            x = px(tick)
-            out.append(f'<line x1="{x:.2f}" x2="{x:.2f}" y1="{bottom}" y2="{bottom + 5}" stroke="black"/>')
-            out.append(f'<text x="{x:.2f}" y="{bottom + 17}" text-anchor="middle">{escape(label)}</text>')
-        out.append(f'<text x="{LEFT + box_w / 2}" y="{bottom + 34}" text-anchor="middle">step</text>')
-        out.append(f'<rect x="{LEFT}" y="{top}" width="{box_w}" height="{box_h}" fill="none" stroke="black"/>')
-        if not values:
-            out.append(f'<text x="{LEFT + box_w / 2}" y="{top + box_h / 2}" text-anchor="middle" fill="#888">'
-                       "no data</text>")  # fmt: skip
-        legend_x = LEFT + box_w + 14
-        for row, (series, points) in enumerate(lines):
-            dashed = ' stroke-dasharray="6 4"' if series.kind == "eval" else ""
-            width = 2 if series.name == "loss" else 1.4
-            commands, pen_down = [], False
-            for point in points:
-                if point is None:
-                    pen_down = False
-                    continue
-                commands.append(f"{'L' if pen_down else 'M'}{px(point[0]):.2f},{py(point[1]):.2f}")
-                pen_down = True
-            attributes = f"data-series={quoteattr(series.name)} data-kind={quoteattr(series.kind)}"
-            out.append(f'<path class="series" {attributes} d="{" ".join(commands)}" fill="none"'
-                       f' stroke="{series.color}" stroke-width="{width}"{dashed}/>')  # fmt: skip
-            drawn = [p for p in points if p is not None]
-            if series.kind == "eval" or len(drawn) == 1:
-                out.append(f'<g class="markers" {attributes} fill="{series.color}">')
-                out.extend(f'<circle cx="{px(s):.2f}" cy="{py(v):.2f}" r="3"/>' for s, v in drawn)
-                out.append("</g>")
-            y = top + 8 + row * LEGEND_ROW
-            label = series.label + ("" if drawn else ": no finite values")
-            out.append(f'<g class="legend" {attributes}>'
-                       f'<line x1="{legend_x}" x2="{legend_x + 22}" y1="{y}" y2="{y}" stroke="{series.color}"'
-                       f' stroke-width="{width}"{dashed}/>'
-                       f'<text x="{legend_x + 28}" y="{y + 4}">{escape(label)}</text></g>')  # fmt: skip
-        out.append("</g>")
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+            ax.set_yscale("log")
+        for series in panel.series:
+            steps = np.array([step for step, _ in series.points], dtype=np.float64)
+            values = np.array([value for _, value in series.points], dtype=np.float64)
+            drawable = np.isfinite(values) & ((values > 0) if panel.log_y else True)
+            values[~drawable] = np.nan  # matplotlib breaks the line at a nan
+            label = series.label + ("" if drawable.any() else ": no finite values")
+            marked = series.kind == "eval" or drawable.sum() == 1  # a lone point draws no line: mark it
+            ax.plot(steps, values, color=series.color, label=label, gid=f"{series.name}:{series.kind}",
+                    linestyle="--" if series.kind == "eval" else "-", linewidth=2.0 if series.name == "loss" else 1.4,
+                    marker="o" if marked else None, markersize=4)  # fmt: skip
+        if not any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()):
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="#888888")
+        if panel.from_zero and ax.get_lines():
+            low, high = ax.get_ylim()
+            ax.set_ylim(min(low, 0.0), max(high, 0.0))
+        if panel.series:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1].set_xlabel("step")
+    return fig
 
 
-def write_plots(metrics_path: str | Path, out_dir: str | Path, log_y: bool = False) -> list[Path]:
-    """Write out_dir/loss.svg and out_dir/throughput.svg from a metrics.jsonl; returns their paths."""
-    metrics_path, out_dir = Path(metrics_path), Path(out_dir)
+def save_figure(figure: Figure, path: str | Path, dpi: float = PNG_DPI) -> Path:
+    """Write a matplotlib figure atomically in the format its suffix names (.svg, .png); the SVG without a date,
+    so a rerun on the same data gives the same file."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    FigureCanvasAgg(figure)  # Agg, whatever pyplot's backend: no display, no global state
+    fmt = path.suffix.lstrip(".").lower()
+    metadata = {"Date": None} if fmt == "svg" else None
+    write_file_atomic(path, lambda name: figure.savefig(name, format=fmt, dpi=dpi, metadata=metadata))
+    return path
+
+
+def figures(metrics_path: str | Path, log_y: bool = False) -> dict[str, Figure]:
+    """{"loss": Figure, "throughput": Figure} drawn from a metrics.jsonl (what write_plots writes)."""
+    metrics_path = Path(metrics_path)
     train, evals = read_metrics(metrics_path)
     run = metrics_path.parent.name or str(metrics_path)
     loss = _loss_panels(train, evals, log_y)
@@ -284,19 +202,25 @@ def write_plots(metrics_path: str | Path, out_dir: str | Path, log_y: bool = Fal
     mfu = _series("mfu", "MFU (train)", "train", COLORS[1], train, lambda r: r.get("mfu"), scale=100.0)
     if mfu is not None and any(math.isfinite(v) for _, v in mfu.points):
         throughput.append(Panel("model FLOPs utilisation", "MFU (%)", [mfu], from_zero=True))
-    written = []
-    for name, panels in (("loss.svg", loss), ("throughput.svg", throughput)):
-        path = out_dir / name
-        write_text_atomic(path, _svg(panels, f"{run}: {name[:-4]}"))
-        written.append(path)
+    return {"loss": _draw(loss, f"{run}: loss"), "throughput": _draw(throughput, f"{run}: throughput")}
+
+
+def write_plots(metrics_path: str | Path, out_dir: str | Path, log_y: bool = False) -> list[Path]:
+    """Write loss.svg, loss.png, throughput.svg and throughput.png in out_dir from a metrics.jsonl; returns
+    their paths."""
+    out_dir, written = Path(out_dir), []
+    for name, figure in figures(metrics_path, log_y).items():
+        written.append(save_figure(figure, out_dir / f"{name}.svg"))
+        figure.set_layout_engine("none")  # the layout is done: the PNG keeps it instead of solving it again
+        written.append(save_figure(figure, out_dir / f"{name}.png"))
     return written
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lxmert-plots",
-                                     description="loss.svg and throughput.svg from a run's metrics.jsonl")  # fmt: skip
+                                     description="loss and throughput plots, SVG and PNG, from a metrics.jsonl")
     parser.add_argument("metrics", type=Path, help="the run's metrics.jsonl")
-    parser.add_argument("--out", type=Path, help="directory for the SVG files (default: the metrics file's)")
+    parser.add_argument("--out", type=Path, help="directory for the plots (default: the metrics file's)")
     parser.add_argument("--log-y", action="store_true", help="loss on a log scale")
     args = parser.parse_args(argv)
     if not args.metrics.is_file():

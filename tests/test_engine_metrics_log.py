@@ -1,6 +1,7 @@
 """engine/metrics_log.py and engine/plots.py: TensorBoard scalars (a fake writer; real event files when the
-tensorboard package is installed), the missing-TensorBoard notice, the progress bar, and the SVG plots read back
-as XML: one path per series, its points mapped monotonically from the data, resumed logs de-duplicated."""
+tensorboard package is installed), the missing-TensorBoard notice, the progress bar, and the plots: the arrays
+each matplotlib line was given (one line per series, found by its gid), resumed logs de-duplicated, and the ids
+the SVG carries."""
 
 from __future__ import annotations
 
@@ -18,9 +19,7 @@ import torch
 
 from engine import metrics_log
 from engine.metrics_log import MetricsLog, tensorboard_scalars
-from engine.plots import main, read_metrics, write_plots
-
-SVG = "{http://www.w3.org/2000/svg}"
+from engine.plots import PNG_DPI, figures, main, read_metrics, write_plots
 
 
 def train_record(step: int, loss: float, **fields) -> dict:
@@ -37,103 +36,98 @@ def write_jsonl(path: Path, records: list, extra_lines: dict[int, str] | None = 
     return path
 
 
-def series_of(svg: Path) -> dict[tuple[str, str], list[list[tuple[float, float]]]]:
-    """{(series, kind): its subpaths, each a list of (x, y)}; asserts one path per series."""
-    root = ET.parse(svg).getroot()
-    out: dict[tuple[str, str], list[list[tuple[float, float]]]] = {}
-    for path in root.iter(f"{SVG}path"):
-        key = (path.get("data-series"), path.get("data-kind"))
-        assert key not in out, f"two paths for {key}"
-        subpaths: list[list[tuple[float, float]]] = []
-        for command, x, y in re.findall(r"([ML])(-?[\d.]+),(-?[\d.]+)", path.get("d")):
-            if command == "M":
-                subpaths.append([])
-            subpaths[-1].append((float(x), float(y)))
-        out[key] = subpaths
+def drawn(figure) -> dict[tuple[str, str], tuple[list[float], list[float]]]:
+    """{(series, kind): (steps, values)}: the arrays matplotlib was given for each line (its gid "NAME:KIND");
+    asserts one line per series."""
+    out: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            name, kind = line.get_gid().rsplit(":", 1)
+            assert (name, kind) not in out, f"two lines for {name, kind}"
+            out[name, kind] = ([float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()])
     return out
 
 
-def points(subpaths: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
-    return [p for sub in subpaths for p in sub]
+def same(got: list[float], expected: list[float]) -> bool:
+    """Equal, a nan (where a line breaks) matching a nan."""
+    return len(got) == len(expected) and all(g == e or (math.isnan(g) and math.isnan(e)) for g, e in zip(got, expected))
 
 
-def assert_maps_monotonically(steps: list[int], values: list[float], xy: list[tuple[float, float]]) -> None:
-    """x grows with the step; y shrinks as the value grows (SVG's y points down); equal values, equal y."""
-    assert len(xy) == len(steps) == len(values)
-    xs = [x for x, _ in xy]
-    assert xs == sorted(xs) and len(set(xs)) == len(xs)
-    for (v1, (_, y1)), (v2, (_, y2)) in zip(zip(values, xy), zip(values[1:], xy[1:])):
-        assert (v1 < v2) == (y1 > y2) and (v1 == v2) == math.isclose(y1, y2, abs_tol=0.011)
-    assert xy[values.index(max(values))][1] == min(y for _, y in xy)
+def panels(figure) -> dict[str, object]:
+    """{title: Axes}, in drawing order, from each panel's gid "panel:TITLE"."""
+    return {ax.get_gid().removeprefix("panel:"): ax for ax in figure.axes}
 
 
-def assert_finite_coordinates(svg: Path) -> None:
-    for element in ET.parse(svg).getroot().iter():
-        for name in ("x", "y", "x1", "x2", "y1", "y2", "cx", "cy"):
-            if element.get(name) is not None:
-                assert math.isfinite(float(element.get(name))), (element.tag, element.attrib)
-        for number in re.findall(r"[^\s,ML]+", element.get("d") or ""):
-            assert math.isfinite(float(number)), element.attrib
+def legend_labels(figure) -> set[str]:
+    return {t.get_text() for ax in figure.axes if ax.get_legend() for t in ax.get_legend().get_texts()}
+
+
+def svg_ids(path: Path) -> set[str]:
+    return {e.get("id") for e in ET.parse(path).getroot().iter() if e.get("id")}
 
 
 # ---- plots ------------------------------------------------------------------------------------------------
 
 
-def test_loss_plot_has_one_path_per_series_mapped_from_the_data(tmp_path):
+def test_loss_plot_has_one_line_per_series_drawn_from_the_data(tmp_path):
     losses = [9.0, 7.5, 8.0, 4.0, 3.5, 3.5, 2.0]
     steps = [10 * (i + 1) for i in range(len(losses))]
     evals = [{"kind": "eval", "step": 30, "loss": 7.0, "losses": {"mlm": 4.0}, "accuracy": 0.4},
              {"kind": "eval", "step": 70, "loss": 2.5, "losses": {"mlm": 1.5}, "accuracy": 0.6}]  # fmt: skip
     records = [train_record(s, v) for s, v in zip(steps, losses)]
     metrics = write_jsonl(tmp_path / "metrics.jsonl", records[:3] + evals[:1] + records[3:] + evals[1:])
-    loss_svg, throughput_svg = write_plots(metrics, tmp_path / "plots")
-    assert loss_svg == tmp_path / "plots" / "loss.svg" and throughput_svg.name == "throughput.svg"
-    series = series_of(loss_svg)
+    written = write_plots(metrics, tmp_path / "plots")
+    names = ("loss.svg", "loss.png", "throughput.svg", "throughput.png")
+    assert written == [tmp_path / "plots" / name for name in names]
+    figure = figures(metrics)["loss"]
+    series = drawn(figure)
     assert set(series) == {("loss", "train"), ("losses/mlm", "train"), ("losses/obj", "train"),
                            ("loss", "eval"), ("losses/mlm", "eval")}  # fmt: skip
-    assert_maps_monotonically(steps, losses, points(series["loss", "train"]))
-    assert_maps_monotonically(steps, [0.6 * v for v in losses], points(series["losses/mlm", "train"]))
-    assert_maps_monotonically([30, 70], [7.0, 2.5], points(series["loss", "eval"]))
-    assert all(len(sub) == 1 for sub in [series["loss", "train"], series["loss", "eval"]])  # no break
-    # one axis for every series: a train and an eval point of the same step and value coincide
-    train_x = dict(zip(steps, [x for x, _ in points(series["loss", "train"])]))
-    assert [x for x, _ in points(series["loss", "eval"])] == [train_x[30], train_x[70]]
-    root = ET.parse(loss_svg).getroot()
-    labels = [t.text for t in root.iter(f"{SVG}text")]
-    assert {"loss (train)", "mlm (train)", "obj (train)", "loss (eval)", "mlm (eval)", "step"} <= set(labels)
-    assert {"10", "40", "70"} & set(labels)  # step ticks labelled
-    eval_path = next(p for p in root.iter(f"{SVG}path") if p.get("data-kind") == "eval")
-    assert eval_path.get("stroke-dasharray")  # eval drawn differently from train
-    markers = [g for g in root.iter(f"{SVG}g") if g.get("class") == "markers" and g.get("data-series") == "loss"]
-    assert len(markers) == 1 and len(markers[0]) == 2  # eval points marked
+    assert series["loss", "train"] == (steps, losses)
+    assert series["losses/mlm", "train"] == (steps, [0.6 * v for v in losses])
+    assert series["loss", "eval"] == ([30, 70], [7.0, 2.5]) and series["losses/mlm", "eval"] == ([30, 70], [4.0, 1.5])
+    assert {"loss (train)", "mlm (train)", "obj (train)", "loss (eval)", "mlm (eval)"} <= legend_labels(figure)
+    axes = list(panels(figure).values())
+    assert axes[-1].get_xlabel() == "step" and all(axes[0].get_shared_x_axes().joined(axes[0], ax) for ax in axes)
+    lines = {line.get_gid(): line for ax in axes for line in ax.get_lines()}
+    assert lines["loss:eval"].get_linestyle() == "--" and lines["loss:eval"].get_marker() == "o"  # eval: dashed, marked
+    assert lines["loss:train"].get_linestyle() == "-" and lines["loss:train"].get_marker() in (None, "None", "")
+    assert lines["loss:eval"].get_color() == lines["loss:train"].get_color()
+    # what the files carry: every line and panel by id in the SVG, a PNG of the figure's size
+    assert {"loss:train", "loss:eval", "losses/mlm:eval", "panel:mlm loss"} <= svg_ids(tmp_path / "plots/loss.svg")
+    png = (tmp_path / "plots/loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and png_size(png) == tuple(round(v * PNG_DPI) for v in figure.get_size_inches())
 
 
-def test_log_y_maps_by_logarithm(tmp_path):
-    steps, losses = [1, 2, 3], [100.0, 10.0, 1.0]
+def png_size(png: bytes) -> tuple[int, int]:
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # IHDR's width, height
+
+
+def test_log_y_draws_on_a_log_scale_without_the_values_it_cannot_show(tmp_path):
+    steps, losses = [1, 2, 3, 4], [100.0, 10.0, 1.0, 0.0]
     metrics = write_jsonl(tmp_path / "metrics.jsonl", [train_record(s, v) for s, v in zip(steps, losses)])
-    loss_svg, _ = write_plots(metrics, tmp_path, log_y=True)
-    xy = points(series_of(loss_svg)["loss", "train"])
-    assert_maps_monotonically(steps, losses, xy)
-    assert math.isclose(xy[0][1] - xy[1][1], xy[1][1] - xy[2][1], rel_tol=1e-3)  # equal ratios, equal gaps
-    labels = {t.text for t in ET.parse(loss_svg).getroot().iter(f"{SVG}text")}
-    assert {"1", "10", "100"} <= labels
+    write_plots(metrics, tmp_path, log_y=True)
+    figure = figures(metrics, log_y=True)["loss"]
+    assert same(drawn(figure)["loss", "train"][1], [100.0, 10.0, 1.0, math.nan])  # 0: no point on a log axis
+    for ax in figure.axes:
+        assert ax.get_yscale() == "log" and ax.get_ylabel().endswith("(log scale)")
+    assert all(ax.get_yscale() == "linear" for ax in figures(metrics)["loss"].axes)
 
 
 def test_throughput_plot_samples_and_mfu(tmp_path):
     records = [train_record(s, 1.0, samples_per_s=v, mfu=m) for s, v, m in [(1, 50.0, 0.2), (2, 80.0, 0.25),
                                                                              (3, 70.0, 0.5)]]  # fmt: skip
-    _, throughput_svg = write_plots(write_jsonl(tmp_path / "metrics.jsonl", records), tmp_path)
-    series = series_of(throughput_svg)
+    figure = figures(write_jsonl(tmp_path / "metrics.jsonl", records))["throughput"]
+    series = drawn(figure)
     assert set(series) == {("samples_per_s", "train"), ("mfu", "train")}
-    assert_maps_monotonically([1, 2, 3], [50.0, 80.0, 70.0], points(series["samples_per_s", "train"]))
-    assert_maps_monotonically([1, 2, 3], [0.2, 0.25, 0.5], points(series["mfu", "train"]))
-    groups = ET.parse(throughput_svg).getroot().iter(f"{SVG}g")
-    panels = [g.get("data-title") for g in groups if g.get("class") == "panel"]
-    assert panels == ["throughput", "model FLOPs utilisation"]
+    assert series["samples_per_s", "train"] == ([1, 2, 3], [50.0, 80.0, 70.0])
+    assert series["mfu", "train"] == ([1, 2, 3], [20.0, 25.0, 50.0])  # percent
+    assert list(panels(figure)) == ["throughput", "model FLOPs utilisation"]
+    assert all(ax.get_ylim()[0] == 0.0 for ax in figure.axes)  # from zero: a 5% dip looks like one
     # the CPU logs "mfu": null: no MFU panel
     records = [train_record(s, 1.0, mfu=None) for s in (1, 2)]
-    _, throughput_svg = write_plots(write_jsonl(tmp_path / "metrics.jsonl", records), tmp_path)
-    assert set(series_of(throughput_svg)) == {("samples_per_s", "train")}
+    assert set(drawn(figures(write_jsonl(tmp_path / "metrics.jsonl", records))["throughput"])) == {
+        ("samples_per_s", "train")}
 
 
 def test_resumed_log_keeps_the_last_record_per_step(tmp_path):
@@ -151,13 +145,13 @@ def test_resumed_log_keeps_the_last_record_per_step(tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6, 7]
     assert [r["loss"] for r in train] == [9.0, 8.0, 7.0, 26.0, 25.0, 24.0, 23.0]
     assert [(r["step"], r["loss"]) for r in evals] == [(6, 2.0)]
-    series = series_of(write_plots(metrics, tmp_path)[0])
-    assert_maps_monotonically(list(range(1, 8)), [r["loss"] for r in train], points(series["loss", "train"]))
-    assert len(points(series["loss", "eval"])) == 1
+    series = drawn(figures(metrics)["loss"])
+    assert series["loss", "train"] == (list(range(1, 8)), [9.0, 8.0, 7.0, 26.0, 25.0, 24.0, 23.0])
+    assert series["loss", "eval"] == ([6], [2.0])
 
 
 def test_non_finite_and_missing_values(tmp_path):
-    """MetricsLog writes nan/inf as strings; plots leave those points out and break the line there; null or
+    """MetricsLog writes nan/inf as strings; plots draw those as nan, which breaks the line there; null or
     missing fields just have no point."""
     log = MetricsLog(tmp_path, tensorboard=False)
     values = [5.0, float("nan"), 4.0, float("inf"), 3.0, None, 2.0]
@@ -167,30 +161,26 @@ def test_non_finite_and_missing_values(tmp_path):
     log.write({"step": 8})  # no loss at all
     log.close()
     assert '"loss": "nan"' in (tmp_path / "metrics.jsonl").read_text()
-    series = series_of(write_plots(tmp_path / "metrics.jsonl", tmp_path)[0])
-    subpaths = series["loss", "train"]
-    assert [len(sub) for sub in subpaths] == [1, 1, 2]  # 5 | 4 | 3, 2 (null: no point, no break)
-    assert_maps_monotonically([1, 3, 5, 7], [5.0, 4.0, 3.0, 2.0], points(subpaths))
-    assert series["losses/obj", "train"] == []  # all nan: an empty path ...
-    labels = {t.text for t in ET.parse(tmp_path / "loss.svg").getroot().iter(f"{SVG}text")}
-    assert "obj (train): no finite values" in labels  # ... and the legend says why
-    assert_finite_coordinates(tmp_path / "loss.svg")
+    write_plots(tmp_path / "metrics.jsonl", tmp_path)
+    figure = figures(tmp_path / "metrics.jsonl")["loss"]
+    steps, drawn_values = drawn(figure)["loss", "train"]
+    assert steps == [1, 2, 3, 4, 5, 7] and same(drawn_values, [5.0, math.nan, 4.0, math.nan, 3.0, 2.0])
+    assert all(math.isnan(v) for v in drawn(figure)["losses/obj", "train"][1])  # all nan: nothing drawn ...
+    assert "obj (train): no finite values" in legend_labels(figure)  # ... and the legend says why
 
 
 def test_empty_and_single_record_logs(tmp_path):
     metrics = write_jsonl(tmp_path / "metrics.jsonl", [])
-    for svg in write_plots(metrics, tmp_path):
-        root = ET.parse(svg).getroot()
-        assert "no data" in {t.text for t in root.iter(f"{SVG}text")}
-        assert list(root.iter(f"{SVG}path")) == []
+    assert all(path.is_file() for path in write_plots(metrics, tmp_path))
+    for figure in figures(metrics).values():
+        assert drawn(figure) == {}
+        assert all("no data" in [t.get_text() for t in ax.texts] for ax in figure.axes)
     metrics = write_jsonl(tmp_path / "metrics.jsonl", [train_record(5, 2.0)])
-    loss_svg, throughput_svg = write_plots(metrics, tmp_path)
-    for svg in (loss_svg, throughput_svg):
-        for subpaths in series_of(svg).values():
-            assert len(points(subpaths)) == 1
-        assert_finite_coordinates(svg)
-    circles = [c for g in ET.parse(loss_svg).getroot().iter(f"{SVG}g") if g.get("class") == "markers" for c in g]
-    assert len(circles) == 3  # a lone point gets a marker (a one-point line draws nothing)
+    write_plots(metrics, tmp_path)
+    for figure in figures(metrics).values():
+        for ax in figure.axes:
+            for line in ax.get_lines():
+                assert list(line.get_xdata()) == [5] and line.get_marker() == "o"  # a lone point is marked
 
 
 def test_malformed_lines_are_skipped_with_a_warning_naming_them(tmp_path):
@@ -212,9 +202,10 @@ def test_cli(tmp_path, capsys):
     run.mkdir()
     metrics = write_jsonl(run / "metrics.jsonl", [train_record(s, 1.0 / s) for s in (1, 2)])
     main([str(metrics)])
-    assert capsys.readouterr().out.split() == [str(run / "loss.svg"), str(run / "throughput.svg")]
+    names = ("loss.svg", "loss.png", "throughput.svg", "throughput.png")
+    assert capsys.readouterr().out.split() == [str(run / name) for name in names]
     main([str(metrics), "--out", str(tmp_path / "elsewhere"), "--log-y"])
-    assert (tmp_path / "elsewhere" / "loss.svg").is_file() and (tmp_path / "elsewhere" / "throughput.svg").is_file()
+    assert all((tmp_path / "elsewhere" / name).is_file() for name in names)
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing.jsonl")])
 
@@ -356,18 +347,16 @@ def test_loss_plot_has_a_panel_per_component_and_the_fine_tuning_score(tmp_path)
     records = [train_record(s, 10.0 / s) for s in (1, 2, 3)]
     evals = [{"kind": "eval", "step": 3, "epoch": 1, "metric": 0.25, "metric_name": "vqa_score"},
              {"kind": "eval", "step": 6, "epoch": 2, "metric": 0.5, "metric_name": "vqa_score"}]  # fmt: skip
-    loss_svg, _ = write_plots(write_jsonl(tmp_path / "metrics.jsonl", records + evals), tmp_path)
-    root = ET.parse(loss_svg).getroot()
-    panels = [g for g in root.iter(f"{SVG}g") if g.get("class") == "panel"]
-    assert [p.get("data-title") for p in panels] == ["loss (total of the components)", "mlm loss", "obj loss",
-                                                     "evaluation: vqa_score"]  # fmt: skip
-    in_panel = {p.get("data-title"): {q.get("data-series") for q in p.iter(f"{SVG}path")} for p in panels}
-    assert in_panel["mlm loss"] == {"losses/mlm"} and in_panel["evaluation: vqa_score"] == {"metric"}
-    # each panel spans its own range: the component's extremes reach the panel's top and bottom like the total's
-    series = series_of(loss_svg)
-    ys = {name: [y for _, y in points(series[name, "train"])] for name in ("loss", "losses/obj")}
-    assert math.isclose(max(ys["loss"]) - min(ys["loss"]), max(ys["losses/obj"]) - min(ys["losses/obj"]), rel_tol=1e-3)
-    assert_maps_monotonically([3, 6], [0.25, 0.5], points(series["metric", "eval"]))
+    figure = figures(write_jsonl(tmp_path / "metrics.jsonl", records + evals))["loss"]
+    by_title = panels(figure)
+    assert list(by_title) == ["loss (total of the components)", "mlm loss", "obj loss", "evaluation: vqa_score"]
+    in_panel = {title: {line.get_gid() for line in ax.get_lines()} for title, ax in by_title.items()}
+    assert in_panel["mlm loss"] == {"losses/mlm:train"} and in_panel["evaluation: vqa_score"] == {"metric:eval"}
+    # each panel on its own scale: the component's range is not squeezed into the total's
+    obj = [0.4 * 10.0 / s for s in (1, 2, 3)]
+    low, high = by_title["obj loss"].get_ylim()
+    assert low <= min(obj) and max(obj) <= high and high - low < 1.2 * (max(obj) - min(obj))
+    assert drawn(figure)["metric", "eval"] == ([3, 6], [0.25, 0.5])
 
 
 def test_console_line_shows_a_zero_lr_as_zero_and_the_time_left():

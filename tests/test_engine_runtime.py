@@ -138,7 +138,7 @@ def test_pretraining_evaluates_on_schedule_and_the_numbers_are_the_models(stores
     assert last["qa_questions"] == asked > 0 and last["qa_accuracy"] == pytest.approx(right / asked)
     assert last["matched_accuracy"] == pytest.approx(matched / n)
     # the training log's throughput windows exclude evaluation time; plots are written at the end
-    assert all(Path(p).is_file() for p in summary["plots"]) and len(summary["plots"]) == 2
+    assert all(Path(p).is_file() for p in summary["plots"]) and len(summary["plots"]) == 4  # SVG and PNG each
 
 
 def test_eval_every_zero_evaluates_at_each_epoch_end(stores, tmp_path):

@@ -117,8 +117,8 @@ def test_written_files_respect_the_umask(stores, tmp_path, umask, mode):
         Trainer(make_config(stores, tmp_path, "train.max_steps=2"), use_deepspeed=False).train()
     finally:
         os.umask(old)
-    for name in ("config.yaml", "model.safetensors", "model_config.json", "plots/loss.svg", "plots/throughput.svg",
-                 "checkpoints/latest", "metrics.jsonl"):  # fmt: skip
+    for name in ("config.yaml", "model.safetensors", "model_config.json", "plots/loss.svg", "plots/loss.png",
+                 "plots/throughput.svg", "checkpoints/latest", "metrics.jsonl"):  # fmt: skip
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
 
 
