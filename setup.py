@@ -32,6 +32,7 @@ setup(
         "flash": ["flash-attn"],
         # an sdist: install after torch with DS_BUILD_OPS=0 and --no-build-isolation
         "deepspeed": ["deepspeed==0.19.8"],
+        "tensorboard": ["tensorboard"],  # engine.metrics_log writes its scalars when it is installed
         "dev": ["pytest", "transformers==5.17.0"],
     },
     entry_points={

@@ -16,8 +16,9 @@ TensorBoard (`tensorboard_scalars` gives the exact mapping): every finite number
 global step record["step"]; nested dicts join their keys with "/" (losses.mlm -> losses/mlm); records of another
 kind than train go under "<kind>/" (eval/loss, eval/losses/mlm, eval/accuracy). Not written: "step" itself,
 "total_steps", booleans ("skipped": the "skipped_steps" count says it), strings, None, inf and nan. Without the
-tensorboard package (an optional extra) nothing is said; an installed one that fails to import gets one console
-line (once per process) and the run goes on; tensorboard=False turns it off.
+tensorboard package (setup.py's extra `tensorboard`: pip install lxmert-engine[tensorboard]) nothing is said; an
+installed one that fails to import gets one console line (once per process) and the run goes on;
+tensorboard=False turns it off.
 
 Progress bar (tqdm, only when stderr is a terminal and progress_total is given): steps done / total, elapsed <
 remaining (tqdm's ETA from its smoothed step rate, counted from progress_initial on a resumed run) and the
