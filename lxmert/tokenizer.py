@@ -1,9 +1,9 @@
 """BERT uncased WordPiece for LXMERT's text side, offline, through the `tokenizers` library.
 
 The vocabulary is a BERT uncased vocab.txt: an explicit path, else the copy shipped in this package
-(lxmert/vocab/bert-base-uncased-vocab.txt, Google's, Apache 2.0: NOTICE beside it; never the HF hub). Anything that is not exactly
-that vocabulary (30522 entries, [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103) is refused: a wrong
-vocabulary would silently train a model against the wrong embedding rows.
+(lxmert/vocab/bert-base-uncased-vocab.txt, Google's, Apache 2.0: NOTICE beside it; never the HF hub). Anything
+that is not exactly that vocabulary (30522 entries, [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103) is
+refused: a wrong vocabulary would silently train a model against the wrong embedding rows.
 
 `encode` is the authors' convert_sents_to_features: pieces of sentence.strip() cut to max_length - 2, then
 [CLS] pieces [SEP], no padding. `batch_encode` is the fast path (Rust, multithreaded) and must equal it
