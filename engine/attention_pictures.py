@@ -14,20 +14,22 @@ backbone is used, so pre-training, VQA/GQA and NLVR2 checkpoints all work. The s
   authors' format (--tsv, and --img-id or --row; the first row by default), boxes normalised as the store
   converter does, the first 36 regions kept.
 The model runs once in eval mode with output_attentions=True (eager's probabilities, lxmert/attention.py), on the
-sentence unpadded and on the image's real regions only. One figure, PREFIX.svg and PREFIX.png (--out, --format):
+sentence unpadded and on the image's real regions only. One matplotlib figure, PREFIX.svg and PREFIX.png (--out,
+--format):
 1. language self-attention of --layer (default the last language layer) as a heat map: a row per query word
    piece, a column per key, colour = probability on one scale per map (its colour bar gives 0 and the largest);
 2. regions' self-attention of --region-layer (default the last object-relationship layer), the same way, a
    region labelled by its index and, with --object-names, its detected attribute and class;
 3. cross-modality attention of --cross-layer (default the last cross layer): a panel per word piece showing the
-   image (--picture: drawn on it; else its canvas, the image's aspect ratio) with every region's box shaded by
-   that word's probability on it, from clear (the word's smallest) to dark (its largest), the --top strongest
-   outlined and labelled, and the strongest named under the panel with its probability.
+   image (--picture, any format Pillow reads: drawn on it; else its canvas, the image's aspect ratio) with every
+   region's box shaded by that word's probability on it, from clear (the word's smallest) to dark (its largest),
+   the --top strongest outlined and labelled, and the strongest named under the panel with its probability.
 --head picks one head for all three (default: the mean over the heads). Layers and heads count from 0, as the
-output tuples do (language_attentions[layer][0, head]). Each drawn value is in the SVG: heat-map cells are
-<rect class="cell" data-map="language|regions" data-query=i data-key=j data-weight=p>, boxes
-<rect class="box" data-map="cross" data-token=i data-region=j data-weight=p>, p the probability (float32, 9
-digits), so the file can be checked against the model.
+output tuples do (language_attentions[layer][0, head]). What is drawn is what matplotlib is given, so the figure
+can be checked against the model: the heat maps are AxesImages with gid "language" and "regions" whose arrays are
+the [queries, keys] probabilities (float32; colour scale 0 to the map's largest), and word i's boxes one
+PatchCollection with gid "cross:i" whose array is its weights over the regions, in region order (the colour scale
+its smallest to its largest). The SVG carries these gids as element ids.
 
 Bad inputs (a missing or unreadable checkpoint, store, row, picture or name file; an index, layer or head out of
 range; features of another width than the model's) print one line naming the file or record, exit status 2.
@@ -42,20 +44,23 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from engine.atomic import write_file_atomic, write_text_atomic
-from engine.figure import Figure, Picture, PictureError, text_width
+from engine.plots import save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 NUM_REGIONS = 36  # regions an image keeps, as the store converter does
-HEAT_STOPS = ((0.0, "#f7fbff"), (0.25, "#c6dbef"), (0.5, "#6baed6"), (0.75, "#2171b5"), (1.0, "#08306b"))
+HEAT_CMAP = "Blues"  # the heat maps: white (0) to dark blue (the map's largest)
 BOX_COLOR = "#d62728"
-LABEL, SMALL, TITLE = 10.0, 10.0, 15.0  # font sizes: multiples of 5 draw exactly to width at the PNG's scale 2
-MARGIN, GAP = 16.0, 28.0
-PANEL_W = 190.0  # one word's canvas in the cross-attention grid
-CHAR_WIDTH_SMALL = text_width("x", SMALL)
+BOX_ALPHA = 0.6  # a box's opacity at its word's largest weight (0 at the smallest)
+CROSS_COLUMNS = 5  # word panels a row
+MAX_PICTURE = 480  # pixels a side of the picture drawn under the boxes
+PNG_DPI = 100
 
 
 class AttentionPictureError(ValueError):
@@ -320,135 +325,111 @@ def attention_maps(model: torch.nn.Module, sample: Sample, layer: int | None = N
 # ------------------------------------------------------------------------------------------- drawing
 
 
-def heat_color(t: float) -> str:
-    """t in [0, 1] -> '#rrggbb' on a white-to-dark-blue scale."""
-    t = min(max(float(t), 0.0), 1.0)
-    for (t0, c0), (t1, c1) in zip(HEAT_STOPS, HEAT_STOPS[1:]):
-        if t <= t1:
-            f = (t - t0) / (t1 - t0)
-            ends = [(int(c0[i: i + 2], 16), int(c1[i: i + 2], 16)) for i in (1, 3, 5)]
-            return "#" + "".join(f"{round(a + (b - a) * f):02x}" for a, b in ends)
-    return HEAT_STOPS[-1][1]
+def read_picture(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """The image file as uint8 RGB [H, W, 3], shrunk to at most MAX_PICTURE pixels a side (a panel is a few
+    hundred pixels wide: a full-size photo would only swell the SVG, where it is embedded once per word), and its
+    original (width, height). Any format Pillow reads (matplotlib's own dependency)."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image = image.convert("RGB")
+            image.thumbnail((MAX_PICTURE, MAX_PICTURE))
+            return np.asarray(image), size
+    except FileNotFoundError:
+        raise AttentionPictureError(f"{path}: no such picture") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise AttentionPictureError(f"{path}: not a picture Pillow can read ({error})") from None
 
 
-def _weight(p: float) -> str:
-    return f"{p:.9g}"
-
-
-def _heat_map(fig: Figure, x: float, y: float, probs: np.ndarray, rows: list[str], cols: list[str], cell: float,
-              name: str, title: str, legend: str) -> None:  # fmt: skip
-    """A titled heat map with its top-left label corner at (x, y): row labels left, column labels above."""
-    label_w = max(text_width(s, SMALL) for s in rows) + 6
-    label_h = max(text_width(s, SMALL) for s in cols) + 6
-    fig.text(x, y + TITLE, title, size=TITLE, bold=True)
-    fig.text(x, y + TITLE + 14, legend, size=LABEL)
-    top, left = y + TITLE + 22 + label_h, x + label_w
+def _heat_map(ax, probs: np.ndarray, rows: list[str], cols: list[str], name: str, title: str) -> None:
+    """A heat map of [queries, keys] probabilities, 0 to the map's largest; the image's gid is `name`."""
+    fontsize = 8 if len(cols) <= 24 else 6
     vmax = float(probs.max()) if probs.size and probs.max() > 0 else 1.0
-    for j, label in enumerate(cols):
-        fig.text(left + (j + 0.5) * cell + 0.35 * SMALL, top - 4, label, size=SMALL, vertical=True)
-    for i, label in enumerate(rows):
-        fig.text(left - 4, top + (i + 0.5) * cell + 0.35 * SMALL, label, size=SMALL, anchor="end")
-        for j in range(len(cols)):
-            p = float(probs[i, j])
-            fig.rect(left + j * cell, top + i * cell, cell, cell, fill=heat_color(p / vmax),
-                     attrs={"class": "cell", "data-map": name, "data-query": str(i), "data-key": str(j),
-                            "data-weight": _weight(p)})  # fmt: skip
-    height = cell * len(rows)
-    fig.rect(left, top, cell * len(cols), height, stroke="#888888", stroke_width=0.5)
-    fig.text(left - 4, top - 4, "query \\ key", size=SMALL, fill="#666666", anchor="end")
-    bar_x, steps = left + cell * len(cols) + 10, 32  # the colour bar: 0 at the bottom, the largest at the top
-    for k in range(steps):
-        y_k = top + height * (1 - (k + 1) / steps)
-        fig.rect(bar_x, y_k, 10, height / steps + 0.3, fill=heat_color((k + 0.5) / steps))
-    fig.rect(bar_x, top, 10, height, stroke="#888888", stroke_width=0.5)
-    fig.text(bar_x + 14, top + 0.7 * SMALL, f"{vmax:.3f}", size=SMALL)
-    fig.text(bar_x + 14, top + height, "0", size=SMALL)
+    image = ax.imshow(probs, cmap=HEAT_CMAP, vmin=0.0, vmax=vmax, interpolation="nearest")
+    image.set_gid(name)
+    ax.set_title(title, loc="left", fontsize=10)
+    ax.xaxis.tick_top()
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(len(rows)), rows, fontsize=fontsize)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    ax.figure.colorbar(image, ax=ax, shrink=0.8, label="probability")
 
 
-def _heat_map_size(n_rows: int, n_cols: int, rows: list[str], cols: list[str], cell: float) -> tuple[float, float]:
-    label_w = max(text_width(s, SMALL) for s in rows) + 6
-    label_h = max(text_width(s, SMALL) for s in cols) + 6
-    return label_w + cell * n_cols + 60, TITLE + 22 + label_h + cell * n_rows
-
-
-def _cross_panel(fig: Figure, x: float, y: float, w: float, h: float, token_index: int, token: str, weights: np.ndarray,
-                 boxes: np.ndarray, labels: list[str], picture: Picture | None, top: int) -> None:  # fmt: skip
+def _cross_panel(ax, token_index: int, token: str, weights: np.ndarray, boxes: np.ndarray, labels: list[str],
+                 picture: np.ndarray | None, aspect: float, top: int) -> None:  # fmt: skip
     """One word's attention over the regions: each box filled from clear (the word's smallest weight) to dark (its
-    largest), over the others (36 boxes overlap: shading from 0 would tint the whole image); the `top` outlined."""
-    fig.text(x, y + 12, token, size=LABEL, bold=True)
-    y += 18
+    largest), over the others (36 boxes overlap: shading from 0 would tint the whole image); the `top` outlined.
+    The boxes are one PatchCollection, gid "cross:I", whose array is the word's weights in region order."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.colors import LinearSegmentedColormap, Normalize, to_rgba
+    from matplotlib.patches import Rectangle
+
+    ax.set_title(token, fontsize=10, fontweight="bold")
     if picture is not None:
-        fig.picture(picture, x, y, w, h)
+        ax.imshow(picture, extent=(0.0, 1.0, 1.0, 0.0), interpolation="bilinear", gid="picture")
     else:
-        fig.rect(x, y, w, h, fill="#f2f2f2")
+        ax.set_facecolor("#f2f2f2")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(1.0, 0.0)
+    ax.set_aspect(aspect)
+    ax.set_xticks([])
+    ax.set_yticks([])
     lo, hi = (float(weights.min()), float(weights.max())) if weights.size else (0.0, 1.0)
-    span = hi - lo if hi > lo else 1.0
-    order = np.argsort(weights, kind="stable")  # the strongest drawn last, on top
-    strongest = order[::-1][:top]
+    strongest = np.argsort(weights, kind="stable")[::-1][:top]
     outlined = set(strongest.tolist())
-    for j in order.tolist():
-        x1, y1, x2, y2 = boxes[j].tolist()
-        p = float(weights[j])
-        fig.rect(x + x1 * w, y + y1 * h, (x2 - x1) * w, (y2 - y1) * h, fill=BOX_COLOR, opacity=0.6 * (p - lo) / span,
-                 stroke=BOX_COLOR if j in outlined else None, stroke_width=1.2,
-                 attrs={"class": "box", "data-map": "cross", "data-token": str(token_index), "data-region": str(j),
-                        "data-weight": _weight(p)})  # fmt: skip
-    for j in strongest.tolist():  # region labels on top of every fill
-        x1, y1 = boxes[j][0] * w, boxes[j][1] * h
-        fig.rect(x + x1, y + y1, text_width(f"r{j}", SMALL) + 4, SMALL + 3, fill="#ffffff", opacity=0.8)
-        fig.text(x + x1 + 2, y + y1 + SMALL + 0.5, f"r{j}", size=SMALL, fill=BOX_COLOR)
-    fig.rect(x, y, w, h, stroke="#888888", stroke_width=0.5)
+    patches = [Rectangle((x1, y1), x2 - x1, y2 - y1) for x1, y1, x2, y2 in boxes.tolist()]
+    # one colour, so the order boxes are composited in does not change the picture
+    shading = LinearSegmentedColormap.from_list("box", [to_rgba(BOX_COLOR, 0.0), to_rgba(BOX_COLOR, BOX_ALPHA)])
+    shades = PatchCollection(patches, cmap=shading, norm=Normalize(lo, hi if hi > lo else lo + 1.0),
+                             edgecolors=[BOX_COLOR if j in outlined else "none" for j in range(len(patches))],
+                             linewidths=1.2, gid=f"cross:{token_index}")  # fmt: skip
+    shades.set_array(weights)
+    ax.add_collection(shades)
+    for j in strongest.tolist():
+        ax.text(boxes[j][0], boxes[j][1], f"r{j}", color=BOX_COLOR, fontsize=7, va="top", ha="left",
+                bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.0, "linewidth": 0})  # fmt: skip
     best = int(strongest[0]) if len(strongest) else 0
-    note = f"max {labels[best]} {float(weights[best]):.3f}" if weights.size else "no regions"
-    fig.text(x, y + h + 12, note[: int(w / (CHAR_WIDTH_SMALL))], size=SMALL)
+    ax.set_xlabel(f"max {labels[best]} {float(weights[best]):.3f}" if weights.size else "no regions", fontsize=8)
 
 
-
-def draw(sample: Sample, maps: Maps, labels: list[str], picture: Picture | None = None, top: int = 3,
+def draw(sample: Sample, maps: Maps, labels: list[str], picture: np.ndarray | None = None, top: int = 3,
          checkpoint: str = "") -> Figure:  # fmt: skip
     """The whole figure: the two self-attention heat maps side by side, then a panel per word piece."""
+    from matplotlib.figure import Figure
+
     tokens = sample.tokens
-    lang_cell = 18.0 if len(tokens) <= 24 else max(8.0, 432.0 / len(tokens))
-    region_cell = 12.0 if len(labels) <= 40 else max(5.0, 480.0 / len(labels))
-    lang_w, lang_h = _heat_map_size(len(tokens), len(tokens), tokens, tokens, lang_cell)
-    if maps.regions is not None:
-        reg_w, reg_h = _heat_map_size(len(labels), len(labels), labels, labels, region_cell)
-    else:
-        reg_w, reg_h = 300.0, 40.0
     img_h, img_w = sample.img_hw
-    aspect = (picture.height / picture.width) if picture is not None and picture.width else img_h / img_w
-    panel_h = PANEL_W * min(max(aspect, 0.4), 1.6)
-    width = max(MARGIN * 2 + lang_w + GAP + reg_w, MARGIN * 2 + 4 * (PANEL_W + GAP) - GAP)
-    columns = max(1, int((width - 2 * MARGIN + GAP) // (PANEL_W + GAP)))
+    aspect = picture.shape[0] / picture.shape[1] if picture is not None else img_h / img_w
+    aspect = min(max(aspect, 0.4), 1.6)
+    columns = min(CROSS_COLUMNS, max(1, len(tokens)))
     grid_rows = math.ceil(len(tokens) / columns)
-    head_h = 48.0
-    cross_top = MARGIN + head_h + max(lang_h, reg_h) + GAP
-    cross_h = 36.0 + grid_rows * (18 + panel_h + 22)
-    fig = Figure(width, cross_top + cross_h + MARGIN, f"LXMERT attention: {sample.where}")
-
-    sentence = " ".join(tokens)
-    fits = int((width - 2 * MARGIN) / text_width("x", TITLE))
-    fig.text(MARGIN, MARGIN + TITLE, f"LXMERT attention  {sentence}"[:fits], size=TITLE, bold=True)
-    fig.text(MARGIN, MARGIN + TITLE + 16, f"checkpoint {checkpoint}   sample {sample.where}   {maps.head}", size=LABEL,
-             fill="#444444")  # fmt: skip
-    y = MARGIN + head_h
-    _heat_map(fig, MARGIN, y, maps.language, tokens, tokens, lang_cell, "language", "language self-attention",
-              f"{maps.language_layer}, {maps.head}")  # fmt: skip
+    width = 3.0 * CROSS_COLUMNS
+    maps_h, cross_h = 7.0, 0.5 + grid_rows * (width / CROSS_COLUMNS * aspect + 0.7)
+    fig = Figure(figsize=(width, maps_h + cross_h), dpi=PNG_DPI, layout="constrained")
+    fig.suptitle(f"LXMERT attention: {' '.join(tokens)}\ncheckpoint {checkpoint}   sample {sample.where}   "
+                 f"{maps.head}", fontsize=12)  # fmt: skip
+    top_fig, cross_fig = fig.subfigures(2, 1, height_ratios=(maps_h, cross_h))
+    language_ax, regions_ax = top_fig.subplots(1, 2, width_ratios=(1.0, 1.3))
+    _heat_map(language_ax, maps.language, tokens, tokens, "language",
+              f"language self-attention\n{maps.language_layer}, {maps.head}")  # fmt: skip
     if maps.regions is not None:
-        _heat_map(fig, MARGIN + lang_w + GAP, y, maps.regions, labels, labels, region_cell, "regions",
-                  "regions' self-attention", f"object-relationship {maps.region_layer}, {maps.head}")  # fmt: skip
+        _heat_map(regions_ax, maps.regions, labels, labels, "regions",
+                  f"regions' self-attention\nobject-relationship {maps.region_layer}, {maps.head}")  # fmt: skip
     else:
-        fig.text(MARGIN + lang_w + GAP, y + TITLE, "regions' self-attention: the model has no object-relationship "
-                 "layers", size=LABEL)  # fmt: skip
-
-    fig.text(MARGIN, cross_top + TITLE, "cross-modality attention, each word over the regions", size=TITLE, bold=True)
-    fig.text(MARGIN, cross_top + TITLE + 14, f"cross-modality {maps.cross_layer}, {maps.head}; a box is shaded by "
-             f"the word's weight on it, from clear (the word's smallest) to dark (its largest), the {top} strongest "
-             "outlined", size=LABEL)  # fmt: skip
+        regions_ax.set_axis_off()
+        regions_ax.set_title("regions' self-attention: the model has no object-relationship layers", fontsize=10)
+    cross_fig.suptitle(f"cross-modality attention, each word over the regions: cross-modality {maps.cross_layer}, "
+                       f"{maps.head}\na box is shaded by the word's weight on it, from clear (the word's smallest) to "
+                       f"dark (its largest), the {top} strongest outlined", fontsize=10)  # fmt: skip
+    axes = cross_fig.subplots(grid_rows, columns, squeeze=False).ravel()
     for i, token in enumerate(tokens):
-        row, col = divmod(i, columns)
-        _cross_panel(fig, MARGIN + col * (PANEL_W + GAP), cross_top + 36 + row * (18 + panel_h + 22), PANEL_W, panel_h,
-                     i, token, maps.cross[i], sample.boxes, labels, picture, top)  # fmt: skip
+        _cross_panel(axes[i], i, token, maps.cross[i], sample.boxes, labels, picture, aspect, top)
+    for ax in axes[len(tokens):]:
+        ax.set_axis_off()
     return fig
 
 
@@ -478,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = tsv.add_mutually_exclusive_group()
     which.add_argument("--img-id", help="the row of this img_id")
     which.add_argument("--row", type=int, help="the row on this line (1-based; default the first row)")
-    parser.add_argument("--picture", help="the image file (PNG; JPEG and others in the PNG output need Pillow)")
+    parser.add_argument("--picture", help="the image file (PNG, JPEG or any format Pillow reads)")
     parser.add_argument("--object-names", help="names of the detector's classes (synthetic.json, or objects_vocab.txt)")
     parser.add_argument("--vocab", help="BERT uncased vocab.txt (default: the copy shipped in lxmert/vocab)")
     parser.add_argument("--layer", type=int, help="language layer, from 0 (default: the last)")
@@ -488,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top", type=int, default=3, help="regions outlined a word (default 3)")
     parser.add_argument("--out", default="attention", help="output prefix: PREFIX.svg, PREFIX.png (default attention)")
     parser.add_argument("--format", nargs="+", choices=("svg", "png"), default=["svg", "png"])
-    parser.add_argument("--scale", type=float, default=2.0, help="PNG pixels a figure unit (default 2)")
+    parser.add_argument("--dpi", type=float, default=PNG_DPI, help=f"the PNG's pixels an inch (default {PNG_DPI})")
     return parser
 
 
@@ -498,8 +479,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise AttentionPictureError("give a sample: --text-store DIR [--index I], or --sentence TEXT --tsv FILE")
     if args.sentence is not None and args.tsv is None:
         raise AttentionPictureError("--sentence needs --tsv FILE (the image's region features)")
-    if args.top < 1 or args.scale <= 0:
-        raise AttentionPictureError("--top must be at least 1 and --scale positive")
+    if args.top < 1 or args.dpi <= 0:
+        raise AttentionPictureError("--top must be at least 1 and --dpi positive")
     model, _ = load_backbone(args.checkpoint)
     config = model.config
     if args.text_store is not None:
@@ -507,31 +488,21 @@ def run(args: argparse.Namespace) -> list[Path]:
     else:
         sample = sample_from_tsv(args.sentence, args.tsv, args.img_id, args.row, args.vocab, config.visual_feat_dim)
     objects, attributes = read_names(args.object_names) if args.object_names else ([], [])
-    try:
-        picture = Picture.read(args.picture) if args.picture else None
-        if picture is not None and picture.pixels is None and "png" in args.format:
-            raise PictureError(f"{picture.path}: a {picture.mime} picture is drawn into the PNG only when Pillow is "
-                               "installed (pip install pillow); convert it to PNG, or pass --format svg")  # fmt: skip
-    except PictureError as error:
-        raise AttentionPictureError(str(error)) from None
-    if picture is not None and picture.width and picture.height:
-        drawn, stored = picture.width / picture.height, sample.img_hw[1] / sample.img_hw[0]
+    picture = None
+    if args.picture:
+        picture, (width, height) = read_picture(args.picture)
+        drawn, stored = width / height, sample.img_hw[1] / sample.img_hw[0]
         if abs(drawn / stored - 1) > 0.02:
-            print(f"lxmert-attention: warning: {picture.path} is {picture.width}x{picture.height}, the features' image "
+            print(f"lxmert-attention: warning: {args.picture} is {width}x{height}, the features' image "
                   f"{sample.img_hw[1]}x{sample.img_hw[0]}: the boxes are drawn stretched to the picture",
                   file=sys.stderr)  # fmt: skip
     maps = attention_maps(model, sample, args.layer, args.cross_layer, args.region_layer, args.head)
     figure = draw(sample, maps, region_labels(sample, objects, attributes), picture, args.top, args.checkpoint)
     written = []
-    if "svg" in args.format:
-        path = Path(f"{args.out}.svg")
-        write_text_atomic(path, figure.svg())
-        written.append(path)
-    if "png" in args.format:
-        path = Path(f"{args.out}.png")
-        png = figure.png(args.scale)
-        write_file_atomic(path, lambda name: Path(name).write_bytes(png))
-        written.append(path)
+    for fmt in ("svg", "png"):
+        if fmt in args.format:
+            written.append(save_figure(figure, Path(f"{args.out}.{fmt}"), dpi=args.dpi))
+            figure.set_layout_engine("none")  # laid out once: a second format keeps it
     return written
 
 

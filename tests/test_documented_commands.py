@@ -185,8 +185,9 @@ def evaluated(work: Path) -> None:
 
 def pictures(prefix: str) -> Callable[[Path], None]:
     def check(work: Path) -> None:
-        svg = (work / f"{prefix}.svg").read_text()
-        assert "data-weight" in svg and (work / f"{prefix}.png").read_bytes().startswith(b"\x89PNG")
+        svg = (work / f"{prefix}.svg").read_text()  # the maps' gids, written by matplotlib as ids
+        assert all(f'id="{gid}"' in svg for gid in ("language", "regions", "cross:0"))
+        assert (work / f"{prefix}.png").read_bytes().startswith(b"\x89PNG")
 
     return check
 
