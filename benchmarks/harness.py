@@ -9,7 +9,7 @@ carry the same environment fields and their numbers are taken the same way:
 - peak_memory: torch.cuda.max_memory_allocated over one call (everything live counts, inputs too).
 - step_clock: host time of the phases of a training step, the device synchronised at each boundary.
 - append_rows: JSON lines, appended to a path (a bare name: benchmarks/results/<name>.jsonl); markdown_table for the summary;
-  svg_line_chart for a plot (plain SVG text: no plotting library is needed, none is installed here).
+  line_chart for a plot (a matplotlib Figure; engine.plots.save_figure writes it as SVG and PNG).
 
 This module imports no GPU library besides torch (versions are read from package metadata), so importing it
 never decides triton's interpreter mode ahead of the caller.
@@ -20,16 +20,18 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"  # the measurements the repository records (--out names it)
@@ -243,78 +245,32 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple
 
 # ------------------------------------------------------------------------------------------------- plots
 
-_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
-            "#bcbd22"]  # fmt: skip
 
+def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, x_label: str, y_label: str,
+               log2_x: bool = False) -> Figure:  # fmt: skip
+    """A matplotlib line chart (Agg; engine.plots.save_figure writes it as SVG or PNG): one line with dots per
+    series, in x order, gid "series:NAME"; log2_x puts x on a log2 scale with a tick at every x (batch sizes, GPU
+    counts); y starts at 0. A None y is left out."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round values spanning [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / count
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.floor(lo / step) * step
-    return [first + i * step for i in range(int(math.ceil((hi - first) / step)) + 1)]
-
-
-def svg_line_chart(
-    series: dict[str, Sequence[tuple[float, float]]],
-    title: str,
-    x_label: str,
-    y_label: str,
-    log2_x: bool = False,
-    width: int = 760,
-    height: int = 440,
-) -> str:
-    """A line chart as SVG text: one polyline with dots per series, axes with round ticks, a legend.
-    log2_x puts x on a log2 scale (batch sizes, GPU counts); y starts at 0."""
-    points = [(x, y) for pts in series.values() for x, y in pts if y is not None]
-    if not points:
+    drawn = {name: sorted((x, y) for x, y in points if y is not None) for name, points in series.items()}
+    if not any(drawn.values()):
         raise ValueError("nothing to plot: every series is empty")
-    left, right, top, bottom = 80, 220, 40, 60  # margins: the legend sits on the right
-    fx = (lambda x: math.log2(x)) if log2_x else (lambda x: float(x))
-    xs = [fx(x) for x, _ in points]
-    x_lo, x_hi = min(xs), max(xs)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    y_ticks = _ticks(0.0, max(y for _, y in points) * 1.05)
-    y_hi = y_ticks[-1]
-
-    def px(x: float) -> float:
-        return left + (fx(x) - x_lo) / (x_hi - x_lo) * (width - left - right)
-
-    def py(y: float) -> float:
-        return height - bottom - y / y_hi * (height - top - bottom)
-
-    def text(x: float, y: float, body: str, anchor: str = "middle", extra: str = "") -> str:
-        body = body.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" {extra}>{body}</text>'
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           text(width / 2, 22, title, extra='font-size="15"')]  # fmt: skip
-    x0, y0, x1 = left, height - bottom, width - right
-    out.append(f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="black"/>')
-    out.append(f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{top}" stroke="black"/>')
-    for y in y_ticks:
-        out.append(f'<line x1="{x0}" y1="{py(y):.1f}" x2="{x1}" y2="{py(y):.1f}" stroke="#ddd"/>')
-        out.append(text(x0 - 6, py(y) + 4, f"{y:g}", anchor="end"))
-    x_values = sorted({x for x, _ in points})
-    for x in x_values if log2_x else _ticks(x_lo, x_hi):
-        if x_lo <= fx(x) <= x_hi:
-            out.append(text(px(x), y0 + 18, f"{x:g}"))
-    out.append(text((x0 + x1) / 2, height - 18, x_label))
-    out.append(text(20, (top + y0) / 2, y_label, extra=f'transform="rotate(-90 20 {(top + y0) / 2:.1f})"'))
-    for i, (name, pts) in enumerate(series.items()):
-        color = _PALETTE[i % len(_PALETTE)]
-        pts = sorted((x, y) for x, y in pts if y is not None)
-        if pts:
-            coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-            out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
-            out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>' for x, y in pts]
-        ly = top + 16 * i
-        out.append(f'<line x1="{x1 + 12}" y1="{ly}" x2="{x1 + 32}" y2="{ly}" stroke="{color}" stroke-width="2"/>')
-        out.append(text(x1 + 38, ly + 4, name, anchor="start"))
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    fig = Figure(figsize=(8.0, 4.6), layout="constrained")
+    ax = fig.subplots()
+    for name, points in drawn.items():
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        ax.plot(xs, ys, marker="o", linewidth=2, label=name, gid=f"series:{name}")
+    if log2_x:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(sorted({x for points in drawn.values() for x, _ in points})))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(True, color="#dddddd")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig

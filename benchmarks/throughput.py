@@ -38,7 +38,8 @@ The rows of transformers and ours come from the same process, one after the othe
 ratio (`speedup_vs_hf`, ours over transformers at the same precision, batch and data) is trustworthy. The best
 configuration is then profiled (torch.profiler, top kernels by GPU time, grouped by kind) into
 <out>_profile.md. Rows (harness.environment() + config + numbers) are appended to --out as they are measured;
-a Markdown summary (<out>.md) and a plot of samples/s against batch size (<out>.svg) are written at the end.
+a Markdown summary (<out>.md) and a plot of samples/s against batch size (<out>.svg, <out>.png) are written at
+the end.
 No variant starts after --time-budget seconds, so a run fits a 10-minute device call (estimated, not measured:
 ~50 variants of 3-15 s and two torch.compile runs of ~1-2 min; --quick ~15 variants).
 
@@ -60,7 +61,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -73,9 +74,13 @@ from engine.config import OptimConfig  # noqa: E402
 from engine.data.batch import PretrainBatch  # noqa: E402
 from engine.flops import peak_flops, step_flops  # noqa: E402
 from engine.optim import make_optimizer, make_scheduler  # noqa: E402
+from engine.plots import save_figure  # noqa: E402
 from engine.runtime import optimizer_step  # noqa: E402
 from lxmert import LxmertConfig, LxmertForPreTraining  # noqa: E402
 from lxmert import attention as attention_backends  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TEXT_LEN, REGIONS = 20, 36  # the authors pad every sentence to 20 tokens; 36 regions an image
 AUTHORS_SAMPLES = 171.5e6  # 20 epochs of the authors' 9.18M pairs
@@ -662,7 +667,7 @@ def report(rows: list[dict[str, Any]], parity_rows: list[dict[str, Any]], smoke:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], smoke: bool) -> str:
+def plot(rows: list[dict[str, Any]], smoke: bool) -> Figure:
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r.get("samples_per_s") and r["loader"] == "resident" and not r["compile"]:
@@ -670,7 +675,7 @@ def plot(rows: list[dict[str, Any]], smoke: bool) -> str:
             series.setdefault(label, []).append((r["batch"], r["samples_per_s"]))
     device = rows[0]["device"] if rows else "?"
     title = f"LXMERT pre-training step, {device}" + (" (CPU smoke: not GPU numbers)" if smoke else "")
-    return harness.svg_line_chart(series, title, "batch size", "samples/s", log2_x=True)
+    return harness.line_chart(series, title, "batch size", "samples/s", log2_x=True)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -698,7 +703,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, help="images in the synthetic store (default 512; smoke 12)")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "lxmert-throughput-bench")
     parser.add_argument("--out", type=Path, help="JSON lines appended here (default runs/benchmarks/"
-                        "throughput.jsonl; smoke: throughput_smoke_cpu.jsonl); .md, .svg and _profile.md beside it")  # fmt: skip
+                        "throughput.jsonl; smoke: throughput_smoke_cpu.jsonl); .md, .svg, .png and _profile.md beside it")  # fmt: skip
     args = parser.parse_args(argv)
     quick = dict(batch_sizes=[128], precisions=["bf16"], warmup=3, steps=10, breakdown_steps=5, images=512)
     smoke = dict(batch_sizes=[2], precisions=["fp32"], warmup=1, steps=2, breakdown_steps=2, images=12)
@@ -803,7 +808,9 @@ def run(args: argparse.Namespace) -> int:
     md.write_text(report(rows, parity_rows, args.smoke), encoding="utf-8")
     timed = [r for r in rows if r.get("samples_per_s")]
     if timed:
-        args.out.with_suffix(".svg").write_text(plot(rows, args.smoke), encoding="utf-8")
+        figure = plot(rows, args.smoke)
+        for suffix in (".svg", ".png"):
+            save_figure(figure, args.out.with_suffix(suffix))
     h = headline(rows)
     if h and not args.no_profile:
         top = h["best"]

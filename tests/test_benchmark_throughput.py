@@ -128,8 +128,9 @@ def test_summary_plot_and_profile_are_written_and_labelled(smoke):
     md = out.with_suffix(".md").read_text()
     assert "not a GPU measurement" in md and "Best of ours" in md and "## Step-time breakdown" in md
     svg = ET.fromstring(out.with_suffix(".svg").read_text())
-    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    lines = [e for e in svg.iter() if (e.get("id") or "").startswith("series:")]
     assert len(lines) == 3  # hf, ours-eager, ours-sdpa on resident data (one point each)
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     profile = out.with_name(out.stem + "_profile.md").read_text()
     assert "not a GPU measurement" in profile and "## By kind" in profile and "| 1 |" in profile
 

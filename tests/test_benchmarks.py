@@ -88,18 +88,27 @@ def test_step_clock_splits_a_step_into_phases():
     assert clock.total == pytest.approx(sum(clock.phases.values()))
 
 
-def test_svg_line_chart_is_valid_svg_with_a_line_per_series():
+def test_line_chart_draws_a_line_per_series_from_the_data(tmp_path):
     import xml.etree.ElementTree as ET
 
-    svg = harness.svg_line_chart({"a <b>": [(64, 10.0), (128, 25.0), (256, 30.0)], "c": [(64, 5.0)]},
-                                 "samples/s & batch", "batch size", "samples/s", log2_x=True)  # fmt: skip
-    root = ET.fromstring(svg)  # escaped text, well formed
-    ns = "{http://www.w3.org/2000/svg}"
-    assert len(root.findall(f"{ns}polyline")) == 2 and len(root.findall(f"{ns}circle")) == 4
-    texts = [t.text for t in root.iter(f"{ns}text")]
-    assert "a <b>" in texts and "samples/s & batch" in texts and {"64", "128", "256"} <= set(texts)
+    from engine.plots import save_figure
+
+    figure = harness.line_chart({"a <b>": [(256, 30.0), (64, 10.0), (128, 25.0), (512, None)], "c": [(64, 5.0)]},
+                                "samples/s & batch", "batch size", "samples/s", log2_x=True)  # fmt: skip
+    (ax,) = figure.axes
+    lines = {line.get_gid(): line for line in ax.get_lines()}
+    assert set(lines) == {"series:a <b>", "series:c"}
+    assert list(lines["series:a <b>"].get_xdata()) == [64, 128, 256]  # in x order, None left out
+    assert list(lines["series:a <b>"].get_ydata()) == [10.0, 25.0, 30.0]
+    assert all(line.get_marker() == "o" for line in lines.values())
+    assert ax.get_xscale() == "log" and list(ax.get_xticks()) == [64, 128, 256] and ax.get_ylim()[0] == 0
+    assert ax.get_title() == "samples/s & batch"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a <b>", "c"]
+    save_figure(figure, tmp_path / "chart.svg")
+    ids = {e.get("id") for e in ET.parse(tmp_path / "chart.svg").getroot().iter()}  # escaped, well formed
+    assert {"series:a <b>", "series:c"} <= ids
     with pytest.raises(ValueError):
-        harness.svg_line_chart({"empty": []}, "t", "x", "y")
+        harness.line_chart({"empty": []}, "t", "x", "y")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
