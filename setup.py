@@ -1,7 +1,7 @@
 """Packaging for lxmert-engine: the LXMERT model (lxmert/), Triton ops (kernels/) and training (engine/).
 
-The CPU install is `bash scripts/setup.sh` (it pins torch, triton and numpy and never replaces a CUDA torch);
-the ranges here are the ones the code is known to work with.
+The install is `bash scripts/setup.sh` (Python 3.10 to 3.13; it pins torch, triton and numpy and never replaces
+an installed torch); the ranges here are the ones the code is known to work with.
 """
 
 from setuptools import find_packages, setup
@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        # scripts/setup.sh pins 2.3.5 on CPU machines: numpy 2.4.x breaks triton 3.6's interpreter
+        # scripts/setup.sh pins 2.3.5 (2.2.6 on Python 3.10) on CPU machines: 2.4.x breaks triton 3.6's interpreter
         "numpy>=1.26",
         "triton>=3.2; platform_system=='Linux'",
         "tokenizers>=0.19",
