@@ -5,8 +5,9 @@ They guard refactors of the training side that are not meant to change numerics 
 path). Everything that decides numbers is on: dropout, gradient accumulation, BertAdam's and AdamW's steps,
 evaluation, the export, initialising the fine-tuning heads from the pre-trained QA head.
 
-Bit-identity holds for the machine kind the values were recorded on (torch version and CPU capability: other SIMD
-paths round differently); elsewhere the numbers are compared to 1e-5 and the weights' hashes are not.
+Bit-identity holds for the machine kind the values were recorded on (torch version, CPU capability and CPU model:
+other SIMD paths, and the same AVX512 path on another vendor's CPU, round differently); elsewhere the numbers are
+compared to 1e-5 and the weights' hashes are not.
     python tests/test_golden_runs.py --record      # rewrites tests/golden/runs.json (only for a numerics change)
 """
 
@@ -29,8 +30,17 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "runs.json"
 D = 16
 
 
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it ("" where /proc/cpuinfo does not say)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
 def fingerprint() -> dict[str, str]:
-    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model()}
 
 
 def weights_sha256(path: Path) -> str:
