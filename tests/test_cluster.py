@@ -8,7 +8,7 @@ per "node", and a 2-rank job killed at random moments.
 - srun: two tasks started as srun starts them (SLURM_* variables, no launcher in between; engine/launch.py reads
   them) train like the launchers.
 - Kill loop: `deepspeed --num_gpus 2` SIGKILLed as a whole (its process group) at seeded random moments, inside
-  steps and inside the 2-rank save (after its staging directory appears), and rerun until it finishes: every
+  steps and inside the 2-rank saves (the first one always), and rerun until it finishes: every
   logged record and the final weights are bit-identical to the uninterrupted run. KILL_LOOP_SEED overrides the
   seed; the seed and the plan are in every assertion message.
 
@@ -352,13 +352,14 @@ STEP_SECONDS = 0.3  # about one tiny step of 2 ranks here: a step kill lands thi
 
 
 def kill_plan(rng: random.Random, attempt: int, resumed: int) -> tuple:
-    """Attempt 0 dies in a save, attempt 1 inside a step, later ones in either: ("step", s, fraction) dies that
-    fraction of a step after step s - 1 was logged; ("save", s, ms) that many ms after the save of step s began."""
+    """Attempt 0 dies in the run's first save, attempt 1 inside a step, later ones in either: ("step", s, fraction)
+    dies that fraction of a step after step s - 1 was logged; ("save", s, ms) that many ms after the save of step s
+    began (rank 0 made its staging directory)."""
     kind = "save" if attempt == 0 else "step" if attempt == 1 else rng.choice(["save", "step"])
     if kind == "step" and resumed + 2 <= STEPS:
         return "step", rng.randint(resumed + 2, STEPS), round(rng.random(), 3)
     saves = [s for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY) if s > resumed]
-    return "save", rng.choice(saves), rng.randint(0, 60)
+    return "save", saves[0] if attempt == 0 else rng.choice(saves), rng.randint(0, 60)
 
 
 def run_killed(job: Job, out: Path, kill: tuple, offset: int) -> None:
