@@ -42,7 +42,7 @@ from engine.config import ConfigError
 from engine.launch import Launch, deepspeed_available
 from engine.metrics_log import read_metrics
 from conftest import build_pretrain_stores, tiny_model_overrides
-from test_documented_commands import documented_commands
+from test_documented_commands import PLAN, ClusterOnly, documented_commands
 
 pytestmark = pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed")
 
@@ -155,8 +155,10 @@ class Job:
             except psutil.NoSuchProcess:
                 pass
         for proc in self.procs:
-            if proc.poll() is None:
+            try:  # the whole group, even where the launcher itself has exited
                 os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for victim in victims:
             try:
                 victim.kill()
@@ -256,9 +258,10 @@ def reference(stores, tmp_path_factory) -> Path:
 
 
 def test_the_readme_shows_the_lines_these_tests_run():
-    documented = documented_commands()
+    documented, plan = documented_commands(), dict(PLAN)
     for line in (README_DEEPSPEED_NO_SSH, README_TORCHRUN, README_TORCHRUN_RDZV, README_SRUN):
         assert line in documented, f"README.md no longer shows {line!r}: update tests/test_cluster.py"
+        assert isinstance(plan[line], ClusterOnly) and "tests/test_cluster.py" in plan[line].reason, line
     readme = (REPO / "README.md").read_text()
     assert all(re.search(rf"^\s+{host}$", readme, re.M) for host in README_HOSTFILE), README_HOSTFILE
 
