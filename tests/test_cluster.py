@@ -121,15 +121,15 @@ def on_this_machine(line: str, node: int, port: int, stores, out: Path) -> list[
     run's overrides in place of the recipe."""
     line = substituted(line, [("node0", "127.0.0.1"), ("29500", str(port)), ("--config configs/pretrain.yaml ", "")])
     line = line.replace("$NODE_RANK", str(node)).replace("--nproc_per_node 8", "--nproc_per_node 1")
-    if "--rdzv_endpoint" in line:  # each agent's own address (else its host name) is where rank 0's store listens
+    if "--rdzv_endpoint" in line:  # a rendezvous hands the ranks each agent's host name unless told its address
         line = line.replace("--rdzv_id lxmert", "--rdzv_id lxmert --local_addr 127.0.0.1")
     return [*shlex.split(line), *overrides(stores, out)]
 
 
 class Job:
     """The processes of one job (a launcher per node), each started in a process group of its own; kill() is a
-    SIGKILL to every one of them and every process under them (torchrun starts its ranks in sessions of their own,
-    the deepspeed launcher in its own group)."""
+    SIGKILL to every one of them and every process under them (torchrun starts its ranks in sessions of their own;
+    the deepspeed launcher keeps them in its group)."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
