@@ -1,6 +1,6 @@
 """How a run is launched: ranks, device, threads, the DeepSpeed or plain path, and the process group.
 
-    launch = Launch.from_env()           # rank, local rank, world size from deepspeed / torchrun (0, 0, 1 alone)
+    launch = Launch.from_env()           # rank, local rank, world size from deepspeed / torchrun / srun (0, 0, 1 alone)
     device = pick_device(launch.local_rank)
     set_threads(config.train.threads, launch)
     init_distributed(device)             # before deepspeed.initialize; one process needs no launcher
@@ -9,6 +9,14 @@ One process with ZeRO (`lxmert-pretrain --config configs/pretrain.yaml`, zero_st
 DeepSpeed's own init_distributed would look for an MPI job when the launcher's variables are missing (and fail
 without mpi4py), so a world of one is set up here on an in-memory store (no port; only LOCAL_RANK=0 is set,
 which deepspeed.initialize insists on).
+
+SLURM: `srun python -m engine.pretrain ...` (one task per GPU) starts every rank itself, with no launcher in
+between: where no launcher's variables are set, the ranks come from the step srun started (SLURM_PROCID,
+SLURM_LOCALID, SLURM_STEP_NUM_TASKS, SLURM_NODEID and SLURM_STEP_TASKS_PER_NODE; the batch script's own shell has
+no SLURM_STEP_* and stays a world of one), and init_distributed exports them as RANK, LOCAL_RANK, WORLD_SIZE for
+DeepSpeed (which would otherwise go looking for MPI). The address of rank 0 is the job script's to give
+(MASTER_ADDR, e.g. the first of `scontrol show hostnames "$SLURM_JOB_NODELIST"`; MASTER_PORT defaults to 29500):
+resolving a node list needs scontrol, and guessing it wrong hangs every rank.
 
 Threads: each rank runs torch's intra-op pool; by default this is the cores this process may use divided by the
 ranks on this node (the deepspeed launcher sets no OMP_NUM_THREADS on the CPU: two CPU ranks with a pool of every
@@ -34,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from engine.config import ConfigError
+
 # DeepSpeed log lines that describe what the engine does on purpose (engine/config.py deepspeed_config)
 _KNOWN_FINE = ("untested optimizer",)
 # torch's deprecation of collectives DeepSpeed 0.19.8 calls under ZeRO (theirs to change, repeated every step)
@@ -48,10 +58,14 @@ class Launch:
     world_size: int = 1
     local_world_size: int = 1
     launched: bool = False
-    """A launcher (deepspeed, torchrun) started this process: its variables are set."""
+    """A launcher (deepspeed, torchrun) or srun started this process: its variables are set."""
+    slurm: bool = False
+    """The ranks come from srun's variables (no launcher in between): init_distributed exports them."""
 
     @classmethod
     def from_env(cls) -> "Launch":
+        if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+            return cls.from_slurm()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -59,9 +73,36 @@ class Launch:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world))))
         return cls(rank, local_rank, world, max(1, local_world), "WORLD_SIZE" in os.environ)
 
+    @classmethod
+    def from_slurm(cls) -> "Launch":
+        """The ranks of a task srun started: SLURM_PROCID of SLURM_STEP_NUM_TASKS, SLURM_LOCALID on its node, and
+        the node's share of SLURM_STEP_TASKS_PER_NODE ("8(x2)" or "4,3": counts per node, in SLURM_NODEID order)."""
+        env = os.environ
+        counts = []
+        for part in env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")).split(","):
+            count, _, repeat = part.partition("(x")
+            if count.strip():
+                counts += [int(count)] * int(repeat.rstrip(")") or 1)
+        node = int(env.get("SLURM_NODEID", "0"))
+        world = int(env["SLURM_STEP_NUM_TASKS"])
+        local_world = counts[node] if node < len(counts) else world
+        if not env.get("MASTER_ADDR"):
+            raise ConfigError(f"srun started rank {env['SLURM_PROCID']} of {world}, but MASTER_ADDR is not set: export "
+                              "the address of the first node in the job script, e.g. MASTER_ADDR=$(scontrol show "
+                              "hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)")  # fmt: skip
+        return cls(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), world, max(1, local_world), True,
+                   slurm=True)  # fmt: skip
+
+    def export_ranks(self) -> None:
+        """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE (and MASTER_PORT 29500 unless set) in the environment, for
+        the env:// rendezvous DeepSpeed and torch read (from_slurm made sure MASTER_ADDR is there)."""
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
+                          LOCAL_WORLD_SIZE=str(self.local_world_size))  # fmt: skip
+
 
 def launch_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher's environment (deepspeed, torchrun); 0, 0, 1 alone."""
+    """(rank, local_rank, world_size) from the launcher's environment (deepspeed, torchrun, srun); 0, 0, 1 alone."""
     launch = Launch.from_env()
     return launch.rank, launch.local_rank, launch.world_size
 
@@ -149,6 +190,8 @@ def init_distributed(device: torch.device, launch: Launch) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     import torch.distributed as dist
 
+    if launch.slurm:
+        launch.export_ranks()
     if not launch.launched:
         os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set
         if not dist.is_initialized():

@@ -1,7 +1,7 @@
 """Every command README.md, configs/README.md and benchmarks/README.md show, run as a user types it.
 
 The commands are read out of the documents' code blocks (a line starting with bash, python, deepspeed, torchrun,
-export or an lxmert- console command; backslash continuations joined, trailing comments dropped). PLAN holds each
+srun, export or an lxmert- console command; backslash continuations joined, trailing comments dropped). PLAN holds each
 one, in the order a user would run them, as one of:
 - Run: the command as written, in one shared working directory (configs/ linked in, data/ and runs/ written
   there), with the tiny overrides that make it a test appended (a smaller model, fewer steps, outputs kept apart)
@@ -10,7 +10,9 @@ one, in the order a user would run them, as one of:
 - Shared: run once for the whole suite by a session fixture of tests/conftest.py (the command as written, options
   appended), whose outputs other tests check too; here its exit, output and outputs are checked as a Run's;
 - Elsewhere: run verbatim by something named (the README's two quick-start commands are .ci/run's);
-- GpuOnly: the explicit table of what needs a GPU, with the reason.
+- GpuOnly: the explicit table of what needs a GPU, with the reason;
+- ClusterOnly: a line for several machines (node addresses, ssh, SLURM), with the reason; tests/test_cluster.py
+  runs the same lines with every address 127.0.0.1 and one rank a node, and checks that the README shows them.
 A command in a document and not in PLAN, or in PLAN and no longer in a document, fails
 test_every_documented_command_is_planned. The authors' files do not exist here: the synthetic data set, written in
 their layout, stands in for them (`authors_layout_stand_ins` splits its files into the ones the documents name).
@@ -33,7 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "configs/README.md", "benchmarks/README.md")
-HEADS = ("bash ", "python ", ".venv/bin/python ", "deepspeed ", "torchrun ", "export ", "lxmert-")
+HEADS = ("bash ", "python ", ".venv/bin/python ", "deepspeed ", "torchrun ", "srun ", "export ", "lxmert-")
 BIN = Path(sys.executable).parent
 
 # ------------------------------------------------------------------------------------------ reading the docs
@@ -120,6 +122,11 @@ class Elsewhere:
 
 @dataclass(frozen=True)
 class GpuOnly:
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClusterOnly:
     reason: str
 
 
@@ -210,7 +217,7 @@ def out(name: str) -> str:
     return f"--out {{work}}/bench/{name}.jsonl"  # the benchmarks run in the checkout: keep its runs/ untouched
 
 
-PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly]] = [
+PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly | ClusterOnly]] = [
     ("bash scripts/setup.sh && .venv/bin/python -m engine.main", Elsewhere(".ci/run")),
     ("bash scripts/setup.sh --dev && .venv/bin/python -m pytest -q", Elsewhere(".ci/run")),
     # README, Data
@@ -314,6 +321,24 @@ PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly]] = [
      "--steps 1 --count-steps 1 --images 12",
      Run(f"--stages 0 1 {out('scaling')}", (("--model base", "--model tiny"),), check=benchmark_rows("scaling"),
          in_checkout=True)),
+    # README, Many machines: node addresses and several machines; tests/test_cluster.py runs these lines on
+    # 127.0.0.1, two invocations of one rank each
+    ("deepspeed --hostfile hostfile --master_addr node0 --module engine.pretrain --config configs/pretrain.yaml "
+     "train.zero_stage=2", ClusterOnly("starts the other nodes over ssh with pdsh (neither is here); the --no_ssh "
+                                       "form below runs in tests/test_cluster.py")),
+    ("deepspeed --hostfile hostfile --no_ssh --node_rank $NODE_RANK --master_addr node0 --master_port 29500 --module "
+     "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
+     ClusterOnly("one line per node, node0 a machine's address: tests/test_cluster.py (127.0.0.1, 2 nodes)")),
+    ("torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr node0 --master_port 29500 -m "
+     "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
+     ClusterOnly("one line per node, node0 a machine's address: tests/test_cluster.py (127.0.0.1, 2 nodes)")),
+    ("torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 --rdzv_id lxmert -m "
+     "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
+     ClusterOnly("one line per node, node0 a machine's address: tests/test_cluster.py (127.0.0.1, 2 nodes)")),
+    ('export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+     ClusterOnly("a SLURM job's node list; tests/test_cluster.py gives its tasks MASTER_ADDR=127.0.0.1")),
+    ("srun --nodes 2 --ntasks-per-node 8 python -m engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
+     ClusterOnly("needs SLURM; tests/test_cluster.py starts two tasks with the SLURM_* variables srun sets")),
     # GPU-only
     ("python -m benchmarks.throughput", GpuOnly("the sweep times CUDA kernels; without a GPU it refuses "
                                                 "(tests/test_benchmark_throughput.py); --smoke is its CPU check")),
