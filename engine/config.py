@@ -264,7 +264,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def _check(config: RunConfig) -> None:
-    """Every invalid value at once, as one ConfigError."""
+    """Every invalid value at once, as one ConfigError (one line: the problems joined by "; ")."""
     m, d, o, t = config.model, config.data, config.optim, config.train
     problems = []
 
@@ -313,7 +313,7 @@ def _check(config: RunConfig) -> None:
     need(bool(t.output_dir), "train.output_dir is empty")
     need(bool(t.resume), 'train.resume is empty: "auto", "none" or a checkpoint path')
     if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid configuration: " + "; ".join(problems))  # one line, as every CLI error
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:
