@@ -584,9 +584,26 @@ def write_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        write_file_atomic(path, lambda name: save_file(tensors, name, metadata={"format": "pt"}))
+        write_file_atomic(path, lambda name: _save_safetensors(tensors, name, path))
     else:
         write_file_atomic(path, lambda name: torch.save(tensors, name))
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], name: str, path: Path) -> None:
+    """safetensors' save_file into the temporary file `name`; its I/O errors as the OSError they are, naming
+    `path` (it raises SafetensorError "I/O error: No space left on device (os error 28)": a full disk would not
+    read as one)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, name, metadata={"format": "pt"})
+    except SafetensorError as error:
+        found = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(error))
+        if found is None:
+            raise
+        code = int(found.group(1) or found.group(2))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def export_model(state: Mapping[str, torch.Tensor], config: LxmertConfig, output_dir: str | Path,
