@@ -9,7 +9,8 @@ and the submission file) is the task's: engine/tasks/finetune.py says it all.
 
 Every input is checked before anything is written: a mistake is one line on stderr naming the key or file,
 exit 2 (so is a second run into a train.output_dir in use, a resume the config cannot take, and a write that
-fails: engine/output_dir.py). Prints the resolved config, the architecture taken from the checkpoint, and a report at the end.
+fails: engine/output_dir.py). Prints the resolved config, the architecture taken from the checkpoint, and a
+report at the end.
 """
 
 from __future__ import annotations

@@ -490,7 +490,7 @@ def clean(layout: Layout) -> None:
 def run_job(options: JobOptions) -> dict[str, Any]:
     """Data, pre-training, fine-tuning; returns the report (also written to <workdir>/report.json)."""
     layout = Layout(Path(options.workdir))
-    lock = RunLock.take(layout.root)  # one job per work dir, before anything is written or cleaned
+    lock = RunLock.take(layout.root, elsewhere="another --workdir")  # one job per work dir, before anything is written
     try:
         return _run_job(layout, options)
     finally:

@@ -117,9 +117,10 @@ class RunLock:
         self._thread.start()
 
     @classmethod
-    def take(cls, directory: str | Path, rank: int = 0, report: Callable[[str], Any] = print) -> RunLock | None:
-        """Rank 0: the lock of `directory` (created if missing), or RunError naming the holder. Other ranks: wait
-        for rank 0's (None), or RunError."""
+    def take(cls, directory: str | Path, rank: int = 0, report: Callable[[str], Any] = print,
+             elsewhere: str = "another train.output_dir") -> RunLock | None:  # fmt: skip
+        """Rank 0: the lock of `directory` (created if missing), or RunError naming the holder (and `elsewhere`,
+        where else to write). Other ranks: wait for rank 0's (None), or RunError."""
         directory = Path(directory)
         if rank != 0:
             _wait_for_rank0(directory, rank)
@@ -145,13 +146,13 @@ class RunLock:
                 draft.unlink(missing_ok=True)
             raise RunError(write_failure(error, directory, "taking the run's lock")) from None
         try:
-            return cls._install(directory, key, path, draft, token, created, report)
+            return cls._install(directory, key, path, draft, token, created, report, elsewhere)
         finally:
             draft.unlink(missing_ok=True)
 
     @classmethod
     def _install(cls, directory: Path, key: Path, path: Path, draft: Path, token: str, created: bool,
-                 report: Callable[[str], Any]) -> RunLock:  # fmt: skip
+                 report: Callable[[str], Any], elsewhere: str) -> RunLock:  # fmt: skip
         for _ in range(5):  # each round: create, or find a live holder, or move a dead lock aside
             try:
                 os.link(draft, path)  # atomic, and fails where the lock exists (as O_CREAT | O_EXCL would)
@@ -162,7 +163,7 @@ class RunLock:
                 why = _dead(holder, age)
                 if why is None:
                     raise RunError(f"{directory} is in use by another run: {_describe(holder, age)}, lock {path}; "
-                                   "wait for it, or write to another train.output_dir") from None  # fmt: skip
+                                   f"wait for it, or write to {elsewhere}") from None  # fmt: skip
                 if _move_aside(path, holder):
                     report(f"{directory}: took over the lock of {_describe(holder, age)}: {why}")
                 continue

@@ -246,7 +246,8 @@ class Trainer(TrainStep):
     def _check_resume(self, path: Path) -> None:
         """Refuse, in one line naming each key with both values, a config that the checkpoint's run (its
         <run>/config.yaml) differs from where resume cannot absorb it (engine.output_dir.ABSORBED); a weights-only
-        start (train.resume=weights:..., --evaluate-only) compares the architecture and the task. A checkpoint without its run's config.yaml is not checked."""
+        start (train.resume=weights:..., --evaluate-only) compares the architecture and the task. A checkpoint
+        without its run's config.yaml is not checked."""
         run = path.parent.parent
         saved = run / "config.yaml"
         if not saved.is_file():
@@ -266,8 +267,9 @@ class Trainer(TrainStep):
                 raise ConfigError(f"{what}: its weights do not fit this run: "
                                   f"{'; '.join(conflicts)} (checkpoint's run {saved} -> this config)")  # fmt: skip
             raise ConfigError(f"train.resume: {path} was written with settings a resume cannot take in: "
-                              f"{'; '.join(conflicts)} (its run's {saved} -> this config); to start a new schedule "
-                              f"from its weights use a new train.output_dir with train.resume={WEIGHTS}{path}")  # fmt: skip
+                              f"{'; '.join(conflicts)} (its run's {saved} -> this config); to start a new "
+                              f"schedule from its weights use a new train.output_dir with "
+                              f"train.resume={WEIGHTS}{path}")  # fmt: skip
         if stretched:
             self._print(f"resume: {'; '.join(stretched)}: the learning-rate schedule now spans the new total")
 

@@ -105,7 +105,8 @@ def write_lock(directory: Path, pid: int, host: str | None = None, job: str = ""
 def test_a_second_run_is_refused_at_once_and_a_killed_runs_lock_does_not_block(stores, tmp_path, capsys):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "engine.pretrain",
-               *overrides(stores, out, "train.max_steps=100000", "train.epochs=1000", "train.save_every=0")]  # fmt: skip
+               *overrides(stores, out, "train.max_steps=100000", "train.epochs=1000",
+                          "train.save_every=0")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -146,7 +147,8 @@ def test_every_cli_refuses_a_directory_in_use_and_writes_nothing(cli, stores, tm
     else:
         assert main_job.main(["--workdir", str(out), "--steps", "2"]) == 2
         prefix = "engine.main: "
-    one_line(capsys, f"{prefix}{out} is in use by another run: pid {sleeper.pid} on {socket.gethostname()}")
+    err = one_line(capsys, f"{prefix}{out} is in use by another run: pid {sleeper.pid} on {socket.gethostname()}")
+    assert ("another --workdir" if cli == "main" else "another train.output_dir") in err
     assert files(out) == before and lock.is_file()
 
 
@@ -210,7 +212,8 @@ def test_changes_a_resume_absorbs_are_not_refused(finished, stores, tmp_path, ca
            "data.num_workers": 4, "model.attn_backend": "eager", "train.batch_size": 8}  # fmt: skip
     assert resume_conflicts(old, new) == ([], [])  # another world size with the same global batch resumes
     run = shutil.copytree(finished, tmp_path / "run")
-    assert pretrain.main(overrides(stores, run, "train.max_steps=3", "train.log_every=2", "model.attn_backend=eager")) == 0
+    absorbed = ("train.max_steps=3", "train.log_every=2", "model.attn_backend=eager")
+    assert pretrain.main(overrides(stores, run, *absorbed)) == 0
     printed = capsys.readouterr().out
     assert f"resumed from {run / 'checkpoints' / ckpt.tag_of(2)} at step 2" in printed
     assert "train.max_steps 2 -> 3: the learning-rate schedule now spans the new total" in printed

@@ -10,9 +10,10 @@ sentences are tokenised in batches with LxmertTokenizer and their labels mapped 
 authors' pre-training data does. A crash or ^C is resumed by rerunning the same command; the output appears
 only when complete and verified. Rerunning a finished conversion says it is already converted and exits 0 when
 the inputs (resolved paths, sizes, modification times) and options are those meta.json records; otherwise an
-existing store is replaced only with --overwrite. Bad input stops with the file and row/record (formats.DataError), or with
---skip-bad-rows is skipped and counted. A sentence whose img_id the feature store lacks is an error naming
-the text file, record and img_id (the authors silently drop them); --skip-missing-images counts and drops them.
+existing store is replaced only with --overwrite. Bad input stops with the file and row/record
+(formats.DataError), or with --skip-bad-rows is skipped and counted. A sentence whose img_id the feature store
+lacks is an error naming the text file, record and img_id (the authors silently drop them); --skip-missing-images
+counts and drops them.
 --skip-bad-rows works the same way for the task files of --task (a record that fails validation, or repeats an
 earlier question_id / identifier). Text files may start with a UTF-8 byte-order mark; a byte that is not UTF-8
 stops with the file, the record and the byte offset and line. An input that is a directory, not a file, is an

@@ -477,9 +477,9 @@ class Store:
         except (ValueError, OSError, EOFError):
             header = HEADER_BYTES  # what the builder writes; the size check below names the file
         if actual < header + data_bytes:
-            raise StoreError(f"{path} is cut short: {actual} bytes, expected {header + data_bytes} ({info['dtype']} "
-                             f"{tuple(info['shape'])} after a {header}-byte header); copy or convert the store "
-                             "again")  # fmt: skip
+            raise StoreError(f"{path} is cut short: {actual} bytes, expected {header + data_bytes} "
+                             f"({np.dtype(info['dtype']).name} {tuple(info['shape'])} after a {header}-byte header); "
+                             "copy or convert the store again")  # fmt: skip
         try:
             return np.load(path, mmap_mode="r")
         except (ValueError, OSError) as error:  # a damaged header
