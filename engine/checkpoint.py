@@ -50,6 +50,7 @@ lxmert-convert (engine/convert_checkpoint.py) writes with write_state_dict too.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -477,7 +478,10 @@ def _checkpoint_engine_class() -> type:
             self.written: list[Path] = []
 
         def save(self, state_dict: Any, path: str) -> None:
-            torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
+            try:
+                torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
+            except RuntimeError as error:
+                raise _save_error(error, Path(path), state_dict) from None
             self.record(Path(path))
 
         def record(self, file: Path) -> None:
@@ -488,6 +492,29 @@ def _checkpoint_engine_class() -> type:
             return load_deepspeed_file(path, map_location)
 
     return ManifestCheckpointEngine
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _save_error(error: RuntimeError, path: Path, state: Any) -> Exception:
+    """torch.save's failure as an OSError(ENOSPC) naming the file when the filesystem has no room for what it was
+    writing (its writer says only "[enforce fail at inline_container.cc:...] unexpected pos ..."); else as it was."""
+    needed = _tensor_bytes(state)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return error
+    if free >= needed:
+        return error
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def install_checkpoint_engine(engine: Any) -> Any:
@@ -584,9 +611,26 @@ def write_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        write_file_atomic(path, lambda name: save_file(tensors, name, metadata={"format": "pt"}))
+        write_file_atomic(path, lambda name: _save_safetensors(tensors, name, path))
     else:
         write_file_atomic(path, lambda name: torch.save(tensors, name))
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], name: str, path: Path) -> None:
+    """safetensors' save_file into the temporary file `name`; its I/O errors as the OSError they are, naming
+    `path` (it raises SafetensorError "I/O error: No space left on device (os error 28)": a full disk would not
+    read as one)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, name, metadata={"format": "pt"})
+    except SafetensorError as error:
+        found = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(error))
+        if found is None:
+            raise
+        code = int(found.group(1) or found.group(2))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def export_model(state: Mapping[str, torch.Tensor], config: LxmertConfig, output_dir: str | Path,

@@ -145,7 +145,11 @@ class TrainConfig:
     output_dir: str = "runs/lxmert"
     """Checkpoints, logs and the resolved config go here."""
     resume: str = "auto"
-    """"auto": from the latest checkpoint in output_dir if there is one; "none": start afresh; else a path."""
+    """"auto": from the latest checkpoint in output_dir if there is one; "none": start afresh; else a path. A resume
+    continues the run exactly, so the config must agree with the checkpoint's run wherever a resume cannot absorb a
+    change (engine/output_dir.py ABSORBED lists what may change). "weights:<checkpoint or run dir>": that
+    checkpoint's weights with a new optimizer, schedule and loader from step 0 (a new schedule on purpose; into a
+    new output_dir, whose own checkpoints a rerun then resumes from)."""
     init_from: str = ""
     """Weights to start from (fine-tuning: a pre-trained LXMERT; the QA head is matched by answer string)."""
     max_steps: int | None = None
@@ -264,7 +268,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def _check(config: RunConfig) -> None:
-    """Every invalid value at once, as one ConfigError."""
+    """Every invalid value at once, as one ConfigError (one line: the problems joined by "; ")."""
     m, d, o, t = config.model, config.data, config.optim, config.train
     problems = []
 
@@ -311,9 +315,10 @@ def _check(config: RunConfig) -> None:
          f"train.offload 'optimizer+params' needs train.zero_stage 3 (parameters are sharded only by ZeRO-3), "
          f"got {t.zero_stage}")  # fmt: skip
     need(bool(t.output_dir), "train.output_dir is empty")
-    need(bool(t.resume), 'train.resume is empty: "auto", "none" or a checkpoint path')
+    need(bool(t.resume), 'train.resume is empty: "auto", "none", a checkpoint path or "weights:<checkpoint>"')
+    need(t.resume != "weights:", "train.resume weights: names no checkpoint (weights:<checkpoint or run dir>)")
     if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid configuration: " + "; ".join(problems))  # one line, as every CLI error
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:

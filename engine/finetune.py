@@ -8,7 +8,9 @@ and how (data, the architecture and weights from train.init_from, the answer tab
 and the submission file) is the task's: engine/tasks/finetune.py says it all.
 
 Every input is checked before anything is written: a mistake is one line on stderr naming the key or file,
-exit 2. Prints the resolved config, the architecture taken from the checkpoint, and a report at the end.
+exit 2 (so is a second run into a train.output_dir in use, a resume the config cannot take, and a write that
+fails: engine/output_dir.py). Prints the resolved config, the architecture taken from the checkpoint, and a
+report at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from engine.config import ConfigError, RunConfig, format_config, load_config
+from engine.launch import error_line
+from engine.output_dir import RunError, write_failure
 from engine.tasks.finetune import FINETUNE_TASKS, SUBMISSION_NAMES, FineTuneError, FinetuneTask
 from engine.train import Trainer, report
 
@@ -80,20 +84,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.from_scratch:
             config.train.init_from = ""
         tuner = FineTuner(config, answer_table=args.answer_table, evaluate_only=args.evaluate_only)
-    except ConfigError as error:  # FineTuneError is one
-        print(f"lxmert-finetune: error: {error}", file=sys.stderr)
-        return 2
-    if tuner.rank == 0:
-        print(format_config(tuner.config), flush=True)
-        if tuner.adopted:
-            print(f"model architecture from {tuner.config.train.init_from}: {', '.join(tuner.adopted)}", flush=True)
-    if args.evaluate_only:
-        result = tuner.evaluate_only()
+    except (ConfigError, RunError) as error:  # FineTuneError is a ConfigError
+        return error_line("lxmert-finetune", error)
+    try:
         if tuner.rank == 0:
-            print(f"{result['task']} {result['metric']} {result['value']} on {result['examples']} examples; "
-                  f"submission {result['submission']}", flush=True)  # fmt: skip
-        return 0
-    summary = tuner.train()
+            print(format_config(tuner.config), flush=True)
+            if tuner.adopted:
+                print(f"model architecture from {tuner.config.train.init_from}: {', '.join(tuner.adopted)}",
+                      flush=True)  # fmt: skip
+        if args.evaluate_only:
+            result = tuner.evaluate_only()
+            if tuner.rank == 0:
+                print(f"{result['task']} {result['metric']} {result['value']} on {result['examples']} examples; "
+                      f"submission {result['submission']}", flush=True)  # fmt: skip
+            return 0
+        summary = tuner.train()
+    except (ConfigError, RunError) as error:
+        return error_line("lxmert-finetune", error)
+    except OSError as error:  # a write of the run's outputs (the log, the best model, the submission)
+        return error_line("lxmert-finetune", write_failure(error, tuner.output_dir, "writing the run's outputs"))
+    finally:
+        tuner.release_output_dir()
     if tuner.rank == 0:
         print(report(summary), flush=True)
     return 0

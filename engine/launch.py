@@ -167,9 +167,21 @@ def choose_deepspeed(train_zero_stage: int, use_deepspeed: bool | None, launch: 
     """The DeepSpeed path when asked, or by default when it is installed and ZeRO or a launcher asks for it."""
     if use_deepspeed is None:
         use_deepspeed = deepspeed_available() and (train_zero_stage > 0 or launch.launched)
-    if not use_deepspeed and launch.world_size > 1:
-        raise RuntimeError(f"WORLD_SIZE={launch.world_size} needs the DeepSpeed path (pip install deepspeed)")
+    if not use_deepspeed and launch.world_size > 1:  # plain PyTorch runs one process (no DDP path)
+        n = launch.world_size
+        why = "DeepSpeed, which is not installed (pip install deepspeed)" if not deepspeed_available() else (
+            "the DeepSpeed path, and use_deepspeed=False was asked for")  # fmt: skip
+        raise ConfigError(f"WORLD_SIZE={n}: a launch of {n} ranks needs {why}; without it run one process")
     return use_deepspeed
+
+
+def error_line(prog: str, error: BaseException | str) -> int:
+    """A user's mistake, as every CLI reports it: one line on stderr, exit status 2. Every rank runs the same
+    checks on the same files, so rank 0 says it once; another rank only when the line names that rank."""
+    rank, message = Launch.from_env().rank, " ".join(str(error).split("\n"))
+    if rank == 0 or f"rank {rank}" in message:
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _shm_op_built() -> bool:

@@ -31,7 +31,8 @@ Reruns are cheap and never destroy finished work: data and stores that exist and
 interrupted store build resumes); pre-training and fine-tuning resume from their latest checkpoints, and a
 finished run is only reported again. A rerun whose settings differ from those the work dir was made with is
 refused, naming the differences: --fresh deletes this job's outputs in the work dir first (only those), or
-pick another --workdir.
+pick another --workdir. One job at a time per work dir: a second one is refused in one line naming the holder
+(<workdir>/run.lock, engine/output_dir.py), exit 2.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import write_text_atomic
-from engine.config import RunConfig, load_config, parse_overrides, updated
+from engine.config import ConfigError, RunConfig, load_config, parse_overrides, updated
+from engine.output_dir import RunError, RunLock, write_failure
 
 TINY_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
 MODEL = {"initializer_range": 0.05, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # docstring
@@ -488,6 +490,14 @@ def clean(layout: Layout) -> None:
 def run_job(options: JobOptions) -> dict[str, Any]:
     """Data, pre-training, fine-tuning; returns the report (also written to <workdir>/report.json)."""
     layout = Layout(Path(options.workdir))
+    lock = RunLock.take(layout.root, elsewhere="another --workdir")  # one job per work dir, before anything is written
+    try:
+        return _run_job(layout, options)
+    finally:
+        lock.release()
+
+
+def _run_job(layout: Layout, options: JobOptions) -> dict[str, Any]:
     if options.fresh:
         clean(layout)
     seconds: dict[str, float] = {}
@@ -539,8 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     try:
         report = run_job(options)
-    except JobError as error:
+    except (JobError, ConfigError, RunError) as error:  # a second job on the work dir, a changed setting, ...
         print(f"engine.main: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk or an unwritable work dir
+        print(f"engine.main: {write_failure(error, options.workdir, 'the job')}", file=sys.stderr)
         return 2
     print(format_report(report), flush=True)
     if report["problems"]:

@@ -7,10 +7,11 @@ DeepSpeed is installed: engine/launch.py); under a launcher every rank runs it:
     torchrun --nproc_per_node 8 -m engine.pretrain --config configs/pretrain.yaml train.zero_stage=1
 (LOCAL_RANK / RANK / WORLD_SIZE come from the environment; DeepSpeed's --local_rank argument is accepted.)
 Every store and the config are checked before anything is written: a mistake is one line on stderr naming the
-key or file, exit 2. The loop is engine/train.py's, the task engine/tasks/pretrain.py. Prints the resolved
-config (also saved as <output_dir>/config.yaml), logs to <output_dir>/metrics.jsonl (and TensorBoard when
-installed), and ends with a short report: first and last losses per component, samples/s, the last validation,
-the checkpoint, model, log and plot paths.
+key or file, exit 2 (so is a second run into a train.output_dir in use, a resume the config cannot take, and a
+write that fails: engine/output_dir.py). The loop is engine/train.py's, the task engine/tasks/pretrain.py.
+Prints the resolved config (also saved as <output_dir>/config.yaml), logs to <output_dir>/metrics.jsonl (and
+TensorBoard when installed), and ends with a short report: first and last losses per component, samples/s, the
+last validation, the checkpoint, model, log and plot paths.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import os
 import sys
 
 from engine.config import ConfigError, format_config, load_config
+from engine.launch import error_line
+from engine.output_dir import RunError, write_failure
 from engine.train import Trainer, report
 
 
@@ -38,12 +41,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"train.task is {config.train.task!r}: lxmert-pretrain pre-trains (lxmert-finetune "
                               "fine-tunes)")  # fmt: skip
         trainer = Trainer(config, export_hf=args.export_hf)
-    except ConfigError as error:
-        print(f"lxmert-pretrain: error: {error}", file=sys.stderr)
-        return 2
-    if trainer.rank == 0:
-        print(format_config(trainer.config), flush=True)
-    summary = trainer.train()
+    except (ConfigError, RunError) as error:
+        return error_line("lxmert-pretrain", error)
+    try:
+        if trainer.rank == 0:
+            print(format_config(trainer.config), flush=True)
+        summary = trainer.train()
+    except (ConfigError, RunError) as error:
+        return error_line("lxmert-pretrain", error)
+    except OSError as error:  # a write of the run's outputs (the log, the export)
+        return error_line("lxmert-pretrain", write_failure(error, trainer.output_dir, "writing the run's outputs"))
+    finally:
+        trainer.release_output_dir()
     if trainer.rank == 0:
         print(report(summary), flush=True)
     return 0

@@ -30,20 +30,26 @@ task's outputs (exports) and the loss / throughput plots (engine/plots.py) in <o
 from __future__ import annotations
 
 import time
+import weakref
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import yaml
 
-from engine.config import ConfigError, RunConfig, StorePaths, resolve, save_config
+from engine import checkpoint as ckpt
+from engine.config import ConfigError, RunConfig, StorePaths, resolve, save_config, to_dict
 from engine.flops import mfu, peak_flops
 from engine.launch import Launch, all_reduce_sum, choose_deepspeed, pick_device, set_threads
 from engine.metrics_log import MetricsLog, console_line, peak_memory_gib
+from engine.output_dir import WEIGHTS_KEYS, RunError, RunLock, flatten, resume_conflicts, write_failure
 from engine.runtime import Runtime, resume_point
 from engine.tasks.base import Task
-from engine.tasks.finetune import FINETUNE_TASKS, FinetuneTask
+from engine.tasks.finetune import ARCHITECTURE, FINETUNE_TASKS, FinetuneTask
 from engine.tasks.pretrain import PretrainTask
+
+WEIGHTS = "weights:"  # train.resume=weights:<checkpoint>: its weights, a new optimizer, schedule and loader
 
 
 def make_task(config: RunConfig, export_hf: bool = False) -> Task:
@@ -168,7 +174,22 @@ class Trainer(TrainStep):
         self.device = pick_device(self.local_rank)
         self.threads = set_threads(t.threads, self.launch)
         self.task.check(self)  # every input, before anything is built or written
-        self.resume_from = resume_point(self.task.resume_setting(), self.output_dir)
+        # one run per output directory (engine/output_dir.py): rank 0 holds the lock, the other ranks learn of it
+        lock = RunLock.take(self.output_dir, self.rank, report=self._print)
+        self._unlock = weakref.finalize(self, lock.release) if lock else None  # also when the Trainer is collected
+        try:
+            self._start()
+        except BaseException:
+            self.release_output_dir()
+            raise
+
+    def _start(self) -> None:
+        """The run from its checked inputs, under the output directory's lock: where it resumes (checked against
+        the checkpoint's config), the model, loaders and runtime, the resumed state, config.yaml."""
+        t = self.config.train
+        self.resume_from, self.weights_only_resume = self._resume_point(self.task.resume_setting())
+        if self.resume_from is not None:
+            self._check_resume(self.resume_from)
 
         torch.manual_seed(t.seed)  # initialisation, then dropout
         self.model = self.task.build_model(self)
@@ -181,7 +202,7 @@ class Trainer(TrainStep):
                               f"train.grad_accum_steps {self.accum}")  # fmt: skip
         self.total_steps = t.total_steps(self.steps_per_epoch)
         runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, self.launch)
-        super().__init__(runtime, self.task, self.accum, world, self.device)
+        super().__init__(runtime, self.task, self.accum, self.world_size, self.device)
         self.step = 0  # optimizer steps done (skipped ones included, as DeepSpeed counts them)
         self.started_at = 0
         self.skipped_steps = 0
@@ -205,7 +226,65 @@ class Trainer(TrainStep):
 
     # -------------------------------------------------------------------------------------- checkpoints
 
+    def _resume_point(self, setting: str) -> tuple[Path | None, bool]:
+        """(the checkpoint to load, whether for its weights only) from train.resume as the task reads it:
+        "auto", "none", a path, or "weights:<checkpoint or run>" (a new optimizer, schedule and loader from that
+        checkpoint's weights; once this run has a checkpoint of its own, a rerun resumes from that instead)."""
+        if not setting.startswith(WEIGHTS):
+            return resume_point(setting, self.output_dir), False
+        source = setting[len(WEIGHTS):]
+        own = ckpt.checkpoint_root(self.output_dir).resolve()
+        if Path(source).resolve() in (own, own.parent) or own in Path(source).resolve().parents:
+            raise ConfigError(f"train.resume={setting}: that checkpoint is in this run's own train.output_dir "
+                              f"{self.output_dir}; a new schedule goes into a new train.output_dir (its checkpoints "
+                              "would mix with these)")  # fmt: skip
+        mine = resume_point("auto", self.output_dir)
+        if mine is not None:
+            return mine, False
+        return resume_point(source, self.output_dir), True
+
+    def _check_resume(self, path: Path) -> None:
+        """Refuse, in one line naming each key with both values, a config that the checkpoint's run (its
+        <run>/config.yaml) differs from where resume cannot absorb it (engine.output_dir.ABSORBED); a weights-only
+        start (train.resume=weights:..., --evaluate-only) compares the architecture and the task. A checkpoint
+        without its run's config.yaml is not checked."""
+        run = path.parent.parent
+        saved = run / "config.yaml"
+        if not saved.is_file():
+            return
+        try:
+            old = flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"train.resume: cannot read {saved}, the config of the run that wrote {path}: "
+                              f"{error}") from None  # fmt: skip
+        new = flatten(to_dict(self.config))
+        weights_only = self.weights_only_resume or self.task.evaluate_only
+        only = (*(f"model.{name}" for name in ARCHITECTURE), *WEIGHTS_KEYS) if weights_only else None
+        conflicts, stretched = resume_conflicts(old, new, only)
+        if conflicts:
+            if weights_only:
+                what = f"train.resume={WEIGHTS}{path}" if self.weights_only_resume else f"{path} (evaluate-only)"
+                raise ConfigError(f"{what}: its weights do not fit this run: "
+                                  f"{'; '.join(conflicts)} (checkpoint's run {saved} -> this config)")  # fmt: skip
+            raise ConfigError(f"train.resume: {path} was written with settings a resume cannot take in: "
+                              f"{'; '.join(conflicts)} (its run's {saved} -> this config); to start a new "
+                              f"schedule from its weights use a new train.output_dir with "
+                              f"train.resume={WEIGHTS}{path}")  # fmt: skip
+        if stretched:
+            self._print(f"resume: {'; '.join(stretched)}: the learning-rate schedule now spans the new total")
+
+    def release_output_dir(self) -> None:
+        """Drop this run's lock on its output directory (engine/output_dir.py); the CLIs call it at the end, and
+        it happens anyway when the Trainer is collected or the process exits."""
+        if self._unlock is not None:
+            self._unlock()
+
     def _resume(self, path: Path) -> None:
+        if self.weights_only_resume:  # train.resume=weights:...: a new schedule from the checkpoint's weights
+            self.runtime.load(path, self.rank, weights_only=True)
+            self._print(f"weights from {path}; a new optimizer, schedule and loader from step 0 "
+                        "(train.resume=weights:...)")  # fmt: skip
+            return
         state = self.runtime.load(path, self.rank, weights_only=self.task.evaluate_only)
         self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
         if self.loader is not None:
@@ -225,11 +304,32 @@ class Trainer(TrainStep):
         self.unlogged_skips += skipped
 
     def save(self) -> Path:
+        """A checkpoint of this step. A write that fails (a full disk, an unwritable directory) is a RunError in
+        one line: the file, the bytes the checkpoint needs where known; the last complete checkpoint stays latest."""
         self._settle()
         client = {"loader": self.loader.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
                   "evals": self.evals, **self.task.state_dict()}  # fmt: skip
-        self.last_checkpoint = self.runtime.save(self.output_dir, self.step, client, self.rank)
+        try:
+            self.last_checkpoint = self.runtime.save(self.output_dir, self.step, client, self.rank)
+        except OSError as error:
+            line = write_failure(error, ckpt.checkpoint_root(self.output_dir), f"checkpoint {ckpt.tag_of(self.step)}",
+                                 self._checkpoint_bytes())  # fmt: skip
+            kept = f"{self.last_checkpoint} stays the latest" if self.last_checkpoint else "no earlier checkpoint"
+            raise RunError(f"{line}; {kept}") from None
         return self.last_checkpoint
+
+    def _checkpoint_bytes(self) -> int | None:
+        """About what a checkpoint takes: the last one's parts, or the plain path's model and optimizer tensors."""
+        if self.last_checkpoint is not None:
+            try:
+                return sum(part["bytes"] for part in ckpt.read_manifest(self.last_checkpoint)["parts"].values())
+            except ckpt.CheckpointError:
+                pass
+        if self.use_deepspeed:
+            return None
+        tensors = [*self.model.state_dict().values(),
+                   *(v for s in self.runtime.optimizer.state_dict()["state"].values() for v in s.values())]  # fmt: skip
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights in fp32 on the CPU (ZeRO-3 gathers the shards; {} on ranks > 0 then)."""

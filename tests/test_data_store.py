@@ -404,8 +404,10 @@ def test_cli_both_modes(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     args = ["--text", *map(str, texts(synth)), "--features", str(feats), "--answers", answers]
     assert convert.main([*args, "--out", str(out), "--quiet"]) == 0
     assert len(TextStore(out)) > 0
-    assert convert.main([*args, "--out", str(out), "--quiet"]) == 1  # exists
-    assert "already exists" in capsys.readouterr().err
+    assert convert.main([*args, "--out", str(out), "--quiet"]) == 0  # the same inputs and options: nothing to do
+    assert f"{out}: already converted from these inputs and options" in capsys.readouterr().out
+    assert convert.main([*args, "--out", str(out), "--skip-bad-rows", "--quiet"]) == 1  # another option
+    assert "already exists (from other inputs or options); pass overwrite=True (--overwrite)" in capsys.readouterr().err
 
 
 def test_dali_numpy_reader_slices_the_store(stores: dict[str, Path]) -> None:

@@ -8,9 +8,12 @@ One streaming pass each, bounded memory (one chunk of rows: 512 images, or 65536
 region features are decoded, padded or cut to 36 regions, boxes normalised, and appended chunk by chunk;
 sentences are tokenised in batches with LxmertTokenizer and their labels mapped onto the answer table as the
 authors' pre-training data does. A crash or ^C is resumed by rerunning the same command; the output appears
-only when complete and verified. Bad input stops with the file and row/record (formats.DataError), or with
---skip-bad-rows is skipped and counted. A sentence whose img_id the feature store lacks is an error naming
-the text file, record and img_id (the authors silently drop them); --skip-missing-images counts and drops them.
+only when complete and verified. Rerunning a finished conversion says it is already converted and exits 0 when
+the inputs (resolved paths, sizes, modification times) and options are those meta.json records; otherwise an
+existing store is replaced only with --overwrite. Bad input stops with the file and row/record
+(formats.DataError), or with --skip-bad-rows is skipped and counted. A sentence whose img_id the feature store
+lacks is an error naming the text file, record and img_id (the authors silently drop them); --skip-missing-images
+counts and drops them.
 --skip-bad-rows works the same way for the task files of --task (a record that fails validation, or repeats an
 earlier question_id / identifier). Text files may start with a UTF-8 byte-order mark; a byte that is not UTF-8
 stops with the file, the record and the byte offset and line. An input that is a directory, not a file, is an
@@ -41,7 +44,7 @@ from engine.data.formats import (
     read_answer_table, read_pretrain, read_tsv,
 )  # fmt: skip
 from engine.data.store import (
-    FORMAT_VERSION, NUM_REGIONS, REGION_FORMAT, TEXT_FORMAT, ArraySpec, StoreBuilder, StoreError,
+    FORMAT_VERSION, NUM_REGIONS, REGION_FORMAT, TEXT_FORMAT, AlreadyConverted, ArraySpec, StoreBuilder, StoreError,
     sha256_strings,
 )  # fmt: skip
 from engine.data.tasks import convert_task
@@ -453,6 +456,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 skip_bad_rows=args.skip_bad_rows, skip_missing_images=args.skip_missing_images,
                 overwrite=args.overwrite, chunk_sentences=args.chunk_sentences, progress=not args.quiet,
             )  # fmt: skip
+    except AlreadyConverted:  # the same inputs (paths, sizes, modification times) and options
+        print(f"{args.out}: already converted from these inputs and options; nothing to do")
+        return 0
     except (DataError, StoreError, FileExistsError, FileNotFoundError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

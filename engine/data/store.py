@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import zlib
@@ -201,6 +202,12 @@ class StoreExistsError(FileExistsError):
     """The output already holds something and overwrite was not asked for."""
 
 
+class AlreadyConverted(StoreExistsError):
+    """The output is the store this very build makes: its meta.json records the same build config (every input's
+    resolved path, size and modification time, and every option). The converter's command line says so and
+    exits 0; a changed input or option is a StoreExistsError asking for --overwrite."""
+
+
 class StoreBuilder:
     """Builds a store directory chunk by chunk in `<out>.partial/`; resumable, verified, renamed when complete.
 
@@ -230,12 +237,11 @@ class StoreBuilder:
             if not _is_store(self.out):  # never delete what we did not write
                 raise StoreExistsError(f"{self.out} already exists and is not a store: refusing to replace it")
             if not overwrite:
-                same = _build_of(self.out) == self.config
-                raise StoreExistsError(
-                    f"{self.out} already exists"
-                    + (" (converted from these very inputs and options)" if same else "")
-                    + "; pass overwrite=True (--overwrite) to replace it"
-                )  # fmt: skip
+                if _build_of(self.out) == self.config:
+                    raise AlreadyConverted(f"{self.out} already exists (converted from these very inputs and "
+                                           "options): nothing to do")  # fmt: skip
+                raise StoreExistsError(f"{self.out} already exists (from other inputs or options); pass "
+                                       "overwrite=True (--overwrite) to replace it")  # fmt: skip
         if self.complete is not None:
             remove_temp_files(self.partial)
             return
@@ -445,11 +451,39 @@ class Store:
             )
         self.arrays: dict[str, np.ndarray] = {}  # plain ndarray views of read-only maps: indexing copies nothing extra
         for name, info in self.meta["arrays"].items():
-            array = np.load(self.path / f"{name}.npy", mmap_mode="r")
+            array = self._map(name, info)
             if list(array.shape) != info["shape"] or array.dtype != np.dtype(info["dtype"]):
                 got, expected = f"{array.dtype}{array.shape}", f"{info['dtype']}{info['shape']}"
                 raise StoreError(f"{self.path / name}.npy: {got}, meta says {expected}")
             self.arrays[name] = array.view(np.ndarray)
+
+    def _map(self, name: str, info: dict[str, Any]) -> np.ndarray:
+        """One array memory-mapped; a file missing or cut short (a copy that did not finish, a full disk) is a
+        StoreError naming the file with its expected and actual bytes, not numpy's "mmap length is greater
+        than file size"."""
+        path = self.path / f"{name}.npy"
+        data_bytes = math.prod(info["shape"]) * np.dtype(info["dtype"]).itemsize
+        if not path.is_file():
+            raise StoreError(f"{path} is missing ({META} lists it: {HEADER_BYTES + data_bytes} bytes); copy or "
+                             "convert the store again")  # fmt: skip
+        actual = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                if np.lib.format.read_magic(f) == (1, 0):
+                    np.lib.format.read_array_header_1_0(f)
+                else:
+                    np.lib.format.read_array_header_2_0(f)
+                header = f.tell()
+        except (ValueError, OSError, EOFError):
+            header = HEADER_BYTES  # what the builder writes; the size check below names the file
+        if actual < header + data_bytes:
+            raise StoreError(f"{path} is cut short: {actual} bytes, expected {header + data_bytes} "
+                             f"({np.dtype(info['dtype']).name} {tuple(info['shape'])} after a {header}-byte header); "
+                             "copy or convert the store again")  # fmt: skip
+        try:
+            return np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as error:  # a damaged header
+            raise StoreError(f"{path}: not readable as a .npy array ({error})") from None
 
     def __reduce__(self) -> tuple[type, tuple[Path]]:
         """Pickle as the path: a DataLoader worker reopens the maps instead of receiving a copy of the data."""
