@@ -406,7 +406,7 @@ def test_cli_both_modes(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert len(TextStore(out)) > 0
     assert convert.main([*args, "--out", str(out), "--quiet"]) == 0  # the same inputs and options: nothing to do
     assert f"{out}: already converted from these inputs and options" in capsys.readouterr().out
-    assert convert.main([*args, "--out", str(out), "--skip-bad-rows", "--quiet"]) == 1  # another option
+    assert convert.main([*args, "--out", str(out), "--skip-bad-rows", "--quiet"]) == 2  # another option
     assert "already exists (from other inputs or options); pass overwrite=True (--overwrite)" in capsys.readouterr().err
 
 
@@ -462,7 +462,7 @@ def test_empty_input_is_one_clear_error(synth: Path, tmp_path: Path, capsys: pyt
                                         r"the first skipped: .*row 1: expected 10"):  # fmt: skip
         features(synth, tmp_path / "s", paths=[bad], skip_bad_rows=True)
     assert not (tmp_path / "s.partial").exists()
-    assert convert.main(["--tsv", str(empty), str(empty), "--out", str(tmp_path / "s"), "--quiet"]) == 1
+    assert convert.main(["--tsv", str(empty), str(empty), "--out", str(tmp_path / "s"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "all 2 files: no rows" in err, err
 
@@ -481,10 +481,10 @@ def test_text_conversion_with_no_sentence_left_is_an_error(synth: Path, stores: 
 
 
 def test_a_directory_is_not_an_input_file(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert convert.main(["--tsv", str(tmp_path), "--out", str(tmp_path / "s"), "--quiet"]) == 1
+    assert convert.main(["--tsv", str(tmp_path), "--out", str(tmp_path / "s"), "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == f"error: input {tmp_path} is a directory, not a TSV file"
     args = ["--text", str(tmp_path), "--features", str(tmp_path), "--out", str(tmp_path / "t"), "--quiet"]
-    assert convert.main(args) == 1
+    assert convert.main(args) == 2
     assert "is a directory, not a JSON file" in capsys.readouterr().err
 
 
@@ -500,7 +500,7 @@ def test_text_with_a_byte_order_mark_or_a_bad_byte(synth: Path, stores: dict[str
     at = data.index(b'"img_id"', data.index(b'"img_id"') + 1)  # inside record 1
     bad = tmp_path / "latin1.json"
     bad.write_bytes(data[:at] + b"\xe9" + data[at:])
-    assert convert.main(["--text", str(bad), *args, "--out", str(tmp_path / "u")]) == 1
+    assert convert.main(["--text", str(bad), *args, "--out", str(tmp_path / "u")]) == 2
     err = capsys.readouterr().err
     line = 1 + data[:at].count(b"\n")
     assert err.strip().splitlines() == [

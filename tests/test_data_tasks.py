@@ -252,7 +252,9 @@ def test_cli(synth: Path, feats: dict[str, Path], tmp_path: Path, capsys: pytest
             "--quiet"]  # fmt: skip
     assert convert.main(args) == 0 and "examples" in capsys.readouterr().out
     assert TaskStore(tmp_path / "s").task == "gqa"
-    assert convert.main(args) == 1  # exists
+    capsys.readouterr()
+    assert convert.main(args) == 0 and "already converted" in capsys.readouterr().out  # the same inputs: done
+    assert convert.main([*args, "--skip-bad-rows"]) == 2  # another option: the store exists
     nl = ["--task", "nlvr2", "--questions", str(synth / FILES["nlvr2"][0]), "--features", str(feats["train"]),
           "--out", str(tmp_path / "n"), "--quiet"]  # fmt: skip
     assert convert.main(nl) == 0 and TaskStore(tmp_path / "n").task == "nlvr2"
@@ -343,7 +345,7 @@ def test_skip_bad_rows_in_task_mode(synth: Path, feats: dict[str, Path], tmp_pat
 
     args = ["--task", "vqa", "--questions", str(path), "--features", str(feats["all"]),
             "--ans2label", str(synth / "vqa/trainval_ans2label.json"), "--quiet"]  # fmt: skip
-    assert convert.main([*args, "--out", str(tmp_path / "c1")]) == 1
+    assert convert.main([*args, "--out", str(tmp_path / "c1")]) == 2
     assert "record 1: sent must be str" in capsys.readouterr().err
     assert convert.main([*args, "--out", str(tmp_path / "c2"), "--skip-bad-rows"]) == 0
     out, err = capsys.readouterr()

@@ -70,7 +70,7 @@ def until_complete(args: list[str], kills: list[str], note: str, first_hits: boo
         history.append((kill, result.returncode))
         if result.returncode == -signal.SIGKILL:
             continue
-        done = result.returncode == 0 or (result.returncode == 1 and "already exists" in result.stderr)
+        done = result.returncode == 0 or (result.returncode == 2 and "already exists" in result.stderr)
         assert done, f"{note}: runs {history}: {result.stderr}"
         break
     assert not first_hits or history[0][1] == -signal.SIGKILL, f"{note}: the first kill ({kills[0]}) was not reached: {history}"
@@ -151,7 +151,7 @@ def test_killed_while_replacing_a_store(data: dict, tmp_path: Path, point: str) 
     assert cli(args, kill).returncode == -signal.SIGKILL, note
     if point == "install.swapped":  # the old store is aside: another command puts it back, replaces nothing
         other = cli(["--tsv", str(data["train"]), "--feat-dim", str(D), "--fp32", "--out", str(out)])
-        assert other.returncode == 1 and "already exists" in other.stderr, f"{note}: {other.stderr}"
+        assert other.returncode == 2 and "already exists" in other.stderr, f"{note}: {other.stderr}"
         assert store_bytes(out) == old, note
     elif out.exists():
         assert store_bytes(out) in (old, store_bytes(data["reference"])), f"{note}: a store of neither build"
@@ -193,7 +193,7 @@ def test_a_tsv_cut_mid_row(data: dict, tmp_path: Path) -> None:
     cut.write_bytes(b"".join(lines[:5]) + lines[5][: len(lines[5]) * 2 // 3])  # the download stopped in row 6
     args = ["--tsv", str(cut), "--feat-dim", str(D)]
     result = cli([*args, "--out", str(tmp_path / "a")])
-    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: {cut}, row 6: ") and "(truncated row?)" in result.stderr
     assert not (tmp_path / "a").exists()
     result = cli([*args, "--out", str(tmp_path / "b"), "--skip-bad-rows"])
@@ -209,7 +209,7 @@ def test_a_text_file_cut_mid_record(data: dict, tmp_path: Path, capsys: pytest.C
     args = ["--text", str(cut), "--features", str(data["reference"]), "--answers",
             str(data["syn"] / "lxmert/all_ans.json"), "--quiet"]  # fmt: skip
     for skip in ([], ["--skip-bad-rows"]):  # a cut file is not a bad record: skipping cannot mend it
-        assert convert.main([*args, *skip, "--out", str(tmp_path / "t")]) == 1
+        assert convert.main([*args, *skip, "--out", str(tmp_path / "t")]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {cut}, record ") and "(truncated file?)" in err and err.count("\n") == 1, err
     assert not (tmp_path / "t").exists()

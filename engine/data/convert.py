@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (DataError, StoreError, FileExistsError, FileNotFoundError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # the input's or the user's: as every other command line of the engine
     summary = {k: v for k, v in dataclasses.asdict(stats).items() if k != "errors"}
     print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     for message in stats.errors:
