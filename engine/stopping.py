@@ -100,9 +100,10 @@ _IMPORTED = time.monotonic()
 
 
 class StopRequests:
-    """Between install() and restore() (or within `with`): SIGTERM, SIGINT and the preempt signal set a flag (the first one is kept); the previous
-    handlers come back at exit. Outside the main thread (signals cannot be handled there) nothing is installed.
-    A process forked inside (a DataLoader worker) inherits the handlers, which do nothing there."""
+    """Between install() and restore() (or within `with`): SIGTERM, SIGINT and the preempt signal set a flag (the
+    first one is kept); restore() puts the previous handlers back. Outside the main thread (signals cannot be
+    handled there) nothing is installed. A process forked meanwhile inherits the handlers, which do nothing there
+    (DataLoader workers: see shield_worker)."""
 
     def __init__(self, preempt_signal: str = "") -> None:
         self.preempt = signal_number(preempt_signal) if preempt_signal else None
@@ -168,6 +169,29 @@ class TimeLimit:
         if self.limit is None:
             return False
         return process_age() + 2 * (self.longest_interval + self.longest_save) >= self.limit
+
+
+def shield_worker(worker_id: int) -> None:
+    """A DataLoader worker_init_fn: a scheduler signals every process of the job, loader workers included, but the
+    stop is the main process's to make (it may still fetch the batches of the step in flight). A worker forked while
+    StopRequests is installed ignores the signals the main process handles; SIGTERM only where it comes from its
+    parent, which is how torch and multiprocessing shut workers down (torch's own worker handler dies of anyone's
+    SIGTERM, and the main process would then fail on the lost worker): a thread waits for it, blocked elsewhere."""
+    handled = [n for n in signal.valid_signals()
+               if getattr(signal.getsignal(n), "__func__", None) is StopRequests._handle]  # fmt: skip
+    for number in handled:
+        if number != signal.SIGTERM:
+            signal.signal(number, signal.SIG_IGN)
+    if signal.SIGTERM in handled:
+        parent = os.getppid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+        def wait_for_the_parent() -> None:
+            while True:
+                if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                    os._exit(0)
+
+        threading.Thread(target=wait_for_the_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 def agreement_group(world_size: int) -> Any:

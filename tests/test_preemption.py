@@ -1,12 +1,13 @@
 """Stopping early without losing anything (issue 19, items 1 and 9), through the command line.
 
-- SIGTERM at a seeded random moment to `python -m engine.pretrain` (the plain path): exit 75, one line "preempted at
+- SIGTERM at a seeded random moment to `python -m engine.pretrain` (the plain path) and its two loader workers,
+  as a scheduler signals every process: exit 75, one line "preempted at
   step N: checkpoint ...", a complete checkpoint at N; the same command resumes at N and ends with the train
   records and weights of an uninterrupted run, bit for bit. The same for a 2-rank DeepSpeed ZeRO-2 job under the
   deepspeed launcher, its whole process group signalled as a scheduler does (the ranks get SIGTERM at different
   moments, from the scheduler and again from the launcher): both ranks stop at the same step.
-- train.preempt_signal (SIGUSR1) is an early warning that stops the same way; ^C (SIGINT, twice at once as a
-  launcher passes it on) saves and exits 130 without a traceback; a second ^C later exits at once, in one line.
+- train.preempt_signal (SIGUSR1) is an early warning that stops the same way; ^C (SIGINT to the process group as a
+  terminal sends it, twice at once as a launcher passes it on) saves and exits 130 without a traceback; a second ^C later exits at once, in one line.
 - train.time_limit stops with a checkpoint before the limit.
 - Item 9: a run whose every step is skipped (an injected inf) stops at the first log line that sees
   train.max_skipped_steps of them in a row, naming the step and the last finite loss, with a checkpoint of the last
@@ -45,6 +46,7 @@ D = 16
 STEPS, SAVE_EVERY = 40, 10
 SEED = int(os.environ.get("SIGNAL_SEED", "19"))
 KEYS = ("step", "loss", "losses", "lr", "grad_norm", "skipped_steps")
+WORKERS = ("data.num_workers=2",)  # signalled too, as a scheduler or a terminal signals every process (shield_worker)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +175,8 @@ def reference(stores, tmp_path_factory) -> Path:
 def test_sigterm_saves_at_the_step_in_flight_and_the_same_command_resumes_there(stores, reference, tmp_path):
     rng = random.Random(SEED)
     out = tmp_path / "run"
-    rc, text, after = signalled(cli(stores, out), out, tmp_path / "stopped.log", rng, signal.SIGTERM)
+    rc, text, after = signalled(cli(stores, out, *WORKERS), out, tmp_path / "stopped.log", rng, signal.SIGTERM,
+                                group=True)  # fmt: skip
     message = f"seed {SEED} (SIGNAL_SEED): SIGTERM after step {after}"
     assert rc == EXIT_PREEMPTED, (message, text[-3000:])
     step, path = assert_stopped(out, text, after, "preempted at step {step}: checkpoint {checkpoint} (SIGTERM); the "
@@ -185,8 +188,8 @@ def test_sigterm_saves_at_the_step_in_flight_and_the_same_command_resumes_there(
 
 def test_the_preempt_signal_is_an_early_warning_that_stops_the_same_way(stores, tmp_path):
     out = tmp_path / "run"
-    rc, text, after = signalled(cli(stores, out), out, tmp_path / "stopped.log", random.Random(SEED + 1),
-                                signal.SIGUSR1)  # fmt: skip
+    rc, text, after = signalled(cli(stores, out, *WORKERS), out, tmp_path / "stopped.log", random.Random(SEED + 1),
+                                signal.SIGUSR1, group=True)  # fmt: skip
     assert rc == EXIT_PREEMPTED, text[-3000:]
     assert_stopped(out, text, after, "preempted at step {step}: checkpoint {checkpoint} (SIGUSR1); the same command "
                                      "resumes it")  # fmt: skip
@@ -195,8 +198,8 @@ def test_the_preempt_signal_is_an_early_warning_that_stops_the_same_way(stores, 
 def test_ctrl_c_saves_and_exits_130_without_a_traceback(stores, tmp_path):
     """Twice within a second, as torchrun passes a terminal's ^C on to ranks that got it too: one ^C."""
     out = tmp_path / "run"
-    rc, text, after = signalled(cli(stores, out), out, tmp_path / "stopped.log", random.Random(SEED + 2),
-                                signal.SIGINT, signal.SIGINT)  # fmt: skip
+    rc, text, after = signalled(cli(stores, out, *WORKERS), out, tmp_path / "stopped.log", random.Random(SEED + 2),
+                                signal.SIGINT, signal.SIGINT, group=True)  # fmt: skip
     assert rc == EXIT_INTERRUPTED, text[-3000:]
     assert_stopped(out, text, after, "interrupted (^C) at step {step}: checkpoint {checkpoint}; the same command "
                                      "resumes it")  # fmt: skip
