@@ -10,8 +10,8 @@ asks at step boundaries; with several ranks they agree on the step through `agre
 integer in host memory on a gloo group (the default group on the CPU, a gloo group beside NCCL on GPUs): ranks get
 signals at different moments, and a device tensor read there would make the host wait for the device every step.
 A second ^C more than a second after the first exits at once (one line, status 130; the checkpoint being written
-is discarded, engine/checkpoint.py writes them atomically); a launcher that passes the same ^C on at once, as
-torchrun does, does not count as a second one.
+is discarded, engine/checkpoint.py writes them atomically); the same SIGINT passed on at once by a launcher
+(torchrun forwards what a scheduler also sends its workers) does not count as a second one.
 
 Exit statuses (the CLIs and engine.main return them; README, "Preemption and time limits"):
     0    finished

@@ -7,7 +7,7 @@
   deepspeed launcher, its whole process group signalled as a scheduler does (the ranks get SIGTERM at different
   moments, from the scheduler and again from the launcher): both ranks stop at the same step.
 - train.preempt_signal (SIGUSR1) is an early warning that stops the same way; ^C (SIGINT to the process group as a
-  terminal sends it, twice at once as a launcher passes it on) saves and exits 130 without a traceback; a second ^C later exits at once, in one line.
+  terminal sends it, twice at once as when a launcher passes it on) saves and exits 130 without a traceback; a second ^C later exits at once, in one line.
 - train.time_limit stops with a checkpoint before the limit.
 - Item 9: a run whose every step is skipped (an injected inf) stops at the first log line that sees
   train.max_skipped_steps of them in a row, naming the step and the last finite loss, with a checkpoint of the last
@@ -196,7 +196,7 @@ def test_the_preempt_signal_is_an_early_warning_that_stops_the_same_way(stores, 
 
 
 def test_ctrl_c_saves_and_exits_130_without_a_traceback(stores, tmp_path):
-    """Twice within a second, as torchrun passes a terminal's ^C on to ranks that got it too: one ^C."""
+    """Twice within a second, as torchrun passes on the SIGINT a scheduler also sends its workers: one ^C."""
     out = tmp_path / "run"
     rc, text, after = signalled(cli(stores, out, *WORKERS), out, tmp_path / "stopped.log", random.Random(SEED + 2),
                                 signal.SIGINT, signal.SIGINT, group=True)  # fmt: skip
