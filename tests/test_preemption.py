@@ -9,6 +9,7 @@
 - train.preempt_signal (SIGUSR1) is an early warning that stops the same way; ^C (SIGINT to the process group as a
   terminal sends it, twice at once as when a launcher passes it on) saves and exits 130 without a traceback; a second ^C later exits at once, in one line.
 - train.time_limit stops with a checkpoint before the limit.
+- engine.main ends with a stopped run's line and status, without fine-tuning.
 - Item 9: a run whose every step is skipped (an injected inf) stops at the first log line that sees
   train.max_skipped_steps of them in a row, naming the step and the last finite loss, with a checkpoint of the last
   applied weights.
@@ -308,3 +309,15 @@ def test_a_two_rank_zero_job_signalled_as_a_scheduler_does_stops_at_one_step_and
     assert not re.search(r"exits with return code = (?!75)", text), text[-3000:]
     rc, text = run(launcher(stores, out), tmp_path / "resumed.log")
     assert_resumed_as_uninterrupted(out, reference, text, step, path)
+
+
+def test_the_main_job_ends_with_a_stopped_runs_line_and_status(monkeypatch, tmp_path, capsys):
+    """engine.main does not go on to fine-tuning after a stopped pre-training: its line, its status."""
+    from engine import main as job
+
+    line = f"preempted at step 7: checkpoint {tmp_path}/checkpoints/step_00000007 (SIGTERM); the same command resumes it"
+    monkeypatch.setattr(job, "prepare_data", lambda layout, options: {})
+    monkeypatch.setattr(job, "run_pretraining", lambda layout, options: {"stopped": {"line": line, "status": 75}})
+    monkeypatch.setattr(job, "run_finetuning", lambda layout, options: pytest.fail("fine-tuning after a stop"))
+    assert job.main(["--workdir", str(tmp_path)]) == EXIT_PREEMPTED
+    assert capsys.readouterr().out == f"engine.main: {line}\n"
