@@ -7,7 +7,8 @@
   deepspeed launcher, its whole process group signalled as a scheduler does (the ranks get SIGTERM at different
   moments, from the scheduler and again from the launcher): both ranks stop at the same step.
 - train.preempt_signal (SIGUSR1) is an early warning that stops the same way; ^C (SIGINT to the process group as a
-  terminal sends it, twice at once as when a launcher passes it on) saves and exits 130 without a traceback; a second ^C later exits at once, in one line.
+  terminal sends it, twice at once as when a launcher passes it on) saves and exits 130 without a traceback; a
+  second ^C later exits at once, in one line.
 - train.time_limit stops with a checkpoint before the limit.
 - engine.main ends with a stopped run's line and status, without fine-tuning.
 - Item 9: a run whose every step is skipped (an injected inf) stops at the first log line that sees
@@ -315,9 +316,9 @@ def test_the_main_job_ends_with_a_stopped_runs_line_and_status(monkeypatch, tmp_
     """engine.main does not go on to fine-tuning after a stopped pre-training: its line, its status."""
     from engine import main as job
 
-    line = f"preempted at step 7: checkpoint {tmp_path}/checkpoints/step_00000007 (SIGTERM); the same command resumes it"
+    line = f"preempted at step 7: checkpoint {tmp_path}/checkpoints/step_00000007 (SIGTERM); the same command resumes"
     monkeypatch.setattr(job, "prepare_data", lambda layout, options: {})
     monkeypatch.setattr(job, "run_pretraining", lambda layout, options: {"stopped": {"line": line, "status": 75}})
     monkeypatch.setattr(job, "run_finetuning", lambda layout, options: pytest.fail("fine-tuning after a stop"))
     assert job.main(["--workdir", str(tmp_path)]) == EXIT_PREEMPTED
-    assert capsys.readouterr().out == f"engine.main: {line}\n"
+    assert capsys.readouterr().out == f"engine.main: {line}\n"  # fmt: skip
