@@ -321,4 +321,4 @@ def test_the_main_job_ends_with_a_stopped_runs_line_and_status(monkeypatch, tmp_
     monkeypatch.setattr(job, "run_pretraining", lambda layout, options: {"stopped": {"line": line, "status": 75}})
     monkeypatch.setattr(job, "run_finetuning", lambda layout, options: pytest.fail("fine-tuning after a stop"))
     assert job.main(["--workdir", str(tmp_path)]) == EXIT_PREEMPTED
-    assert capsys.readouterr().out == f"engine.main: {line}\n"  # fmt: skip
+    assert capsys.readouterr().out == f"engine.main: {line}\n"
