@@ -148,7 +148,7 @@ class TimeLimit:
     leaving time for what may still come before the next boundary and a checkpoint. The margin is twice the longest
     step-to-step interval seen (steps, evaluations and checkpoints in it) plus twice the longest checkpoint save
     seen; before the first save its time is unknown, hence the advice to set the limit a few minutes below the
-    scheduler's."""
+    scheduler's. The first interval holds the first step's warm-up (compilation included): it errs early."""
 
     def __init__(self, limit: float | str | None) -> None:
         self.limit = parse_duration(limit) if limit not in (None, "") else None
