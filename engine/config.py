@@ -155,8 +155,8 @@ class TrainConfig:
     """Seed of model initialisation and dropout."""
     time_limit: float | str | None = None
     """Wall-clock budget of the process, seconds or "HH:MM:SS" ("D-HH:MM:SS"): the run saves a checkpoint and
-    stops (exit 75) while twice the longest step interval and checkpoint save seen still fit (engine/stopping.py
-    TimeLimit; rank 0's clock decides). Set it a few minutes below the scheduler's limit. None: no limit."""
+    stops (exit 75) while twice the longest step interval and checkpoint save seen, and 5 s for the exit, still fit
+    (engine/stopping.py TimeLimit; rank 0's clock decides). Set it a few minutes below the scheduler's. None: none."""
     preempt_signal: str = "SIGUSR1"
     """A scheduler's early warning (SLURM: --signal=USR1@120): like SIGTERM, every rank finishes the step in
     flight, a checkpoint is saved and the run exits 75, to be resumed by the same command. "": not handled."""

@@ -39,6 +39,7 @@ from typing import Any, Callable
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
+EXIT_ALLOWANCE_S = 5.0  # train.time_limit: the process's exit after the last save (workers, process groups, torch)
 SECOND_INTERRUPT_AFTER_S = 1.0  # a SIGINT sooner than this after the first is the same ^C passed on by a launcher
 
 # What a stop is agreed on: the highest code any rank (or rank 0's clock) reports wins.
@@ -145,10 +146,11 @@ class StopRequests:
 
 class TimeLimit:
     """train.time_limit, counted from the start of the process: `due()` says whether to stop at this step boundary,
-    leaving time for what may still come before the next boundary and a checkpoint. The margin is twice the longest
-    step-to-step interval seen (steps, evaluations and checkpoints in it) plus twice the longest checkpoint save
-    seen; before the first save its time is unknown, hence the advice to set the limit a few minutes below the
-    scheduler's. The first interval holds the first step's warm-up (compilation included): it errs early."""
+    leaving time for what may still come before the next boundary, a checkpoint and the exit. The margin is twice
+    the longest step-to-step interval seen (steps, evaluations and checkpoints in it) plus twice the longest
+    checkpoint save seen plus EXIT_ALLOWANCE_S; before the first save its time is unknown, hence the advice to set
+    the limit a few minutes below the scheduler's. The first interval holds the first step's warm-up (compilation
+    included): it errs early."""
 
     def __init__(self, limit: float | str | None) -> None:
         self.limit = parse_duration(limit) if limit not in (None, "") else None
@@ -168,7 +170,7 @@ class TimeLimit:
     def due(self) -> bool:
         if self.limit is None:
             return False
-        return process_age() + 2 * (self.longest_interval + self.longest_save) >= self.limit
+        return process_age() + 2 * (self.longest_interval + self.longest_save) + EXIT_ALLOWANCE_S >= self.limit
 
 
 def shield_worker(worker_id: int) -> None:

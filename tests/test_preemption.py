@@ -228,7 +228,7 @@ def test_ctrl_c_outside_the_loop_is_one_line(capsys):
 
 def test_the_time_limit_saves_and_stops_before_it(stores, tmp_path):
     out = tmp_path / "run"
-    limit = 10.0
+    limit = 12.0
     tick = time.monotonic()
     with open(tmp_path / "run.log", "w") as f:
         proc = subprocess.Popen(cli(stores, out, "train.max_steps=100000", f"train.time_limit={limit}"), cwd=REPO,
@@ -244,8 +244,8 @@ def test_the_time_limit_saves_and_stops_before_it(stores, tmp_path):
     path = ckpt.checkpoint_root(out) / ckpt.tag_of(step)
     line = f"stopped at step {step} by train.time_limit {limit}: checkpoint {path}; the same command resumes it"
     assert line in text.splitlines() and ckpt.find_latest(out) == path and ckpt.is_complete(path), text[-3000:]
-    if first_step < limit - 3:  # a loaded machine may spend the budget starting up: the stop is then at step 1
-        assert seconds < limit + 1.0, (first_step, seconds)  # from the start to the exit, shutdown included
+    if first_step < limit - 6:  # a loaded machine may spend the budget starting up: the stop is then at step 1
+        assert seconds < limit, (first_step, seconds)  # from the start to the exit, shutdown included
 
 
 # ------------------------------------------------------------------------------------- runs that only skip
