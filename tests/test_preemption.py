@@ -10,6 +10,7 @@
   terminal sends it, twice at once as when a launcher passes it on) saves and exits 130 without a traceback; a
   second ^C later exits at once, in one line.
 - train.time_limit stops with a checkpoint before the limit.
+- VQA fine-tuning (the same loop, with evaluations) signalled in-process stops and resumes as uninterrupted.
 - engine.main ends with a stopped run's line and status, without fine-tuning.
 - Item 9: a run whose every step is skipped (an injected inf) stops at the first log line that sees
   train.max_skipped_steps of them in a row, naming the step and the last finite loss, with a checkpoint of the last
@@ -322,3 +323,42 @@ def test_the_main_job_ends_with_a_stopped_runs_line_and_status(monkeypatch, tmp_
     monkeypatch.setattr(job, "run_finetuning", lambda layout, options: pytest.fail("fine-tuning after a stop"))
     assert job.main(["--workdir", str(tmp_path)]) == EXIT_PREEMPTED
     assert capsys.readouterr().out == f"engine.main: {line}\n"
+
+
+def test_a_fine_tuning_run_stops_and_resumes_the_same_way(tmp_path):
+    """The loop is shared: VQA fine-tuning (with evaluation) signalled in-process in its fourth step saves there,
+    and a new FineTuner on the same output dir ends with the uninterrupted run's losses, evaluations and best model."""
+    from engine.finetune import FineTuner
+    from test_engine_finetune import TINY, build_data
+
+    data = build_data(tmp_path / "data", images=40)
+    common = [*TINY, f"data.train.text={data['vqa_train']}", f"data.train.features={data['feats']}",
+              f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}", "data.num_workers=0",
+              "optim.name=adamw", "optim.lr=1e-3", "train.task=vqa", "train.batch_size=8", "train.max_steps=8",
+              "train.log_every=1", "train.eval_every=3", "train.seed=0"]  # fmt: skip
+
+    def tuner(out: Path) -> FineTuner:
+        return FineTuner(load_config(None, [*common, f"train.output_dir={out}"]), use_deepspeed=False)
+
+    expected = tuner(tmp_path / "uninterrupted").train()
+    first = tuner(tmp_path / "run")
+    step = first.optimizer_step
+
+    def signalled_step():
+        if first.step == 3:  # inside the fourth step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step()
+
+    first.optimizer_step = signalled_step
+    stopped = first.train()
+    assert exit_status(stopped) == EXIT_PREEMPTED and stopped["steps"] == 4, stopped
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    second = tuner(tmp_path / "run")
+    assert second.step == 4
+    summary = second.train()
+    history = [{k: r.get(k) for k in KEYS} for r in [*first.history, *second.history]]
+    reference, _ = read_metrics(tmp_path / "uninterrupted/metrics.jsonl")
+    assert history == [{k: r.get(k) for k in KEYS} for r in reference]
+    assert [e["metric"] for e in summary["eval"]] == [e["metric"] for e in expected["eval"]]
+    a, b = read_state_dict(summary["model"]), read_state_dict(expected["model"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
