@@ -1,8 +1,9 @@
 """Stopping a run early without losing it: preemption signals, a wall-clock limit, and a run that only skips steps.
 
-    with StopRequests(config.train.preempt_signal) as requests:   # handlers only set a flag
-        ...                                                       # one training step
-        reason = agree(requests.reason_code() or clock.code(), group)   # the same answer on every rank
+    requests = StopRequests(config.train.preempt_signal)     # handlers that only set a flag: install() ...
+    clock, group = TimeLimit(config.train.time_limit), agreement_group(world_size)
+    code = agree(requests.code or (TIME_LIMIT if rank == 0 and clock.due() else 0), group)  # at a step boundary:
+    status = status_of(code) if code else None              # the same on every rank; ... restore()
 
 The signal handlers never raise: SIGTERM, SIGINT (^C) and train.preempt_signal (SIGUSR1 by default, what SLURM's
 `--signal=USR1@120` sends ahead of its SIGTERM) only record which signal came first. The loop (engine/train.py)
@@ -11,7 +12,8 @@ integer in host memory on a gloo group (the default group on the CPU, a gloo gro
 signals at different moments, and a device tensor read there would make the host wait for the device every step.
 A second ^C more than a second after the first exits at once (one line, status 130; the checkpoint being written
 is discarded, engine/checkpoint.py writes them atomically); the same SIGINT passed on at once by a launcher
-(torchrun forwards what a scheduler also sends its workers) does not count as a second one.
+(torchrun forwards what a scheduler also sends its workers) does not count as a second one. DataLoader workers
+leave these signals to their main process (shield_worker).
 
 Exit statuses (the CLIs and engine.main return them; README, "Preemption and time limits"):
     0    finished
