@@ -35,6 +35,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from engine.atomic import write_text_atomic
+from engine.stopping import parse_duration, signal_number
 
 from lxmert.attention import available_backends
 from lxmert.config import LxmertConfig
@@ -156,6 +157,16 @@ class TrainConfig:
     """Stop after this many optimizer steps (smoke runs); the schedule then spans these steps."""
     seed: int = 0
     """Seed of model initialisation and dropout."""
+    time_limit: float | str | None = None
+    """Wall-clock budget of the process, seconds or "HH:MM:SS" ("D-HH:MM:SS"): the run saves a checkpoint and
+    stops (exit 75) while twice the longest step interval and checkpoint save seen, and 5 s for the exit, still fit
+    (engine/stopping.py TimeLimit; rank 0's clock decides). Set it a few minutes below the scheduler's. None: none."""
+    preempt_signal: str = "SIGUSR1"
+    """A scheduler's early warning (SLURM: --signal=USR1@120): like SIGTERM, every rank finishes the step in
+    flight, a checkpoint is saved and the run exits 75, to be resumed by the same command. "": not handled."""
+    max_skipped_steps: int = 100
+    """Stop (exit 3, a checkpoint of the last applied weights saved) after this many consecutive steps with a
+    non-finite gradient, noticed at the next log line; 0 = never. fp16's loss scaling skips a few at the start."""
     threads: int = 0
     """torch's intra-op threads per rank; 0 = the cores this process may use / the ranks on this node (an
     OMP_NUM_THREADS set in the environment is kept)."""
@@ -314,6 +325,14 @@ def _check(config: RunConfig) -> None:
     need(t.offload != "optimizer+params" or t.zero_stage == 3,
          f"train.offload 'optimizer+params' needs train.zero_stage 3 (parameters are sharded only by ZeRO-3), "
          f"got {t.zero_stage}")  # fmt: skip
+    need(t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0 (0 = never stop), got {t.max_skipped_steps}")
+    for name, parse in (("time_limit", parse_duration), ("preempt_signal", signal_number)):
+        value = getattr(t, name)
+        try:
+            if value not in (None, ""):
+                parse(value)
+        except ValueError as error:
+            problems.append(f"train.{name}: {error}")
     need(bool(t.output_dir), "train.output_dir is empty")
     need(bool(t.resume), 'train.resume is empty: "auto", "none", a checkpoint path or "weights:<checkpoint>"')
     need(t.resume != "weights:", "train.resume weights: names no checkpoint (weights:<checkpoint or run dir>)")

@@ -26,7 +26,8 @@ from engine.config import ConfigError, RunConfig, format_config, load_config
 from engine.launch import error_line
 from engine.output_dir import RunError, write_failure
 from engine.tasks.finetune import FINETUNE_TASKS, SUBMISSION_NAMES, FineTuneError, FinetuneTask
-from engine.train import Trainer, report
+from engine.stopping import interrupt_in_one_line
+from engine.train import Trainer, exit_status, report
 
 __all__ = ["FINETUNE_TASKS", "SUBMISSION_NAMES", "FineTuneError", "FineTuner", "main"]
 
@@ -66,6 +67,7 @@ class FineTuner(Trainer):
         return self.task.evaluate_only_run(self)
 
 
+@interrupt_in_one_line("lxmert-finetune")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lxmert-finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML recipe (configs/vqa.yaml, gqa.yaml, nlvr2.yaml)")
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         tuner.release_output_dir()
     if tuner.rank == 0:
         print(report(summary), flush=True)
-    return 0
+    return exit_status(summary)  # 0, or a stop's (75 preempted or out of time, 130 ^C, 3 only skipping steps)
 
 
 if __name__ == "__main__":

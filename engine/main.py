@@ -32,7 +32,9 @@ interrupted store build resumes); pre-training and fine-tuning resume from their
 finished run is only reported again. A rerun whose settings differ from those the work dir was made with is
 refused, naming the differences: --fresh deletes this job's outputs in the work dir first (only those), or
 pick another --workdir. One job at a time per work dir: a second one is refused in one line naming the holder
-(<workdir>/run.lock, engine/output_dir.py), exit 2.
+(<workdir>/run.lock, engine/output_dir.py), exit 2. A run stopped early (SIGTERM, train.preempt_signal,
+train.time_limit, ^C, only skipped steps: engine/stopping.py) ends the job with its one line and exit status (75,
+130, 3) after its checkpoint; the same command goes on from there.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from typing import Any
 from engine.atomic import write_text_atomic
 from engine.config import ConfigError, RunConfig, load_config, parse_overrides, updated
 from engine.output_dir import RunError, RunLock, write_failure
+from engine.stopping import interrupt_in_one_line
 
 TINY_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
 MODEL = {"initializer_range": 0.05, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # docstring
@@ -70,6 +73,15 @@ STORES = ("feats", "text_train", "text_minival", "vqa_train", "vqa_minival")
 
 class JobError(RuntimeError):
     """The job cannot go on: a work dir made with other settings, a store that fails verification."""
+
+
+class JobStopped(Exception):
+    """A run of the job stopped early (a signal, train.time_limit, only skipped steps) with a checkpoint: the job
+    ends with that run's line and exit status, and a rerun of the same command resumes it."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__(summary["stopped"]["line"])
+        self.status = summary["stopped"]["status"]
 
 
 @dataclass
@@ -506,9 +518,13 @@ def _run_job(layout: Layout, options: JobOptions) -> dict[str, Any]:
     seconds["data"] = time.perf_counter() - tick
     tick = time.perf_counter()
     pre = run_pretraining(layout, options)
+    if "stopped" in pre:
+        raise JobStopped(pre)
     seconds["pre-training"] = time.perf_counter() - tick
     tick = time.perf_counter()
     fine = run_finetuning(layout, options)
+    if "stopped" in fine:
+        raise JobStopped(fine)
     seconds["fine-tuning"] = time.perf_counter() - tick
     seconds["total"] = sum(seconds.values())
     report = build_report(layout, options, pre, fine, seconds, data_status)
@@ -545,6 +561,7 @@ def parse_args(argv: list[str] | None = None) -> JobOptions:
     return JobOptions(**vars(args))  # one option a field, named alike
 
 
+@interrupt_in_one_line("engine.main")
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     try:
@@ -555,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a full disk or an unwritable work dir
         print(f"engine.main: {write_failure(error, options.workdir, 'the job')}", file=sys.stderr)
         return 2
+    except JobStopped as stopped:
+        print(f"engine.main: {stopped}", flush=True)
+        return stopped.status
     print(format_report(report), flush=True)
     if report["problems"]:
         problems = report["problems"]

@@ -23,9 +23,11 @@ import sys
 from engine.config import ConfigError, format_config, load_config
 from engine.launch import error_line
 from engine.output_dir import RunError, write_failure
-from engine.train import Trainer, report
+from engine.stopping import interrupt_in_one_line
+from engine.train import Trainer, exit_status, report
 
 
+@interrupt_in_one_line("lxmert-pretrain")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lxmert-pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="a recipe YAML (configs/)")
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.release_output_dir()
     if trainer.rank == 0:
         print(report(summary), flush=True)
-    return 0
+    return exit_status(summary)  # 0, or a stop's (75 preempted or out of time, 130 ^C, 3 only skipping steps)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,19 @@ Evaluation (an eval split set): every train.eval_every steps (0: at the end of e
 every epoch), at every epoch's end and at the end, holding the loader's position, the step, the evaluations and
 the task's state; a restarted run writes {"kind": "resume", ...} and goes on from the newest. At the end, the
 task's outputs (exports) and the loss / throughput plots (engine/plots.py) in <output_dir>/plots/.
+
+Stopping early (engine/stopping.py has the exit statuses): SIGTERM, ^C and train.preempt_signal only set a flag;
+at each step boundary before the last step (after that step's evaluation) the ranks agree whether to stop, with
+rank 0's clock adding train.time_limit (a one-integer all-reduce in host memory, never a device wait; nothing at
+all in one process). A stop writes the stop step's train record if it had none, saves a checkpoint there, writes
+{"kind": "stop", ...} and returns a summary with "stopped" (its line, its exit status): no plots, no exports. A run
+whose last train.max_skipped_steps steps were all skipped stops the same way, noticed at a log step (the streak
+and the last applied step's loss are kept on the device and read with the log line's values).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections import defaultdict
@@ -45,6 +54,8 @@ from engine.launch import Launch, all_reduce_sum, choose_deepspeed, pick_device,
 from engine.metrics_log import MetricsLog, console_line, peak_memory_gib
 from engine.output_dir import WEIGHTS_KEYS, RunError, RunLock, flatten, resume_conflicts, write_failure
 from engine.runtime import Runtime, resume_point
+from engine.stopping import (EXIT_DIVERGED, SIGINT_CODE, TIME_LIMIT, StopRequests, TimeLimit, agree, agreement_group,
+                             reason_name, status_of)  # fmt: skip
 from engine.tasks.base import Task
 from engine.tasks.finetune import ARCHITECTURE, FINETUNE_TASKS, FinetuneTask
 from engine.tasks.pretrain import PretrainTask
@@ -148,13 +159,16 @@ class TrainStep:
         return packed[0], {k: packed[i + 1] for i, k in enumerate(names)}
 
 
-def read_step(step: dict[str, Any]) -> dict[str, Any]:
-    """A train_step result's loss, components and gradient norm as floats, read from the device in one copy."""
-    names = list(step["losses"])
+def read_step(step: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """A train_step result's loss, components and gradient norm as floats, read from the device in one copy (with
+    the 0-dim tensors of `extra`, returned as floats under "extra")."""
+    names, extra_names = list(step["losses"]), list(extra or {})
     device = step["loss"].device
-    values = [step["loss"], *(step["losses"][k] for k in names), step["grad_norm"]]
+    values = [step["loss"], *(step["losses"][k] for k in names), step["grad_norm"], *(extra[k] for k in extra_names)]
     packed = torch.stack([v.detach().to(device, torch.float32).reshape(()) for v in values]).tolist()
-    return {"loss": packed[0], "losses": dict(zip(names, packed[1:-1])), "grad_norm": packed[-1]}
+    n = len(names)
+    return {"loss": packed[0], "losses": dict(zip(names, packed[1 : n + 1])), "grad_norm": packed[n + 1],
+            "extra": dict(zip(extra_names, packed[n + 2 :]))}  # fmt: skip
 
 
 class Trainer(TrainStep):
@@ -400,7 +414,60 @@ class Trainer(TrainStep):
         }  # fmt: skip
         return record
 
+    def _log_step(self, step: dict[str, Any], window: dict[str, float], elapsed: float, peak: float | None,
+                  log: MetricsLog, extra: dict[str, torch.Tensor]) -> dict[str, Any]:  # fmt: skip
+        """A log line of `step`: its values read (with `extra`, in the same copy), the skips settled, the train
+        record written and printed. Returns read_step's values."""
+        values = read_step(step, extra)
+        self._settle()
+        skipped, self.unlogged_skips = self.unlogged_skips, 0
+        if skipped:
+            log.console(f"step {self.step}: {skipped} of the last {int(window['steps'])} steps had a non-finite "
+                        "gradient: skipped, not applied")  # fmt: skip
+        record = self._record(values, window, max(elapsed, 1e-9), peak, skipped)
+        self.history.append(record)
+        log.write(record)
+        log.console(console_line(record))
+        log.advance(0, samples_per_s=record["samples_per_s"])
+        return values
+
+    def _diverged(self, values: dict[str, Any]) -> dict[str, Any] | None:
+        """The stop of a run that only skips steps (train.max_skipped_steps), from a log step's values: None to go on.
+        The plain path decides skips on the device, so the streak is read with the log line's values: the stop comes
+        at the first log step that finds the limit reached (at most train.log_every - 1 steps late)."""
+        limit, streak = self.config.train.max_skipped_steps, int(values["extra"]["skip_streak"])
+        if not limit or streak < limit:
+            return None
+        applied, loss = self.step - streak, values["extra"]["applied_loss"]
+        last = f"last finite loss {loss:.4f} at step {applied}"
+        if not math.isfinite(loss):  # no step of this run was applied
+            last = f"none applied since step {applied}"
+        return {"reason": "diverged", "status": EXIT_DIVERGED, "line": (
+            f"stopped at step {self.step}: the last {streak} steps had a non-finite gradient (train.max_skipped_steps "
+            f"{limit}); {last}: checkpoint {{checkpoint}} (the weights of step {applied})")}  # fmt: skip
+
+    def _requested_stop(self, requests: StopRequests, clock: TimeLimit, group: Any) -> dict[str, Any] | None:
+        """A stop the ranks agree on at this step boundary (a signal on any rank, or rank 0's clock): None to go on."""
+        code = requests.code or (TIME_LIMIT if self.rank == 0 and clock.due() else 0)
+        code = agree(code, group)
+        if not code:
+            return None
+        preempt = self.config.train.preempt_signal
+        reason = reason_name(code, preempt)
+        if code == SIGINT_CODE:
+            line = f"interrupted (^C) at step {self.step}: checkpoint {{checkpoint}}; the same command resumes it"
+        elif code == TIME_LIMIT:
+            line = (f"stopped at step {self.step} by train.time_limit {self.config.train.time_limit}: checkpoint "
+                    "{checkpoint}; the same command resumes it")  # fmt: skip
+        else:
+            line = f"preempted at step {self.step}: checkpoint {{checkpoint}} ({reason}); the same command resumes it"
+        return {"reason": reason, "status": status_of(code), "line": line}
+
     def train(self) -> dict[str, Any]:
+        """The loop (module docstring). A stop before the end (a signal, train.time_limit, train.max_skipped_steps)
+        saves a checkpoint at the step it happens and returns a summary with "stopped" (reason, exit status, the
+        one line to print); the end of the run (final evaluation, checkpoint, export) is not interrupted by signals:
+        they are asked for at step boundaries before the last step."""
         t = self.config.train
         save_every = t.save_every or self.steps_per_epoch
         log = MetricsLog(self.output_dir, enabled=self.rank == 0, progress_total=self.total_steps,
@@ -417,73 +484,119 @@ class Trainer(TrainStep):
         self.started_at = self.step
         run_start = time.perf_counter()
         eval_seconds = 0.0
+        streak = SkipStreak()
+        clock = TimeLimit(t.time_limit)
+        group = agreement_group(self.world_size)
+        stop: dict[str, Any] | None = None
+        requests = StopRequests(t.preempt_signal)
+        requests.install()
         try:
             while self.step < self.total_steps:
                 step = self.train_step(micro)
                 if step is None:
                     break
                 self.step += 1
+                streak.update(step)
                 run["first"] = run["first"] or step  # device tensors: read at the end
                 run["last"] = step
                 window["steps"] += 1
                 for name in ("wait", "flops", "tokens", "samples"):
                     window[name] += step[name]
-                if self.step % t.log_every == 0 or self.step == self.total_steps:  # the only reads of the device
-                    values = read_step(step)
-                    self._settle()
-                    skipped, self.unlogged_skips = self.unlogged_skips, 0
-                    if skipped:
-                        log.console(f"step {self.step}: {skipped} of the last {int(window['steps'])} steps had a "
-                                    "non-finite gradient: skipped, not applied")  # fmt: skip
-                    record = self._record(values, window, max(time.perf_counter() - window_start, 1e-9), peak,
-                                          skipped)  # fmt: skip
-                    self.history.append(record)
-                    log.write(record)
-                    log.console(console_line(record))
-                    log.advance(0, samples_per_s=record["samples_per_s"])
+                logged = self.step % t.log_every == 0 or self.step == self.total_steps
+                if logged:  # the only reads of the device
+                    values = self._log_step(step, window, time.perf_counter() - window_start, peak, log,
+                                            streak.values())  # fmt: skip
                     window = defaultdict(float)
                     window_start = time.perf_counter()
+                    stop = self._diverged(values)
                 log.advance(1)
                 epoch_ended = self.step % self.steps_per_epoch == 0
-                if self.step < self.total_steps and self._eval_due(epoch_ended):
+                if stop is None and self.step < self.total_steps and self._eval_due(epoch_ended):
                     tick = time.perf_counter()
                     self._evaluate_and_log(log)
                     eval_seconds += time.perf_counter() - tick
                     window_start += time.perf_counter() - tick  # evaluation time is not training throughput
+                clock.boundary()
+                if stop is None and self.step < self.total_steps:
+                    stop = self._requested_stop(requests, clock, group)
+                if stop is not None:
+                    if not logged:  # the stop step's record, so that the log reaches the checkpoint
+                        self._log_step(step, window, time.perf_counter() - window_start, peak, log, {})
+                    break
                 if self.step < self.total_steps and (self.step % save_every == 0 or epoch_ended):
+                    tick = time.perf_counter()
                     self.save()
-            if self.eval_loader is not None and self.step > self.started_at:
-                tick = time.perf_counter()
-                self._evaluate_and_log(log)  # the final model's evaluation, before the last checkpoint
-                eval_seconds += time.perf_counter() - tick
-            if self.step > self.started_at or self.last_checkpoint is None:
-                self.save()
-            self._settle()
-            for end in ("first", "last"):
-                if run[end] is not None:
-                    values = read_step(run[end])
-                    run[end] = {"loss": values["loss"], **values["losses"]}
-            run |= self.task.finish(self)
+                    clock.saved(time.perf_counter() - tick)
+            if stop is not None:
+                stop["line"] = stop["line"].format(checkpoint=self.save())
+                log.write({"kind": "stop", "step": self.step, "reason": stop["reason"], "status": stop["status"],
+                           "checkpoint": str(self.last_checkpoint)})  # fmt: skip
+            else:
+                if self.eval_loader is not None and self.step > self.started_at:
+                    tick = time.perf_counter()
+                    self._evaluate_and_log(log)  # the final model's evaluation, before the last checkpoint
+                    eval_seconds += time.perf_counter() - tick
+                if self.step > self.started_at or self.last_checkpoint is None:
+                    self.save()
+                self._settle()
+                for end in ("first", "last"):
+                    if run[end] is not None:
+                        values = read_step(run[end])
+                        run[end] = {"loss": values["loss"], **values["losses"]}
+                run |= self.task.finish(self)
         finally:
+            requests.restore()
             log.close()
-        plots = write_run_plots(log.path, self.output_dir / "plots") if self.rank == 0 else []
         seconds = time.perf_counter() - run_start
         done = self.step - self.started_at
+        summary = {"steps": self.step, "steps_this_run": done, "skipped_steps": self.skipped_steps,
+                   "seconds": seconds, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                   "metrics_log": str(log.path)}  # fmt: skip
+        if stop is not None:  # no plots or task outputs: the run is not over, and a scheduler is waiting
+            return {**summary, "stopped": stop}
+        plots = write_run_plots(log.path, self.output_dir / "plots") if self.rank == 0 else []
         train_seconds = seconds - eval_seconds  # checkpoints and the export included
         return {
-            "steps": self.step, "steps_this_run": done, "skipped_steps": self.skipped_steps, "seconds": seconds,
-            "eval_seconds": eval_seconds,
+            **summary, "eval_seconds": eval_seconds,
             "samples_per_s": done * self.config.train.batch_size / train_seconds if train_seconds > 0 else None,
-            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "metrics_log": str(log.path), "plots": [str(p) for p in plots], **self.task.summary(self, run),
+            "plots": [str(p) for p in plots], **self.task.summary(self, run),
         }  # fmt: skip
+
+
+class SkipStreak:
+    """Consecutive skipped steps and the loss of the last applied step, kept on the device: updated every step
+    without a host wait, read with a log line's values (train.max_skipped_steps)."""
+
+    def __init__(self) -> None:
+        self.streak: torch.Tensor | None = None
+        self.applied_loss: torch.Tensor | None = None
+
+    def update(self, step: dict[str, Any]) -> None:
+        loss = step["loss"]
+        skipped = step["skipped"].to(loss.device)  # DeepSpeed's decision is a host tensor
+        if self.streak is None:
+            self.streak = torch.zeros((), dtype=torch.int64, device=loss.device)
+            self.applied_loss = torch.full((), math.nan, device=loss.device)
+        self.streak = torch.where(skipped, self.streak + 1, 0)
+        self.applied_loss = torch.where(skipped, self.applied_loss, loss.float())
+
+    def values(self) -> dict[str, torch.Tensor]:
+        return {"skip_streak": self.streak, "applied_loss": self.applied_loss}
 
 
 # -------------------------------------------------------------------------------------------- the report
 
 
+def exit_status(summary: dict[str, Any]) -> int:
+    """The CLI's exit status after a run: 0, or a stop's (engine/stopping.py lists them)."""
+    return summary["stopped"]["status"] if "stopped" in summary else 0
+
+
 def report(summary: dict[str, Any]) -> str:
-    """The console report of a run's summary, for every task: steps, losses, throughput, evaluations, paths."""
+    """The console report of a run's summary, for every task: steps, losses, throughput, evaluations, paths; for a
+    run stopped early, its one line."""
+    if "stopped" in summary:
+        return summary["stopped"]["line"]
     lines = [f"done: {summary['steps']} steps ({summary['steps_this_run']} in this run, "
              f"{summary['skipped_steps']} skipped) in {summary['seconds']:.1f} s"]  # fmt: skip
     if "task" in summary:

@@ -48,6 +48,7 @@ from engine.data.batching import HostBatchBuilder, Loader, PretrainLoader, assem
 from engine.data.sampling import BatchPlan, PretrainSampler, SamplingConfig, mask_regions
 from engine.data.store import REGION_LABELS, RegionStore, TextStore
 from engine.data.tasks import TaskStore, task_arrays
+from engine.stopping import shield_worker
 
 Tensor = torch.Tensor
 KINDS = ("torch", "gpu", "dali")  # engine.config's DataConfig.loader
@@ -93,6 +94,7 @@ class BatchDataLoader:
         pin = device.type == "cuda" if pin_memory is None else pin_memory
         self.dataloader = DataLoader(
             _BatchDataset(builder), batch_size=None, sampler=self._steps, collate_fn=_as_is,
+            worker_init_fn=shield_worker,  # a scheduler's stop signals are the main process's (engine/stopping.py)
             num_workers=num_workers, pin_memory=pin, prefetch_factor=prefetch_factor if num_workers else None,
             persistent_workers=num_workers > 0,
             # A DataLoader draws its workers' base seed from a generator at every new iterator (each epoch, and
