@@ -100,6 +100,7 @@ def process_age() -> float:
 
 
 _IMPORTED = time.monotonic()
+_ENDS_THE_PROCESS = False  # set by interrupt_in_one_line: this process is a CLI whose stop is its end
 
 
 class StopRequests:
@@ -121,6 +122,8 @@ class StopRequests:
                 self._previous[number] = signal.signal(number, self._handle)
 
     def restore(self) -> None:
+        if self.code and _ENDS_THE_PROCESS:  # a CLI stopping: see interrupt_in_one_line
+            return
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
@@ -230,8 +233,18 @@ def interrupt_in_one_line(prog: str) -> Callable[[Callable[..., int]], Callable[
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(*args: Any, **kwargs: Any) -> int:
+            # In a CLI a stop ends the process: StopRequests then keeps its handlers to the exit, so the same signal
+            # passed on again (a launcher forwarding the scheduler's SIGTERM or ^C) is absorbed instead of killing
+            # the process on its way out (status -2 instead of 130) or raising KeyboardInterrupt there.
+            global _ENDS_THE_PROCESS
+            _ENDS_THE_PROCESS = True
             try:
-                return main(*args, **kwargs)
+                status = main(*args, **kwargs)
+                if status in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
+                    # and past the interpreter's finalisation, which puts Python-level handlers back to SIG_DFL
+                    for number in (signal.SIGINT, signal.SIGTERM):
+                        signal.signal(number, signal.SIG_IGN)
+                return status
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted (^C) outside the training loop", file=sys.stderr, flush=True)
                 return EXIT_INTERRUPTED
