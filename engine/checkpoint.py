@@ -30,8 +30,10 @@ Nothing loaded runs a pickle. Our files are safetensors and JSON (a tensor in JS
 the .safetensors file}; tuples and dicts with non-string keys are tagged too, so state dicts round-trip exactly).
 DeepSpeed's files are torch pickles: its checkpoint engine is swapped for ours (install_checkpoint_engine, on the
 first save or load), which loads them with torch.load(weights_only=True) and an explicit allow-list of the classes
-DeepSpeed puts in them (deepspeed_safe_globals): a file that names anything else is refused, by name, and runs
-nothing. Checkpoints written before manifests (a state.pt, or DeepSpeed's files with rng_rank<r>.pt) are not
+DeepSpeed puts in them (deepspeed_safe_globals), and getattr only as enum_member_by_name (a member of one of those
+enum classes by its name, as some Pythons pickle enums): a file that names anything else is refused, by name, and
+runs nothing. So a checkpoint written under one supported Python (3.10-3.13, distributions' builds included) loads
+under another. Checkpoints written before manifests (a state.pt, or DeepSpeed's files with rng_rank<r>.pt) are not
 loaded, since that would need pickle: resume skips them with a message saying so (start those runs afresh, or load
 their weights with lxmert-convert, which reads .pt files with weights_only).
 
@@ -50,6 +52,7 @@ lxmert-convert (engine/convert_checkpoint.py) writes with write_state_dict too.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import os
@@ -446,14 +449,31 @@ def deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def enum_member_by_name(cls: Any, name: Any) -> enum.Enum:
+    """What `getattr` may do in a checkpoint: give a member of an allow-listed enum class by its name.
+
+    Some Pythons pickle an enum member as getattr(ZeroStageEnum, 'gradients') (Debian 12's 3.11.2 does; 3.11.7,
+    3.12 and 3.13 pickle it by value, ZeroStageEnum(2)), so a checkpoint written there names builtins.getattr.
+    The loader maps that name to this function instead: any other class, a class off the allow-list, an object
+    that is not a class, or a name that is not one of the members is refused (an UnpicklingError) and nothing is
+    looked up."""
+    enums = [c for c in deepspeed_safe_globals() if isinstance(c, type) and issubclass(c, enum.Enum)]
+    if any(cls is c for c in enums) and isinstance(name, str) and name in cls.__members__:
+        return cls.__members__[name]
+    what = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else f"a {type(cls).__name__}"
+    raise pickle.UnpicklingError(f"GLOBAL getattr({what}, {name!r}) is not a member of an allow-listed enum class")
+
+
 def load_deepspeed_file(path: str | Path, map_location: Any = None) -> Any:
-    """One of DeepSpeed's checkpoint files, with torch.load(weights_only=True) and deepspeed_safe_globals: no
-    pickled code runs. CheckpointError naming the file when it needs anything else or does not parse."""
+    """One of DeepSpeed's checkpoint files, with torch.load(weights_only=True) and deepspeed_safe_globals (plus
+    enum_member_by_name for getattr): no pickled code runs. CheckpointError naming the file when it needs anything
+    else or does not parse."""
+    allowed = [*deepspeed_safe_globals(), (enum_member_by_name, "builtins.getattr")]
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:  # torch's message: several paragraphs, the global in one of them
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        found = re.search(r"GLOBAL (getattr\(.*?\)(?= is not)|[\w.]+)", str(error))
         lines = [line.strip() for line in str(error).splitlines()
                  if line.strip() and not line.startswith(("Weights only load failed", "Check the documentation"))]
         what = f"it names {found.group(1)}" if found else lines[0] if lines else _one_line(error)
