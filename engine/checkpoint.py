@@ -40,7 +40,9 @@ their weights with lxmert-convert, which reads .pt files with weights_only).
 Resume is exact: the loader's position (engine/data/loaders.py: batches are keyed by (seed, epoch, step)), the
 optimizer and schedule, the loss scaler, and torch (CPU and CUDA), numpy and Python RNG states are restored, so
 a run killed anywhere and resumed gives the losses and weights of an uninterrupted run (bit-identical on CPU fp32;
-tests/test_faults_checkpoint.py kills runs at random points, in steps and in saves, until they finish).
+tests/test_faults_checkpoint.py kills runs at random points, in steps and in saves, until they finish). A DeepSpeed
+checkpoint written by another number of ranks (saved_world_size: its rng_rank<r>.json files) is resharded on load by
+engine/elastic.py (Runtime.load decides).
 
 Kill points (engine.atomic.kill_point, for those tests): "checkpoint.part" after each part a process writes,
 "checkpoint.manifest" after the manifest, "checkpoint.renamed" after the rename (before `latest` moves).
@@ -77,6 +79,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.json"
 TENSORS_FILE = "state.safetensors"
 STAGING = ".tmp"
+RNG_FILE = "rng_rank{}.json"  # a DeepSpeed checkpoint's RNG states of one rank
 LEGACY_FILES = ("state.pt", "rng_rank*.pt", "*model_states.pt")  # what checkpoints held before manifests
 _TAG = re.compile(r"step_(\d+)")
 _LEFTOVER = re.compile(r"step_(\d+)\.(tmp|old)")
@@ -546,7 +549,7 @@ def save_deepspeed(engine: Any, output_dir: str | Path, step: int, client_state:
     if world > 1:
         dist.barrier()
     writer.written.clear()
-    rng_file = staging / f"rng_rank{rank}.json"
+    rng_file = staging / RNG_FILE.format(rank)
     write_text_atomic(rng_file, json.dumps(rng_state()) + "\n")
     writer.record(rng_file)
     engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
@@ -567,17 +570,26 @@ def save_deepspeed(engine: Any, output_dir: str | Path, step: int, client_state:
     return final
 
 
+def read_rng(path: Path, rank: int) -> Any:
+    """Rank `rank`'s RNG states in the DeepSpeed checkpoint at `path` (CheckpointError naming the file otherwise)."""
+    rng_file = path / RNG_FILE.format(rank)
+    if not rng_file.is_file():
+        raise CheckpointError(f"{rng_file} is missing: the checkpoint holds no RNG states for rank {rank} (it "
+                              "was written by fewer ranks)")  # fmt: skip
+    return _read_json(rng_file)
+
+
+def saved_world_size(path: Path) -> int:
+    """How many ranks wrote the DeepSpeed checkpoint at `path`: each writes its RNG file, listed in the manifest."""
+    parts = read_manifest(path)["parts"]
+    return sum(RNG_FILE.format(r) in parts for r in range(len(parts)))
+
+
 def load_deepspeed(engine: Any, path: Path, rank: int, module_only: bool = False) -> dict[str, Any]:
     """Model, optimizer, scheduler (and loss scaler) into the engine (module_only: the model's weights), through
     our checkpoint engine; returns the client state with this rank's RNG states ("rng"; not for module_only)."""
     install_checkpoint_engine(engine)
-    rng = None
-    if not module_only:
-        rng_file = path / f"rng_rank{rank}.json"
-        if not rng_file.is_file():
-            raise CheckpointError(f"{rng_file} is missing: the checkpoint holds no RNG states for rank {rank} (it "
-                                  "was written by fewer ranks)")  # fmt: skip
-        rng = _read_json(rng_file)
+    rng = None if module_only else read_rng(path, rank)
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=module_only,
                                              load_optimizer_states=not module_only,
                                              load_lr_scheduler_states=not module_only)  # fmt: skip
