@@ -16,6 +16,7 @@ Marked `interpreters` (pytest.ini), like the checkpoint and resume tests CI runs
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import pickle
@@ -111,7 +112,10 @@ def run(python: str, args: list[str], log: Path) -> subprocess.CompletedProcess:
                                                            "MASTER_PORT", "PYTHONHOME", "VIRTUAL_ENV")}  # fmt: skip
     env["PYTHONPATH"] = str(REPO)
     env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
+    extensions = Path(env.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache/torch_extensions"))
+    if python != sys.executable:  # its own build of DeepSpeed's comm op: sharing one, each switch rebuilt it (~45 s)
+        extensions = extensions / f"python-{hashlib.sha256(python.encode()).hexdigest()[:12]}"
+    env["TORCH_EXTENSIONS_DIR"] = str(extensions)
     with open(log, "w") as f:
         return subprocess.run([python, "-m", "engine.pretrain", *args], cwd=REPO, env=env, stdout=f,
                               stderr=subprocess.STDOUT, timeout=300)  # fmt: skip
