@@ -54,7 +54,7 @@ def load_resharded(engine: Any, path: Path, rank: int, world: int, report: Calla
     if stage == 0:
         install_checkpoint_engine(engine)
         _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
-        what = "the optimizer state is whole in every rank's files: loaded as saved"
+        what = "ZeRO-0's optimizer state is whole in the model states file: loaded as saved"
     else:
         model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
         states = load_deepspeed_file(path / model_file, "cpu")
@@ -79,10 +79,13 @@ def load_resharded(engine: Any, path: Path, rank: int, world: int, report: Calla
         engine.global_samples = states.get("global_samples", engine.global_steps * engine.train_batch_size())
         engine.skipped_steps = states["skipped_steps"]
         client = {k: v for k, v in states.items() if k not in _DEEPSPEED_KEYS}
-        what = f"ZeRO-{stage}'s fp32 weights and optimizer state put together from {saved} shards, split in {world}"
-    rng_note = (f"ranks {saved}-{world - 1} start from rank 0's RNG states" if world > saved else
-                f"the RNG states of ranks {world}-{saved - 1} are not used")  # fmt: skip
-    report(f"resume: {path} was written by {saved} ranks, this run has {world}: {what}; the global batch and the "
+        what = f"ZeRO-{stage}'s fp32 weights and optimizer state put together from every rank's files and repartitioned"
+    if world > saved:
+        rng_note = f"rank {saved} starts" if world - saved == 1 else f"ranks {saved}-{world - 1} start"
+        rng_note += " from rank 0's RNG states"
+    else:
+        rng_note = f"the RNG states of rank{f' {world}' if saved - world == 1 else f's {world}-{saved - 1}'} are unused"
+    report(f"resume: {path}: the world size changed from {saved} to {world} ranks: {what}; the global batch and the "
            f"sample order are kept; {rng_note}")  # fmt: skip
     client["rng"] = rng
     return client

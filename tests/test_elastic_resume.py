@@ -141,9 +141,9 @@ def test_a_checkpoint_of_n_ranks_resumes_on_m_with_the_uninterrupted_losses(befo
     shutil.copytree(source, path)
     rc = launch(after, stage, overrides(stores, out, f"train.zero_stage={stage}"), tmp_path / "resume.log")
     log = (tmp_path / "resume.log").read_text()
-    said = [line for line in log.splitlines() if line.startswith(f"resume: {path} was written by")]
+    said = [line for line in log.splitlines() if line.startswith(f"resume: {path}: the world size changed")]
     assert len(said) == 1, f"exit {rc}:\n{log[-4000:]}"
-    assert said[0].startswith(f"resume: {path} was written by {before} ranks, this run has {after}: "), said
+    assert said[0].startswith(f"resume: {path}: the world size changed from {before} to {after} ranks: "), said
     assert f"resumed from {path} at step {SAVE_AT}" in log
     assert_close(train_records(out), uninterrupted[SAVE_AT:], f"{before} -> {after} ranks, ZeRO-{stage}: {log[-3000:]}")
     final = ckpt.checkpoint_root(out) / ckpt.tag_of(STEPS)
