@@ -54,6 +54,8 @@ def load_resharded(engine: Any, path: Path, rank: int, world: int, report: Calla
     if stage == 0:
         install_checkpoint_engine(engine)
         _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+        if client is None:
+            raise CheckpointError(f"{path}: DeepSpeed found no checkpoint there")
         what = "ZeRO-0's optimizer state is whole in the model states file: loaded as saved"
     else:
         model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
