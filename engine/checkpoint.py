@@ -30,15 +30,19 @@ Nothing loaded runs a pickle. Our files are safetensors and JSON (a tensor in JS
 the .safetensors file}; tuples and dicts with non-string keys are tagged too, so state dicts round-trip exactly).
 DeepSpeed's files are torch pickles: its checkpoint engine is swapped for ours (install_checkpoint_engine, on the
 first save or load), which loads them with torch.load(weights_only=True) and an explicit allow-list of the classes
-DeepSpeed puts in them (deepspeed_safe_globals): a file that names anything else is refused, by name, and runs
-nothing. Checkpoints written before manifests (a state.pt, or DeepSpeed's files with rng_rank<r>.pt) are not
+DeepSpeed puts in them (deepspeed_safe_globals), and getattr only as enum_member_by_name (a member of one of those
+enum classes by its name, as some Pythons pickle enums): a file that names anything else is refused, by name, and
+runs nothing. So a checkpoint written under one supported Python (3.10-3.13, distributions' builds included) loads
+under another. Checkpoints written before manifests (a state.pt, or DeepSpeed's files with rng_rank<r>.pt) are not
 loaded, since that would need pickle: resume skips them with a message saying so (start those runs afresh, or load
 their weights with lxmert-convert, which reads .pt files with weights_only).
 
 Resume is exact: the loader's position (engine/data/loaders.py: batches are keyed by (seed, epoch, step)), the
 optimizer and schedule, the loss scaler, and torch (CPU and CUDA), numpy and Python RNG states are restored, so
 a run killed anywhere and resumed gives the losses and weights of an uninterrupted run (bit-identical on CPU fp32;
-tests/test_faults_checkpoint.py kills runs at random points, in steps and in saves, until they finish).
+tests/test_faults_checkpoint.py kills runs at random points, in steps and in saves, until they finish). A DeepSpeed
+checkpoint written by another number of ranks (saved_world_size: its rng_rank<r>.json files) is resharded on load by
+engine/elastic.py (Runtime.load decides).
 
 Kill points (engine.atomic.kill_point, for those tests): "checkpoint.part" after each part a process writes,
 "checkpoint.manifest" after the manifest, "checkpoint.renamed" after the rename (before `latest` moves).
@@ -50,6 +54,7 @@ lxmert-convert (engine/convert_checkpoint.py) writes with write_state_dict too.
 
 from __future__ import annotations
 
+import enum
 import errno
 import functools
 import json
@@ -75,6 +80,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.json"
 TENSORS_FILE = "state.safetensors"
 STAGING = ".tmp"
+RNG_FILE = "rng_rank{}.json"  # a DeepSpeed checkpoint's RNG states of one rank
 LEGACY_FILES = ("state.pt", "rng_rank*.pt", "*model_states.pt")  # what checkpoints held before manifests
 _TAG = re.compile(r"step_(\d+)")
 _LEFTOVER = re.compile(r"step_(\d+)\.(tmp|old)")
@@ -447,14 +453,31 @@ def deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def enum_member_by_name(cls: Any, name: Any) -> enum.Enum:
+    """What `getattr` may do in a checkpoint: give a member of an allow-listed enum class by its name.
+
+    Some Pythons pickle an enum member as getattr(ZeroStageEnum, 'gradients') (Debian 12's 3.11.2 does; 3.11.7,
+    3.12 and 3.13 pickle it by value, ZeroStageEnum(2)), so a checkpoint written there names builtins.getattr.
+    The loader maps that name to this function instead: any other class, a class off the allow-list, an object
+    that is not a class, or a name that is not one of the members is refused (an UnpicklingError) and nothing is
+    looked up."""
+    enums = [c for c in deepspeed_safe_globals() if isinstance(c, type) and issubclass(c, enum.Enum)]
+    if any(cls is c for c in enums) and isinstance(name, str) and name in cls.__members__:
+        return cls.__members__[name]
+    what = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else f"a {type(cls).__name__}"
+    raise pickle.UnpicklingError(f"GLOBAL getattr({what}, {name!r}) is not a member of an allow-listed enum class")
+
+
 def load_deepspeed_file(path: str | Path, map_location: Any = None) -> Any:
-    """One of DeepSpeed's checkpoint files, with torch.load(weights_only=True) and deepspeed_safe_globals: no
-    pickled code runs. CheckpointError naming the file when it needs anything else or does not parse."""
+    """One of DeepSpeed's checkpoint files, with torch.load(weights_only=True) and deepspeed_safe_globals (plus
+    enum_member_by_name for getattr): no pickled code runs. CheckpointError naming the file when it needs anything
+    else or does not parse."""
+    allowed = [*deepspeed_safe_globals(), (enum_member_by_name, "builtins.getattr")]
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:  # torch's message: several paragraphs, the global in one of them
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        found = re.search(r"GLOBAL (getattr\(.*?\)(?= is not)|[\w.]+)", str(error))
         lines = [line.strip() for line in str(error).splitlines()
                  if line.strip() and not line.startswith(("Weights only load failed", "Check the documentation"))]
         what = f"it names {found.group(1)}" if found else lines[0] if lines else _one_line(error)
@@ -553,7 +576,7 @@ def save_deepspeed(engine: Any, output_dir: str | Path, step: int, client_state:
     if world > 1:
         dist.barrier()
     writer.written.clear()
-    rng_file = staging / f"rng_rank{rank}.json"
+    rng_file = staging / RNG_FILE.format(rank)
     write_text_atomic(rng_file, json.dumps(rng_state()) + "\n")
     writer.record(rng_file)
     engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
@@ -574,17 +597,26 @@ def save_deepspeed(engine: Any, output_dir: str | Path, step: int, client_state:
     return final
 
 
+def read_rng(path: Path, rank: int) -> Any:
+    """Rank `rank`'s RNG states in the DeepSpeed checkpoint at `path` (CheckpointError naming the file otherwise)."""
+    rng_file = path / RNG_FILE.format(rank)
+    if not rng_file.is_file():
+        raise CheckpointError(f"{rng_file} is missing: the checkpoint holds no RNG states for rank {rank} (it "
+                              "was written by fewer ranks)")  # fmt: skip
+    return _read_json(rng_file)
+
+
+def saved_world_size(path: Path) -> int:
+    """How many ranks wrote the DeepSpeed checkpoint at `path`: each writes its RNG file, listed in the manifest."""
+    parts = read_manifest(path)["parts"]
+    return sum(RNG_FILE.format(r) in parts for r in range(len(parts)))
+
+
 def load_deepspeed(engine: Any, path: Path, rank: int, module_only: bool = False) -> dict[str, Any]:
     """Model, optimizer, scheduler (and loss scaler) into the engine (module_only: the model's weights), through
     our checkpoint engine; returns the client state with this rank's RNG states ("rng"; not for module_only)."""
     install_checkpoint_engine(engine)
-    rng = None
-    if not module_only:
-        rng_file = path / f"rng_rank{rank}.json"
-        if not rng_file.is_file():
-            raise CheckpointError(f"{rng_file} is missing: the checkpoint holds no RNG states for rank {rank} (it "
-                                  "was written by fewer ranks)")  # fmt: skip
-        rng = _read_json(rng_file)
+    rng = None if module_only else read_rng(path, rank)
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=module_only,
                                              load_optimizer_states=not module_only,
                                              load_lr_scheduler_states=not module_only)  # fmt: skip

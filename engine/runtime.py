@@ -30,12 +30,13 @@ import contextlib
 import functools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from engine import checkpoint as ckpt
+from engine import elastic
 from engine.config import ConfigError, RunConfig, deepspeed_config
 from engine.launch import Launch, import_deepspeed, init_distributed
 from engine.optim import BertAdam, make_optimizer, make_scheduler
@@ -279,7 +280,11 @@ class Runtime:
         needs more than the allow-list (engine/checkpoint.py), is a ConfigError naming the file."""
         try:
             if self.use_deepspeed:
-                state = ckpt.load_deepspeed(self.engine, path, rank, module_only=weights_only)
+                saved = ckpt.saved_world_size(path)
+                if not weights_only and saved not in (0, self.world_size):  # 0: its RNG files are missing
+                    state = elastic.load_resharded(self.engine, path, rank, self.world_size, _rank0_print(rank))
+                else:
+                    state = ckpt.load_deepspeed(self.engine, path, rank, module_only=weights_only)
                 self._ds_skipped_seen = self.engine.skipped_steps
             else:
                 state = ckpt.load_plain(path)
@@ -343,6 +348,11 @@ def resume_point(resume: str, output_dir: str | Path) -> Path | None:
         return ckpt.resolve_resume(resume, output_dir, report)
     except (FileNotFoundError, ckpt.CheckpointError) as error:
         raise ConfigError(str(error)) from None
+
+
+def _rank0_print(rank: int) -> Callable[[str], None]:
+    """print (flushed) on rank 0, nothing elsewhere: lines the whole run says once."""
+    return (lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None)
 
 
 def _wrapper_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:

@@ -300,6 +300,10 @@ class Trainer(TrainStep):
                         "(train.resume=weights:...)")  # fmt: skip
             return
         state = self.runtime.load(path, self.rank, weights_only=self.task.evaluate_only)
+        batch = self.config.train.batch_size
+        if not self.task.evaluate_only and state.get("batch_size", batch) != batch:  # older checkpoints have none
+            raise ConfigError(f"resume: {path} was written with train.batch_size {state['batch_size']}, this run has "
+                              f"{batch}: a resumed run keeps the global batch (the ranks may change)")  # fmt: skip
         self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
         if self.loader is not None:
             # a checkpoint from before the loaders kept fine-tuning's position: its step says where
@@ -322,7 +326,8 @@ class Trainer(TrainStep):
         one line: the file, the bytes the checkpoint needs where known; the last complete checkpoint stays latest."""
         self._settle()
         client = {"loader": self.loader.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
-                  "evals": self.evals, **self.task.state_dict()}  # fmt: skip
+                  "batch_size": self.config.train.batch_size, "evals": self.evals,
+                  **self.task.state_dict()}  # fmt: skip
         try:
             self.last_checkpoint = self.runtime.save(self.output_dir, self.step, client, self.rank)
         except OSError as error:

@@ -201,6 +201,29 @@ def test_state_from_another_order_is_refused(stores):
     two_ranks.load_state_dict(state)  # the same global batch on another world size: accepted
 
 
+def test_a_position_resumes_with_another_micro_batch_times_ranks(stores):
+    """Elastic resume: 2 ranks x micro 4 after 3 steps are 24 samples in; one rank x micro 4 goes on from step 6,
+    with the samples rank 0 of the two would have had next (the same draws: they are keyed by position)."""
+    rank0 = loader("torch", stores, seed=1, batch_size=4, world_size=2, rank=0)
+    rank0.set_epoch(0)
+    batches = iter(rank0)
+    for _ in range(3):
+        next(batches)
+    state = rank0.state_dict()
+    expected = next(batches)
+    one = loader("torch", stores, seed=1, batch_size=4)
+    one.load_state_dict(state)
+    one.set_epoch(0)
+    assert one.step == 6
+    got = next(iter(one))
+    assert np.array_equal(got.sample_index, expected.sample_index) and got.input_ids.equal(expected.input_ids)
+    with pytest.raises(ValueError, match="no whole number of steps of 16"):
+        loader("torch", stores, seed=1).load_state_dict({**state, "step": 1})
+    with pytest.raises(ValueError, match="global_batch_size"):  # length buckets depend on the global batch
+        loader("torch", stores, seed=1, batch_size=4, bucket_batches=2).load_state_dict(
+            loader("torch", stores, seed=1, batch_size=8, bucket_batches=2).state_dict())
+
+
 def test_kinds():
     with pytest.raises(ValueError, match="unknown loader kind"):
         make_loader("tf", None, None, SamplingConfig())  # type: ignore[arg-type]

@@ -17,7 +17,8 @@ with one line, or the run stops with one line naming the file; nothing in a chec
   KILL_LOOP_SEED overrides the seed; the seed and the plan are in every assertion message.
 
 Tiny model and stores as in test_engine_train.py, CPU fp32. The DeepSpeed tests are marked slow, as elsewhere (the
-first init JIT-builds a communication op, ~45 s, unless TORCH_EXTENSIONS_DIR is cached).
+first init JIT-builds a communication op, ~45 s, unless TORCH_EXTENSIONS_DIR is cached). Those marked `interpreters`
+also run under a second Python in CI (tests/test_checkpoint_interpreters.py says why).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def plain_run(stores, tmp_path_factory) -> tuple[Path, list[float]]:
     return out, losses(trainer)
 
 
+@pytest.mark.interpreters
 def test_a_plain_checkpoint_is_json_and_safetensors_listed_in_its_manifest(plain_run):
     out, _ = plain_run
     path = step_dir(out, 4)
@@ -283,6 +285,7 @@ def ds_run(stores, tmp_path_factory, one_rank) -> tuple[Path, list[float]]:
     return out, losses(trainer)
 
 
+@pytest.mark.interpreters
 @pytest.mark.slow
 @needs_deepspeed
 def test_a_deepspeed_checkpoint_lists_every_part_and_loads_without_pickle(ds_run):
@@ -290,7 +293,8 @@ def test_a_deepspeed_checkpoint_lists_every_part_and_loads_without_pickle(ds_run
     path = step_dir(out, 4)
     parts = ckpt.read_manifest(path)["parts"]
     assert sorted(parts) == ["mp_rank_00_model_states.pt", "rng_rank0.json", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ckpt.deepspeed_safe_globals()}
+    # builtins.getattr: an enum member by name, where this Python pickles enums so (ckpt.enum_member_by_name)
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ckpt.deepspeed_safe_globals()} | {"builtins.getattr"}
     for name in parts:
         if name.endswith(".pt"):
             assert set(torch.serialization.get_unsafe_globals_in_checkpoint(path / name)) <= allowed, name
@@ -302,6 +306,7 @@ def cpu_has_fp16() -> bool:
     return torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 
+@pytest.mark.interpreters
 @pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.parametrize("stage, precision", [
@@ -325,6 +330,7 @@ def test_the_allow_list_covers_deepspeeds_files(stores, tmp_path, one_rank, stag
     assert resumed.step == 1
 
 
+@pytest.mark.interpreters
 @pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.parametrize("part, how, reason", [
@@ -352,6 +358,7 @@ def test_a_damaged_deepspeed_checkpoint_is_skipped_and_the_previous_one_resumed(
     assert losses(trainer) == expected[4:]  # the RNG states and the optimizer's too: exactly the same steps
 
 
+@pytest.mark.interpreters
 @pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.parametrize("part", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
@@ -370,6 +377,7 @@ def test_a_crafted_pickle_in_a_deepspeed_checkpoint_never_runs(ds_run, stores, t
     assert not marker.exists()
 
 
+@pytest.mark.interpreters
 @pytest.mark.slow
 @needs_deepspeed
 def test_a_deepspeed_checkpoint_without_its_rng_file_never_resumes_silently(ds_run, stores, tmp_path, one_rank):

@@ -140,19 +140,30 @@ class Loader(abc.ABC):
     def _identity(self) -> dict[str, Any]:
         """What must match for a saved position to mean the same batches."""
 
+    def _micro_step_samples(self) -> int | None:
+        """The samples one step of this loader takes over all ranks (micro batch x ranks), when known."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """(epoch, step) and what must match for the position to mean the same batches on resume.
 
-        The world size may change if the global batch size does not (batches are cut from global ones)."""
-        return {"epoch": self.epoch, "step": self.step, **self._identity()}
+        The world size may change if the global batch size does not (batches are cut from global ones): `step`
+        is then converted through micro_step_samples (the samples a step of the saving loader took)."""
+        return {"epoch": self.epoch, "step": self.step, "micro_step_samples": self._micro_step_samples(),
+                **self._identity()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in self._identity().items():
             if key in state and state[key] != value:
                 raise ValueError(f"loader state has {key}={state[key]!r}, this loader {value!r}: not the same order")
-        if not 0 <= state["step"] <= len(self):
-            raise ValueError(f"loader state step {state['step']} out of range for {len(self)} steps")
-        self.epoch, self.step, self._resume = int(state["epoch"]), int(state["step"]), True
+        step, saved, mine = int(state["step"]), state.get("micro_step_samples"), self._micro_step_samples()
+        if saved and mine and saved != mine:  # another micro batch x ranks: the same samples taken, in other steps
+            if step * saved % mine:
+                raise ValueError(f"loader state step {step} of {saved} samples is no whole number of steps of {mine}")
+            step = step * saved // mine
+        if not 0 <= step <= len(self):
+            raise ValueError(f"loader state step {step} out of range for {len(self)} steps")
+        self.epoch, self.step, self._resume = int(state["epoch"]), step, True
 
     def __iter__(self) -> Iterator[Any]:
         start = self.step if self._resume else 0
@@ -178,9 +189,18 @@ class PretrainLoader(Loader):
 
     def _identity(self) -> dict[str, Any]:
         cfg = self.sampler.config
-        return {
-            "seed": cfg.seed, "global_batch_size": cfg.global_batch_size, "num_samples": self.sampler.num_samples,
-            "drop_last": cfg.drop_last, "bucket_batches": cfg.bucket_batches,
-        }  # fmt: skip
+        identity = {"seed": cfg.seed, "num_samples": self.sampler.num_samples, "drop_last": cfg.drop_last,
+                    "bucket_batches": cfg.bucket_batches}  # fmt: skip
+        if cfg.bucket_batches > 1:  # length buckets are drawn per window of global batches: the order depends on it
+            identity["global_batch_size"] = cfg.global_batch_size
+        return identity
+
+    def _micro_step_samples(self) -> int:
+        return self.sampler.config.global_batch_size  # micro batch x ranks
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "micro_step_samples" not in state and "global_batch_size" in state:  # saved before micro_step_samples
+            state = {**state, "micro_step_samples": state["global_batch_size"]}
+        super().load_state_dict(state)
 
 

@@ -243,6 +243,9 @@ class TaskLoader(Loader):
         return {"seed": seed, "global_batch_size": order.micro * getattr(order, "accum", 1) * order.world,
                 "num_samples": order.num_examples, "drop_last": isinstance(order, TrainOrder)}  # fmt: skip
 
+    def _micro_step_samples(self) -> int:
+        return self.order.micro * self.order.world
+
     def _batches(self, epoch: int, start_step: int) -> Iterator[TaskBatch]:
         for batch in self.workers.batches(epoch, start_step, len(self)):
             yield batch.to(self.device)
