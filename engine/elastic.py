@@ -93,6 +93,28 @@ def load_resharded(engine: Any, path: Path, rank: int, world: int, report: Calla
     return client
 
 
+def zero3_fp32_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights in the ZeRO-3 checkpoint at `path` (this tag, every rank's optimizer file),
+    with its buffers and the names of tied parameters: what DeepSpeed's get_fp32_state_dict_from_zero_checkpoint
+    gives a weights-only load, which would read the tag `latest` names instead and unpickle without the
+    allow-list."""
+    states = load_deepspeed_file(path / "zero_pp_rank_0_mp_rank_00_model_states.pt", "cpu")
+    files = sorted(path.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda f: int(f.name.split("_")[3]))
+    if not files:
+        raise CheckpointError(f"{path}: no ZeRO-3 optimizer files (zero_pp_rank_*_mp_rank_00_optim_states.pt)")
+    if any(states.get("frozen_param_shapes") or []):
+        raise CheckpointError(f"{path}: frozen parameters in a ZeRO-3 checkpoint are not read here")
+    shards = [load_deepspeed_file(f, "cpu")["optimizer_state_dict"] for f in files]
+    weights = {name: entry["fp32"] for name, entry in _consolidate_zero3(shards, states["param_shapes"], path).items()}
+    module = states.get("module") or {}
+    for name in states.get("buffer_names") or []:
+        if name in module:
+            weights[name] = module[name].float() if module[name].is_floating_point() else module[name]
+    for alias, source in (states.get("shared_params") or {}).items():
+        weights[alias] = weights[source]
+    return weights
+
+
 # ------------------------------------------------------------------------------ putting the shards together
 
 

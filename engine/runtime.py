@@ -283,6 +283,9 @@ class Runtime:
                 saved = ckpt.saved_world_size(path)
                 if not weights_only and saved not in (0, self.world_size):  # 0: its RNG files are missing
                     state = elastic.load_resharded(self.engine, path, rank, self.world_size, _rank0_print(rank))
+                elif weights_only and self.engine.zero_optimization_partition_weights():
+                    with _zero3_weights_from(path):
+                        state = ckpt.load_deepspeed(self.engine, path, rank, module_only=True)
                 else:
                     state = ckpt.load_deepspeed(self.engine, path, rank, module_only=weights_only)
                 self._ds_skipped_seen = self.engine.skipped_steps
@@ -376,3 +379,18 @@ def _wrapper_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:
 def _fp32_cpu(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     return tensor.float().cpu() if tensor.is_floating_point() else tensor.cpu()
+
+
+@contextlib.contextmanager
+def _zero3_weights_from(path: Path):
+    """DeepSpeed's weights-only ZeRO-3 load consolidates the shards with get_fp32_state_dict_from_zero_checkpoint(
+    load_dir): the tag `latest` names, read with torch.load(weights_only=False). Within this block it gets
+    engine.elastic's consolidation of `path` itself, through the allow-list."""
+    from deepspeed.runtime import engine as deepspeed_engine
+
+    original = deepspeed_engine.get_fp32_state_dict_from_zero_checkpoint
+    deepspeed_engine.get_fp32_state_dict_from_zero_checkpoint = lambda *args, **kwargs: elastic.zero3_fp32_state_dict(path)
+    try:
+        yield
+    finally:
+        deepspeed_engine.get_fp32_state_dict_from_zero_checkpoint = original

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import lxmert
+from engine import checkpoint as ckpt
 from engine.config import load_config
 from engine.data import convert
 from engine.data.store import TextStore
@@ -317,3 +318,31 @@ def test_pretrain_cli_reports_the_runs_numbers(stores, tmp_path, capsys):
     assert f"eval (step 2, {final['samples']} samples): loss {final['loss']:.4f}" in out
     assert f"plot       {tmp_path / 'plots' / 'loss.svg'}" in out and (tmp_path / "plots/loss.svg").is_file()
     assert f"model      {tmp_path / 'model.safetensors'}" in out
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_a_weights_only_zero3_load_reads_the_named_checkpoint_through_the_allow_list(stores, tmp_path, one_rank,
+                                                                                      monkeypatch):  # fmt: skip
+    """--evaluate-only and train.resume=weights: under ZeRO-3: DeepSpeed's own consolidation would read the
+    checkpoint `latest` names (here step 4, not the step 2 asked for) with torch.load(weights_only=False)."""
+    zero3 = ("train.zero_stage=3", "train.save_every=2", *NO_DROPOUT)
+    Trainer(make_config(stores, tmp_path / "run", *zero3), use_deepspeed=True).train()
+    step2, step4 = (ckpt.checkpoint_root(tmp_path / "run") / ckpt.tag_of(step) for step in (2, 4))
+    assert ckpt.find_latest(tmp_path / "run") == step4
+    resumed = Trainer(make_config(stores, tmp_path / "resumed", *zero3, f"train.resume={step2}"), use_deepspeed=True)
+    assert resumed.step == 2
+    expected = resumed.consolidated_state_dict()
+
+    real_load = torch.load
+
+    def allow_listed_load(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, f"{args[0]} unpickled without the allow-list"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", allow_listed_load)
+    fresh = Trainer(make_config(stores, tmp_path / "fresh", *zero3), use_deepspeed=True)
+    fresh.runtime.load(step2, weights_only=True)
+    got = fresh.consolidated_state_dict()
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in got)
