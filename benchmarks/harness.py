@@ -72,11 +72,16 @@ def git_commit() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    """Flat fields every result row carries: device ("cpu" without a GPU, so no CPU row passes for a GPU one),
-    where it was measured, software versions, commit, date, host."""
+    """Flat fields every result row carries: device ("cpu" without a GPU, so no CPU row passes for a GPU one) and
+    on a GPU its compute capability, SM count and memory, where it was measured, software versions, commit, date,
+    host."""
     cuda = torch.cuda.is_available()
+    props = torch.cuda.get_device_properties(0) if cuda else None
     return {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "capability": f"{props.major}.{props.minor}" if cuda else None,
+        "sm_count": props.multi_processor_count if cuda else None,
+        "memory_gib": props.total_memory / 2**30 if cuda else None,
         "measured_on": "gpu" if cuda else "cpu",
         "host_cpu": platform.processor() or platform.machine() or None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,

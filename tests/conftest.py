@@ -231,12 +231,11 @@ def tiny_model_overrides(text_store, feat_dim: int, layers: tuple[int, int, int]
 
 @pytest.fixture(scope="session")
 def gpu_session_dry_run(tmp_path_factory) -> dict[str, Any]:
-    """`python -m benchmarks.gpu_session --dry-run` as benchmarks/README.md documents it (with an output folder and
-    an empty wheel folder), run once for the whole suite: tests/test_gpu_session.py checks what it wrote and
+    """`python -m benchmarks.gpu_session --dry-run` as benchmarks/README.md documents it (with an output folder),
+    run once for the whole suite: tests/test_gpu_session.py checks what it wrote and
     tests/test_documented_commands.py counts it as that documented command's run (it takes minutes)."""
     root = tmp_path_factory.mktemp("gpu_session")
-    argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(root / "out"), "--wheels",
-            str(root / "no_wheels")]  # fmt: skip
+    argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(root / "out")]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))  # DeepSpeed's CPU comm op
     start = time.perf_counter()

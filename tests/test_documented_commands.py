@@ -319,9 +319,9 @@ PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly]] = [
                                                 "(tests/test_benchmark_throughput.py); --smoke is its CPU check")),
     ("deepspeed --num_gpus N --module benchmarks.scaling", GpuOnly("N GPUs; its 1- and 2-rank CPU forms run above")),
     ("deepspeed --num_gpus 8 --module benchmarks.scaling", GpuOnly("eight GPUs")),
-    ("python -m benchmarks.gpu_session --carry-check",
-     GpuOnly("checks the .whl folder made for the device call (ignored by git, so absent in CI); "
-             "tests/test_gpu_session.py runs it on an empty and a filled folder")),
+    ("python -m benchmarks.gpu_session --out DIR [--wheels DIR] [--budget SECONDS]",
+     GpuOnly("without a GPU it stops after the environment stage (tests/test_gpu_session.py); --dry-run is its CPU "
+             "form")),
 ]
 RUNS = [(command, plan) for command, plan in PLAN if isinstance(plan, Run)]
 SHARED = [(command, plan) for command, plan in PLAN if isinstance(plan, Shared)]
