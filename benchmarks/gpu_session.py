@@ -3,40 +3,19 @@
     python -m benchmarks.gpu_session --out DIR [--wheels DIR] [--budget SECONDS]   # on a GPU machine
     python -m benchmarks.gpu_session --dry-run [--out DIR]                         # every stage shrunken, CPU
 
-The stages, in order; each is one or more subprocesses in a process group of its own, killed with the whole
-group at the stage's limit, so that one stage overrunning cannot eat the next ones' time. A stage that fails
-or times out is recorded as such and the session goes on (only pretrain needs pretrain_data):
-  preflight      --wheels DIR: every wheel there installed into a private site, for a machine without network
-                 (the site goes first on the stages' PYTHONPATH); then the imports the stages need, checked
-  environment    benchmarks.harness.environment() (device, versions, commit, date) and nvidia-smi
-  kernel_tests   tests/test_kernel_*.py on CUDA (TRITON_INTERPRET unset there), junit XML
-  kernels        python -m benchmarks.kernels --quick: the Triton kernels against the PyTorch providers
-  throughput     python -m benchmarks.throughput --quick: the pre-training step, ours against transformers'
-  pretrain_data  python -m engine.data.synthetic and engine.data.convert: a synthetic set, converted into stores
-  pretrain       python -m engine.pretrain (what the lxmert-pretrain console script calls) with
-                 configs/pretrain_adamw.yaml: LXMERT-base, train.precision=bf16, ZeRO-1 under DeepSpeed, the
-                 GPU-resident loader, train.max_steps sized to about two minutes from the throughput stage's rate
+The stages (`stages()`; what each runs, its limit and what --out receives: benchmarks/README.md) call the project's
+own commands as subprocesses: pytest on tests/test_kernel_*.py, benchmarks.kernels, benchmarks.throughput,
+engine.data.synthetic and engine.data.convert, engine.pretrain. Each command runs in a process group of its own,
+killed with the whole group at the stage's limit; a stage that fails or times out is recorded and the session
+goes on. A stage never runs into the time kept back for the stages after it (`reserve_s`), so the pre-training
+keeps its ~2.5 minutes of the budget. The engine has no time limit of its own, so its steps are planned from the
+throughput stage's samples/s (x ENGINE_RATE_FACTOR; DEFAULT_RATE when it measured none), with enough synthetic
+sentences that no epoch ends (an epoch's end writes a multi-GB checkpoint) before the last step.
 
-Time: the session has a budget (--budget, 540 s by default); each stage runs for at most its own limit and
-never into the time kept back for the stages after it (`reserve_s`), so the pre-training keeps its ~2.5 minutes
-even when every earlier stage runs to its limit. The engine has no time limit of its own, so the steps are
-planned: the throughput stage's samples/s of ours (sdpa, bf16) x ENGINE_RATE_FACTOR, or DEFAULT_RATE when that
-stage gave none; the synthetic set holds at least that many steps' sentences, so no epoch ends (an epoch's end
-writes a multi-GB checkpoint) before the last.
-
---out gets four files, rewritten after every stage so that a session cut short still leaves a summary:
-summary.md and summary.json (environment, every stage's status, seconds and limit, every number with where it
-was measured), session.log (every stage's commands and output) and results.tar.gz (what the stages wrote: the
-benchmarks' rows, Markdown summaries and plots, the kernel tests' XML, the pre-training's metrics.jsonl and
-resolved config; no data, stores or checkpoints).
-
---dry-run runs every stage's command shrunken through the same runner: CUDA hidden, TRITON_INTERPRET=1, the
-kernel tests in the interpreter, benchmarks.kernels' CPU path (its checks, no timing), benchmarks.throughput
---smoke, a tiny model pre-trained for a few steps on a tiny synthetic set (still bf16 and ZeRO-1). Every number
-it reports is labelled DRY_LABEL, in summary.md and summary.json alike, so none can pass for a GPU figure.
-
-The session's own process imports nothing beyond the standard library until a stage has run (the stages import
-torch in their own processes, after the preflight's installs).
+--wheels DIR installs every wheel there without an index (a machine without network) into a private site that
+goes first on the stages' PYTHONPATH. --dry-run runs every stage shrunken through the same runner (CUDA hidden,
+TRITON_INTERPRET=1, benchmarks.kernels' CPU checks, benchmarks.throughput --smoke, a tiny model for 4 steps);
+every number it reports is labelled DRY_LABEL, so none can pass for a GPU figure.
 """
 
 from __future__ import annotations
@@ -60,6 +39,9 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from benchmarks import harness
+from engine.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_BUDGET_S = 540.0
@@ -391,9 +373,9 @@ def kernels_numbers(session: Session) -> list[Number]:
         passed, failed = checks[-1]
         numbers += [session.number("kernels", "correctness checks passed", int(passed)),
                     session.number("kernels", "correctness checks failed", int(failed))]  # fmt: skip
-    rows = read_jsonl(session.work / KERNELS_ROWS)
+    rows = harness.read_rows(session.work / KERNELS_ROWS)
     if any(r.get("mode") for r in rows):
-        from benchmarks.kernels import pivot, speedups  # torch, in this process only once there are timings
+        from benchmarks.kernels import pivot, speedups  # imports triton: only once the stages have run
 
         for line in speedups(pivot([r for r in rows if r.get("bench") != "check"])):
             what = f"{line['bench']} {line['config']} {line['dtype']} {line['ours']}"
@@ -415,7 +397,7 @@ def throughput_commands(session: Session) -> list[list[str]]:
 
 def throughput_numbers(session: Session) -> list[Number]:
     numbers = []
-    for row in read_jsonl(session.work / THROUGHPUT_ROWS):
+    for row in harness.read_rows(session.work / THROUGHPUT_ROWS):
         if row.get("kind") == "parity":
             what = f"parity {row['precision']} b{row['batch']}: relative difference of transformers' loss and ours"
             numbers.append(session.number("throughput", what, row["rel_diff"], "", row))
@@ -433,7 +415,7 @@ def throughput_numbers(session: Session) -> list[Number]:
 
 def measured_rate(session: Session) -> tuple[float, str]:
     """samples/s the pre-training is planned with: ours (sdpa, bf16, resident data) from the throughput stage."""
-    rows = [r for r in read_jsonl(session.work / THROUGHPUT_ROWS)
+    rows = [r for r in harness.read_rows(session.work / THROUGHPUT_ROWS)
             if r.get("kind") == "throughput" and r.get("impl") == "ours" and r.get("attn") == "sdpa"
             and r.get("precision") == "bf16" and r.get("loader") == "resident" and r.get("samples_per_s")]  # fmt: skip
     if rows:
@@ -501,8 +483,6 @@ def pretrain_numbers(session: Session) -> list[Number]:
     path = session.work / PRETRAIN_METRICS
     if not path.is_file():
         return []
-    from engine.metrics_log import read_metrics  # the engine's one reader of its log (torch, once it has run)
-
     records, _ = read_metrics(path)
     if not records:
         return []
@@ -551,19 +531,6 @@ def stages(dry_run: bool) -> list[Stage]:
 
 
 # ---------------------------------------------------------------------------------------------- --out
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file (a line cut off by a kill is dropped)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
 
 
 def summary_dict(session: Session) -> dict[str, Any]:

@@ -8,7 +8,8 @@ carry the same environment fields and their numbers are taken the same way:
 - time_cpu: the same statistics from perf_counter, for host-side work (data loading).
 - peak_memory: torch.cuda.max_memory_allocated over one call (everything live counts, inputs too).
 - step_clock: host time of the phases of a training step, the device synchronised at each boundary.
-- append_rows: JSON lines, appended to a path (a bare name: benchmarks/results/<name>.jsonl); markdown_table for the summary;
+- append_rows: JSON lines, appended to a path (a bare name: benchmarks/results/<name>.jsonl), read_rows to read
+  them back; markdown_table for the summary;
   line_chart for a plot (a matplotlib Figure; engine.plots.save_figure writes it as SVG and PNG).
 
 This module imports no GPU library besides torch (versions are read from package metadata), so importing it
@@ -219,6 +220,18 @@ def append_rows(name_or_path: str | os.PathLike, rows: Iterable[dict[str, Any]])
         for row in rows:
             f.write(json.dumps(row, default=str) + "\n")
     return path
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file; none when it is missing, and a line cut short (a killed run) is dropped."""
+    path = Path(path)
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
 
 
 def write_summary(path: str | os.PathLike, lines: Sequence[str]) -> Path:

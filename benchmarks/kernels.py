@@ -28,7 +28,7 @@ it is taken; a Markdown summary goes to the same path with .md and is printed la
 
 Expected duration on an H100 (estimated, not yet measured): checks ~20 s; ~200 provider x config pairs of
 3 modes x 61 calls of 0.1-1 ms, ~1 min; torch.compile's ~30 static compiles, a few seconds each; feature
-regression ~15 s. No config starts after TIME_BUDGET_S of timing, so one call stays inside a 10-minute limit
+regression ~15 s. No config starts after TIME_BUDGET_S of timing, so a run stays within about 10 minutes
 (rows are appended as they are taken; --quick takes well under a minute).
 
 Without a GPU nothing is timed (the Triton interpreter says nothing about kernel speed): the checks run at tiny

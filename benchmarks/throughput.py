@@ -40,7 +40,7 @@ configuration is then profiled (torch.profiler, top kernels by GPU time, grouped
 <out>_profile.md. Rows (harness.environment() + config + numbers) are appended to --out as they are measured;
 a Markdown summary (<out>.md) and a plot of samples/s against batch size (<out>.svg, <out>.png) are written at
 the end.
-No variant starts after --time-budget seconds, so a run fits a 10-minute device call (estimated, not measured:
+No variant starts after --time-budget seconds, so a run stays within about 10 minutes (estimated, not measured:
 ~50 variants of 3-15 s and two torch.compile runs of ~1-2 min; --quick ~15 variants).
 
 Without a GPU only --smoke runs: a tiny model (hidden 32) at batch 2 for a couple of steps, fp32, every
