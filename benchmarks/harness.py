@@ -8,8 +8,8 @@ carry the same environment fields and their numbers are taken the same way:
 - time_cpu: the same statistics from perf_counter, for host-side work (data loading).
 - peak_memory: torch.cuda.max_memory_allocated over one call (everything live counts, inputs too).
 - step_clock: host time of the phases of a training step, the device synchronised at each boundary.
-- append_rows: JSON lines, appended to a path (a bare name: benchmarks/results/<name>.jsonl), read_rows to read
-  them back; markdown_table for the summary;
+- append_rows: JSON lines, appended to a path (runs/benchmarks/ by default: RUNS_DIR), read_rows to read them
+  back; markdown_table for the summary;
   line_chart for a plot (a matplotlib Figure; engine.plots.save_figure writes it as SVG and PNG).
 
 This module imports no GPU library besides torch (versions are read from package metadata), so importing it
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"  # the measurements the repository records (--out names it)
 RUNS_DIR = REPO_ROOT / "runs" / "benchmarks"  # where a run writes by default: ignored by git, tracked files untouched
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any L2 so far (H100 50 MB, H200 60 MB)
 COMMIT_ENV = "BENCH_COMMIT"  # where there is no git checkout (the GPU machine gets a copy without .git)
@@ -204,17 +203,9 @@ class StepClock:
 # ---------------------------------------------------------------------------------------------- results
 
 
-def results_path(name_or_path: str | os.PathLike) -> Path:
-    """A bare name ("kernels") means benchmarks/results/<name>.jsonl; anything else is a path as given."""
-    path = Path(name_or_path)
-    if path.parent == Path(".") and not path.suffix:
-        return RESULTS_DIR / f"{path}.jsonl"
-    return path
-
-
-def append_rows(name_or_path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
+def append_rows(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
     """Append each row as one JSON line (creating folders); values JSON cannot hold are written as str."""
-    path = results_path(name_or_path)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
         for row in rows:

@@ -70,6 +70,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks import harness  # noqa: E402
+from benchmarks.dataloader import dataset, endless  # noqa: E402
 from engine.config import OptimConfig  # noqa: E402
 from engine.data.batch import PretrainBatch  # noqa: E402
 from engine.flops import peak_flops, step_flops  # noqa: E402
@@ -185,8 +186,6 @@ class Stores:
     """The synthetic store every variant reads, and the resident batches drawn from it once per batch size."""
 
     def __init__(self, data_dir: Path, images: int, feat_dim: int, device: torch.device, vocab_size: int) -> None:
-        from benchmarks.dataloader import dataset
-
         self.text, self.regions = dataset(data_dir, images, feat_dim)
         self.device, self.vocab_size = device, vocab_size
         self._resident: dict[int, list[PretrainBatch]] = {}
@@ -225,14 +224,6 @@ class Stores:
             return batch, model_inputs(variant.impl, batch)
 
         return Data(next_batch, lambda: batches.close())
-
-
-def endless(loader) -> Iterator[PretrainBatch]:
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def masked_counts(batch: PretrainBatch) -> list[int]:
