@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO_ROOT / "runs" / "benchmarks"  # where a run writes by default: ignored by git, tracked files untouched
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any L2 so far (H100 50 MB, H200 60 MB)
-COMMIT_ENV = "BENCH_COMMIT"  # where there is no git checkout (the GPU machine gets a copy without .git)
+COMMIT_ENV = "BENCH_COMMIT"  # the commit of a copy of the tree without .git (git_commit reads it there)
 
 
 # ------------------------------------------------------------------------------------------ environment
