@@ -212,3 +212,19 @@ def test_the_gpu_form_reports_an_empty_wheel_folder_and_stops_after_the_environm
     assert all(stages[name]["status"] == "skipped" and "no CUDA device" in stages[name]["note"]
                for name in STAGES[2:])  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(gs.OUT_FILES)
+
+
+def test_the_kernels_stage_reports_benchmarks_kernels_own_speed_ups(tmp_path):
+    """On a GPU the kernels' rows carry timings: the session reports benchmarks.kernels' speedups() of them."""
+    session = gs.Session(out=tmp_path / "out", work=tmp_path / "work", dry_run=False, budget_s=60)
+    gpu = {"device": "NVIDIA H100", "measured_on": "gpu", "bench": "attention", "config": "B256 20x36", "dtype": "bf16"}
+    rows = [{**gpu, "bench": "check", "check": "attention", "passed": True}]
+    rows += [{**gpu, "provider": provider, "mode": mode, "median_ms": ms * (2 if mode == "full" else 1)}
+             for provider, ms in (("triton", 0.5), ("eager", 2.0), ("sdpa_flash", 1.0))
+             for mode in ("forward", "backward", "full")]  # fmt: skip
+    gs.harness.append_rows(session.path(gs.KERNELS_ROWS), rows)
+    session.path("logs/kernels.log").write_text("checks: 21 passed, 0 failed (3.0 s)\n")
+    numbers = {n.name: (n.value, n.label) for n in gs.kernels_numbers(session)}
+    assert numbers["correctness checks passed"][0] == 21
+    assert numbers["attention B256 20x36 bf16 triton fwd+bwd"] == (1.0, "NVIDIA H100")
+    assert numbers["attention B256 20x36 bf16 triton speed-up over sdpa_flash"] == (2.0, "NVIDIA H100")
