@@ -1,51 +1,27 @@
-"""One call on a lent H100 / H200: the project's GPU measurements in at most 9 minutes, written to $OUT.
+"""The project's GPU measurements in one command: every benchmark stage in order, each under a time limit.
 
-The same session shrunken for a CPU machine (--dry-run) tests the script before a GPU is ever lent.
+    python -m benchmarks.gpu_session --out DIR [--wheels DIR] [--budget SECONDS]   # on a GPU machine
+    python -m benchmarks.gpu_session --dry-run [--out DIR]                         # every stage shrunken, CPU
 
-    python -m benchmarks.gpu_session --carry-check          # here: is .whl ready for the device call?
-    python -m benchmarks.gpu_session --dry-run [--out DIR]  # here: every stage shrunken, CPU, ~1.5 minutes
-    BENCH_COMMIT=<sha> python3 -m benchmarks.gpu_session --out $OUT     # there, carrying .whl
+The stages (`stages()`; what each runs, its limit and what --out receives: benchmarks/README.md) call the project's
+own commands as subprocesses: pytest on tests/test_kernel_*.py, benchmarks.kernels, benchmarks.throughput,
+engine.data.synthetic and engine.data.convert, engine.pretrain. Each command runs in a process group of its own,
+killed with the whole group at the stage's limit; a stage that fails or times out is recorded and the session
+goes on. A stage never runs into the time kept back for the stages after it (`reserve_s`), so the pre-training
+keeps its ~2.5 minutes of the budget. The engine has no time limit of its own, so its steps are planned from the
+throughput stage's samples/s (x ENGINE_RATE_FACTOR; DEFAULT_RATE when it measured none), with enough synthetic
+sentences that no epoch ends (an epoch's end writes a multi-GB checkpoint) before the last step.
 
-The stages, in order; each is one or more subprocesses in a process group of its own, killed with the whole
-group at the stage's hard limit, so that one stage overrunning cannot eat the next ones' time. A stage that fails
-or times out is recorded as such and the session goes on (only pretrain needs pretrain_data):
-  preflight      the carried wheels installed into a private site (the image has no DeepSpeed), imports checked
-  environment    nvidia-smi, device, capability, torch / triton / CUDA / DeepSpeed / transformers, commit, date
-  kernel_tests   tests/test_kernel_*.py on CUDA (TRITON_INTERPRET unset there), junit XML
-  kernels        python -m benchmarks.kernels --quick: the Triton kernels against the PyTorch providers
-  throughput     python -m benchmarks.throughput --quick: the pre-training step, ours against transformers'
-  pretrain_data  a synthetic set in the authors' formats (engine.data.synthetic), converted into stores
-  pretrain       python -m engine.pretrain (what the lxmert-pretrain console script calls) with
-                 configs/pretrain_adamw.yaml: LXMERT-base, train.precision=bf16, ZeRO-1 under DeepSpeed, the
-                 GPU-resident loader, train.max_steps sized to about two minutes from the throughput stage's rate
-
-Time: the session has a budget (540 s on the GPU: the device call's 10 minutes less start-up and transfers);
-each stage runs for at most its own limit and never into the time kept back for the stages after it
-(`reserve_s`), so the pre-training keeps its ~2.5 minutes even when every earlier stage runs to its limit.
-No pre-training time limit exists in the engine, so its steps are planned: the throughput stage's samples/s of
-ours (sdpa, bf16) x ENGINE_RATE_FACTOR, or DEFAULT_RATE when that stage gave none; the synthetic set holds at
-least that many steps' sentences, so no epoch ends (an epoch's end writes a multi-GB checkpoint) before the last.
-
-$OUT (the device tool returns at most 8 files, 16 MiB each): summary.md and summary.json (environment, every
-stage's status, seconds and limit, every number with where it was measured), session.log (every stage's
-commands and output), kernel_tests.xml, kernels.jsonl, throughput.jsonl, pretrain_metrics.jsonl, and
-artifacts.tar.gz (the benchmarks' own Markdown summaries and plots, environment.json, nvidia-smi.txt, the
-resolved training config). They are rewritten after every stage, so a session cut short still leaves a summary.
-
---dry-run runs every stage's command shrunken through the same runner: CUDA hidden, TRITON_INTERPRET=1, the
-kernel tests in the interpreter, benchmarks.kernels' CPU path (its checks, no timing), benchmarks.throughput
---smoke, a tiny model pre-trained for a few steps on a tiny synthetic set (still bf16 and ZeRO-1). Every number
-it reports is labelled DRY_LABEL, in summary.md and summary.json alike, so none can pass for a GPU figure.
-
-This module imports nothing beyond the standard library (the stages import torch, in their own processes), so
-it also runs as a file (python3 benchmarks/gpu_session.py).
+--wheels DIR installs every wheel there without an index (a machine without network) into a private site that
+goes first on the stages' PYTHONPATH. --dry-run runs every stage shrunken through the same runner (CUDA hidden,
+TRITON_INTERPRET=1, benchmarks.kernels' CPU checks, benchmarks.throughput --smoke, a tiny model for 4 steps);
+every number it reports is labelled DRY_LABEL, so none can pass for a GPU figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import importlib.util
 import json
 import math
@@ -64,14 +40,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks import harness
+from engine.metrics_log import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
-WHEELS = REPO / ".whl"  # ignored by git (.git/info/exclude), named in the device call's carry
 GPU_BUDGET_S = 540.0
 DRY_BUDGET_S = 600.0
 DRY_LABEL = "cpu, dry-run: not a GPU number"
 MIN_STAGE_S = 5.0  # a stage with less time than this is skipped, not started
 KILL_GRACE_S = 5.0  # SIGTERM to SIGKILL
-COMMIT_ENV = "BENCH_COMMIT"
 
 # the pre-training stage
 RECIPE = "configs/pretrain_adamw.yaml"  # LXMERT-base, fused AdamW, bf16, ZeRO-1 (DeepSpeed), batch 256
@@ -87,88 +64,15 @@ SYNTHETIC_IMAGES = 512  # 461 train images of 36 x 2048 fp16 features: 68 MB, re
 TINY_MODEL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37",
               "model.l_layers=1", "model.r_layers=1", "model.x_layers=1"]  # fmt: skip
 
-# $OUT: what the device tool returns
-OUT_MAX_FILES = 8
-OUT_MAX_BYTES = 16 * 2**20
-OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-KEPT = {  # $OUT name -> the file under the work directory
-    "kernel_tests.xml": "kernel_tests/kernel_tests.xml",
-    "kernels.jsonl": "kernels/kernels.jsonl",
-    "throughput.jsonl": "throughput/throughput.jsonl",
-    "pretrain_metrics.jsonl": "pretrain/run/metrics.jsonl",
-}
-OUT_FILES = ("summary.md", "summary.json", "session.log", "artifacts.tar.gz", *KEPT)
-ARTIFACT_SUFFIXES = {".md", ".svg", ".json", ".yaml", ".txt"}
-ARTIFACT_SKIP_DIRS = {"data", "raw", "stores", "checkpoints", "site", "tensorboard", "logs"}
-ARTIFACTS_MAX_BYTES = 12 * 2**20
-LOG_KEEP_BYTES = 1536 * 1024  # of each stage's log in session.log: the first quarter and the rest from the end
-
-
-# --------------------------------------------------------------------------------------- what travels
-
-
-@dataclass(frozen=True)
-class Carry:
-    """A wheel the device call carries in .whl, because the GPU image lacks it (KINDS.md's package list)."""
-
-    name: str  # as the wheel's file name spells it
-    version: str
-    tag: str  # a part of the file name the wheel must have
-    why: str
-
-
-CARRY = (
-    Carry("deepspeed", "0.19.8", "py3-none-any", "the engine's ZeRO path (the recipe's train.zero_stage 1); "
-          "DEPENDENCIES.md's pin, built with DS_BUILD_OPS=0 (pure Python)"),
-    Carry("hjson", "3.1.0", "py3-none-any", "a DeepSpeed requirement"),
-    Carry("pydantic", "2.13.4", "py3-none-any", "a DeepSpeed requirement (its config models)"),
-    Carry("pydantic_core", "2.46.4", "cp312-cp312-manylinux", "pydantic's compiled core, for the image's Python 3.12"),
-    Carry("annotated_types", "0.7.0", "py3-none-any", "a pydantic requirement"),
-    Carry("typing_inspection", "0.4.2", "py3-none-any", "a pydantic requirement"),
-    Carry("typing_extensions", "4.16.0", "py3-none-any", "pydantic 2.13 needs >= 4.14.1 (the image's version is "
-          "unknown; a newer one is harmless)"),
-)  # fmt: skip
-
-
-def how_to_carry() -> str:
-    """The commands, run here in the repository's root, that fill .whl."""
-    rest = " ".join(f"{c.name.replace('_', '-')}=={c.version}" for c in CARRY if c.name != "deepspeed")
-    return "\n".join([
-        "echo /.whl/ >> .git/info/exclude",
-        "DS_BUILD_OPS=0 .venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8",
-        ".venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
-        "--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "
-        + rest,
-    ])  # fmt: skip
-
-
-def carry_problems(wheels: Path, needed: tuple[Carry, ...] = CARRY) -> list[str]:
-    """What the wheel folder lacks for the device call, one line each (empty: ready). File names only: the
-    install itself is checked on the device (the preflight stage)."""
-    files = sorted(p.name for p in wheels.iterdir()) if wheels.is_dir() else []
-    problems = []
-    for carry in needed:
-        found = [f for f in files if f.endswith(".whl") and f.split("-")[0].lower() == carry.name]
-        good = [f for f in found if f.split("-")[1] == carry.version and carry.tag in f]
-        if len(found) > 1:
-            problems.append(f"{carry.name}: {len(found)} wheels ({', '.join(found)}): keep one, two stop the install")
-        elif not good:
-            have = f"only {found[0]}" if found else "missing"
-            problems.append(f"{carry.name}=={carry.version} ({carry.tag}): {have}; {carry.why}")
-    return problems
-
-
-def installed_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def missing_here() -> tuple[Carry, ...]:
-    """What this Python lacks of the carried set (the device form: a package already there at the pinned version
-    needs no wheel). The BERT vocabulary is not carried: it travels with the tree (lxmert/vocab)."""
-    return tuple(c for c in CARRY if installed_version(c.name) != c.version)
+# where the stages write, under the work directory
+KERNEL_TESTS_XML = "kernel_tests/kernel_tests.xml"
+KERNELS_ROWS = "kernels/kernels.jsonl"
+THROUGHPUT_ROWS = "throughput/throughput.jsonl"
+PRETRAIN_METRICS = "pretrain/run/metrics.jsonl"
+OUT_FILES = ("summary.md", "summary.json", "session.log", "results.tar.gz")
+RESULT_SUFFIXES = {".md", ".svg", ".png", ".json", ".jsonl", ".xml", ".yaml", ".txt"}
+RESULT_SKIP_DIRS = {"data", "raw", "stores", "checkpoints", "site", "tensorboard", "logs"}
+RESULTS_MAX_BYTES = 64 * 2**20
 
 
 # ------------------------------------------------------------------------------------------ the session
@@ -222,12 +126,11 @@ class Session:
     work: Path
     dry_run: bool
     budget_s: float
-    wheels: Path = WHEELS
+    wheels: Path | None = None  # installed by the preflight into work/site
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     date: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat("T", "seconds"))
-    commit: str | None = None
     results: list[Result] = field(default_factory=list)
     numbers: list[Number] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -261,28 +164,11 @@ class Session:
         return Number(stage, name, float(value), unit, measured_on, device, self.dry_run)
 
 
-def session_commit() -> str | None:
-    """$BENCH_COMMIT (the GPU machine gets the tree without .git), else HEAD here, "-dirty" when the tree differs."""
-    if os.environ.get(COMMIT_ENV):
-        return os.environ[COMMIT_ENV]
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True,
-                                  timeout=10).stdout  # fmt: skip
-
-        head = git("rev-parse", "HEAD").strip()
-        return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def stage_env(session: Session, extra_paths: list[Path]) -> dict[str, str]:
     """The stages' environment: on the GPU without TRITON_INTERPRET (kernels compile), in the dry run with it and
-    with CUDA hidden; the private site of the carried wheels first on PYTHONPATH."""
+    with CUDA hidden; the private site of --wheels first on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONUNBUFFERED"] = "1"
-    if session.commit:
-        env[COMMIT_ENV] = session.commit
     if session.dry_run:
         env["TRITON_INTERPRET"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -390,12 +276,8 @@ def run_session(session: Session, stages: list[Stage]) -> int:
             tail = read_tail(session.work / "logs" / f"{stage.name}.log", 2500)
             print("  " + tail.replace("\n", "\n  ").rstrip(), flush=True)
         write_outputs(session)
-    summary = (session.out / "summary.md").read_text(encoding="utf-8")
-    print(summary, flush=True)
-    problems = out_problems(session.out)
-    for problem in problems:
-        print(f"$OUT: {problem}", flush=True)
-    return 0 if all(r.status == "ok" for r in session.results) and not problems else 1
+    print((session.out / "summary.md").read_text(encoding="utf-8"), flush=True)
+    return 0 if all(r.status == "ok" for r in session.results) else 1
 
 
 def read_tail(path: Path, size: int) -> str:
@@ -412,30 +294,38 @@ def read_tail(path: Path, size: int) -> str:
 IMPORT_CHECK = """
 import importlib, json
 found = {}
-for name in ("torch", "triton", "deepspeed", "pydantic", "hjson", "transformers", "safetensors", "tokenizers"):
+for name in ("torch", "triton", "deepspeed", "transformers", "safetensors", "tokenizers"):
     found[name] = getattr(importlib.import_module(name), "__version__", "?")
 from deepspeed.accelerator import get_accelerator
 found["deepspeed_accelerator"] = get_accelerator()._name
-from lxmert.tokenizer import LxmertTokenizer, find_vocab
-found["vocab"] = str(find_vocab())
+from lxmert.tokenizer import LxmertTokenizer
 found["tokens"] = LxmertTokenizer().encode("Who is holding the umbrella?")
 assert found["tokens"] == [101, 2040, 2003, 3173, 1996, 12977, 1029, 102], found["tokens"]
 print(json.dumps(found))
 """
 
+ENVIRONMENT = """
+import json, sys
+from benchmarks import harness
+json.dump(harness.environment(), open(sys.argv[1], "w"), indent=1)
+"""
+
 
 def preflight_commands(session: Session) -> list[list[str]]:
-    """Install the carried wheels (GPU: those the image lacks), then import what the stages need."""
-    install = set(session.plan.get("install", ()))  # empty in the dry run: the venv has them
-    wheels = [str(p) for p in sorted(session.wheels.glob("*.whl")) if p.name.split("-")[0].lower() in install]
-    pip = [session.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-           "--upgrade", "--target", str(session.work / "site")]  # the device README's line
-    return ([pip + wheels] if wheels else []) + [[session.python, "-c", IMPORT_CHECK]]
+    """Install the wheels of --wheels (no index: an offline machine), then import what the stages need."""
+    commands = []
+    if session.wheels is not None:
+        wheels = sorted(str(p) for p in session.wheels.glob("*.whl"))
+        if not wheels:
+            raise FileNotFoundError(f"--wheels {session.wheels}: no .whl file there")
+        commands.append([session.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                         "--no-cache-dir", "--upgrade", "--target", str(session.work / "site"), *wheels])  # fmt: skip
+    return [*commands, [session.python, "-c", IMPORT_CHECK]]
 
 
 def environment_commands(session: Session) -> list[list[str]]:
-    return [[session.python, "-m", "benchmarks.gpu_session", "--environment-json",
-             str(session.path("environment/environment.json"))]]  # fmt: skip
+    commands = [[session.python, "-c", ENVIRONMENT, str(session.path("environment/environment.json"))]]
+    return commands + ([["nvidia-smi"]] if shutil.which("nvidia-smi") else [])  # its whole output in the log
 
 
 def after_environment(session: Session, result: Result) -> None:
@@ -443,22 +333,21 @@ def after_environment(session: Session, result: Result) -> None:
     if path.is_file():
         session.environment = json.loads(path.read_text(encoding="utf-8"))
     if not session.dry_run and session.environment.get("measured_on") == "cpu":
-        session.stop = ("no CUDA device here: this is the device form (run it on the GPU machine); --dry-run is the "
-                        "CPU form")  # fmt: skip
+        session.stop = "no CUDA device here: --dry-run is the CPU form"
 
 
 def kernel_test_commands(session: Session) -> list[list[str]]:
     """-v: a line a test, so a run killed at its limit still shows which passed (the XML is written at the end).
-    On the GPU the tests run in 8 processes when pytest-xdist is there (the image has it): most of their time
-    is Triton compiling each kernel variant, one process at a time otherwise."""
+    On the GPU the tests run in 8 processes when pytest-xdist is installed: most of their time is Triton
+    compiling each kernel variant, one process at a time otherwise."""
     tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py"))
     parallel = ["-n", "8"] if not session.dry_run and importlib.util.find_spec("xdist") else []
     return [[session.python, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", *parallel,
-             f"--junitxml={session.path(KEPT['kernel_tests.xml'])}", *tests]]  # fmt: skip
+             f"--junitxml={session.path(KERNEL_TESTS_XML)}", *tests]]  # fmt: skip
 
 
 def kernel_test_numbers(session: Session) -> list[Number]:
-    path = session.work / KEPT["kernel_tests.xml"]
+    path = session.work / KERNEL_TESTS_XML
     if not path.is_file():
         return []
     root = ElementTree.parse(path).getroot()
@@ -472,33 +361,28 @@ def kernel_test_numbers(session: Session) -> list[Number]:
 
 def kernels_commands(session: Session) -> list[list[str]]:
     # the same arguments in the dry run: without a GPU the script runs its checks (interpreter, tiny sizes) only
-    return [[session.python, "-m", "benchmarks.kernels", "--quick", "--out", str(session.path(KEPT["kernels.jsonl"]))]]
-
-
-OURS_KERNELS = {"triton", "triton_bidirectional", "triton_fused"}
+    return [[session.python, "-m", "benchmarks.kernels", "--quick", "--out", str(session.path(KERNELS_ROWS))]]
 
 
 def kernels_numbers(session: Session) -> list[Number]:
+    """benchmarks.kernels' own count of checks (its log) and its own speed-up table (its rows)."""
     numbers = []
-    log = read_tail(session.work / "logs/kernels.log", 2**22)
-    checks = re.findall(r"^checks: (\d+) passed, (\d+) failed", log, re.M)  # benchmarks.kernels' own count
+    checks = re.findall(r"^checks: (\d+) passed, (\d+) failed", read_tail(session.work / "logs/kernels.log", 2**22),
+                        re.M)  # fmt: skip
     if checks:
         passed, failed = checks[-1]
         numbers += [session.number("kernels", "correctness checks passed", int(passed)),
                     session.number("kernels", "correctness checks failed", int(failed))]  # fmt: skip
-    groups: dict[tuple, list[dict]] = {}
-    for row in read_jsonl(session.work / KEPT["kernels.jsonl"]):
-        if row.get("mode") == "full" and row.get("median_ms"):
-            groups.setdefault((row["bench"], row["config"], row["dtype"]), []).append(row)
-    for (bench, config, dtype), rows in groups.items():
-        others = [r for r in rows if r["provider"] not in OURS_KERNELS]
-        best = min(others, key=lambda r: r["median_ms"], default=None)
-        for ours in (r for r in rows if r["provider"] in OURS_KERNELS):
-            what = f"{bench} {config} {dtype} {ours['provider']}"
-            numbers.append(session.number("kernels", f"{what} fwd+bwd", ours["median_ms"], "ms", ours))
-            if best:
-                numbers.append(session.number("kernels", f"{what} speed-up over {best['provider']}",
-                                              best["median_ms"] / ours["median_ms"], "x", ours))  # fmt: skip
+    rows = harness.read_rows(session.work / KERNELS_ROWS)
+    if any(r.get("mode") for r in rows):
+        from benchmarks.kernels import pivot, speedups  # imports triton: only once the stages have run
+
+        for line in speedups(pivot([r for r in rows if r.get("bench") != "check"])):
+            what = f"{line['bench']} {line['config']} {line['dtype']} {line['ours']}"
+            numbers.append(session.number("kernels", f"{what} fwd+bwd", line["ours_ms"], "ms", rows[-1]))
+            if line["speedup"]:
+                numbers.append(session.number("kernels", f"{what} speed-up over {line['best_other']}",
+                                              line["speedup"], "x", rows[-1]))  # fmt: skip
     return numbers
 
 
@@ -507,13 +391,13 @@ def throughput_commands(session: Session) -> list[list[str]]:
     # run past it, so the budget leaves THROUGHPUT_TAIL_S of the stage's limit for them
     budget = max(session.current_limit - THROUGHPUT_TAIL_S, 30)
     size = ["--smoke"] if session.dry_run else ["--quick", "--time-budget", f"{budget:.0f}"]
-    return [[session.python, "-m", "benchmarks.throughput", *size, "--out", str(session.path(KEPT["throughput.jsonl"])),
+    return [[session.python, "-m", "benchmarks.throughput", *size, "--out", str(session.path(THROUGHPUT_ROWS)),
              "--data-dir", str(session.path("throughput/data"))]]  # fmt: skip
 
 
 def throughput_numbers(session: Session) -> list[Number]:
     numbers = []
-    for row in read_jsonl(session.work / KEPT["throughput.jsonl"]):
+    for row in harness.read_rows(session.work / THROUGHPUT_ROWS):
         if row.get("kind") == "parity":
             what = f"parity {row['precision']} b{row['batch']}: relative difference of transformers' loss and ours"
             numbers.append(session.number("throughput", what, row["rel_diff"], "", row))
@@ -531,7 +415,7 @@ def throughput_numbers(session: Session) -> list[Number]:
 
 def measured_rate(session: Session) -> tuple[float, str]:
     """samples/s the pre-training is planned with: ours (sdpa, bf16, resident data) from the throughput stage."""
-    rows = [r for r in read_jsonl(session.work / KEPT["throughput.jsonl"])
+    rows = [r for r in harness.read_rows(session.work / THROUGHPUT_ROWS)
             if r.get("kind") == "throughput" and r.get("impl") == "ours" and r.get("attn") == "sdpa"
             and r.get("precision") == "bf16" and r.get("loader") == "resident" and r.get("samples_per_s")]  # fmt: skip
     if rows:
@@ -596,8 +480,10 @@ def pretrain_commands(session: Session) -> list[list[str]]:
 
 
 def pretrain_numbers(session: Session) -> list[Number]:
-    rows = read_jsonl(session.work / KEPT["pretrain_metrics.jsonl"])
-    records = [r for r in rows if r.get("kind", "train") == "train"]
+    path = session.work / PRETRAIN_METRICS
+    if not path.is_file():
+        return []
+    records, _ = read_metrics(path)
     if not records:
         return []
     steady = records[1:] or records  # the first window holds the warm-up (allocator, cuBLAS, DeepSpeed's first step)
@@ -644,26 +530,14 @@ def stages(dry_run: bool) -> list[Stage]:
     ]  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------ $OUT
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file (a line cut off by a kill is dropped)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
+# ---------------------------------------------------------------------------------------------- --out
 
 
 def summary_dict(session: Session) -> dict[str, Any]:
     return {
         "session": {"dry_run": session.dry_run, "measured_on": session.measured_on,
-                    "label": DRY_LABEL if session.dry_run else session.device, "commit": session.commit,
+                    "label": DRY_LABEL if session.dry_run else session.device,
+                    "commit": session.environment.get("commit"),
                     "date": session.date, "budget_s": session.budget_s, "elapsed_s": session.elapsed(),
                     "plan": session.plan, "notes": session.notes},
         "environment": session.environment,
@@ -684,13 +558,11 @@ def summary_markdown(session: Session) -> str:
     lines = [f"# {title}\n"]
     versions = ", ".join(f"{k} {env.get(k)}" for k in ("torch", "triton", "cuda", "deepspeed", "transformers",
                                                        "python"))  # fmt: skip
-    device = [f"Device {session.device}"]
+    device = f"Device {session.device}"
     if env.get("capability"):
-        device.append(f"compute capability {env['capability']}, {env['sm_count']} SMs, {env['memory_gib']:.0f} GiB")
-    if env.get("nvidia_smi"):
-        device.append(f"nvidia-smi: {env['nvidia_smi']}")
-    lines.append("; ".join(device) + f". {versions}.\n")
-    lines.append(f"Commit {session.commit or 'unknown (set BENCH_COMMIT)'}; started {session.date}; "
+        device += f", compute capability {env['capability']}, {env['sm_count']} SMs, {env['memory_gib']:.0f} GiB"
+    lines.append(f"{device}. {versions}.\n")
+    lines.append(f"Commit {env.get('commit') or 'unknown (set BENCH_COMMIT)'}; started {session.date}; "
                  f"{session.elapsed():.0f} s of a {session.budget_s:.0f} s budget.\n")  # fmt: skip
     lines += ["## Stages\n", "| stage | status | seconds | limit s | note |", "|---|---|---|---|---|"]
     for r in session.results:
@@ -712,93 +584,30 @@ def summary_markdown(session: Session) -> str:
 
 
 def session_log(session: Session) -> str:
-    parts = []
-    for r in session.results:
-        text = read_tail(session.work / "logs" / f"{r.name}.log", 2**31)
-        if len(text) > LOG_KEEP_BYTES:
-            head = LOG_KEEP_BYTES // 4
-            cut = f"\n[... {len(text) - LOG_KEEP_BYTES} characters left out ...]\n"
-            text = text[:head] + cut + text[-(LOG_KEEP_BYTES - head):]
-        parts.append(f"===== {r.name}: {r.status}, {r.seconds:.1f} s (limit {r.limit_s:.0f} s) {r.note}\n{text}\n")
-    return "".join(parts)
+    return "".join(f"===== {r.name}: {r.status}, {r.seconds:.1f} s (limit {r.limit_s:.0f} s) {r.note}\n"
+                   f"{read_tail(session.work / 'logs' / f'{r.name}.log', 2**31)}\n" for r in session.results)
 
 
-def write_artifacts(session: Session, path: Path) -> None:
-    """The small files the stages wrote beside their rows (Markdown summaries, plots, configs), up to a size."""
+def write_results(session: Session, path: Path) -> None:
+    """What the stages wrote, the bulky folders left out (data, stores, checkpoints), up to RESULTS_MAX_BYTES."""
     total = 0
     with tarfile.open(path, "w:gz") as tar:
         for file in sorted(p for p in session.work.rglob("*") if p.is_file()):
             relative = file.relative_to(session.work)
-            if (file.suffix not in ARTIFACT_SUFFIXES or set(relative.parts[:-1]) & ARTIFACT_SKIP_DIRS
-                    or str(relative) in KEPT.values() or total + file.stat().st_size > ARTIFACTS_MAX_BYTES):
+            if (file.suffix not in RESULT_SUFFIXES or set(relative.parts[:-1]) & RESULT_SKIP_DIRS
+                    or total + file.stat().st_size > RESULTS_MAX_BYTES):
                 continue  # fmt: skip
             tar.add(file, arcname=str(relative))
             total += file.stat().st_size
 
 
 def write_outputs(session: Session) -> None:
-    out = session.out
-    out.mkdir(parents=True, exist_ok=True)
-    for name, relative in KEPT.items():
-        source = session.work / relative
-        if source.is_file() and source.stat().st_size <= OUT_MAX_BYTES:
-            shutil.copyfile(source, out / name)
-    write_artifacts(session, out / "artifacts.tar.gz")
-    (out / "session.log").write_text(session_log(session), encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary_dict(session), indent=1, default=str) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(summary_markdown(session), encoding="utf-8")
-
-
-def out_problems(out: Path) -> list[str]:
-    """Where $OUT breaks the device tool's limits on what comes back (at most 8 files of 16 MiB, 2 folders down,
-    names of letters, digits, '.', '_' and '-')."""
-    files = [p for p in out.rglob("*") if p.is_file()]
-    problems = [f"{len(files)} files, more than {OUT_MAX_FILES}"] if len(files) > OUT_MAX_FILES else []
-    for p in files:
-        relative = p.relative_to(out)
-        if len(relative.parts) > 3:
-            problems.append(f"{relative}: more than 2 folders down")
-        if not all(OUT_NAME.match(part) for part in relative.parts):
-            problems.append(f"{relative}: a name with other characters than letters, digits, '.', '_', '-'")
-        if p.stat().st_size > OUT_MAX_BYTES:
-            problems.append(f"{relative}: {p.stat().st_size} bytes, over 16 MiB")
-    return problems
-
-
-# ----------------------------------------------------------------------------------------- environment
-
-
-def record_environment(path: Path) -> int:
-    """The environment stage's own process: harness.environment() (device, versions, commit, date) with the
-    device's capability and size and nvidia-smi's view, as JSON; nvidia-smi's full output beside it."""
-    import torch
-
-    from benchmarks import harness
-
-    env = harness.environment()
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env |= {"capability": "%d.%d" % torch.cuda.get_device_capability(0), "sm_count": props.multi_processor_count,
-                "memory_gib": props.total_memory / 2**30}  # fmt: skip
-    env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
-    env["python_executable"] = sys.executable
-    smi = shutil.which("nvidia-smi")
-    env["nvidia_smi"] = "not present"
-    if smi:
-        query = ["--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit", "--format=csv,noheader"]
-        for args, keep in ((query, True), ([], False)):
-            try:
-                proc = subprocess.run([smi, *args], capture_output=True, text=True, timeout=30)
-            except (OSError, subprocess.SubprocessError) as error:
-                env["nvidia_smi"] = f"failed: {error}"
-                break
-            if keep:
-                env["nvidia_smi"] = proc.stdout.strip() or proc.stderr.strip()
-            else:
-                (path.parent / "nvidia-smi.txt").write_text(proc.stdout + proc.stderr, encoding="utf-8")
-    path.write_text(json.dumps(env, indent=1) + "\n", encoding="utf-8")
-    print(json.dumps(env, indent=1))
-    return 0
+    session.out.mkdir(parents=True, exist_ok=True)
+    write_results(session, session.out / "results.tar.gz")
+    (session.out / "session.log").write_text(session_log(session), encoding="utf-8")
+    summary = json.dumps(summary_dict(session), indent=1, default=str) + "\n"
+    (session.out / "summary.json").write_text(summary, encoding="utf-8")
+    (session.out / "summary.md").write_text(summary_markdown(session), encoding="utf-8")
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -806,65 +615,32 @@ def record_environment(path: Path) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, help="where the summary and results go: $OUT on the GPU machine "
-                        "(required there); the dry run's default is a new temporary folder")  # fmt: skip
+    parser.add_argument("--out", type=Path, help="where the summary, log and results go (required on a GPU; the "
+                        "dry run's default is a new temporary folder)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="every stage shrunken on the CPU; numbers say so")
-    parser.add_argument("--carry-check", action="store_true", help="only check that --wheels holds what the device "
-                        "call must carry; exit 2 when not")  # fmt: skip
-    parser.add_argument("--wheels", type=Path, default=WHEELS, help="the carried wheel folder (default .whl)")
+    parser.add_argument("--wheels", type=Path, help="install every wheel in this folder first (no index: for a "
+                        "machine without network), into a private site the stages see first")  # fmt: skip
     parser.add_argument("--budget", type=float, help=f"seconds for the whole session (default {GPU_BUDGET_S:.0f}; "
                         f"dry run {DRY_BUDGET_S:.0f})")  # fmt: skip
     parser.add_argument("--work", type=Path, help="scratch folder, kept afterwards (default: a temporary one, "
                         "removed at the end; it holds GBs of checkpoints on the GPU)")  # fmt: skip
-    parser.add_argument("--environment-json", type=Path, help=argparse.SUPPRESS)  # the environment stage's process
     args = parser.parse_args(argv)
-    if not (args.carry_check or args.environment_json or args.dry_run or args.out):
-        parser.error("--out is required (on the GPU machine: --out $OUT); --dry-run runs the CPU form")
+    if not (args.dry_run or args.out):
+        parser.error("--out is required; --dry-run runs the CPU form")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.environment_json:
-        return record_environment(args.environment_json)
-    if args.carry_check:
-        problems = carry_problems(args.wheels)
-        for problem in problems:
-            print(f"missing from {args.wheels}: {problem}")
-        if problems:
-            print(f"\nFill it here, in the repository's root:\n{how_to_carry()}")
-            return 2
-        print(f"{args.wheels} holds what the device call carries: "
-              + ", ".join(sorted(p.name for p in args.wheels.iterdir())))  # fmt: skip
-        return 0
-
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu_session_dry_run_"))
     for name in OUT_FILES:  # a rerun into the same folder leaves no stale file of an earlier session
         (out / name).unlink(missing_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_session_work_"))
     budget = args.budget or (DRY_BUDGET_S if args.dry_run else GPU_BUDGET_S)
     session = Session(out=out, work=work, dry_run=args.dry_run, budget_s=budget, wheels=args.wheels)
-    session.commit = session_commit()
-    extra_paths = []
-    needed = missing_here()
-    if args.dry_run:
-        problems = carry_problems(args.wheels)  # what the device call would lack: reported, not fatal here
-        session.notes.append(f"device call's carry ({args.wheels}): " + ("ready" if not problems else
-                             f"{len(problems)} missing: " + "; ".join(p.split(':')[0] for p in problems)))  # fmt: skip
-    else:
-        problems = carry_problems(args.wheels, needed)
-        if problems:  # fail fast: nothing after this is worth GPU time without them
-            session.results.append(Result("preflight", "failed", note="carried files missing: " + "; ".join(problems)))
-            write_outputs(session)
-            print("preflight: the device call lacks what it must carry (nothing run):\n  " + "\n  ".join(problems))
-            print(f"Fill .whl here, in the repository's root, and call again with carry [\".whl\"]:\n{how_to_carry()}")
-            return 2
-        session.plan["install"] = [c.name for c in needed]
-        if needed:
-            extra_paths.append(work / "site")
-    session.env = stage_env(session, extra_paths)
-    print(f"{'dry run (CPU)' if args.dry_run else 'GPU session'}: commit {session.commit}, budget {budget:.0f} s, "
-          f"out {out}, work {work}", flush=True)  # fmt: skip
+    session.env = stage_env(session, [work / "site"] if args.wheels else [])
+    print(f"{'dry run (CPU)' if args.dry_run else 'GPU session'}: budget {budget:.0f} s, out {out}, work {work}",
+          flush=True)  # fmt: skip
     try:
         return run_session(session, stages(args.dry_run))
     finally:

@@ -8,7 +8,8 @@ carry the same environment fields and their numbers are taken the same way:
 - time_cpu: the same statistics from perf_counter, for host-side work (data loading).
 - peak_memory: torch.cuda.max_memory_allocated over one call (everything live counts, inputs too).
 - step_clock: host time of the phases of a training step, the device synchronised at each boundary.
-- append_rows: JSON lines, appended to a path (a bare name: benchmarks/results/<name>.jsonl); markdown_table for the summary;
+- append_rows: JSON lines, appended to a path (runs/benchmarks/ by default: RUNS_DIR), read_rows to read them
+  back; markdown_table for the summary;
   line_chart for a plot (a matplotlib Figure; engine.plots.save_figure writes it as SVG and PNG).
 
 This module imports no GPU library besides torch (versions are read from package metadata), so importing it
@@ -34,10 +35,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"  # the measurements the repository records (--out names it)
 RUNS_DIR = REPO_ROOT / "runs" / "benchmarks"  # where a run writes by default: ignored by git, tracked files untouched
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any L2 so far (H100 50 MB, H200 60 MB)
-COMMIT_ENV = "BENCH_COMMIT"  # where there is no git checkout (the GPU machine gets a copy without .git)
+COMMIT_ENV = "BENCH_COMMIT"  # the commit of a copy of the tree without .git (git_commit reads it there)
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -72,11 +72,16 @@ def git_commit() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    """Flat fields every result row carries: device ("cpu" without a GPU, so no CPU row passes for a GPU one),
-    where it was measured, software versions, commit, date, host."""
+    """Flat fields every result row carries: device ("cpu" without a GPU, so no CPU row passes for a GPU one) and
+    on a GPU its compute capability, SM count and memory, where it was measured, software versions, commit, date,
+    host."""
     cuda = torch.cuda.is_available()
+    props = torch.cuda.get_device_properties(0) if cuda else None
     return {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "capability": f"{props.major}.{props.minor}" if cuda else None,
+        "sm_count": props.multi_processor_count if cuda else None,
+        "memory_gib": props.total_memory / 2**30 if cuda else None,
         "measured_on": "gpu" if cuda else "cpu",
         "host_cpu": platform.processor() or platform.machine() or None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
@@ -198,22 +203,26 @@ class StepClock:
 # ---------------------------------------------------------------------------------------------- results
 
 
-def results_path(name_or_path: str | os.PathLike) -> Path:
-    """A bare name ("kernels") means benchmarks/results/<name>.jsonl; anything else is a path as given."""
-    path = Path(name_or_path)
-    if path.parent == Path(".") and not path.suffix:
-        return RESULTS_DIR / f"{path}.jsonl"
-    return path
-
-
-def append_rows(name_or_path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
+def append_rows(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
     """Append each row as one JSON line (creating folders); values JSON cannot hold are written as str."""
-    path = results_path(name_or_path)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, default=str) + "\n")
     return path
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file; none when it is missing, and a line cut short (a killed run) is dropped."""
+    path = Path(path)
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
 
 
 def write_summary(path: str | os.PathLike, lines: Sequence[str]) -> Path:

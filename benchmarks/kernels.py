@@ -6,10 +6,10 @@ Run it as a module from the repository root (run as a file, `import kernels` wou
 
 On a GPU it first checks correctness at LXMERT's sizes: each kernel against a float64 reference, forward and
 every gradient, in fp32 / bf16 / fp16, with the tests' rules (fp32 within 1e-5; bf16 / fp16 within 2x
-PyTorch's own error in that dtype plus a constant; attention errors are max-norm, feature regression
-Frobenius, as in tests/test_kernel_*.py). Then it times, with benchmarks/harness.py (CUDA events, L2 flushed,
-warm-up 10, median of 50), three modes in Liger's sense: forward (autograd recording, as in training),
-backward (autograd.grad over a fresh graph, its forward untimed) and full (both), with peak memory:
+PyTorch's own error in that dtype plus a constant) and measures (kernels.errors: max-norm rel_err for
+attention, Frobenius norm_rel_err for feature regression). Then it times, with benchmarks/harness.py (CUDA
+events, L2 flushed, warm-up 10, median of 50), three modes in Liger's sense: forward (autograd recording, as in
+training), backward (autograd.grad over a fresh graph, its forward untimed) and full (both), with peak memory:
 - attention, 12 heads, head dim 64, batch 64 / 128 / 256 / 512, (Lq, Lk) = (20, 36), (36, 20), (20, 20),
   (36, 36) and the cross layer both ways (20 tokens + 36 regions), language keys ~15% padded; a few larger
   (64, 64) problems (head dim 64 and 128: the longest the kernel takes on a GPU); bf16, and fp32 at batch 256. Providers: the Triton kernel,
@@ -28,7 +28,7 @@ it is taken; a Markdown summary goes to the same path with .md and is printed la
 
 Expected duration on an H100 (estimated, not yet measured): checks ~20 s; ~200 provider x config pairs of
 3 modes x 61 calls of 0.1-1 ms, ~1 min; torch.compile's ~30 static compiles, a few seconds each; feature
-regression ~15 s. No config starts after TIME_BUDGET_S of timing, so one call stays inside a 10-minute limit
+regression ~15 s. No config starts after TIME_BUDGET_S of timing, so a run stays within about 10 minutes
 (rows are appended as they are taken; --quick takes well under a minute).
 
 Without a GPU nothing is timed (the Triton interpreter says nothing about kernel speed): the checks run at tiny
@@ -60,6 +60,7 @@ import torch.nn.functional as F  # noqa: E402
 import kernels  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from kernels import feature_regression, fused_attention  # noqa: E402
+from kernels.errors import norm_rel_err, rel_err  # noqa: E402
 from lxmert import attention, losses  # noqa: E402
 
 Tensor = torch.Tensor
@@ -411,21 +412,6 @@ def time_feature_regression(cfg: FeatureConfig, providers: Sequence[str], device
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def max_rel_err(actual: Tensor, reference: Tensor) -> float:
-    """max |actual - reference| / max |reference| in float64 (the attention tests' measure)."""
-    actual, reference = actual.detach().double(), reference.detach().double()
-    if actual.numel() == 0:
-        return 0.0
-    diff, scale = (actual - reference).abs().max().item(), reference.abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-def norm_rel_err(actual: Tensor, reference: Tensor) -> float:
-    """||actual - reference|| / ||reference|| (Frobenius) in float64 (the feature-regression tests' measure)."""
-    actual, reference = actual.detach().double(), reference.detach().double()
-    return ((actual - reference).norm() / reference.norm().clamp(min=1e-30)).item()
-
-
 def _outputs_and_grads(fn: Callable, inputs: list[Tensor], grad_outs: list[Tensor]) -> list[Tensor]:
     """fn's outputs and the gradients of every input (fresh leaves; None inputs are passed through)."""
     leaves = [None if t is None else t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
@@ -506,7 +492,7 @@ def check_attention(cfg: AttentionConfig, dtype: torch.dtype, device: torch.devi
         kernel_fn = lambda q, k, v: kernels.cross_attention(q, k, v, mask)  # noqa: E731
         ref_fn = lambda q, k, v: kernels.reference_attention(q, k, v, mask)  # noqa: E731
         names = ["out", "dq", "dk", "dv"]
-    return compare(kernel_fn, ref_fn, [q, k, v], grad_outs, dtype, names, max_rel_err, ATTENTION_SLACK)
+    return compare(kernel_fn, ref_fn, [q, k, v], grad_outs, dtype, names, rel_err, ATTENTION_SLACK)
 
 
 def same_dtype_feature_regression(x, weight, bias, target, row_weight, normalizer):

@@ -267,10 +267,7 @@ def measure_stage(args: argparse.Namespace, stores, mode: str, stage: int, world
 
 def baseline_row(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     """The latest 1-rank row of `path` whose config equals `key` (for the scaling efficiency)."""
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    matches = [r for r in rows if r.get("world_size") == 1 and all(r.get(k) == v for k, v in key.items())]
+    matches = [r for r in harness.read_rows(path) if r.get("world_size") == 1 and all(r.get(k) == v for k, v in key.items())]
     return matches[-1] if matches else None
 
 

@@ -21,11 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness
 
 
 def rounding_error(seed: int = 0, n: int = 2_000_000) -> dict[str, float]:

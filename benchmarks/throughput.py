@@ -40,7 +40,7 @@ configuration is then profiled (torch.profiler, top kernels by GPU time, grouped
 <out>_profile.md. Rows (harness.environment() + config + numbers) are appended to --out as they are measured;
 a Markdown summary (<out>.md) and a plot of samples/s against batch size (<out>.svg, <out>.png) are written at
 the end.
-No variant starts after --time-budget seconds, so a run fits a 10-minute device call (estimated, not measured:
+No variant starts after --time-budget seconds, so a run stays within about 10 minutes (estimated, not measured:
 ~50 variants of 3-15 s and two torch.compile runs of ~1-2 min; --quick ~15 variants).
 
 Without a GPU only --smoke runs: a tiny model (hidden 32) at batch 2 for a couple of steps, fp32, every
@@ -70,6 +70,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks import harness  # noqa: E402
+from benchmarks.dataloader import dataset, endless  # noqa: E402
 from engine.config import OptimConfig  # noqa: E402
 from engine.data.batch import PretrainBatch  # noqa: E402
 from engine.flops import peak_flops, step_flops  # noqa: E402
@@ -185,8 +186,6 @@ class Stores:
     """The synthetic store every variant reads, and the resident batches drawn from it once per batch size."""
 
     def __init__(self, data_dir: Path, images: int, feat_dim: int, device: torch.device, vocab_size: int) -> None:
-        from benchmarks.dataloader import dataset
-
         self.text, self.regions = dataset(data_dir, images, feat_dim)
         self.device, self.vocab_size = device, vocab_size
         self._resident: dict[int, list[PretrainBatch]] = {}
@@ -225,14 +224,6 @@ class Stores:
             return batch, model_inputs(variant.impl, batch)
 
         return Data(next_batch, lambda: batches.close())
-
-
-def endless(loader) -> Iterator[PretrainBatch]:
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def masked_counts(batch: PretrainBatch) -> list[int]:

@@ -34,6 +34,7 @@ import pytest
 from torch import nn
 
 import lxmert
+from kernels.errors import norm_rel_err, rel_err  # noqa: F401  (tests import them from here)
 
 SMALL: dict[str, Any] = dict(
     vocab_size=101,
@@ -76,26 +77,6 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------------------------------- errors
-
-
-def rel_err(actual: torch.Tensor, reference: torch.Tensor, floor: float = 0.0) -> float:
-    """max |actual - reference| / max(max |reference|, floor), in float64 (0 when both are all zero).
-
-    `floor` is for a reference that is exactly zero in exact arithmetic (the gradient of a softmax over
-    one key, of a key bias): then rounding noise is judged against the size of its neighbours."""
-    actual, reference = actual.detach().double(), reference.detach().double()
-    assert actual.shape == reference.shape, f"shapes differ: {tuple(actual.shape)} vs {tuple(reference.shape)}"
-    diff = (actual - reference).abs().max().item() if actual.numel() else 0.0
-    scale = max(reference.abs().max().item() if reference.numel() else 0.0, floor)
-    if scale == 0.0:
-        return diff if diff == 0.0 else math.inf
-    return diff / scale
-
-
-def norm_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| (Frobenius), in float64."""
-    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def assert_close(actual: torch.Tensor, reference: torch.Tensor, tol: float, what: str = "", floor: float = 0.0) -> None:
@@ -250,12 +231,11 @@ def tiny_model_overrides(text_store, feat_dim: int, layers: tuple[int, int, int]
 
 @pytest.fixture(scope="session")
 def gpu_session_dry_run(tmp_path_factory) -> dict[str, Any]:
-    """`python -m benchmarks.gpu_session --dry-run` as benchmarks/README.md documents it (with an output folder and
-    an empty wheel folder), run once for the whole suite: tests/test_gpu_session.py checks what it wrote and
+    """`python -m benchmarks.gpu_session --dry-run` as benchmarks/README.md documents it (with an output folder),
+    run once for the whole suite: tests/test_gpu_session.py checks what it wrote and
     tests/test_documented_commands.py counts it as that documented command's run (it takes minutes)."""
     root = tmp_path_factory.mktemp("gpu_session")
-    argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(root / "out"), "--wheels",
-            str(root / "no_wheels")]  # fmt: skip
+    argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(root / "out")]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))  # DeepSpeed's CPU comm op
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The shape ../shared/ARCHITECTURE.md asks for, checked on the source: who imports whom.
+"""The import rules of docs/ARCHITECTURE.md, checked on the source: who imports whom.
 
 - The import graph of lxmert/, kernels/, engine/ and benchmarks/ has no cycle, counting every import (the ones
   inside functions too: a lazy import that closes a cycle is still one), but those under `if TYPE_CHECKING:`,
@@ -142,3 +142,10 @@ def test_the_model_knows_no_engine_and_no_command_line():
 def test_the_checker_sees_a_cycle_and_a_private_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_architecture_document_states_these_rules():
+    """docs/ARCHITECTURE.md is the one description of the layout: it names every package checked here."""
+    text = (REPO / "docs/ARCHITECTURE.md").read_text(encoding="utf-8")
+    assert "tests/test_architecture.py" in text
+    assert all(f"{package}/" in text for package in PACKAGES)
