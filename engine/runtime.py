@@ -1,4 +1,4 @@
-"""How a model is stepped, shared by pre-training (engine/train.py) and fine-tuning (engine/finetune.py).
+"""How a model is stepped, for every task the training loop (engine/train.py) runs: pre-training and fine-tuning.
 
     runtime = Runtime(model, config, total_steps, device, use_deepspeed=..., launch=Launch.from_env())
     out = runtime.forward(**inputs)       # autocast (plain path) or the DeepSpeed engine (it casts the model)

@@ -1,4 +1,4 @@
-"""The Triton kernels are ready for an H100 without one having been lent: every variant LXMERT's launchers produce
+"""The Triton kernels are ready for an H100 without one: every variant LXMERT's launchers produce
 compiles for sm_90 with no spill and within shared memory (benchmarks/kernels_sm90.py), and the fp32 kernels'
 tf32x3 dots (three TF32 products) are as accurate as fp32, checked by emulating them against float64."""
 
