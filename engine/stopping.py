@@ -27,6 +27,7 @@ Exit statuses (the CLIs and engine.main return them; README, "Preemption and tim
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import os
@@ -100,7 +101,12 @@ def process_age() -> float:
 
 
 _IMPORTED = time.monotonic()
-_ENDS_THE_PROCESS = False  # set by interrupt_in_one_line: this process is a CLI whose stop is its end
+_ENDS_THE_PROCESS = False  # set by interrupt_in_one_line while a CLI's main runs: its stop is the process's end
+
+
+def _ignore_stop_signals() -> None:
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 class StopRequests:
@@ -119,7 +125,11 @@ class StopRequests:
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for number in {signal.SIGTERM, signal.SIGINT, *([self.preempt] if self.preempt else [])}:
-                self._previous[number] = signal.signal(number, self._handle)
+                previous = signal.signal(number, self._handle)
+                owner = getattr(previous, "__self__", None)
+                if isinstance(owner, StopRequests):  # kept by a stopped CLI run in this process: what it replaced
+                    previous = owner._previous.get(number, signal.SIG_DFL)
+                self._previous[number] = previous
 
     def restore(self) -> None:
         if self.code and _ENDS_THE_PROCESS:  # a CLI stopping: see interrupt_in_one_line
@@ -236,18 +246,20 @@ def interrupt_in_one_line(prog: str) -> Callable[[Callable[..., int]], Callable[
             # In a CLI a stop ends the process: StopRequests then keeps its handlers to the exit, so the same signal
             # passed on again (a launcher forwarding the scheduler's SIGTERM or ^C) is absorbed instead of killing
             # the process on its way out (status -2 instead of 130) or raising KeyboardInterrupt there.
+            # At the exit they become SIG_IGN: the interpreter's finalisation puts Python-level handlers back to
+            # SIG_DFL, and a duplicate arriving then would still kill the process.
             global _ENDS_THE_PROCESS
-            _ENDS_THE_PROCESS = True
+            ends, _ENDS_THE_PROCESS = _ENDS_THE_PROCESS, True
             try:
                 status = main(*args, **kwargs)
                 if status in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
-                    # and past the interpreter's finalisation, which puts Python-level handlers back to SIG_DFL
-                    for number in (signal.SIGINT, signal.SIGTERM):
-                        signal.signal(number, signal.SIG_IGN)
+                    atexit.register(_ignore_stop_signals)
                 return status
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted (^C) outside the training loop", file=sys.stderr, flush=True)
                 return EXIT_INTERRUPTED
+            finally:
+                _ENDS_THE_PROCESS = ends
 
         return run
 

@@ -157,5 +157,8 @@ def test_a_resume_with_another_global_batch_is_refused_in_one_line(stores, tmp_p
     """The ranks may change, the global batch may not (a plain checkpoint: the check is the trainer's)."""
     out = tmp_path / "run"
     Trainer(load_config(None, overrides(stores, out, "train.max_steps=2")), use_deepspeed=False).train()
+    with pytest.raises(ConfigError, match="train.batch_size 8 -> 16 "):  # the run's config.yaml against this one
+        Trainer(load_config(None, overrides(stores, out, "train.batch_size=16")), use_deepspeed=False)
+    (out / "config.yaml").unlink()  # without it, the checkpoint's own record of the batch
     with pytest.raises(ConfigError, match="written with train.batch_size 8, this run has 16: a resumed run keeps"):
         Trainer(load_config(None, overrides(stores, out, "train.batch_size=16")), use_deepspeed=False)
