@@ -46,6 +46,7 @@ import argparse
 import functools
 import gc
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -172,7 +173,7 @@ def run_config(args: argparse.Namespace, stores: tuple[Path, Path], mode: str, s
     from engine.data.store import TextStore
 
     text, feats = stores
-    template = out_dir / f"deepspeed_{mode}_zero{stage}.json"
+    template = out_dir / f"deepspeed_{mode}_zero{stage}_rank{tdist.get_rank()}.json"
     template.write_text(json.dumps({"zero_optimization": zero_overrides(mode, stage)}))
     model = TINY_MODEL if args.model == "tiny" else {}
     overrides = [f"model.{k}={v}" for k, v in model.items()]
@@ -383,33 +384,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     feat_dim = TINY_FEAT_DIM if args.model == "tiny" else 2048
+    # the runs' output directories are the ranks' common ones (each run's lock is rank 0's), beside the data set
+    work = args.data_dir / "runs"
     if rank == 0:
         dataset(args.data_dir, args.images, feat_dim)  # built once and cached
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     tdist.barrier()
     text, regions = dataset(args.data_dir, args.images, feat_dim)
     stores = (text.path, regions.path)
     env = harness.environment()
     rows = []
-    with tempfile.TemporaryDirectory(prefix=f"scaling-rank{rank}-") as tmp:
-        for mode, stage in [(mode, stage) for mode in args.zero_configs for stage in args.stages]:
-            start = time.perf_counter()
-            mine = measure_stage(args, stores, mode, stage, world, rank, counter, Path(tmp))
-            gathered: list[Any] = [None] * world
-            tdist.all_gather_object(gathered, mine)
-            if rank == 0:
-                row = summarize_stage(args, env, mode, stage, world, gathered)
-                harness.append_rows(args.out, [row])
-                rows.append(row)
-                print(f"{mode} ZeRO-{stage}, {world} ranks: step {row['step_median_ms']:.1f} ms, "
-                      f"{row['samples_per_s']:.1f} samples/s, sent {row['sent_bytes_logger'] / 1e6:.3f} MB/rank/step "
-                      f"(torch {row['sent_bytes_torch'] / 1e6:.3f}, analytic {row['sent_bytes_analytic'] / 1e6:.3f}); "
-                      f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+    for mode, stage in [(mode, stage) for mode in args.zero_configs for stage in args.stages]:
+        start = time.perf_counter()
+        mine = measure_stage(args, stores, mode, stage, world, rank, counter, work)
+        gathered: list[Any] = [None] * world
+        tdist.all_gather_object(gathered, mine)
+        if rank == 0:
+            row = summarize_stage(args, env, mode, stage, world, gathered)
+            harness.append_rows(args.out, [row])
+            rows.append(row)
+            print(f"{mode} ZeRO-{stage}, {world} ranks: step {row['step_median_ms']:.1f} ms, "
+                  f"{row['samples_per_s']:.1f} samples/s, sent {row['sent_bytes_logger'] / 1e6:.3f} MB/rank/step "
+                  f"(torch {row['sent_bytes_torch'] / 1e6:.3f}, analytic {row['sent_bytes_analytic'] / 1e6:.3f}); "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
     if rank == 0:
         md = args.out.with_suffix(".md")
         md.write_text(report(rows), encoding="utf-8")
         print(harness.markdown_table(rows, COLUMNS[:9]))
         print(f"{len(rows)} rows appended to {args.out}; table in {md}", flush=True)
     tdist.barrier()
+    if rank == 0:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
