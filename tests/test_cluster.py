@@ -323,6 +323,9 @@ def test_srun_tasks_train_as_the_launchers_ranks(reference, stores, tmp_path):
 
 
 def test_launch_reads_srun_variables_only_in_a_step_of_several_tasks(monkeypatch):
+    # export_ranks writes the process environment: a copy of it here, or RANK=11 outlives the test (and every later
+    # Trainer of the suite takes itself for rank 11)
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     for key in [k for k in os.environ if k.startswith("SLURM_")] + list(LAUNCH_VARS):
         monkeypatch.delenv(key, raising=False)
     # the batch script's own shell: SLURM_NTASKS but no step
