@@ -23,7 +23,6 @@ not by its exit code.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -43,6 +42,7 @@ from engine.launch import Launch, deepspeed_available
 from engine.metrics_log import read_metrics
 from conftest import build_pretrain_stores, tiny_model_overrides
 from test_documented_commands import PLAN, ClusterOnly, documented_commands
+from test_faults_checkpoint import new_train_steps as train_steps_logged
 
 pytestmark = pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed")
 
@@ -184,24 +184,6 @@ class Job:
     def finished(self) -> bool:
         """Rank 0 printed its report: everything was written, whatever the exit codes."""
         return "\ndone: " in self.printed()
-
-
-def train_steps_logged(metrics: Path, offset: int) -> set[int]:
-    """The steps of the train records written past byte `offset` (complete lines only)."""
-    if not metrics.is_file():
-        return set()
-    with open(metrics, "rb") as f:
-        f.seek(offset)
-        lines = f.read().split(b"\n")[:-1]
-    steps = set()
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("kind", "train") == "train":
-            steps.add(record.get("step"))
-    return steps
 
 
 def wait_for(job: Job, ready, timeout: float = 240) -> bool:
