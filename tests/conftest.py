@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import math
+import socket
 import subprocess
 import sys
 import time
@@ -242,3 +243,10 @@ def gpu_session_dry_run(tmp_path_factory) -> dict[str, Any]:
     proc = subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     return {"argv": argv, "proc": proc, "out": root / "out", "seconds": time.perf_counter() - start}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (a launcher's --master_port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

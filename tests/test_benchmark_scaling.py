@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 from benchmarks import projection as pj
 from benchmarks import scaling
+from conftest import free_port
 from engine.launch import deepspeed_available
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,11 +117,6 @@ def test_send_factors_of_the_logged_messages():
 
 # ---------------------------------------------------------------------------------- 2 CPU ranks, DeepSpeed
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -28,7 +28,6 @@ import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from engine import checkpoint as ckpt
 from engine.config import ConfigError
 from engine.launch import Launch, deepspeed_available
 from engine.metrics_log import read_metrics
-from conftest import build_pretrain_stores, tiny_model_overrides
+from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 from test_documented_commands import PLAN, ClusterOnly, documented_commands
 from test_faults_checkpoint import new_train_steps as train_steps_logged
 
@@ -93,11 +92,6 @@ def overrides(stores, out: Path) -> list[str]:
         "train.seed=0", f"train.output_dir={out}",
     ]  # fmt: skip
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(**extra: str) -> dict[str, str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from engine import checkpoint as ckpt
 from engine.config import ConfigError, load_config
 from engine.launch import deepspeed_available
 from engine.train import Trainer
-from conftest import build_pretrain_stores, tiny_model_overrides
+from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 pytestmark = [
     pytest.mark.slow,
@@ -59,11 +58,6 @@ def overrides(stores, out: Path, *extra: str) -> list[str]:
         "train.seed=0", "train.precision=fp32", *extra,
     ]  # fmt: skip
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(ranks: int, stage: int, args: list[str], log: Path) -> int:

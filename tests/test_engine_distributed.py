@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +38,7 @@ from engine.finetune import FineTuner
 from engine.launch import deepspeed_available
 from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
-from conftest import build_pretrain_stores, tiny_model_overrides
+from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 pytestmark = [
     pytest.mark.slow,
@@ -71,11 +70,6 @@ def overrides(stores, out: Path, *extra: str) -> list[str]:
         *extra,
     ]  # fmt: skip
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], log: Path, *flags: str, module: str = "engine.pretrain", launcher: str = "deepspeed") -> int:

@@ -30,7 +30,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,7 +47,7 @@ from engine.plots import read_metrics
 from engine.runtime import resume_point
 from engine.train import Trainer
 from lxmert.convert import read_state_dict
-from conftest import build_pretrain_stores, tiny_model_overrides
+from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 D = 16
@@ -267,11 +266,6 @@ def one_rank():
                                                             str(Path.home() / ".cache/torch_extensions")))  # fmt: skip
         yield
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DS = ("train.zero_stage=2",)

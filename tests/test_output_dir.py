@@ -36,6 +36,7 @@ from engine.config import ConfigError, load_config
 from engine.data.tasks import convert_task
 from engine.output_dir import LOCK_FILE, STALE_S, RunError, RunLock, resume_conflicts
 from engine.runtime import Runtime, resume_point
+from test_cli_errors import one_line_error as one_line
 from engine.train import Trainer
 from lxmert.convert import read_state_dict
 
@@ -67,16 +68,6 @@ def finished(stores, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
     assert pretrain.main(overrides(stores, out)) == 0
     return out
-
-
-def one_line(capsys, *expected: str) -> str:
-    captured = capsys.readouterr()
-    err = captured.err
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-    assert "Traceback" not in err + captured.out
-    for text in expected:
-        assert text in err, (text, err)
-    return err
 
 
 def files(root: Path) -> dict[str, int]:

@@ -42,7 +42,7 @@ from engine.metrics_log import read_metrics
 from engine.stopping import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, interrupt_in_one_line
 from engine.train import Trainer, exit_status
 from lxmert.convert import read_state_dict
-from conftest import build_pretrain_stores, tiny_model_overrides
+from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 D = 16
@@ -282,13 +282,6 @@ def launcher(stores, out: Path, *extra: str) -> list[str]:
             "--module", "engine.pretrain", *overrides(stores, out, "train.zero_stage=2", f"train.max_steps={DS_STEPS}",
                                                       "train.save_every=4", *extra)]  # fmt: skip
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
