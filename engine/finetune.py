@@ -24,10 +24,10 @@ import numpy as np
 
 from engine.config import ConfigError, RunConfig, format_config, load_config
 from engine.launch import error_line
-from engine.output_dir import RunError, write_failure
+from engine.output_dir import RunError
 from engine.tasks.finetune import FINETUNE_TASKS, SUBMISSION_NAMES, FineTuneError, FinetuneTask
 from engine.stopping import interrupt_in_one_line
-from engine.train import Trainer, exit_status, report
+from engine.train import Trainer, exit_status, report, run_cli
 
 __all__ = ["FINETUNE_TASKS", "SUBMISSION_NAMES", "FineTuneError", "FineTuner", "main"]
 
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         tuner = FineTuner(config, answer_table=args.answer_table, evaluate_only=args.evaluate_only)
     except (ConfigError, RunError) as error:  # FineTuneError is a ConfigError
         return error_line("lxmert-finetune", error)
-    try:
+
+    def run() -> int:
         if tuner.rank == 0:
             print(format_config(tuner.config), flush=True)
             if tuner.adopted:
@@ -101,15 +102,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"submission {result['submission']}", flush=True)  # fmt: skip
             return 0
         summary = tuner.train()
-    except (ConfigError, RunError) as error:
-        return error_line("lxmert-finetune", error)
-    except OSError as error:  # a write of the run's outputs (the log, the best model, the submission)
-        return error_line("lxmert-finetune", write_failure(error, tuner.output_dir, "writing the run's outputs"))
-    finally:
-        tuner.release_output_dir()
-    if tuner.rank == 0:
-        print(report(summary), flush=True)
-    return exit_status(summary)  # 0, or a stop's (75 preempted or out of time, 130 ^C, 3 only skipping steps)
+        if tuner.rank == 0:
+            print(report(summary), flush=True)
+        return exit_status(summary)  # 0, or a stop's (75 preempted or out of time, 130 ^C, 3 only skipping steps)
+
+    return run_cli("lxmert-finetune", tuner, run)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import sys
 
 from engine.config import ConfigError, format_config, load_config
 from engine.launch import error_line
-from engine.output_dir import RunError, write_failure
+from engine.output_dir import RunError
 from engine.stopping import interrupt_in_one_line
-from engine.train import Trainer, exit_status, report
+from engine.train import Trainer, exit_status, report, run_cli
 
 
 @interrupt_in_one_line("lxmert-pretrain")
@@ -45,19 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config, export_hf=args.export_hf)
     except (ConfigError, RunError) as error:
         return error_line("lxmert-pretrain", error)
-    try:
+
+    def run() -> int:
         if trainer.rank == 0:
             print(format_config(trainer.config), flush=True)
         summary = trainer.train()
-    except (ConfigError, RunError) as error:
-        return error_line("lxmert-pretrain", error)
-    except OSError as error:  # a write of the run's outputs (the log, the export)
-        return error_line("lxmert-pretrain", write_failure(error, trainer.output_dir, "writing the run's outputs"))
-    finally:
-        trainer.release_output_dir()
-    if trainer.rank == 0:
-        print(report(summary), flush=True)
-    return exit_status(summary)  # 0, or a stop's (75 preempted or out of time, 130 ^C, 3 only skipping steps)
+        if trainer.rank == 0:
+            print(report(summary), flush=True)
+        return exit_status(summary)  # 0, or a stop's (75 preempted or out of time, 130 ^C, 3 only skipping steps)
+
+    return run_cli("lxmert-pretrain", trainer, run)
 
 
 if __name__ == "__main__":

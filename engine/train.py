@@ -42,7 +42,7 @@ import time
 import weakref
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -50,7 +50,7 @@ import yaml
 from engine import checkpoint as ckpt
 from engine.config import ConfigError, RunConfig, StorePaths, resolve, save_config, to_dict
 from engine.flops import mfu, peak_flops
-from engine.launch import Launch, all_reduce_sum, choose_deepspeed, pick_device, set_threads
+from engine.launch import Launch, all_reduce_sum, choose_deepspeed, error_line, pick_device, set_threads
 from engine.metrics_log import MetricsLog, console_line, peak_memory_gib
 from engine.output_dir import WEIGHTS_KEYS, RunError, RunLock, flatten, resume_conflicts, write_failure
 from engine.runtime import Runtime, resume_point
@@ -590,6 +590,20 @@ class SkipStreak:
 
 
 # -------------------------------------------------------------------------------------------- the report
+
+
+def run_cli(prog: str, trainer: Trainer, run: Callable[[], int]) -> int:
+    """A CLI's work with a built Trainer: `run()`'s exit status, or a user's failure in one line, exit 2 (a config
+    or run error, a write of the run's outputs that failed: the log, the export, the best model, the submission).
+    The output directory's lock is released either way."""
+    try:
+        return run()
+    except (ConfigError, RunError) as error:
+        return error_line(prog, error)
+    except OSError as error:
+        return error_line(prog, write_failure(error, trainer.output_dir, "writing the run's outputs"))
+    finally:
+        trainer.release_output_dir()
 
 
 def exit_status(summary: dict[str, Any]) -> int:
