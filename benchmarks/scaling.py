@@ -375,14 +375,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     counter = TorchCollectiveCounter()  # before DeepSpeed keeps references to torch.distributed's functions
     from benchmarks.dataloader import dataset
-    from engine.launch import import_deepspeed, launch_env
+    from engine.launch import Launch, init_distributed, pick_device
 
-    deepspeed = import_deepspeed()
-
-    rank, local_rank, world = launch_env()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    launch = Launch.from_env()
+    rank, world = launch.rank, launch.world_size
+    init_distributed(pick_device(launch.local_rank), launch)
     feat_dim = TINY_FEAT_DIM if args.model == "tiny" else 2048
     # the runs' output directories are the ranks' common ones (each run's lock is rank 0's), beside the data set
     work = args.data_dir / "runs"

@@ -24,21 +24,24 @@ core each ran 5-10x slower than torchrun's). `train.threads` fixes it; an OMP_NU
 
 DeepSpeed is imported only where it is used, quietly: on a machine without CUDA it is told it runs on the CPU
 (DS_ACCELERATOR, no "Setting accelerator to CPU" warning), and a few of its log lines that the engine knows to be
-fine (the client BertAdam under ZeRO is "untested", its comm op "built successfully" at every start, torch's
-deprecation of two collectives DeepSpeed calls every step) are dropped.
+fine (the client BertAdam under ZeRO is "untested", torch's deprecation of two collectives DeepSpeed calls every
+step) are dropped.
+
+On the CPU, DeepSpeed's shared-memory comm op stays off (it serves only inference_all_reduce; training's
+collectives go through gloo either way). With it on, every process group JIT-built a C++ extension under a file
+lock (a process killed during that build left the lock, and every later run on the machine waited on it forever),
+mapped 69 MB of /dev/shm per rank that nothing unlinks (named by master port: a test suite or a kill-and-resume
+loop filled the RAM-backed /dev/shm with them), and spun on the CPU waiting for a peer that had died.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import logging
 import os
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -48,7 +51,7 @@ from engine.config import ConfigError
 _KNOWN_FINE = ("untested optimizer",)
 # torch's deprecation of collectives DeepSpeed 0.19.8 calls under ZeRO (theirs to change, repeated every step)
 _DEEPSPEED_DEPRECATIONS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
-_BUILT = "built successfully"  # DeepSpeed prints it for its comm op at every start
+_SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's name of its CPU shared-memory comm op (module docstring)
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,6 @@ class Launch:
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
                           LOCAL_WORLD_SIZE=str(self.local_world_size))  # fmt: skip
-
-
-def launch_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher's environment (deepspeed, torchrun, srun); 0, 0, 1 alone."""
-    launch = Launch.from_env()
-    return launch.rank, launch.local_rank, launch.world_size
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -184,21 +181,12 @@ def error_line(prog: str, error: BaseException | str) -> int:
     return 2
 
 
-def _shm_op_built() -> bool:
-    """Whether DeepSpeed's CPU shared-memory comm op is in torch's extension cache (else the first process group
-    JIT-builds it: about a minute on 2 cores)."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    return any(root.glob("*/deepspeed_shm_comm/*.so")) or any(root.glob("deepspeed_shm_comm/*.so"))
-
-
 def init_distributed(device: torch.device, launch: Launch) -> None:
     """The process group DeepSpeed runs on: the launcher's (env://), or a world of one without a launcher."""
     deepspeed = import_deepspeed()
-    if device.type == "cpu" and launch.rank == 0 and not _shm_op_built():
-        print("DeepSpeed is building its CPU communication op (first run on this machine only, about a minute; "
-              "cached in TORCH_EXTENSIONS_DIR)", flush=True)  # fmt: skip
+    if device.type == "cpu":
+        # its probe's dict, cached in deepspeed.ops, is what TorchBackend asks before building the op
+        deepspeed.ops.__compatible_ops__[_SHM_COMM_OP] = False
     backend = "nccl" if device.type == "cuda" else "gloo"
     import torch.distributed as dist
 
@@ -208,12 +196,7 @@ def init_distributed(device: torch.device, launch: Launch) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set
         if not dist.is_initialized():
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    for line in printed.getvalue().splitlines():
-        if _BUILT not in line:
-            print(line, flush=True)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

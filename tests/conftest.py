@@ -23,7 +23,9 @@ if not torch.cuda.is_available():
 # suite's tiny models run on one (see one_thread below), and so do the processes the tests start.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import faulthandler
 import math
+import signal
 import socket
 import subprocess
 import sys
@@ -238,11 +240,72 @@ def gpu_session_dry_run(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("gpu_session")
     argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(root / "out")]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))  # DeepSpeed's CPU comm op
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     return {"argv": argv, "proc": proc, "out": root / "out", "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------ every test, on its own clock
+
+
+TEST_LIMIT_S = 600  # the slowest test takes about 90 s on 2 cores; a hang costs this much CI time, not all of it
+_MARK = "LXMERT_TEST_PROCESS_MARK"  # in the environment of every process a test starts (copied from os.environ)
+
+
+@pytest.fixture(autouse=True)
+def _on_its_own_clock_and_leaving_no_process(request):
+    """Each test fails past TEST_LIMIT_S (every thread's stack is printed first) instead of hanging the suite, and
+    what it started and left running is killed when it ends: a launcher killed alone, at a subprocess timeout or by
+    a failed assertion, leaves its ranks orphaned, and two of them spinning starve every later test on 2 cores.
+    Processes are found by a mark in their environment, so ranks that outlived their launcher are found too."""
+    mark = f"{os.getpid()}:{request.node.nodeid}"
+    os.environ[_MARK] = mark
+
+    def too_long(signum, frame):
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        pytest.fail(f"over the per-test limit of {TEST_LIMIT_S} s (tests/conftest.py TEST_LIMIT_S)", pytrace=False)
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(TEST_LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        os.environ.pop(_MARK, None)
+        _kill_marked(mark)
+
+
+def pytest_runtest_logreport(report) -> None:
+    """A failure is named the moment it happens, not only in the summary at the end (a run cut off by a time
+    limit never prints that summary)."""
+    if report.failed:
+        reporter = _CONFIG.pluginmanager.get_plugin("terminalreporter") if _CONFIG else None
+        if reporter is not None:
+            reporter.write_line(f"\nFAILED ({report.when}) {report.nodeid}")
+
+
+_CONFIG = None
+
+
+def pytest_configure(config) -> None:
+    global _CONFIG
+    _CONFIG = config
+
+
+def _kill_marked(mark: str) -> None:
+    try:
+        import psutil  # DeepSpeed's dependency
+    except ImportError:
+        return
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != me and proc.environ().get(_MARK) == mark:
+                proc.kill()
+        except (psutil.Error, OSError):
+            pass
 
 
 def free_port() -> int:

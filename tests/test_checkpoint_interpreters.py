@@ -12,14 +12,12 @@ getattr, which is not on the allow-list"). The loader now takes getattr as engin
 
 Marked `interpreters` (pytest.ini), with the other checkpoint and resume tests CI runs under the second interpreter
 (tests/test_faults_checkpoint.py's DeepSpeed ones and a plain one, two cases of tests/test_elastic_resume.py): about
-a minute on 2 idle cores once DeepSpeed's comm op is built for both interpreters (each build ~45 s, cached in
-TORCH_EXTENSIONS_DIR; the other interpreter gets a directory of its own there).
+a minute on 2 idle cores.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import os
 import pickle
@@ -115,10 +113,6 @@ def run(python: str, args: list[str], log: Path) -> subprocess.CompletedProcess:
                                                            "MASTER_PORT", "PYTHONHOME", "VIRTUAL_ENV")}  # fmt: skip
     env["PYTHONPATH"] = str(REPO)
     env["OMP_NUM_THREADS"] = "1"
-    extensions = Path(env.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache/torch_extensions"))
-    if python != sys.executable:  # its own build of DeepSpeed's comm op: sharing one, each switch rebuilt it (~45 s)
-        extensions = extensions / f"python-{hashlib.sha256(python.encode()).hexdigest()[:12]}"
-    env["TORCH_EXTENSIONS_DIR"] = str(extensions)
     with open(log, "w") as f:
         return subprocess.run([python, "-m", "engine.pretrain", *args], cwd=REPO, env=env, stdout=f,
                               stderr=subprocess.STDOUT, timeout=300)  # fmt: skip

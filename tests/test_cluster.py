@@ -98,7 +98,6 @@ def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # deepspeed, torchrun, python: the venv's
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
     return env | extra
 
 

@@ -458,7 +458,6 @@ def test_documented_command_runs(command, plan, workdir):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS",
                                                              "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH")}  # fmt: skip
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the venv's python and console commands, as activated
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
     (workdir / "bench").mkdir(exist_ok=True)
     line = the_command(command, plan, workdir)
     proc = subprocess.run(["bash", "-c", line], cwd=REPO if plan.in_checkout else workdir, env=env,

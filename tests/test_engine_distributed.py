@@ -13,8 +13,7 @@
 - ZeRO-3: the consolidated export (model.safetensors and the --export-hf layout) holds the full fp32 master
   weights and loads into lxmert.LxmertForPreTraining and transformers.LxmertForPreTraining with equal outputs.
 
-One launch per stage + one resume launch (each 10-30 s on 2 cores, mostly start-up; the first init_distributed
-JIT-builds a shared-memory comm op, ~45 s, cached in TORCH_EXTENSIONS_DIR). A rank occasionally aborts at exit
+One launch per stage + one resume launch (each 10-30 s on 2 cores, mostly start-up). A rank occasionally aborts at exit
 after writing its results, so the tests read metrics.jsonl / the files rather than trust the exit code alone.
 """
 
@@ -77,7 +76,6 @@ def launch(args: list[str], log: Path, *flags: str, module: str = "engine.pretra
     returns the exit code."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
     env.pop("OMP_NUM_THREADS", None)  # the engine's own default: cores / local ranks
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)

@@ -66,31 +66,30 @@ def test_deepspeed_is_found_without_being_imported():
     assert out.split() == [str(deepspeed_available()), "False"]
 
 
-def test_the_first_build_of_the_comm_op_is_announced(monkeypatch, tmp_path, capsys, no_launcher):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert not launch._shm_op_built()
-    (tmp_path / "py311_cpu" / "deepspeed_shm_comm").mkdir(parents=True)
-    (tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
-    assert launch._shm_op_built()
+def test_deepspeeds_cpu_shared_memory_comm_op_stays_off(monkeypatch, no_launcher):
+    """It serves only inference_all_reduce, JIT-builds under a lock a killed build leaves behind, and leaks
+    /dev/shm (engine/launch.py); on the CPU the process group goes without it, on CUDA nothing is touched."""
 
     class FakeDeepSpeed:
         calls = []
 
+        class ops:
+            __compatible_ops__ = {"deepspeed_shm_comm": True, "fused_adam": True}
+
         @classmethod
         def init_distributed(cls, **kwargs):
-            print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")  # DeepSpeed's own line
-            print("something else DeepSpeed says")
-            cls.calls.append(kwargs)
+            cls.calls.append((kwargs, dict(cls.ops.__compatible_ops__)))
 
     monkeypatch.setattr(launch, "import_deepspeed", lambda: FakeDeepSpeed)
-    monkeypatch.setattr(launch, "_shm_op_built", lambda: False)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # no real process group here
     launch.init_distributed(torch.device("cpu"), Launch())
-    out = capsys.readouterr().out
-    assert "DeepSpeed is building its CPU communication op (first run on this machine only, about a minute" in out
-    assert "built successfully" not in out and "something else DeepSpeed says" in out  # only the known line goes
-    assert FakeDeepSpeed.calls == [{"dist_backend": "gloo", "verbose": False}]
+    assert FakeDeepSpeed.calls == [({"dist_backend": "gloo", "verbose": False},
+                                    {"deepspeed_shm_comm": False, "fused_adam": True})]  # fmt: skip
     assert os.environ["LOCAL_RANK"] == "0"  # deepspeed.initialize insists on it
+    FakeDeepSpeed.ops.__compatible_ops__["deepspeed_shm_comm"] = True
+    launch.init_distributed(torch.device("cuda", 0), Launch())
+    assert FakeDeepSpeed.calls[-1] == ({"dist_backend": "nccl", "verbose": False},
+                                       {"deepspeed_shm_comm": True, "fused_adam": True})  # fmt: skip
     monkeypatch.delenv("LOCAL_RANK")
 
 
@@ -121,7 +120,6 @@ def test_every_zero_stage_runs_as_one_process_without_a_launcher(stage, stores, 
     reference = Trainer(load_config(None, run_overrides(stores, tmp_path / "plain")), use_deepspeed=False)
     reference.train()
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
     out = tmp_path / "ds"
     proc = subprocess.run([str(Path(sys.executable).parent / "lxmert-pretrain"),
                            *run_overrides(stores, out, f"train.zero_stage={stage}")],

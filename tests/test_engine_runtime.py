@@ -1,15 +1,13 @@
 """engine/runtime.py and what the pre-training loop builds on it: activation checkpointing, torch.compile,
 evaluation inside pre-training, and DeepSpeed's mixed precision and offload (one in-process rank, gloo).
 
-The DeepSpeed tests are marked slow (the first init_distributed JIT-builds a communication op, ~45 s, cached in
-TORCH_EXTENSIONS_DIR). Tiny model and stores as in test_engine_train.py; CPU.
+The DeepSpeed tests are marked slow. Tiny model and stores as in test_engine_train.py; CPU.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -160,7 +158,6 @@ def one_rank(monkeypatch):
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1"}.items():  # fmt: skip
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions")))
 
 
 needs_deepspeed = pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed")

@@ -1,8 +1,7 @@
 """The pre-training loop (engine/train.py), checkpoints (engine/checkpoint.py), logs and the export.
 
 One tiny synthetic store (feature dim 16) per module and a tiny model (hidden 32, 1/1/1 layers); CPU fp32 on
-the plain path unless a test says otherwise. The DeepSpeed test is marked slow (its first init JIT-builds a
-communication op, about 45 s, unless TORCH_EXTENSIONS_DIR is cached).
+the plain path unless a test says otherwise. The DeepSpeed test is marked slow.
 """
 
 from __future__ import annotations
@@ -239,7 +238,6 @@ def test_deepspeed_zero1_matches_the_plain_path(stores, tmp_path, monkeypatch):
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1"}.items():  # fmt: skip
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions")))
     ds = Trainer(make_config(stores, tmp_path / "ds", *extra), use_deepspeed=True)
     ds.train()
     assert ds.engine is not None

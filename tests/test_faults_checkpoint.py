@@ -16,8 +16,7 @@ with one line, or the run stops with one line naming the file; nothing in a chec
   model.safetensors equal an uninterrupted run's, on the plain path and on DeepSpeed (one process, ZeRO-2, fp32).
   KILL_LOOP_SEED overrides the seed; the seed and the plan are in every assertion message.
 
-Tiny model and stores as in test_engine_train.py, CPU fp32. The DeepSpeed tests are marked slow, as elsewhere (the
-first init JIT-builds a communication op, ~45 s, unless TORCH_EXTENSIONS_DIR is cached). Those marked `interpreters`
+Tiny model and stores as in test_engine_train.py, CPU fp32. The DeepSpeed tests are marked slow, as elsewhere. Those marked `interpreters`
 also run under a second Python in CI (tests/test_checkpoint_interpreters.py says why).
 """
 
@@ -262,8 +261,6 @@ def one_rank():
         for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
                            "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():  # fmt: skip
             patch.setenv(key, value)
-        patch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                            str(Path.home() / ".cache/torch_extensions")))  # fmt: skip
         yield
 
 
@@ -444,7 +441,6 @@ def run_until_done(command: list[str], out: Path, parts: int, kills: int, seed: 
                                                            "MASTER_PORT", KILL_AT)}  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
     rng = random.Random(seed)
     plan: list = []
     for attempt in range(kills + 2):
