@@ -42,9 +42,16 @@ DEFAULT_DATA_DIR = Path("/tmp/lxmert-dataloader-bench")
 FULL = dict(images=2000, feat_dim=2048, batch_size=64, steps=60, warmup=5, workers=(0, 2, 4))
 QUICK = dict(images=40, feat_dim=32, batch_size=8, steps=6, warmup=2, workers=(0, 2))
 COLUMNS = [
-    "loader", "workers", ("batch_size", "batch"), ("samples_per_s", "samples/s"), ("mb_per_s", "store MB/s"),
-    ("wait_median_ms", "wait median ms"), ("wait_p80_ms", "wait p80 ms"), ("setup_s", "setup s"), "note",
-]  # fmt: skip
+    "loader",
+    "workers",
+    ("batch_size", "batch"),
+    ("samples_per_s", "samples/s"),
+    ("mb_per_s", "store MB/s"),
+    ("wait_median_ms", "wait median ms"),
+    ("wait_p80_ms", "wait p80 ms"),
+    ("setup_s", "setup s"),
+    "note",
+]
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -63,17 +70,21 @@ def dataset(data_dir: Path, images: int, feat_dim: int) -> tuple[TextStore, Regi
     tsvs = [syn / "mscoco_imgfeat/train2014_obj36.tsv", syn / "mscoco_imgfeat/val2014_obj36.tsv"]
     convert.convert_features(tsvs, root / "feats", feat_dim=feat_dim, progress=False, overwrite=True)
     texts = [syn / "lxmert/mscoco_train.json", syn / "lxmert/mscoco_minival.json"]
-    convert.convert_text(texts, root / "feats", root / "text", answers=syn / "lxmert/all_ans.json", progress=False,
-                         overwrite=True)  # fmt: skip
+    convert.convert_text(
+        texts, root / "feats", root / "text", answers=syn / "lxmert/all_ans.json", progress=False, overwrite=True
+    )
     shutil.rmtree(syn)  # the stores are what the loaders read
-    print(f"data set {images} images x {feat_dim} features converted into {root} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"data set {images} images x {feat_dim} features converted into {root} in {time.perf_counter() - start:.1f} s"
+    )
     return TextStore(root / "text"), RegionStore(root / "feats")
 
 
 def sample_bytes(text: TextStore, regions: RegionStore) -> int:
     """Store bytes one sample reads: its image's rows of every region array and its token row."""
-    per_image = sum(regions.arrays[name][0].nbytes for name in ("features", "boxes", "obj_ids", "obj_conf",
-                                                                "attr_ids", "attr_conf"))  # fmt: skip
+    per_image = sum(
+        regions.arrays[name][0].nbytes for name in ("features", "boxes", "obj_ids", "obj_conf", "attr_ids", "attr_conf")
+    )
     return per_image + text.arrays["token_ids"][0].nbytes
 
 
@@ -106,10 +117,14 @@ def measure(loader: PretrainLoader, steps: int, warmup: int, step_ms: float, cud
     elapsed = time.perf_counter() - start
     stats = harness.summarize(waits)
     return {
-        "samples_per_s": steps * batch.batch_size / elapsed, "wait_median_ms": stats["median_ms"],
-        "wait_p20_ms": stats["p20_ms"], "wait_p80_ms": stats["p80_ms"], "wait_mean_ms": sum(waits) / len(waits),
-        "elapsed_s": elapsed, "batch_device": str(batch.visual_feats.device),
-    }  # fmt: skip
+        "samples_per_s": steps * batch.batch_size / elapsed,
+        "wait_median_ms": stats["median_ms"],
+        "wait_p20_ms": stats["p20_ms"],
+        "wait_p80_ms": stats["p80_ms"],
+        "wait_mean_ms": sum(waits) / len(waits),
+        "elapsed_s": elapsed,
+        "batch_device": str(batch.visual_feats.device),
+    }
 
 
 def variants(workers: Sequence[int], dali_threads: int) -> list[tuple[str, int, dict[str, Any]]]:
@@ -127,11 +142,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     per_sample = sample_bytes(text, regions)
     env = harness.environment()
     common = {
-        **env, "benchmark": "dataloader", "images": len(regions),
-        "samples": len(text), "feat_dim": regions.feat_dim, "feature_dtype": str(regions.arrays["features"].dtype),
-        "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "step_ms": args.step_ms,
-        "sample_bytes": per_sample, "quick": args.quick,
-    }  # fmt: skip
+        **env,
+        "benchmark": "dataloader",
+        "images": len(regions),
+        "samples": len(text),
+        "feat_dim": regions.feat_dim,
+        "feature_dtype": str(regions.arrays["features"].dtype),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "step_ms": args.step_ms,
+        "sample_bytes": per_sample,
+        "quick": args.quick,
+    }
     config = SamplingConfig(seed=0, batch_size=args.batch_size)
     rows = []
     for kind, workers, options in variants(args.workers, args.dali_threads):
@@ -149,17 +172,21 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         row["bytes_per_s"] = row["samples_per_s"] * per_sample
         del loader  # persistent workers and DALI threads go before the next kind starts
         rows.append(row)
-        print(f"{kind:5s} workers {workers}: {row['samples_per_s']:9.0f} samples/s, {row['mb_per_s']:8.1f} MB/s, "
-              f"wait median {row['wait_median_ms']:.2f} ms", flush=True)  # fmt: skip
+        print(
+            f"{kind:5s} workers {workers}: {row['samples_per_s']:9.0f} samples/s, {row['mb_per_s']:8.1f} MB/s, "
+            f"wait median {row['wait_median_ms']:.2f} ms",
+            flush=True,
+        )
     return rows
 
 
 def report(rows: list[dict[str, Any]]) -> str:
     first = rows[0]
     where = (
-        f"GPU measurements on {first['device']}" if first["measured_on"] == "gpu"
+        f"GPU measurements on {first['device']}"
+        if first["measured_on"] == "gpu"
         else f"CPU measurements (no GPU; host {first['host_cpu']}, {first['cpu_count']} cores), not GPU numbers"
-    )  # fmt: skip
+    )
     return (
         f"# Data loader benchmark: {where}\n\n{first['images']} images ({first['samples']} samples), features "
         f"{first['feat_dim']} x {first['feature_dtype']}, {first['sample_bytes']} store bytes a sample; "
@@ -181,8 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dali-threads", type=int, default=4, help="DALI CPU threads (default 4)")
     parser.add_argument("--step-ms", type=float, default=0.0, help="the consumer's simulated step time (sleep)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where converted stores are cached")
-    parser.add_argument("--out", type=Path, default=harness.RUNS_DIR / "dataloader.jsonl",
-                        help="JSON lines appended here; the Markdown table goes beside it (.md)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=harness.RUNS_DIR / "dataloader.jsonl",
+        help="JSON lines appended here; the Markdown table goes beside it (.md)",
+    )
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():

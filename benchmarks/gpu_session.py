@@ -36,9 +36,10 @@ import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks import harness
 from engine.metrics_log import read_metrics
@@ -61,8 +62,14 @@ MAX_STEPS = 2400  # 614k sentences: writing and converting them took 40 s on a 2
 DATA_ESTIMATE_S = 40.0  # what the pretrain_data stage is expected to take (its limit is larger)
 THROUGHPUT_TAIL_S = 135.0  # of the throughput stage's limit: the variant running at its --time-budget, the profile
 SYNTHETIC_IMAGES = 512  # 461 train images of 36 x 2048 fp16 features: 68 MB, resident on the GPU
-TINY_MODEL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37",
-              "model.l_layers=1", "model.r_layers=1", "model.x_layers=1"]  # fmt: skip
+TINY_MODEL = [
+    "model.hidden_size=32",
+    "model.num_attention_heads=2",
+    "model.intermediate_size=37",
+    "model.l_layers=1",
+    "model.r_layers=1",
+    "model.x_layers=1",
+]
 
 # where the stages write, under the work directory
 KERNEL_TESTS_XML = "kernel_tests/kernel_tests.xml"
@@ -204,8 +211,15 @@ def run_command(command: list[str], log: Path, timeout: float, env: dict[str, st
     with log.open("ab") as f:
         f.write(f"$ {' '.join(command)}\n".encode())
         f.flush()
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             code = proc.wait(max(timeout, 0.1))
         except subprocess.TimeoutExpired:
@@ -230,8 +244,9 @@ def run_stage(session: Session, stage: Stage, kept_for_later: float) -> Result:
         return result
     limit = min(stage.limit_s, session.left() - kept_for_later)
     if limit < MIN_STAGE_S:
-        result.note = (f"no time left ({session.left():.0f} s of the budget, {kept_for_later:.0f} s kept for the "
-                       "later stages)")  # fmt: skip
+        result.note = (
+            f"no time left ({session.left():.0f} s of the budget, {kept_for_later:.0f} s kept for the later stages)"
+        )
         return result
     result.limit_s = session.current_limit = limit
     log = session.path(f"logs/{stage.name}.log")
@@ -267,11 +282,14 @@ def run_session(session: Session, stages: list[Stage]) -> int:
     """Every stage in order (each limited), the outputs rewritten after each; 0 when every stage succeeded."""
     for i, stage in enumerate(stages):
         print(f"[{session.elapsed():6.1f} s] {stage.name}: {stage.what}", flush=True)
-        result = run_stage(session, stage, sum(s.reserve_s for s in stages[i + 1:]))
+        result = run_stage(session, stage, sum(s.reserve_s for s in stages[i + 1 :]))
         session.results.append(result)
-        print(f"[{session.elapsed():6.1f} s] {stage.name}: {result.status}"
-              + (f" in {result.seconds:.1f} s (limit {result.limit_s:.0f} s)" if result.limit_s else "")
-              + (f": {result.note}" if result.note else ""), flush=True)  # fmt: skip
+        print(
+            f"[{session.elapsed():6.1f} s] {stage.name}: {result.status}"
+            + (f" in {result.seconds:.1f} s (limit {result.limit_s:.0f} s)" if result.limit_s else "")
+            + (f": {result.note}" if result.note else ""),
+            flush=True,
+        )
         if result.status in ("failed", "timed out"):
             tail = read_tail(session.work / "logs" / f"{stage.name}.log", 2500)
             print("  " + tail.replace("\n", "\n  ").rstrip(), flush=True)
@@ -318,8 +336,23 @@ def preflight_commands(session: Session) -> list[list[str]]:
         wheels = sorted(str(p) for p in session.wheels.glob("*.whl"))
         if not wheels:
             raise FileNotFoundError(f"--wheels {session.wheels}: no .whl file there")
-        commands.append([session.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                         "--no-cache-dir", "--upgrade", "--target", str(session.work / "site"), *wheels])  # fmt: skip
+        commands.append(
+            [
+                session.python,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--no-cache-dir",
+                "--upgrade",
+                "--target",
+                str(session.work / "site"),
+                *wheels,
+            ]
+        )
     return [*commands, [session.python, "-c", IMPORT_CHECK]]
 
 
@@ -342,8 +375,20 @@ def kernel_test_commands(session: Session) -> list[list[str]]:
     compiling each kernel variant, one process at a time otherwise."""
     tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py"))
     parallel = ["-n", "8"] if not session.dry_run and importlib.util.find_spec("xdist") else []
-    return [[session.python, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", *parallel,
-             f"--junitxml={session.path(KERNEL_TESTS_XML)}", *tests]]  # fmt: skip
+    return [
+        [
+            session.python,
+            "-m",
+            "pytest",
+            "-v",
+            "-rA",
+            "-p",
+            "no:cacheprovider",
+            *parallel,
+            f"--junitxml={session.path(KERNEL_TESTS_XML)}",
+            *tests,
+        ]
+    ]
 
 
 def kernel_test_numbers(session: Session) -> list[Number]:
@@ -354,9 +399,11 @@ def kernel_test_numbers(session: Session) -> list[Number]:
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     count = lambda key: sum(int(s.get(key, 0)) for s in suites)  # noqa: E731
     failed = count("failures") + count("errors")
-    return [session.number("kernel_tests", "tests passed", count("tests") - failed - count("skipped")),
-            session.number("kernel_tests", "tests failed", failed),
-            session.number("kernel_tests", "tests skipped", count("skipped"))]  # fmt: skip
+    return [
+        session.number("kernel_tests", "tests passed", count("tests") - failed - count("skipped")),
+        session.number("kernel_tests", "tests failed", failed),
+        session.number("kernel_tests", "tests skipped", count("skipped")),
+    ]
 
 
 def kernels_commands(session: Session) -> list[list[str]]:
@@ -367,12 +414,15 @@ def kernels_commands(session: Session) -> list[list[str]]:
 def kernels_numbers(session: Session) -> list[Number]:
     """benchmarks.kernels' own count of checks (its log) and its own speed-up table (its rows)."""
     numbers = []
-    checks = re.findall(r"^checks: (\d+) passed, (\d+) failed", read_tail(session.work / "logs/kernels.log", 2**22),
-                        re.M)  # fmt: skip
+    checks = re.findall(
+        r"^checks: (\d+) passed, (\d+) failed", read_tail(session.work / "logs/kernels.log", 2**22), re.M
+    )
     if checks:
         passed, failed = checks[-1]
-        numbers += [session.number("kernels", "correctness checks passed", int(passed)),
-                    session.number("kernels", "correctness checks failed", int(failed))]  # fmt: skip
+        numbers += [
+            session.number("kernels", "correctness checks passed", int(passed)),
+            session.number("kernels", "correctness checks failed", int(failed)),
+        ]
     rows = harness.read_rows(session.work / KERNELS_ROWS)
     if any(r.get("mode") for r in rows):
         from benchmarks.kernels import pivot, speedups  # imports triton: only once the stages have run
@@ -381,8 +431,11 @@ def kernels_numbers(session: Session) -> list[Number]:
             what = f"{line['bench']} {line['config']} {line['dtype']} {line['ours']}"
             numbers.append(session.number("kernels", f"{what} fwd+bwd", line["ours_ms"], "ms", rows[-1]))
             if line["speedup"]:
-                numbers.append(session.number("kernels", f"{what} speed-up over {line['best_other']}",
-                                              line["speedup"], "x", rows[-1]))  # fmt: skip
+                numbers.append(
+                    session.number(
+                        "kernels", f"{what} speed-up over {line['best_other']}", line["speedup"], "x", rows[-1]
+                    )
+                )
     return numbers
 
 
@@ -391,8 +444,18 @@ def throughput_commands(session: Session) -> list[list[str]]:
     # run past it, so the budget leaves THROUGHPUT_TAIL_S of the stage's limit for them
     budget = max(session.current_limit - THROUGHPUT_TAIL_S, 30)
     size = ["--smoke"] if session.dry_run else ["--quick", "--time-budget", f"{budget:.0f}"]
-    return [[session.python, "-m", "benchmarks.throughput", *size, "--out", str(session.path(THROUGHPUT_ROWS)),
-             "--data-dir", str(session.path("throughput/data"))]]  # fmt: skip
+    return [
+        [
+            session.python,
+            "-m",
+            "benchmarks.throughput",
+            *size,
+            "--out",
+            str(session.path(THROUGHPUT_ROWS)),
+            "--data-dir",
+            str(session.path("throughput/data")),
+        ]
+    ]
 
 
 def throughput_numbers(session: Session) -> list[Number]:
@@ -406,8 +469,9 @@ def throughput_numbers(session: Session) -> list[Number]:
             if row.get("mfu") is not None:
                 numbers.append(session.number("throughput", f"{row['name']} MFU", 100 * row["mfu"], "%", row))
             if row.get("speedup_vs_hf"):
-                numbers.append(session.number("throughput", f"{row['name']} over transformers", row["speedup_vs_hf"],
-                                              "x", row))  # fmt: skip
+                numbers.append(
+                    session.number("throughput", f"{row['name']} over transformers", row["speedup_vs_hf"], "x", row)
+                )
         elif row.get("kind") == "throughput" and str(row.get("note", "")).startswith("failed"):
             session.notes.append(f"throughput {row['name']}: {row['note'][:200]}")
     return numbers
@@ -415,9 +479,16 @@ def throughput_numbers(session: Session) -> list[Number]:
 
 def measured_rate(session: Session) -> tuple[float, str]:
     """samples/s the pre-training is planned with: ours (sdpa, bf16, resident data) from the throughput stage."""
-    rows = [r for r in harness.read_rows(session.work / THROUGHPUT_ROWS)
-            if r.get("kind") == "throughput" and r.get("impl") == "ours" and r.get("attn") == "sdpa"
-            and r.get("precision") == "bf16" and r.get("loader") == "resident" and r.get("samples_per_s")]  # fmt: skip
+    rows = [
+        r
+        for r in harness.read_rows(session.work / THROUGHPUT_ROWS)
+        if r.get("kind") == "throughput"
+        and r.get("impl") == "ours"
+        and r.get("attn") == "sdpa"
+        and r.get("precision") == "bf16"
+        and r.get("loader") == "resident"
+        and r.get("samples_per_s")
+    ]
     if rows:
         best = max(r["samples_per_s"] for r in rows)
         return best * ENGINE_RATE_FACTOR, f"{ENGINE_RATE_FACTOR} x the throughput stage's {best:.0f} samples/s"
@@ -428,16 +499,32 @@ def plan_pretraining(session: Session) -> dict[str, Any]:
     """Batch, steps and the synthetic set's size: LXMERT-base for about TRAIN_TARGET_S on the GPU (less when
     the time left after this data stage is short), a tiny model for 4 steps in the dry run."""
     if session.dry_run:
-        return {"batch": 8, "max_steps": 4, "log_every": 1, "images": 24, "feat_dim": 16, "captions": 5,
-                "rate_source": "dry run: fixed 4 steps"}  # fmt: skip
+        return {
+            "batch": 8,
+            "max_steps": 4,
+            "log_every": 1,
+            "images": 24,
+            "feat_dim": 16,
+            "captions": 5,
+            "rate_source": "dry run: fixed 4 steps",
+        }
     rate, source = measured_rate(session)
     train_s = min(TRAIN_TARGET_S, max(session.left() - DATA_ESTIMATE_S - PRETRAIN_OVERHEAD_S, 20.0))
     batch = 256
     steps = int(min(max(train_s * rate / batch, 10), MAX_STEPS))
     train_images = SYNTHETIC_IMAGES - round(SYNTHETIC_IMAGES * 0.1)  # engine.data.synthetic's minival share
     captions = math.ceil((steps + 2) * batch / train_images)  # one sample a sentence: no epoch ends first
-    return {"batch": batch, "max_steps": steps, "log_every": 10, "images": SYNTHETIC_IMAGES, "feat_dim": 2048,
-            "captions": captions, "planned_train_s": train_s, "rate": rate, "rate_source": source}  # fmt: skip
+    return {
+        "batch": batch,
+        "max_steps": steps,
+        "log_every": 10,
+        "images": SYNTHETIC_IMAGES,
+        "feat_dim": 2048,
+        "captions": captions,
+        "planned_train_s": train_s,
+        "rate": rate,
+        "rate_source": source,
+    }
 
 
 def pretrain_data_commands(session: Session) -> list[list[str]]:
@@ -445,14 +532,48 @@ def pretrain_data_commands(session: Session) -> list[list[str]]:
     plan, py = session.plan, session.python
     raw, stores = session.path("pretrain_data/raw"), session.path("pretrain_data/stores")
     return [
-        [py, "-m", "engine.data.synthetic", str(raw), "--images", str(plan["images"]), "--feat-dim",
-         str(plan["feat_dim"]), "--seed", "0", "--captions-per-image", str(plan["captions"])],
-        [py, "-m", "engine.data.convert", "--quiet", "--feat-dim", str(plan["feat_dim"]), "--tsv",
-         str(raw / "mscoco_imgfeat/train2014_obj36.tsv"), str(raw / "mscoco_imgfeat/val2014_obj36.tsv"),
-         "--out", str(stores / "feats")],
-        [py, "-m", "engine.data.convert", "--quiet", "--text", str(raw / "lxmert/mscoco_train.json"), "--features",
-         str(stores / "feats"), "--answers", str(raw / "lxmert/all_ans.json"), "--out", str(stores / "text_train")],
-    ]  # fmt: skip
+        [
+            py,
+            "-m",
+            "engine.data.synthetic",
+            str(raw),
+            "--images",
+            str(plan["images"]),
+            "--feat-dim",
+            str(plan["feat_dim"]),
+            "--seed",
+            "0",
+            "--captions-per-image",
+            str(plan["captions"]),
+        ],
+        [
+            py,
+            "-m",
+            "engine.data.convert",
+            "--quiet",
+            "--feat-dim",
+            str(plan["feat_dim"]),
+            "--tsv",
+            str(raw / "mscoco_imgfeat/train2014_obj36.tsv"),
+            str(raw / "mscoco_imgfeat/val2014_obj36.tsv"),
+            "--out",
+            str(stores / "feats"),
+        ],
+        [
+            py,
+            "-m",
+            "engine.data.convert",
+            "--quiet",
+            "--text",
+            str(raw / "lxmert/mscoco_train.json"),
+            "--features",
+            str(stores / "feats"),
+            "--answers",
+            str(raw / "lxmert/all_ans.json"),
+            "--out",
+            str(stores / "text_train"),
+        ],
+    ]
 
 
 def pretrain_data_numbers(session: Session) -> list[Number]:
@@ -460,20 +581,30 @@ def pretrain_data_numbers(session: Session) -> list[Number]:
     if not path.is_file():
         return []
     train = json.loads(path.read_text(encoding="utf-8"))["splits"]["train"]
-    return [session.number("pretrain_data", "synthetic train images", train["images"]),
-            session.number("pretrain_data", "synthetic train sentences (samples an epoch)", train["sentences"])]
+    return [
+        session.number("pretrain_data", "synthetic train images", train["images"]),
+        session.number("pretrain_data", "synthetic train sentences (samples an epoch)", train["sentences"]),
+    ]
 
 
 def pretrain_commands(session: Session) -> list[list[str]]:
     plan, stores = session.plan, session.work / "pretrain_data/stores"
     answers = len(json.loads((session.work / "pretrain_data/raw/synthetic.json").read_text())["answers"])
     overrides = [
-        f"data.train.features={stores / 'feats'}", f"data.train.text={stores / 'text_train'}",
-        "data.eval.features=", "data.eval.text=", "data.loader=gpu", f"data.sources={SOURCES}",
-        f"model.num_qa_labels={answers}", "train.precision=bf16", f"train.batch_size={plan['batch']}",
-        f"train.max_steps={plan['max_steps']}", f"train.log_every={plan['log_every']}",
-        f"train.output_dir={session.path('pretrain/run')}", "train.resume=none",
-    ]  # fmt: skip
+        f"data.train.features={stores / 'feats'}",
+        f"data.train.text={stores / 'text_train'}",
+        "data.eval.features=",
+        "data.eval.text=",
+        "data.loader=gpu",
+        f"data.sources={SOURCES}",
+        f"model.num_qa_labels={answers}",
+        "train.precision=bf16",
+        f"train.batch_size={plan['batch']}",
+        f"train.max_steps={plan['max_steps']}",
+        f"train.log_every={plan['log_every']}",
+        f"train.output_dir={session.path('pretrain/run')}",
+        "train.resume=none",
+    ]
     if session.dry_run:
         overrides += TINY_MODEL + [f"model.visual_feat_dim={plan['feat_dim']}"]
     return [[session.python, "-m", "engine.pretrain", "--config", RECIPE, *overrides]]
@@ -489,13 +620,19 @@ def pretrain_numbers(session: Session) -> list[Number]:
     steady = records[1:] or records  # the first window holds the warm-up (allocator, cuBLAS, DeepSpeed's first step)
     median = lambda key: statistics.median(r[key] for r in steady if r.get(key) is not None)  # noqa: E731
     number = lambda name, value, unit="": session.number("pretrain", name, value, unit)  # noqa: E731
-    numbers = [number("steps done", records[-1]["step"]), number(f"batch {session.plan.get('batch')}: samples/s "
-               f"(median of {len(steady)} log windows after the first)", median("samples_per_s"), "samples/s"),
-               number("tokens/s (median)", median("tokens_per_s"), "tokens/s"),
-               number("step time (median)", 1e3 * median("step_time_s"), "ms"),
-               number("TFLOP/s (median)", median("tflops"), "TFLOP/s"),
-               number("data-wait share (median)", 100 * median("data_wait_share"), "%"),
-               number("last loss", records[-1]["loss"])]  # fmt: skip
+    numbers = [
+        number("steps done", records[-1]["step"]),
+        number(
+            f"batch {session.plan.get('batch')}: samples/s (median of {len(steady)} log windows after the first)",
+            median("samples_per_s"),
+            "samples/s",
+        ),
+        number("tokens/s (median)", median("tokens_per_s"), "tokens/s"),
+        number("step time (median)", 1e3 * median("step_time_s"), "ms"),
+        number("TFLOP/s (median)", median("tflops"), "TFLOP/s"),
+        number("data-wait share (median)", 100 * median("data_wait_share"), "%"),
+        number("last loss", records[-1]["loss"]),
+    ]
     if any(r.get("mfu") is not None for r in steady):
         numbers.append(number("MFU (median)", 100 * median("mfu"), "%"))
     if any(r.get("peak_memory_gib") is not None for r in records):
@@ -513,21 +650,56 @@ def stages(dry_run: bool) -> list[Stage]:
     where = " in the Triton interpreter" if dry_run else " on CUDA"
     model = "a tiny model, 4 steps" if dry_run else "LXMERT-base, about 2 minutes"
     return [
-        Stage("preflight", "the carried wheels installed, the imports the stages need", *seconds(60, 10),
-              preflight_commands),
-        Stage("environment", "device, capability, nvidia-smi, versions, commit, date", *seconds(40, 10),
-              environment_commands, after=after_environment),
-        Stage("kernel_tests", "tests/test_kernel_*.py" + where, *seconds(150, 40), kernel_test_commands,
-              numbers=kernel_test_numbers),
-        Stage("kernels", "python -m benchmarks.kernels --quick" + (" (CPU: its checks only)" if dry_run else ""),
-              *seconds(100, 40), kernels_commands, numbers=kernels_numbers),
-        Stage("throughput", "python -m benchmarks.throughput " + ("--smoke" if dry_run else "--quick"),
-              *seconds(210, 60), throughput_commands, numbers=throughput_numbers),
-        Stage("pretrain_data", "a synthetic set in the authors' formats, converted into stores", *seconds(75, 40),
-              pretrain_data_commands, numbers=pretrain_data_numbers),
-        Stage("pretrain", f"{model}, bf16, {RECIPE} through python -m engine.pretrain", *seconds(330, 150),
-              pretrain_commands, needs=("pretrain_data",), numbers=pretrain_numbers),
-    ]  # fmt: skip
+        Stage(
+            "preflight",
+            "the carried wheels installed, the imports the stages need",
+            *seconds(60, 10),
+            preflight_commands,
+        ),
+        Stage(
+            "environment",
+            "device, capability, nvidia-smi, versions, commit, date",
+            *seconds(40, 10),
+            environment_commands,
+            after=after_environment,
+        ),
+        Stage(
+            "kernel_tests",
+            "tests/test_kernel_*.py" + where,
+            *seconds(150, 40),
+            kernel_test_commands,
+            numbers=kernel_test_numbers,
+        ),
+        Stage(
+            "kernels",
+            "python -m benchmarks.kernels --quick" + (" (CPU: its checks only)" if dry_run else ""),
+            *seconds(100, 40),
+            kernels_commands,
+            numbers=kernels_numbers,
+        ),
+        Stage(
+            "throughput",
+            "python -m benchmarks.throughput " + ("--smoke" if dry_run else "--quick"),
+            *seconds(210, 60),
+            throughput_commands,
+            numbers=throughput_numbers,
+        ),
+        Stage(
+            "pretrain_data",
+            "a synthetic set in the authors' formats, converted into stores",
+            *seconds(75, 40),
+            pretrain_data_commands,
+            numbers=pretrain_data_numbers,
+        ),
+        Stage(
+            "pretrain",
+            f"{model}, bf16, {RECIPE} through python -m engine.pretrain",
+            *seconds(330, 150),
+            pretrain_commands,
+            needs=("pretrain_data",),
+            numbers=pretrain_numbers,
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- --out
@@ -535,15 +707,21 @@ def stages(dry_run: bool) -> list[Stage]:
 
 def summary_dict(session: Session) -> dict[str, Any]:
     return {
-        "session": {"dry_run": session.dry_run, "measured_on": session.measured_on,
-                    "label": DRY_LABEL if session.dry_run else session.device,
-                    "commit": session.environment.get("commit"),
-                    "date": session.date, "budget_s": session.budget_s, "elapsed_s": session.elapsed(),
-                    "plan": session.plan, "notes": session.notes},
+        "session": {
+            "dry_run": session.dry_run,
+            "measured_on": session.measured_on,
+            "label": DRY_LABEL if session.dry_run else session.device,
+            "commit": session.environment.get("commit"),
+            "date": session.date,
+            "budget_s": session.budget_s,
+            "elapsed_s": session.elapsed(),
+            "plan": session.plan,
+            "notes": session.notes,
+        },
         "environment": session.environment,
         "stages": [asdict(r) for r in session.results],
         "numbers": [{**asdict(n), "label": n.label} for n in session.numbers],
-    }  # fmt: skip
+    }
 
 
 def format_value(value: float) -> str:
@@ -553,17 +731,23 @@ def format_value(value: float) -> str:
 
 def summary_markdown(session: Session) -> str:
     env = session.environment
-    title = ("GPU session DRY RUN on the CPU: no number in this file is a GPU number" if session.dry_run
-             else f"GPU session on {session.device}")  # fmt: skip
+    title = (
+        "GPU session DRY RUN on the CPU: no number in this file is a GPU number"
+        if session.dry_run
+        else f"GPU session on {session.device}"
+    )
     lines = [f"# {title}\n"]
-    versions = ", ".join(f"{k} {env.get(k)}" for k in ("torch", "triton", "cuda", "deepspeed", "transformers",
-                                                       "python"))  # fmt: skip
+    versions = ", ".join(
+        f"{k} {env.get(k)}" for k in ("torch", "triton", "cuda", "deepspeed", "transformers", "python")
+    )
     device = f"Device {session.device}"
     if env.get("capability"):
         device += f", compute capability {env['capability']}, {env['sm_count']} SMs, {env['memory_gib']:.0f} GiB"
     lines.append(f"{device}. {versions}.\n")
-    lines.append(f"Commit {env.get('commit') or 'unknown (set BENCH_COMMIT)'}; started {session.date}; "
-                 f"{session.elapsed():.0f} s of a {session.budget_s:.0f} s budget.\n")  # fmt: skip
+    lines.append(
+        f"Commit {env.get('commit') or 'unknown (set BENCH_COMMIT)'}; started {session.date}; "
+        f"{session.elapsed():.0f} s of a {session.budget_s:.0f} s budget.\n"
+    )
     lines += ["## Stages\n", "| stage | status | seconds | limit s | note |", "|---|---|---|---|---|"]
     for r in session.results:
         note = r.note.replace("|", "\\|").replace("\n", " ")
@@ -584,8 +768,11 @@ def summary_markdown(session: Session) -> str:
 
 
 def session_log(session: Session) -> str:
-    return "".join(f"===== {r.name}: {r.status}, {r.seconds:.1f} s (limit {r.limit_s:.0f} s) {r.note}\n"
-                   f"{read_tail(session.work / 'logs' / f'{r.name}.log', 2**31)}\n" for r in session.results)
+    return "".join(
+        f"===== {r.name}: {r.status}, {r.seconds:.1f} s (limit {r.limit_s:.0f} s) {r.note}\n"
+        f"{read_tail(session.work / 'logs' / f'{r.name}.log', 2**31)}\n"
+        for r in session.results
+    )
 
 
 def write_results(session: Session, path: Path) -> None:
@@ -594,9 +781,12 @@ def write_results(session: Session, path: Path) -> None:
     with tarfile.open(path, "w:gz") as tar:
         for file in sorted(p for p in session.work.rglob("*") if p.is_file()):
             relative = file.relative_to(session.work)
-            if (file.suffix not in RESULT_SUFFIXES or set(relative.parts[:-1]) & RESULT_SKIP_DIRS
-                    or total + file.stat().st_size > RESULTS_MAX_BYTES):
-                continue  # fmt: skip
+            if (
+                file.suffix not in RESULT_SUFFIXES
+                or set(relative.parts[:-1]) & RESULT_SKIP_DIRS
+                or total + file.stat().st_size > RESULTS_MAX_BYTES
+            ):
+                continue
             tar.add(file, arcname=str(relative))
             total += file.stat().st_size
 
@@ -615,15 +805,30 @@ def write_outputs(session: Session) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, help="where the summary, log and results go (required on a GPU; the "
-                        "dry run's default is a new temporary folder)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where the summary, log and results go (required on a GPU; the "
+        "dry run's default is a new temporary folder)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="every stage shrunken on the CPU; numbers say so")
-    parser.add_argument("--wheels", type=Path, help="install every wheel in this folder first (no index: for a "
-                        "machine without network), into a private site the stages see first")  # fmt: skip
-    parser.add_argument("--budget", type=float, help=f"seconds for the whole session (default {GPU_BUDGET_S:.0f}; "
-                        f"dry run {DRY_BUDGET_S:.0f})")  # fmt: skip
-    parser.add_argument("--work", type=Path, help="scratch folder, kept afterwards (default: a temporary one, "
-                        "removed at the end; it holds GBs of checkpoints on the GPU)")  # fmt: skip
+    parser.add_argument(
+        "--wheels",
+        type=Path,
+        help="install every wheel in this folder first (no index: for a "
+        "machine without network), into a private site the stages see first",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help=f"seconds for the whole session (default {GPU_BUDGET_S:.0f}; dry run {DRY_BUDGET_S:.0f})",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="scratch folder, kept afterwards (default: a temporary one, "
+        "removed at the end; it holds GBs of checkpoints on the GPU)",
+    )
     args = parser.parse_args(argv)
     if not (args.dry_run or args.out):
         parser.error("--out is required; --dry-run runs the CPU form")
@@ -639,8 +844,10 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget or (DRY_BUDGET_S if args.dry_run else GPU_BUDGET_S)
     session = Session(out=out, work=work, dry_run=args.dry_run, budget_s=budget, wheels=args.wheels)
     session.env = stage_env(session, [work / "site"] if args.wheels else [])
-    print(f"{'dry run (CPU)' if args.dry_run else 'GPU session'}: budget {budget:.0f} s, out {out}, work {work}",
-          flush=True)  # fmt: skip
+    print(
+        f"{'dry run (CPU)' if args.dry_run else 'GPU session'}: budget {budget:.0f} s, out {out}, work {work}",
+        flush=True,
+    )
     try:
         return run_session(session, stages(args.dry_run))
     finally:

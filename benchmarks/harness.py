@@ -26,8 +26,9 @@ import platform
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,9 +62,11 @@ def _version(*distributions: str) -> str | None:
 def git_commit() -> str | None:
     """HEAD, with "-dirty" when the tree differs from it (result files excepted); $BENCH_COMMIT without git."""
     try:
-        run = lambda *args: subprocess.run(  # noqa: E731
-            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True, timeout=10
-        ).stdout
+        run = lambda *args: (
+            subprocess.run(  # noqa: E731
+                ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True, timeout=10
+            ).stdout
+        )
         commit = run("rev-parse", "HEAD").strip()
         changes = [line for line in run("status", "--porcelain").splitlines() if "benchmarks/results/" not in line]
     except (OSError, subprocess.SubprocessError):
@@ -255,8 +258,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple
 # ------------------------------------------------------------------------------------------------- plots
 
 
-def line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, x_label: str, y_label: str,
-               log2_x: bool = False) -> Figure:  # fmt: skip
+def line_chart(
+    series: dict[str, Sequence[tuple[float, float]]], title: str, x_label: str, y_label: str, log2_x: bool = False
+) -> Figure:
     """A matplotlib line chart (Agg; engine.plots.save_figure writes it as SVG or PNG): one line with dots per
     series, in x order, gid "series:NAME"; log2_x puts x on a log2 scale with a tick at every x (batch sizes, GPU
     counts); y starts at 0. A None y is left out."""

@@ -11,8 +11,8 @@ tensor), nonzero, masked_select, unique, boolean-mask indexing, and copies from 
 excluded), checkpoints (save), tensors created explicitly on the CPU (device="cpu": the Triton kernels' dropout
 seeds come from torch's CPU generator, a host read on a GPU too) and anything inside one dispatched operation (a
 custom op such as lxmert::attention_fwd is one launch). Not visible on the CPU: a copy from pageable host memory
-to the device (torch.tensor(x, device="cuda") waits too); the step makes none, by reading. Each step's count runs from the start of its train_step
-to the start of the next, so a log step's count includes the log line's reads.
+to the device (torch.tensor(x, device="cuda") waits too); the step makes none, by reading. Each step's count runs
+from the start of its train_step to the start of the next, so a log step's count includes the log line's reads.
 
 The goal (issue 13): 0 on a step that does not log and at most 12 on a log step, for the plain path. DeepSpeed's
 own waits are measured and reported, not asserted. Writes runs/benchmarks/host_waits.md (or --out).
@@ -27,8 +27,9 @@ import sys
 import tempfile
 import weakref
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -179,15 +180,25 @@ def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple
     backend = path if path in ("eager", "sdpa", "triton") else "sdpa"
     shape = ("hidden_size", "num_attention_heads", "intermediate_size", "l_layers", "r_layers", "x_layers")
     overrides = [
-        *(f"model.{key}={SMOKE_MODEL[key]}" for key in shape), f"model.visual_feat_dim={regions.feat_dim}",
-        f"model.num_qa_labels={len(text.answers)}", f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
-        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}", f"model.attn_backend={backend}",
+        *(f"model.{key}={SMOKE_MODEL[key]}" for key in shape),
+        f"model.visual_feat_dim={regions.feat_dim}",
+        f"model.num_qa_labels={len(text.answers)}",
+        f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
+        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}",
+        f"model.attn_backend={backend}",
         f"model.feat_loss_backend={'triton' if backend == 'triton' else 'torch'}",
-        f"data.train.text={text.path}", f"data.train.features={regions.path}", "data.num_workers=0",
-        "train.batch_size=4", "train.epochs=100", f"train.max_steps={steps}", f"train.log_every={log_every}",
-        "train.save_every=1000", f"train.output_dir={work / path}", "train.seed=0",
+        f"data.train.text={text.path}",
+        f"data.train.features={regions.path}",
+        "data.num_workers=0",
+        "train.batch_size=4",
+        "train.epochs=100",
+        f"train.max_steps={steps}",
+        f"train.log_every={log_every}",
+        "train.save_every=1000",
+        f"train.output_dir={work / path}",
+        "train.seed=0",
         f"train.zero_stage={int(path[-1]) if path.startswith('zero') else 0}",
-    ]  # fmt: skip
+    ]
     return load_config(None, overrides)
 
 
@@ -208,8 +219,14 @@ def summarise(path: str, counts: dict[int, Counter], log_every: int) -> dict[str
     other = [sum(c.values()) for s, c in counts.items() if s not in log_steps]
     logged = [sum(c.values()) for s, c in counts.items() if s in log_steps]
     kinds = sum(counts.values(), Counter())
-    return {"path": path, "steps": len(counts), "max_other": max(other, default=0), "max_log": max(logged, default=0),
-            "total": sum(kinds.values()), "kinds": dict(kinds)}  # fmt: skip
+    return {
+        "path": path,
+        "steps": len(counts),
+        "max_other": max(other, default=0),
+        "max_log": max(logged, default=0),
+        "total": sum(kinds.values()),
+        "kinds": dict(kinds),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,13 +242,23 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(summarise(path, count_run(path, Path(tmp), args.steps, args.log_every), args.log_every))
     for r in rows:
         r["by_kind"] = ", ".join(f"{k} {n}" for k, n in sorted(r["kinds"].items())) or "-"
-    columns = [("path", "path"), ("max_other", "max on a step without a log line"), ("max_log", "max on a log step"),
-               ("total", "total"), ("by_kind", "by kind")]  # fmt: skip
-    harness.write_summary(args.out, [
-        f"# Host waits per training step ({args.steps} steps, a log line every {args.log_every})", "",
-        "Counted by benchmarks/host_waits.py on the CPU (a count, not a timing: it holds on any device).", "",
-        harness.markdown_table(rows, columns),
-    ])  # fmt: skip
+    columns = [
+        ("path", "path"),
+        ("max_other", "max on a step without a log line"),
+        ("max_log", "max on a log step"),
+        ("total", "total"),
+        ("by_kind", "by kind"),
+    ]
+    harness.write_summary(
+        args.out,
+        [
+            f"# Host waits per training step ({args.steps} steps, a log line every {args.log_every})",
+            "",
+            "Counted by benchmarks/host_waits.py on the CPU (a count, not a timing: it holds on any device).",
+            "",
+            harness.markdown_table(rows, columns),
+        ],
+    )
     return 0
 
 

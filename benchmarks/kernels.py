@@ -12,10 +12,10 @@ events, L2 flushed, warm-up 10, median of 50), three modes in Liger's sense: for
 training), backward (autograd.grad over a fresh graph, its forward untimed) and full (both), with peak memory:
 - attention, 12 heads, head dim 64, batch 64 / 128 / 256 / 512, (Lq, Lk) = (20, 36), (36, 20), (20, 20),
   (36, 36) and the cross layer both ways (20 tokens + 36 regions), language keys ~15% padded; a few larger
-  (64, 64) problems (head dim 64 and 128: the longest the kernel takes on a GPU); bf16, and fp32 at batch 256. Providers: the Triton kernel,
-  torch eager (lxmert.attention.eager_attention), SDPA forced to its flash and to its memory-efficient
-  backend, torch.compile(eager) (static shapes, compiled before timing) and flash-attn when installed
-  (flash_attn_func, or flash_attn_varlen_func on unpadded keys, the unpadding timed with it). The cross
+  (64, 64) problems (head dim 64 and 128: the longest the kernel takes on a GPU); bf16, and fp32 at batch 256.
+  Providers: the Triton kernel, torch eager (lxmert.attention.eager_attention), SDPA forced to its flash and to
+  its memory-efficient backend, torch.compile(eager) (static shapes, compiled before timing) and flash-attn when
+  installed (flash_attn_func, or flash_attn_varlen_func on unpadded keys, the unpadding timed with it). The cross
   layer's baseline is two single-direction calls of each provider ("x2") against the one-launch
   bidirectional kernel. A provider that refuses a mask, dtype or shape gets a row with a note, no numbers.
   TFLOP/s counts 4*B*H*Lq*Lk*D forward and 2.5x that backward (flash-attention's convention; padded keys
@@ -39,14 +39,16 @@ exercised on CPU machines too. The exit status is 1 when any check fails.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -377,7 +379,7 @@ def time_attention(cfg: AttentionConfig, providers: Sequence[str], device, timer
     inputs = attention_inputs(cfg, torch.device(device), g)
     rows = []
     for provider in providers:
-        build = lambda: attention_call(provider, cfg, inputs)  # noqa: E731
+        build = functools.partial(attention_call, provider, cfg, inputs)
         result = measure(build, inputs.leaves, inputs.grad_outs, timer, warmup, reps)
         base = {"bench": "attention", "config": cfg.name, **asdict(cfg), "provider": provider}
         if isinstance(result, str):
@@ -386,10 +388,18 @@ def time_attention(cfg: AttentionConfig, providers: Sequence[str], device, timer
         for mode, numbers in result.items():
             seconds = numbers["median_ms"] * 1e-3
             flops, nbytes = cfg.flops(mode), cfg.min_bytes(mode)
-            rows.append({
-                **base, "mode": mode, **numbers, "flops": flops, "tflops": flops / seconds / 1e12,
-                "min_bytes": nbytes, "gbps": nbytes / seconds / 1e9, "note": None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    **base,
+                    "mode": mode,
+                    **numbers,
+                    "flops": flops,
+                    "tflops": flops / seconds / 1e12,
+                    "min_bytes": nbytes,
+                    "gbps": nbytes / seconds / 1e9,
+                    "note": None,
+                }
+            )
     return rows
 
 
@@ -398,7 +408,7 @@ def time_feature_regression(cfg: FeatureConfig, providers: Sequence[str], device
     inputs = feature_inputs(cfg, torch.device(device), g)
     rows = []
     for provider in providers:
-        build = lambda: feature_call(provider, cfg, inputs)  # noqa: E731
+        build = functools.partial(feature_call, provider, cfg, inputs)
         result = measure(build, inputs.leaves, inputs.grad_outs, timer, warmup, reps)
         base = {"bench": "feature_regression", "config": cfg.name, **asdict(cfg), "provider": provider}
         base["masked_rows"] = int(inputs.row_weight.sum().item())
@@ -430,9 +440,15 @@ def _poison_free_memory(device: torch.device) -> None:
 
 
 def compare(
-    kernel_fn: Callable, ref_fn: Callable, inputs64: list, grad_outs: list[Tensor], dtype: torch.dtype,
-    names: list[str], err: Callable, slack: dict,
-) -> dict[str, Any]:  # fmt: skip
+    kernel_fn: Callable,
+    ref_fn: Callable,
+    inputs64: list,
+    grad_outs: list[Tensor],
+    dtype: torch.dtype,
+    names: list[str],
+    err: Callable,
+    slack: dict,
+) -> dict[str, Any]:
     """The kernel on inputs rounded to dtype against ref_fn in float64 on the same rounded inputs; in bf16 /
     fp16 also ref_fn run in dtype (torch's own error, the yardstick). Returns the errors and the verdict."""
     low = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in inputs64]
@@ -480,9 +496,11 @@ def check_attention(cfg: AttentionConfig, dtype: torch.dtype, device: torch.devi
         q, k, v = (randn(b, h, lq + lk, d) for _ in range(3))
         grad_outs = [randn(b, h, lq, d), randn(b, h, lk, d)]
         kernel_fn = lambda q, k, v: kernels.bidirectional_attention(q, k, v, lq, mask, None)  # noqa: E731
-        ref_fn = lambda q, k, v: (  # noqa: E731
-            kernels.reference_attention(q[:, :, :lq], k[:, :, lq:], v[:, :, lq:], None),
-            kernels.reference_attention(q[:, :, lq:], k[:, :, :lq], v[:, :, :lq], mask),
+        ref_fn = (
+            lambda q, k, v: (  # noqa: E731
+                kernels.reference_attention(q[:, :, :lq], k[:, :, lq:], v[:, :, lq:], None),
+                kernels.reference_attention(q[:, :, lq:], k[:, :, :lq], v[:, :, :lq], mask),
+            )
         )
         names = ["lang_out", "vis_out", "dq", "dk", "dv"]
     else:
@@ -534,11 +552,19 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
         print("FAIL: the Triton kernels cannot run here (TRITON_INTERPRET=1 must be set before triton is imported)")
         return [{"bench": "check", "check": "kernels run", "passed": False}]
     n_feat, hidden, features = (2 * N_VIS, 64, 128) if tiny else (64 * N_VIS, HIDDEN, FEATURES)
-    jobs = [(f"attention {c.name} h{c.heads}", lambda c=c, dt=dt: check_attention(c, dt, device), dt)
-            for c in attention_check_cases(tiny) for dt in (torch.float32, torch.bfloat16, torch.float16)]  # fmt: skip
-    jobs += [(f"feature_regression N{n_feat} H{hidden} F{features}",
-              lambda dt=dt: check_feature_regression(n_feat, hidden, features, dt, device), dt)
-             for dt in (torch.float32, torch.bfloat16, torch.float16)]  # fmt: skip
+    jobs = [
+        (f"attention {c.name} h{c.heads}", lambda c=c, dt=dt: check_attention(c, dt, device), dt)
+        for c in attention_check_cases(tiny)
+        for dt in (torch.float32, torch.bfloat16, torch.float16)
+    ]
+    jobs += [
+        (
+            f"feature_regression N{n_feat} H{hidden} F{features}",
+            lambda dt=dt: check_feature_regression(n_feat, hidden, features, dt, device),
+            dt,
+        )
+        for dt in (torch.float32, torch.bfloat16, torch.float16)
+    ]
     results = []
     for name, job, dtype in jobs:
         dtype_name = str(dtype).removeprefix("torch.")
@@ -548,10 +574,11 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
             result = {"passed": False, "error": f"{type(e).__name__}: {e}"}
         status = "ok  " if result["passed"] else "FAIL"
         detail = result.get("error") or "  ".join(
-            f"{k} {e:.2e}" + ("" if result["torch_errors"][k] is None else f" (torch {result['torch_errors'][k]:.1e})")
+            f"{k} {e:.2e}"
+            + ("" if result["torch_errors"][k] is None else f" (torch {result['torch_errors'][k]:.1e})")
             + ("" if e <= result["tolerances"][k] else f" > tol {result['tolerances'][k]:.1e}")
             for k, e in result["errors"].items()
-        )  # fmt: skip
+        )
         print(f"{status} {name} {dtype_name}: {detail}", flush=True)
         results.append({"bench": "check", "check": name, "dtype": dtype_name, **result})
     return results
@@ -581,32 +608,67 @@ def speedups(lines: list[dict]) -> list[dict]:
         for ours in (line for line in group if line["provider"] in OURS):
             others = [line for line in group if line["provider"] not in OURS]
             best = min(others, key=lambda line: line["full_ms"], default=None)
-            out.append({
-                "bench": key[0], "config": key[1], "dtype": key[2],
-                "ours": ours["provider"], "ours_ms": ours["full_ms"],
-                "best_other": best and best["provider"], "other_ms": best and best["full_ms"],
-                "speedup": best and best["full_ms"] / ours["full_ms"],
-            })  # fmt: skip
+            out.append(
+                {
+                    "bench": key[0],
+                    "config": key[1],
+                    "dtype": key[2],
+                    "ours": ours["provider"],
+                    "ours_ms": ours["full_ms"],
+                    "best_other": best and best["provider"],
+                    "other_ms": best and best["full_ms"],
+                    "speedup": best and best["full_ms"] / ours["full_ms"],
+                }
+            )
     return out
 
 
 PIVOT_COLUMNS = [
-    "bench", "config", "dtype", "provider", ("forward_ms", "fwd ms"), ("backward_ms", "bwd ms"),
-    ("full_ms", "full ms"), ("tflops", "full TFLOP/s"), ("gbps", "full GB/s"), ("peak_mb", "full peak MB"), "note",
-]  # fmt: skip
-SPEEDUP_COLUMNS = ["bench", "config", "dtype", "ours", ("ours_ms", "ours ms"), "best_other", ("other_ms", "other ms"),
-                   ("speedup", "speedup x")]  # fmt: skip
+    "bench",
+    "config",
+    "dtype",
+    "provider",
+    ("forward_ms", "fwd ms"),
+    ("backward_ms", "bwd ms"),
+    ("full_ms", "full ms"),
+    ("tflops", "full TFLOP/s"),
+    ("gbps", "full GB/s"),
+    ("peak_mb", "full peak MB"),
+    "note",
+]
+SPEEDUP_COLUMNS = [
+    "bench",
+    "config",
+    "dtype",
+    "ours",
+    ("ours_ms", "ours ms"),
+    "best_other",
+    ("other_ms", "other ms"),
+    ("speedup", "speedup x"),
+]
 DETAIL_COLUMNS = [
-    "bench", "config", "dtype", "provider", "mode", ("median_ms", "median ms"), ("p20_ms", "p20 ms"),
-    ("p80_ms", "p80 ms"), ("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("peak_memory_mb", "peak MB"), "note",
-]  # fmt: skip
+    "bench",
+    "config",
+    "dtype",
+    "provider",
+    "mode",
+    ("median_ms", "median ms"),
+    ("p20_ms", "p20 ms"),
+    ("p80_ms", "p80 ms"),
+    ("tflops", "TFLOP/s"),
+    ("gbps", "GB/s"),
+    ("peak_memory_mb", "peak MB"),
+    "note",
+]
 
 
 def sweep(quick: bool, device, timer, warmup: int, reps: int, out: Path, common: dict) -> list[dict]:
     """Time every config (attention, then feature regression), appending its rows to `out` as it finishes.
     No config starts after TIME_BUDGET_S."""
-    jobs = [(cfg, time_attention, BIDIRECTIONAL_PROVIDERS if cfg.bidirectional else SINGLE_PROVIDERS)
-            for cfg in attention_configs(quick)]  # fmt: skip
+    jobs = [
+        (cfg, time_attention, BIDIRECTIONAL_PROVIDERS if cfg.bidirectional else SINGLE_PROVIDERS)
+        for cfg in attention_configs(quick)
+    ]
     jobs += [(cfg, time_feature_regression, FEATURE_PROVIDERS) for cfg in feature_configs(quick)]
     start, rows = time.perf_counter(), []
     for i, (cfg, time_fn, providers) in enumerate(jobs):
@@ -641,8 +703,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset: batch 256, two attention shapes, bf16")
     parser.add_argument("--check-only", action="store_true", help="correctness checks only, no timing, no files")
-    parser.add_argument("--out", type=Path, default=harness.RUNS_DIR / "kernels.jsonl",
-                        help="JSON lines appended here; the Markdown summary goes beside it (.md)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=harness.RUNS_DIR / "kernels.jsonl",
+        help="JSON lines appended here; the Markdown summary goes beside it (.md)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     cuda = torch.cuda.is_available()

@@ -69,11 +69,15 @@ class Variant:
     def name(self) -> str:
         if self.kind.startswith("attn"):
             dim = "" if self.head_dim == HEAD_DIM else f" D{self.head_dim}"
-            return (f"{self.kind} {self.len_q}x{self.len_k}{dim} {'mask' if self.mask else 'nomask'} "
-                    f"{'drop' if self.dropout else 'nodrop'} {self.dtype}")  # fmt: skip
+            return (
+                f"{self.kind} {self.len_q}x{self.len_k}{dim} {'mask' if self.mask else 'nomask'} "
+                f"{'drop' if self.dropout else 'nodrop'} {self.dtype}"
+            )
         if self.kind.startswith("bidir"):
-            return (f"{self.kind} {N_LANG}+{N_VIS} lmask={int(self.mask)} vmask={int(self.vis_mask)} "
-                    f"{'drop' if self.dropout else 'nodrop'} {self.dtype}")  # fmt: skip
+            return (
+                f"{self.kind} {N_LANG}+{N_VIS} lmask={int(self.mask)} vmask={int(self.vis_mask)} "
+                f"{'drop' if self.dropout else 'nodrop'} {self.dtype}"
+            )
         if self.kind == "dropout_mask":
             return f"dropout_mask {self.len_q}x{self.len_k}"
         return f"featreg M{self.rows} F{FEATURES} {self.dtype}"
@@ -149,8 +153,14 @@ def _setup() -> None:
     if fa._INTERPRETED or fr._INTERPRETED:  # noqa: SLF001 (the modules' own flag)
         raise SystemExit("the kernels were imported interpreted")
     captured: list = []
-    for kernel in (fa._attention_fwd_kernel, fa._attention_bwd_kernel, fa._bidirectional_fwd_kernel,
-                   fa._bidirectional_bwd_kernel, fa._dropout_mask_kernel, fr._feature_regression_fwd_kernel):  # fmt: skip
+    for kernel in (
+        fa._attention_fwd_kernel,
+        fa._attention_bwd_kernel,
+        fa._bidirectional_fwd_kernel,
+        fa._bidirectional_bwd_kernel,
+        fa._dropout_mask_kernel,
+        fr._feature_regression_fwd_kernel,
+    ):
 
         def run(*args, grid, warmup, _kernel=kernel, **kwargs):
             compiled = JITFunction.run(_kernel, *args, grid=grid, warmup=True, **kwargs)
@@ -226,11 +236,19 @@ def _dots(ttgir: str) -> list[str]:
 
 def occupancy(regs: int, smem: int, warps: int, programs: int) -> dict:
     regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256  # allocated per warp in units of 256
-    limits = {"regs": REGS_PER_SM // (regs_per_warp * warps), "smem": SMEM_PER_SM // (smem + 1024),
-              "threads": MAX_THREADS_PER_SM // (warps * 32), "ctas": MAX_CTAS_PER_SM}  # fmt: skip
+    limits = {
+        "regs": REGS_PER_SM // (regs_per_warp * warps),
+        "smem": SMEM_PER_SM // (smem + 1024),
+        "threads": MAX_THREADS_PER_SM // (warps * 32),
+        "ctas": MAX_CTAS_PER_SM,
+    }
     ctas = min(limits.values())
-    return {"ctas_per_sm": ctas, "limit": "/".join(k for k, n in limits.items() if n == ctas),
-            "occupancy": ctas * warps / MAX_WARPS_PER_SM, "waves": programs / max(ctas * SM_COUNT, 1)}  # fmt: skip
+    return {
+        "ctas_per_sm": ctas,
+        "limit": "/".join(k for k, n in limits.items() if n == ctas),
+        "occupancy": ctas * warps / MAX_WARPS_PER_SM,
+        "waves": programs / max(ctas * SM_COUNT, 1),
+    }
 
 
 def compile_variant(v: Variant) -> dict:
@@ -247,13 +265,14 @@ def compile_variant(v: Variant) -> dict:
         row.update(status="refused" if v.dtype == "fp64" else "FAIL", error=f"{type(error).__name__}: {error}")
         return row
     row["compile_s"] = time.perf_counter() - start
-    (kernel, grid, compiled), = captured
+    ((kernel, grid, compiled),) = captured
     md = compiled.metadata
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([str(_WORKER["bin"] / "cuobjdump"), "--dump-resource-usage", str(cubin)],
-                               capture_output=True, text=True).stdout  # fmt: skip
+        usage = subprocess.run(
+            [str(_WORKER["bin"] / "cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True
+        ).stdout
     res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     ptxas = log.getvalue()
 
@@ -263,11 +282,19 @@ def compile_variant(v: Variant) -> dict:
 
     regs = number(r"Used (\d+) registers") or (int(res.group(1)) if res else 0)
     row.update(
-        kernel=kernel, grid=list(grid), hash=compiled.hash, num_warps=md.num_warps, num_stages=md.num_stages,
-        shared=md.shared, regs=regs, spill_stores=number(r"(\d+) bytes spill stores"),
-        spill_loads=number(r"(\d+) bytes spill loads"), local=int(res.group(4)) if res else None,
-        dots=_dots(compiled.asm["ttgir"]), occupancy=occupancy(regs, md.shared, md.num_warps, math.prod(grid)),
-    )  # fmt: skip
+        kernel=kernel,
+        grid=list(grid),
+        hash=compiled.hash,
+        num_warps=md.num_warps,
+        num_stages=md.num_stages,
+        shared=md.shared,
+        regs=regs,
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        local=int(res.group(4)) if res else None,
+        dots=_dots(compiled.asm["ttgir"]),
+        occupancy=occupancy(regs, md.shared, md.num_warps, math.prod(grid)),
+    )
     problems = []
     if row["spill_stores"] or row["spill_loads"] or row["local"]:
         problems.append(f"spills {row['spill_stores']} / {row['spill_loads']} B, local {row['local']} B")
@@ -303,27 +330,34 @@ def markdown(rows: list[dict], problems: list[str]) -> str:
 
     env = environment()
     lines = [
-        "# Triton kernels compiled for sm_90 (H100), no GPU", "",
-        f"Compiled on {env['device']} (no GPU: a compile, not a run) with triton {env['triton']}, torch {env['torch']}, "
-        f"commit {env['commit']}, {env['date']}.", "",
+        "# Triton kernels compiled for sm_90 (H100), no GPU",
+        "",
+        f"Compiled on {env['device']} (no GPU: a compile, not a run) with triton {env['triton']}, torch {env['torch']}, "  # noqa: E501
+        f"commit {env['commit']}, {env['date']}.",
+        "",
         f"`python -m benchmarks.kernels_sm90`: every variant LXMERT's launchers produce at B {B}, {HEADS} heads of "
         f"{HEAD_DIM}, {N_LANG} tokens, {N_VIS} regions, {FEATURES}-d features (method: the module docstring). "
         "Registers, spills and shared memory are the compiler's; occupancy is an estimate (H100 SXM limits); "
-        "nothing here ran on a GPU.", "",
+        "nothing here ran on a GPU.",
+        "",
         "| variant | LXMERT use | status | warps/stages | regs | spill st/ld B | smem B | tl.dot lowering | "
-        "CTAs/SM (limit) | occ | waves |", "|" + "---|" * 11,
-    ]  # fmt: skip
+        "CTAs/SM (limit) | occ | waves |",
+        "|" + "---|" * 11,
+    ]
     for r in rows:
         v = r["variant"]
         if r["status"] not in ("ok", "SPILL"):
-            lines.append(f"| {r['name']} | {v['use'] or '-'} | {r['status']}: {(r.get('error') or '')[:90]} |" + " |" * 8)
+            lines.append(
+                f"| {r['name']} | {v['use'] or '-'} | {r['status']}: {(r.get('error') or '')[:90]} |" + " |" * 8
+            )
             continue
         o = r["occupancy"]
         dots = " ".join(sorted(set(r["dots"]), key=r["dots"].index)) or "-"
         lines.append(
             f"| {r['name']} | {v['use'] or '-'} | {r['status']} | {r['num_warps']}/{r['num_stages']} | {r['regs']} | "
             f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {dots} | {o['ctas_per_sm']} ({o['limit']}) | "
-            f"{o['occupancy']:.0%} | {o['waves']:.2f} |")  # fmt: skip
+            f"{o['occupancy']:.0%} | {o['waves']:.2f} |"
+        )
     lines += ["", "Check: " + ("passed" if not problems else "FAILED"), *[f"- {p}" for p in problems]]
     return "\n".join(lines) + "\n"
 
@@ -344,8 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels_sm90", description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=max(1, len(os.sched_getaffinity(0))))
     parser.add_argument("--only", help="only the variants whose name contains this text")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "kernels_sm90.md",
-                        help="the Markdown table; the rows as JSON beside it (.json)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "runs" / "benchmarks" / "kernels_sm90.md",
+        help="the Markdown table; the rows as JSON beside it (.json)",
+    )
     args = parser.parse_args(argv)
     selected = [v for v in variants() if not args.only or args.only in v.name]
     start = time.perf_counter()
@@ -355,8 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(markdown(rows, problems))
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{len(rows)} variants in {time.perf_counter() - start:.0f} s: {ok} compiled clean; "
-          f"{len(problems)} problems; {args.out}")  # fmt: skip
+    print(
+        f"{len(rows)} variants in {time.perf_counter() - start:.0f} s: {ok} compiled clean; "
+        f"{len(problems)} problems; {args.out}"
+    )
     for problem in problems:
         print(f"  {problem}")
     return 1 if problems else 0

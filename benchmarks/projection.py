@@ -45,8 +45,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 from lxmert.config import LxmertConfig
 
@@ -76,8 +76,13 @@ class Collective:
 
 
 def zero_collectives(
-    stage: int, params: int, grad_bytes: float = 2, param_bytes: float = 2, gather_calls: int = 1,
-    gradient_all_reduce: bool = False, tied_params: int = 0,
+    stage: int,
+    params: int,
+    grad_bytes: float = 2,
+    param_bytes: float = 2,
+    gather_calls: int = 1,
+    gradient_all_reduce: bool = False,
+    tied_params: int = 0,
 ) -> list[Collective]:
     """The collectives of one optimizer step at ZeRO `stage` (see the module docstring).
 
@@ -157,15 +162,22 @@ def project(
     step = step_time_1_s - saved + exposed
     per_gpu = micro_batch / step
     return Projection(
-        world=world, step_time_1_s=step_time_1_s, step_time_s=step, comm_s=comm, exposed_comm_s=exposed,
-        wire_bytes_per_rank=wire_bytes(collectives, world), efficiency=step_time_1_s / step,
-        samples_per_s_per_gpu=per_gpu, samples_per_s=per_gpu * world,
+        world=world,
+        step_time_1_s=step_time_1_s,
+        step_time_s=step,
+        comm_s=comm,
+        exposed_comm_s=exposed,
+        wire_bytes_per_rank=wire_bytes(collectives, world),
+        efficiency=step_time_1_s / step,
+        samples_per_s_per_gpu=per_gpu,
+        samples_per_s=per_gpu * world,
         collectives=[{**asdict(c), "seconds": collective_time(c, world, links)} for c in collectives],
-    )  # fmt: skip
+    )
 
 
-def assumed_step_time(config: LxmertConfig, micro_batch: int, mfu: float = ASSUMED_MFU,
-                      peak: float = H100_BF16_PEAK) -> float:  # fmt: skip
+def assumed_step_time(
+    config: LxmertConfig, micro_batch: int, mfu: float = ASSUMED_MFU, peak: float = H100_BF16_PEAK
+) -> float:
     """ASSUMED single-GPU step time: model FLOPs of a pre-training step at 20 tokens and 36 regions over
     peak x mfu. Not a measurement."""
     from engine.flops import step_flops
@@ -192,10 +204,16 @@ def parameterised_modules(config: LxmertConfig) -> int:
 # ------------------------------------------------------------------------------------------------ CLI
 
 COLUMNS = [
-    ("gpus", "GPUs"), ("stage", "ZeRO"), ("overlap", "overlap"), ("wire_gb", "GB sent/GPU/step"),
-    ("comm_ms", "comm ms"), ("step_ms", "step ms"), ("efficiency", "efficiency"),
-    ("samples_per_s", "samples/s"), ("hours", "20 epochs, hours"),
-]  # fmt: skip
+    ("gpus", "GPUs"),
+    ("stage", "ZeRO"),
+    ("overlap", "overlap"),
+    ("wire_gb", "GB sent/GPU/step"),
+    ("comm_ms", "comm ms"),
+    ("step_ms", "step ms"),
+    ("efficiency", "efficiency"),
+    ("samples_per_s", "samples/s"),
+    ("hours", "20 epochs, hours"),
+]
 
 
 def table(args: argparse.Namespace) -> tuple[str, list[dict]]:
@@ -211,25 +229,46 @@ def table(args: argparse.Namespace) -> tuple[str, list[dict]]:
         t1, source = args.step_time_ms / 1e3, f"MEASURED single-GPU step time {args.step_time_ms:g} ms (given)"
     else:
         t1 = assumed_step_time(config, args.micro_batch, args.assumed_mfu)
-        source = (f"ASSUMED single-GPU step time {t1 * 1e3:.2f} ms = model FLOPs / (989.4 TFLOP/s bf16 x "
-                  f"{args.assumed_mfu:g} MFU): no GPU measurement yet")  # fmt: skip
+        source = (
+            f"ASSUMED single-GPU step time {t1 * 1e3:.2f} ms = model FLOPs / (989.4 TFLOP/s bf16 x "
+            f"{args.assumed_mfu:g} MFU): no GPU measurement yet"
+        )
     gather_calls = parameterised_modules(config)
     rows = []
     for world in [1, *args.gpus]:
         for stage in args.stages if world > 1 else args.stages[:1]:  # one GPU communicates nothing
-            collectives = zero_collectives(stage, params, args.grad_bytes, args.param_bytes, gather_calls,
-                                           args.deepspeed_default, tied)  # fmt: skip
+            collectives = zero_collectives(
+                stage, params, args.grad_bytes, args.param_bytes, gather_calls, args.deepspeed_default, tied
+            )
             for overlap in args.overlap if world > 1 else [0.0]:
-                p = project(t1, args.micro_batch, world, collectives, links, overlap, args.optimizer_ms / 1e3,
-                            sharded_optimizer=stage >= 1)  # fmt: skip
-                rows.append({
-                    "gpus": world, "stage": stage if world > 1 else "any", "overlap": overlap, "wire_gb": round(p.wire_bytes_per_rank / 1e9, 3),
-                    "comm_ms": round(p.comm_s * 1e3, 2), "step_ms": round(p.step_time_s * 1e3, 2),
-                    "efficiency": round(p.efficiency, 3), "samples_per_s": round(p.samples_per_s),
-                    "hours": round(pretraining_hours(p.samples_per_s), 2),
-                })  # fmt: skip
-    zero12 = ("all-reduce of the gradients (DeepSpeed 0.19.8's default, 3 Psi b (N-1)/N)" if args.deepspeed_default
-              else "reduce-scatter of the gradients (textbook, 2 Psi b (N-1)/N)")  # fmt: skip
+                p = project(
+                    t1,
+                    args.micro_batch,
+                    world,
+                    collectives,
+                    links,
+                    overlap,
+                    args.optimizer_ms / 1e3,
+                    sharded_optimizer=stage >= 1,
+                )
+                rows.append(
+                    {
+                        "gpus": world,
+                        "stage": stage if world > 1 else "any",
+                        "overlap": overlap,
+                        "wire_gb": round(p.wire_bytes_per_rank / 1e9, 3),
+                        "comm_ms": round(p.comm_s * 1e3, 2),
+                        "step_ms": round(p.step_time_s * 1e3, 2),
+                        "efficiency": round(p.efficiency, 3),
+                        "samples_per_s": round(p.samples_per_s),
+                        "hours": round(pretraining_hours(p.samples_per_s), 2),
+                    }
+                )
+    zero12 = (
+        "all-reduce of the gradients (DeepSpeed 0.19.8's default, 3 Psi b (N-1)/N)"
+        if args.deepspeed_default
+        else "reduce-scatter of the gradients (textbook, 2 Psi b (N-1)/N)"
+    )
     header = (
         f"PROJECTION, not a measurement. LXMERT-base ({params:,} parameters), pre-training, micro batch "
         f"{args.micro_batch} per GPU (20 tokens, 36 regions), {args.grad_bytes:g} B a gradient and "
@@ -251,8 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--assumed-mfu", type=float, default=ASSUMED_MFU, help="used without --step-time-ms")
     parser.add_argument("--optimizer-ms", type=float, default=0.0, help="optimizer share of the step (ZeRO shards it)")
     parser.add_argument("--overlap", type=float, nargs="+", default=[0.0, 0.5], help="communication hidden (0-1)")
-    parser.add_argument("--deepspeed-default", action="store_true",
-                        help="ZeRO-1/2 all-reduce the gradients, as DeepSpeed 0.19.8 does by default")  # fmt: skip
+    parser.add_argument(
+        "--deepspeed-default",
+        action="store_true",
+        help="ZeRO-1/2 all-reduce the gradients, as DeepSpeed 0.19.8 does by default",
+    )
     parser.add_argument("--nvlink-gbs", type=float, default=Links.nvlink_gbs)
     parser.add_argument("--ib-gbs", type=float, default=Links.ib_gbs)
     parser.add_argument("--gpus-per-node", type=int, default=Links.gpus_per_node)

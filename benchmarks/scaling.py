@@ -51,8 +51,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -98,9 +99,19 @@ class TorchCollectiveCounter:
     all_gather_into_tensor's input shard, reduce_scatter_tensor's whole input, a list's summed sizes."""
 
     # name -> index of the positional argument holding the message (after the output, where there is one)
-    WATCHED = {"all_reduce": 0, "reduce": 0, "broadcast": 0, "all_reduce_coalesced": 0, "all_gather": 1,
-               "all_gather_into_tensor": 1, "_all_gather_base": 1, "reduce_scatter": 1,
-               "reduce_scatter_tensor": 1, "_reduce_scatter_base": 1, "all_gather_coalesced": 1}  # fmt: skip
+    WATCHED = {
+        "all_reduce": 0,
+        "reduce": 0,
+        "broadcast": 0,
+        "all_reduce_coalesced": 0,
+        "all_gather": 1,
+        "all_gather_into_tensor": 1,
+        "_all_gather_base": 1,
+        "reduce_scatter": 1,
+        "reduce_scatter_tensor": 1,
+        "_reduce_scatter_base": 1,
+        "all_gather_coalesced": 1,
+    }
     KEYWORDS = ("tensor", "input_tensor", "input_list", "tensors", "input_tensor_list")
 
     def __init__(self) -> None:
@@ -116,8 +127,11 @@ class TorchCollectiveCounter:
         @functools.wraps(original)
         def counted(*args, **kwargs):
             if self.active:
-                message = args[position] if len(args) > position else next(
-                    (kwargs[k] for k in self.KEYWORDS if k in kwargs), None)  # fmt: skip
+                message = (
+                    args[position]
+                    if len(args) > position
+                    else next((kwargs[k] for k in self.KEYWORDS if k in kwargs), None)
+                )
                 self.calls[name] += 1
                 self.bytes[name] += _nbytes(message)
             return original(*args, **kwargs)
@@ -178,16 +192,28 @@ def run_config(args: argparse.Namespace, stores: tuple[Path, Path], mode: str, s
     model = TINY_MODEL if args.model == "tiny" else {}
     overrides = [f"model.{k}={v}" for k, v in model.items()]
     if args.model == "tiny":
-        overrides += [f"model.visual_feat_dim={TINY_FEAT_DIM}", f"model.num_qa_labels={len(TextStore(text).answers)}",
-                      f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
-                      f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}"]  # fmt: skip
+        overrides += [
+            f"model.visual_feat_dim={TINY_FEAT_DIM}",
+            f"model.num_qa_labels={len(TextStore(text).answers)}",
+            f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
+            f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}",
+        ]
     overrides += [
-        f"model.attn_backend={args.attn}", f"data.train.text={text}", f"data.train.features={feats}",
-        "data.num_workers=0", "optim.name=adamw", f"train.batch_size={args.micro_batch * world}",
-        f"train.micro_batch_size={args.micro_batch}", "train.epochs=1000", f"train.precision={args.precision}",
-        f"train.zero_stage={stage}", f"train.output_dir={out_dir / f'{mode}_zero{stage}'}", "train.resume=none",
-        f"deepspeed.config={template}", "train.seed=0",
-    ]  # fmt: skip
+        f"model.attn_backend={args.attn}",
+        f"data.train.text={text}",
+        f"data.train.features={feats}",
+        "data.num_workers=0",
+        "optim.name=adamw",
+        f"train.batch_size={args.micro_batch * world}",
+        f"train.micro_batch_size={args.micro_batch}",
+        "train.epochs=1000",
+        f"train.precision={args.precision}",
+        f"train.zero_stage={stage}",
+        f"train.output_dir={out_dir / f'{mode}_zero{stage}'}",
+        "train.resume=none",
+        f"deepspeed.config={template}",
+        "train.seed=0",
+    ]
     return load_config(None, overrides)
 
 
@@ -205,8 +231,9 @@ def draw_batches(trainer, count: int) -> list:
     return batches
 
 
-def measure_stage(args: argparse.Namespace, stores, mode: str, stage: int, world: int, rank: int, counter,
-                  out_dir: Path) -> dict[str, Any]:  # fmt: skip
+def measure_stage(
+    args: argparse.Namespace, stores, mode: str, stage: int, world: int, rank: int, counter, out_dir: Path
+) -> dict[str, Any]:
     """One rank's step times and byte counts at one ZeRO stage in one configuration."""
     import deepspeed.comm as dscomm
 
@@ -250,14 +277,17 @@ def measure_stage(args: argparse.Namespace, stores, mode: str, stage: int, world
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainer.model.parameters())
     n = max(args.count_steps, 1)
     result = {
-        "rank": rank, "step_ms": times, "loss_last": float(torch.stack(losses[-1:]).float().item()),
-        "params": int(params), "tied_params": shared_elements(trainer.model),
+        "rank": rank,
+        "step_ms": times,
+        "loss_last": float(torch.stack(losses[-1:]).float().item()),
+        "params": int(params),
+        "tied_params": shared_elements(trainer.model),
         "logger": {k: {"calls": v["calls"] / n, "bytes": v["bytes"] / n} for k, v in logged.items()},
         "logger_sent_bytes": sent_bytes({k: v["bytes"] for k, v in logged.items()}, world) / n,
         "torch": {k: {"calls": counter.calls[k] / n, "bytes": counter.bytes[k] / n} for k in counter.calls},
         "torch_sent_bytes": sent_bytes(dict(counter.bytes), world) / n,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None,
-    }  # fmt: skip
+    }
     ds_engine.destroy()
     del trainer, batches
     gc.collect()  # DeepSpeed's engine and optimizer hold reference cycles: free them before the next stage
@@ -268,15 +298,18 @@ def measure_stage(args: argparse.Namespace, stores, mode: str, stage: int, world
 
 def baseline_row(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     """The latest 1-rank row of `path` whose config equals `key` (for the scaling efficiency)."""
-    matches = [r for r in harness.read_rows(path) if r.get("world_size") == 1 and all(r.get(k) == v for k, v in key.items())]
+    matches = [
+        r for r in harness.read_rows(path) if r.get("world_size") == 1 and all(r.get(k) == v for k, v in key.items())
+    ]
     return matches[-1] if matches else None
 
 
 def analytic_bytes(mode: str, stage: int, params: int, tied: int, element: int, world: int) -> float:
     """Bytes a rank sends a step by the formulas: the textbook ones, or DeepSpeed's gradient all-reduce for ZeRO-1/2
     in the engine's configuration (ZeRO-3 there: the textbook count, an upper bound)."""
-    collectives = zero_collectives(stage, params, element, element, gradient_all_reduce=mode == "engine",
-                                   tied_params=tied)  # fmt: skip
+    collectives = zero_collectives(
+        stage, params, element, element, gradient_all_reduce=mode == "engine", tied_params=tied
+    )
     return wire_bytes(collectives, world)
 
 
@@ -298,47 +331,87 @@ def summarize_stage(args, env, mode: str, stage: int, world: int, per_rank: list
     params = per_rank[0]["params"]
     element = DTYPE_BYTES[args.precision]
     analytic = analytic_bytes(mode, stage, params, per_rank[0]["tied_params"], element, world)
-    key = {"benchmark": "scaling", "device": env["device"], "model": args.model, "attn": args.attn,
-           "precision": args.precision, "micro_batch": args.micro_batch, "zero_config": mode,
-           "zero_stage": stage}  # fmt: skip
+    key = {
+        "benchmark": "scaling",
+        "device": env["device"],
+        "model": args.model,
+        "attn": args.attn,
+        "precision": args.precision,
+        "micro_batch": args.micro_batch,
+        "zero_config": mode,
+        "zero_stage": stage,
+    }
     per_gpu = args.micro_batch / (slowest / 1e3)
     base = baseline_row(args.out, key) if world > 1 else None
     efficiency = 1.0 if world == 1 else (per_gpu / base["samples_per_s_per_gpu"] if base else None)
     logger_sent = [r["logger_sent_bytes"] for r in per_rank]
     torch_sent = [r["torch_sent_bytes"] for r in per_rank]
     return {
-        **env, **key, "world_size": world,
-        "global_batch": args.micro_batch * world, "params": params, "tied_params": per_rank[0]["tied_params"], "warmup": args.warmup, "steps": args.steps,
-        "count_steps": args.count_steps, "zero_optimization_overrides": zero_overrides(mode, stage),
-        "step_median_ms": slowest, "step_all_ranks": step,
-        "samples_per_s_per_gpu": per_gpu, "samples_per_s": per_gpu * world, "scaling_efficiency": efficiency,
-        "efficiency_baseline": None if base is None else {"commit": base["commit"], "date": base["date"],
-                                                           "samples_per_s_per_gpu": base["samples_per_s_per_gpu"]},
-        "sent_bytes_logger": sum(logger_sent) / world, "sent_bytes_torch": sum(torch_sent) / world,
+        **env,
+        **key,
+        "world_size": world,
+        "global_batch": args.micro_batch * world,
+        "params": params,
+        "tied_params": per_rank[0]["tied_params"],
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "count_steps": args.count_steps,
+        "zero_optimization_overrides": zero_overrides(mode, stage),
+        "step_median_ms": slowest,
+        "step_all_ranks": step,
+        "samples_per_s_per_gpu": per_gpu,
+        "samples_per_s": per_gpu * world,
+        "scaling_efficiency": efficiency,
+        "efficiency_baseline": None
+        if base is None
+        else {"commit": base["commit"], "date": base["date"], "samples_per_s_per_gpu": base["samples_per_s_per_gpu"]},
+        "sent_bytes_logger": sum(logger_sent) / world,
+        "sent_bytes_torch": sum(torch_sent) / world,
         "sent_bytes_analytic": analytic,
         "logger_over_analytic": (sum(logger_sent) / world / analytic) if analytic else None,
         "torch_over_analytic": (sum(torch_sent) / world / analytic) if analytic else None,
-        "per_rank": per_rank, "loss_last": per_rank[0]["loss_last"],
-        "note": None if cuda else "CPU ranks (gloo): the byte counts are the measurement; step times are not GPU numbers",
-    }  # fmt: skip
+        "per_rank": per_rank,
+        "loss_last": per_rank[0]["loss_last"],
+        "note": None
+        if cuda
+        else "CPU ranks (gloo): the byte counts are the measurement; step times are not GPU numbers",
+    }
 
 
 COLUMNS = [
-    ("zero_config", "config"), ("zero_stage", "ZeRO"), ("world_size", "ranks"), ("measured_on", "on"), ("params", "params"),
-    ("step_median_ms", "step ms"), ("samples_per_s_per_gpu", "samples/s/GPU"), ("samples_per_s", "samples/s"),
-    ("scaling_efficiency", "efficiency"), ("sent_mb_logger", "MB sent/rank/step (DS logger)"),
-    ("sent_mb_torch", "(torch.distributed)"), ("sent_mb_analytic", "(analytic)"),
-]  # fmt: skip
+    ("zero_config", "config"),
+    ("zero_stage", "ZeRO"),
+    ("world_size", "ranks"),
+    ("measured_on", "on"),
+    ("params", "params"),
+    ("step_median_ms", "step ms"),
+    ("samples_per_s_per_gpu", "samples/s/GPU"),
+    ("samples_per_s", "samples/s"),
+    ("scaling_efficiency", "efficiency"),
+    ("sent_mb_logger", "MB sent/rank/step (DS logger)"),
+    ("sent_mb_torch", "(torch.distributed)"),
+    ("sent_mb_analytic", "(analytic)"),
+]
 
 
 def report(rows: list[dict[str, Any]]) -> str:
     first = rows[0]
-    where = (f"GPU measurements on {first['device']}" if first["measured_on"] == "gpu"
-             else f"CPU ranks (gloo, host {first.get('host_cpu')}, {first['cpu_count']} cores): bytes measured, times NOT GPU numbers")  # fmt: skip
-    lines = [{**r, "sent_mb_logger": r["sent_bytes_logger"] / 1e6, "sent_mb_torch": r["sent_bytes_torch"] / 1e6,
-              "sent_mb_analytic": r["sent_bytes_analytic"] / 1e6} for r in rows]  # fmt: skip
+    where = (
+        f"GPU measurements on {first['device']}"
+        if first["measured_on"] == "gpu"
+        else f"CPU ranks (gloo, host {first.get('host_cpu')}, {first['cpu_count']} cores): bytes measured, times NOT GPU numbers"  # noqa: E501
+    )
+    lines = [
+        {
+            **r,
+            "sent_mb_logger": r["sent_bytes_logger"] / 1e6,
+            "sent_mb_torch": r["sent_bytes_torch"] / 1e6,
+            "sent_mb_analytic": r["sent_bytes_analytic"] / 1e6,
+        }
+        for r in rows
+    ]
     return (
-        f"# Scaling benchmark: {where}\n\nmodel {first['model']} ({first['params']:,} parameters), {first['precision']}, "
+        f"# Scaling benchmark: {where}\n\nmodel {first['model']} ({first['params']:,} parameters), {first['precision']}, "  # noqa: E501
         f"micro batch {first['micro_batch']} per rank, attention {first['attn']}; torch {first['torch']}, deepspeed "
         f"{first['deepspeed']}, commit {', '.join(sorted({r['commit'] or '?' for r in rows}))}, "
         f"{min(r['date'] for r in rows)} to {max(r['date'] for r in rows)}. Analytic bytes a rank sends a step (Psi "
@@ -350,12 +423,23 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="deepspeed --num_gpus N --module benchmarks.scaling", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="deepspeed --num_gpus N --module benchmarks.scaling", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
-    parser.add_argument("--zero-configs", nargs="+", default=["engine", "textbook"], choices=["engine", "textbook"],
-                        help="DeepSpeed configurations measured (module docstring)")
-    parser.add_argument("--model", choices=["base", "tiny"], default="base", help="LXMERT-base, or a tiny one (CPU runs)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument(
+        "--zero-configs",
+        nargs="+",
+        default=["engine", "textbook"],
+        choices=["engine", "textbook"],
+        help="DeepSpeed configurations measured (module docstring)",
+    )
+    parser.add_argument(
+        "--model", choices=["base", "tiny"], default="base", help="LXMERT-base, or a tiny one (CPU runs)"
+    )
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on GPU, fp32 on CPU"
+    )
     parser.add_argument("--attn", default="sdpa", help="attention backend (lxmert.attention)")
     parser.add_argument("--micro-batch", type=int, default=64, help="samples per rank and step")
     parser.add_argument("--warmup", type=int, default=5)
@@ -401,10 +485,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             row = summarize_stage(args, env, mode, stage, world, gathered)
             harness.append_rows(args.out, [row])
             rows.append(row)
-            print(f"{mode} ZeRO-{stage}, {world} ranks: step {row['step_median_ms']:.1f} ms, "
-                  f"{row['samples_per_s']:.1f} samples/s, sent {row['sent_bytes_logger'] / 1e6:.3f} MB/rank/step "
-                  f"(torch {row['sent_bytes_torch'] / 1e6:.3f}, analytic {row['sent_bytes_analytic'] / 1e6:.3f}); "
-                  f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+            print(
+                f"{mode} ZeRO-{stage}, {world} ranks: step {row['step_median_ms']:.1f} ms, "
+                f"{row['samples_per_s']:.1f} samples/s, sent {row['sent_bytes_logger'] / 1e6:.3f} MB/rank/step "
+                f"(torch {row['sent_bytes_torch'] / 1e6:.3f}, analytic {row['sent_bytes_analytic'] / 1e6:.3f}); "
+                f"{time.perf_counter() - start:.1f} s",
+                flush=True,
+            )
     if rank == 0:
         md = args.out.with_suffix(".md")
         md.write_text(report(rows), encoding="utf-8")

@@ -34,9 +34,13 @@ def rounding_error(seed: int = 0, n: int = 2_000_000) -> dict[str, float]:
     stored = values.astype(np.float16).astype(np.float32)
     error = np.abs(stored - values)
     normal = values >= 2.0**-14  # float16's normal range; below it the error is absolute, at most 2^-25
-    return {"max_value": float(values.max()), "max_abs": float(error.max()),
-            "max_rel": float((error[normal] / values[normal]).max()), "max_abs_subnormal": float(error[~normal].max()),
-            "mean_abs": float(error.mean())}  # fmt: skip
+    return {
+        "max_value": float(values.max()),
+        "max_abs": float(error.max()),
+        "max_rel": float((error[normal] / values[normal]).max()),
+        "max_abs_subnormal": float(error[~normal].max()),
+        "mean_abs": float(error.mean()),
+    }
 
 
 def stores(work: Path, images: int, feat_dim: int) -> dict[str, tuple[Path, Path]]:
@@ -82,19 +86,26 @@ def main(argv: list[str] | None = None) -> int:
         curves = {name: losses(*made[name], work / f"run_{name}", args.steps, args.log_every) for name in made}
     gaps = [abs(a - b) / abs(b) for (_, a), (_, b) in zip(curves["fp16"], curves["fp32"])]
     lines = [
-        "# float16 against float32 region stores", "",
-        "Measured on the CPU by benchmarks/store_precision.py (numerics, not speed).", "",
-        "## Rounding of pool5-like values (relu(N(0, 2)) with a tail to 64, 2M values)", "",
+        "# float16 against float32 region stores",
+        "",
+        "Measured on the CPU by benchmarks/store_precision.py (numerics, not speed).",
+        "",
+        "## Rounding of pool5-like values (relu(N(0, 2)) with a tail to 64, 2M values)",
+        "",
         f"largest value {error['max_value']:.2f}: largest absolute error {error['max_abs']:.2e}, largest relative "
         f"error {error['max_rel']:.2e} at or above 2^-14 (float16's half ulp is 2^-11 = 4.9e-4), largest absolute "
-        f"error below it {error['max_abs_subnormal']:.1e}, mean absolute error {error['mean_abs']:.2e}.", "",
+        f"error below it {error['max_abs_subnormal']:.1e}, mean absolute error {error['mean_abs']:.2e}.",
+        "",
         f"## Tiny pre-training, {args.steps} steps, the same seed, on each store ({args.images} synthetic images, "
-        f"{args.feat_dim}-d features)", "",
-        "| step | loss, float16 store | loss, float32 store | relative gap |", "|---|---|---|---|",
+        f"{args.feat_dim}-d features)",
+        "",
+        "| step | loss, float16 store | loss, float32 store | relative gap |",
+        "|---|---|---|---|",
         *(f"| {s} | {a:.5f} | {b:.5f} | {g:.2e} |" for (s, a), (_, b), g in zip(curves["fp16"], curves["fp32"], gaps)),
-        "", f"largest relative gap {max(gaps):.2e}; final losses {curves['fp16'][-1][1]:.5f} (float16) and "
-            f"{curves['fp32'][-1][1]:.5f} (float32).",
-    ]  # fmt: skip
+        "",
+        f"largest relative gap {max(gaps):.2e}; final losses {curves['fp16'][-1][1]:.5f} (float16) and "
+        f"{curves['fp32'][-1][1]:.5f} (float32).",
+    ]
     harness.write_summary(args.out, lines)
     return 0
 

@@ -58,10 +58,10 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -90,8 +90,17 @@ OURS_ATTENTION = ("eager", "sdpa", "triton", "flash")
 RESIDENT_BATCHES = 4  # distinct batches cycled by the "resident" data
 CLIP = 1.0
 # the synthetic data has 54 answers, 49 object and 19 attribute classes: the heads cover them
-SMOKE_MODEL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37, l_layers=1, r_layers=1, x_layers=1,
-                   num_qa_labels=60, num_object_labels=50, num_attr_labels=20)  # fmt: skip
+SMOKE_MODEL = dict(
+    hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=37,
+    l_layers=1,
+    r_layers=1,
+    x_layers=1,
+    num_qa_labels=60,
+    num_object_labels=50,
+    num_attr_labels=20,
+)
 SMOKE_FEAT_DIM = 16
 NOT_GPU = "smoke run on the CPU: a tiny model, not a GPU measurement"
 
@@ -150,9 +159,14 @@ def pad_text(batch: PretrainBatch, length: int) -> PretrainBatch:
     pad = lambda t, value: torch.nn.functional.pad(t, (0, extra), value=value)  # noqa: E731
     old, rows = batch.input_ids.shape[1], batch.mlm_rows  # flat b * L + l: re-spread over the longer rows
     rows = torch.where(rows >= 0, rows // old * length + rows % old, rows)
-    return replace(batch, input_ids=pad(batch.input_ids, 0), attention_mask=pad(batch.attention_mask, 0),
-                   token_type_ids=pad(batch.token_type_ids, 0), labels=pad(batch.labels, -1),
-                   mlm_rows=rows)  # fmt: skip
+    return replace(
+        batch,
+        input_ids=pad(batch.input_ids, 0),
+        attention_mask=pad(batch.attention_mask, 0),
+        token_type_ids=pad(batch.token_type_ids, 0),
+        labels=pad(batch.labels, -1),
+        mlm_rows=rows,
+    )
 
 
 def hf_inputs(batch: PretrainBatch) -> dict[str, Any]:
@@ -215,8 +229,9 @@ class Stores:
         from engine.data.loaders import make_loader
 
         options = {} if variant.loader == "gpu" else {"num_workers": variant.workers}
-        loader = make_loader(variant.loader, self.text, self.regions, self.sampling(variant.batch), self.device,
-                             **options)  # fmt: skip
+        loader = make_loader(
+            variant.loader, self.text, self.regions, self.sampling(variant.batch), self.device, **options
+        )
         batches = endless(loader)
 
         def next_batch():
@@ -259,8 +274,10 @@ def model_config(args: argparse.Namespace) -> LxmertConfig:
 def check_runnable(variant: Variant, device: torch.device) -> None:
     """Raise Skip with the reason when a variant cannot run on this machine."""
     if variant.impl == "ours" and variant.attn not in attention_backends.available_backends():
-        raise Skip(f"lxmert.attention has no {variant.attn!r} backend (available: "
-                   f"{', '.join(attention_backends.available_backends())})")  # fmt: skip
+        raise Skip(
+            f"lxmert.attention has no {variant.attn!r} backend (available: "
+            f"{', '.join(attention_backends.available_backends())})"
+        )
     if variant.attn == "flash":
         if variant.precision in ("fp32", "tf32"):
             raise Skip("flash attention runs in bf16 / fp16 only")
@@ -463,17 +480,24 @@ def measure(variant: Variant, args, config, master, stores: Stores, device) -> d
     achieved = flops_per_step / step_s
     loss_values = [float(x) for x in torch.stack(losses).float().cpu()]
     return {
-        "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * (TEXT_LEN + REGIONS),
-        "step_ms": step_s * 1e3, "flops_per_step": flops_per_step, "tflops": achieved / 1e12,
-        "peak_tflops": None if peak is None else peak / 1e12, "peak_source": peak_source,
-        "mfu": None if peak is None else achieved / peak, "data_wait_share": waits / elapsed,
+        "samples_per_s": samples_per_s,
+        "tokens_per_s": samples_per_s * (TEXT_LEN + REGIONS),
+        "step_ms": step_s * 1e3,
+        "flops_per_step": flops_per_step,
+        "tflops": achieved / 1e12,
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "peak_source": peak_source,
+        "mfu": None if peak is None else achieved / peak,
+        "data_wait_share": waits / elapsed,
         "peak_memory_gib": peak_memory,
-        "breakdown_ms": {p: mean(v) for p, v in phases.items()}, "breakdown_step_ms": mean(totals),
-        "loss_first": loss_values[0], "loss_last": loss_values[-1],
+        "breakdown_ms": {p: mean(v) for p, v in phases.items()},
+        "breakdown_step_ms": mean(totals),
+        "loss_first": loss_values[0],
+        "loss_last": loss_values[-1],
         "losses_finite": all(math.isfinite(x) for x in loss_values),
         "skipped_steps": int(trainer.skipped),
         "cudagraph_skips": cudagraph_skips() - skips_before if variant.cudagraphs else None,
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------------------------------------- parity
@@ -485,7 +509,10 @@ def parity(precision: str, config: LxmertConfig, master, batch: PretrainBatch, d
     dtype = PRECISIONS[precision]
     torch.set_float32_matmul_precision(matmul_precision(precision))
     out = {}
-    for variant in (Variant("hf", "hf", precision, batch.batch_size), Variant("ours", "eager", precision, batch.batch_size)):
+    for variant in (
+        Variant("hf", "hf", precision, batch.batch_size),
+        Variant("ours", "eager", precision, batch.batch_size),
+    ):
         model = build_model(variant, config, master, device).eval()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             result = model(**model_inputs(variant.impl, batch))
@@ -494,10 +521,14 @@ def parity(precision: str, config: LxmertConfig, master, batch: PretrainBatch, d
             out["components"] = {k: float(v) for k, v in result.losses.items()}
         del model
     return {
-        "kind": "parity", "precision": precision, "batch": batch.batch_size, "loss_hf": out["hf"],
-        "loss_ours": out["ours"], "loss_components_ours": out["components"],
+        "kind": "parity",
+        "precision": precision,
+        "batch": batch.batch_size,
+        "loss_hf": out["hf"],
+        "loss_ours": out["ours"],
+        "loss_components_ours": out["components"],
         "rel_diff": abs(out["ours"] - out["hf"]) / abs(out["hf"]),
-    }  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------------------------------------- profile
@@ -510,9 +541,28 @@ KERNEL_KINDS = [  # (kind, substrings of kernel or op names), first match wins
     ("torch.compile (inductor)", ("triton_",)),
     ("matmul", ("gemm", "cutlass", "xmma", "cublas", "matmul", "wgmma", "sm90_", "sm80_", "::mm", "addmm", "bmm")),
     ("copies", ("memcpy", "memset", "copy")),
-    ("norm / softmax / elementwise", ("norm", "softmax", "elementwise", "vectorized", "reduce", "gelu", "dropout",
-                                      "index", "gather", "scatter", "nonzero", "cat", "fill", "where", "mul", "add")),
-]  # fmt: skip
+    (
+        "norm / softmax / elementwise",
+        (
+            "norm",
+            "softmax",
+            "elementwise",
+            "vectorized",
+            "reduce",
+            "gelu",
+            "dropout",
+            "index",
+            "gather",
+            "scatter",
+            "nonzero",
+            "cat",
+            "fill",
+            "where",
+            "mul",
+            "add",
+        ),
+    ),
+]
 
 
 def kernel_kind(name: str) -> str:
@@ -522,7 +572,8 @@ def kernel_kind(name: str) -> str:
 
 def profile(variant: Variant, args, config, master, stores: Stores, device) -> str:
     """Top kernels by GPU time (CPU time without a GPU) over a few steps of `variant`, as Markdown."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     cuda = device.type == "cuda"
     torch.set_float32_matmul_precision(matmul_precision(variant.precision))
@@ -546,21 +597,34 @@ def profile(variant: Variant, args, config, master, stores: Stores, device) -> s
     if cuda:  # the kernels (and copies) themselves: the CPU ops that launched them report the same time again
         from torch.autograd import DeviceType
 
-        timed = [(e.key, e.self_device_time_total, e.count) for e in events
-                 if e.device_type != DeviceType.CPU and e.self_device_time_total > 0]  # fmt: skip
+        timed = [
+            (e.key, e.self_device_time_total, e.count)
+            for e in events
+            if e.device_type != DeviceType.CPU and e.self_device_time_total > 0
+        ]
     else:
         timed = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
     timed.sort(key=lambda t: -t[1])
     total = sum(t[1] for t in timed) or 1.0
     what = "GPU kernels" if cuda else "CPU ops (self time; no GPU)"
-    top = [{"rank": i + 1, "name": name[:110], "kind": kernel_kind(name), "ms": us / 1e3 / args.profile_steps,
-            "share": us / total, "calls": count // args.profile_steps}
-           for i, (name, us, count) in enumerate(timed[: args.profile_top])]  # fmt: skip
+    top = [
+        {
+            "rank": i + 1,
+            "name": name[:110],
+            "kind": kernel_kind(name),
+            "ms": us / 1e3 / args.profile_steps,
+            "share": us / total,
+            "calls": count // args.profile_steps,
+        }
+        for i, (name, us, count) in enumerate(timed[: args.profile_top])
+    ]
     kinds: dict[str, float] = {}
     for name, us, _ in timed:
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
-    kind_rows = [{"kind": k, "ms": us / 1e3 / args.profile_steps, "share": us / total}
-                 for k, us in sorted(kinds.items(), key=lambda kv: -kv[1])]  # fmt: skip
+    kind_rows = [
+        {"kind": k, "ms": us / 1e3 / args.profile_steps, "share": us / total}
+        for k, us in sorted(kinds.items(), key=lambda kv: -kv[1])
+    ]
     busy = total / wall_us
     env = harness.environment()
     header = f"# Profile of {variant.name}: top {what} by time\n\n"
@@ -571,7 +635,7 @@ def profile(variant: Variant, args, config, master, stores: Stores, device) -> s
         f"steps after {args.warmup} warm-up steps; per-step times. {'Device' if cuda else 'Op'} time summed over "
         f"kernels is {busy:.0%} of the wall time (below 100%: the {'GPU' if cuda else 'CPU'} waits for the host or "
         f"for data).\n\n## By kind\n\n{harness.markdown_table(kind_rows, ['kind', ('ms', 'ms a step'), 'share'])}\n"
-        f"## Top {len(top)}\n\n{harness.markdown_table(top, ['rank', 'name', 'kind', ('ms', 'ms a step'), 'share', 'calls'])}\n"
+        f"## Top {len(top)}\n\n{harness.markdown_table(top, ['rank', 'name', 'kind', ('ms', 'ms a step'), 'share', 'calls'])}\n"  # noqa: E501
         f"## What would make it faster\n\n{speedup_notes(kind_rows, busy, cuda)}"
     )
 
@@ -581,35 +645,61 @@ def speedup_notes(kind_rows: list[dict], busy: float, cuda: bool) -> str:
     share = {r["kind"]: r["share"] for r in kind_rows}
     lines = []
     if cuda and busy < 0.9:
-        lines.append(f"- The GPU is busy {busy:.0%} of the wall time: launch and host overhead shows (the step makes "
-                     "no host wait between log lines, so it is the many small kernels). CUDA graphs (torch.compile "
-                     "mode reduce-overhead) or fusing them would cut it: the masked rows already come in a handful "
-                     "of bucket sizes.")  # fmt: skip
+        lines.append(
+            f"- The GPU is busy {busy:.0%} of the wall time: launch and host overhead shows (the step makes "
+            "no host wait between log lines, so it is the many small kernels). CUDA graphs (torch.compile "
+            "mode reduce-overhead) or fusing them would cut it: the masked rows already come in a handful "
+            "of bucket sizes."
+        )
     memory_bound = share.get("norm / softmax / elementwise", 0.0) + share.get("copies", 0.0)
-    lines.append(f"- Memory-bound work (norms, softmax, GELU, dropout, residual adds, copies): {memory_bound:.0%}. "
-                 "Fusing each LayerNorm with its dropout and residual add, and GELU into the FFN matmul's epilogue "
-                 "(torch.compile, or Triton kernels), removes passes over the activations.")  # fmt: skip
-    lines.append(f"- Matmuls: {share.get('matmul', 0.0):.0%}. They are the model FLOPs MFU counts; at hidden 768 and "
-                 "56 tokens a sample, a larger batch keeps them efficient.")  # fmt: skip
+    lines.append(
+        f"- Memory-bound work (norms, softmax, GELU, dropout, residual adds, copies): {memory_bound:.0%}. "
+        "Fusing each LayerNorm with its dropout and residual add, and GELU into the FFN matmul's epilogue "
+        "(torch.compile, or Triton kernels), removes passes over the activations."
+    )
+    lines.append(
+        f"- Matmuls: {share.get('matmul', 0.0):.0%}. They are the model FLOPs MFU counts; at hidden 768 and "
+        "56 tokens a sample, a larger batch keeps them efficient."
+    )
     attention = share.get("attention", 0.0)
-    lines.append(f"- Attention: {attention:.0%}" + (": a faster attention kernel cannot move the step by more than that."
-                                                     if attention < 0.15 else ": worth a faster kernel."))  # fmt: skip
-    lines.append(f"- Optimizer: {share.get('optimizer', 0.0):.0%} (one fused AdamW pass over every parameter; ZeRO-1 "
-                 "and up divide it by the GPU count).")  # fmt: skip
+    lines.append(
+        f"- Attention: {attention:.0%}"
+        + (
+            ": a faster attention kernel cannot move the step by more than that."
+            if attention < 0.15
+            else ": worth a faster kernel."
+        )
+    )
+    lines.append(
+        f"- Optimizer: {share.get('optimizer', 0.0):.0%} (one fused AdamW pass over every parameter; ZeRO-1 "
+        "and up divide it by the GPU count)."
+    )
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ report
 
 COLUMNS = [
-    ("name", "variant"), ("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"),
-    ("mfu", "MFU"), ("speedup_vs_hf", "x HF"), ("step_ms", "step ms"), ("data_wait_share", "data wait"),
-    ("peak_memory_gib", "peak GiB"), ("note", "note"),
-]  # fmt: skip
+    ("name", "variant"),
+    ("samples_per_s", "samples/s"),
+    ("tokens_per_s", "tokens/s"),
+    ("tflops", "TFLOP/s"),
+    ("mfu", "MFU"),
+    ("speedup_vs_hf", "x HF"),
+    ("step_ms", "step ms"),
+    ("data_wait_share", "data wait"),
+    ("peak_memory_gib", "peak GiB"),
+    ("note", "note"),
+]
 BREAKDOWN_COLUMNS = [
-    ("name", "variant"), ("bd_data", "data ms"), ("bd_forward", "forward ms"), ("bd_backward", "backward ms"),
-    ("bd_optimizer", "optimizer ms"), ("breakdown_step_ms", "synced step ms"), ("step_ms", "free-running step ms"),
-]  # fmt: skip
+    ("name", "variant"),
+    ("bd_data", "data ms"),
+    ("bd_forward", "forward ms"),
+    ("bd_backward", "backward ms"),
+    ("bd_optimizer", "optimizer ms"),
+    ("breakdown_step_ms", "synced step ms"),
+    ("step_ms", "free-running step ms"),
+]
 
 
 def headline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -619,10 +709,14 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not ours:
         return None
     best = max(ours, key=lambda r: r["samples_per_s"])
-    hf_best = max((r for r in rows if r.get("impl") == "hf" and r.get("samples_per_s") and r["loader"] == "resident"),
-                  key=lambda r: r["samples_per_s"], default=None)  # fmt: skip
+    hf_best = max(
+        (r for r in rows if r.get("impl") == "hf" and r.get("samples_per_s") and r["loader"] == "resident"),
+        key=lambda r: r["samples_per_s"],
+        default=None,
+    )
     return {
-        "best": best, "hf_best": hf_best,
+        "best": best,
+        "hf_best": hf_best,
         "hours_20_epochs_1_gpu": AUTHORS_SAMPLES / best["samples_per_s"] / 3600,
     }
 
@@ -630,9 +724,11 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def report(rows: list[dict[str, Any]], parity_rows: list[dict[str, Any]], smoke: bool) -> str:
     env = rows[0] if rows else harness.environment()
     where = f"**{NOT_GPU}.**" if smoke else f"GPU measurements on {env['device']}."
-    lines = [f"# Pre-training throughput: {where}\n",
-             f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, deepspeed "
-             f"{env['deepspeed']}, DALI {env['dali']}, CUDA {env['cuda']}; commit {env['commit']}, {env['date']}.\n"]  # fmt: skip
+    lines = [
+        f"# Pre-training throughput: {where}\n",
+        f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, deepspeed "
+        f"{env['deepspeed']}, DALI {env['dali']}, CUDA {env['cuda']}; commit {env['commit']}, {env['date']}.\n",
+    ]
     h = headline(rows)
     if h:
         best, hf_best = h["best"], h["hf_best"]
@@ -642,19 +738,31 @@ def report(rows: list[dict[str, Any]], parity_rows: list[dict[str, Any]], smoke:
             f"Best of ours: **{best['name']}**, {best['samples_per_s']:.1f} samples/s, {best['tflops']:.1f} TFLOP/s, "
             f"MFU {mfu} (peak: {best['peak_source']}); {ratio} transformers' LxmertForPreTraining at the same "
             f"precision, batch and data"
-            + (f"; {best['samples_per_s'] / hf_best['samples_per_s']:.2f}x transformers' best ({hf_best['name']}, "
-               f"{hf_best['samples_per_s']:.1f} samples/s)" if hf_best else "")
+            + (
+                f"; {best['samples_per_s'] / hf_best['samples_per_s']:.2f}x transformers' best ({hf_best['name']}, "
+                f"{hf_best['samples_per_s']:.1f} samples/s)"
+                if hf_best
+                else ""
+            )
             + f". The authors' 20 epochs ({AUTHORS_SAMPLES / 1e6:g}M samples) at this rate on one device: "
             f"{h['hours_20_epochs_1_gpu']:.1f} hours.\n"
-        )  # fmt: skip
+        )
     lines.append(f"## Every variant\n\n{harness.markdown_table(rows, COLUMNS)}")
-    timed = [{**r, **{f"bd_{phase}": ms for phase, ms in r["breakdown_ms"].items()}}
-             for r in rows if r.get("breakdown_ms")]  # fmt: skip
-    lines.append("## Step-time breakdown (device synchronised between phases, so slower than free-running)\n\n"
-                 + harness.markdown_table(timed, BREAKDOWN_COLUMNS))  # fmt: skip
+    timed = [
+        {**r, **{f"bd_{phase}": ms for phase, ms in r["breakdown_ms"].items()}} for r in rows if r.get("breakdown_ms")
+    ]
+    lines.append(
+        "## Step-time breakdown (device synchronised between phases, so slower than free-running)\n\n"
+        + harness.markdown_table(timed, BREAKDOWN_COLUMNS)
+    )
     if parity_rows:
-        lines.append("## Same weights, same batch: transformers' loss and ours (eval mode)\n\n" + harness.markdown_table(
-            parity_rows, ["precision", "batch", ("loss_hf", "transformers"), ("loss_ours", "ours"), ("rel_diff", "rel. diff")]))  # fmt: skip
+        lines.append(
+            "## Same weights, same batch: transformers' loss and ours (eval mode)\n\n"
+            + harness.markdown_table(
+                parity_rows,
+                ["precision", "batch", ("loss_hf", "transformers"), ("loss_ours", "ours"), ("rel_diff", "rel. diff")],
+            )
+        )
     return "\n".join(lines)
 
 
@@ -679,8 +787,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 64 128 256 (smoke: 2)")
     parser.add_argument("--headline-batch", type=int, default=256, help="the batch every variant runs at")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), help="default bf16 fp16 fp32 tf32")
-    parser.add_argument("--attn", nargs="+", default=list(OURS_ATTENTION), choices=OURS_ATTENTION,
-                        help="our attention backends run (default all)")
+    parser.add_argument(
+        "--attn",
+        nargs="+",
+        default=list(OURS_ATTENTION),
+        choices=OURS_ATTENTION,
+        help="our attention backends run (default all)",
+    )
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 5; smoke 1)")
     parser.add_argument("--compile-warmup", type=int, default=10, help="more warm-up steps for torch.compile")
     parser.add_argument("--steps", type=int, help="free-running timed steps (default 20; smoke 2)")
@@ -693,13 +806,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=420.0, help="no variant starts after this many seconds")
     parser.add_argument("--images", type=int, help="images in the synthetic store (default 512; smoke 12)")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "lxmert-throughput-bench")
-    parser.add_argument("--out", type=Path, help="JSON lines appended here (default runs/benchmarks/"
-                        "throughput.jsonl; smoke: throughput_smoke_cpu.jsonl); .md, .svg, .png and _profile.md beside it")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON lines appended here (default runs/benchmarks/"
+        "throughput.jsonl; smoke: throughput_smoke_cpu.jsonl); .md, .svg, .png and _profile.md beside it",
+    )
     args = parser.parse_args(argv)
     quick = dict(batch_sizes=[128], precisions=["bf16"], warmup=3, steps=10, breakdown_steps=5, images=512)
     smoke = dict(batch_sizes=[2], precisions=["fp32"], warmup=1, steps=2, breakdown_steps=2, images=12)
-    full = dict(batch_sizes=[64, 128, 256], precisions=["bf16", "fp16", "fp32", "tf32"], warmup=5, steps=20,
-                breakdown_steps=10, images=512)  # fmt: skip
+    full = dict(
+        batch_sizes=[64, 128, 256],
+        precisions=["bf16", "fp16", "fp32", "tf32"],
+        warmup=5,
+        steps=20,
+        breakdown_steps=10,
+        images=512,
+    )
     defaults = smoke if args.smoke else quick if args.quick else full
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -714,8 +837,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def extra_variants(best: Variant, args: argparse.Namespace) -> list[Variant]:
     """After the headline group: its best of ours with every loader, then compiled (with and without CUDA graphs)."""
-    loaders = [replace(best, loader="torch", workers=0 if args.smoke else args.loader_workers),
-               replace(best, loader="gpu"), replace(best, loader="dali", workers=2 if args.smoke else args.loader_workers)]  # fmt: skip
+    loaders = [
+        replace(best, loader="torch", workers=0 if args.smoke else args.loader_workers),
+        replace(best, loader="gpu"),
+        replace(best, loader="dali", workers=2 if args.smoke else args.loader_workers),
+    ]
     compiled = [replace(best, compile=True), replace(best, compile=True, cudagraphs=True)]
     return loaders + compiled
 
@@ -731,13 +857,25 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     config = model_config(args)
     env = harness.environment()
-    common = {**env, "benchmark": "throughput", "smoke": args.smoke,
-              "text_len": TEXT_LEN, "regions": REGIONS, "hidden_size": config.hidden_size,
-              "layers": [config.l_layers, config.r_layers, config.x_layers], "warmup": args.warmup,
-              "steps": args.steps, "breakdown_steps": args.breakdown_steps, "optimizer": "adamw (fused)",
-              "grad_clip": CLIP, "note": NOT_GPU if args.smoke else None}  # fmt: skip
-    print(f"{'smoke run, CPU' if args.smoke else env['device']}: model hidden {config.hidden_size}, rows to {args.out}",
-          flush=True)  # fmt: skip
+    common = {
+        **env,
+        "benchmark": "throughput",
+        "smoke": args.smoke,
+        "text_len": TEXT_LEN,
+        "regions": REGIONS,
+        "hidden_size": config.hidden_size,
+        "layers": [config.l_layers, config.r_layers, config.x_layers],
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "breakdown_steps": args.breakdown_steps,
+        "optimizer": "adamw (fused)",
+        "grad_clip": CLIP,
+        "note": NOT_GPU if args.smoke else None,
+    }
+    print(
+        f"{'smoke run, CPU' if args.smoke else env['device']}: model hidden {config.hidden_size}, rows to {args.out}",
+        flush=True,
+    )
     stores = Stores(args.data_dir, args.images, config.visual_feat_dim, device, config.vocab_size)
     master = master_weights(config, device)
 
@@ -748,8 +886,11 @@ def run(args: argparse.Namespace) -> int:
         row = {**common, **parity(precision, config, master, stores.resident(args.batch_sizes[0])[0], device)}
         parity_rows.append(row)
         harness.append_rows(args.out, [row])
-        print(f"parity {precision}: transformers {row['loss_hf']:.6f}, ours {row['loss_ours']:.6f} "
-              f"(rel. diff {row['rel_diff']:.2g})", flush=True)  # fmt: skip
+        print(
+            f"parity {precision}: transformers {row['loss_hf']:.6f}, ours {row['loss_ours']:.6f} "
+            f"(rel. diff {row['rel_diff']:.2g})",
+            flush=True,
+        )
 
     headline_group, rest = plan(args)
     rows: list[dict[str, Any]] = []
@@ -809,8 +950,11 @@ def run(args: argparse.Namespace) -> int:
         text = profile(variant, args, config, master, stores, device)
         args.out.with_name(args.out.stem + "_profile.md").write_text(text, encoding="utf-8")
     print(harness.markdown_table(rows, COLUMNS[:7] + COLUMNS[-1:]))
-    print(f"{len(rows) + len(parity_rows)} rows appended to {args.out}; summary {md}; "
-          f"{time.perf_counter() - start:.0f} s in all", flush=True)  # fmt: skip
+    print(
+        f"{len(rows) + len(parity_rows)} rows appended to {args.out}; summary {md}; "
+        f"{time.perf_counter() - start:.0f} s in all",
+        flush=True,
+    )
     return 0
 
 

@@ -16,8 +16,9 @@ import hashlib
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[str]], Any], newline: str | None = None) -> None:

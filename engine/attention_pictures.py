@@ -88,7 +88,7 @@ def load_backbone(checkpoint: str | Path) -> tuple[torch.nn.Module, Path]:
     except (KeyError, ValueError, OSError) as error:
         raise AttentionPictureError(f"{checkpoint}: {error}") from None
     if any(key.startswith("lxmert.") for key in ours):
-        ours = {k[len("lxmert."):]: v for k, v in ours.items() if k.startswith("lxmert.")}
+        ours = {k[len("lxmert.") :]: v for k, v in ours.items() if k.startswith("lxmert.")}
     # eager: output_attentions takes its path anyway, and a flash checkpoint must not need flash-attn here
     model = LxmertModel(dataclasses.replace(config, attn_backend="eager"))
     try:
@@ -133,8 +133,9 @@ def _built_from(store) -> Path:
     return sibling if not recorded.exists() and sibling.exists() else recorded
 
 
-def sample_from_store(text_store: str | Path, index: int, features: str | Path | None, vocab: str | None,
-                      vocab_size: int) -> Sample:  # fmt: skip
+def sample_from_store(
+    text_store: str | Path, index: int, features: str | Path | None, vocab: str | None, vocab_size: int
+) -> Sample:
     """Sentence `index` of a text store or a VQA / GQA task store, and its image from the feature store."""
     from engine.data.store import META, RegionStore, StoreError, TextStore
     from engine.data.tasks import TaskStore
@@ -151,35 +152,43 @@ def sample_from_store(text_store: str | Path, index: int, features: str | Path |
     try:
         store = kinds[meta["format"]](path)
         if getattr(store, "task", None) == "nlvr2":
-            raise AttentionPictureError(f"{path}: an NLVR2 store pairs two images with a sentence; use a text, "
-                                        "VQA or GQA store")  # fmt: skip
+            raise AttentionPictureError(
+                f"{path}: an NLVR2 store pairs two images with a sentence; use a text, VQA or GQA store"
+            )
         feature_path = Path(features) if features is not None else _built_from(store)
         regions = RegionStore(feature_path)
         store.check_features(regions)
     except StoreError as error:
         raise AttentionPictureError(str(error)) from None
     if not 0 <= index < len(store):
-        raise AttentionPictureError(f"{path}: --index {index} is out of range ({len(store)} sentences, "
-                                    f"0-{len(store) - 1})")  # fmt: skip
+        raise AttentionPictureError(
+            f"{path}: --index {index} is out of range ({len(store)} sentences, 0-{len(store) - 1})"
+        )
     a = store.arrays
     ids = a["token_ids"][index, : int(a["lengths"][index])].astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise AttentionPictureError(f"{path}: sentence {index} holds token ids {ids.tolist()} outside the model's "
-                                    f"vocabulary [0, {vocab_size})")  # fmt: skip
+        raise AttentionPictureError(
+            f"{path}: sentence {index} holds token ids {ids.tolist()} outside the model's vocabulary [0, {vocab_size})"
+        )
     image = int(a["image_index"][index])
     r = regions.get(image)
     n = int(r.num_boxes)
     return Sample(
-        tokens=_tokenizer(vocab).convert_ids_to_tokens(ids), input_ids=ids,
-        features=np.array(r.features[:n], np.float32), boxes=np.array(r.boxes[:n], np.float32),
-        obj_ids=np.array(r.obj_ids[:n], np.int64), attr_ids=np.array(r.attr_ids[:n], np.int64),
-        img_hw=(int(r.img_hw[0]), int(r.img_hw[1])), img_id=regions.img_ids[image],
+        tokens=_tokenizer(vocab).convert_ids_to_tokens(ids),
+        input_ids=ids,
+        features=np.array(r.features[:n], np.float32),
+        boxes=np.array(r.boxes[:n], np.float32),
+        obj_ids=np.array(r.obj_ids[:n], np.int64),
+        attr_ids=np.array(r.attr_ids[:n], np.int64),
+        img_hw=(int(r.img_hw[0]), int(r.img_hw[1])),
+        img_id=regions.img_ids[image],
         where=f"{path.name}[{index}], image {regions.img_ids[image]}",
-    )  # fmt: skip
+    )
 
 
-def sample_from_tsv(sentence: str, tsv: str | Path, img_id: str | None, row: int | None, vocab: str | None,
-                    feat_dim: int) -> Sample:  # fmt: skip
+def sample_from_tsv(
+    sentence: str, tsv: str | Path, img_id: str | None, row: int | None, vocab: str | None, feat_dim: int
+) -> Sample:
     """`sentence` tokenised as the authors do, and one row of a feature TSV (by img_id, by line number, else the
     first); only that row is decoded (a COCO TSV is gigabytes), and checked as the store converter checks it."""
     from engine.data.formats import DataError, parse_tsv_row
@@ -213,11 +222,16 @@ def sample_from_tsv(sentence: str, tsv: str | Path, img_id: str | None, row: int
     boxes[:, (1, 3)] /= record.img_h
     np.clip(boxes, 0.0, 1.0, out=boxes)
     return Sample(
-        tokens=tokenizer.convert_ids_to_tokens(ids), input_ids=ids, features=record.features[:n].astype(np.float32),
-        boxes=boxes, obj_ids=record.objects_id[:n].astype(np.int64), attr_ids=record.attrs_id[:n].astype(np.int64),
-        img_hw=(record.img_h, record.img_w), img_id=record.img_id,
+        tokens=tokenizer.convert_ids_to_tokens(ids),
+        input_ids=ids,
+        features=record.features[:n].astype(np.float32),
+        boxes=boxes,
+        obj_ids=record.objects_id[:n].astype(np.int64),
+        attr_ids=record.attrs_id[:n].astype(np.int64),
+        img_hw=(record.img_h, record.img_w),
+        img_id=record.img_id,
         where=f"{path.name}, row {record.row} ({record.img_id})",
-    )  # fmt: skip
+    )
 
 
 def read_names(path: str | Path) -> tuple[list[str], list[str]]:
@@ -240,7 +254,7 @@ def read_names(path: str | Path) -> tuple[list[str], list[str]]:
         else:
             objects, attributes = value, []
         if not isinstance(objects, list) or not all(isinstance(n, str) for n in objects + list(attributes or [])):
-            raise AttentionPictureError(f"{path}: expected a list of names or an object with \"object_names\"")
+            raise AttentionPictureError(f'{path}: expected a list of names or an object with "object_names"')
         return objects, list(attributes or [])
     return [line.split(",")[0].strip() for line in text.splitlines() if line.strip()], []
 
@@ -283,13 +297,20 @@ def _pick(name: str, option: str, value: int | None, count: int) -> int:
     return index % count
 
 
-def attention_maps(model: torch.nn.Module, sample: Sample, layer: int | None = None, cross_layer: int | None = None,
-                   region_layer: int | None = None, head: int | None = None) -> Maps:  # fmt: skip
+def attention_maps(
+    model: torch.nn.Module,
+    sample: Sample,
+    layer: int | None = None,
+    cross_layer: int | None = None,
+    region_layer: int | None = None,
+    head: int | None = None,
+) -> Maps:
     """The model's probabilities for the sample: one layer of each stream, one head or (head=None) their mean."""
     config = model.config
     if sample.features.shape[1] != config.visual_feat_dim:
-        raise AttentionPictureError(f"{sample.where}: {sample.features.shape[1]}-d region features, the model takes "
-                                    f"{config.visual_feat_dim}-d")  # fmt: skip
+        raise AttentionPictureError(
+            f"{sample.where}: {sample.features.shape[1]}-d region features, the model takes {config.visual_feat_dim}-d"
+        )
     heads = config.num_attention_heads
     if head is not None and not 0 <= head < heads:
         raise AttentionPictureError(f"--head {head}: the model has {heads} heads (0-{heads - 1})")
@@ -314,12 +335,14 @@ def attention_maps(model: torch.nn.Module, sample: Sample, layer: int | None = N
         return f"layer {index} of 0-{count - 1}"
 
     return Maps(
-        language=one(out.language_attentions[lang_i]), cross=one(out.cross_encoder_attentions[cross_i]),
+        language=one(out.language_attentions[lang_i]),
+        cross=one(out.cross_encoder_attentions[cross_i]),
         regions=one(out.vision_attentions[region_i]) if region_i >= 0 else None,
-        language_layer=named(lang_i, config.l_layers), cross_layer=named(cross_i, config.x_layers),
+        language_layer=named(lang_i, config.l_layers),
+        cross_layer=named(cross_i, config.x_layers),
         region_layer=named(region_i, config.r_layers) if region_i >= 0 else "no layers",
         head=f"mean of {heads} heads" if head is None else f"head {head} of 0-{heads - 1}",
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------------------------- drawing
@@ -359,8 +382,17 @@ def _heat_map(ax, probs: np.ndarray, rows: list[str], cols: list[str], name: str
     ax.figure.colorbar(image, ax=ax, shrink=0.8, label="probability")
 
 
-def _cross_panel(ax, token_index: int, token: str, weights: np.ndarray, boxes: np.ndarray, labels: list[str],
-                 picture: np.ndarray | None, aspect: float, top: int) -> None:  # fmt: skip
+def _cross_panel(
+    ax,
+    token_index: int,
+    token: str,
+    weights: np.ndarray,
+    boxes: np.ndarray,
+    labels: list[str],
+    picture: np.ndarray | None,
+    aspect: float,
+    top: int,
+) -> None:
     """One word's attention over the regions: each box filled from clear (the word's smallest weight) to dark (its
     largest), over the others (36 boxes overlap: shading from 0 would tint the whole image); the `top` outlined.
     The boxes are one PatchCollection, gid "cross:I", whose array is the word's weights in region order."""
@@ -384,20 +416,34 @@ def _cross_panel(ax, token_index: int, token: str, weights: np.ndarray, boxes: n
     patches = [Rectangle((x1, y1), x2 - x1, y2 - y1) for x1, y1, x2, y2 in boxes.tolist()]
     # one colour, so the order boxes are composited in does not change the picture
     shading = LinearSegmentedColormap.from_list("box", [to_rgba(BOX_COLOR, 0.0), to_rgba(BOX_COLOR, BOX_ALPHA)])
-    shades = PatchCollection(patches, cmap=shading, norm=Normalize(lo, hi if hi > lo else lo + 1.0),
-                             edgecolors=[BOX_COLOR if j in outlined else "none" for j in range(len(patches))],
-                             linewidths=1.2, gid=f"cross:{token_index}")  # fmt: skip
+    shades = PatchCollection(
+        patches,
+        cmap=shading,
+        norm=Normalize(lo, hi if hi > lo else lo + 1.0),
+        edgecolors=[BOX_COLOR if j in outlined else "none" for j in range(len(patches))],
+        linewidths=1.2,
+        gid=f"cross:{token_index}",
+    )
     shades.set_array(weights)
     ax.add_collection(shades)
     for j in strongest.tolist():
-        ax.text(boxes[j][0], boxes[j][1], f"r{j}", color=BOX_COLOR, fontsize=7, va="top", ha="left",
-                bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.0, "linewidth": 0})  # fmt: skip
+        ax.text(
+            boxes[j][0],
+            boxes[j][1],
+            f"r{j}",
+            color=BOX_COLOR,
+            fontsize=7,
+            va="top",
+            ha="left",
+            bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.0, "linewidth": 0},
+        )
     best = int(strongest[0]) if len(strongest) else 0
     ax.set_xlabel(f"max {labels[best]} {float(weights[best]):.3f}" if weights.size else "no regions", fontsize=8)
 
 
-def draw(sample: Sample, maps: Maps, labels: list[str], picture: np.ndarray | None = None, top: int = 3,
-         checkpoint: str = "") -> Figure:  # fmt: skip
+def draw(
+    sample: Sample, maps: Maps, labels: list[str], picture: np.ndarray | None = None, top: int = 3, checkpoint: str = ""
+) -> Figure:
     """The whole figure: the two self-attention heat maps side by side, then a panel per word piece."""
     from matplotlib.figure import Figure
 
@@ -410,25 +456,42 @@ def draw(sample: Sample, maps: Maps, labels: list[str], picture: np.ndarray | No
     width = 3.0 * CROSS_COLUMNS
     maps_h, cross_h = 7.0, 0.5 + grid_rows * (width / CROSS_COLUMNS * aspect + 0.7)
     fig = Figure(figsize=(width, maps_h + cross_h), dpi=PNG_DPI, layout="constrained")
-    fig.suptitle(f"LXMERT attention: {' '.join(tokens)}\ncheckpoint {checkpoint}   sample {sample.where}   "
-                 f"{maps.head}", fontsize=12)  # fmt: skip
+    fig.suptitle(
+        f"LXMERT attention: {' '.join(tokens)}\ncheckpoint {checkpoint}   sample {sample.where}   {maps.head}",
+        fontsize=12,
+    )
     top_fig, cross_fig = fig.subfigures(2, 1, height_ratios=(maps_h, cross_h))
     language_ax, regions_ax = top_fig.subplots(1, 2, width_ratios=(1.0, 1.3))
-    _heat_map(language_ax, maps.language, tokens, tokens, "language",
-              f"language self-attention\n{maps.language_layer}, {maps.head}")  # fmt: skip
+    _heat_map(
+        language_ax,
+        maps.language,
+        tokens,
+        tokens,
+        "language",
+        f"language self-attention\n{maps.language_layer}, {maps.head}",
+    )
     if maps.regions is not None:
-        _heat_map(regions_ax, maps.regions, labels, labels, "regions",
-                  f"regions' self-attention\nobject-relationship {maps.region_layer}, {maps.head}")  # fmt: skip
+        _heat_map(
+            regions_ax,
+            maps.regions,
+            labels,
+            labels,
+            "regions",
+            f"regions' self-attention\nobject-relationship {maps.region_layer}, {maps.head}",
+        )
     else:
         regions_ax.set_axis_off()
         regions_ax.set_title("regions' self-attention: the model has no object-relationship layers", fontsize=10)
-    cross_fig.suptitle(f"cross-modality attention, each word over the regions: cross-modality {maps.cross_layer}, "
-                       f"{maps.head}\na box is shaded by the word's weight on it, from clear (the word's smallest) to "
-                       f"dark (its largest), the {top} strongest outlined", fontsize=10)  # fmt: skip
+    cross_fig.suptitle(
+        f"cross-modality attention, each word over the regions: cross-modality {maps.cross_layer}, "
+        f"{maps.head}\na box is shaded by the word's weight on it, from clear (the word's smallest) to "
+        f"dark (its largest), the {top} strongest outlined",
+        fontsize=10,
+    )
     axes = cross_fig.subplots(grid_rows, columns, squeeze=False).ravel()
     for i, token in enumerate(tokens):
         _cross_panel(axes[i], i, token, maps.cross[i], sample.boxes, labels, picture, aspect, top)
-    for ax in axes[len(tokens):]:
+    for ax in axes[len(tokens) :]:
         ax.set_axis_off()
     return fig
 
@@ -446,8 +509,11 @@ def _head(value: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lxmert-attention", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="lxmert-attention",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("checkpoint", help="a model directory (model.safetensors + model_config.json) or weights file")
     store = parser.add_argument_group("a sample from a store")
     store.add_argument("--text-store", help="a text store, or a VQA / GQA task store")
@@ -493,9 +559,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         picture, (width, height) = read_picture(args.picture)
         drawn, stored = width / height, sample.img_hw[1] / sample.img_hw[0]
         if abs(drawn / stored - 1) > 0.02:
-            print(f"lxmert-attention: warning: {args.picture} is {width}x{height}, the features' image "
-                  f"{sample.img_hw[1]}x{sample.img_hw[0]}: the boxes are drawn stretched to the picture",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"lxmert-attention: warning: {args.picture} is {width}x{height}, the features' image "
+                f"{sample.img_hw[1]}x{sample.img_hw[0]}: the boxes are drawn stretched to the picture",
+                file=sys.stderr,
+            )
     maps = attention_maps(model, sample, args.layer, args.cross_layer, args.region_layer, args.head)
     figure = draw(sample, maps, region_labels(sample, objects, attributes), picture, args.top, args.checkpoint)
     written = []

@@ -63,8 +63,9 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,7 +111,7 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state().tolist(),
         "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(gauss)],
         "python": [version, list(internal), python_gauss],
-    }  # fmt: skip
+    }
     if torch.cuda.is_available():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
@@ -148,10 +149,13 @@ def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value) and not (len(value) == 1 and next(iter(value)) in _MARKERS):
             return {k: _encode(v, f"{name}/{k}" if name else k, tensors) for k, v in value.items()}
-        return {_ITEMS: [[_encode(k, f"{name}/key", tensors), _encode(v, f"{name}/{k}", tensors)]
-                         for k, v in value.items()]}  # fmt: skip
-    raise CheckpointError(f"{name or 'the state'}: a {type(value).__name__} cannot be stored in a checkpoint "
-                          "without pickle (tensors, numbers, strings, lists, tuples and dicts can)")  # fmt: skip
+        return {
+            _ITEMS: [[_encode(k, f"{name}/key", tensors), _encode(v, f"{name}/{k}", tensors)] for k, v in value.items()]
+        }
+    raise CheckpointError(
+        f"{name or 'the state'}: a {type(value).__name__} cannot be stored in a checkpoint "
+        "without pickle (tensors, numbers, strings, lists, tuples and dicts can)"
+    )
 
 
 def _decode(value: Any, tensors: Mapping[str, torch.Tensor], file: Path) -> Any:
@@ -223,8 +227,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for name, entry in parts.items():
         if Path(name).name != name or name in (".", "..", MANIFEST):
             raise CheckpointError(f"{file}: lists {name!r}, which is not a file of the checkpoint directory")
-        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
-                and isinstance(entry.get("sha256"), str)):  # fmt: skip
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+        ):
             raise CheckpointError(f"{file}: the entry of {name} has no size and checksum")
     return manifest
 
@@ -298,8 +303,9 @@ def load_plain(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: {reason}")
     parts = read_manifest(path)["parts"]
     if STATE_FILE not in parts or TENSORS_FILE not in parts:
-        raise CheckpointError(f"{path / MANIFEST}: lists no {STATE_FILE} and {TENSORS_FILE}: not a checkpoint "
-                              "of the plain path")  # fmt: skip
+        raise CheckpointError(
+            f"{path / MANIFEST}: lists no {STATE_FILE} and {TENSORS_FILE}: not a checkpoint of the plain path"
+        )
     tree, tensors = _read_json(path / STATE_FILE), _read_tensors(path / TENSORS_FILE)
     try:
         state = _decode(tree, tensors, path / STATE_FILE)
@@ -322,8 +328,10 @@ def _inspect(path: Path) -> tuple[str | None, bool]:
     if not (path / MANIFEST).is_file():
         legacy = sorted(p.name for pattern in LEGACY_FILES for p in path.glob(pattern))
         if legacy:
-            return (f"no {MANIFEST}: a save that did not finish, or a checkpoint from before manifests ({legacy[0]}), "
-                    "which is not loaded because that would need pickle"), False  # fmt: skip
+            return (
+                f"no {MANIFEST}: a save that did not finish, or a checkpoint from before manifests ({legacy[0]}), "
+                "which is not loaded because that would need pickle"
+            ), False
         return f"no {MANIFEST}: a save that did not finish", False
     try:
         parts = read_manifest(path)["parts"]
@@ -384,8 +392,10 @@ def newest_loadable(output_dir: str | Path, report: Callable[[str], Any] = print
         if had_manifest and damaged is None:
             damaged = f"{path}/{reason}"  # such a reason starts with the name of the part (or the manifest)
     if damaged is not None:
-        raise CheckpointError(f"{damaged}; no older checkpoint in {root} loads (train.resume=none starts afresh, "
-                              "train.resume=<path> names one)")  # fmt: skip
+        raise CheckpointError(
+            f"{damaged}; no older checkpoint in {root} loads (train.resume=none starts afresh, "
+            "train.resume=<path> names one)"
+        )
     return None
 
 
@@ -422,8 +432,10 @@ def resolve_resume(resume: str, output_dir: str | Path, report: Callable[[str], 
     if resume == "auto":
         return newest_loadable(output_dir, report)
     path = Path(resume)
-    missing = FileNotFoundError(f"train.resume {resume}: no complete checkpoint there (\"auto\" resumes from "
-                                "output_dir if it has one, \"none\" starts afresh)")  # fmt: skip
+    missing = FileNotFoundError(
+        f'train.resume {resume}: no complete checkpoint there ("auto" resumes from '
+        'output_dir if it has one, "none" starts afresh)'
+    )
     if not path.exists():
         raise missing
     if (path / MANIFEST).exists() or _TAG.fullmatch(path.name):  # one checkpoint: it must load
@@ -478,11 +490,16 @@ def load_deepspeed_file(path: str | Path, map_location: Any = None) -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:  # torch's message: several paragraphs, the global in one of them
         found = re.search(r"GLOBAL (getattr\(.*?\)(?= is not)|[\w.]+)", str(error))
-        lines = [line.strip() for line in str(error).splitlines()
-                 if line.strip() and not line.startswith(("Weights only load failed", "Check the documentation"))]
+        lines = [
+            line.strip()
+            for line in str(error).splitlines()
+            if line.strip() and not line.startswith(("Weights only load failed", "Check the documentation"))
+        ]
         what = f"it names {found.group(1)}" if found else lines[0] if lines else _one_line(error)
-        raise CheckpointError(f"{path}: refused: {what}, which is not on the allow-list of what a checkpoint may "
-                              "hold (loading it could run code)") from None  # fmt: skip
+        raise CheckpointError(
+            f"{path}: refused: {what}, which is not on the allow-list of what a checkpoint may "
+            "hold (loading it could run code)"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: not readable as a torch file ({_one_line(error)})") from None
 
@@ -549,9 +566,11 @@ def install_checkpoint_engine(engine: Any) -> Any:
     if isinstance(current, ours):
         return current
     if type(current) is not TorchCheckpointEngine:
-        raise CheckpointError(f"DeepSpeed's {type(current).__name__} (the deepspeed.config \"checkpoint\" section) "
-                              "is not supported: checkpoints need the default writer (manifests, loading without "
-                              "pickle)")  # fmt: skip
+        raise CheckpointError(
+            f'DeepSpeed\'s {type(current).__name__} (the deepspeed.config "checkpoint" section) '
+            "is not supported: checkpoints need the default writer (manifests, loading without "
+            "pickle)"
+        )
     engine.checkpoint_engine = ours(current.zipfile_serialization)
     return engine.checkpoint_engine
 
@@ -601,8 +620,9 @@ def read_rng(path: Path, rank: int) -> Any:
     """Rank `rank`'s RNG states in the DeepSpeed checkpoint at `path` (CheckpointError naming the file otherwise)."""
     rng_file = path / RNG_FILE.format(rank)
     if not rng_file.is_file():
-        raise CheckpointError(f"{rng_file} is missing: the checkpoint holds no RNG states for rank {rank} (it "
-                              "was written by fewer ranks)")  # fmt: skip
+        raise CheckpointError(
+            f"{rng_file} is missing: the checkpoint holds no RNG states for rank {rank} (it was written by fewer ranks)"
+        )
     return _read_json(rng_file)
 
 
@@ -617,9 +637,13 @@ def load_deepspeed(engine: Any, path: Path, rank: int, module_only: bool = False
     our checkpoint engine; returns the client state with this rank's RNG states ("rng"; not for module_only)."""
     install_checkpoint_engine(engine)
     rng = None if module_only else read_rng(path, rank)
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=module_only,
-                                             load_optimizer_states=not module_only,
-                                             load_lr_scheduler_states=not module_only)  # fmt: skip
+    _, client_state = engine.load_checkpoint(
+        str(path.parent),
+        tag=path.name,
+        load_module_only=module_only,
+        load_optimizer_states=not module_only,
+        load_lr_scheduler_states=not module_only,
+    )
     if client_state is None:
         raise CheckpointError(f"{path}: DeepSpeed found no checkpoint there")
     if rng is not None:
@@ -641,8 +665,6 @@ def write_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike)
         tensors[key] = value.clone().contiguous() if value.data_ptr() in seen or not value.is_contiguous() else value
         seen.add(value.data_ptr())
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         write_file_atomic(path, lambda name: _save_safetensors(tensors, name, path))
     else:
         write_file_atomic(path, lambda name: torch.save(tensors, name))
@@ -665,8 +687,9 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], name: str, path: Path) -
         raise OSError(code, os.strerror(code), str(path)) from None
 
 
-def export_model(state: Mapping[str, torch.Tensor], config: LxmertConfig, output_dir: str | Path,
-                 hf: bool = False) -> Path:  # fmt: skip
+def export_model(
+    state: Mapping[str, torch.Tensor], config: LxmertConfig, output_dir: str | Path, hf: bool = False
+) -> Path:
     """<output_dir>/model.safetensors in our layout (+ model_config.json of our fields); with hf=True also
     <output_dir>/hf/{model.safetensors, config.json} in transformers' layout."""
     output_dir = Path(output_dir)

@@ -36,7 +36,6 @@ import yaml
 
 from engine.atomic import write_text_atomic
 from engine.stopping import parse_duration, signal_number
-
 from lxmert.attention import available_backends
 from lxmert.config import LxmertConfig
 
@@ -287,17 +286,29 @@ def _check(config: RunConfig) -> None:
         if not ok:
             problems.append(message)
 
-    for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
-                 "type_vocab_size", "visual_feat_dim", "visual_pos_dim", "num_qa_labels", "num_object_labels",
-                 "num_attr_labels"):  # fmt: skip
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "visual_feat_dim",
+        "visual_pos_dim",
+        "num_qa_labels",
+        "num_object_labels",
+        "num_attr_labels",
+    ):
         need(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         need(0 <= getattr(m, name) < 1, f"model.{name} must be in [0, 1), got {getattr(m, name)}")
     backends = available_backends()
     need(m.attn_backend in backends, f"model.attn_backend {m.attn_backend!r} is not one of {backends}")
-    need(m.attn_backend != "flash" or t.precision in ("bf16", "fp16"),
-         f"model.attn_backend 'flash' needs train.precision bf16 or fp16 (flash-attn has no fp32 kernels), "
-         f"got {t.precision!r}")  # fmt: skip
+    need(
+        m.attn_backend != "flash" or t.precision in ("bf16", "fp16"),
+        f"model.attn_backend 'flash' needs train.precision bf16 or fp16 (flash-attn has no fp32 kernels), "
+        f"got {t.precision!r}",
+    )
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     for name in ("word_mask_prob", "region_mask_prob", "negative_prob"):
         need(0 <= getattr(d, name) < 1, f"data.{name} must be in [0, 1), got {getattr(d, name)}")
@@ -322,9 +333,11 @@ def _check(config: RunConfig) -> None:
     need(t.threads >= 0, f"train.threads must be >= 0 (0 = cores / local ranks), got {t.threads}")
     need(t.keep_checkpoints >= 0, f"train.keep_checkpoints must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     need(t.offload == "none" or t.zero_stage >= 1, f"train.offload {t.offload!r} needs train.zero_stage >= 1")
-    need(t.offload != "optimizer+params" or t.zero_stage == 3,
-         f"train.offload 'optimizer+params' needs train.zero_stage 3 (parameters are sharded only by ZeRO-3), "
-         f"got {t.zero_stage}")  # fmt: skip
+    need(
+        t.offload != "optimizer+params" or t.zero_stage == 3,
+        f"train.offload 'optimizer+params' needs train.zero_stage 3 (parameters are sharded only by ZeRO-3), "
+        f"got {t.zero_stage}",
+    )
     need(t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0 (0 = never stop), got {t.max_skipped_steps}")
     for name, parse in (("time_limit", parse_duration), ("preempt_signal", signal_number)):
         value = getattr(t, name)
@@ -516,10 +529,21 @@ def _stage_defaults(train: TrainConfig) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     fp16 = {"enabled": False}
     if train.precision == "fp16":  # dynamic loss scaling: scale 0 = dynamic, from 2^16, halved on overflow
-        fp16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                "hysteresis": 2, "min_loss_scale": 1}  # fmt: skip
-    return {"zero_optimization": zero, "bf16": {"enabled": False}, "fp16": fp16,
-            "steps_per_print": STEPS_PER_PRINT, "wall_clock_breakdown": False}  # fmt: skip
+        fp16 = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": False},
+        "fp16": fp16,
+        "steps_per_print": STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+    }
 
 
 def _get(tree: dict[str, Any], path: str) -> Any:
@@ -588,7 +612,7 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
         given = _get(template, path)
         explicit = given is not None and given != "auto"
         if explicit and (given != value or isinstance(given, bool) != isinstance(value, bool)):
-            hint = "remove it or use \"auto\""
+            hint = 'remove it or use "auto"'
             if path == "zero_optimization.stage" and Path(f"configs/deepspeed/zero{value}.json").is_file():
                 hint = f"name the stage's template, deepspeed.config=configs/deepspeed/zero{value}.json, or {hint}"
             raise ConfigError(f"{source}: {path} is {given!r} but the typed config makes it {value!r} ({hint})")
@@ -601,6 +625,8 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
         ds["zero_force_ds_cpu_optimizer"] = False
     left = _find_auto(ds)
     if left:
-        raise ConfigError(f"{source}: 'auto' is filled only for keys the typed config decides ({', '.join(decided)}); "
-                          f"also found at {', '.join(left)}")  # fmt: skip
+        raise ConfigError(
+            f"{source}: 'auto' is filled only for keys the typed config decides ({', '.join(decided)}); "
+            f"also found at {', '.join(left)}"
+        )
     return ds

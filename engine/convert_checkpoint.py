@@ -31,9 +31,20 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model_LXRT.pth")
 CONFIG_FILES = ("model_config.json", "config.json")  # ours first: our export may sit beside an hf/ directory
 # The sizes a config must share with the weights it describes (all of infer_config's but the head count).
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                "visual_feat_dim", "visual_pos_dim", "l_layers", "r_layers", "x_layers", "num_object_labels",
-                "num_attr_labels")  # fmt: skip (not num_qa_labels: a fine-tuned model's answer head has the task's)
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "visual_feat_dim",
+    "visual_pos_dim",
+    "l_layers",
+    "r_layers",
+    "x_layers",
+    "num_object_labels",
+    "num_attr_labels",
+)  # (not num_qa_labels: a fine-tuned model's answer head has the task's)
 
 
 class ConvertError(ValueError):
@@ -74,17 +85,24 @@ def model_config(state: StateDict, layout: str, config_path: Path | None, heads:
     if config_path is not None:
         config = read_model_config(config_path)
         if heads is not None and heads != config.num_attention_heads:
-            raise ConvertError(f"--num-attention-heads {heads} contradicts {config_path} "
-                               f"(num_attention_heads {config.num_attention_heads})")  # fmt: skip
+            raise ConvertError(
+                f"--num-attention-heads {heads} contradicts {config_path} "
+                f"(num_attention_heads {config.num_attention_heads})"
+            )
         seen = infer_config(state, num_attention_heads=config.num_attention_heads)
-        wrong = [f"{name} {getattr(config, name)} (weights: {getattr(seen, name)})" for name in SHAPE_FIELDS
-                 if getattr(config, name) != getattr(seen, name) and _present(name, state)]  # fmt: skip
+        wrong = [
+            f"{name} {getattr(config, name)} (weights: {getattr(seen, name)})"
+            for name in SHAPE_FIELDS
+            if getattr(config, name) != getattr(seen, name) and _present(name, state)
+        ]
         if wrong:
             raise ConvertError(f"{config_path} does not describe these weights: {', '.join(wrong)}")
         return config
     if heads is None and layout != "authors":
-        raise ConvertError("no model_config.json or config.json beside the checkpoint, and the head count is not "
-                           "in the weights: pass --config PATH or --num-attention-heads N")  # fmt: skip
+        raise ConvertError(
+            "no model_config.json or config.json beside the checkpoint, and the head count is not "
+            "in the weights: pass --config PATH or --num-attention-heads N"
+        )
     try:
         return infer_config(state, num_attention_heads=heads)  # the authors' heads are 64 wide: hidden / 64
     except ValueError as error:
@@ -98,8 +116,14 @@ def _present(field: str, state: StateDict) -> bool:
     return key is None or key in state or f"lxmert.{key}" in state
 
 
-def convert(src: str, dst: str, src_layout: str = "auto", dst_layout: str = "ours", config: str | None = None,
-            heads: int | None = None) -> Path:  # fmt: skip
+def convert(
+    src: str,
+    dst: str,
+    src_layout: str = "auto",
+    dst_layout: str = "ours",
+    config: str | None = None,
+    heads: int | None = None,
+) -> Path:
     """Convert; returns the weights file written."""
     weights = weights_file(Path(src))
     try:

@@ -29,17 +29,32 @@ depend on the world size, and fp32 losses continue as the uninterrupted run's up
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from engine.checkpoint import (CheckpointError, install_checkpoint_engine, load_deepspeed_file, read_rng,
-                               saved_world_size)
+from engine.checkpoint import (
+    CheckpointError,
+    install_checkpoint_engine,
+    load_deepspeed_file,
+    read_rng,
+    saved_world_size,
+)
 
 # what DeepSpeed's engine keeps for itself in the model states (engine._load_checkpoint): the rest is the client's
-_DEEPSPEED_KEYS = ("module", "skipped_steps", "global_steps", "dp_world_size", "mp_world_size", "data_sampler",
-                   "random_ltd", "lr_scheduler", "optimizer")  # fmt: skip
+_DEEPSPEED_KEYS = (
+    "module",
+    "skipped_steps",
+    "global_steps",
+    "dp_world_size",
+    "mp_world_size",
+    "data_sampler",
+    "random_ltd",
+    "lr_scheduler",
+    "optimizer",
+)
 
 
 def load_resharded(engine: Any, path: Path, rank: int, world: int, report: Callable[[str], Any] = print) -> dict:
@@ -48,8 +63,10 @@ def load_resharded(engine: Any, path: Path, rank: int, world: int, report: Calla
     saved = saved_world_size(path)
     stage = int(engine.zero_optimization_stage())
     if engine.bfloat16_enabled() and stage == 0:
-        raise CheckpointError(f"{path}: written by {saved} ranks, this run has {world}: bf16 without ZeRO keeps "
-                              "per-rank optimizer files this resume cannot reshard (ZeRO 1-3 can)")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: written by {saved} ranks, this run has {world}: bf16 without ZeRO keeps "
+            "per-rank optimizer files this resume cannot reshard (ZeRO 1-3 can)"
+        )
     rng = read_rng(path, rank if rank < saved else 0)
     if stage == 0:
         install_checkpoint_engine(engine)
@@ -60,8 +77,9 @@ def load_resharded(engine: Any, path: Path, rank: int, world: int, report: Calla
     else:
         model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
         states = load_deepspeed_file(path / model_file, "cpu")
-        shards = [load_deepspeed_file(path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", "cpu")
-                  for r in range(saved)]  # fmt: skip
+        shards = [
+            load_deepspeed_file(path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", "cpu") for r in range(saved)
+        ]
         shards = [shard["optimizer_state_dict"] for shard in shards]
         shapes = {name: shape for group in states["param_shapes"] for name, shape in group.items()}
         if stage == 3:
@@ -87,8 +105,10 @@ def load_resharded(engine: Any, path: Path, rank: int, world: int, report: Calla
         rng_note += " from rank 0's RNG states"
     else:
         rng_note = f"the RNG states of rank{f' {world}' if saved - world == 1 else f's {world}-{saved - 1}'} are unused"
-    report(f"resume: {path}: the world size changed from {saved} to {world} ranks: {what}; the global batch and the "
-           f"sample order are kept; {rng_note}")  # fmt: skip
+    report(
+        f"resume: {path}: the world size changed from {saved} to {world} ranks: {what}; the global batch and the "
+        f"sample order are kept; {rng_note}"
+    )
     client["rng"] = rng
     return client
 
@@ -167,8 +187,10 @@ def _consolidate_zero3(shards: list[dict], param_shapes: list[dict], path: Path)
         for name, shape in shapes.items():
             numel = math.prod(shape)
             share = math.ceil(numel / world)
-            full[name] = {key: torch.cat([s[key].narrow(0, offset, share) for s in sources])[:numel].view(shape)
-                          for key in sources[0]}  # fmt: skip
+            full[name] = {
+                key: torch.cat([s[key].narrow(0, offset, share) for s in sources])[:numel].view(shape)
+                for key in sources[0]
+            }
             offset += share
         if any(offset > flat.numel() for flat in flats):
             raise CheckpointError(f"{path}: ZeRO-3 optimizer files smaller than their param_shapes say")
@@ -217,8 +239,10 @@ def _partitions_zero3(engine: Any, full: dict[str, dict], keys: list[str], rank:
     rank, the last padded), this rank's pieces in the group's order; the module's partitions get the fp32 ones."""
     optimizer = engine.optimizer
     if any(p is None for p in optimizer.fp16_partitioned_groups_flat):  # parameters offloaded (swapped out)
-        raise CheckpointError("ZeRO-3 with offloaded parameters: a checkpoint of another world size cannot be "
-                              "resharded into it (resume on the ranks that wrote it)")  # fmt: skip
+        raise CheckpointError(
+            "ZeRO-3 with offloaded parameters: a checkpoint of another world size cannot be "
+            "resharded into it (resume on the ranks that wrote it)"
+        )
     names = _names(engine, full)
     partitions = []
     for group, params in enumerate(optimizer.fp16_groups):
@@ -245,8 +269,9 @@ def _load_base_optimizer(engine: Any, base: dict[str, Any], partitions: list[dic
     groups' settings (lr, betas, ...) and scalar state (Adam's step count) are the same on every rank."""
     indices = _flat_indices(base)
     if len(indices) != len(partitions):
-        raise CheckpointError(f"the checkpoint's optimizer has {len(indices)} flat groups, this run's "
-                              f"{len(partitions)}")  # fmt: skip
+        raise CheckpointError(
+            f"the checkpoint's optimizer has {len(indices)} flat groups, this run's {len(partitions)}"
+        )
     state = {}
     for index, mine in zip(indices, partitions):
         saved = base["state"][index]

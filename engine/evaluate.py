@@ -24,8 +24,9 @@ str}; NLVR2 CSV lines "identifier,True|False" without a header (the authors' NLV
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Hashable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch

@@ -25,8 +25,8 @@ import numpy as np
 from engine.config import ConfigError, RunConfig, format_config, load_config
 from engine.launch import error_line
 from engine.output_dir import RunError
-from engine.tasks.finetune import FINETUNE_TASKS, SUBMISSION_NAMES, FineTuneError, FinetuneTask
 from engine.stopping import interrupt_in_one_line
+from engine.tasks.finetune import FINETUNE_TASKS, SUBMISSION_NAMES, FineTuneError, FinetuneTask
 from engine.train import Trainer, exit_status, report, run_cli
 
 __all__ = ["FINETUNE_TASKS", "SUBMISSION_NAMES", "FineTuneError", "FineTuner", "main"]
@@ -36,8 +36,13 @@ class FineTuner(Trainer):
     """The training loop with a fine-tuning task (train.task vqa | gqa | nlvr2); `evaluate_only()` predicts the
     eval split with the weights as loaded."""
 
-    def __init__(self, config: RunConfig, answer_table: str | None = None, use_deepspeed: bool | None = None,
-                 evaluate_only: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: RunConfig,
+        answer_table: str | None = None,
+        use_deepspeed: bool | None = None,
+        evaluate_only: bool = False,
+    ) -> None:
         task = FinetuneTask(config.train.task, answer_table=answer_table, evaluate_only=evaluate_only)
         super().__init__(config, use_deepspeed=use_deepspeed, task=task)
 
@@ -73,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML recipe (configs/vqa.yaml, gqa.yaml, nlvr2.yaml)")
     parser.add_argument("--answer-table", help="the pre-training QA head's answer table (engine/tasks/finetune.py)")
     parser.add_argument("--from-scratch", action="store_true", help="ignore train.init_from")
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="predict data.eval with train.init_from (a fine-tuned model) or the latest checkpoint "
-                             "in train.output_dir; writes <output_dir>/evaluate/")  # fmt: skip
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="predict data.eval with train.init_from (a fine-tuned model) or the latest checkpoint "
+        "in train.output_dir; writes <output_dir>/evaluate/",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
@@ -93,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         if tuner.rank == 0:
             print(format_config(tuner.config), flush=True)
             if tuner.adopted:
-                print(f"model architecture from {tuner.config.train.init_from}: {', '.join(tuner.adopted)}",
-                      flush=True)  # fmt: skip
+                print(f"model architecture from {tuner.config.train.init_from}: {', '.join(tuner.adopted)}", flush=True)
         if args.evaluate_only:
             result = tuner.evaluate_only()
             if tuner.rank == 0:
-                print(f"{result['task']} {result['metric']} {result['value']} on {result['examples']} examples; "
-                      f"submission {result['submission']}", flush=True)  # fmt: skip
+                print(
+                    f"{result['task']} {result['metric']} {result['value']} on {result['examples']} examples; "
+                    f"submission {result['submission']}",
+                    flush=True,
+                )
             return 0
         summary = tuner.train()
         if tuner.rank == 0:

@@ -66,7 +66,7 @@ class Launch:
     """The ranks come from srun's variables (no launcher in between): init_distributed exports them."""
 
     @classmethod
-    def from_env(cls) -> "Launch":
+    def from_env(cls) -> Launch:
         if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
             return cls.from_slurm()
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -77,7 +77,7 @@ class Launch:
         return cls(rank, local_rank, world, max(1, local_world), "WORLD_SIZE" in os.environ)
 
     @classmethod
-    def from_slurm(cls) -> "Launch":
+    def from_slurm(cls) -> Launch:
         """The ranks of a task srun started: SLURM_PROCID of SLURM_STEP_NUM_TASKS, SLURM_LOCALID on its node, and
         the node's share of SLURM_STEP_TASKS_PER_NODE ("8(x2)" or "4,3": counts per node, in SLURM_NODEID order)."""
         env = os.environ
@@ -90,18 +90,25 @@ class Launch:
         world = int(env["SLURM_STEP_NUM_TASKS"])
         local_world = counts[node] if node < len(counts) else world
         if not env.get("MASTER_ADDR"):
-            raise ConfigError(f"srun started rank {env['SLURM_PROCID']} of {world}, but MASTER_ADDR is not set: export "
-                              "the address of the first node in the job script, e.g. MASTER_ADDR=$(scontrol show "
-                              "hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)")  # fmt: skip
-        return cls(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), world, max(1, local_world), True,
-                   slurm=True)  # fmt: skip
+            raise ConfigError(
+                f"srun started rank {env['SLURM_PROCID']} of {world}, but MASTER_ADDR is not set: export "
+                "the address of the first node in the job script, e.g. MASTER_ADDR=$(scontrol show "
+                'hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+            )
+        return cls(
+            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), world, max(1, local_world), True, slurm=True
+        )
 
     def export_ranks(self) -> None:
         """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE (and MASTER_PORT 29500 unless set) in the environment, for
         the env:// rendezvous DeepSpeed and torch read (from_slurm made sure MASTER_ADDR is there)."""
         os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
-                          LOCAL_WORLD_SIZE=str(self.local_world_size))  # fmt: skip
+        os.environ.update(
+            RANK=str(self.rank),
+            LOCAL_RANK=str(self.local_rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+        )
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -166,8 +173,11 @@ def choose_deepspeed(train_zero_stage: int, use_deepspeed: bool | None, launch: 
         use_deepspeed = deepspeed_available() and (train_zero_stage > 0 or launch.launched)
     if not use_deepspeed and launch.world_size > 1:  # plain PyTorch runs one process (no DDP path)
         n = launch.world_size
-        why = "DeepSpeed, which is not installed (pip install deepspeed)" if not deepspeed_available() else (
-            "the DeepSpeed path, and use_deepspeed=False was asked for")  # fmt: skip
+        why = (
+            "DeepSpeed, which is not installed (pip install deepspeed)"
+            if not deepspeed_available()
+            else ("the DeepSpeed path, and use_deepspeed=False was asked for")
+        )
         raise ConfigError(f"WORLD_SIZE={n}: a launch of {n} ranks needs {why}; without it run one process")
     return use_deepspeed
 

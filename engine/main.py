@@ -154,19 +154,29 @@ def prepare_data(layout: Layout, options: JobOptions) -> str:
     from engine.data.tasks import TaskStore, convert_task
 
     feat_dim = FEAT_DIM
-    spec = {"images": options.images, "seed": options.data_seed, "feat_dim": feat_dim,
-            "places": synthetic.PLACES_VERSION}  # fmt: skip
+    spec = {
+        "images": options.images,
+        "seed": options.data_seed,
+        "feat_dim": feat_dim,
+        "places": synthetic.PLACES_VERSION,
+    }
     marker = layout.data / "synthetic.json"  # generate() writes it last: its presence means the files are whole
     generated = not marker.is_file()
     if generated:
         synthetic.generate(layout.data, options.images, feat_dim=feat_dim, seed=options.data_seed, places=True)
     written = json.loads(marker.read_text())
     version = written.get("places_version", 1 if "places" in written else None)  # no version: the first world
-    found = {"images": sum(s["images"] for s in written["splits"].values()), "seed": written["seed"],
-             "feat_dim": written["feat_dim"], "places": version}  # fmt: skip
+    found = {
+        "images": sum(s["images"] for s in written["splits"].values()),
+        "seed": written["seed"],
+        "feat_dim": written["feat_dim"],
+        "places": version,
+    }
     if found != spec:
-        raise JobError(f"{layout.data} holds synthetic data made with {found}, not {spec}: pass --fresh to "
-                       "regenerate it, or use another --workdir")  # fmt: skip
+        raise JobError(
+            f"{layout.data} holds synthetic data made with {found}, not {spec}: pass --fresh to "
+            "regenerate it, or use another --workdir"
+        )
 
     raw, feats = layout.data, layout.store("feats")
     answers, ans2label = raw / "lxmert" / "all_ans.json", raw / "vqa" / "trainval_ans2label.json"
@@ -174,14 +184,21 @@ def prepare_data(layout: Layout, options: JobOptions) -> str:
     build = {
         "feats": lambda out: convert.convert_features(tsvs, out, feat_dim=feat_dim, progress=False),
         "text_train": lambda out: convert.convert_text(
-            [raw / "lxmert" / "mscoco_train.json"], feats, out, answers=answers, progress=False),
+            [raw / "lxmert" / "mscoco_train.json"], feats, out, answers=answers, progress=False
+        ),
         "text_minival": lambda out: convert.convert_text(
-            [raw / "lxmert" / "mscoco_minival.json"], feats, out, answers=answers, progress=False),
+            [raw / "lxmert" / "mscoco_minival.json"], feats, out, answers=answers, progress=False
+        ),
         "vqa_train": lambda out: convert_task("vqa", [raw / "vqa" / "train.json"], feats, ans2label, out),
         "vqa_minival": lambda out: convert_task("vqa", [raw / "vqa" / "minival.json"], feats, ans2label, out),
-    }  # fmt: skip
-    kind = {"feats": RegionStore, "text_train": TextStore, "text_minival": TextStore, "vqa_train": TaskStore,
-            "vqa_minival": TaskStore}  # fmt: skip
+    }
+    kind = {
+        "feats": RegionStore,
+        "text_train": TextStore,
+        "text_minival": TextStore,
+        "vqa_train": TaskStore,
+        "vqa_minival": TaskStore,
+    }
     built = []
     for name in STORES:
         path = layout.store(name)
@@ -193,8 +210,9 @@ def prepare_data(layout: Layout, options: JobOptions) -> str:
             store = kind[name](path)
             store.verify()
             if name == "feats" and (len(store) != options.images or store.feat_dim != feat_dim):
-                raise StoreError(f"{len(store)} images of {store.feat_dim}-d features, not {options.images} of "
-                                 f"{feat_dim}-d")  # fmt: skip
+                raise StoreError(
+                    f"{len(store)} images of {store.feat_dim}-d features, not {options.images} of {feat_dim}-d"
+                )
         except (StoreError, OSError, ValueError, KeyError) as error:
             raise JobError(f"the store {path} does not verify ({error}): pass --fresh to rebuild it") from error
     done = ["generated" if generated else "reused"]
@@ -220,8 +238,9 @@ def baselines(train_json: Path, eval_json: Path) -> dict[str, Any]:
     evals = [q for q in json.loads(eval_json.read_text()) if q.get("label") is not None]
     overall = _scores(evals, "")[""] if evals else {}
     answer = max(overall, key=lambda a: overall[a]) if overall else ""
-    by_type = {t: max(totals, key=lambda a: totals[a]) for t, totals in _scores(train, "question_type").items()
-               if totals}  # fmt: skip
+    by_type = {
+        t: max(totals, key=lambda a: totals[a]) for t, totals in _scores(train, "question_type").items() if totals
+    }
     prior = [q["label"].get(by_type.get(q.get("question_type", ""), ""), 0.0) for q in evals]
     n = max(len(evals), 1)
     return {"chance": overall.get(answer, 0.0) / n, "chance_answer": answer, "prior": sum(prior) / n}
@@ -242,13 +261,24 @@ def pretrain_config(layout: Layout, options: JobOptions) -> RunConfig:
     stores = {"features": str(layout.store("feats"))}
     return updated(
         job_recipe(options),
-        data={"train": {**stores, "text": str(layout.store("text_train"))},
-              "eval": {**stores, "text": str(layout.store("text_minival"))}, "seed": options.seed},
+        data={
+            "train": {**stores, "text": str(layout.store("text_train"))},
+            "eval": {**stores, "text": str(layout.store("text_minival"))},
+            "seed": options.seed,
+        },
         optim={"name": options.optimizer, "lr": options.lr},
-        train={"seed": options.seed, "max_steps": steps, "epochs": 1_000_000, "batch_size": options.batch_size,
-               "log_every": options.log_every or max(1, steps // 50), "save_every": max(1, steps // 4),
-               "eval_every": max(1, steps // 4), "output_dir": str(layout.pretrain), "resume": "auto"},
-    )  # fmt: skip
+        train={
+            "seed": options.seed,
+            "max_steps": steps,
+            "epochs": 1_000_000,
+            "batch_size": options.batch_size,
+            "log_every": options.log_every or max(1, steps // 50),
+            "save_every": max(1, steps // 4),
+            "eval_every": max(1, steps // 4),
+            "output_dir": str(layout.pretrain),
+            "resume": "auto",
+        },
+    )
 
 
 def finetune_config(layout: Layout, options: JobOptions) -> RunConfig:
@@ -258,14 +288,25 @@ def finetune_config(layout: Layout, options: JobOptions) -> RunConfig:
     stores = {"features": str(layout.store("feats"))}
     return updated(
         job_recipe(options),
-        data={"train": {**stores, "text": str(layout.store("vqa_train"))},
-              "eval": {**stores, "text": str(layout.store("vqa_minival"))}, "seed": options.seed},
+        data={
+            "train": {**stores, "text": str(layout.store("vqa_train"))},
+            "eval": {**stores, "text": str(layout.store("vqa_minival"))},
+            "seed": options.seed,
+        },
         optim={"lr": options.finetune_lr, "warmup_ratio": 0.1, "grad_clip": 5.0},
-        train={"task": "vqa", "seed": options.seed, "max_steps": None, "epochs": options.finetune_epochs,
-               "batch_size": options.finetune_batch_size, "log_every": max(1, steps_per_epoch // 5),
-               "save_every": 0, "eval_every": 0, "output_dir": str(layout.finetune),
-               "init_from": str(layout.pretrain / "model.safetensors")},
-    )  # fmt: skip
+        train={
+            "task": "vqa",
+            "seed": options.seed,
+            "max_steps": None,
+            "epochs": options.finetune_epochs,
+            "batch_size": options.finetune_batch_size,
+            "log_every": max(1, steps_per_epoch // 5),
+            "save_every": 0,
+            "eval_every": 0,
+            "output_dir": str(layout.finetune),
+            "init_from": str(layout.pretrain / "model.safetensors"),
+        },
+    )
 
 
 # What a rerun may change: the thread count, and what the loop derives from the batch and the launch.
@@ -297,8 +338,10 @@ def _refuse_if_changed(saved_config: Path, config: RunConfig, what: str) -> None
     changed = _differences(saved, _config_dict(config))
     if changed:
         shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
-        raise JobError(f"the {what} run in {saved_config.parent} was made with other settings ({shown}): pass "
-                       "--fresh to start over, or use another --workdir")  # fmt: skip
+        raise JobError(
+            f"the {what} run in {saved_config.parent} was made with other settings ({shown}): pass "
+            "--fresh to start over, or use another --workdir"
+        )
 
 
 # --------------------------------------------------------------------------------------------- the runs
@@ -360,8 +403,9 @@ def loss_trends(records: list[dict[str, Any]]) -> dict[str, Trend]:
     return {name: Trend(mean(records[:k], name), mean(records[-k:], name)) for name in names}
 
 
-def check_falling(trends: dict[str, Trend], required: tuple[str, ...] = REQUIRED,
-                  min_fall: float = MIN_FALL) -> list[str]:  # fmt: skip
+def check_falling(
+    trends: dict[str, Trend], required: tuple[str, ...] = REQUIRED, min_fall: float = MIN_FALL
+) -> list[str]:
     """What did not fall: each required loss must be logged, fall by min_fall, and end below its CHANCE level."""
     problems = []
     for name in required:
@@ -371,8 +415,10 @@ def check_falling(trends: dict[str, Trend], required: tuple[str, ...] = REQUIRED
         elif not trend.fell(min_fall):
             problems.append(f"{name} did not fall by {min_fall:.0%}: {trend.first:.4f} -> {trend.last:.4f}")
         elif name in CHANCE and not trend.last < (1 - min_fall) * CHANCE[name]:
-            problems.append(f"{name} did not fall below chance ({CHANCE[name]:.4f}) by {min_fall:.0%}: "
-                            f"{trend.first:.4f} -> {trend.last:.4f}")  # fmt: skip
+            problems.append(
+                f"{name} did not fall below chance ({CHANCE[name]:.4f}) by {min_fall:.0%}: "
+                f"{trend.first:.4f} -> {trend.last:.4f}"
+            )
     return problems
 
 
@@ -399,8 +445,14 @@ def _eval_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: record[k] for k in keep if k in record}
 
 
-def build_report(layout: Layout, options: JobOptions, pre: dict[str, Any], fine: dict[str, Any],
-                 seconds: dict[str, float], data_status: str) -> dict[str, Any]:  # fmt: skip
+def build_report(
+    layout: Layout,
+    options: JobOptions,
+    pre: dict[str, Any],
+    fine: dict[str, Any],
+    seconds: dict[str, float],
+    data_status: str,
+) -> dict[str, Any]:
     """The report's numbers, read from the runs' metrics.jsonl files (the summaries give the paths)."""
     pre_metrics, fine_metrics = layout.pretrain / "metrics.jsonl", layout.finetune / "metrics.jsonl"
     pre_train, pre_evals = read_records(pre_metrics), read_records(pre_metrics, "eval")
@@ -411,32 +463,52 @@ def build_report(layout: Layout, options: JobOptions, pre: dict[str, Any], fine:
     required = REQUIRED if options.require_matched else tuple(n for n in REQUIRED if n != "matched")
     base = baselines(layout.data / "vqa" / "train.json", layout.data / "vqa" / "minival.json")
     return {
-        "workdir": str(layout.root), "data": data_status, "seconds": seconds,
+        "workdir": str(layout.root),
+        "data": data_status,
+        "seconds": seconds,
         "pretrain": {
-            "steps": pre_train[-1]["step"] if pre_train else 0, "steps_this_run": pre.get("steps_this_run"),
-            "batch_size": options.batch_size, "window": window_of(len(pre_train)),
-            "losses": {name: {"first": t.first, "last": t.last, "fell": not check_falling({name: t}, (name,)),
-                              "required": name in required} for name, t in trends.items()},
+            "steps": pre_train[-1]["step"] if pre_train else 0,
+            "steps_this_run": pre.get("steps_this_run"),
+            "batch_size": options.batch_size,
+            "window": window_of(len(pre_train)),
+            "losses": {
+                name: {
+                    "first": t.first,
+                    "last": t.last,
+                    "fell": not check_falling({name: t}, (name,)),
+                    "required": name in required,
+                }
+                for name, t in trends.items()
+            },
             "samples_per_s": throughput(pre_train, options.batch_size),
             "first_eval": _eval_summary(pre_evals[0] if pre_evals else None),
             "last_eval": _eval_summary(pre_evals[-1] if pre_evals else None),
-            "checkpoint": pre.get("checkpoint"), "model": pre.get("model"), "metrics": str(pre_metrics),
+            "checkpoint": pre.get("checkpoint"),
+            "model": pre.get("model"),
+            "metrics": str(pre_metrics),
             "plots": pre.get("plots", []),
         },
         "finetune": {
-            "steps": fine_train[-1]["step"] if fine_train else 0, "steps_this_run": fine.get("steps_this_run"),
-            "batch_size": options.finetune_batch_size, "epochs": len(fine_evals),
+            "steps": fine_train[-1]["step"] if fine_train else 0,
+            "steps_this_run": fine.get("steps_this_run"),
+            "batch_size": options.finetune_batch_size,
+            "epochs": len(fine_evals),
             "first_loss": fine_train[0]["loss"] if fine_train else None,
             "last_loss": fine_train[-1]["loss"] if fine_train else None,
             "samples_per_s": throughput(fine_train, options.finetune_batch_size),
-            "metric": fine.get("metric", "vqa_score"), "by_epoch": [e["metric"] for e in fine_evals],
-            "best": best["metric"] if best else None, "best_epoch": best["epoch"] if best else None,
-            **base, "model": fine.get("model"),
-            "submission": fine.get("submission"), "checkpoint": fine.get("checkpoint"), "metrics": str(fine_metrics),
+            "metric": fine.get("metric", "vqa_score"),
+            "by_epoch": [e["metric"] for e in fine_evals],
+            "best": best["metric"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            **base,
+            "model": fine.get("model"),
+            "submission": fine.get("submission"),
+            "checkpoint": fine.get("checkpoint"),
+            "metrics": str(fine_metrics),
             "plots": fine.get("plots", []),
         },
         "problems": check_falling(trends, required),
-    }  # fmt: skip
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -447,21 +519,28 @@ def format_report(report: dict[str, Any]) -> str:
     pre, fine = report["pretrain"], report["finetune"]
     lines = [f"== LXMERT main job ({report['workdir']}) ==", f"data: {report['data']}"]
     resumed = "" if pre["steps_this_run"] == pre["steps"] else f", {pre['steps_this_run']} of them in this run"
-    lines.append(f"pre-training: {pre['steps']} steps at batch {pre['batch_size']}{resumed}; per loss the mean of "
-                 f"the first and of the last {pre['window']} logged steps, and whether it fell (last at least "
-                 f"{MIN_FALL:.0%} below first):")  # fmt: skip
+    lines.append(
+        f"pre-training: {pre['steps']} steps at batch {pre['batch_size']}{resumed}; per loss the mean of "
+        f"the first and of the last {pre['window']} logged steps, and whether it fell (last at least "
+        f"{MIN_FALL:.0%} below first):"
+    )
     lines.append(f"  {'loss':<8} {'first':>9} {'last':>9}  fell")
     for name, t in pre["losses"].items():
-        note = f"  (also to below chance, ln 2 = {CHANCE[name]:.4f}{'' if t['required'] else '; not required'})" if (
-            name in CHANCE) else ""  # fmt: skip
+        note = (
+            f"  (also to below chance, ln 2 = {CHANCE[name]:.4f}{'' if t['required'] else '; not required'})"
+            if (name in CHANCE)
+            else ""
+        )
         lines.append(f"  {name:<8} {t['first']:>9.4f} {t['last']:>9.4f}  {'yes' if t['fell'] else 'NO'}{note}")
     if pre["samples_per_s"]:
         lines.append(f"  {pre['samples_per_s']:.1f} samples/s (training steps, from the log)")
     for label, e in (("first", pre["first_eval"]), ("last", pre["last_eval"])):
         if e:
             parts = " ".join(f"{k} {v:.3f}" for k, v in e.get("losses", {}).items())
-            lines.append(f"  eval, {label} (step {e['step']}): loss {_fmt(e.get('loss'))} ({parts}); QA accuracy "
-                         f"{_fmt(e.get('qa_accuracy'))}, matching accuracy {_fmt(e.get('matched_accuracy'))}")  # fmt: skip
+            lines.append(
+                f"  eval, {label} (step {e['step']}): loss {_fmt(e.get('loss'))} ({parts}); QA accuracy "
+                f"{_fmt(e.get('qa_accuracy'))}, matching accuracy {_fmt(e.get('matched_accuracy'))}"
+            )
     resumed = "" if fine["steps_this_run"] == fine["steps"] else f", {fine['steps_this_run']} of them in this run"
     epochs = f"{fine['epochs']} epoch{'' if fine['epochs'] == 1 else 's'}"
     lines.append(f"fine-tuning (VQA): {fine['steps']} steps at batch {fine['batch_size']}, {epochs}{resumed}")
@@ -470,17 +549,23 @@ def format_report(report: dict[str, Any]) -> str:
     if fine["samples_per_s"]:
         lines.append(f"  {fine['samples_per_s']:.1f} samples/s (training steps, from the log)")
     lines.append(f"  eval {fine['metric']} by epoch: " + ", ".join(_fmt(a) for a in fine["by_epoch"]))
-    lines.append(f"  best {_fmt(fine['best'])} (epoch {fine['best_epoch']}); without the image: chance "
-                 f"{fine['chance']:.4f} (always {fine['chance_answer']!r}, the best single answer on the eval split), "
-                 f"question-type prior {fine['prior']:.4f} (the best train answer per question type)")  # fmt: skip
+    lines.append(
+        f"  best {_fmt(fine['best'])} (epoch {fine['best_epoch']}); without the image: chance "
+        f"{fine['chance']:.4f} (always {fine['chance_answer']!r}, the best single answer on the eval split), "
+        f"question-type prior {fine['prior']:.4f} (the best train answer per question type)"
+    )
     lines.append("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
     lines.append("paths:")
     for label, path in (
-        ("pre-training checkpoint", pre["checkpoint"]), ("pre-trained model", pre["model"]),
-        ("pre-training log", pre["metrics"]), ("fine-tuned best model", fine["model"]),
-        ("submission", fine["submission"]), ("fine-tuning log", fine["metrics"]),
-        *(("plot", p) for p in pre["plots"] + fine["plots"]), ("this report", report.get("path")),
-    ):  # fmt: skip
+        ("pre-training checkpoint", pre["checkpoint"]),
+        ("pre-trained model", pre["model"]),
+        ("pre-training log", pre["metrics"]),
+        ("fine-tuned best model", fine["model"]),
+        ("submission", fine["submission"]),
+        ("fine-tuning log", fine["metrics"]),
+        *(("plot", p) for p in pre["plots"] + fine["plots"]),
+        ("this report", report.get("path")),
+    ):
         lines.append(f"  {label:<24} {path}")
     if report["problems"]:
         lines.append("FAILED: " + "; ".join(report["problems"]))
@@ -547,13 +632,26 @@ def parse_args(argv: list[str] | None = None) -> JobOptions:
     parser.add_argument("--images", type=int, default=d.images, help="synthetic images (default %(default)s)")
     parser.add_argument("--data-seed", type=int, default=d.data_seed, help="synthetic world (default %(default)s)")
     parser.add_argument("--log-every", type=int, default=d.log_every, help="0: steps / 50 (default)")
-    parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a model.* override for both runs, e.g. --model hidden_size=64 (repeatable)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a model.* override for both runs, e.g. --model hidden_size=64 (repeatable)",
+    )
     parser.add_argument("--threads", type=int, default=d.threads, help="torch threads, 0: one a core (default 1)")
-    parser.add_argument("--optimizer", choices=("adamw", "bertadam"), default=d.optimizer,
-                        help="pre-training optimizer (default %(default)s)")
-    parser.add_argument("--require-matched", action=argparse.BooleanOptionalAction, default=d.require_matched,
-                        help="fail when image-sentence matching did not learn (default on; off for short runs)")
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "bertadam"),
+        default=d.optimizer,
+        help="pre-training optimizer (default %(default)s)",
+    )
+    parser.add_argument(
+        "--require-matched",
+        action=argparse.BooleanOptionalAction,
+        default=d.require_matched,
+        help="fail when image-sentence matching did not learn (default on; off for short runs)",
+    )
     parser.add_argument("--fresh", action="store_true", help="delete this job's outputs in the work dir first")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.images < 2:
@@ -579,12 +677,17 @@ def main(argv: list[str] | None = None) -> int:
     if report["problems"]:
         problems = report["problems"]
         if all(p.startswith("matched") for p in problems):  # a short run, more likely than a broken one
-            print(f"engine.main: FAILED: image-sentence matching did not learn: {'; '.join(problems)}. It leaves "
-                  f"its plateau at ln 2 only after some hundred steps (the default {JobOptions.steps} steps learn "
-                  "it: engine/main.py's docstring); for shorter runs pass --no-require-matched", file=sys.stderr)
+            print(
+                f"engine.main: FAILED: image-sentence matching did not learn: {'; '.join(problems)}. It leaves "
+                f"its plateau at ln 2 only after some hundred steps (the default {JobOptions.steps} steps learn "
+                "it: engine/main.py's docstring); for shorter runs pass --no-require-matched",
+                file=sys.stderr,
+            )
         else:
-            print("engine.main: FAILED: a pre-training loss did not fall, so something is broken: "
-                  + "; ".join(problems), file=sys.stderr)  # fmt: skip
+            print(
+                "engine.main: FAILED: a pre-training loss did not fall, so something is broken: " + "; ".join(problems),
+                file=sys.stderr,
+            )
         return 1
     return 0
 

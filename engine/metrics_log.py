@@ -16,7 +16,7 @@ TensorBoard (`tensorboard_scalars` gives the exact mapping): every finite number
 global step record["step"]; nested dicts join their keys with "/" (losses.mlm -> losses/mlm); records of another
 kind than train go under "<kind>/" (eval/loss, eval/losses/mlm, eval/accuracy). Not written: "step" itself,
 "total_steps", booleans ("skipped": the "skipped_steps" count says it), strings, None, inf and nan. Without the
-tensorboard package (setup.py's extra `tensorboard`: pip install lxmert-engine[tensorboard]) nothing is said; an
+tensorboard package (pyproject.toml's extra `tensorboard`: pip install lxmert-engine[tensorboard]) nothing is said; an
 installed one that fails to import gets one console line (once per process) and the run goes on;
 tensorboard=False turns it off.
 
@@ -142,8 +142,14 @@ def _load_summary_writer() -> tuple[type | None, str]:
 class MetricsLog:
     """Appends JSON records to `<output_dir>/metrics.jsonl` (rank 0 only: others get enabled=False)."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, progress_total: int | None = None,
-                 progress_initial: int = 0, tensorboard: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        output_dir: str | Path,
+        enabled: bool = True,
+        progress_total: int | None = None,
+        progress_initial: int = 0,
+        tensorboard: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tensorboard_dir = Path(output_dir) / "tensorboard"
@@ -158,8 +164,9 @@ class MetricsLog:
             from tqdm import tqdm
 
             # tqdm's default right side: n/total [elapsed<remaining, rate, postfix]; the postfix is samples/s
-            self._bar = tqdm(total=progress_total, initial=progress_initial, unit="step", dynamic_ncols=True,
-                             file=sys.stderr)  # fmt: skip
+            self._bar = tqdm(
+                total=progress_total, initial=progress_initial, unit="step", dynamic_ncols=True, file=sys.stderr
+            )
         if tensorboard:
             writer_class, why_not = _load_summary_writer()
             if writer_class is not None:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -203,8 +204,12 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str] | No
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if no_decay is None:
-        exempt_ids = {id(p) for m in model.modules() for local, p in m.named_parameters(recurse=False)
-                      if local == "bias" or isinstance(m, nn.LayerNorm)}  # fmt: skip
+        exempt_ids = {
+            id(p)
+            for m in model.modules()
+            for local, p in m.named_parameters(recurse=False)
+            if local == "bias" or isinstance(m, nn.LayerNorm)
+        }
         exempt = [id(p) in exempt_ids for _, p in named]
     else:
         unused = [pat for pat in no_decay if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named)]
@@ -230,7 +235,12 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
         params = [p for g in groups for p in g["params"]]
         fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
         return torch.optim.AdamW(
-            groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-            fused=fused or None, foreach=None if fused else True,
+            groups,
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            fused=fused or None,
+            foreach=None if fused else True,
         )
     raise ValueError(f"unknown optimizer {optim.name!r}; one of 'bertadam', 'adamw'")

@@ -36,8 +36,9 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0  # how often the holder refreshes the lock's modification time
@@ -103,7 +104,7 @@ def _dead(holder: dict[str, Any], age: float) -> str | None:
     return None
 
 
-_held: dict[Path, "RunLock"] = {}  # this process's locks, by resolved directory
+_held: dict[Path, RunLock] = {}  # this process's locks, by resolved directory
 
 
 class RunLock:
@@ -117,8 +118,13 @@ class RunLock:
         self._thread.start()
 
     @classmethod
-    def take(cls, directory: str | Path, rank: int = 0, report: Callable[[str], Any] = print,
-             elsewhere: str = "another train.output_dir") -> RunLock | None:  # fmt: skip
+    def take(
+        cls,
+        directory: str | Path,
+        rank: int = 0,
+        report: Callable[[str], Any] = print,
+        elsewhere: str = "another train.output_dir",
+    ) -> RunLock | None:
         """Rank 0: the lock of `directory` (created if missing), or RunError naming the holder (and `elsewhere`,
         where else to write). Other ranks: wait for rank 0's (None), or RunError."""
         directory = Path(directory)
@@ -151,8 +157,17 @@ class RunLock:
             draft.unlink(missing_ok=True)
 
     @classmethod
-    def _install(cls, directory: Path, key: Path, path: Path, draft: Path, token: str, created: bool,
-                 report: Callable[[str], Any], elsewhere: str) -> RunLock:  # fmt: skip
+    def _install(
+        cls,
+        directory: Path,
+        key: Path,
+        path: Path,
+        draft: Path,
+        token: str,
+        created: bool,
+        report: Callable[[str], Any],
+        elsewhere: str,
+    ) -> RunLock:
         for _ in range(5):  # each round: create, or find a live holder, or move a dead lock aside
             try:
                 os.link(draft, path)  # atomic, and fails where the lock exists (as O_CREAT | O_EXCL would)
@@ -162,8 +177,10 @@ class RunLock:
                     continue  # released meanwhile
                 why = _dead(holder, age)
                 if why is None:
-                    raise RunError(f"{directory} is in use by another run: {_describe(holder, age)}, lock {path}; "
-                                   f"wait for it, or write to {elsewhere}") from None  # fmt: skip
+                    raise RunError(
+                        f"{directory} is in use by another run: {_describe(holder, age)}, lock {path}; "
+                        f"wait for it, or write to {elsewhere}"
+                    ) from None
                 if _move_aside(path, holder):
                     report(f"{directory}: took over the lock of {_describe(holder, age)}: {why}")
                 continue
@@ -245,14 +262,29 @@ atexit.register(release_all)
 # ----------------------------------------------------------------------------------------- resume checks
 
 ABSORBED = (
-    "model.attn_backend", "model.feat_loss_backend", "model.initializer_range",
-    "data.loader", "data.num_workers",
-    "train.epochs", "train.max_steps", "train.micro_batch_size", "train.grad_accum_steps", "train.world_size",
-    "train.compile", "train.compile_backend", "train.activation_checkpointing", "train.log_every",
-    "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.output_dir", "train.resume",
-    "train.init_from", "train.threads",
+    "model.attn_backend",
+    "model.feat_loss_backend",
+    "model.initializer_range",
+    "data.loader",
+    "data.num_workers",
+    "train.epochs",
+    "train.max_steps",
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.world_size",
+    "train.compile",
+    "train.compile_backend",
+    "train.activation_checkpointing",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.output_dir",
+    "train.resume",
+    "train.init_from",
+    "train.threads",
     "deepspeed.config",
-)  # fmt: skip
+)
 """The keys a resumed run may change (everything else must equal the checkpoint's run):
 - the model's kernels (attn_backend, feat_loss_backend: the same parameters and arithmetic up to rounding) and
   initializer_range (a resumed model is loaded, never initialised);
@@ -295,8 +327,9 @@ def _same(key: str, old: Any, new: Any) -> bool:
     return False
 
 
-def resume_conflicts(old: dict[str, Any], new: dict[str, Any], only: tuple[str, ...] | None = None
-                     ) -> tuple[list[str], list[str]]:  # fmt: skip
+def resume_conflicts(
+    old: dict[str, Any], new: dict[str, Any], only: tuple[str, ...] | None = None
+) -> tuple[list[str], list[str]]:
     """(conflicts, absorbed schedule changes) between the flattened config of the checkpoint's run and this
     run's: "key old -> new" each. `only`: compare just these keys (a weights-only start)."""
     conflicts, stretched = [], []

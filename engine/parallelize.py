@@ -12,7 +12,8 @@ architecture, as torchtitan keeps it): activation checkpointing and torch.compil
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

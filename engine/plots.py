@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -81,8 +82,15 @@ class Series:
     points: list[tuple[int, float]]
 
 
-def _series(name: str, label: str, kind: str, color: str, records: list[dict[str, Any]],
-            get: Callable[[dict[str, Any]], Any], scale: float = 1.0) -> Series | None:  # fmt: skip
+def _series(
+    name: str,
+    label: str,
+    kind: str,
+    color: str,
+    records: list[dict[str, Any]],
+    get: Callable[[dict[str, Any]], Any],
+    scale: float = 1.0,
+) -> Series | None:
     """The series of `get(record)` over the records, None when no record has the field at all."""
     points = [(r["step"], value * scale) for r in records if (value := _number(get(r))) is not None]
     return Series(name, label, kind, color, points) if points else None
@@ -106,16 +114,19 @@ def _loss_panels(train: list[dict[str, Any]], evals: list[dict[str, Any]], log_y
     components = _components(train + evals)
 
     def series(name: str, label: str, color: str, get: Callable[[dict[str, Any]], Any]) -> list[Series]:
-        found = [_series(name, f"{label} ({kind})", kind, color, records, get)
-                 for kind, records in (("train", train), ("eval", evals))]  # fmt: skip
+        found = [
+            _series(name, f"{label} ({kind})", kind, color, records, get)
+            for kind, records in (("train", train), ("eval", evals))
+        ]
         return [s for s in found if s is not None]
 
     title = "loss (total of the components)" if components else "loss"
     panels = [Panel(title, "loss", series("loss", "loss", COLORS[0], lambda r: r.get("loss")), log_y=log_y)]
     for i, name in enumerate(components, 1):
         get = lambda r, name=name: _losses(r).get(name)  # noqa: E731
-        panels.append(Panel(f"{name} loss", name, series(f"losses/{name}", name, COLORS[i % len(COLORS)], get),
-                            log_y=log_y))  # fmt: skip
+        panels.append(
+            Panel(f"{name} loss", name, series(f"losses/{name}", name, COLORS[i % len(COLORS)], get), log_y=log_y)
+        )
     return panels
 
 
@@ -160,9 +171,17 @@ def _draw(panels: list[Panel], title: str) -> Figure:
             values[~drawable] = np.nan  # matplotlib breaks the line at a nan
             label = series.label + ("" if drawable.any() else ": no finite values")
             marked = series.kind == "eval" or drawable.sum() == 1  # a lone point draws no line: mark it
-            ax.plot(steps, values, color=series.color, label=label, gid=f"{series.name}:{series.kind}",
-                    linestyle="--" if series.kind == "eval" else "-", linewidth=2.0 if series.name == "loss" else 1.4,
-                    marker="o" if marked else None, markersize=4)  # fmt: skip
+            ax.plot(
+                steps,
+                values,
+                color=series.color,
+                label=label,
+                gid=f"{series.name}:{series.kind}",
+                linestyle="--" if series.kind == "eval" else "-",
+                linewidth=2.0 if series.name == "loss" else 1.4,
+                marker="o" if marked else None,
+                markersize=4,
+            )
         if not any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()):
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="#888888")
         if panel.from_zero and ax.get_lines():
@@ -217,8 +236,9 @@ def write_plots(metrics_path: str | Path, out_dir: str | Path, log_y: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lxmert-plots",
-                                     description="loss and throughput plots, SVG and PNG, from a metrics.jsonl")
+    parser = argparse.ArgumentParser(
+        prog="lxmert-plots", description="loss and throughput plots, SVG and PNG, from a metrics.jsonl"
+    )
     parser.add_argument("metrics", type=Path, help="the run's metrics.jsonl")
     parser.add_argument("--out", type=Path, help="directory for the plots (default: the metrics file's)")
     parser.add_argument("--log-y", action="store_true", help="loss on a log scale")

@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         if config.train.task != "pretrain":
-            raise ConfigError(f"train.task is {config.train.task!r}: lxmert-pretrain pre-trains (lxmert-finetune "
-                              "fine-tunes)")  # fmt: skip
+            raise ConfigError(
+                f"train.task is {config.train.task!r}: lxmert-pretrain pre-trains (lxmert-finetune fine-tunes)"
+            )
         trainer = Trainer(config, export_hf=args.export_hf)
     except (ConfigError, RunError) as error:
         return error_line("lxmert-pretrain", error)

@@ -29,8 +29,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,8 +98,15 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
 class Runtime:
     """Model + optimizer + schedule + precision (+ DeepSpeed engine) of one run; see the module docstring."""
 
-    def __init__(self, model: nn.Module, config: RunConfig, total_steps: int, device: torch.device,
-                 use_deepspeed: bool, launch: Launch = Launch()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        config: RunConfig,
+        total_steps: int,
+        device: torch.device,
+        use_deepspeed: bool,
+        launch: Launch = Launch(),  # noqa: B008 (frozen: one shared default is fine)
+    ) -> None:
         t = config.train
         self.config = config
         self.device = device
@@ -123,9 +131,11 @@ class Runtime:
         if use_deepspeed:
             init_distributed(device, launch)
             self.engine, self.optimizer, _, self.scheduler = import_deepspeed().initialize(
-                model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+                model=model,
+                optimizer=self.optimizer,
+                lr_scheduler=self.scheduler,
                 config=deepspeed_config(config, launch.world_size),
-            )  # fmt: skip
+            )
             # Without ZeRO and 16-bit wrappers DeepSpeed steps our optimizer itself, clips without keeping the
             # norm (get_global_grad_norm() is None) and applies a non-finite step: both are done here instead.
             self._measure_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
@@ -266,9 +276,13 @@ class Runtime:
             path = ckpt.save_deepspeed(self.engine, output_dir, step, client, rank)
         else:
             state = {
-                **client, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(),
-            }  # fmt: skip
+                **client,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": ckpt.rng_state(),
+            }
             path = ckpt.save_plain(output_dir, step, state)
         if self.config.train.keep_checkpoints and rank == 0:
             ckpt.prune(output_dir, self.config.train.keep_checkpoints)
@@ -389,7 +403,9 @@ def _zero3_weights_from(path: Path):
     from deepspeed.runtime import engine as deepspeed_engine
 
     original = deepspeed_engine.get_fp32_state_dict_from_zero_checkpoint
-    deepspeed_engine.get_fp32_state_dict_from_zero_checkpoint = lambda *args, **kwargs: elastic.zero3_fp32_state_dict(path)
+    deepspeed_engine.get_fp32_state_dict_from_zero_checkpoint = lambda *args, **kwargs: elastic.zero3_fp32_state_dict(
+        path
+    )
     try:
         yield
     finally:

@@ -36,8 +36,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75
@@ -47,8 +48,12 @@ SECOND_INTERRUPT_AFTER_S = 1.0  # a SIGINT sooner than this after the first is t
 
 # What a stop is agreed on: the highest code any rank (or rank 0's clock) reports wins.
 TIME_LIMIT, PREEMPT_SIGNAL, SIGTERM_CODE, SIGINT_CODE = 1, 2, 3, 4
-_REASONS = {TIME_LIMIT: "train.time_limit", PREEMPT_SIGNAL: "preempt signal", SIGTERM_CODE: "SIGTERM",
-            SIGINT_CODE: "SIGINT"}  # fmt: skip
+_REASONS = {
+    TIME_LIMIT: "train.time_limit",
+    PREEMPT_SIGNAL: "preempt signal",
+    SIGTERM_CODE: "SIGTERM",
+    SIGINT_CODE: "SIGINT",
+}
 
 
 def reason_name(code: int, preempt_signal: str = "") -> str:
@@ -194,8 +199,9 @@ def shield_worker(worker_id: int) -> None:
     StopRequests is installed ignores the signals the main process handles; SIGTERM only where it comes from its
     parent, which is how torch and multiprocessing shut workers down (torch's own worker handler dies of anyone's
     SIGTERM, and the main process would then fail on the lost worker): a thread waits for it, blocked elsewhere."""
-    handled = [n for n in signal.valid_signals()
-               if getattr(signal.getsignal(n), "__func__", None) is StopRequests._handle]  # fmt: skip
+    handled = [
+        n for n in signal.valid_signals() if getattr(signal.getsignal(n), "__func__", None) is StopRequests._handle
+    ]
     for number in handled:
         if number != signal.SIGTERM:
             signal.signal(number, signal.SIG_IGN)

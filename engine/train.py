@@ -41,8 +41,9 @@ import math
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -54,8 +55,17 @@ from engine.launch import Launch, all_reduce_sum, choose_deepspeed, error_line, 
 from engine.metrics_log import MetricsLog, console_line, peak_memory_gib
 from engine.output_dir import WEIGHTS_KEYS, RunError, RunLock, flatten, resume_conflicts, write_failure
 from engine.runtime import Runtime, resume_point
-from engine.stopping import (EXIT_DIVERGED, SIGINT_CODE, TIME_LIMIT, StopRequests, TimeLimit, agree, agreement_group,
-                             reason_name, status_of)  # fmt: skip
+from engine.stopping import (
+    EXIT_DIVERGED,
+    SIGINT_CODE,
+    TIME_LIMIT,
+    StopRequests,
+    TimeLimit,
+    agree,
+    agreement_group,
+    reason_name,
+    status_of,
+)
 from engine.tasks.base import Task
 from engine.tasks.finetune import ARCHITECTURE, FINETUNE_TASKS, FinetuneTask
 from engine.tasks.pretrain import PretrainTask
@@ -148,8 +158,9 @@ class TrainStep:
             loss_sum, parts_sum = self._mean_over_ranks(loss_sum, parts_sum)
         return {"loss": loss_sum, "losses": parts_sum, "grad_norm": norm, "skipped": skipped, **counts}
 
-    def _mean_over_ranks(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    def _mean_over_ranks(
+        self, loss: torch.Tensor, parts: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's loss and components averaged over the ranks (every rank computes the same keys, in the
         model's order, which the log keeps)."""
         names = list(parts)
@@ -167,15 +178,20 @@ def read_step(step: dict[str, Any], extra: dict[str, torch.Tensor] | None = None
     values = [step["loss"], *(step["losses"][k] for k in names), step["grad_norm"], *(extra[k] for k in extra_names)]
     packed = torch.stack([v.detach().to(device, torch.float32).reshape(()) for v in values]).tolist()
     n = len(names)
-    return {"loss": packed[0], "losses": dict(zip(names, packed[1 : n + 1])), "grad_norm": packed[n + 1],
-            "extra": dict(zip(extra_names, packed[n + 2 :]))}  # fmt: skip
+    return {
+        "loss": packed[0],
+        "losses": dict(zip(names, packed[1 : n + 1])),
+        "grad_norm": packed[n + 1],
+        "extra": dict(zip(extra_names, packed[n + 2 :])),
+    }
 
 
 class Trainer(TrainStep):
     """Builds the run from a RunConfig and a task; `train()` runs the loop and returns a summary dict."""
 
-    def __init__(self, config: RunConfig, use_deepspeed: bool | None = None, export_hf: bool = False,
-                 task: Task | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, config: RunConfig, use_deepspeed: bool | None = None, export_hf: bool = False, task: Task | None = None
+    ) -> None:
         self.launch = Launch.from_env()
         self.rank, self.local_rank, world = self.launch.rank, self.launch.local_rank, self.launch.world_size
         self.use_deepspeed = choose_deepspeed(config.train.zero_stage, use_deepspeed, self.launch)
@@ -212,8 +228,10 @@ class Trainer(TrainStep):
         self.accum = t.grad_accum_steps
         self.steps_per_epoch = len(self.loader) // self.accum if self.loader is not None else 1
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"data.train: an epoch has {len(self.loader)} micro batches, fewer than "
-                              f"train.grad_accum_steps {self.accum}")  # fmt: skip
+            raise ConfigError(
+                f"data.train: an epoch has {len(self.loader)} micro batches, fewer than "
+                f"train.grad_accum_steps {self.accum}"
+            )
         self.total_steps = t.total_steps(self.steps_per_epoch)
         runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, self.launch)
         super().__init__(runtime, self.task, self.accum, self.world_size, self.device)
@@ -246,12 +264,14 @@ class Trainer(TrainStep):
         checkpoint's weights; once this run has a checkpoint of its own, a rerun resumes from that instead)."""
         if not setting.startswith(WEIGHTS):
             return resume_point(setting, self.output_dir), False
-        source = setting[len(WEIGHTS):]
+        source = setting[len(WEIGHTS) :]
         own = ckpt.checkpoint_root(self.output_dir).resolve()
         if Path(source).resolve() in (own, own.parent) or own in Path(source).resolve().parents:
-            raise ConfigError(f"train.resume={setting}: that checkpoint is in this run's own train.output_dir "
-                              f"{self.output_dir}; a new schedule goes into a new train.output_dir (its checkpoints "
-                              "would mix with these)")  # fmt: skip
+            raise ConfigError(
+                f"train.resume={setting}: that checkpoint is in this run's own train.output_dir "
+                f"{self.output_dir}; a new schedule goes into a new train.output_dir (its checkpoints "
+                "would mix with these)"
+            )
         mine = resume_point("auto", self.output_dir)
         if mine is not None:
             return mine, False
@@ -269,8 +289,9 @@ class Trainer(TrainStep):
         try:
             old = flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
         except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"train.resume: cannot read {saved}, the config of the run that wrote {path}: "
-                              f"{error}") from None  # fmt: skip
+            raise ConfigError(
+                f"train.resume: cannot read {saved}, the config of the run that wrote {path}: {error}"
+            ) from None
         new = flatten(to_dict(self.config))
         weights_only = self.weights_only_resume or self.task.evaluate_only
         only = (*(f"model.{name}" for name in ARCHITECTURE), *WEIGHTS_KEYS) if weights_only else None
@@ -278,12 +299,16 @@ class Trainer(TrainStep):
         if conflicts:
             if weights_only:
                 what = f"train.resume={WEIGHTS}{path}" if self.weights_only_resume else f"{path} (evaluate-only)"
-                raise ConfigError(f"{what}: its weights do not fit this run: "
-                                  f"{'; '.join(conflicts)} (checkpoint's run {saved} -> this config)")  # fmt: skip
-            raise ConfigError(f"train.resume: {path} was written with settings a resume cannot take in: "
-                              f"{'; '.join(conflicts)} (its run's {saved} -> this config); to start a new "
-                              f"schedule from its weights use a new train.output_dir with "
-                              f"train.resume={WEIGHTS}{path}")  # fmt: skip
+                raise ConfigError(
+                    f"{what}: its weights do not fit this run: "
+                    f"{'; '.join(conflicts)} (checkpoint's run {saved} -> this config)"
+                )
+            raise ConfigError(
+                f"train.resume: {path} was written with settings a resume cannot take in: "
+                f"{'; '.join(conflicts)} (its run's {saved} -> this config); to start a new "
+                f"schedule from its weights use a new train.output_dir with "
+                f"train.resume={WEIGHTS}{path}"
+            )
         if stretched:
             self._print(f"resume: {'; '.join(stretched)}: the learning-rate schedule now spans the new total")
 
@@ -296,19 +321,24 @@ class Trainer(TrainStep):
     def _resume(self, path: Path) -> None:
         if self.weights_only_resume:  # train.resume=weights:...: a new schedule from the checkpoint's weights
             self.runtime.load(path, self.rank, weights_only=True)
-            self._print(f"weights from {path}; a new optimizer, schedule and loader from step 0 "
-                        "(train.resume=weights:...)")  # fmt: skip
+            self._print(
+                f"weights from {path}; a new optimizer, schedule and loader from step 0 (train.resume=weights:...)"
+            )
             return
         state = self.runtime.load(path, self.rank, weights_only=self.task.evaluate_only)
         batch = self.config.train.batch_size
         if not self.task.evaluate_only and state.get("batch_size", batch) != batch:  # older checkpoints have none
-            raise ConfigError(f"resume: {path} was written with train.batch_size {state['batch_size']}, this run has "
-                              f"{batch}: a resumed run keeps the global batch (the ranks may change)")  # fmt: skip
+            raise ConfigError(
+                f"resume: {path} was written with train.batch_size {state['batch_size']}, this run has "
+                f"{batch}: a resumed run keeps the global batch (the ranks may change)"
+            )
         self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
         if self.loader is not None:
             # a checkpoint from before the loaders kept fine-tuning's position: its step says where
-            loader_state = state.get("loader") or {"epoch": self.step // self.steps_per_epoch,
-                                                   "step": (self.step % self.steps_per_epoch) * self.accum}
+            loader_state = state.get("loader") or {
+                "epoch": self.step // self.steps_per_epoch,
+                "step": (self.step % self.steps_per_epoch) * self.accum,
+            }
             self.loader.load_state_dict(loader_state)
         self.evals = list(state.get("evals", []))
         self.task.load_state_dict(state, path)
@@ -325,14 +355,23 @@ class Trainer(TrainStep):
         """A checkpoint of this step. A write that fails (a full disk, an unwritable directory) is a RunError in
         one line: the file, the bytes the checkpoint needs where known; the last complete checkpoint stays latest."""
         self._settle()
-        client = {"loader": self.loader.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
-                  "batch_size": self.config.train.batch_size, "evals": self.evals,
-                  **self.task.state_dict()}  # fmt: skip
+        client = {
+            "loader": self.loader.state_dict(),
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "batch_size": self.config.train.batch_size,
+            "evals": self.evals,
+            **self.task.state_dict(),
+        }
         try:
             self.last_checkpoint = self.runtime.save(self.output_dir, self.step, client, self.rank)
         except OSError as error:
-            line = write_failure(error, ckpt.checkpoint_root(self.output_dir), f"checkpoint {ckpt.tag_of(self.step)}",
-                                 self._checkpoint_bytes())  # fmt: skip
+            line = write_failure(
+                error,
+                ckpt.checkpoint_root(self.output_dir),
+                f"checkpoint {ckpt.tag_of(self.step)}",
+                self._checkpoint_bytes(),
+            )
             kept = f"{self.last_checkpoint} stays the latest" if self.last_checkpoint else "no earlier checkpoint"
             raise RunError(f"{line}; {kept}") from None
         return self.last_checkpoint
@@ -346,8 +385,10 @@ class Trainer(TrainStep):
                 pass
         if self.use_deepspeed:
             return None
-        tensors = [*self.model.state_dict().values(),
-                   *(v for s in self.runtime.optimizer.state_dict()["state"].values() for v in s.values())]  # fmt: skip
+        tensors = [
+            *self.model.state_dict().values(),
+            *(v for s in self.runtime.optimizer.state_dict()["state"].values() for v in s.values()),
+        ]
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
@@ -397,38 +438,57 @@ class Trainer(TrainStep):
 
     # ----------------------------------------------------------------------------------------------- loop
 
-    def _record(self, step: dict[str, Any], window: dict[str, float], elapsed: float, peak: float | None,
-                skipped: int) -> dict:  # fmt: skip
+    def _record(
+        self, step: dict[str, Any], window: dict[str, float], elapsed: float, peak: float | None, skipped: int
+    ) -> dict:
         """The train record of a log step (step: read_step's floats; skipped: steps skipped since the last log
         line): the same fields for every task (module docstring)."""
         record: dict[str, Any] = {
-            "kind": "train", "step": self.step, "total_steps": self.total_steps,
-            "epoch": self.loader.epoch + self.loader.step / max(len(self.loader), 1), "loss": step["loss"],
-        }  # fmt: skip
+            "kind": "train",
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.loader.epoch + self.loader.step / max(len(self.loader), 1),
+            "loss": step["loss"],
+        }
         if step["losses"]:
             record["losses"] = step["losses"]
         record |= {
-            "lr": self.runtime.lr(), "grad_norm": step["grad_norm"], "loss_scale": self.runtime.loss_scale(),
-            "skipped": skipped > 0, "skipped_steps": self.skipped_steps,
+            "lr": self.runtime.lr(),
+            "grad_norm": step["grad_norm"],
+            "loss_scale": self.runtime.loss_scale(),
+            "skipped": skipped > 0,
+            "skipped_steps": self.skipped_steps,
             "samples_per_s": window["samples"] * self.world_size / elapsed,
-            "tokens_per_s": window["tokens"] * self.world_size / elapsed, "tflops": window["flops"] / elapsed / 1e12,
-            "mfu": mfu(window["flops"], elapsed, peak) if peak else None, "data_wait_share": window["wait"] / elapsed,
-            "peak_memory_gib": peak_memory_gib(self.device), "threads": self.threads,
+            "tokens_per_s": window["tokens"] * self.world_size / elapsed,
+            "tflops": window["flops"] / elapsed / 1e12,
+            "mfu": mfu(window["flops"], elapsed, peak) if peak else None,
+            "data_wait_share": window["wait"] / elapsed,
+            "peak_memory_gib": peak_memory_gib(self.device),
+            "threads": self.threads,
             "step_time_s": elapsed / window["steps"],
             "eta_s": elapsed / window["steps"] * (self.total_steps - self.step),
-        }  # fmt: skip
+        }
         return record
 
-    def _log_step(self, step: dict[str, Any], window: dict[str, float], elapsed: float, peak: float | None,
-                  log: MetricsLog, extra: dict[str, torch.Tensor]) -> dict[str, Any]:  # fmt: skip
+    def _log_step(
+        self,
+        step: dict[str, Any],
+        window: dict[str, float],
+        elapsed: float,
+        peak: float | None,
+        log: MetricsLog,
+        extra: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
         """A log line of `step`: its values read (with `extra`, in the same copy), the skips settled, the train
         record written and printed. Returns read_step's values."""
         values = read_step(step, extra)
         self._settle()
         skipped, self.unlogged_skips = self.unlogged_skips, 0
         if skipped:
-            log.console(f"step {self.step}: {skipped} of the last {int(window['steps'])} steps had a non-finite "
-                        "gradient: skipped, not applied")  # fmt: skip
+            log.console(
+                f"step {self.step}: {skipped} of the last {int(window['steps'])} steps had a non-finite "
+                "gradient: skipped, not applied"
+            )
         record = self._record(values, window, max(elapsed, 1e-9), peak, skipped)
         self.history.append(record)
         log.write(record)
@@ -447,9 +507,14 @@ class Trainer(TrainStep):
         last = f"last finite loss {loss:.4f} at step {applied}"
         if not math.isfinite(loss):  # no step of this run was applied
             last = f"none applied since step {applied}"
-        return {"reason": "diverged", "status": EXIT_DIVERGED, "line": (
-            f"stopped at step {self.step}: the last {streak} steps had a non-finite gradient (train.max_skipped_steps "
-            f"{limit}); {last}: checkpoint {{checkpoint}} (the weights of step {applied})")}  # fmt: skip
+        return {
+            "reason": "diverged",
+            "status": EXIT_DIVERGED,
+            "line": (
+                f"stopped at step {self.step}: the last {streak} steps had a non-finite gradient (train.max_skipped_steps "  # noqa: E501
+                f"{limit}); {last}: checkpoint {{checkpoint}} (the weights of step {applied})"
+            ),
+        }
 
     def _requested_stop(self, requests: StopRequests, clock: TimeLimit, group: Any) -> dict[str, Any] | None:
         """A stop the ranks agree on at this step boundary (a signal on any rank, or rank 0's clock): None to go on."""
@@ -462,8 +527,10 @@ class Trainer(TrainStep):
         if code == SIGINT_CODE:
             line = f"interrupted (^C) at step {self.step}: checkpoint {{checkpoint}}; the same command resumes it"
         elif code == TIME_LIMIT:
-            line = (f"stopped at step {self.step} by train.time_limit {self.config.train.time_limit}: checkpoint "
-                    "{checkpoint}; the same command resumes it")  # fmt: skip
+            line = (
+                f"stopped at step {self.step} by train.time_limit {self.config.train.time_limit}: checkpoint "
+                "{checkpoint}; the same command resumes it"
+            )
         else:
             line = f"preempted at step {self.step}: checkpoint {{checkpoint}} ({reason}); the same command resumes it"
         return {"reason": reason, "status": status_of(code), "line": line}
@@ -475,8 +542,9 @@ class Trainer(TrainStep):
         they are asked for at step boundaries before the last step."""
         t = self.config.train
         save_every = t.save_every or self.steps_per_epoch
-        log = MetricsLog(self.output_dir, enabled=self.rank == 0, progress_total=self.total_steps,
-                         progress_initial=self.step)  # fmt: skip
+        log = MetricsLog(
+            self.output_dir, enabled=self.rank == 0, progress_total=self.total_steps, progress_initial=self.step
+        )
         if self.last_checkpoint is not None and self.step < self.total_steps:
             log.write({"kind": "resume", "step": self.step, "checkpoint": str(self.last_checkpoint)})
         self.task.start(self, resumed=self.last_checkpoint is not None)
@@ -509,8 +577,9 @@ class Trainer(TrainStep):
                     window[name] += step[name]
                 logged = self.step % t.log_every == 0 or self.step == self.total_steps
                 if logged:  # the only reads of the device
-                    values = self._log_step(step, window, time.perf_counter() - window_start, peak, log,
-                                            streak.values())  # fmt: skip
+                    values = self._log_step(
+                        step, window, time.perf_counter() - window_start, peak, log, streak.values()
+                    )
                     window = defaultdict(float)
                     window_start = time.perf_counter()
                     stop = self._diverged(values)
@@ -534,8 +603,15 @@ class Trainer(TrainStep):
                     clock.saved(time.perf_counter() - tick)
             if stop is not None:
                 stop["line"] = stop["line"].format(checkpoint=self.save())
-                log.write({"kind": "stop", "step": self.step, "reason": stop["reason"], "status": stop["status"],
-                           "checkpoint": str(self.last_checkpoint)})  # fmt: skip
+                log.write(
+                    {
+                        "kind": "stop",
+                        "step": self.step,
+                        "reason": stop["reason"],
+                        "status": stop["status"],
+                        "checkpoint": str(self.last_checkpoint),
+                    }
+                )
             else:
                 if self.eval_loader is not None and self.step > self.started_at:
                     tick = time.perf_counter()
@@ -554,18 +630,25 @@ class Trainer(TrainStep):
             log.close()
         seconds = time.perf_counter() - run_start
         done = self.step - self.started_at
-        summary = {"steps": self.step, "steps_this_run": done, "skipped_steps": self.skipped_steps,
-                   "seconds": seconds, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-                   "metrics_log": str(log.path)}  # fmt: skip
+        summary = {
+            "steps": self.step,
+            "steps_this_run": done,
+            "skipped_steps": self.skipped_steps,
+            "seconds": seconds,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "metrics_log": str(log.path),
+        }
         if stop is not None:  # no plots or task outputs: the run is not over, and a scheduler is waiting
             return {**summary, "stopped": stop}
         plots = write_run_plots(log.path, self.output_dir / "plots") if self.rank == 0 else []
         train_seconds = seconds - eval_seconds  # checkpoints and the export included
         return {
-            **summary, "eval_seconds": eval_seconds,
+            **summary,
+            "eval_seconds": eval_seconds,
             "samples_per_s": done * self.config.train.batch_size / train_seconds if train_seconds > 0 else None,
-            "plots": [str(p) for p in plots], **self.task.summary(self, run),
-        }  # fmt: skip
+            "plots": [str(p) for p in plots],
+            **self.task.summary(self, run),
+        }
 
 
 class SkipStreak:
@@ -616,8 +699,10 @@ def report(summary: dict[str, Any]) -> str:
     run stopped early, its one line."""
     if "stopped" in summary:
         return summary["stopped"]["line"]
-    lines = [f"done: {summary['steps']} steps ({summary['steps_this_run']} in this run, "
-             f"{summary['skipped_steps']} skipped) in {summary['seconds']:.1f} s"]  # fmt: skip
+    lines = [
+        f"done: {summary['steps']} steps ({summary['steps_this_run']} in this run, "
+        f"{summary['skipped_steps']} skipped) in {summary['seconds']:.1f} s"
+    ]
     if "task" in summary:
         epochs = summary["epochs"]
         lines[0] = f"fine-tuned {summary['task']}: {epochs} epoch{'' if epochs == 1 else 's'}, " + lines[0]
@@ -634,9 +719,11 @@ def report(summary: dict[str, Any]) -> str:
     if isinstance(evaluation, dict):  # pre-training: the last validation
         parts = " ".join(f"{k} {v:.4f}" for k, v in evaluation["losses"].items())
         qa = evaluation["qa_accuracy"]
-        lines.append(f"  eval (step {evaluation['step']}, {evaluation['samples']} samples): loss {evaluation['loss']:.4f}"
-                     f" ({parts}); QA accuracy {'-' if qa is None else f'{qa:.4f}'}; matching accuracy "
-                     f"{evaluation['matched_accuracy']:.4f}")  # fmt: skip
+        lines.append(
+            f"  eval (step {evaluation['step']}, {evaluation['samples']} samples): loss {evaluation['loss']:.4f}"
+            f" ({parts}); QA accuracy {'-' if qa is None else f'{qa:.4f}'}; matching accuracy "
+            f"{evaluation['matched_accuracy']:.4f}"
+        )
     for e in evaluation if isinstance(evaluation, list) else []:  # fine-tuning: every epoch's score
         shown = "- (unlabelled split)" if e["metric"] is None else f"{e['metric']:.4f}"
         lines.append(f"  eval epoch {e['epoch']}: {summary['metric']} {shown}")
@@ -644,8 +731,12 @@ def report(summary: dict[str, Any]) -> str:
         lines.append(f"  best {summary['metric']} {summary['best_metric']:.4f} (epoch {summary['best_epoch']})")
     if summary.get("init"):
         lines.append("  init: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["init"].items()))
-    for label, key in (("checkpoint", "checkpoint"), ("model", "model"), ("submission", "submission"),
-                       ("log", "metrics_log")):  # fmt: skip
+    for label, key in (
+        ("checkpoint", "checkpoint"),
+        ("model", "model"),
+        ("submission", "submission"),
+        ("log", "metrics_log"),
+    ):
         if key in summary:
             lines.append(f"  {label:<10} {summary[key]}")
     for plot in summary.get("plots", []):

@@ -5,8 +5,8 @@ first imported), else each op falls back to its PyTorch reference. Each launch i
 (lxmert::*) with a fake impl and its autograd, so torch.compile traces the entry points without a graph break.
 """
 
-from .fused_attention import bidirectional_attention, cross_attention, reference_attention
 from .feature_regression import masked_feature_regression, reference_masked_feature_regression
+from .fused_attention import bidirectional_attention, cross_attention, reference_attention
 
 __all__ = [
     "bidirectional_attention",

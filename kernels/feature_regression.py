@@ -119,12 +119,22 @@ def _loss_and_unit_grad(pred: Tensor, target: Tensor, rows: Tensor, row_weight: 
     grid = (triton.cdiv(m, block_m),)
     partials = torch.empty(grid[0], dtype=acc_dtype, device=pred.device)
     _feature_regression_fwd_kernel[grid](
-        pred, target, rows, row_weight, partials,
+        pred,
+        target,
+        rows,
+        row_weight,
+        partials,
         m,
-        pred.stride(0), target.stride(0), target.stride(1), row_weight.stride(0),
+        pred.stride(0),
+        target.stride(0),
+        target.stride(1),
+        row_weight.stride(0),
         scale,
-        NUM_FEATURES=f, BLOCK_M=block_m, BLOCK_F=block_f, ACC_FP64=acc_dtype == torch.float64,
-    )  # fmt: skip
+        NUM_FEATURES=f,
+        BLOCK_M=block_m,
+        BLOCK_F=block_f,
+        ACC_FP64=acc_dtype == torch.float64,
+    )
     return partials.sum()
 
 
@@ -140,9 +150,15 @@ def _acc_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 
 
 def _feature_regression_fwd(
-    x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, row_weight: Tensor, rows: Tensor, scale: float,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    row_weight: Tensor,
+    rows: Tensor,
+    scale: float,
     compute_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, the unit gradient G [M, F], x[rows] [M, H]); G and x[rows] in the compute dtype, for the backward."""
     x_rows = x.index_select(0, rows.clamp(min=0)).to(compute_dtype)  # padding entries project row 0 (G = 0)
     with torch.autocast(x.device.type, enabled=False):
@@ -204,9 +220,14 @@ _feature_regression_fwd_op.register_autograd(_feature_regression_backward, setup
 
 
 def reference_masked_feature_regression(
-    x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, row_weight: Tensor, normalizer: float = 1 / 0.15,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    row_weight: Tensor,
+    normalizer: float = 1 / 0.15,
     rows: Tensor | None = None,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """The PyTorch formula (tests' ground truth in float64, and the CPU path): lxmert.losses' semantics,
     accumulated in fp32, or in fp64 when the compute dtype is fp64. rows as masked_feature_regression's."""
     x = x.reshape(-1, x.shape[-1])
@@ -238,9 +259,14 @@ _ROW_DTYPES = (torch.int32, torch.int64)
 
 
 def masked_feature_regression(
-    x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, row_weight: Tensor, normalizer: float = 1 / 0.15,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    row_weight: Tensor,
+    normalizer: float = 1 / 0.15,
     rows: Tensor | None = None,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """normalizer / N * sum_i w_i * mean_f SmoothL1(x_i W^T + b - t_i), projecting only rows with w_i != 0.
 
     x [N, H] (or [..., H]), weight [F, H], bias [F] or None, target [N, F], row_weight [N]. Returns a 0-dim
@@ -258,8 +284,10 @@ def masked_feature_regression(
             f"target {tuple(target.shape)}, row_weight {tuple(row_weight.shape)}"
         )
     if rows is not None and (rows.dim() != 1 or rows.device != x.device or rows.dtype not in _ROW_DTYPES):
-        raise ValueError(f"rows must be int32 / int64 indices [M] on {x.device}, got {rows.dtype} "
-                         f"{tuple(rows.shape)} on {rows.device}")  # fmt: skip
+        raise ValueError(
+            f"rows must be int32 / int64 indices [M] on {x.device}, got {rows.dtype} "
+            f"{tuple(rows.shape)} on {rows.device}"
+        )
     if not triton_runs_on(x):
         return reference_masked_feature_regression(x, weight, bias, target, row_weight, normalizer, rows)
     if not row_weight.is_floating_point():

@@ -265,11 +265,20 @@ def _attention_fwd_kernel(
     v_ptr,  # [B, H, Lk, D] values
     o_ptr,  # [B, H, Lq, D] output; written
     kv_mask_ptr,  # [B, Lk] uint8 view of the bool key mask (1 = real key); a dummy when not HAS_MASK
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
-    stride_ob, stride_oh, stride_ol,
-    stride_mask_b, stride_mask_l,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
+    stride_ob,
+    stride_oh,
+    stride_ol,
+    stride_mask_b,
+    stride_mask_l,
     num_heads,
     len_q,
     len_k,
@@ -286,18 +295,38 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     bh = tl.program_id(0)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
     _attention_fwd_tile(
-        q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + h * stride_kh,
-        v_ptr + b * stride_vb + h * stride_vh, o_ptr + b * stride_ob + h * stride_oh,
+        q_ptr + b * stride_qb + h * stride_qh,
+        k_ptr + b * stride_kb + h * stride_kh,
+        v_ptr + b * stride_vb + h * stride_vh,
+        o_ptr + b * stride_ob + h * stride_oh,
         kv_mask_ptr + b * stride_mask_b,
-        stride_ql, stride_kl, stride_vl, stride_ol, stride_mask_l,
-        len_q, len_k, qk_scale, dropout_p, dropout_scale, seed, bh * len_q * len_k,
-        HAS_MASK, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, NUM_M_BLOCKS, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
-    )  # fmt: skip
+        stride_ql,
+        stride_kl,
+        stride_vl,
+        stride_ol,
+        stride_mask_l,
+        len_q,
+        len_k,
+        qk_scale,
+        dropout_p,
+        dropout_scale,
+        seed,
+        bh * len_q * len_k,
+        HAS_MASK,
+        HAS_DROPOUT,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_M,
+        NUM_M_BLOCKS,
+        BLOCK_N,
+        DOT_DTYPE,
+        DOT_PRECISION,
+    )
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -310,14 +339,29 @@ def _attention_bwd_kernel(
     dk_ptr,  # [B, H, Lk, D] gradient of k; written
     dv_ptr,  # [B, H, Lk, D] gradient of v; written
     kv_mask_ptr,  # [B, Lk] uint8 view of the bool key mask; a dummy when not HAS_MASK
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
-    stride_dob, stride_doh, stride_dol,
-    stride_dqb, stride_dqh, stride_dql,
-    stride_dkb, stride_dkh, stride_dkl,
-    stride_dvb, stride_dvh, stride_dvl,
-    stride_mask_b, stride_mask_l,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
+    stride_dob,
+    stride_doh,
+    stride_dol,
+    stride_dqb,
+    stride_dqh,
+    stride_dql,
+    stride_dkb,
+    stride_dkh,
+    stride_dkl,
+    stride_dvb,
+    stride_dvh,
+    stride_dvl,
+    stride_mask_b,
+    stride_mask_l,
     num_heads,
     len_q,
     len_k,
@@ -336,19 +380,46 @@ def _attention_bwd_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-):  # fmt: skip
+):
     bh = tl.program_id(0)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
     _attention_bwd_tile(
-        q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + h * stride_kh,
-        v_ptr + b * stride_vb + h * stride_vh, do_ptr + b * stride_dob + h * stride_doh,
-        dq_ptr + b * stride_dqb + h * stride_dqh, dk_ptr + b * stride_dkb + h * stride_dkh,
-        dv_ptr + b * stride_dvb + h * stride_dvh, kv_mask_ptr + b * stride_mask_b,
-        stride_ql, stride_kl, stride_vl, stride_dol, stride_dql, stride_dkl, stride_dvl, stride_mask_l,
-        len_q, len_k, qk_scale, sm_scale, dropout_p, dropout_scale, seed, bh * len_q * len_k,
-        HAS_MASK, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, NUM_M_BLOCKS, BLOCK_N, DOT_DTYPE, DOT_PRECISION, ACC_DTYPE,
-    )  # fmt: skip
+        q_ptr + b * stride_qb + h * stride_qh,
+        k_ptr + b * stride_kb + h * stride_kh,
+        v_ptr + b * stride_vb + h * stride_vh,
+        do_ptr + b * stride_dob + h * stride_doh,
+        dq_ptr + b * stride_dqb + h * stride_dqh,
+        dk_ptr + b * stride_dkb + h * stride_dkh,
+        dv_ptr + b * stride_dvb + h * stride_dvh,
+        kv_mask_ptr + b * stride_mask_b,
+        stride_ql,
+        stride_kl,
+        stride_vl,
+        stride_dol,
+        stride_dql,
+        stride_dkl,
+        stride_dvl,
+        stride_mask_l,
+        len_q,
+        len_k,
+        qk_scale,
+        sm_scale,
+        dropout_p,
+        dropout_scale,
+        seed,
+        bh * len_q * len_k,
+        HAS_MASK,
+        HAS_DROPOUT,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_M,
+        NUM_M_BLOCKS,
+        BLOCK_N,
+        DOT_DTYPE,
+        DOT_PRECISION,
+        ACC_DTYPE,
+    )
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -363,16 +434,34 @@ def _bidirectional_fwd_kernel(
     vo_ptr,  # [B, H, R, D] region context (region queries over language keys); written
     lang_mask_ptr,  # [B, L] uint8 language key mask (1 = real token); a dummy when not HAS_LANG_MASK
     vis_mask_ptr,  # [B, R] uint8 region key mask; a dummy when not HAS_VIS_MASK
-    stride_lqb, stride_lqh, stride_lql,
-    stride_lkb, stride_lkh, stride_lkl,
-    stride_lvb, stride_lvh, stride_lvl,
-    stride_vqb, stride_vqh, stride_vql,
-    stride_vkb, stride_vkh, stride_vkl,
-    stride_vvb, stride_vvh, stride_vvl,
-    stride_lob, stride_loh, stride_lol,
-    stride_vob, stride_voh, stride_vol,
-    stride_lmask_b, stride_lmask_l,
-    stride_vmask_b, stride_vmask_l,
+    stride_lqb,
+    stride_lqh,
+    stride_lql,
+    stride_lkb,
+    stride_lkh,
+    stride_lkl,
+    stride_lvb,
+    stride_lvh,
+    stride_lvl,
+    stride_vqb,
+    stride_vqh,
+    stride_vql,
+    stride_vkb,
+    stride_vkh,
+    stride_vkl,
+    stride_vvb,
+    stride_vvh,
+    stride_vvl,
+    stride_lob,
+    stride_loh,
+    stride_lol,
+    stride_vob,
+    stride_voh,
+    stride_vol,
+    stride_lmask_b,
+    stride_lmask_l,
+    stride_vmask_b,
+    stride_vmask_l,
     num_heads,
     len_lang,
     len_vis,
@@ -393,31 +482,68 @@ def _bidirectional_fwd_kernel(
     BLOCK_VIS_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     bh = tl.program_id(0)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
     if tl.program_id(1) == 0:  # language queries over region keys
         _attention_fwd_tile(
-            lq_ptr + b * stride_lqb + h * stride_lqh, vk_ptr + b * stride_vkb + h * stride_vkh,
-            vv_ptr + b * stride_vvb + h * stride_vvh, lo_ptr + b * stride_lob + h * stride_loh,
+            lq_ptr + b * stride_lqb + h * stride_lqh,
+            vk_ptr + b * stride_vkb + h * stride_vkh,
+            vv_ptr + b * stride_vvb + h * stride_vvh,
+            lo_ptr + b * stride_lob + h * stride_loh,
             vis_mask_ptr + b * stride_vmask_b,
-            stride_lql, stride_vkl, stride_vvl, stride_lol, stride_vmask_l,
-            len_lang, len_vis, qk_scale, dropout_p, dropout_scale, seed, bh * len_lang * len_vis,
-            HAS_VIS_MASK, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_LANG_Q, NUM_LANG_Q_BLOCKS, BLOCK_VIS_K,
-            DOT_DTYPE, DOT_PRECISION,
-        )  # fmt: skip
+            stride_lql,
+            stride_vkl,
+            stride_vvl,
+            stride_lol,
+            stride_vmask_l,
+            len_lang,
+            len_vis,
+            qk_scale,
+            dropout_p,
+            dropout_scale,
+            seed,
+            bh * len_lang * len_vis,
+            HAS_VIS_MASK,
+            HAS_DROPOUT,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_LANG_Q,
+            NUM_LANG_Q_BLOCKS,
+            BLOCK_VIS_K,
+            DOT_DTYPE,
+            DOT_PRECISION,
+        )
     else:  # region queries over language keys; its dropout stream follows the language direction's
         _attention_fwd_tile(
-            vq_ptr + b * stride_vqb + h * stride_vqh, lk_ptr + b * stride_lkb + h * stride_lkh,
-            lv_ptr + b * stride_lvb + h * stride_lvh, vo_ptr + b * stride_vob + h * stride_voh,
+            vq_ptr + b * stride_vqb + h * stride_vqh,
+            lk_ptr + b * stride_lkb + h * stride_lkh,
+            lv_ptr + b * stride_lvb + h * stride_lvh,
+            vo_ptr + b * stride_vob + h * stride_voh,
             lang_mask_ptr + b * stride_lmask_b,
-            stride_vql, stride_lkl, stride_lvl, stride_vol, stride_lmask_l,
-            len_vis, len_lang, qk_scale, dropout_p, dropout_scale, seed,
+            stride_vql,
+            stride_lkl,
+            stride_lvl,
+            stride_vol,
+            stride_lmask_l,
+            len_vis,
+            len_lang,
+            qk_scale,
+            dropout_p,
+            dropout_scale,
+            seed,
             (tl.num_programs(0) + bh) * len_lang * len_vis,
-            HAS_LANG_MASK, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_VIS_Q, NUM_VIS_Q_BLOCKS, BLOCK_LANG_K,
-            DOT_DTYPE, DOT_PRECISION,
-        )  # fmt: skip
+            HAS_LANG_MASK,
+            HAS_DROPOUT,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_VIS_Q,
+            NUM_VIS_Q_BLOCKS,
+            BLOCK_LANG_K,
+            DOT_DTYPE,
+            DOT_PRECISION,
+        )
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -438,18 +564,40 @@ def _bidirectional_bwd_kernel(
     dvv_ptr,  # [B, H, R, D] gradient of vv; written by the language-query program
     lang_mask_ptr,  # [B, L] uint8 language key mask; a dummy when not HAS_LANG_MASK
     vis_mask_ptr,  # [B, R] uint8 region key mask; a dummy when not HAS_VIS_MASK
-    stride_lqb, stride_lqh, stride_lql,
-    stride_lkb, stride_lkh, stride_lkl,
-    stride_lvb, stride_lvh, stride_lvl,
-    stride_vqb, stride_vqh, stride_vql,
-    stride_vkb, stride_vkh, stride_vkl,
-    stride_vvb, stride_vvh, stride_vvl,
-    stride_dlob, stride_dloh, stride_dlol,
-    stride_dvob, stride_dvoh, stride_dvol,
-    stride_dlb, stride_dlh, stride_dll,  # shared by dlq, dlk, dlv (allocated together)
-    stride_dvb, stride_dvh, stride_dvl,  # shared by dvq, dvk, dvv
-    stride_lmask_b, stride_lmask_l,
-    stride_vmask_b, stride_vmask_l,
+    stride_lqb,
+    stride_lqh,
+    stride_lql,
+    stride_lkb,
+    stride_lkh,
+    stride_lkl,
+    stride_lvb,
+    stride_lvh,
+    stride_lvl,
+    stride_vqb,
+    stride_vqh,
+    stride_vql,
+    stride_vkb,
+    stride_vkh,
+    stride_vkl,
+    stride_vvb,
+    stride_vvh,
+    stride_vvl,
+    stride_dlob,
+    stride_dloh,
+    stride_dlol,
+    stride_dvob,
+    stride_dvoh,
+    stride_dvol,
+    stride_dlb,
+    stride_dlh,
+    stride_dll,  # shared by dlq, dlk, dlv (allocated together)
+    stride_dvb,
+    stride_dvh,
+    stride_dvl,  # shared by dvq, dvk, dvv
+    stride_lmask_b,
+    stride_lmask_l,
+    stride_vmask_b,
+    stride_vmask_l,
     num_heads,
     len_lang,
     len_vis,
@@ -472,7 +620,7 @@ def _bidirectional_bwd_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-):  # fmt: skip
+):
     bh = tl.program_id(0)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
@@ -480,25 +628,78 @@ def _bidirectional_bwd_kernel(
     vis_grad = b * stride_dvb + h * stride_dvh
     if tl.program_id(1) == 0:  # language queries over region keys: dlq, dvk, dvv
         _attention_bwd_tile(
-            lq_ptr + b * stride_lqb + h * stride_lqh, vk_ptr + b * stride_vkb + h * stride_vkh,
-            vv_ptr + b * stride_vvb + h * stride_vvh, dlo_ptr + b * stride_dlob + h * stride_dloh,
-            dlq_ptr + lang_grad, dvk_ptr + vis_grad, dvv_ptr + vis_grad, vis_mask_ptr + b * stride_vmask_b,
-            stride_lql, stride_vkl, stride_vvl, stride_dlol, stride_dll, stride_dvl, stride_dvl, stride_vmask_l,
-            len_lang, len_vis, qk_scale, sm_scale, dropout_p, dropout_scale, seed, bh * len_lang * len_vis,
-            HAS_VIS_MASK, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_LANG_Q, NUM_LANG_Q_BLOCKS, BLOCK_VIS_K,
-            DOT_DTYPE, DOT_PRECISION, ACC_DTYPE,
-        )  # fmt: skip
+            lq_ptr + b * stride_lqb + h * stride_lqh,
+            vk_ptr + b * stride_vkb + h * stride_vkh,
+            vv_ptr + b * stride_vvb + h * stride_vvh,
+            dlo_ptr + b * stride_dlob + h * stride_dloh,
+            dlq_ptr + lang_grad,
+            dvk_ptr + vis_grad,
+            dvv_ptr + vis_grad,
+            vis_mask_ptr + b * stride_vmask_b,
+            stride_lql,
+            stride_vkl,
+            stride_vvl,
+            stride_dlol,
+            stride_dll,
+            stride_dvl,
+            stride_dvl,
+            stride_vmask_l,
+            len_lang,
+            len_vis,
+            qk_scale,
+            sm_scale,
+            dropout_p,
+            dropout_scale,
+            seed,
+            bh * len_lang * len_vis,
+            HAS_VIS_MASK,
+            HAS_DROPOUT,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_LANG_Q,
+            NUM_LANG_Q_BLOCKS,
+            BLOCK_VIS_K,
+            DOT_DTYPE,
+            DOT_PRECISION,
+            ACC_DTYPE,
+        )
     else:  # region queries over language keys: dvq, dlk, dlv
         _attention_bwd_tile(
-            vq_ptr + b * stride_vqb + h * stride_vqh, lk_ptr + b * stride_lkb + h * stride_lkh,
-            lv_ptr + b * stride_lvb + h * stride_lvh, dvo_ptr + b * stride_dvob + h * stride_dvoh,
-            dvq_ptr + vis_grad, dlk_ptr + lang_grad, dlv_ptr + lang_grad, lang_mask_ptr + b * stride_lmask_b,
-            stride_vql, stride_lkl, stride_lvl, stride_dvol, stride_dvl, stride_dll, stride_dll, stride_lmask_l,
-            len_vis, len_lang, qk_scale, sm_scale, dropout_p, dropout_scale, seed,
+            vq_ptr + b * stride_vqb + h * stride_vqh,
+            lk_ptr + b * stride_lkb + h * stride_lkh,
+            lv_ptr + b * stride_lvb + h * stride_lvh,
+            dvo_ptr + b * stride_dvob + h * stride_dvoh,
+            dvq_ptr + vis_grad,
+            dlk_ptr + lang_grad,
+            dlv_ptr + lang_grad,
+            lang_mask_ptr + b * stride_lmask_b,
+            stride_vql,
+            stride_lkl,
+            stride_lvl,
+            stride_dvol,
+            stride_dvl,
+            stride_dll,
+            stride_dll,
+            stride_lmask_l,
+            len_vis,
+            len_lang,
+            qk_scale,
+            sm_scale,
+            dropout_p,
+            dropout_scale,
+            seed,
             (tl.num_programs(0) + bh) * len_lang * len_vis,
-            HAS_LANG_MASK, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_VIS_Q, NUM_VIS_Q_BLOCKS, BLOCK_LANG_K,
-            DOT_DTYPE, DOT_PRECISION, ACC_DTYPE,
-        )  # fmt: skip
+            HAS_LANG_MASK,
+            HAS_DROPOUT,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_VIS_Q,
+            NUM_VIS_Q_BLOCKS,
+            BLOCK_LANG_K,
+            DOT_DTYPE,
+            DOT_PRECISION,
+            ACC_DTYPE,
+        )
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -553,8 +754,10 @@ def _dtype_args(dtype: torch.dtype) -> dict:
     if dtype not in _TL_DTYPES:
         raise TypeError(f"attention kernel: unsupported dtype {dtype} (fp32, fp16, bf16, fp64)")
     if dtype == torch.float64 and not _INTERPRETED:
-        raise TypeError("attention kernel: fp64 runs in the Triton interpreter only (gradcheck on the CPU); "
-                        "on a GPU use fp32, bf16 or fp16")  # fmt: skip
+        raise TypeError(
+            "attention kernel: fp64 runs in the Triton interpreter only (gradcheck on the CPU); "
+            "on a GPU use fp32, bf16 or fp16"
+        )
     dot = tl.float32 if (dtype == torch.bfloat16 and _INTERPRETED) else _TL_DTYPES[dtype]
     return dict(
         DOT_DTYPE=dot,
@@ -617,8 +820,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.is_cuda:  # what compiles for sm_90 without spills (benchmarks/kernels_sm90.py); the interpreter is freer
         max_dim = GPU_MAX_HEAD_DIM_FP32 if q.dtype == torch.float32 else GPU_MAX_HEAD_DIM
         if k.shape[2] > GPU_MAX_KEYS or q.shape[3] > max_dim:
-            raise ValueError(f"attention kernel on a GPU: at most {GPU_MAX_KEYS} keys and head dim {max_dim} "
-                             f"({q.dtype}), got {k.shape[2]} keys of dim {q.shape[3]}: use attn_backend 'sdpa'")
+            raise ValueError(
+                f"attention kernel on a GPU: at most {GPU_MAX_KEYS} keys and head dim {max_dim} "
+                f"({q.dtype}), got {k.shape[2]} keys of dim {q.shape[3]}: use attn_backend 'sdpa'"
+            )
 
 
 def _check_mask(kv_mask: Tensor | None, like: Tensor, batch: int, length: int) -> None:
@@ -663,12 +868,33 @@ def _attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed) -> Tensor:
     mask, smb, sml = _mask_args(kv_mask, q, batch, len_k)
     dt = _dtype_args(q.dtype)
     _attention_fwd_kernel[(batch * heads,)](
-        q, k, v, out, mask, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), smb, sml,
-        heads, len_q, len_k, scale * _LOG2E, **_dropout_args(dropout_p, seed),
-        HAS_MASK=kv_mask is not None, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=dim, BLOCK_D=_block(dim),
-        BLOCK_M=block_m, NUM_M_BLOCKS=num_m_blocks, BLOCK_N=_block(len_k), DOT_DTYPE=dt["DOT_DTYPE"],
-        DOT_PRECISION=dt["DOT_PRECISION"], num_warps=_NUM_WARPS_FWD,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        out,
+        mask,
+        *_bhl(q),
+        *_bhl(k),
+        *_bhl(v),
+        *_bhl(out),
+        smb,
+        sml,
+        heads,
+        len_q,
+        len_k,
+        scale * _LOG2E,
+        **_dropout_args(dropout_p, seed),
+        HAS_MASK=kv_mask is not None,
+        HAS_DROPOUT=dropout_p > 0.0,
+        HEAD_DIM=dim,
+        BLOCK_D=_block(dim),
+        BLOCK_M=block_m,
+        NUM_M_BLOCKS=num_m_blocks,
+        BLOCK_N=_block(len_k),
+        DOT_DTYPE=dt["DOT_DTYPE"],
+        DOT_PRECISION=dt["DOT_PRECISION"],
+        num_warps=_NUM_WARPS_FWD,
+    )
     return out
 
 
@@ -680,13 +906,39 @@ def _attention_bwd(q, k, v, kv_mask, d_out, scale, dropout_p, seed) -> tuple[Ten
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask, smb, sml = _mask_args(kv_mask, q, batch, len_k)
     _attention_bwd_kernel[(batch * heads,)](
-        q, k, v, d_out, dq, dk, dv, mask,
-        *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(d_out), *_bhl(dq), *_bhl(dk), *_bhl(dv), smb, sml,
-        heads, len_q, len_k, scale * _LOG2E, scale, **_dropout_args(dropout_p, seed),
-        HAS_MASK=kv_mask is not None, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=dim, BLOCK_D=_block(dim),
-        BLOCK_M=block_m, NUM_M_BLOCKS=num_m_blocks, BLOCK_N=_block(len_k), **_dtype_args(q.dtype),
+        q,
+        k,
+        v,
+        d_out,
+        dq,
+        dk,
+        dv,
+        mask,
+        *_bhl(q),
+        *_bhl(k),
+        *_bhl(v),
+        *_bhl(d_out),
+        *_bhl(dq),
+        *_bhl(dk),
+        *_bhl(dv),
+        smb,
+        sml,
+        heads,
+        len_q,
+        len_k,
+        scale * _LOG2E,
+        scale,
+        **_dropout_args(dropout_p, seed),
+        HAS_MASK=kv_mask is not None,
+        HAS_DROPOUT=dropout_p > 0.0,
+        HEAD_DIM=dim,
+        BLOCK_D=_block(dim),
+        BLOCK_M=block_m,
+        NUM_M_BLOCKS=num_m_blocks,
+        BLOCK_N=_block(len_k),
+        **_dtype_args(q.dtype),
         num_warps=_bwd_warps(q.dtype),
-    )  # fmt: skip
+    )
     return dq, dk, dv
 
 
@@ -714,14 +966,41 @@ def _bidirectional_fwd(lang, vis, lang_mask, vis_mask, scale, dropout_p, seed) -
     vmask, svb, svl = _mask_args(vis_mask, lq, batch, len_vis)
     dt = _dtype_args(lq.dtype)
     _bidirectional_fwd_kernel[(batch * heads, 2)](
-        lq, lk, lv, vq, vk, vv, lang_out, vis_out, lmask, vmask,
-        *_bhl(lq), *_bhl(lk), *_bhl(lv), *_bhl(vq), *_bhl(vk), *_bhl(vv), *_bhl(lang_out), *_bhl(vis_out),
-        slb, sll, svb, svl,
-        heads, len_lang, len_vis, scale * _LOG2E, **_dropout_args(dropout_p, seed),
-        HAS_LANG_MASK=lang_mask is not None, HAS_VIS_MASK=vis_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-        **_bidirectional_blocks(len_lang, len_vis, dim), DOT_DTYPE=dt["DOT_DTYPE"],
-        DOT_PRECISION=dt["DOT_PRECISION"], num_warps=_NUM_WARPS_FWD,
-    )  # fmt: skip
+        lq,
+        lk,
+        lv,
+        vq,
+        vk,
+        vv,
+        lang_out,
+        vis_out,
+        lmask,
+        vmask,
+        *_bhl(lq),
+        *_bhl(lk),
+        *_bhl(lv),
+        *_bhl(vq),
+        *_bhl(vk),
+        *_bhl(vv),
+        *_bhl(lang_out),
+        *_bhl(vis_out),
+        slb,
+        sll,
+        svb,
+        svl,
+        heads,
+        len_lang,
+        len_vis,
+        scale * _LOG2E,
+        **_dropout_args(dropout_p, seed),
+        HAS_LANG_MASK=lang_mask is not None,
+        HAS_VIS_MASK=vis_mask is not None,
+        HAS_DROPOUT=dropout_p > 0.0,
+        **_bidirectional_blocks(len_lang, len_vis, dim),
+        DOT_DTYPE=dt["DOT_DTYPE"],
+        DOT_PRECISION=dt["DOT_PRECISION"],
+        num_warps=_NUM_WARPS_FWD,
+    )
     return lang_out, vis_out
 
 
@@ -735,13 +1014,45 @@ def _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dro
     lmask, slb, sll = _mask_args(lang_mask, lq, batch, len_lang)
     vmask, svb, svl = _mask_args(vis_mask, lq, batch, len_vis)
     _bidirectional_bwd_kernel[(batch * heads, 2)](
-        lq, lk, lv, vq, vk, vv, d_lang, d_vis, *lang_grads, *vis_grads, lmask, vmask,
-        *_bhl(lq), *_bhl(lk), *_bhl(lv), *_bhl(vq), *_bhl(vk), *_bhl(vv), *_bhl(d_lang), *_bhl(d_vis),
-        *_bhl(lang_grads[0]), *_bhl(vis_grads[0]), slb, sll, svb, svl,
-        heads, len_lang, len_vis, scale * _LOG2E, scale, **_dropout_args(dropout_p, seed),
-        HAS_LANG_MASK=lang_mask is not None, HAS_VIS_MASK=vis_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-        **_bidirectional_blocks(len_lang, len_vis, dim), **_dtype_args(lq.dtype), num_warps=_bwd_warps(lq.dtype),
-    )  # fmt: skip
+        lq,
+        lk,
+        lv,
+        vq,
+        vk,
+        vv,
+        d_lang,
+        d_vis,
+        *lang_grads,
+        *vis_grads,
+        lmask,
+        vmask,
+        *_bhl(lq),
+        *_bhl(lk),
+        *_bhl(lv),
+        *_bhl(vq),
+        *_bhl(vk),
+        *_bhl(vv),
+        *_bhl(d_lang),
+        *_bhl(d_vis),
+        *_bhl(lang_grads[0]),
+        *_bhl(vis_grads[0]),
+        slb,
+        sll,
+        svb,
+        svl,
+        heads,
+        len_lang,
+        len_vis,
+        scale * _LOG2E,
+        scale,
+        **_dropout_args(dropout_p, seed),
+        HAS_LANG_MASK=lang_mask is not None,
+        HAS_VIS_MASK=vis_mask is not None,
+        HAS_DROPOUT=dropout_p > 0.0,
+        **_bidirectional_blocks(len_lang, len_vis, dim),
+        **_dtype_args(lq.dtype),
+        num_warps=_bwd_warps(lq.dtype),
+    )
     return lang_grads, vis_grads  # [3, B, H, L, D] and [3, B, H, R, D]: (dq, dk, dv) of each side
 
 
@@ -766,9 +1077,15 @@ def _attention_fwd_fake(q, k, v, kv_mask, scale, dropout_p, seed):
 
 @torch.library.custom_op("lxmert::attention_bwd", mutates_args=())
 def _attention_bwd_op(
-    q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, d_out: Tensor, scale: float, dropout_p: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_mask: Tensor | None,
+    d_out: Tensor,
+    scale: float,
+    dropout_p: float,
     seed: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     return _attention_bwd(q, k, v, kv_mask, d_out, scale, dropout_p, _seed_value(seed))
 
@@ -795,9 +1112,18 @@ _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attentio
 
 @torch.library.custom_op("lxmert::bidirectional_fwd", mutates_args=())
 def _bidirectional_fwd_op(
-    lq: Tensor, lk: Tensor, lv: Tensor, vq: Tensor, vk: Tensor, vv: Tensor, lang_mask: Tensor | None,
-    vis_mask: Tensor | None, scale: float, dropout_p: float, seed: Tensor | None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    lq: Tensor,
+    lk: Tensor,
+    lv: Tensor,
+    vq: Tensor,
+    vk: Tensor,
+    vv: Tensor,
+    lang_mask: Tensor | None,
+    vis_mask: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     lang, vis = tuple(_unit_last(t) for t in (lq, lk, lv)), tuple(_unit_last(t) for t in (vq, vk, vv))
     return _bidirectional_fwd(lang, vis, lang_mask, vis_mask, scale, dropout_p, _seed_value(seed))
 
@@ -809,9 +1135,20 @@ def _bidirectional_fwd_fake(lq, lk, lv, vq, vk, vv, lang_mask, vis_mask, scale, 
 
 @torch.library.custom_op("lxmert::bidirectional_bwd", mutates_args=())
 def _bidirectional_bwd_op(
-    lq: Tensor, lk: Tensor, lv: Tensor, vq: Tensor, vk: Tensor, vv: Tensor, lang_mask: Tensor | None,
-    vis_mask: Tensor | None, d_lang: Tensor, d_vis: Tensor, scale: float, dropout_p: float, seed: Tensor | None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    lq: Tensor,
+    lk: Tensor,
+    lv: Tensor,
+    vq: Tensor,
+    vk: Tensor,
+    vv: Tensor,
+    lang_mask: Tensor | None,
+    vis_mask: Tensor | None,
+    d_lang: Tensor,
+    d_vis: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     """(dq, dk, dv of the language side stacked [3, B, H, L, D], the same of the regions [3, B, H, R, D])."""
     lang, vis = tuple(_unit_last(t) for t in (lq, lk, lv)), tuple(_unit_last(t) for t in (vq, vk, vv))
     return _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dropout_p, _seed_value(seed))
@@ -982,7 +1319,14 @@ def dropout_keep_mask(
     block_m, num_m_blocks = _query_blocks(len_q)
     if keep.numel():
         _dropout_mask_kernel[(batch * heads,)](
-            keep, seed, first_program, len_q, len_k, float(dropout_p),
-            BLOCK_M=block_m, NUM_M_BLOCKS=num_m_blocks, BLOCK_N=_block(len_k),
-        )  # fmt: skip
+            keep,
+            seed,
+            first_program,
+            len_q,
+            len_k,
+            float(dropout_p),
+            BLOCK_M=block_m,
+            NUM_M_BLOCKS=num_m_blocks,
+            BLOCK_N=_block(len_k),
+        )
     return keep.view(batch, heads, len_q, len_k).bool()

@@ -7,15 +7,27 @@ table, and an answer the table lacks gets a zero row (the authors' load_lxmert_q
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 _REPLACE = {
-    "a man": "man", "the man": "man", "a woman": "woman", "the woman": "woman",
-    "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10", "grey": "gray",
-}  # fmt: skip
+    "a man": "man",
+    "the man": "man",
+    "a woman": "woman",
+    "the woman": "woman",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+    "grey": "gray",
+}
 
 
 def normalize_answer(answer: str) -> str:
@@ -27,7 +39,7 @@ def normalize_answer(answer: str) -> str:
         answer = answer[:-1].strip()
     for article in ("a ", "an ", "the "):
         if answer.startswith(article):
-            answer = answer[len(article):].strip()
+            answer = answer[len(article) :].strip()
     return _REPLACE.get(answer, answer)
 
 

@@ -80,7 +80,7 @@ class LxmertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "LxmertConfig":
+    def from_dict(cls, values: dict[str, Any]) -> LxmertConfig:
         """Build from a mapping, ignoring keys that are not fields (such as transformers' bookkeeping)."""
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in values.items() if k in names}
@@ -91,7 +91,7 @@ class LxmertConfig:
         return cls(**known)
 
     @classmethod
-    def from_hf(cls, hf_config: Any) -> "LxmertConfig":
+    def from_hf(cls, hf_config: Any) -> LxmertConfig:
         """Build from a transformers LxmertConfig object, a dict, or a path to a config.json."""
         if isinstance(hf_config, (str, Path)):
             hf_config = json.loads(Path(hf_config).read_text())
@@ -109,5 +109,9 @@ class LxmertConfig:
         values.pop("feat_loss_backend")
         values.pop("layer_norm_eps")  # transformers hard-codes 1e-12
         values["model_type"] = "lxmert"
-        values["num_hidden_layers"] = {"vision": self.r_layers, "cross_encoder": self.x_layers, "language": self.l_layers}
+        values["num_hidden_layers"] = {
+            "vision": self.r_layers,
+            "cross_encoder": self.x_layers,
+            "language": self.l_layers,
+        }
         return values

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -27,11 +27,19 @@ QKV = ("query", "key", "value")
 
 
 def _attention(hf_qkv: str, hf_out: str, ours: str) -> list[tuple[str, str]]:
-    return [(f"{hf_qkv}.QKV", f"{ours}.qkv"), (f"{hf_out}.dense", f"{ours}.out"), (f"{hf_out}.LayerNorm", f"{ours}.norm")]
+    return [
+        (f"{hf_qkv}.QKV", f"{ours}.qkv"),
+        (f"{hf_out}.dense", f"{ours}.out"),
+        (f"{hf_out}.LayerNorm", f"{ours}.norm"),
+    ]
 
 
 def _ffn(hf_up: str, hf_down: str, ours: str) -> list[tuple[str, str]]:
-    return [(f"{hf_up}.dense", f"{ours}.up"), (f"{hf_down}.dense", f"{ours}.down"), (f"{hf_down}.LayerNorm", f"{ours}.norm")]
+    return [
+        (f"{hf_up}.dense", f"{ours}.up"),
+        (f"{hf_down}.dense", f"{ours}.down"),
+        (f"{hf_down}.LayerNorm", f"{ours}.norm"),
+    ]
 
 
 _BERT_LAYER = _attention("attention.self", "attention.output", "attention") + _ffn("intermediate", "output", "ffn")
@@ -95,7 +103,7 @@ def _as_full(state: Mapping[str, torch.Tensor], backbone_keys: tuple[str, ...]) 
 
 
 def _strip(state: StateDict, bare: bool) -> StateDict:
-    return {k[len("lxmert."):]: v for k, v in state.items()} if bare else state
+    return {k[len("lxmert.") :]: v for k, v in state.items()} if bare else state
 
 
 def from_hf_state_dict(state: Mapping[str, torch.Tensor]) -> StateDict:
@@ -218,8 +226,11 @@ def state_dict_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str
     shape mismatches, each summarised with a few examples; [] when it fits."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]  # fmt: skip
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys, e.g. {missing[:5]}")
@@ -237,7 +248,9 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], layout:
     if _TIED[0] in expected and _TIED[0] not in state and _TIED[1] in state:
         state[_TIED[0]] = state[_TIED[1]]
     if _TIED[0] in state and _TIED[1] in state and not torch.equal(state[_TIED[0]], state[_TIED[1]]):
-        raise ValueError(f"{_TIED[0]} and {_TIED[1]} are one tied weight in LXMERT, but the checkpoint holds two different tensors")
+        raise ValueError(
+            f"{_TIED[0]} and {_TIED[1]} are one tied weight in LXMERT, but the checkpoint holds two different tensors"
+        )
     problems = state_dict_problems(expected, state)
     if problems:
         raise KeyError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
@@ -289,5 +302,7 @@ def infer_config(state: Mapping[str, torch.Tensor], num_attention_heads: int | N
 
 
 if __name__ == "__main__":  # the command line moved to engine/ (lxmert/ is the model only)
-    raise SystemExit("python -m lxmert.convert is now `lxmert-convert` (engine/convert_checkpoint.py): "
-                     "lxmert-convert SRC DST [--from ...] [--to ...]")
+    raise SystemExit(
+        "python -m lxmert.convert is now `lxmert-convert` (engine/convert_checkpoint.py): "
+        "lxmert-convert SRC DST [--from ...] [--to ...]"
+    )

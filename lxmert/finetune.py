@@ -8,8 +8,8 @@ concatenated -> Linear(2H, 2H) -> GELU -> LN -> Linear(2H, 2); 2-way cross-entro
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,14 @@ class LxmertForQuestionAnswering(nn.Module):
     ) -> LxmertForQuestionAnsweringOutput | tuple:
         """labels: soft answer scores [B, answers] in [0, 1]; an integer [B] answer index is taken as one-hot."""
         out = self.lxmert(
-            input_ids, visual_feats, visual_pos, attention_mask, visual_attention_mask, token_type_ids,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            input_ids,
+            visual_feats,
+            visual_pos,
+            attention_mask,
+            visual_attention_mask,
+            token_type_ids,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         score = self.answer_head(out.pooled_output)
         loss = None
@@ -79,8 +85,13 @@ class LxmertForQuestionAnswering(nn.Module):
                 raise ValueError(f"labels must be soft scores of shape {tuple(score.shape)}, got {tuple(labels.shape)}")
             loss = losses.soft_score_bce(score, labels)
         result = LxmertForQuestionAnsweringOutput(
-            loss, score, out.language_hidden_states, out.vision_hidden_states,
-            out.language_attentions, out.vision_attentions, out.cross_encoder_attentions,
+            loss,
+            score,
+            out.language_hidden_states,
+            out.vision_hidden_states,
+            out.language_attentions,
+            out.vision_attentions,
+            out.cross_encoder_attentions,
         )
         return result if return_dict else result.to_tuple()
 
@@ -91,9 +102,9 @@ class LxmertForQuestionAnswering(nn.Module):
 
         Returns (answers found in the pre-training table, answers not found).
         """
-        backbone = {k[len("lxmert."):]: v for k, v in pretrained_state.items() if k.startswith("lxmert.")}
+        backbone = {k[len("lxmert.") :]: v for k, v in pretrained_state.items() if k.startswith("lxmert.")}
         self.lxmert.load_state_dict(backbone)
-        head = {k[len("answer_head."):]: v for k, v in pretrained_state.items() if k.startswith("answer_head.")}
+        head = {k[len("answer_head.") :]: v for k, v in pretrained_state.items() if k.startswith("answer_head.")}
         if not head:
             raise KeyError("the pre-training checkpoint has no QA head (answer_head.*)")
         return init_answer_head(self.answer_head, head, table_answers, answers)

@@ -12,7 +12,7 @@ has a static shape. Without rows they find them with nonzero, a host synchronisa
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,12 @@ def weighted_region_cross_entropy(logits: Tensor, labels: Tensor, weights: Tenso
 
 
 def masked_feature_regression(
-    x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, row_weight: Tensor, normalizer: float = 1 / 0.15,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    row_weight: Tensor,
+    normalizer: float = 1 / 0.15,
     rows: Tensor | None = None,
 ) -> Tensor:
     """RoI-feature regression: normalizer / N * sum_i w_i * mean_f SmoothL1(x_i W^T + b - t_i), beta 1.

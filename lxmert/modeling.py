@@ -1,7 +1,7 @@
 """The LXMERT backbone, as the authors' code computes it (airsplay/lxmert, src/lxrt/modeling.py).
 
-    text  -> embeddings (word + position + token type, LN)       -> 9 language layers ---------\
-    boxes -> (LN(W_f feats) + LN(W_p boxes)) / 2                 -> 5 object-relationship layers -> 5 cross layers -> pooler
+    text  -> embeddings (word + position + token type, LN) -> 9 language layers -----------\
+    boxes -> (LN(W_f feats) + LN(W_p boxes)) / 2           -> 5 object-relationship layers -> 5 cross layers -> pooler
 Language and object-relationship layers are the same post-LN BERT layer. A cross layer runs ONE shared
 attention module both ways (language over regions, regions over language), then a self-attention and a
 feed-forward block per stream. Every attention projects Q, K and V with one fused matrix and calls the
@@ -197,9 +197,13 @@ class CrossLayer(nn.Module):
         self.vis_ffn = FeedForward(config)
 
     def forward(
-        self, lang: Tensor, vis: Tensor, lang_mask: Tensor | None, vis_mask: Tensor | None,
+        self,
+        lang: Tensor,
+        vis: Tensor,
+        lang_mask: Tensor | None,
+        vis_mask: Tensor | None,
         output_attentions: bool = False,
-    ) -> tuple[Tensor, ...]:  # fmt: skip
+    ) -> tuple[Tensor, ...]:
         """(language, regions); output_attentions: then the language-over-regions cross-attention probabilities
         [B, heads, L, R], the ones transformers returns (every attention of the layer runs eager's path)."""
         if output_attentions:
@@ -264,7 +268,9 @@ def check_inputs(
 ) -> None:
     """Clear errors for malformed inputs, before they turn into an index error deep inside a layer."""
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be an integer tensor [batch, tokens], got {input_ids.dtype} {tuple(input_ids.shape)}"
+        )
     batch, n_tokens = input_ids.shape
     if n_tokens > config.max_position_embeddings:
         raise ValueError(f"{n_tokens} tokens exceed max_position_embeddings {config.max_position_embeddings}")
@@ -286,7 +292,10 @@ def check_inputs(
     ):
         if mask is not None and tuple(mask.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
-    for name, ids, limit in (("input_ids", input_ids, config.vocab_size), ("token_type_ids", token_type_ids, config.type_vocab_size)):
+    for name, ids, limit in (
+        ("input_ids", input_ids, config.vocab_size),
+        ("token_type_ids", token_type_ids, config.type_vocab_size),
+    ):
         if ids is not None and ids.numel():
             # asserted on the device: a CPU tensor raises RuntimeError here, a CUDA one fails the step with this
             # message, and neither makes the host wait (the engine's loaders check ids on the host first)
@@ -322,7 +331,9 @@ class LxmertModel(nn.Module):
         """Keywords and outputs as transformers' LxmertModel. output_attentions=True: the probabilities of every
         language, region and cross layer (the module header says which), formed on eager's path whatever
         config.attn_backend is: that call runs eager's attention throughout."""
-        check_inputs(self.config, input_ids, visual_feats, visual_pos, attention_mask, token_type_ids, visual_attention_mask)
+        check_inputs(
+            self.config, input_ids, visual_feats, visual_pos, attention_mask, token_type_ids, visual_attention_mask
+        )
         lang_mask = None if attention_mask is None else attention_mask.bool()
         vis_mask = None if visual_attention_mask is None else visual_attention_mask.bool()
         if token_type_ids is None:

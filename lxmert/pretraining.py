@@ -44,8 +44,13 @@ class LxmertForPreTrainingOutput(ModelOutput):
         slots are always there (None for logits not asked for, or without a QA head, where transformers puts
         pooled_output[0][0]), then the hidden states and attentions asked for. `losses` is not in it."""
         heads = (self.prediction_logits, self.cross_relationship_score, self.question_answering_score)
-        rest = (self.language_hidden_states, self.vision_hidden_states, self.language_attentions,
-                self.vision_attentions, self.cross_encoder_attentions)  # fmt: skip
+        rest = (
+            self.language_hidden_states,
+            self.vision_hidden_states,
+            self.language_attentions,
+            self.vision_attentions,
+            self.cross_encoder_attentions,
+        )
         loss = () if self.loss is None else (self.loss,)
         return loss + heads + tuple(t for t in rest if t is not None)
 
@@ -78,9 +83,13 @@ class FeatureRegressionDecoder(nn.Linear):
         self._loss = losses.feature_regression(loss_backend)
 
     def forward(
-        self, x: Tensor, target: Tensor | None = None, row_weight: Tensor | None = None, normalizer: float = 1.0,
+        self,
+        x: Tensor,
+        target: Tensor | None = None,
+        row_weight: Tensor | None = None,
+        normalizer: float = 1.0,
         rows: Tensor | None = None,
-    ) -> Tensor:  # fmt: skip
+    ) -> Tensor:
         if target is None:
             return super().forward(x)
         return self._loss(x, self.weight, self.bias, target, row_weight, normalizer, rows=rows)
@@ -103,8 +112,13 @@ class ObjectHead(nn.Module):
         if config.visual_feat_loss:
             self.decoders["feat"] = FeatureRegressionDecoder(h, config.visual_feat_dim, config.feat_loss_backend)
 
-    def forward(self, vis: Tensor, obj_labels: dict[str, tuple[Tensor, Tensor]], normalizer: float,
-                feat_rows: Tensor | None = None) -> dict[str, Tensor]:  # fmt: skip
+    def forward(
+        self,
+        vis: Tensor,
+        obj_labels: dict[str, tuple[Tensor, Tensor]],
+        normalizer: float,
+        feat_rows: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """The enabled visual losses of region states vis [B, R, H] against obj_labels, each times `normalizer`
         (feat_rows: the masked regions' flat indices, see LxmertForPreTraining.forward)."""
         states = self.transform(vis).reshape(-1, vis.shape[-1])  # [B * R, H]: every region
@@ -172,8 +186,14 @@ class LxmertForPreTraining(nn.Module):
         """
         cfg = self.config
         out = self.lxmert(
-            input_ids, visual_feats, visual_pos, attention_mask, visual_attention_mask, token_type_ids,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            input_ids,
+            visual_feats,
+            visual_pos,
+            attention_mask,
+            visual_attention_mask,
+            token_type_ids,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         lang, vis, pooled = out.language_output, out.vision_output, out.pooled_output
         if return_prediction_logits is None:

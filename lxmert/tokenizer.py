@@ -24,7 +24,7 @@ VOCAB_SIZE = 30522
 MAX_SEQ_LENGTH = 20
 SPECIAL_IDS = {"[PAD]": PAD_ID, "[UNK]": UNK_ID, "[CLS]": CLS_ID, "[SEP]": SEP_ID, "[MASK]": MASK_ID}
 
-SHIPPED_VOCAB = Path(__file__).parent / "vocab" / "bert-base-uncased-vocab.txt"  # package data (setup.py)
+SHIPPED_VOCAB = Path(__file__).parent / "vocab" / "bert-base-uncased-vocab.txt"  # package data (pyproject.toml)
 
 
 def find_vocab(vocab_path: str | Path | None = None) -> Path:

@@ -95,11 +95,11 @@ main() {
   # the pin matters to the Triton interpreter, i.e. without a GPU; a GPU machine keeps the numpy it has
   [ "$(have device)" != cpu ] || [ "$(have numpy)" = "$(numpy_pin)" ] || pip_install "numpy==$(numpy_pin)"
 
-  # The editable install is redone only when setup.py changes: a stamp inside the venv keeps its hash.
+  # The editable install is redone only when pyproject.toml changes: a stamp inside the venv keeps its hash.
   local extras stamp want
   extras=$([ "$dev" = 1 ] && echo "[dev,data]" || true)
   stamp=$venv/.lxmert-install$extras
-  want="$(sha256sum setup.py | cut -d' ' -f1) $PWD"
+  want="$(sha256sum pyproject.toml | cut -d' ' -f1) $PWD"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ "$(have lxmert-engine)" = - ] ||
      { [ "$dev" = 1 ] && [ "$(have nvidia-dali-cuda130)" = - ]; }; then
     constraints=$(mktemp)

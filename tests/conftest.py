@@ -184,7 +184,9 @@ def random_pretraining_labels(config: Any, batch: int, tokens: int, regions: int
     """
     masked = torch.rand(batch, tokens) < 0.3
     masked[0, 0] = True
-    labels = torch.where(masked, torch.randint(0, config.vocab_size, (batch, tokens)), torch.full((batch, tokens), -100))
+    labels = torch.where(
+        masked, torch.randint(0, config.vocab_size, (batch, tokens)), torch.full((batch, tokens), -100)
+    )
     feat_mask = (torch.rand(batch, regions) < 0.15).float()
     feat_mask[0, 0] = 1.0
     obj_labels = {
@@ -221,12 +223,18 @@ def tiny_model_overrides(text_store, feat_dim: int, layers: tuple[int, int, int]
 
     l_layers, r_layers, x_layers = layers
     return [
-        "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=37",
-        f"model.l_layers={l_layers}", f"model.r_layers={r_layers}", f"model.x_layers={x_layers}",
-        f"model.visual_feat_dim={feat_dim}", f"model.num_qa_labels={len(TextStore(text_store).answers)}",
+        "model.hidden_size=32",
+        "model.num_attention_heads=2",
+        "model.intermediate_size=37",
+        f"model.l_layers={l_layers}",
+        f"model.r_layers={r_layers}",
+        f"model.x_layers={x_layers}",
+        f"model.visual_feat_dim={feat_dim}",
+        f"model.num_qa_labels={len(TextStore(text_store).answers)}",
         f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
-        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}", "model.attn_backend=sdpa",
-    ]  # fmt: skip
+        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}",
+        "model.attn_backend=sdpa",
+    ]
 
 
 # ------------------------------------------------------------------------------------- shared expensive runs
@@ -241,8 +249,9 @@ def gpu_session_dry_run(tmp_path_factory) -> dict[str, Any]:
     argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(root / "out")]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")}
     start = time.perf_counter()
-    proc = subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600
+    )
     return {"argv": argv, "proc": proc, "out": root / "out", "seconds": time.perf_counter() - start}
 
 

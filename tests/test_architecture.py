@@ -44,8 +44,13 @@ def resolve(module: str, node: ast.ImportFrom) -> str:
 def imports(module: str) -> list[tuple[str, list[str], int]]:
     """(imported project module, names taken from it, line) for every import statement of `module`."""
     tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
-    type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
-                 for stmt in block.body for n in ast.walk(stmt)}  # fmt: skip
+    type_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and _is_type_checking(block.test)
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
     found = []
     for node in ast.walk(tree):
         if id(node) in type_only:
@@ -69,7 +74,8 @@ def imports(module: str) -> list[tuple[str, list[str], int]]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")  # fmt: skip
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def graph() -> dict[str, set[str]]:
@@ -123,9 +129,13 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_no_module_takes_a_private_name_from_another():
-    taken = [f"{MODULES[m].relative_to(REPO)}:{line} takes {name} from {source}"
-             for m in MODULES for source, names, line in imports(m) for name in names
-             if name.startswith("_") and source != m]  # fmt: skip
+    taken = [
+        f"{MODULES[m].relative_to(REPO)}:{line} takes {name} from {source}"
+        for m in MODULES
+        for source, names, line in imports(m)
+        for name in names
+        if name.startswith("_") and source != m
+    ]
     assert taken == []
 
 

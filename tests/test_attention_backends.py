@@ -12,13 +12,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close, random_inputs, random_pretraining_labels, randomize_, small_config
 
 import lxmert
 from lxmert.attention import BACKENDS, AttentionBackend, eager_attention, get_backend, register_backend, sdpa_attention
 from lxmert.modeling import Attention
-
-from conftest import assert_close, randomize_, random_inputs, random_pretraining_labels, small_config
-
 
 FWD_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -161,7 +159,9 @@ def test_cross_attention_bidirectional_equals_two_separate_attentions(backend, m
     grads = torch.autograd.grad(
         (lang_out, vis_out), [lang, vis, *(dict(module.named_parameters())[n] for n in names)], (g_lang, g_vis)
     )
-    ref_grads = torch.autograd.grad((ref_lang, ref_vis), [lang64, vis64, *params.values()], (g_lang.double(), g_vis.double()))
+    ref_grads = torch.autograd.grad(
+        (ref_lang, ref_vis), [lang64, vis64, *params.values()], (g_lang.double(), g_vis.double())
+    )
     for name, got, expected in zip(["lang", "vis", *names], grads, ref_grads):
         assert_close(got, expected, GRAD_TOL, f"d/d {name}")
 

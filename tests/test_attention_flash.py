@@ -25,21 +25,20 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    assert_close,
+    cast_floats,
+    random_inputs,
+    random_pretraining_labels,
+    randomize_,
+    rel_err,
+    small_config,
+)
 
 import lxmert
 from lxmert import attention
 from lxmert.attention import BACKENDS, FlashAttentionBackend, available_backends, eager_attention, get_backend
 from lxmert.modeling import Attention
-
-from conftest import (
-    assert_close,
-    cast_floats,
-    randomize_,
-    random_inputs,
-    random_pretraining_labels,
-    rel_err,
-    small_config,
-)
 
 TOL = 1e-12  # float64 against float64
 HEADS, DIM = 12, 64  # LXMERT's heads

@@ -15,11 +15,10 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 import torch
+from conftest import build_pretrain_stores, randomize_
 
 import lxmert
 from engine import attention_pictures as pictures
-
-from conftest import build_pretrain_stores, randomize_
 
 FEAT_DIM = 16
 
@@ -30,8 +29,17 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("pictures")
     text, feats = build_pretrain_stores(root, feat_dim=FEAT_DIM)
     torch.manual_seed(50)
-    config = lxmert.LxmertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=23, l_layers=2, r_layers=1,
-                                 x_layers=2, visual_feat_dim=FEAT_DIM, num_qa_labels=5, attn_backend="sdpa")  # fmt: skip
+    config = lxmert.LxmertConfig(
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=23,
+        l_layers=2,
+        r_layers=1,
+        x_layers=2,
+        visual_feat_dim=FEAT_DIM,
+        num_qa_labels=5,
+        attn_backend="sdpa",
+    )
     model = randomize_(lxmert.LxmertForPreTraining(config)).eval()
     from engine.checkpoint import export_model
 
@@ -84,8 +92,12 @@ def svg_ids(path: Path) -> set[str]:
 
 def model_attentions(backbone, ids: np.ndarray, feats: np.ndarray, boxes: np.ndarray):
     with torch.no_grad():
-        return backbone(input_ids=torch.tensor(ids)[None], visual_feats=torch.tensor(feats)[None],
-                        visual_pos=torch.tensor(boxes)[None], output_attentions=True)  # fmt: skip
+        return backbone(
+            input_ids=torch.tensor(ids)[None],
+            visual_feats=torch.tensor(feats)[None],
+            visual_pos=torch.tensor(boxes)[None],
+            output_attentions=True,
+        )
 
 
 def store_sample(world, index: int):
@@ -149,8 +161,24 @@ def test_the_legend_names_layers_head_and_word_pieces(world, tmp_path, drawn):
     from lxmert.tokenizer import LxmertTokenizer
 
     out = tmp_path / "fig"
-    assert run_command([world["checkpoint"], "--text-store", world["text"], "--index", 2, "--out", out,
-                        "--head", 0, "--format", "svg"]) == 0  # fmt: skip
+    assert (
+        run_command(
+            [
+                world["checkpoint"],
+                "--text-store",
+                world["text"],
+                "--index",
+                2,
+                "--out",
+                out,
+                "--head",
+                0,
+                "--format",
+                "svg",
+            ]
+        )
+        == 0
+    )
     assert not out.with_suffix(".png").exists() and out.with_suffix(".svg").is_file()
     (figure,) = drawn
     ids, _, _ = store_sample(world, 2)
@@ -178,9 +206,26 @@ def test_a_sentence_and_a_tsv_row_on_a_picture(world, tmp_path, drawn):
     imsave(picture, gradient)
     out = tmp_path / "fig"
     sentence = "what color is the dog?"
-    assert run_command([world["checkpoint"], "--sentence", sentence, "--tsv", tsv, "--img-id", record.img_id,
-                        "--picture", picture, "--object-names", world["root"] / "syn/synthetic.json",
-                        "--out", out]) == 0  # fmt: skip
+    assert (
+        run_command(
+            [
+                world["checkpoint"],
+                "--sentence",
+                sentence,
+                "--tsv",
+                tsv,
+                "--img-id",
+                record.img_id,
+                "--picture",
+                picture,
+                "--object-names",
+                world["root"] / "syn/synthetic.json",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     ids = np.array(LxmertTokenizer().encode(sentence), np.int64)
     boxes = record.boxes[:36].astype(np.float32) / np.array([record.img_w, record.img_h] * 2, np.float32)
     got = model_attentions(world["backbone"], ids, record.features[:36].astype(np.float32), boxes.clip(0, 1))
@@ -242,7 +287,8 @@ def test_bad_inputs_are_one_line_naming_the_file_or_record(world, tmp_path, caps
     not_a_picture = tmp_path / "picture.png"
     not_a_picture.write_bytes(b"hello")
     assert f"{not_a_picture}: not a picture Pillow can read" in bad(
-        capsys, [ckpt, "--text-store", text, "--picture", not_a_picture, *out])
+        capsys, [ckpt, "--text-store", text, "--picture", not_a_picture, *out]
+    )
     names = tmp_path / "names.json"
     names.write_text("{")
     assert f"{names}: not JSON" in bad(capsys, [ckpt, "--text-store", text, "--object-names", names, *out])

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close, hf_to_ours, random_inputs, random_pretraining_labels, randomize_, small_config
 
 import lxmert
 from lxmert.attention import BACKENDS, AttentionBackend, register_backend
-
-from conftest import assert_close, hf_to_ours, randomize_, random_inputs, random_pretraining_labels, small_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,7 +36,7 @@ def with_visual_mask(inputs: dict, regions: int) -> dict:
     """The inputs plus a visual_attention_mask padding the last regions of every row but the first."""
     mask = torch.ones(inputs["input_ids"].shape[0], regions, dtype=torch.long)
     if regions > 2:
-        mask[1:, -(regions // 3):] = 0
+        mask[1:, -(regions // 3) :] = 0
     return {**inputs, "visual_attention_mask": mask}
 
 
@@ -48,8 +47,11 @@ def hf_model(cls_name: str, **overrides):
 
 
 def assert_same_attentions(got, expected, config) -> None:
-    depths = {"language_attentions": config.l_layers, "vision_attentions": config.r_layers,
-              "cross_encoder_attentions": config.x_layers}  # fmt: skip
+    depths = {
+        "language_attentions": config.l_layers,
+        "vision_attentions": config.r_layers,
+        "cross_encoder_attentions": config.x_layers,
+    }
     for stream in STREAMS:
         mine, theirs = got[stream], expected[stream]
         assert isinstance(mine, tuple) and len(mine) == len(theirs) == depths[stream], stream
@@ -62,8 +64,11 @@ def assert_padded_keys_are_zero(out, inputs) -> None:
     lang_pad = inputs["attention_mask"] == 0  # [B, L]
     vis_mask = inputs.get("visual_attention_mask")
     vis_pad = None if vis_mask is None else vis_mask == 0
-    for stream, pad in (("language_attentions", lang_pad), ("vision_attentions", vis_pad),
-                        ("cross_encoder_attentions", vis_pad)):  # fmt: skip
+    for stream, pad in (
+        ("language_attentions", lang_pad),
+        ("vision_attentions", vis_pad),
+        ("cross_encoder_attentions", vis_pad),
+    ):
         if pad is None or not pad.any():
             continue
         for i, probs in enumerate(out[stream]):

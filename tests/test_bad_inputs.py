@@ -10,12 +10,10 @@ import re
 
 import pytest
 import torch
+from conftest import random_inputs, random_pretraining_labels, randomize_, small_config
 
 import lxmert
 from lxmert.convert import from_hf_state_dict, load_into, read_state_dict, to_hf_state_dict, to_ours
-
-from conftest import randomize_, random_inputs, random_pretraining_labels, small_config
-
 
 BATCH, TOKENS, REGIONS = 2, 7, 5
 
@@ -41,34 +39,66 @@ def test_valid_inputs_run(model, inputs):
 
 # case -> (input replaced, its malformed value, the message); the value is built inside the seeded test
 MALFORMED = {
-    "feature_dim_30": ("visual_feats", lambda: torch.randn(BATCH, REGIONS, 30),
-                       r"visual_feats must be \[batch=2, regions, visual_feat_dim=29\], got \(2, 5, 30\)"),
-    "feats_batch_3": ("visual_feats", lambda: torch.randn(BATCH + 1, REGIONS, 29),
-                      r"visual_feats must be \[batch=2, .*got \(3, 5, 29\)"),
+    "feature_dim_30": (
+        "visual_feats",
+        lambda: torch.randn(BATCH, REGIONS, 30),
+        r"visual_feats must be \[batch=2, regions, visual_feat_dim=29\], got \(2, 5, 30\)",
+    ),
+    "feats_batch_3": (
+        "visual_feats",
+        lambda: torch.randn(BATCH + 1, REGIONS, 29),
+        r"visual_feats must be \[batch=2, .*got \(3, 5, 29\)",
+    ),
     "feats_2d": ("visual_feats", lambda: torch.randn(BATCH * REGIONS, 29), r"visual_feats must be .*got \(10, 29\)"),
-    "boxes_of_5": ("visual_pos", lambda: torch.rand(BATCH, REGIONS, 5),
-                   r"visual_pos \(boxes\) must be \[batch=2, regions=5, 4\], got \(2, 5, 5\)"),
-    "boxes_for_6_regions": ("visual_pos", lambda: torch.rand(BATCH, REGIONS + 1, 4),
-                            r"visual_pos \(boxes\) must be \[batch=2, regions=5, 4\], got \(2, 6, 4\)"),
-    "id_equal_to_vocab": ("input_ids", lambda: torch.full((BATCH, TOKENS), 101),
-                          r"input_ids must lie in \[0, 101\)"),
-    "negative_id": ("input_ids", lambda: torch.full((BATCH, TOKENS), -1),
-                    r"input_ids must lie in \[0, 101\)"),
-    "ids_1d": ("input_ids", lambda: torch.ones(TOKENS, dtype=torch.long),
-               r"input_ids must be an integer tensor \[batch, tokens\], got torch.int64 \(7,\)"),
-    "ids_float": ("input_ids", lambda: torch.ones(BATCH, TOKENS),
-                  r"input_ids must be an integer tensor \[batch, tokens\], got torch.float32"),
-    "41_tokens": ("input_ids", lambda: torch.ones(BATCH, 41, dtype=torch.long), r"41 tokens exceed max_position_embeddings 40"),
-    "mask_8_tokens": ("attention_mask", lambda: torch.ones(BATCH, TOKENS + 1),
-                      r"attention_mask must have shape \(2, 7\), got \(2, 8\)"),
+    "boxes_of_5": (
+        "visual_pos",
+        lambda: torch.rand(BATCH, REGIONS, 5),
+        r"visual_pos \(boxes\) must be \[batch=2, regions=5, 4\], got \(2, 5, 5\)",
+    ),
+    "boxes_for_6_regions": (
+        "visual_pos",
+        lambda: torch.rand(BATCH, REGIONS + 1, 4),
+        r"visual_pos \(boxes\) must be \[batch=2, regions=5, 4\], got \(2, 6, 4\)",
+    ),
+    "id_equal_to_vocab": ("input_ids", lambda: torch.full((BATCH, TOKENS), 101), r"input_ids must lie in \[0, 101\)"),
+    "negative_id": ("input_ids", lambda: torch.full((BATCH, TOKENS), -1), r"input_ids must lie in \[0, 101\)"),
+    "ids_1d": (
+        "input_ids",
+        lambda: torch.ones(TOKENS, dtype=torch.long),
+        r"input_ids must be an integer tensor \[batch, tokens\], got torch.int64 \(7,\)",
+    ),
+    "ids_float": (
+        "input_ids",
+        lambda: torch.ones(BATCH, TOKENS),
+        r"input_ids must be an integer tensor \[batch, tokens\], got torch.float32",
+    ),
+    "41_tokens": (
+        "input_ids",
+        lambda: torch.ones(BATCH, 41, dtype=torch.long),
+        r"41 tokens exceed max_position_embeddings 40",
+    ),
+    "mask_8_tokens": (
+        "attention_mask",
+        lambda: torch.ones(BATCH, TOKENS + 1),
+        r"attention_mask must have shape \(2, 7\), got \(2, 8\)",
+    ),
     "mask_1d": ("attention_mask", lambda: torch.ones(TOKENS), r"attention_mask must have shape \(2, 7\), got \(7,\)"),
-    "segment_2_of_2": ("token_type_ids", lambda: torch.full((BATCH, TOKENS), 2),
-                       r"token_type_ids must lie in \[0, 2\)"),
-    "segments_6_tokens": ("token_type_ids", lambda: torch.zeros(BATCH, TOKENS - 1, dtype=torch.long),
-                          r"token_type_ids must have shape \(2, 7\), got \(2, 6\)"),
-    "visual_mask_4_regions": ("visual_attention_mask", lambda: torch.ones(BATCH, REGIONS - 1),
-                              r"visual_attention_mask must have shape \(2, 5\), got \(2, 4\)"),
-}  # fmt: skip
+    "segment_2_of_2": (
+        "token_type_ids",
+        lambda: torch.full((BATCH, TOKENS), 2),
+        r"token_type_ids must lie in \[0, 2\)",
+    ),
+    "segments_6_tokens": (
+        "token_type_ids",
+        lambda: torch.zeros(BATCH, TOKENS - 1, dtype=torch.long),
+        r"token_type_ids must have shape \(2, 7\), got \(2, 6\)",
+    ),
+    "visual_mask_4_regions": (
+        "visual_attention_mask",
+        lambda: torch.ones(BATCH, REGIONS - 1),
+        r"visual_attention_mask must have shape \(2, 5\), got \(2, 4\)",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
@@ -169,7 +199,9 @@ def test_unknown_attention_backend_raises_value_error_naming_the_choices():
 )
 def test_nlvr2_needs_a_pair_of_images_per_sentence(inputs, feats_shape, message):
     model = lxmert.LxmertForNLVR2(small_config()).eval()
-    with pytest.raises(ValueError, match=r"NLVR2 visual_feats must be \[batch=2, 2 images, regions, \.\.\.\], " + message):
+    with pytest.raises(
+        ValueError, match=r"NLVR2 visual_feats must be \[batch=2, 2 images, regions, \.\.\.\], " + message
+    ):
         model(
             inputs["input_ids"],
             torch.randn(feats_shape),
@@ -180,7 +212,9 @@ def test_nlvr2_needs_a_pair_of_images_per_sentence(inputs, feats_shape, message)
 
 def test_nlvr2_needs_a_pair_of_boxes_per_sentence(inputs):
     model = lxmert.LxmertForNLVR2(small_config()).eval()
-    with pytest.raises(ValueError, match=r"NLVR2 visual_pos must be \[batch=2, 2 images, regions, \.\.\.\], got \(4, 5, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"NLVR2 visual_pos must be \[batch=2, 2 images, regions, \.\.\.\], got \(4, 5, 4\)"
+    ):
         model(inputs["input_ids"], torch.randn(BATCH, 2, REGIONS, 29), torch.rand(2 * BATCH, REGIONS, 4))
 
 
@@ -199,7 +233,9 @@ def fresh_pretraining():
 def test_checkpoint_whose_tied_weights_differ_is_refused(state):
     state = dict(state)
     state["mlm_head.decoder.weight"] = state["mlm_head.decoder.weight"] + 1.0
-    with pytest.raises(ValueError, match=r"mlm_head\.decoder\.weight and lxmert\.embeddings\.word\.weight are one tied"):
+    with pytest.raises(
+        ValueError, match=r"mlm_head\.decoder\.weight and lxmert\.embeddings\.word\.weight are one tied"
+    ):
         load_into(fresh_pretraining(), state)
 
 
@@ -217,7 +253,9 @@ def test_checkpoint_with_extra_keys_names_them(state):
 
 def test_checkpoint_with_wrong_shapes_names_them(state):
     state["match_head.weight"] = torch.zeros(3, 36)
-    with pytest.raises(KeyError, match=r"1 shape mismatches, e\.g\. \['match_head\.weight: checkpoint \(3, 36\) vs model \(2, 36\)'\]"):
+    with pytest.raises(
+        KeyError, match=r"1 shape mismatches, e\.g\. \['match_head\.weight: checkpoint \(3, 36\) vs model \(2, 36\)'\]"
+    ):
         load_into(fresh_pretraining(), state)
 
 
@@ -229,8 +267,14 @@ def test_checkpoint_with_every_problem_names_all_of_them(state):
         load_into(fresh_pretraining(), state)
     message = str(error.value)
     assert "does not fit LxmertForPreTraining" in message
-    for expected in ("1 missing keys", "lxmert.pooler.bias", "1 unexpected keys", "answer_head.extra.weight",
-                     "1 shape mismatches", "answer_head.fc2.bias: checkpoint (14,) vs model (13,)"):  # fmt: skip
+    for expected in (
+        "1 missing keys",
+        "lxmert.pooler.bias",
+        "1 unexpected keys",
+        "answer_head.extra.weight",
+        "1 shape mismatches",
+        "answer_head.fc2.bias: checkpoint (14,) vs model (13,)",
+    ):
         assert expected in message
 
 
@@ -239,14 +283,20 @@ def test_transformers_checkpoint_of_another_size_names_the_mismatches(state):
     torch.manual_seed(23)
     wider = randomize_(lxmert.LxmertForPreTraining(small_config(intermediate_size=64)))
     hf_state = to_hf_state_dict(wider.state_dict())
-    with pytest.raises(KeyError, match=r"shape mismatches, e\.g\. \['lxmert\.lang_layers\.0\.ffn\.up\.weight: checkpoint \(64, 36\) vs model \(53, 36\)'"):
+    with pytest.raises(
+        KeyError,
+        match=r"shape mismatches, e\.g\. \['lxmert\.lang_layers\.0\.ffn\.up\.weight: checkpoint \(64, 36\) vs model \(53, 36\)'",  # noqa: E501
+    ):
         load_into(fresh_pretraining(), hf_state)
 
 
 def test_unrecognised_key_in_a_transformers_checkpoint_raises_key_error(state):
     hf_state = to_hf_state_dict(state)
     hf_state["lxmert.encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError, match=r"1 keys are not part of transformers' LXMERT layout, e\.g\. \['lxmert\.encoder\.layer\.0\.attention\.self\.rotary\.weight'\]"):
+    with pytest.raises(
+        KeyError,
+        match=r"1 keys are not part of transformers' LXMERT layout, e\.g\. \['lxmert\.encoder\.layer\.0\.attention\.self\.rotary\.weight'\]",  # noqa: E501
+    ):
         from_hf_state_dict(hf_state)
     with pytest.raises(KeyError, match="not part of transformers' LXMERT layout"):
         load_into(fresh_pretraining(), hf_state)
@@ -255,18 +305,26 @@ def test_unrecognised_key_in_a_transformers_checkpoint_raises_key_error(state):
 def test_transformers_checkpoint_missing_a_value_projection_raises_key_error(state):
     hf_state = to_hf_state_dict(state)
     del hf_state["lxmert.encoder.x_layers.1.visual_attention.att.value.bias"]
-    with pytest.raises(KeyError, match=r"lxmert\.cross_layers\.1\.cross_attention\.qkv\.bias: needs query, key and value; the checkpoint has only \['key', 'query'\]"):
+    with pytest.raises(
+        KeyError,
+        match=r"lxmert\.cross_layers\.1\.cross_attention\.qkv\.bias: needs query, key and value; the checkpoint has only \['key', 'query'\]",  # noqa: E501
+    ):
         from_hf_state_dict(hf_state)
 
 
 def test_unrecognised_key_in_our_layout_raises_key_error(state):
     state["lxmert.lang_layers.0.attention.rotary.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError, match=r"1 keys are not part of this package's layout, e\.g\. \['lxmert\.lang_layers\.0\.attention\.rotary\.weight'\]"):
+    with pytest.raises(
+        KeyError,
+        match=r"1 keys are not part of this package's layout, e\.g\. \['lxmert\.lang_layers\.0\.attention\.rotary\.weight'\]",  # noqa: E501
+    ):
         to_hf_state_dict(state)
 
 
 def test_unknown_layout_raises_value_error():
-    with pytest.raises(ValueError, match=r"cannot tell which LXMERT layout these 2 keys follow, e\.g\. \['conv1\.weight', 'fc\.bias'\]"):
+    with pytest.raises(
+        ValueError, match=r"cannot tell which LXMERT layout these 2 keys follow, e\.g\. \['conv1\.weight', 'fc\.bias'\]"
+    ):
         to_ours({"conv1.weight": torch.zeros(1), "fc.bias": torch.zeros(1)})
     with pytest.raises(ValueError, match="unknown layout 'onnx'"):
         to_ours({"conv1.weight": torch.zeros(1)}, layout="onnx")

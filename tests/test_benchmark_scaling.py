@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from benchmarks import projection as pj
 from benchmarks import scaling
-from conftest import free_port
 from engine.launch import deepspeed_available
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +88,9 @@ def test_overlap_and_sharded_optimizer():
     assert full.step_time_s == pytest.approx(0.01) and full.efficiency == pytest.approx(1.0)
     sharded = pj.project(0.01, 64, 8, collectives, overlap=1.0, optimizer_time_s=0.002)
     assert sharded.step_time_s == pytest.approx(0.01 - 0.002 * 7 / 8)  # ZeRO >= 1: each rank updates 1/8
-    ddp = pj.project(0.01, 64, 8, pj.zero_collectives(0, 228_051_752), overlap=1.0, optimizer_time_s=0.002,
-                     sharded_optimizer=False)  # fmt: skip
+    ddp = pj.project(
+        0.01, 64, 8, pj.zero_collectives(0, 228_051_752), overlap=1.0, optimizer_time_s=0.002, sharded_optimizer=False
+    )
     assert ddp.step_time_s == pytest.approx(0.01)
     with pytest.raises(ValueError):
         pj.project(0.01, 64, 8, collectives, overlap=1.5)
@@ -118,7 +119,6 @@ def test_send_factors_of_the_logged_messages():
 # ---------------------------------------------------------------------------------- 2 CPU ranks, DeepSpeed
 
 
-
 @pytest.mark.slow
 @pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed")
 def test_two_cpu_ranks_send_the_analytic_bytes(tmp_path):
@@ -129,16 +129,41 @@ def test_two_cpu_ranks_send_the_analytic_bytes(tmp_path):
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
         env.pop(key, None)
     port = free_port()
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-               "--module", "benchmarks.scaling", "--model", "tiny", "--precision", "fp32", "--micro-batch", "4",
-               "--warmup", "1", "--steps", "1", "--count-steps", "1", "--images", "12",
-               "--data-dir", str(tmp_path / "data"), "--out", str(out)]  # fmt: skip
+    command = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        "--module",
+        "benchmarks.scaling",
+        "--model",
+        "tiny",
+        "--precision",
+        "fp32",
+        "--micro-batch",
+        "4",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--count-steps",
+        "1",
+        "--images",
+        "12",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+    ]
     log = tmp_path / "launch.log"
     with open(log, "w") as f:
         rc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
     assert len(rows) == 8, f"exit code {rc}\n{log.read_text()[-4000:]}"
-    assert [(r["zero_config"], r["zero_stage"]) for r in rows] == [(c, s) for c in ("engine", "textbook") for s in range(4)]
+    assert [(r["zero_config"], r["zero_stage"]) for r in rows] == [
+        (c, s) for c in ("engine", "textbook") for s in range(4)
+    ]
     for row in rows:
         assert row["world_size"] == 2 and row["measured_on"] == "cpu" and row["device"] == "cpu"
         assert "not GPU numbers" in row["note"] and row["commit"] and row["torch"] and row["deepspeed"]
@@ -156,7 +181,9 @@ def test_two_cpu_ranks_send_the_analytic_bytes(tmp_path):
             assert row["logger_over_analytic"] < 1.0
     by = {(r["zero_config"], r["zero_stage"]): r["sent_bytes_logger"] for r in rows}
     assert by["textbook", 3] == pytest.approx(
-        by["textbook", 2] * (3 * rows[0]["params"] + 2 * rows[0]["tied_params"]) / (2 * rows[0]["params"]), rel=BYTES_TOL)
+        by["textbook", 2] * (3 * rows[0]["params"] + 2 * rows[0]["tied_params"]) / (2 * rows[0]["params"]),
+        rel=BYTES_TOL,
+    )
     assert by["engine", 1] == pytest.approx(1.5 * by["textbook", 1], rel=BYTES_TOL)
     assert not list(Path("/dev/shm").glob(f"deepspeed_*_{port}_*"))  # nothing left in RAM after the job
     table = out.with_suffix(".md").read_text()

@@ -19,11 +19,42 @@ from engine.flops import step_flops
 
 CUDA = torch.cuda.is_available()
 ENV_FIELDS = {"device", "gpu_count", "torch", "triton", "deepspeed", "dali", "transformers", "commit", "date"}
-CONFIG_FIELDS = {"impl", "attn", "precision", "batch", "compile", "cudagraphs", "loader", "workers", "text_len",
-                 "regions", "hidden_size", "layers", "warmup", "steps", "breakdown_steps", "optimizer", "grad_clip"}  # fmt: skip
-NUMBER_FIELDS = {"samples_per_s", "tokens_per_s", "step_ms", "flops_per_step", "tflops", "peak_tflops", "peak_source",
-                 "mfu", "data_wait_share", "peak_memory_gib", "breakdown_ms", "breakdown_step_ms", "loss_first",
-                 "loss_last", "skipped_steps"}  # fmt: skip
+CONFIG_FIELDS = {
+    "impl",
+    "attn",
+    "precision",
+    "batch",
+    "compile",
+    "cudagraphs",
+    "loader",
+    "workers",
+    "text_len",
+    "regions",
+    "hidden_size",
+    "layers",
+    "warmup",
+    "steps",
+    "breakdown_steps",
+    "optimizer",
+    "grad_clip",
+}
+NUMBER_FIELDS = {
+    "samples_per_s",
+    "tokens_per_s",
+    "step_ms",
+    "flops_per_step",
+    "tflops",
+    "peak_tflops",
+    "peak_source",
+    "mfu",
+    "data_wait_share",
+    "peak_memory_gib",
+    "breakdown_ms",
+    "breakdown_step_ms",
+    "loss_first",
+    "loss_last",
+    "skipped_steps",
+}
 IMAGES, PEAK_TFLOPS = 12, 1.0
 
 
@@ -33,8 +64,21 @@ def smoke(tmp_path_factory):
         pytest.skip("the smoke run is the CPU path")
     root = tmp_path_factory.mktemp("throughput")
     out = root / "results" / "throughput_smoke_cpu.jsonl"
-    argv = ["--smoke", "--attn", "eager", "sdpa", "flash", "--peak-tflops", str(PEAK_TFLOPS), "--images", str(IMAGES),
-            "--data-dir", str(root / "data"), "--out", str(out)]  # fmt: skip
+    argv = [
+        "--smoke",
+        "--attn",
+        "eager",
+        "sdpa",
+        "flash",
+        "--peak-tflops",
+        str(PEAK_TFLOPS),
+        "--images",
+        str(IMAGES),
+        "--data-dir",
+        str(root / "data"),
+        "--out",
+        str(out),
+    ]
     assert tp.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     return {"root": root, "out": out, "rows": rows}
@@ -53,12 +97,20 @@ def test_every_variant_has_a_row_timed_or_skipped_with_a_reason(smoke):
     headline = ["hf fp32 b2", "ours-eager fp32 b2", "ours-sdpa fp32 b2", "ours-flash fp32 b2"]
     assert [r["name"] for r in rows[:4]] == headline
     # then the fastest of ours in the headline group with each loader (transformers first) and compiled
-    best = max((r for r in rows[:4] if r["impl"] == "ours" and r.get("samples_per_s")), key=lambda r: r["samples_per_s"])
+    best = max(
+        (r for r in rows[:4] if r["impl"] == "ours" and r.get("samples_per_s")), key=lambda r: r["samples_per_s"]
+    )
     b = f"ours-{best['attn']}"
     assert [r["name"] for r in rows[4:]] == [
-        "hf fp32 b2 torch", f"{b} fp32 b2 torch", "hf fp32 b2 gpu", f"{b} fp32 b2 gpu", "hf fp32 b2 dalix2",
-        f"{b} fp32 b2 dalix2", f"{b}+compile fp32 b2", f"{b}+cudagraphs fp32 b2",
-    ]  # fmt: skip
+        "hf fp32 b2 torch",
+        f"{b} fp32 b2 torch",
+        "hf fp32 b2 gpu",
+        f"{b} fp32 b2 gpu",
+        "hf fp32 b2 dalix2",
+        f"{b} fp32 b2 dalix2",
+        f"{b}+compile fp32 b2",
+        f"{b}+cudagraphs fp32 b2",
+    ]
     for row in rows:
         if row.get("samples_per_s") is None:
             assert row["note"].startswith("skipped: "), row
@@ -72,7 +124,11 @@ def test_rows_carry_environment_config_and_say_cpu_smoke(smoke):
     for row in smoke["rows"]:
         assert ENV_FIELDS <= set(row), ENV_FIELDS - set(row)
         assert row["device"] == "cpu" and row["gpu_count"] == 0 and row["measured_on"] == "cpu"
-        assert row["smoke"] is True and row["note"] and ("not a GPU measurement" in row["note"] or "skipped" in row["note"])
+        assert (
+            row["smoke"] is True
+            and row["note"]
+            and ("not a GPU measurement" in row["note"] or "skipped" in row["note"])
+        )
         assert row["torch"] == torch.__version__
     for row in timed_rows(smoke):
         assert (CONFIG_FIELDS | NUMBER_FIELDS) <= set(row), (CONFIG_FIELDS | NUMBER_FIELDS) - set(row)
@@ -113,7 +169,9 @@ def test_speedup_is_ours_over_transformers_on_the_same_data(smoke):
     ours = [r for r in rows if r["impl"] == "ours"]
     assert len(ours) == 5
     for row in ours:
-        assert row["speedup_vs_hf"] == pytest.approx(row["samples_per_s"] / hf[(row["precision"], row["batch"], row["loader"])])
+        assert row["speedup_vs_hf"] == pytest.approx(
+            row["samples_per_s"] / hf[(row["precision"], row["batch"], row["loader"])]
+        )
 
 
 def test_transformers_and_ours_compute_the_same_loss_on_the_same_weights_and_batch(smoke):
@@ -137,18 +195,35 @@ def test_summary_plot_and_profile_are_written_and_labelled(smoke):
 
 def test_transformers_inputs_use_its_ignore_index():
     batch = tp.PretrainBatch(
-        input_ids=torch.tensor([[101, 5, 0]]), attention_mask=torch.tensor([[1, 1, 0]]), token_type_ids=torch.zeros(1, 3),
-        visual_feats=torch.zeros(1, 2, 4), visual_pos=torch.zeros(1, 2, 4), visual_attention_mask=None,
+        input_ids=torch.tensor([[101, 5, 0]]),
+        attention_mask=torch.tensor([[1, 1, 0]]),
+        token_type_ids=torch.zeros(1, 3),
+        visual_feats=torch.zeros(1, 2, 4),
+        visual_pos=torch.zeros(1, 2, 4),
+        visual_attention_mask=None,
         labels=torch.tensor([[-1, 7, -1]]),
-        obj_labels={"obj": (torch.tensor([[3, -1]]), torch.ones(1, 2)), "attr": (torch.tensor([[-1, 2]]), torch.ones(1, 2)),
-                    "feat": (torch.zeros(1, 2, 4), torch.tensor([[1.0, 0.0]]))},
-        matched_label=torch.tensor([1]), ans=torch.tensor([-1]), mlm_rows=torch.tensor([1, -1]),
-        feat_rows=torch.tensor([0, -1]), sample_index=None, sentence_index=None, image_index=None, epoch=0, step=0,
-        masked_tokens=1, masked_regions=1,
-    )  # fmt: skip
+        obj_labels={
+            "obj": (torch.tensor([[3, -1]]), torch.ones(1, 2)),
+            "attr": (torch.tensor([[-1, 2]]), torch.ones(1, 2)),
+            "feat": (torch.zeros(1, 2, 4), torch.tensor([[1.0, 0.0]])),
+        },
+        matched_label=torch.tensor([1]),
+        ans=torch.tensor([-1]),
+        mlm_rows=torch.tensor([1, -1]),
+        feat_rows=torch.tensor([0, -1]),
+        sample_index=None,
+        sentence_index=None,
+        image_index=None,
+        epoch=0,
+        step=0,
+        masked_tokens=1,
+        masked_regions=1,
+    )
     inputs = tp.hf_inputs(batch)
     assert inputs["labels"].tolist() == [[-100, 7, -100]] and inputs["ans"].tolist() == [-100]
-    assert inputs["obj_labels"]["obj"][0].tolist() == [[3, -100]] and inputs["obj_labels"]["attr"][0].tolist() == [[-100, 2]]
+    assert inputs["obj_labels"]["obj"][0].tolist() == [[3, -100]] and inputs["obj_labels"]["attr"][0].tolist() == [
+        [-100, 2]
+    ]
     assert "visual_attention_mask" not in inputs and batch.labels.tolist() == [[-1, 7, -1]]  # the batch is untouched
     padded = tp.pad_text(batch, 5)
     assert padded.input_ids.tolist() == [[101, 5, 0, 0, 0]] and padded.attention_mask.tolist() == [[1, 1, 0, 0, 0]]
@@ -166,8 +241,20 @@ def test_the_full_sweep_refuses_to_run_without_a_gpu(tmp_path, capsys):
 def test_plan_puts_the_headline_first_and_transformers_first_in_it():
     args = tp.parse_args([])
     headline, rest = tp.plan(args)
-    assert [v.name for v in headline] == ["hf bf16 b256", "ours-eager bf16 b256", "ours-sdpa bf16 b256",
-                                          "ours-triton bf16 b256", "ours-flash bf16 b256"]  # fmt: skip
-    assert {(v.precision, v.batch) for v in rest} == {("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp16", 128),
-                                                      ("fp16", 256), ("fp32", 256), ("tf32", 256)}  # fmt: skip
+    assert [v.name for v in headline] == [
+        "hf bf16 b256",
+        "ours-eager bf16 b256",
+        "ours-sdpa bf16 b256",
+        "ours-triton bf16 b256",
+        "ours-flash bf16 b256",
+    ]
+    assert {(v.precision, v.batch) for v in rest} == {
+        ("bf16", 64),
+        ("bf16", 128),
+        ("fp16", 64),
+        ("fp16", 128),
+        ("fp16", 256),
+        ("fp32", 256),
+        ("tf32", 256),
+    }
     assert not math.isnan(args.time_budget) and args.steps == 20 and args.warmup == 5

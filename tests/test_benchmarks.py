@@ -23,8 +23,23 @@ CUDA = torch.cuda.is_available()
 
 def test_environment_has_every_field_and_a_commit():
     env = harness.environment()
-    expected = {"device", "measured_on", "host_cpu", "gpu_count", "cuda", "torch", "triton", "deepspeed", "dali",
-                "transformers", "python", "commit", "date", "hostname", "cpu_count"}  # fmt: skip
+    expected = {
+        "device",
+        "measured_on",
+        "host_cpu",
+        "gpu_count",
+        "cuda",
+        "torch",
+        "triton",
+        "deepspeed",
+        "dali",
+        "transformers",
+        "python",
+        "commit",
+        "date",
+        "hostname",
+        "cpu_count",
+    }
     assert expected <= set(env)
     assert env["torch"] == torch.__version__ and env["cpu_count"] >= 1 and env["device"]
     if not CUDA:  # a CPU row can never pass for a GPU one
@@ -94,8 +109,13 @@ def test_line_chart_draws_a_line_per_series_from_the_data(tmp_path):
 
     from engine.plots import save_figure
 
-    figure = harness.line_chart({"a <b>": [(256, 30.0), (64, 10.0), (128, 25.0), (512, None)], "c": [(64, 5.0)]},
-                                "samples/s & batch", "batch size", "samples/s", log2_x=True)  # fmt: skip
+    figure = harness.line_chart(
+        {"a <b>": [(256, 30.0), (64, 10.0), (128, 25.0), (512, None)], "c": [(64, 5.0)]},
+        "samples/s & batch",
+        "batch size",
+        "samples/s",
+        log2_x=True,
+    )
     (ax,) = figure.axes
     lines = {line.get_gid(): line for line in ax.get_lines()}
     assert set(lines) == {"series:a <b>", "series:c"}

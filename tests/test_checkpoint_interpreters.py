@@ -10,7 +10,7 @@ getattr, which is not on the allow-list"). The loader now takes getattr as engin
 - with LXMERT_OTHER_PYTHON set (CI: the suite under the machine's system python3, the other one the main
   environment's), a DeepSpeed run written by that interpreter resumes under this one with its losses.
 
-Marked `interpreters` (pytest.ini), with the other checkpoint and resume tests CI runs under the second interpreter
+Marked `interpreters` (pyproject.toml), with the other checkpoint and resume tests CI runs under the second interpreter
 (tests/test_faults_checkpoint.py's DeepSpeed ones and a plain one, two cases of tests/test_elastic_resume.py): about
 a minute on 2 idle cores.
 """
@@ -91,8 +91,10 @@ def test_getattr_beyond_an_allow_listed_enums_members_is_refused(tmp_path, index
     path = write(tmp_path / "optim.pt", ByName(cls, name))
     with pytest.raises(ckpt.CheckpointError) as refused:
         ckpt.load_deepspeed_file(path)
-    assert str(refused.value) == (f"{path}: refused: it names {named}, which is not on the allow-list of what a "
-                                  "checkpoint may hold (loading it could run code)")  # fmt: skip
+    assert str(refused.value) == (
+        f"{path}: refused: it names {named}, which is not on the allow-list of what a "
+        "checkpoint may hold (loading it could run code)"
+    )
 
 
 def test_getattr_stays_refused_outside_the_checkpoint_loader(tmp_path):
@@ -109,13 +111,17 @@ def test_getattr_stays_refused_outside_the_checkpoint_loader(tmp_path):
 
 
 def run(python: str, args: list[str], log: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                           "MASTER_PORT", "PYTHONHOME", "VIRTUAL_ENV")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTHONHOME", "VIRTUAL_ENV")
+    }
     env["PYTHONPATH"] = str(REPO)
     env["OMP_NUM_THREADS"] = "1"
     with open(log, "w") as f:
-        return subprocess.run([python, "-m", "engine.pretrain", *args], cwd=REPO, env=env, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=300)  # fmt: skip
+        return subprocess.run(
+            [python, "-m", "engine.pretrain", *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300
+        )
 
 
 def train_records(out: Path) -> list[dict]:
@@ -126,12 +132,13 @@ def train_records(out: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.skipif(not OTHER_PYTHON, reason="LXMERT_OTHER_PYTHON (a second interpreter) is not set")
 def test_a_deepspeed_checkpoint_written_under_another_python_resumes_under_this_one(tmp_path):
-    from test_faults_checkpoint import overrides
     from conftest import build_pretrain_stores
+    from test_faults_checkpoint import overrides
 
     stores = build_pretrain_stores(tmp_path / "data", 16)
-    version = subprocess.run([OTHER_PYTHON, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True,
-                             text=True, check=True).stdout.strip()  # fmt: skip
+    version = subprocess.run(
+        [OTHER_PYTHON, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     written = tmp_path / "written"
     args = ["train.zero_stage=2", "train.max_steps=4"]
     proc = run(OTHER_PYTHON, overrides(stores, written, *args), tmp_path / "written.log")

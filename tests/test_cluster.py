@@ -34,14 +34,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import build_pretrain_stores, free_port, tiny_model_overrides
+from test_documented_commands import PLAN, ClusterOnly, documented_commands
+from test_faults_checkpoint import new_train_steps as train_steps_logged
 
 from engine import checkpoint as ckpt
 from engine.config import ConfigError
 from engine.launch import Launch, deepspeed_available
 from engine.metrics_log import read_metrics
-from conftest import build_pretrain_stores, free_port, tiny_model_overrides
-from test_documented_commands import PLAN, ClusterOnly, documented_commands
-from test_faults_checkpoint import new_train_steps as train_steps_logged
 
 pytestmark = pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed")
 
@@ -51,23 +51,44 @@ D = 16
 STEPS, SAVE_EVERY = 6, 2  # checkpoints at steps 2, 4 and 6
 SEED = int(os.environ.get("KILL_LOOP_SEED", "19"))
 # what times a run rather than decides its numbers
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "data_wait_share", "peak_memory_gib", "step_time_s",
-          "eta_s", "seconds"}  # fmt: skip
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "OMP_NUM_THREADS")  # fmt: skip
+TIMING = {
+    "samples_per_s",
+    "tokens_per_s",
+    "tflops",
+    "mfu",
+    "data_wait_share",
+    "peak_memory_gib",
+    "step_time_s",
+    "eta_s",
+    "seconds",
+}
+LAUNCH_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMP_NUM_THREADS",
+)
 
 # The README's lines, as a user on node N of 2 types them (node0 is the first node's address)
 README_DEEPSPEED_NO_SSH = (
     "deepspeed --hostfile hostfile --no_ssh --node_rank $NODE_RANK --master_addr node0 --master_port 29500 --module "
-    "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2")  # fmt: skip
+    "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2"
+)
 README_TORCHRUN = (
     "torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr node0 --master_port 29500 -m "
-    "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2")  # fmt: skip
+    "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2"
+)
 README_TORCHRUN_RDZV = (
     "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 --rdzv_id lxmert -m "
-    "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2")  # fmt: skip
-README_SRUN = ("srun --nodes 2 --ntasks-per-node 8 python -m engine.pretrain --config configs/pretrain.yaml "
-               "train.zero_stage=2")
+    "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2"
+)
+README_SRUN = (
+    "srun --nodes 2 --ntasks-per-node 8 python -m engine.pretrain --config configs/pretrain.yaml train.zero_stage=2"
+)
 README_HOSTFILE = ("node0 slots=8", "node1 slots=8")
 
 
@@ -85,13 +106,24 @@ def overrides(stores, out: Path) -> list[str]:
     text, feats = stores
     return [
         *tiny_model_overrides(text, D),
-        f"data.train.text={text}", f"data.train.features={feats}", f"data.eval.text={text}",
-        f"data.eval.features={feats}", "data.num_workers=0", "optim.name=adamw", "optim.lr=1e-3",
-        "train.batch_size=8", "train.epochs=100", f"train.max_steps={STEPS}", "train.log_every=1",
-        f"train.save_every={SAVE_EVERY}", "train.threads=1", "train.zero_stage=2", "train.precision=fp32",
-        "train.seed=0", f"train.output_dir={out}",
-    ]  # fmt: skip
-
+        f"data.train.text={text}",
+        f"data.train.features={feats}",
+        f"data.eval.text={text}",
+        f"data.eval.features={feats}",
+        "data.num_workers=0",
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "train.batch_size=8",
+        "train.epochs=100",
+        f"train.max_steps={STEPS}",
+        "train.log_every=1",
+        f"train.save_every={SAVE_EVERY}",
+        "train.threads=1",
+        "train.zero_stage=2",
+        "train.precision=fp32",
+        "train.seed=0",
+        f"train.output_dir={out}",
+    ]
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -213,8 +245,16 @@ def assert_same_run(out: Path, reference: Path, message: str) -> None:
 def one_node(stores, out: Path, log: Path) -> Job:
     """`deepspeed --num_gpus 2 --module engine.pretrain ...`: one node, two ranks, one process group."""
     job = Job()
-    argv = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "engine.pretrain",
-            *overrides(stores, out)]  # fmt: skip
+    argv = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "engine.pretrain",
+        *overrides(stores, out),
+    ]
     job.start(argv, base_env(), log)
     return job
 
@@ -259,8 +299,10 @@ def test_two_nodes_train_as_one_and_resume_after_both_die(launcher, reference, s
     """Two invocations of the README's line, one rank each: every process killed once step 3 is logged (past the
     step-2 checkpoint), started again; the records and weights are the one-node run's."""
     out = tmp_path / "run"
-    first, again = {"torchrun": (README_TORCHRUN, README_TORCHRUN_RDZV),
-                    "deepspeed": (README_DEEPSPEED_NO_SSH, README_DEEPSPEED_NO_SSH)}[launcher]  # fmt: skip
+    first, again = {
+        "torchrun": (README_TORCHRUN, README_TORCHRUN_RDZV),
+        "deepspeed": (README_DEEPSPEED_NO_SSH, README_DEEPSPEED_NO_SSH),
+    }[launcher]
     hostfile = launcher == "deepspeed"
     job = start_two_nodes(first, stores, out, "first", hostfile=hostfile)
     try:
@@ -283,14 +325,23 @@ def test_srun_tasks_train_as_the_launchers_ranks(reference, stores, tmp_path):
     """`srun --nodes 2 --ntasks-per-node 1 python -m engine.pretrain ...` as srun starts it: no launcher, each task
     told its place by SLURM_* variables; MASTER_ADDR from the job script."""
     out = tmp_path / "run"
-    line = substituted(README_SRUN, [("srun --nodes 2 --ntasks-per-node 8 ", ""),
-                                     ("--config configs/pretrain.yaml ", "")])  # fmt: skip
+    line = substituted(
+        README_SRUN, [("srun --nodes 2 --ntasks-per-node 8 ", ""), ("--config configs/pretrain.yaml ", "")]
+    )
     port = free_port()
     job = Job()
     for node in (0, 1):
-        slurm = {"SLURM_PROCID": str(node), "SLURM_LOCALID": "0", "SLURM_NODEID": str(node), "SLURM_NTASKS": "2",
-                 "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_STEP_NUM_NODES": "2",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        slurm = {
+            "SLURM_PROCID": str(node),
+            "SLURM_LOCALID": "0",
+            "SLURM_NODEID": str(node),
+            "SLURM_NTASKS": "2",
+            "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+            "SLURM_STEP_NUM_NODES": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         job.start([*shlex.split(line), *overrides(stores, out)], base_env(**slurm), tmp_path / f"task{node}.log")
     codes = job.wait()
     assert job.finished(), f"exit codes {codes}\n{job.text()}"
@@ -308,15 +359,26 @@ def test_launch_reads_srun_variables_only_in_a_step_of_several_tasks(monkeypatch
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert Launch.from_env() == Launch()
     # a task of `srun --nodes 2 --ntasks-per-node 8`, the 4th on the second node
-    for key, value in {"SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_NODEID": "1",
-                       "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "MASTER_ADDR": "127.0.0.1"}.items():  # fmt: skip
+    for key, value in {
+        "SLURM_STEP_NUM_TASKS": "16",
+        "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+        "SLURM_NODEID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+        "MASTER_ADDR": "127.0.0.1",
+    }.items():
         monkeypatch.setenv(key, value)
     assert Launch.from_env() == Launch(11, 3, 16, 8, True, slurm=True)
     monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "5,3")  # uneven nodes
     assert Launch.from_env().local_world_size == 3
     Launch.from_env().export_ranks()
     assert [os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")] == [
-        "11", "3", "16", "3", "29500"]  # fmt: skip
+        "11",
+        "3",
+        "16",
+        "3",
+        "29500",
+    ]
     assert Launch.from_env() == Launch(11, 3, 16, 3, True)  # a launcher's variables, now set, win
     # a launcher under srun (srun torchrun ...): its variables win
     monkeypatch.setenv("WORLD_SIZE", "4")

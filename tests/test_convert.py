@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import lxmert
 from conftest import norm_rel_err as rel_err
 from conftest import perturb_ as randomise
+
+import lxmert
 from engine import convert_checkpoint as convert_cli
 from engine.checkpoint import write_state_dict
 from lxmert import convert
@@ -33,10 +33,19 @@ MARKER = {"path": None}  # where the malicious pickle below would write, if it e
 
 def hf_config(**overrides):
     values = dict(
-        vocab_size=40, hidden_size=16, num_attention_heads=HEADS, intermediate_size=20, max_position_embeddings=24,
-        l_layers=2, r_layers=1, x_layers=3, visual_feat_dim=12, num_qa_labels=6, num_object_labels=7,
+        vocab_size=40,
+        hidden_size=16,
+        num_attention_heads=HEADS,
+        intermediate_size=20,
+        max_position_embeddings=24,
+        l_layers=2,
+        r_layers=1,
+        x_layers=3,
+        visual_feat_dim=12,
+        num_qa_labels=6,
+        num_object_labels=7,
         num_attr_labels=5,
-    )  # fmt: skip
+    )
     values.update(overrides)
     return transformers.LxmertConfig(**values)
 
@@ -120,7 +129,7 @@ def test_authors_pretraining_snapshot(hf_pre):
     assert any(k.startswith("module.bert.encoder.x_layers.") for k in authors)
     assert_same_state(convert.from_authors_state_dict(authors), convert.from_hf_state_dict(hf_state))
     assert convert.detect_layout(authors) == "authors"
-    assert convert.detect_layout({k[len("module."):]: v for k, v in authors.items()}) == "authors"  # single GPU
+    assert convert.detect_layout({k[len("module.") :]: v for k, v in authors.items()}) == "authors"  # single GPU
     assert convert.detect_layout(hf_state) == "hf"
     assert convert.detect_layout(convert.from_hf_state_dict(hf_state)) == "ours"
     # and the converted weights compute what transformers computes
@@ -184,11 +193,13 @@ def test_authors_nlvr2_snapshot(hf_pre):
         logits = model(**x).logits
         pooled = [
             hf_pre.lxmert(
-                input_ids=x["input_ids"], attention_mask=x["attention_mask"],
-                visual_feats=x["visual_feats"][:, i], visual_pos=x["visual_pos"][:, i],
+                input_ids=x["input_ids"],
+                attention_mask=x["attention_mask"],
+                visual_feats=x["visual_feats"][:, i],
+                visual_pos=x["visual_pos"][:, i],
             ).pooled_output.double()
             for i in range(2)
-        ]  # fmt: skip
+        ]
     z = torch.cat(pooled, dim=-1) @ head["logit_fc.0.weight"].double().T + head["logit_fc.0.bias"].double()
     z = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
     z = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-12)
@@ -239,10 +250,21 @@ def test_layout_errors(hf_pre):
 )
 def test_infer_config(overrides):
     values = dict(
-        vocab_size=43, hidden_size=12, num_attention_heads=3, intermediate_size=20, max_position_embeddings=17,
-        type_vocab_size=3, l_layers=2, r_layers=1, x_layers=3, visual_feat_dim=11, visual_pos_dim=5,
-        num_qa_labels=9, num_object_labels=7, num_attr_labels=5,
-    )  # fmt: skip
+        vocab_size=43,
+        hidden_size=12,
+        num_attention_heads=3,
+        intermediate_size=20,
+        max_position_embeddings=17,
+        type_vocab_size=3,
+        l_layers=2,
+        r_layers=1,
+        x_layers=3,
+        visual_feat_dim=11,
+        visual_pos_dim=5,
+        num_qa_labels=9,
+        num_object_labels=7,
+        num_attr_labels=5,
+    )
     values.update(overrides)
     config = lxmert.LxmertConfig(**values)
     state = lxmert.LxmertForPreTraining(config).state_dict()
@@ -273,9 +295,19 @@ def test_infer_config(overrides):
 def small_ours_model(seed=0) -> lxmert.LxmertForPreTraining:
     torch.manual_seed(seed)
     config = lxmert.LxmertConfig(
-        vocab_size=40, hidden_size=16, num_attention_heads=HEADS, intermediate_size=20, max_position_embeddings=24,
-        l_layers=1, r_layers=1, x_layers=1, visual_feat_dim=12, num_qa_labels=6, num_object_labels=7, num_attr_labels=5,
-    )  # fmt: skip
+        vocab_size=40,
+        hidden_size=16,
+        num_attention_heads=HEADS,
+        intermediate_size=20,
+        max_position_embeddings=24,
+        l_layers=1,
+        r_layers=1,
+        x_layers=1,
+        visual_feat_dim=12,
+        num_qa_labels=6,
+        num_object_labels=7,
+        num_attr_labels=5,
+    )
     return randomise(lxmert.LxmertForPreTraining(config), seed)
 
 
@@ -421,7 +453,9 @@ def test_cli_authors_to_hf_directory(authors_file, hf_pre, tmp_path, capsys):
 def test_cli_authors_to_ours(authors_file, hf_pre, tmp_path, capsys):
     dst = tmp_path / "ours.safetensors"
     heads = ["--num-attention-heads", str(HEADS)]
-    assert convert_cli.main([str(authors_file), str(dst), "--from", "authors", "--to", "ours"]) == 0  # a file: no config
+    assert (
+        convert_cli.main([str(authors_file), str(dst), "--from", "authors", "--to", "ours"]) == 0
+    )  # a file: no config
     state = convert.read_state_dict(dst)
     assert convert.detect_layout(state) == "ours"
     assert_same_state(state, convert.from_authors_state_dict(convert.read_state_dict(authors_file)))
@@ -466,7 +500,9 @@ def test_cli_uses_the_config_beside_the_checkpoint(wide_heads, tmp_path):
     written = json.loads((out / "config.json").read_text())
     assert written["num_attention_heads"] == 4
     loaded = transformers.LxmertForPreTraining.from_pretrained(out).eval()
-    ours = lxmert.LxmertForPreTraining(lxmert.LxmertConfig.from_dict(json.loads((src / "model_config.json").read_text())))
+    ours = lxmert.LxmertForPreTraining(
+        lxmert.LxmertConfig.from_dict(json.loads((src / "model_config.json").read_text()))
+    )
     convert.load_into(ours.eval(), convert.read_state_dict(src / "model.safetensors"))
     assert_same_pretraining_outputs(ours, loaded, seed=12)
     assert_same_pretraining_outputs(ours, hf.eval(), seed=12)

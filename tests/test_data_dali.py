@@ -13,11 +13,12 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
+from test_data_loaders import assert_same, build, epoch  # noqa: E402
+
 from engine.data.dali import DaliLoader, import_dali  # noqa: E402
 from engine.data.loaders import PretrainLoader, make_loader  # noqa: E402
 from engine.data.sampling import SamplingConfig  # noqa: E402
 from engine.data.store import RegionStore, TextStore  # noqa: E402
-from test_data_loaders import assert_same, build, epoch  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,17 @@ def make_record(img_id: str, n: int, rng: np.random.Generator, h: int = 100, w: 
     corner = rng.uniform(0, 0.5, (n, 2))
     boxes = (np.concatenate([corner, corner + rng.uniform(0, 0.5, (n, 2))], 1) * [w, h, w, h]).astype(np.float32)
     return RegionRecord(
-        img_id=img_id, img_h=h, img_w=w,
-        objects_id=rng.integers(0, 1600, n), objects_conf=rng.random(n).astype(np.float32),
-        attrs_id=rng.integers(0, 400, n), attrs_conf=rng.random(n).astype(np.float32),
-        num_boxes=n, boxes=boxes, features=rng.standard_normal((n, d)).astype(np.float32),
-    )  # fmt: skip
+        img_id=img_id,
+        img_h=h,
+        img_w=w,
+        objects_id=rng.integers(0, 1600, n),
+        objects_conf=rng.random(n).astype(np.float32),
+        attrs_id=rng.integers(0, 400, n),
+        attrs_conf=rng.random(n).astype(np.float32),
+        num_boxes=n,
+        boxes=boxes,
+        features=rng.standard_normal((n, d)).astype(np.float32),
+    )
 
 
 def assert_same_record(a: RegionRecord, b: RegionRecord) -> None:
@@ -197,9 +203,15 @@ def test_iter_json_array_streams_like_json_load(tmp_path: Path, chunk: int) -> N
 
 @pytest.mark.parametrize(
     "text, where",
-    [('[{"a": 1}, {"a": 2', "record 1"), ('[{"a": 1} {"a": 2}]', "record 1"), ('{"a": 1}', "start of file"),
-     ('[{"a": 1}, ', "record 1"), ('[{"a": 1}] x', "after record 0"), ('[{"a": 1}, {"a": tru}]', "record 1")],
-)  # fmt: skip
+    [
+        ('[{"a": 1}, {"a": 2', "record 1"),
+        ('[{"a": 1} {"a": 2}]', "record 1"),
+        ('{"a": 1}', "start of file"),
+        ('[{"a": 1}, ', "record 1"),
+        ('[{"a": 1}] x', "after record 0"),
+        ('[{"a": 1}, {"a": tru}]', "record 1"),
+    ],
+)
 def test_iter_json_array_errors(tmp_path: Path, text: str, where: str) -> None:
     path = tmp_path / "bad.json"
     path.write_text(text)
@@ -209,11 +221,14 @@ def test_iter_json_array_errors(tmp_path: Path, text: str, where: str) -> None:
 
 def _pretrain_records() -> list[dict]:
     return [
-        {"img_id": "a", "sentf": {"mscoco": ["a dog.", "two cats."], "vqa": ["what is it?"]},
-         "labelf": {"vqa": [{"dog": 1.0, "cat": 0.3}]}},
+        {
+            "img_id": "a",
+            "sentf": {"mscoco": ["a dog.", "two cats."], "vqa": ["what is it?"]},
+            "labelf": {"vqa": [{"dog": 1.0, "cat": 0.3}]},
+        },
         {"img_id": "b", "sentf": {"vg": ["a red car"]}, "labelf": {}},
         {"img_id": "c", "sentf": {"gqa": ["is it red?", "is it blue?"]}, "labelf": {"gqa": [{"yes": 1}, {"no": 1.0}]}},
-    ]  # fmt: skip
+    ]
 
 
 def test_pretrain_entries_in_authors_order(tmp_path: Path) -> None:
@@ -223,23 +238,31 @@ def test_pretrain_entries_in_authors_order(tmp_path: Path) -> None:
             w.write(r)
     entries = list(formats.read_pretrain_entries(path))
     assert [(e.img_id, e.source, e.sentence, e.label, e.record, e.sent_index) for e in entries] == [
-        ("a", "mscoco", "a dog.", None, 0, 0), ("a", "mscoco", "two cats.", None, 0, 1),
-        ("a", "vqa", "what is it?", {"dog": 1.0, "cat": 0.3}, 0, 0), ("b", "vg", "a red car", None, 1, 0),
-        ("c", "gqa", "is it red?", {"yes": 1}, 2, 0), ("c", "gqa", "is it blue?", {"no": 1.0}, 2, 1),
-    ]  # fmt: skip
+        ("a", "mscoco", "a dog.", None, 0, 0),
+        ("a", "mscoco", "two cats.", None, 0, 1),
+        ("a", "vqa", "what is it?", {"dog": 1.0, "cat": 0.3}, 0, 0),
+        ("b", "vg", "a red car", None, 1, 0),
+        ("c", "gqa", "is it red?", {"yes": 1}, 2, 0),
+        ("c", "gqa", "is it blue?", {"no": 1.0}, 2, 1),
+    ]
     assert [r.index for r in formats.read_pretrain(path, start_record=1)] == [1, 2]
 
 
 @pytest.mark.parametrize(
     "record, phrase",
-    [({"img_id": "x", "sentf": {"vqa": ["q1", "q2"]}, "labelf": {"vqa": [{"a": 1}]}}, "has 1 labels for 2 sentences"),
-     ({"img_id": "x", "sentf": {"vqa": ["q1"]}, "labelf": {"gqa": [{"a": 1}]}}, "which sentf lacks"),
-     ({"img_id": "", "sentf": {}}, "img_id must be a non-empty string"),
-     ({"img_id": "x", "sentf": {"vqa": "q1"}}, "must be a list of strings"),
-     ({"img_id": "x", "sentf": {"vqa": ["q"]}, "labelf": {"vqa": [{"a": "high"}]}}, "not a finite number"),
-     ({"img_id": "x", "sentf": {"vqa": ["q"]}, "labelf": {"vqa": [["a"]]}}, "a label must be a dict"),
-     (["not", "a", "dict"], "expected an object")],
-)  # fmt: skip
+    [
+        (
+            {"img_id": "x", "sentf": {"vqa": ["q1", "q2"]}, "labelf": {"vqa": [{"a": 1}]}},
+            "has 1 labels for 2 sentences",
+        ),
+        ({"img_id": "x", "sentf": {"vqa": ["q1"]}, "labelf": {"gqa": [{"a": 1}]}}, "which sentf lacks"),
+        ({"img_id": "", "sentf": {}}, "img_id must be a non-empty string"),
+        ({"img_id": "x", "sentf": {"vqa": "q1"}}, "must be a list of strings"),
+        ({"img_id": "x", "sentf": {"vqa": ["q"]}, "labelf": {"vqa": [{"a": "high"}]}}, "not a finite number"),
+        ({"img_id": "x", "sentf": {"vqa": ["q"]}, "labelf": {"vqa": [["a"]]}}, "a label must be a dict"),
+        (["not", "a", "dict"], "expected an object"),
+    ],
+)
 def test_pretrain_bad_records(tmp_path: Path, record: object, phrase: str) -> None:
     path = tmp_path / "p.json"
     path.write_text(json.dumps([_pretrain_records()[1], record, _pretrain_records()[0]]))
@@ -257,16 +280,32 @@ def _write(path: Path, value: object) -> Path:
 
 
 def test_task_readers_and_their_errors(tmp_path: Path) -> None:
-    vqa = [{"answer_type": "other", "img_id": "i1", "label": {"red": 1.0}, "question_id": 7,
-            "question_type": "what color is the", "sent": "what color is the dog?"},
-           {"img_id": "i2", "question_id": 8, "sent": "test question without label"}]  # fmt: skip
+    vqa = [
+        {
+            "answer_type": "other",
+            "img_id": "i1",
+            "label": {"red": 1.0},
+            "question_id": 7,
+            "question_type": "what color is the",
+            "sent": "what color is the dog?",
+        },
+        {"img_id": "i2", "question_id": 8, "sent": "test question without label"},
+    ]
     got = formats.read_vqa(_write(tmp_path / "vqa.json", vqa))
     assert got[0] == formats.VqaQuestion(7, "i1", "what color is the dog?", {"red": 1.0}, "other", "what color is the")
     assert got[1].label is None and got[1].answer_type is None
     gqa = [{"img_id": "2354786", "label": {"yes": 1.0}, "question_id": "02930152", "sent": "is the sky dark?"}]
     assert formats.read_gqa(_write(tmp_path / "gqa.json", gqa))[0].question_id == "02930152"
-    nlvr2 = [{"identifier": "dev-850-0-0", "img0": "dev-850-0-img0", "img1": "dev-850-0-img1", "label": 1,
-              "sent": "there are two dogs.", "uid": "nlvr2_dev_0"}]  # fmt: skip
+    nlvr2 = [
+        {
+            "identifier": "dev-850-0-0",
+            "img0": "dev-850-0-img0",
+            "img1": "dev-850-0-img1",
+            "label": 1,
+            "sent": "there are two dogs.",
+            "uid": "nlvr2_dev_0",
+        }
+    ]
     assert formats.read_nlvr2(_write(tmp_path / "nlvr2.json", nlvr2))[0].label == 1
 
     cases = [
@@ -291,9 +330,11 @@ def test_task_readers_and_their_errors(tmp_path: Path) -> None:
 
 def test_answer_tables(tmp_path: Path) -> None:
     entries = [  # keys besides ans and dsets are ignored
-        {"ans": "yes", "dsets": ["vqa", "gqa"]}, {"ans": "2", "dsets": ["vqa"]},
-        {"ans": "dog", "dsets": ["gqa", "visual7w"]}, {"ans": "gray", "dsets": ["vqa"], "extra": 3},
-    ]  # fmt: skip
+        {"ans": "yes", "dsets": ["vqa", "gqa"]},
+        {"ans": "2", "dsets": ["vqa"]},
+        {"ans": "dog", "dsets": ["gqa", "visual7w"]},
+        {"ans": "gray", "dsets": ["vqa"], "extra": 3},
+    ]
     path = _write(tmp_path / "all_ans.json", entries)
     table = formats.read_answer_table(path)
     assert table.answers == ["yes", "2", "dog", "gray"] and table.dsets[0] == ("vqa", "gqa")
@@ -462,8 +503,24 @@ def authors_label_loop(label: dict[str, float], used: set[str]) -> dict[str, flo
 
 def test_answer_merging_is_the_authors_on_random_labels(tmp_path: Path) -> None:
     answers = ["2", "3", "gray", "dog", "yes", "no"]
-    spellings = ["2", "two", "Two", "3", "three", "gray", "Grey", "grey", "gray.", "dog", "the dog", "a Dog.", "yes",
-                 "Yes", "no", "cat"]  # fmt: skip
+    spellings = [
+        "2",
+        "two",
+        "Two",
+        "3",
+        "three",
+        "gray",
+        "Grey",
+        "grey",
+        "gray.",
+        "dog",
+        "the dog",
+        "a Dog.",
+        "yes",
+        "Yes",
+        "no",
+        "cat",
+    ]
     table = formats.read_answer_table(_write(tmp_path / "all_ans.json", [{"ans": a} for a in answers]))
     rng = np.random.default_rng(15)
     for _ in range(500):
@@ -501,8 +558,10 @@ def test_a_byte_that_is_not_utf8_names_record_offset_and_line(tmp_path: Path, ch
     path.write_bytes(data[:at] + b"\xe9" + data[at + 1 :])  # a Latin-1 e-acute in record 1, on line 3
     with pytest.raises(DataError) as info:
         list(formats.iter_json_array(path, chunk_chars=chunk))
-    assert str(info.value) == (f"{path}, record 1, byte {at} (line 3): not valid UTF-8 (invalid continuation byte: "
-                               "b'\\xe9'); is the file in another encoding?")  # fmt: skip
+    assert str(info.value) == (
+        f"{path}, record 1, byte {at} (line 3): not valid UTF-8 (invalid continuation byte: "
+        "b'\\xe9'); is the file in another encoding?"
+    )
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # the offset counts the mark
     with pytest.raises(DataError, match=rf"{path}, record 1, byte {at + 3} \(line 3\): not valid UTF-8"):
         list(formats.iter_json_array(path, chunk_chars=chunk))

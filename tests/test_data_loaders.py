@@ -28,8 +28,9 @@ D = 16
 
 def build(root: Path, images: int, regions: int = 36) -> tuple[Path, Path]:
     """Synthetic data -> (text store, region store); `regions` < 36 leaves padding regions in every image."""
-    synthetic.generate(root / "syn", images, feat_dim=D, seed=2, regions=regions, captions_per_image=3,
-                       questions_per_image=2)  # fmt: skip
+    synthetic.generate(
+        root / "syn", images, feat_dim=D, seed=2, regions=regions, captions_per_image=3, questions_per_image=2
+    )
     tsvs = [root / "syn/mscoco_imgfeat/train2014_obj36.tsv", root / "syn/mscoco_imgfeat/val2014_obj36.tsv"]
     convert.convert_features(tsvs, root / "feats", feat_dim=D, progress=False)
     texts = [root / "syn/lxmert/mscoco_train.json", root / "syn/lxmert/mscoco_minival.json"]
@@ -143,7 +144,7 @@ def test_worker_count_does_not_change_batches(stores):
     ld = loader("torch", stores, seed=7, num_workers=2)
     assert_same(epoch(loader("torch", stores, seed=7)), epoch(ld))
     ld.set_epoch(1)
-    for k, _ in zip(range(3), ld):  # abandoned mid-epoch, with batches in flight
+    for _ in zip(range(3), ld):  # abandoned mid-epoch, with batches in flight
         pass
     assert_same(epoch(loader("torch", stores, seed=7), 1), epoch(ld, 1))  # persistent workers see the new pass
 
@@ -171,7 +172,7 @@ def test_resume_mid_epoch_from_state_dict(stores, kind):
     full = epoch(loader(kind, stores, **options), 3)
     ld = loader(kind, stores, **options)
     ld.set_epoch(3)
-    for k, batch in enumerate(ld):
+    for k, _ in enumerate(ld):
         if k == 4:
             break
     state = ld.state_dict()
@@ -221,7 +222,8 @@ def test_a_position_resumes_with_another_micro_batch_times_ranks(stores):
         loader("torch", stores, seed=1).load_state_dict({**state, "step": 1})
     with pytest.raises(ValueError, match="global_batch_size"):  # length buckets depend on the global batch
         loader("torch", stores, seed=1, batch_size=4, bucket_batches=2).load_state_dict(
-            loader("torch", stores, seed=1, batch_size=8, bucket_batches=2).state_dict())
+            loader("torch", stores, seed=1, batch_size=8, bucket_batches=2).state_dict()
+        )
 
 
 def test_kinds():
@@ -266,10 +268,17 @@ def test_batch_fields_are_the_models_keywords():
 def test_the_model_takes_a_batch(stores):
     text, _ = stores
     config = lxmert.LxmertConfig(
-        hidden_size=32, num_attention_heads=2, intermediate_size=37, l_layers=1, r_layers=1, x_layers=1,
-        visual_feat_dim=D, num_qa_labels=len(text.answers), num_object_labels=len(synthetic.OBJECT_NAMES),
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=37,
+        l_layers=1,
+        r_layers=1,
+        x_layers=1,
+        visual_feat_dim=D,
+        num_qa_labels=len(text.answers),
+        num_object_labels=len(synthetic.OBJECT_NAMES),
         num_attr_labels=len(synthetic.ATTRIBUTE_NAMES),
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = lxmert.LxmertForPreTraining(config)
     batch = next(b for b in loader("gpu", stores, seed=12) if (b.ans >= 0).any() and (b.labels >= 0).any())

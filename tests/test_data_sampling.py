@@ -12,15 +12,24 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import build_pretrain_stores
 
 from engine.data.philox import philox4x32, random_below, uniforms
 from engine.data.sampling import (
-    IGNORE, MASK_BLANK, MASK_KEEP, MASK_RANDOM, NOT_MASKED, BatchPlan, PretrainSampler, SamplingConfig,
-    mask_regions, mask_tokens, sample_answers,
-)  # fmt: skip
+    IGNORE,
+    MASK_BLANK,
+    MASK_KEEP,
+    MASK_RANDOM,
+    NOT_MASKED,
+    BatchPlan,
+    PretrainSampler,
+    SamplingConfig,
+    mask_regions,
+    mask_tokens,
+    sample_answers,
+)
 from engine.data.store import RegionStore, TextStore
 from lxmert.tokenizer import MASK_ID, VOCAB_SIZE
-from conftest import build_pretrain_stores
 
 D = 16
 
@@ -54,7 +63,8 @@ def test_philox_known_answers():
         ((0, 0, 0, 0), (0, 0), "6627e8d5 e169c58d bc57ac4c 9b00dbd8"),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), "408f276d 41c83b0e a20bc7c6 6d5451fd"),
         (
-            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
             "d16cfe09 94fdcceb 5001e420 24126ea1",
         ),
     ]
@@ -96,8 +106,10 @@ def test_epoch_order_is_a_permutation_that_changes_with_epoch_and_seed(stores):
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_shards_are_disjoint_and_cover_the_epoch(stores, world_size, drop_last):
     n = len(stores[0])
-    per_rank = [sampler(stores, batch_size=7, world_size=world_size, rank=r, drop_last=drop_last, seed=4)
-                for r in range(world_size)]  # fmt: skip
+    per_rank = [
+        sampler(stores, batch_size=7, world_size=world_size, rank=r, drop_last=drop_last, seed=4)
+        for r in range(world_size)
+    ]
     steps = len(per_rank[0])
     assert all(len(s) == steps for s in per_rank)  # every rank runs the same number of steps
     g = 7 * world_size

@@ -17,9 +17,16 @@ import pytest
 from engine.data import convert, formats, synthetic
 from engine.data.formats import DataError, RegionRecord
 from engine.data.store import (
-    HEADER_BYTES, RegionStore, StoreBuilder, StoreError, StoreExistsError, TextStore, _GrowingFile, npy_header,
+    HEADER_BYTES,
+    RegionStore,
+    StoreBuilder,
+    StoreError,
+    StoreExistsError,
+    TextStore,
+    _GrowingFile,
+    npy_header,
     region_mask,
-)  # fmt: skip
+)
 from lxmert.tokenizer import LxmertTokenizer
 
 D = 16
@@ -223,8 +230,9 @@ def crash_after(monkeypatch: pytest.MonkeyPatch, commits: int) -> None:
 
 
 @pytest.mark.parametrize("commits", [0, 3, 7])
-def test_feature_conversion_resumes_after_a_crash(synth: Path, stores: dict[str, Path], tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch, commits: int) -> None:  # fmt: skip
+def test_feature_conversion_resumes_after_a_crash(
+    synth: Path, stores: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, commits: int
+) -> None:
     out = tmp_path / "feats"
     with monkeypatch.context() as m:
         crash_after(m, commits)
@@ -378,8 +386,9 @@ def test_text_bad_records_skipped_and_counted(synth: Path, stores: dict[str, Pat
     assert (stats.records, stats.bad_records) == (5, 1) and "record 2" in stats.errors[0]
 
 
-def test_text_conversion_resumes_after_a_crash(synth: Path, stores: dict[str, Path], tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_text_conversion_resumes_after_a_crash(
+    synth: Path, stores: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "text"
     with monkeypatch.context() as m:
         crash_after(m, 4)
@@ -446,8 +455,11 @@ def test_rows_that_fill_whole_chunks(synth: Path, stores: dict[str, Path], tmp_p
     for chunk in (6, 3):
         out = tmp_path / f"c{chunk}"
         assert features(synth, out, chunk_images=chunk).images == 60
-        assert all(store_bytes(out)[name] == store_bytes(stores["fp16"])[name] for name in store_bytes(out)
-                   if name != "meta.json")  # fmt: skip
+        assert all(
+            store_bytes(out)[name] == store_bytes(stores["fp16"])[name]
+            for name in store_bytes(out)
+            if name != "meta.json"
+        )
 
 
 def test_empty_input_is_one_clear_error(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -458,8 +470,11 @@ def test_empty_input_is_one_clear_error(synth: Path, tmp_path: Path, capsys: pyt
     assert not (tmp_path / "s").exists() and not (tmp_path / "s.partial").exists()  # nothing left behind
     bad = tmp_path / "bad.tsv"
     bad.write_bytes(b"garbage\trow\n" + tsvs(synth)[1].read_bytes()[:500] + b"\n")
-    with pytest.raises(DataError, match=r"all 2 rows are bad \(skipped\): no images to store: nothing to convert; "
-                                        r"the first skipped: .*row 1: expected 10"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"all 2 rows are bad \(skipped\): no images to store: nothing to convert; "
+        r"the first skipped: .*row 1: expected 10",
+    ):
         features(synth, tmp_path / "s", paths=[bad], skip_bad_rows=True)
     assert not (tmp_path / "s.partial").exists()
     assert convert.main(["--tsv", str(empty), str(empty), "--out", str(tmp_path / "s"), "--quiet"]) == 2
@@ -467,8 +482,9 @@ def test_empty_input_is_one_clear_error(synth: Path, tmp_path: Path, capsys: pyt
     assert len(err.strip().splitlines()) == 1 and "all 2 files: no rows" in err, err
 
 
-def test_text_conversion_with_no_sentence_left_is_an_error(synth: Path, stores: dict[str, Path],
-                                                           tmp_path: Path) -> None:  # fmt: skip
+def test_text_conversion_with_no_sentence_left_is_an_error(
+    synth: Path, stores: dict[str, Path], tmp_path: Path
+) -> None:
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     with pytest.raises(DataError, match=rf"{empty}, the whole file: no sentences to store \(sentences 0, records 0"):
@@ -476,8 +492,14 @@ def test_text_conversion_with_no_sentence_left_is_an_error(synth: Path, stores: 
     assert not (tmp_path / "t.partial").exists()
     minival = _only_minival(synth, stores["fp16"].parent)  # none of mscoco_train's images
     with pytest.raises(DataError, match=r"records 54, .*missing_image_records 54, .*: nothing to convert$"):
-        convert.convert_text(texts(synth)[:1], minival, tmp_path / "t", answers=synth / "lxmert/all_ans.json",
-                             skip_missing_images=True, progress=False)  # fmt: skip
+        convert.convert_text(
+            texts(synth)[:1],
+            minival,
+            tmp_path / "t",
+            answers=synth / "lxmert/all_ans.json",
+            skip_missing_images=True,
+            progress=False,
+        )
 
 
 def test_a_directory_is_not_an_input_file(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -488,8 +510,9 @@ def test_a_directory_is_not_an_input_file(synth: Path, tmp_path: Path, capsys: p
     assert "is a directory, not a JSON file" in capsys.readouterr().err
 
 
-def test_text_with_a_byte_order_mark_or_a_bad_byte(synth: Path, stores: dict[str, Path], tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_text_with_a_byte_order_mark_or_a_bad_byte(
+    synth: Path, stores: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = texts(synth)[1].read_bytes()
     marked = tmp_path / "marked.json"
     marked.write_bytes(b"\xef\xbb\xbf" + data)
@@ -534,8 +557,9 @@ def _no_reading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("step", ["drop", "progress", "rename"])
-def test_a_sealed_partial_is_installed_not_redone(synth: Path, stores: dict[str, Path], tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch, step: str) -> None:  # fmt: skip
+def test_a_sealed_partial_is_installed_not_redone(
+    synth: Path, stores: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
     """Killed after meta.json, while the build state is deleted (img_ids, then progress.json) or before the
     rename: the rerun only installs the verified store. (Before, a kill between img_ids and progress.json
     made the rerun fail and delete the partial; after progress.json, it redid the conversion.)"""
@@ -562,8 +586,9 @@ def test_a_sealed_partial_is_installed_not_redone(synth: Path, stores: dict[str,
     assert store_bytes(out) == store_bytes(stores["fp16"]) and sorted(p.name for p in tmp_path.iterdir()) == ["feats"]
 
 
-def test_an_interrupted_replacement_is_finished_or_undone(synth: Path, stores: dict[str, Path], tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_an_interrupted_replacement_is_finished_or_undone(
+    synth: Path, stores: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from engine.data import store as store_module
 
     out = tmp_path / "feats"

@@ -40,8 +40,9 @@ def feats(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     """A region store of all images, and one of the train images only."""
     root = tmp_path_factory.mktemp("feats")
     tsv = synth / "mscoco_imgfeat"
-    convert.convert_features([tsv / "train2014_obj36.tsv", tsv / "val2014_obj36.tsv"], root / "all", feat_dim=D,
-                             progress=False)  # fmt: skip
+    convert.convert_features(
+        [tsv / "train2014_obj36.tsv", tsv / "val2014_obj36.tsv"], root / "all", feat_dim=D, progress=False
+    )
     convert.convert_features([tsv / "train2014_obj36.tsv"], root / "train", feat_dim=D, progress=False)
     return {"all": root / "all", "train": root / "train"}
 
@@ -85,8 +86,7 @@ def same_store(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("task", ["vqa", "gqa"])
-def test_qa_round_trip(synth: Path, feats: dict[str, Path], reduced_ans2label: Path, tmp_path: Path,
-                       task: str) -> None:  # fmt: skip
+def test_qa_round_trip(synth: Path, feats: dict[str, Path], reduced_ans2label: Path, tmp_path: Path, task: str) -> None:
     stats = build(synth, feats["all"], task, tmp_path / "s", ans2label=reduced_ans2label, chunk_examples=7)
     store, regions, tok = TaskStore(tmp_path / "s"), RegionStore(feats["all"]), LxmertTokenizer()
     ans2label = formats.read_ans2label(reduced_ans2label)
@@ -143,8 +143,9 @@ def test_nlvr2_pairs(synth: Path, feats: dict[str, Path], tmp_path: Path) -> Non
 # ----------------------------------------------------------------------------------- bad and test input
 
 
-def test_missing_image_is_an_error_naming_file_record_and_img_id(synth: Path, feats: dict[str, Path],
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+def test_missing_image_is_an_error_naming_file_record_and_img_id(
+    synth: Path, feats: dict[str, Path], tmp_path: Path
+) -> None:
     minival = synth / "vqa/minival.json"
     first = formats.read_vqa(minival)[0]
     with pytest.raises(DataError) as e:
@@ -247,16 +248,35 @@ def test_overwrite(synth: Path, feats: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_cli(synth: Path, feats: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["--task", "gqa", "--questions", *map(str, paths(synth, "gqa")), "--features", str(feats["all"]),
-            "--ans2label", str(synth / "gqa/trainval_ans2label.json"), "--out", str(tmp_path / "s"),
-            "--quiet"]  # fmt: skip
+    args = [
+        "--task",
+        "gqa",
+        "--questions",
+        *map(str, paths(synth, "gqa")),
+        "--features",
+        str(feats["all"]),
+        "--ans2label",
+        str(synth / "gqa/trainval_ans2label.json"),
+        "--out",
+        str(tmp_path / "s"),
+        "--quiet",
+    ]
     assert convert.main(args) == 0 and "examples" in capsys.readouterr().out
     assert TaskStore(tmp_path / "s").task == "gqa"
     capsys.readouterr()
     assert convert.main(args) == 0 and "already converted" in capsys.readouterr().out  # the same inputs: done
     assert convert.main([*args, "--skip-bad-rows"]) == 2  # another option: the store exists
-    nl = ["--task", "nlvr2", "--questions", str(synth / FILES["nlvr2"][0]), "--features", str(feats["train"]),
-          "--out", str(tmp_path / "n"), "--quiet"]  # fmt: skip
+    nl = [
+        "--task",
+        "nlvr2",
+        "--questions",
+        str(synth / FILES["nlvr2"][0]),
+        "--features",
+        str(feats["train"]),
+        "--out",
+        str(tmp_path / "n"),
+        "--quiet",
+    ]
     assert convert.main(nl) == 0 and TaskStore(tmp_path / "n").task == "nlvr2"
     with pytest.raises(SystemExit):
         convert.main(["--task", "vqa", "--questions", "x.json", "--features", "f", "--out", str(tmp_path / "v")])
@@ -273,10 +293,19 @@ def test_store_checks_its_features(synth: Path, feats: dict[str, Path], tmp_path
 
 def small_config(num_answers: int) -> lxmert.LxmertConfig:
     return lxmert.LxmertConfig(
-        vocab_size=30522, hidden_size=16, num_attention_heads=2, intermediate_size=24, max_position_embeddings=24,
-        l_layers=1, r_layers=1, x_layers=1, visual_feat_dim=D, num_qa_labels=num_answers, num_object_labels=5,
+        vocab_size=30522,
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=24,
+        l_layers=1,
+        r_layers=1,
+        x_layers=1,
+        visual_feat_dim=D,
+        num_qa_labels=num_answers,
+        num_object_labels=5,
         num_attr_labels=5,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("task", ["vqa", "gqa"])
@@ -325,8 +354,9 @@ def test_nlvr2_batch_feeds_the_model(synth: Path, feats: dict[str, Path], tmp_pa
     assert out.logits.shape == (3, 2) and torch.isfinite(out.loss)
 
 
-def test_skip_bad_rows_in_task_mode(synth: Path, feats: dict[str, Path], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_skip_bad_rows_in_task_mode(
+    synth: Path, feats: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """--skip-bad-rows drops and counts a malformed record and a repeated question_id (it used to be ignored
     in --task mode); without it, the first bad record stops the conversion with its file and index."""
     records = json.loads((synth / FILES["vqa"][1]).read_text())
@@ -343,8 +373,17 @@ def test_skip_bad_rows_in_task_mode(synth: Path, feats: dict[str, Path], tmp_pat
     assert list(store.question_ids) == [r["question_id"] for r in records]
     assert store.meta["stats"]["bad_records"] == 2
 
-    args = ["--task", "vqa", "--questions", str(path), "--features", str(feats["all"]),
-            "--ans2label", str(synth / "vqa/trainval_ans2label.json"), "--quiet"]  # fmt: skip
+    args = [
+        "--task",
+        "vqa",
+        "--questions",
+        str(path),
+        "--features",
+        str(feats["all"]),
+        "--ans2label",
+        str(synth / "vqa/trainval_ans2label.json"),
+        "--quiet",
+    ]
     assert convert.main([*args, "--out", str(tmp_path / "c1")]) == 2
     assert "record 1: sent must be str" in capsys.readouterr().err
     assert convert.main([*args, "--out", str(tmp_path / "c2"), "--skip-bad-rows"]) == 0

@@ -26,9 +26,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -88,11 +88,15 @@ def documented_commands() -> dict[str, list[str]]:
 # -------------------------------------------------------------------------------------------------- the plan
 
 # A tiny model for the base recipes (their features stay 2048-d, the synthetic data's default).
-TINY_MODEL = ("model.hidden_size=32 model.num_attention_heads=2 model.intermediate_size=37 model.l_layers=1 "
-              "model.r_layers=1 model.x_layers=1")  # fmt: skip
+TINY_MODEL = (
+    "model.hidden_size=32 model.num_attention_heads=2 model.intermediate_size=37 model.l_layers=1 "
+    "model.r_layers=1 model.x_layers=1"
+)
 # the stand-ins hold the synthetic set's 54 answers and its four sources (the authors' all_ans.json has 9500)
-SHORT_PRETRAIN = ("model.num_qa_labels=54 data.num_workers=0 data.sources=[mscoco,vg,vqa,gqa] train.batch_size=8 "
-                  "train.max_steps=3 train.log_every=1")  # fmt: skip
+SHORT_PRETRAIN = (
+    "model.num_qa_labels=54 data.num_workers=0 data.sources=[mscoco,vg,vqa,gqa] train.batch_size=8 "
+    "train.max_steps=3 train.log_every=1"
+)
 SHORT_FINETUNE = "data.num_workers=0 train.batch_size=8 train.max_steps=3 train.log_every=1"
 TINY_SCALING = "--model tiny --micro-batch 2 --warmup 1 --steps 1 --count-steps 1 --images 12"
 
@@ -223,130 +227,297 @@ PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly | ClusterOnly]] = [
     # README, Data
     ("python -m engine.data.synthetic data/ --images 500 --seed 0", Run()),
     ("python -m engine.data.convert --tsv data/mscoco_imgfeat/*.tsv --out data/feats", Run(check=stores("data/feats"))),
-    ("python -m engine.data.convert --text data/lxmert/mscoco_train.json --features data/feats --answers "
-     "data/lxmert/all_ans.json --out data/text_train", Run(check=stores("data/text_train"))),
+    (
+        "python -m engine.data.convert --text data/lxmert/mscoco_train.json --features data/feats --answers "
+        "data/lxmert/all_ans.json --out data/text_train",
+        Run(check=stores("data/text_train")),
+    ),
     # configs/README, the stores of the recipes (from the stand-ins of the authors' files)
-    ("lxmert-data-convert --tsv data/mscoco_imgfeat/train2014_obj36.tsv data/mscoco_imgfeat/val2014_obj36.tsv "
-     "data/vg_gqa_imgfeat/vg_gqa_obj36.tsv --out data/stores/feats", Run(check=stores("data/stores/feats"))),
-    ("lxmert-data-convert --text data/lxmert/mscoco_train.json data/lxmert/mscoco_nominival.json "
-     "data/lxmert/vgnococo.json --features data/stores/feats --answers data/lxmert/all_ans.json --out "
-     "data/stores/text_train", Run(check=stores("data/stores/text_train"))),
-    ("lxmert-data-convert --text data/lxmert/mscoco_minival.json --features data/stores/feats --answers "
-     "data/lxmert/all_ans.json --out data/stores/text_minival", Run()),
-    ("lxmert-data-convert --task vqa --questions data/vqa/train.json data/vqa/nominival.json --features "
-     "data/stores/feats --ans2label data/vqa/trainval_ans2label.json --out data/stores/vqa_train", Run()),
-    ("lxmert-data-convert --task vqa --questions data/vqa/minival.json --features data/stores/feats --ans2label "
-     "data/vqa/trainval_ans2label.json --out data/stores/vqa_minival", Run()),
-    ("lxmert-data-convert --task gqa --questions data/gqa/train.json data/gqa/valid.json --features "
-     "data/stores/feats --ans2label data/gqa/trainval_ans2label.json --out data/stores/gqa_train", Run()),
+    (
+        "lxmert-data-convert --tsv data/mscoco_imgfeat/train2014_obj36.tsv data/mscoco_imgfeat/val2014_obj36.tsv "
+        "data/vg_gqa_imgfeat/vg_gqa_obj36.tsv --out data/stores/feats",
+        Run(check=stores("data/stores/feats")),
+    ),
+    (
+        "lxmert-data-convert --text data/lxmert/mscoco_train.json data/lxmert/mscoco_nominival.json "
+        "data/lxmert/vgnococo.json --features data/stores/feats --answers data/lxmert/all_ans.json --out "
+        "data/stores/text_train",
+        Run(check=stores("data/stores/text_train")),
+    ),
+    (
+        "lxmert-data-convert --text data/lxmert/mscoco_minival.json --features data/stores/feats --answers "
+        "data/lxmert/all_ans.json --out data/stores/text_minival",
+        Run(),
+    ),
+    (
+        "lxmert-data-convert --task vqa --questions data/vqa/train.json data/vqa/nominival.json --features "
+        "data/stores/feats --ans2label data/vqa/trainval_ans2label.json --out data/stores/vqa_train",
+        Run(),
+    ),
+    (
+        "lxmert-data-convert --task vqa --questions data/vqa/minival.json --features data/stores/feats --ans2label "
+        "data/vqa/trainval_ans2label.json --out data/stores/vqa_minival",
+        Run(),
+    ),
+    (
+        "lxmert-data-convert --task gqa --questions data/gqa/train.json data/gqa/valid.json --features "
+        "data/stores/feats --ans2label data/gqa/trainval_ans2label.json --out data/stores/gqa_train",
+        Run(),
+    ),
     ("lxmert-data-convert --tsv data/vg_gqa_imgfeat/gqa_testdev_obj36.tsv --out data/stores/feats_gqa_testdev", Run()),
-    ("lxmert-data-convert --task gqa --questions data/gqa/testdev.json --features data/stores/feats_gqa_testdev "
-     "--ans2label data/gqa/trainval_ans2label.json --out data/stores/gqa_testdev", Run()),
-    ("lxmert-data-convert --tsv data/nlvr2_imgfeat/train_obj36.tsv data/nlvr2_imgfeat/valid_obj36.tsv --out "
-     "data/stores/feats_nlvr2", Run()),
-    ("lxmert-data-convert --task nlvr2 --questions data/nlvr2/train.json --features data/stores/feats_nlvr2 --out "
-     "data/stores/nlvr2_train", Run()),
-    ("lxmert-data-convert --task nlvr2 --questions data/nlvr2/valid.json --features data/stores/feats_nlvr2 --out "
-     "data/stores/nlvr2_valid", Run(check=stores(*(f"data/stores/{n}" for n in (
-         "vqa_train", "vqa_minival", "gqa_train", "feats_gqa_testdev", "gqa_testdev", "feats_nlvr2", "nlvr2_train",
-         "nlvr2_valid"))))),  # fmt: skip
+    (
+        "lxmert-data-convert --task gqa --questions data/gqa/testdev.json --features data/stores/feats_gqa_testdev "
+        "--ans2label data/gqa/trainval_ans2label.json --out data/stores/gqa_testdev",
+        Run(),
+    ),
+    (
+        "lxmert-data-convert --tsv data/nlvr2_imgfeat/train_obj36.tsv data/nlvr2_imgfeat/valid_obj36.tsv --out "
+        "data/stores/feats_nlvr2",
+        Run(),
+    ),
+    (
+        "lxmert-data-convert --task nlvr2 --questions data/nlvr2/train.json --features data/stores/feats_nlvr2 --out "
+        "data/stores/nlvr2_train",
+        Run(),
+    ),
+    (
+        "lxmert-data-convert --task nlvr2 --questions data/nlvr2/valid.json --features data/stores/feats_nlvr2 --out "
+        "data/stores/nlvr2_valid",
+        Run(
+            check=stores(
+                *(
+                    f"data/stores/{n}"
+                    for n in (
+                        "vqa_train",
+                        "vqa_minival",
+                        "gqa_train",
+                        "feats_gqa_testdev",
+                        "gqa_testdev",
+                        "feats_nlvr2",
+                        "nlvr2_train",
+                        "nlvr2_valid",
+                    )
+                )
+            )
+        ),
+    ),
     # README and configs/README, training: the recipe chain pretrain.yaml -> vqa.yaml
-    ("lxmert-pretrain --config configs/pretrain.yaml", Run(f"{TINY_MODEL} {SHORT_PRETRAIN}", check=trained("runs/pretrain"))),
-    ("deepspeed --num_gpus 8 --module engine.pretrain --config configs/pretrain.yaml train.zero_stage=2 "
-     "deepspeed.config=configs/deepspeed/zero2.json",
-     Run(f"{TINY_MODEL} {SHORT_PRETRAIN} train.output_dir=runs/pretrain_zero2", (("--num_gpus 8", "--num_gpus 2"),),
-         check=trained("runs/pretrain_zero2"))),
-    ("torchrun --nproc_per_node 8 -m engine.pretrain --config configs/pretrain_adamw.yaml train.precision=bf16",
-     Run(f"{TINY_MODEL} {SHORT_PRETRAIN}", (("--nproc_per_node 8", "--nproc_per_node 2"),),
-         check=trained("runs/pretrain_adamw"))),
+    (
+        "lxmert-pretrain --config configs/pretrain.yaml",
+        Run(f"{TINY_MODEL} {SHORT_PRETRAIN}", check=trained("runs/pretrain")),
+    ),
+    (
+        "deepspeed --num_gpus 8 --module engine.pretrain --config configs/pretrain.yaml train.zero_stage=2 "
+        "deepspeed.config=configs/deepspeed/zero2.json",
+        Run(
+            f"{TINY_MODEL} {SHORT_PRETRAIN} train.output_dir=runs/pretrain_zero2",
+            (("--num_gpus 8", "--num_gpus 2"),),
+            check=trained("runs/pretrain_zero2"),
+        ),
+    ),
+    (
+        "torchrun --nproc_per_node 8 -m engine.pretrain --config configs/pretrain_adamw.yaml train.precision=bf16",
+        Run(
+            f"{TINY_MODEL} {SHORT_PRETRAIN}",
+            (("--nproc_per_node 8", "--nproc_per_node 2"),),
+            check=trained("runs/pretrain_adamw"),
+        ),
+    ),
     ("lxmert-convert runs/pretrain/model.safetensors runs/pretrain_hf --to hf", Run(check=loads_in_transformers)),
     ("lxmert-convert model_LXRT.pth out.safetensors --from authors", Run(check=converted_from_the_authors)),
     ("lxmert-finetune --config configs/vqa.yaml", Run(SHORT_FINETUNE, check=fine_tuned("runs/vqa"))),
-    ("deepspeed --num_gpus 4 --module engine.finetune --config configs/vqa.yaml",
-     Run(f"{SHORT_FINETUNE} train.output_dir=runs/vqa_zero", (("--num_gpus 4", "--num_gpus 2"),),
-         check=fine_tuned("runs/vqa_zero"))),
-    ("lxmert-finetune --config configs/vqa.yaml --evaluate-only train.init_from=runs/vqa/best",
-     Run("data.num_workers=0", check=evaluated)),
+    (
+        "deepspeed --num_gpus 4 --module engine.finetune --config configs/vqa.yaml",
+        Run(
+            f"{SHORT_FINETUNE} train.output_dir=runs/vqa_zero",
+            (("--num_gpus 4", "--num_gpus 2"),),
+            check=fine_tuned("runs/vqa_zero"),
+        ),
+    ),
+    (
+        "lxmert-finetune --config configs/vqa.yaml --evaluate-only train.init_from=runs/vqa/best",
+        Run("data.num_workers=0", check=evaluated),
+    ),
     # README, the attention pictures (the main job's outputs there; the recipe chain's here)
-    ("lxmert-attention runs/main/pretrain --text-store runs/main/stores/text_minival --index 18 --object-names "
-     "runs/main/data/synthetic.json --out runs/main/attention",
-     Run(replace=(("runs/main/pretrain", "runs/pretrain"), ("runs/main/stores/text_minival", "data/stores/text_minival"),
-                  ("runs/main/data/synthetic.json", "data/synthetic.json"), ("runs/main/attention", "runs/attention")),
-         check=pictures("runs/attention"))),  # fmt: skip
-    ("lxmert-attention runs/main/vqa/best --sentence \"what color is the bear in the room?\" --tsv "
-     "runs/main/data/mscoco_imgfeat/val2014_obj36.tsv --img-id COCO_val2014_000000000001 --head 2 --out "
-     "runs/main/vqa_attention",
-     Run(replace=(("runs/main/vqa/best", "runs/vqa/best"), ("runs/main/data/", "data/"),
-                  ("runs/main/vqa_attention", "runs/vqa_attention"), ("--head 2", "--head 1")),  # the tiny model's 2 heads
-         check=pictures("runs/vqa_attention"))),
+    (
+        "lxmert-attention runs/main/pretrain --text-store runs/main/stores/text_minival --index 18 --object-names "
+        "runs/main/data/synthetic.json --out runs/main/attention",
+        Run(
+            replace=(
+                ("runs/main/pretrain", "runs/pretrain"),
+                ("runs/main/stores/text_minival", "data/stores/text_minival"),
+                ("runs/main/data/synthetic.json", "data/synthetic.json"),
+                ("runs/main/attention", "runs/attention"),
+            ),
+            check=pictures("runs/attention"),
+        ),
+    ),
+    (
+        'lxmert-attention runs/main/vqa/best --sentence "what color is the bear in the room?" --tsv '
+        "runs/main/data/mscoco_imgfeat/val2014_obj36.tsv --img-id COCO_val2014_000000000001 --head 2 --out "
+        "runs/main/vqa_attention",
+        Run(
+            replace=(
+                ("runs/main/vqa/best", "runs/vqa/best"),
+                ("runs/main/data/", "data/"),
+                ("runs/main/vqa_attention", "runs/vqa_attention"),
+                ("--head 2", "--head 1"),
+            ),  # the tiny model's 2 heads
+            check=pictures("runs/vqa_attention"),
+        ),
+    ),
     # configs/README, the tiny recipe
     ("lxmert-synthetic data/synthetic --images 400 --feat-dim 64 --seed 0", Run()),
-    ("lxmert-data-convert --feat-dim 64 --tsv data/synthetic/mscoco_imgfeat/train2014_obj36.tsv "
-     "data/synthetic/mscoco_imgfeat/val2014_obj36.tsv --out data/synthetic/stores/feats", Run()),
-    ("lxmert-data-convert --text data/synthetic/lxmert/mscoco_train.json --features data/synthetic/stores/feats "
-     "--answers data/synthetic/lxmert/all_ans.json --out data/synthetic/stores/text_train", Run()),
-    ("lxmert-data-convert --text data/synthetic/lxmert/mscoco_minival.json --features data/synthetic/stores/feats "
-     "--answers data/synthetic/lxmert/all_ans.json --out data/synthetic/stores/text_minival", Run()),
-    ("lxmert-pretrain --config configs/tiny_cpu.yaml", Run("train.max_steps=20", check=trained("runs/tiny_cpu", 20, every=10))),
+    (
+        "lxmert-data-convert --feat-dim 64 --tsv data/synthetic/mscoco_imgfeat/train2014_obj36.tsv "
+        "data/synthetic/mscoco_imgfeat/val2014_obj36.tsv --out data/synthetic/stores/feats",
+        Run(),
+    ),
+    (
+        "lxmert-data-convert --text data/synthetic/lxmert/mscoco_train.json --features data/synthetic/stores/feats "
+        "--answers data/synthetic/lxmert/all_ans.json --out data/synthetic/stores/text_train",
+        Run(),
+    ),
+    (
+        "lxmert-data-convert --text data/synthetic/lxmert/mscoco_minival.json --features data/synthetic/stores/feats "
+        "--answers data/synthetic/lxmert/all_ans.json --out data/synthetic/stores/text_minival",
+        Run(),
+    ),
+    (
+        "lxmert-pretrain --config configs/tiny_cpu.yaml",
+        Run("train.max_steps=20", check=trained("runs/tiny_cpu", 20, every=10)),
+    ),
     # README and benchmarks/README, the benchmarks' CPU forms
     ("python -m benchmarks.projection", Run(in_checkout=True)),
-    ("python -m benchmarks.projection [--step-time-ms T] [--micro-batch 64] [--nvlink-gbs 360] [--ib-gbs 45] "
-     "[--overlap 0 0.5] [--deepspeed-default]",
-     Run(replace=(("[--step-time-ms T] [--micro-batch 64] [--nvlink-gbs 360] [--ib-gbs 45] [--overlap 0 0.5] "
-                   "[--deepspeed-default]", "--step-time-ms 9.5 --micro-batch 64 --nvlink-gbs 360 --ib-gbs 45 "
-                   "--overlap 0 0.5 --deepspeed-default"),), in_checkout=True)),  # fmt: skip
+    (
+        "python -m benchmarks.projection [--step-time-ms T] [--micro-batch 64] [--nvlink-gbs 360] [--ib-gbs 45] "
+        "[--overlap 0 0.5] [--deepspeed-default]",
+        Run(
+            replace=(
+                (
+                    "[--step-time-ms T] [--micro-batch 64] [--nvlink-gbs 360] [--ib-gbs 45] [--overlap 0 0.5] "
+                    "[--deepspeed-default]",
+                    "--step-time-ms 9.5 --micro-batch 64 --nvlink-gbs 360 --ib-gbs 45 "
+                    "--overlap 0 0.5 --deepspeed-default",
+                ),
+            ),
+            in_checkout=True,
+        ),
+    ),
     ("python -m benchmarks.kernels", Run(out("kernels"), in_checkout=True)),  # without a GPU: the checks, no timing
-    ("python -m benchmarks.kernels [--quick] [--check-only]",
-     Run(out("kernels"), (("[--quick] [--check-only]", "--quick --check-only"),), in_checkout=True)),
+    (
+        "python -m benchmarks.kernels [--quick] [--check-only]",
+        Run(out("kernels"), (("[--quick] [--check-only]", "--quick --check-only"),), in_checkout=True),
+    ),
     ("python -m benchmarks.dataloader", Run(f"--quick {out('dataloader')}", in_checkout=True)),
-    ("python -m benchmarks.dataloader [--quick] [--batch-size 64] [--step-ms T]",
-     Run(out("dataloader"), (("[--quick] [--batch-size 64] [--step-ms T]", "--quick --batch-size 64 --step-ms 1"),),
-         check=benchmark_rows("dataloader"), in_checkout=True)),
-    ("python -m benchmarks.kernels_sm90 [--jobs N] [--only TEXT] [--out runs/benchmarks/kernels_sm90.md]",
-     Run(replace=(("[--jobs N] [--only TEXT] [--out runs/benchmarks/kernels_sm90.md]",
-                   "--jobs 2 --only featreg --out {work}/bench/kernels_sm90.md"),), in_checkout=True)),  # fmt: skip
-    ("python -m benchmarks.host_waits [--paths eager sdpa triton zero1 zero2] [--out runs/benchmarks/host_waits.md]",
-     Run(replace=(("[--paths eager sdpa triton zero1 zero2] [--out runs/benchmarks/host_waits.md]",
-                   "--paths eager zero1 --steps 4 --log-every 2 --out {work}/bench/host_waits.md"),),
-         in_checkout=True)),  # fmt: skip
-    ("python -m benchmarks.store_precision [--steps 300]",
-     Run(replace=(("[--steps 300]", "--steps 4 --log-every 2 --images 24 --out {work}/bench/store_precision.md"),),
-         in_checkout=True)),  # fmt: skip
-    ("python -m benchmarks.throughput --smoke",
-     Run(out("throughput_smoke_cpu"), check=benchmark_rows("throughput_smoke_cpu"), in_checkout=True)),
+    (
+        "python -m benchmarks.dataloader [--quick] [--batch-size 64] [--step-ms T]",
+        Run(
+            out("dataloader"),
+            (("[--quick] [--batch-size 64] [--step-ms T]", "--quick --batch-size 64 --step-ms 1"),),
+            check=benchmark_rows("dataloader"),
+            in_checkout=True,
+        ),
+    ),
+    (
+        "python -m benchmarks.kernels_sm90 [--jobs N] [--only TEXT] [--out runs/benchmarks/kernels_sm90.md]",
+        Run(
+            replace=(
+                (
+                    "[--jobs N] [--only TEXT] [--out runs/benchmarks/kernels_sm90.md]",
+                    "--jobs 2 --only featreg --out {work}/bench/kernels_sm90.md",
+                ),
+            ),
+            in_checkout=True,
+        ),
+    ),
+    (
+        "python -m benchmarks.host_waits [--paths eager sdpa triton zero1 zero2] [--out runs/benchmarks/host_waits.md]",
+        Run(
+            replace=(
+                (
+                    "[--paths eager sdpa triton zero1 zero2] [--out runs/benchmarks/host_waits.md]",
+                    "--paths eager zero1 --steps 4 --log-every 2 --out {work}/bench/host_waits.md",
+                ),
+            ),
+            in_checkout=True,
+        ),
+    ),
+    (
+        "python -m benchmarks.store_precision [--steps 300]",
+        Run(
+            replace=(("[--steps 300]", "--steps 4 --log-every 2 --images 24 --out {work}/bench/store_precision.md"),),
+            in_checkout=True,
+        ),
+    ),
+    (
+        "python -m benchmarks.throughput --smoke",
+        Run(out("throughput_smoke_cpu"), check=benchmark_rows("throughput_smoke_cpu"), in_checkout=True),
+    ),
     ("python -m benchmarks.gpu_session --dry-run", Shared("gpu_session_dry_run", check=dry_run_summary)),
-    ("deepspeed --num_gpus 1 --module benchmarks.scaling",
-     Run(f"{TINY_SCALING} --stages 0 1 {out('scaling')}", in_checkout=True)),
-    ("deepspeed --num_gpus 2 --module benchmarks.scaling --model base --precision fp32 --micro-batch 2 --warmup 1 "
-     "--steps 1 --count-steps 1 --images 12",
-     Run(f"--stages 0 1 {out('scaling')}", (("--model base", "--model tiny"),), check=benchmark_rows("scaling"),
-         in_checkout=True)),
+    (
+        "deepspeed --num_gpus 1 --module benchmarks.scaling",
+        Run(f"{TINY_SCALING} --stages 0 1 {out('scaling')}", in_checkout=True),
+    ),
+    (
+        "deepspeed --num_gpus 2 --module benchmarks.scaling --model base --precision fp32 --micro-batch 2 --warmup 1 "
+        "--steps 1 --count-steps 1 --images 12",
+        Run(
+            f"--stages 0 1 {out('scaling')}",
+            (("--model base", "--model tiny"),),
+            check=benchmark_rows("scaling"),
+            in_checkout=True,
+        ),
+    ),
     # README, Many machines: node addresses and several machines; tests/test_cluster.py runs these lines on
     # 127.0.0.1, two invocations of one rank each
-    ("deepspeed --hostfile hostfile --master_addr node0 --module engine.pretrain --config configs/pretrain.yaml "
-     "train.zero_stage=2", ClusterOnly("starts the other nodes over ssh with pdsh (neither is here); the --no_ssh "
-                                       "form below runs in tests/test_cluster.py")),
-    ("deepspeed --hostfile hostfile --no_ssh --node_rank $NODE_RANK --master_addr node0 --master_port 29500 --module "
-     "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
-     ClusterOnly("one line per node, node0 a machine's address: tests/test_cluster.py (127.0.0.1, 2 nodes)")),
-    ("torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr node0 --master_port 29500 -m "
-     "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
-     ClusterOnly("one line per node, node0 a machine's address: tests/test_cluster.py (127.0.0.1, 2 nodes)")),
-    ("torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 --rdzv_id lxmert -m "
-     "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
-     ClusterOnly("one line per node, node0 a machine's address: tests/test_cluster.py (127.0.0.1, 2 nodes)")),
-    ('export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-     ClusterOnly("a SLURM job's node list; tests/test_cluster.py gives its tasks MASTER_ADDR=127.0.0.1")),
-    ("srun --nodes 2 --ntasks-per-node 8 python -m engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
-     ClusterOnly("needs SLURM; tests/test_cluster.py starts two tasks with the SLURM_* variables srun sets")),
+    (
+        "deepspeed --hostfile hostfile --master_addr node0 --module engine.pretrain --config configs/pretrain.yaml "
+        "train.zero_stage=2",
+        ClusterOnly(
+            "starts the other nodes over ssh with pdsh (neither is here); the --no_ssh "
+            "form below runs in tests/test_cluster.py"
+        ),
+    ),
+    (
+        "deepspeed --hostfile hostfile --no_ssh --node_rank $NODE_RANK --master_addr node0 --master_port 29500 --module "  # noqa: E501
+        "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
+        ClusterOnly("one line per node, node0 a machine's address: tests/test_cluster.py (127.0.0.1, 2 nodes)"),
+    ),
+    (
+        "torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr node0 --master_port 29500 -m "
+        "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
+        ClusterOnly("one line per node, node0 a machine's address: tests/test_cluster.py (127.0.0.1, 2 nodes)"),
+    ),
+    (
+        "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 --rdzv_id lxmert -m "
+        "engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",
+        ClusterOnly("one line per node, node0 a machine's address: tests/test_cluster.py (127.0.0.1, 2 nodes)"),
+    ),
+    (
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        ClusterOnly("a SLURM job's node list; tests/test_cluster.py gives its tasks MASTER_ADDR=127.0.0.1"),
+    ),
+    (
+        "srun --nodes 2 --ntasks-per-node 8 python -m engine.pretrain --config configs/pretrain.yaml train.zero_stage=2",  # noqa: E501
+        ClusterOnly("needs SLURM; tests/test_cluster.py starts two tasks with the SLURM_* variables srun sets"),
+    ),
     # GPU-only
-    ("python -m benchmarks.throughput", GpuOnly("the sweep times CUDA kernels; without a GPU it refuses "
-                                                "(tests/test_benchmark_throughput.py); --smoke is its CPU check")),
+    (
+        "python -m benchmarks.throughput",
+        GpuOnly(
+            "the sweep times CUDA kernels; without a GPU it refuses "
+            "(tests/test_benchmark_throughput.py); --smoke is its CPU check"
+        ),
+    ),
     ("deepspeed --num_gpus N --module benchmarks.scaling", GpuOnly("N GPUs; its 1- and 2-rank CPU forms run above")),
     ("deepspeed --num_gpus 8 --module benchmarks.scaling", GpuOnly("eight GPUs")),
-    ("python -m benchmarks.gpu_session --out DIR [--wheels DIR] [--budget SECONDS]",
-     GpuOnly("without a GPU it stops after the environment stage (tests/test_gpu_session.py); --dry-run is its CPU "
-             "form")),
+    (
+        "python -m benchmarks.gpu_session --out DIR [--wheels DIR] [--budget SECONDS]",
+        GpuOnly(
+            "without a GPU it stops after the environment stage (tests/test_gpu_session.py); --dry-run is its CPU form"
+        ),
+    ),
 ]
 RUNS = [(command, plan) for command, plan in PLAN if isinstance(plan, Run)]
 SHARED = [(command, plan) for command, plan in PLAN if isinstance(plan, Shared)]
@@ -425,7 +596,9 @@ def authors_checkpoint(work: Path) -> None:
 
 # what must be in place before a command runs, beyond the commands before it
 BEFORE = {
-    "lxmert-data-convert --tsv data/mscoco_imgfeat/train2014_obj36.tsv": lambda work: authors_layout_stand_ins(work / "data"),
+    "lxmert-data-convert --tsv data/mscoco_imgfeat/train2014_obj36.tsv": lambda work: authors_layout_stand_ins(
+        work / "data"
+    ),
     "lxmert-convert model_LXRT.pth": authors_checkpoint,
 }
 
@@ -455,13 +628,22 @@ def test_documented_command_runs(command, plan, workdir):
     for prefix, prepare in BEFORE.items():
         if command.startswith(prefix):
             prepare(workdir)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS",
-                                                             "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS", "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH")
+    }
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the venv's python and console commands, as activated
     (workdir / "bench").mkdir(exist_ok=True)
     line = the_command(command, plan, workdir)
-    proc = subprocess.run(["bash", "-c", line], cwd=REPO if plan.in_checkout else workdir, env=env,
-                          capture_output=True, text=True, timeout=plan.timeout)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "-c", line],
+        cwd=REPO if plan.in_checkout else workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=plan.timeout,
+    )
     # DeepSpeed 0.19.8 on the CPU: about 2 in 75 launches a rank aborts at exit ("terminate called without an
     # active exception") after writing everything; the check below then decides
     aborted_at_exit = "terminate called without an active exception" in proc.stderr and plan.check is not None
@@ -477,7 +659,8 @@ def test_documented_command_runs(command, plan, workdir):
 def assert_ran_clean(line: str, proc: subprocess.CompletedProcess, aborted_at_exit: bool = False) -> None:
     """Exit 0 (or DeepSpeed's abort at exit, when a check reads the results), no traceback, none of the known noise."""
     assert proc.returncode == 0 or aborted_at_exit, (
-        f"{line}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        f"{line}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     if not line.startswith(("deepspeed ", "torchrun ")):  # a launcher's own process is DeepSpeed's, not ours
         for noise in ("Setting accelerator to CPU", "untested optimizer", "TensorBoard logging off"):

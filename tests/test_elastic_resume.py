@@ -24,12 +24,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 from engine import checkpoint as ckpt
 from engine.config import ConfigError, load_config
 from engine.launch import deepspeed_available
 from engine.train import Trainer
-from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,28 +51,50 @@ def overrides(stores, out: Path, *extra: str) -> list[str]:
     text, feats = stores
     return [
         *tiny_model_overrides(text, D),
-        "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
-        f"data.train.text={text}", f"data.train.features={feats}", "data.num_workers=0",
-        "optim.name=adamw", "optim.lr=1e-3", "train.batch_size=8", "train.micro_batch_size=4", "train.epochs=100",
-        f"train.max_steps={STEPS}", "train.log_every=1", f"train.save_every={SAVE_AT}", f"train.output_dir={out}",
-        "train.seed=0", "train.precision=fp32", *extra,
-    ]  # fmt: skip
-
+        "model.hidden_dropout_prob=0.0",
+        "model.attention_probs_dropout_prob=0.0",
+        f"data.train.text={text}",
+        f"data.train.features={feats}",
+        "data.num_workers=0",
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "train.batch_size=8",
+        "train.micro_batch_size=4",
+        "train.epochs=100",
+        f"train.max_steps={STEPS}",
+        "train.log_every=1",
+        f"train.save_every={SAVE_AT}",
+        f"train.output_dir={out}",
+        "train.seed=0",
+        "train.precision=fp32",
+        *extra,
+    ]
 
 
 def launch(ranks: int, stage: int, args: list[str], log: Path) -> int:
     """engine.pretrain on `ranks` CPU ranks: the deepspeed launcher for 2 (and for 1 at ZeRO-0), else one process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                           "MASTER_PORT", "OMP_NUM_THREADS")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     if ranks == 1 and stage > 0:
         command = [sys.executable, "-m", "engine.pretrain"]
     else:
-        command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-                   str(free_port()), "--module", "engine.pretrain"]  # fmt: skip
+        command = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "engine.pretrain",
+        ]
     with open(log, "w") as f:
-        return subprocess.run([*command, *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=300).returncode  # fmt: skip
+        return subprocess.run(
+            [*command, *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300
+        ).returncode
 
 
 def train_records(out: Path) -> list[dict]:
@@ -122,12 +144,20 @@ def written(stores, tmp_path_factory, uninterrupted):
 ALSO_UNDER_A_SECOND_PYTHON = pytest.mark.interpreters  # CI runs these two under the system python3 too
 
 
-@pytest.mark.parametrize("before, after, stage", [
-    (2, 1, 0), (1, 2, 1), (2, 1, 2), pytest.param(1, 2, 2, marks=ALSO_UNDER_A_SECOND_PYTHON),
-    pytest.param(2, 1, 3, marks=ALSO_UNDER_A_SECOND_PYTHON), (1, 2, 3),
-])  # fmt: skip
-def test_a_checkpoint_of_n_ranks_resumes_on_m_with_the_uninterrupted_losses(before, after, stage, stores, written,
-                                                                            uninterrupted, tmp_path):  # fmt: skip
+@pytest.mark.parametrize(
+    "before, after, stage",
+    [
+        (2, 1, 0),
+        (1, 2, 1),
+        (2, 1, 2),
+        pytest.param(1, 2, 2, marks=ALSO_UNDER_A_SECOND_PYTHON),
+        pytest.param(2, 1, 3, marks=ALSO_UNDER_A_SECOND_PYTHON),
+        (1, 2, 3),
+    ],
+)
+def test_a_checkpoint_of_n_ranks_resumes_on_m_with_the_uninterrupted_losses(
+    before, after, stage, stores, written, uninterrupted, tmp_path
+):
     source = ckpt.checkpoint_root(written(before, stage)) / ckpt.tag_of(SAVE_AT)
     out = tmp_path / "resumed"
     path = ckpt.checkpoint_root(out) / ckpt.tag_of(SAVE_AT)

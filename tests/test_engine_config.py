@@ -8,17 +8,28 @@ from pathlib import Path
 import pytest
 
 from engine.config import (
-    ConfigError, RunConfig, deepspeed_config, format_config, from_dict, load_config, resolve, save_config, to_dict,
-)  # fmt: skip
+    ConfigError,
+    RunConfig,
+    deepspeed_config,
+    format_config,
+    from_dict,
+    load_config,
+    resolve,
+    save_config,
+    to_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 TEMPLATES = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
 # the ZeRO stage and offload each template states explicitly
 TEMPLATE_SETTINGS = {
-    "zero1": (1, "none"), "zero2": (2, "none"), "zero3": (3, "none"),
-    "zero2_offload": (2, "optimizer"), "zero3_offload": (3, "optimizer+params"),
-}  # fmt: skip
+    "zero1": (1, "none"),
+    "zero2": (2, "none"),
+    "zero3": (3, "none"),
+    "zero2_offload": (2, "optimizer"),
+    "zero3_offload": (3, "optimizer+params"),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +64,12 @@ def test_every_recipe_loads_resolves_and_makes_a_deepspeed_config(recipe, world_
 def test_recipe_values_are_the_authors():
     pre = load_config("configs/pretrain.yaml")
     assert (pre.optim.name, pre.optim.lr, pre.optim.warmup_ratio, pre.optim.schedule, pre.optim.grad_clip) == (
-        "bertadam", 1e-4, 0.05, "linear", 1.0)  # fmt: skip
+        "bertadam",
+        1e-4,
+        0.05,
+        "linear",
+        1.0,
+    )
     assert (pre.train.batch_size, pre.train.epochs, pre.optim.eps, pre.optim.weight_decay) == (256, 20, 1e-6, 0.01)
     assert pre.optim.no_decay is None and pre.model.hidden_size == 768 and pre.model.x_layers == 5
     assert all([pre.model.task_mask_lm, pre.model.task_obj_predict, pre.model.task_matched, pre.model.task_qa])
@@ -76,10 +92,15 @@ def test_every_deepspeed_template_parses_and_merges(template, precision):
     stage, offload = TEMPLATE_SETTINGS[template.stem]
     raw = json.loads(template.read_text())
     assert "optimizer" not in raw and "scheduler" not in raw
-    config = load_config("configs/pretrain.yaml", [
-        f"deepspeed.config=configs/deepspeed/{template.name}", f"train.zero_stage={stage}",
-        f"train.offload={offload}", f"train.precision={precision}",
-    ])  # fmt: skip
+    config = load_config(
+        "configs/pretrain.yaml",
+        [
+            f"deepspeed.config=configs/deepspeed/{template.name}",
+            f"train.zero_stage={stage}",
+            f"train.offload={offload}",
+            f"train.precision={precision}",
+        ],
+    )
     ds = deepspeed_config(config, 8)
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage and ds["train_micro_batch_size_per_gpu"] == 32
@@ -94,10 +115,22 @@ def test_every_deepspeed_template_parses_and_merges(template, precision):
 
 
 def test_deepspeed_defaults_without_a_template():
-    ds = deepspeed_config(load_config(None, ["train.precision=fp16", "train.batch_size=64", "train.micro_batch_size=4"]), 2)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 4, 8)
-    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                          "hysteresis": 2, "min_loss_scale": 1}  # fmt: skip
+    ds = deepspeed_config(
+        load_config(None, ["train.precision=fp16", "train.batch_size=64", "train.micro_batch_size=4"]), 2
+    )
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64,
+        4,
+        8,
+    )
+    assert ds["fp16"] == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": 1000,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    }
     assert ds["zero_optimization"] == {"stage": 0} and ds["wall_clock_breakdown"] is False
     assert ds["steps_per_print"] >= 10**8 and "zero_allow_untested_optimizer" not in ds  # ZeRO off: no check
     ds = deepspeed_config(load_config(None, ["optim.name=adamw", "train.zero_stage=2"]), 1)
@@ -118,16 +151,19 @@ def _template(tmp_path, **values) -> str:
     return f"deepspeed.config={path}"
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"train_batch_size": 128}, "train_batch_size is 128 but the typed config makes it 256"),
-    ({"gradient_clipping": 5.0}, "gradient_clipping is 5.0"),
-    ({"bf16__enabled": True}, "bf16.enabled is True"),
-    ({"zero_optimization__stage": 3}, "zero_optimization.stage is 3 but the typed config makes it 2"),
-    ({"zero_optimization__offload_optimizer": {"device": "cpu"}}, "offload_optimizer.device is 'cpu'"),
-    ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
-    ({"scheduler": {"type": "WarmupLR"}}, "remove 'scheduler'"),
-    ({"zero_optimization__reduce_bucket_size": "auto"}, "also found at zero_optimization.reduce_bucket_size"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"train_batch_size": 128}, "train_batch_size is 128 but the typed config makes it 256"),
+        ({"gradient_clipping": 5.0}, "gradient_clipping is 5.0"),
+        ({"bf16__enabled": True}, "bf16.enabled is True"),
+        ({"zero_optimization__stage": 3}, "zero_optimization.stage is 3 but the typed config makes it 2"),
+        ({"zero_optimization__offload_optimizer": {"device": "cpu"}}, "offload_optimizer.device is 'cpu'"),
+        ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
+        ({"scheduler": {"type": "WarmupLR"}}, "remove 'scheduler'"),
+        ({"zero_optimization__reduce_bucket_size": "auto"}, "also found at zero_optimization.reduce_bucket_size"),
+    ],
+)
 def test_template_contradicting_the_typed_config_is_an_error(tmp_path, override, message):
     config = load_config("configs/pretrain.yaml", [_template(tmp_path, **override), "train.zero_stage=2"])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -135,8 +171,9 @@ def test_template_contradicting_the_typed_config_is_an_error(tmp_path, override,
 
 
 def test_template_agreeing_explicitly_is_fine(tmp_path):
-    config = load_config("configs/pretrain.yaml", [_template(tmp_path, train_batch_size=256, gradient_clipping=1),
-                                                    "train.zero_stage=2"])  # fmt: skip
+    config = load_config(
+        "configs/pretrain.yaml", [_template(tmp_path, train_batch_size=256, gradient_clipping=1), "train.zero_stage=2"]
+    )
     assert deepspeed_config(config, 8)["train_batch_size"] == 256
     with pytest.raises(ConfigError, match="cannot read the DeepSpeed config"):
         deepspeed_config(load_config(None, ["deepspeed.config=no/such.json"]), 1)
@@ -149,12 +186,25 @@ def test_an_empty_override_empties_a_text_field():
 
 
 def test_overrides_fill_and_are_type_checked():
-    c = load_config("configs/pretrain.yaml", [
-        "model.hidden_size=128", "model.num_attention_heads=4", "optim.lr=5e-5", "optim.betas=[0.9, 0.98]",
-        "train.max_steps=10", "data.train.text=/data/x", "train.resume=none", "optim.no_decay=['*.bias']",
-        "train.output_dir=2024", "deepspeed.config=null", "train.compile=true",
-    ])  # fmt: skip
-    assert c.model.hidden_size == 128 and c.optim.lr == 5e-5 and isinstance(c.optim.lr, float)  # PyYAML: "5e-5" is a str
+    c = load_config(
+        "configs/pretrain.yaml",
+        [
+            "model.hidden_size=128",
+            "model.num_attention_heads=4",
+            "optim.lr=5e-5",
+            "optim.betas=[0.9, 0.98]",
+            "train.max_steps=10",
+            "data.train.text=/data/x",
+            "train.resume=none",
+            "optim.no_decay=['*.bias']",
+            "train.output_dir=2024",
+            "deepspeed.config=null",
+            "train.compile=true",
+        ],
+    )
+    assert (
+        c.model.hidden_size == 128 and c.optim.lr == 5e-5 and isinstance(c.optim.lr, float)
+    )  # PyYAML: "5e-5" is a str
     assert c.optim.betas == (0.9, 0.98) and c.train.max_steps == 10 and c.data.train.text == "/data/x"
     assert c.data.train.features == "data/stores/feats"  # the rest of the nested section is kept
     assert c.train.resume == "none" and c.optim.no_decay == ["*.bias"] and c.train.output_dir == "2024"
@@ -162,41 +212,44 @@ def test_overrides_fill_and_are_type_checked():
     assert load_config(None, ["train.max_steps=null"]).train.max_steps is None
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.learning_rate=1e-4", "unknown key 'optim.learning_rate'"),
-    ("optim.lrr=1e-4", "unknown key 'optim.lrr'; did you mean 'lr'?"),
-    ("trian.epochs=3", "unknown key 'trian'; did you mean 'train'?"),
-    ("model.hiden_size=3", "did you mean 'hidden_size'?"),
-    ("data.train.feature=x", "unknown key 'data.train.feature'; did you mean 'features'?"),
-    ("train.epochs.x=3", "train.epochs is not a section"),
-    ("train=3", "must look like section.field=value"),
-    ("train.epochs", "must look like section.field=value"),
-    ("data.train=x", "data.train is a section"),
-    ("train.batch_size=abc", r"train.batch_size: expected int, got 'abc' \(str\)"),
-    ("train.batch_size=2.5", r"train.batch_size: expected int, got 2.5 \(float\)"),
-    ("train.compile=3", r"train.compile: expected bool, got 3 \(int\)"),
-    ("optim.lr=fast", r"optim.lr: expected float, got 'fast' \(str\)"),
-    ("optim.betas=[0.9]", r"optim.betas: expected tuple"),
-    ("train.max_steps=ten", r"train.max_steps: expected int \| None, got 'ten'"),
-    ("train.precision=fp8", "train.precision: 'fp8' is not one of 'fp32', 'bf16', 'fp16'"),
-    ("train.precision=bf61", "did you mean 'bf16'?"),
-    ("train.zero_stage=4", "train.zero_stage: 4 is not one of 0, 1, 2, 3"),
-    ("train.zero_stage=true", "train.zero_stage: True is not one of"),
-    ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
-    ("optim.lr=-1e-4", "optim.lr must be > 0"),
-    ("optim.warmup_ratio=1", r"optim.warmup_ratio must be in \[0, 1\)"),
-    ("optim.betas=[0.9, 1.0]", r"optim.betas must be in \[0, 1\)"),
-    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
-    ("train.batch_size=0", "train.batch_size must be >= 1"),
-    ("train.keep_checkpoints=-1", r"train.keep_checkpoints must be >= 0 \(0 = keep all\), got -1"),
-    ("train.offload=optimizer", "needs train.zero_stage >= 1"),
-    ("data.sources=[coco]", "unknown source 'coco'; did you mean 'mscoco'?"),
-    ("data.word_mask_prob=1.5", r"data.word_mask_prob must be in \[0, 1\)"),
-    ("model.attn_backend=flashy", "model.attn_backend 'flashy' is not one of"),
-    ("model.attn_backend=flash", "'flash' needs train.precision bf16 or fp16"),
-    ("train.compile_backend=inductr", "did you mean 'inductor'?"),
-    ("model.hidden_size=100", "model: hidden_size 100 is not a multiple of num_attention_heads 12"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.learning_rate=1e-4", "unknown key 'optim.learning_rate'"),
+        ("optim.lrr=1e-4", "unknown key 'optim.lrr'; did you mean 'lr'?"),
+        ("trian.epochs=3", "unknown key 'trian'; did you mean 'train'?"),
+        ("model.hiden_size=3", "did you mean 'hidden_size'?"),
+        ("data.train.feature=x", "unknown key 'data.train.feature'; did you mean 'features'?"),
+        ("train.epochs.x=3", "train.epochs is not a section"),
+        ("train=3", "must look like section.field=value"),
+        ("train.epochs", "must look like section.field=value"),
+        ("data.train=x", "data.train is a section"),
+        ("train.batch_size=abc", r"train.batch_size: expected int, got 'abc' \(str\)"),
+        ("train.batch_size=2.5", r"train.batch_size: expected int, got 2.5 \(float\)"),
+        ("train.compile=3", r"train.compile: expected bool, got 3 \(int\)"),
+        ("optim.lr=fast", r"optim.lr: expected float, got 'fast' \(str\)"),
+        ("optim.betas=[0.9]", r"optim.betas: expected tuple"),
+        ("train.max_steps=ten", r"train.max_steps: expected int \| None, got 'ten'"),
+        ("train.precision=fp8", "train.precision: 'fp8' is not one of 'fp32', 'bf16', 'fp16'"),
+        ("train.precision=bf61", "did you mean 'bf16'?"),
+        ("train.zero_stage=4", "train.zero_stage: 4 is not one of 0, 1, 2, 3"),
+        ("train.zero_stage=true", "train.zero_stage: True is not one of"),
+        ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+        ("optim.lr=-1e-4", "optim.lr must be > 0"),
+        ("optim.warmup_ratio=1", r"optim.warmup_ratio must be in \[0, 1\)"),
+        ("optim.betas=[0.9, 1.0]", r"optim.betas must be in \[0, 1\)"),
+        ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+        ("train.batch_size=0", "train.batch_size must be >= 1"),
+        ("train.keep_checkpoints=-1", r"train.keep_checkpoints must be >= 0 \(0 = keep all\), got -1"),
+        ("train.offload=optimizer", "needs train.zero_stage >= 1"),
+        ("data.sources=[coco]", "unknown source 'coco'; did you mean 'mscoco'?"),
+        ("data.word_mask_prob=1.5", r"data.word_mask_prob must be in \[0, 1\)"),
+        ("model.attn_backend=flashy", "model.attn_backend 'flashy' is not one of"),
+        ("model.attn_backend=flash", "'flash' needs train.precision bf16 or fp16"),
+        ("train.compile_backend=inductr", "did you mean 'inductor'?"),
+        ("model.hidden_size=100", "model: hidden_size 100 is not a multiple of num_attention_heads 12"),
+    ],
+)
 def test_bad_overrides_give_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -231,13 +284,19 @@ def test_yaml_errors(tmp_path):
     assert c.optim.lr == 1e-4 and c.model.hidden_size == 768
 
 
-@pytest.mark.parametrize("train, world, message", [
-    (["train.batch_size=256"], 3, "batch_size 256 is not divisible by world size 3"),
-    (["train.batch_size=256", "train.micro_batch_size=48"], 1, "not divisible by micro_batch_size 48"),
-    (["train.batch_size=256", "train.micro_batch_size=16", "train.grad_accum_steps=4"], 8,
-     "!= micro_batch_size 16 x grad_accum_steps 4 x world size 8 = 512"),
-    (["train.world_size=8"], 4, "train.world_size is 8 but the job runs 4 ranks"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "train, world, message",
+    [
+        (["train.batch_size=256"], 3, "batch_size 256 is not divisible by world size 3"),
+        (["train.batch_size=256", "train.micro_batch_size=48"], 1, "not divisible by micro_batch_size 48"),
+        (
+            ["train.batch_size=256", "train.micro_batch_size=16", "train.grad_accum_steps=4"],
+            8,
+            "!= micro_batch_size 16 x grad_accum_steps 4 x world size 8 = 512",
+        ),
+        (["train.world_size=8"], 4, "train.world_size is 8 but the job runs 4 ranks"),
+    ],
+)
 def test_resolve_errors(train, world, message):
     with pytest.raises(ConfigError, match=message):
         resolve(load_config(None, train), world)
@@ -273,7 +332,12 @@ def test_save_load_round_trip(tmp_path):
 def test_defaults_are_the_authors():
     c = RunConfig()
     assert (c.optim.name, c.optim.lr, c.optim.betas, c.optim.eps, c.optim.weight_decay) == (
-        "bertadam", 1e-4, (0.9, 0.999), 1e-6, 0.01)  # fmt: skip
+        "bertadam",
+        1e-4,
+        (0.9, 0.999),
+        1e-6,
+        0.01,
+    )
     assert (c.data.word_mask_prob, c.data.region_mask_prob, c.data.negative_prob) == (0.15, 0.15, 0.5)
     assert load_config(None) == c
 
@@ -291,9 +355,14 @@ def test_merged_config_is_accepted_by_deepspeed(monkeypatch):
 
     monkeypatch.setattr(ds_config, "dist", EightRanks())
     for template, (stage, offload) in TEMPLATE_SETTINGS.items():
-        config = load_config("configs/pretrain.yaml", [
-            f"deepspeed.config=configs/deepspeed/{template}.json", f"train.zero_stage={stage}", f"train.offload={offload}",
-            "train.precision=bf16",
-        ])  # fmt: skip
+        config = load_config(
+            "configs/pretrain.yaml",
+            [
+                f"deepspeed.config=configs/deepspeed/{template}.json",
+                f"train.zero_stage={stage}",
+                f"train.offload={offload}",
+                "train.precision=bf16",
+            ],
+        )
         parsed = ds_config.DeepSpeedConfig(deepspeed_config(config, 8))
         assert parsed.train_micro_batch_size_per_gpu == 32 and parsed.zero_optimization_stage == stage

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 import lxmert
 from engine import checkpoint as ckpt
@@ -37,7 +38,6 @@ from engine.finetune import FineTuner
 from engine.launch import deepspeed_available
 from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
-from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,18 +60,30 @@ def overrides(stores, out: Path, *extra: str) -> list[str]:
     text, feats = stores
     return [
         *tiny_model_overrides(text, D),
-        "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
-        f"data.train.text={text}", f"data.train.features={feats}", "data.num_workers=0",
-        f"data.eval.text={text}", f"data.eval.features={feats}",
-        "optim.name=adamw", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=100",
-        f"train.max_steps={STEPS}", "train.log_every=1", f"train.save_every={SAVE_AT}",
-        f"train.output_dir={out}", "train.seed=0", "train.precision=fp32",
+        "model.hidden_dropout_prob=0.0",
+        "model.attention_probs_dropout_prob=0.0",
+        f"data.train.text={text}",
+        f"data.train.features={feats}",
+        "data.num_workers=0",
+        f"data.eval.text={text}",
+        f"data.eval.features={feats}",
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "train.batch_size=8",
+        "train.epochs=100",
+        f"train.max_steps={STEPS}",
+        "train.log_every=1",
+        f"train.save_every={SAVE_AT}",
+        f"train.output_dir={out}",
+        "train.seed=0",
+        "train.precision=fp32",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
-
-def launch(args: list[str], log: Path, *flags: str, module: str = "engine.pretrain", launcher: str = "deepspeed") -> int:
+def launch(
+    args: list[str], log: Path, *flags: str, module: str = "engine.pretrain", launcher: str = "deepspeed"
+) -> int:
     """`deepspeed --num_gpus 2 --module <module> [flags] args` (2 CPU ranks; or the same through torchrun);
     returns the exit code."""
     env = dict(os.environ)
@@ -80,11 +92,31 @@ def launch(args: list[str], log: Path, *flags: str, module: str = "engine.pretra
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), "-m", module, *flags, *args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            module,
+            *flags,
+            *args,
+        ]
     else:
-        command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-                   str(free_port()), "--module", module, *flags, *args]  # fmt: skip
+        command = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            module,
+            *flags,
+            *args,
+        ]
     with open(log, "w") as f:
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300)
     return proc.returncode
@@ -133,11 +165,12 @@ def reference_eval(reference) -> dict:
     n = sum(p["samples"] for p in parts)
     asked = sum(p["qa_questions"] for p in parts)
     return {
-        "samples": n, "loss": sum(p["loss"] * p["samples"] for p in parts) / n,
+        "samples": n,
+        "loss": sum(p["loss"] * p["samples"] for p in parts) / n,
         "losses": {k: sum(p["losses"][k] * p["samples"] for p in parts) / n for k in parts[0]["losses"]},
         "matched_accuracy": sum(p["matched_accuracy"] * p["samples"] for p in parts) / n,
         "qa_accuracy": sum(p["qa_accuracy"] * p["qa_questions"] for p in parts) / asked,
-    }  # fmt: skip
+    }
 
 
 _runs: dict[int, tuple[Path, int]] = {}
@@ -181,9 +214,12 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(stage, run_stage, 
     (final,) = records(out, "eval")
     assert final["step"] == STEPS and final["samples"] == reference_eval["samples"]
     assert list(final["losses"]) == list(recs[0]["losses"])  # validation lists them as training does
-    assert_close_lists([final["loss"], *final["losses"].values(), final["matched_accuracy"]],
-                       [reference_eval["loss"], *reference_eval["losses"].values(),
-                        reference_eval["matched_accuracy"]], 1e-5, f"ZeRO-{stage} eval")  # fmt: skip
+    assert_close_lists(
+        [final["loss"], *final["losses"].values(), final["matched_accuracy"]],
+        [reference_eval["loss"], *reference_eval["losses"].values(), reference_eval["matched_accuracy"]],
+        1e-5,
+        f"ZeRO-{stage} eval",
+    )
     assert final["qa_accuracy"] == pytest.approx(reference_eval["qa_accuracy"], abs=1e-9)
     # every rank's ZeRO shards and RNG states of the step-2 and the final checkpoint were written and are listed in
     # the manifest rank 0 wrote
@@ -218,8 +254,10 @@ def test_zero2_resume_continues_with_the_uninterrupted_losses(run_stage, stores,
     out.mkdir()
     shutil.copytree(ckpt.checkpoint_root(full) / ckpt.tag_of(SAVE_AT), ckpt.checkpoint_root(out) / ckpt.tag_of(SAVE_AT))
     (ckpt.checkpoint_root(out) / ckpt.LATEST).write_text(ckpt.tag_of(SAVE_AT))
-    rc = launch(overrides(stores, out, "train.zero_stage=2", "train.resume=auto", "train.keep_checkpoints=1"),
-                tmp_path / "resume.log")  # fmt: skip
+    rc = launch(
+        overrides(stores, out, "train.zero_stage=2", "train.resume=auto", "train.keep_checkpoints=1"),
+        tmp_path / "resume.log",
+    )
     recs = records(out)
     log = (tmp_path / "resume.log").read_text()
     assert f"resumed from {ckpt.checkpoint_root(out) / ckpt.tag_of(SAVE_AT)} at step {SAVE_AT}" in log, log[-3000:]
@@ -284,17 +322,35 @@ def test_two_rank_vqa_fine_tuning_matches_one_process(tmp_path):
     from test_engine_finetune import TINY, build_data
 
     data = build_data(tmp_path / "data", images=60)
-    common = [*TINY, f"data.train.text={data['vqa_train']}", f"data.train.features={data['feats']}",
-              f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}", "data.num_workers=0",
-              "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0", "optim.name=adamw",
-              "optim.lr=1e-3", "train.task=vqa", "train.batch_size=8", "train.max_steps=6", "train.log_every=1",
-              "train.seed=0"]  # fmt: skip
-    one = FineTuner(load_config(None, [*common, f"train.output_dir={tmp_path / 'one'}", "train.micro_batch_size=4",
-                                       "train.grad_accum_steps=2"]), use_deepspeed=False)  # fmt: skip
+    common = [
+        *TINY,
+        f"data.train.text={data['vqa_train']}",
+        f"data.train.features={data['feats']}",
+        f"data.eval.text={data['vqa_minival']}",
+        f"data.eval.features={data['feats']}",
+        "data.num_workers=0",
+        "model.hidden_dropout_prob=0.0",
+        "model.attention_probs_dropout_prob=0.0",
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "train.task=vqa",
+        "train.batch_size=8",
+        "train.max_steps=6",
+        "train.log_every=1",
+        "train.seed=0",
+    ]
+    one = FineTuner(
+        load_config(
+            None,
+            [*common, f"train.output_dir={tmp_path / 'one'}", "train.micro_batch_size=4", "train.grad_accum_steps=2"],
+        ),
+        use_deepspeed=False,
+    )
     expected = one.train()
     out = tmp_path / "two"
-    rc = launch([*common, f"train.output_dir={out}", "train.zero_stage=2"], tmp_path / "launch.log",
-                module="engine.finetune")  # fmt: skip
+    rc = launch(
+        [*common, f"train.output_dir={out}", "train.zero_stage=2"], tmp_path / "launch.log", module="engine.finetune"
+    )
     train, evals = records(out), records(out, "eval")
     assert len(train) == 6, diagnose(out, rc)
     assert_close_lists(losses(train), [r["loss"] for r in one.history], 1e-5, "fine-tuning losses")

@@ -66,9 +66,12 @@ def test_empty_predictions_are_an_error(metric, labels):
 
 @pytest.mark.parametrize(
     "metric, predicted, labels",
-    [(vqa_score, {99: "yes"}, VQA_LABELS), (gqa_accuracy, {"z": "x"}, {"a": {"x": 1.0}}),
-     (nlvr2_accuracy, {"z": 1}, {"a": 1})],
-)  # fmt: skip
+    [
+        (vqa_score, {99: "yes"}, VQA_LABELS),
+        (gqa_accuracy, {"z": "x"}, {"a": {"x": 1.0}}),
+        (nlvr2_accuracy, {"z": 1}, {"a": 1}),
+    ],
+)
 def test_unlabelled_prediction_is_an_error(metric, predicted, labels):
     with pytest.raises(KeyError, match="no label"):
         metric(predicted, labels)

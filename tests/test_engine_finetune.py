@@ -15,13 +15,13 @@ import pytest
 import torch
 
 import lxmert
+from engine.checkpoint import write_state_dict
 from engine.config import load_config
 from engine.data import convert, synthetic
 from engine.data.tasks import TaskStore, convert_task
 from engine.evaluate import read_gqa_submission, read_nlvr2_submission, read_vqa_submission
 from engine.finetune import FineTuneError, FineTuner, main
 from lxmert.answers import normalize_answer
-from engine.checkpoint import write_state_dict
 from lxmert.convert import read_state_dict
 
 D = 16
@@ -34,14 +34,25 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def build_data(root: Path, images: int = 200) -> dict[str, Path]:
     syn = root / "syn"
-    synthetic.generate(syn, images, feat_dim=D, seed=5, captions_per_image=1, questions_per_image=4, minival_fraction=0.2)
+    synthetic.generate(
+        syn, images, feat_dim=D, seed=5, captions_per_image=1, questions_per_image=4, minival_fraction=0.2
+    )
     feats = root / "feats"
-    convert.convert_features([syn / "mscoco_imgfeat/train2014_obj36.tsv", syn / "mscoco_imgfeat/val2014_obj36.tsv"],
-                             feats, feat_dim=D, progress=False)  # fmt: skip
+    convert.convert_features(
+        [syn / "mscoco_imgfeat/train2014_obj36.tsv", syn / "mscoco_imgfeat/val2014_obj36.tsv"],
+        feats,
+        feat_dim=D,
+        progress=False,
+    )
     out = {"syn": syn, "feats": feats}
-    for task, split, name in (("vqa", "train", "train"), ("vqa", "minival", "minival"), ("gqa", "train", "train"),
-                              ("gqa", "testdev", "testdev"), ("nlvr2", "train", "train"),
-                              ("nlvr2", "valid", "valid")):  # fmt: skip
+    for task, split, name in (
+        ("vqa", "train", "train"),
+        ("vqa", "minival", "minival"),
+        ("gqa", "train", "train"),
+        ("gqa", "testdev", "testdev"),
+        ("nlvr2", "train", "train"),
+        ("nlvr2", "valid", "valid"),
+    ):
         a2l = syn / task / "trainval_ans2label.json" if task != "nlvr2" else None
         convert_task(task, [syn / task / f"{split}.json"], feats, a2l, root / f"{task}_{name}")
         out[f"{task}_{name}"] = root / f"{task}_{name}"
@@ -49,22 +60,42 @@ def build_data(root: Path, images: int = 200) -> dict[str, Path]:
 
 
 TINY = [
-    "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64", "model.l_layers=1",
-    "model.r_layers=1", "model.x_layers=1", f"model.visual_feat_dim={D}", "model.attn_backend=sdpa",
-    f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}", f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}",
+    "model.hidden_size=32",
+    "model.num_attention_heads=2",
+    "model.intermediate_size=64",
+    "model.l_layers=1",
+    "model.r_layers=1",
+    "model.x_layers=1",
+    f"model.visual_feat_dim={D}",
+    "model.attn_backend=sdpa",
+    f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
+    f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}",
     f"model.num_qa_labels={len(synthetic.ANSWERS)}",
-]  # fmt: skip
+]
 
 
 def config(data, task: str, out: Path, *extra: str, eval_split: str | None = None):
     eval_split = eval_split or {"vqa": "minival", "gqa": "testdev", "nlvr2": "valid"}[task]
     overrides = [
-        *TINY, f"data.train.text={data[f'{task}_train']}", f"data.train.features={data['feats']}",
-        f"data.eval.text={data[f'{task}_{eval_split}']}", f"data.eval.features={data['feats']}",
-        "data.num_workers=0", "data.seed=1", "optim.name=adamw", "optim.lr=1e-3", "optim.warmup_ratio=0.1",
-        "optim.grad_clip=5.0", "train.batch_size=32", "train.epochs=4", "train.log_every=5",
-        f"train.task={task}", f"train.output_dir={out}", "train.seed=0", *extra,
-    ]  # fmt: skip
+        *TINY,
+        f"data.train.text={data[f'{task}_train']}",
+        f"data.train.features={data['feats']}",
+        f"data.eval.text={data[f'{task}_{eval_split}']}",
+        f"data.eval.features={data['feats']}",
+        "data.num_workers=0",
+        "data.seed=1",
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "optim.warmup_ratio=0.1",
+        "optim.grad_clip=5.0",
+        "train.batch_size=32",
+        "train.epochs=4",
+        "train.log_every=5",
+        f"train.task={task}",
+        f"train.output_dir={out}",
+        "train.seed=0",
+        *extra,
+    ]
     return load_config(None, overrides)
 
 
@@ -97,8 +128,10 @@ def test_vqa_from_scratch_learns_and_writes_outputs(data, tmp_path):
     assert sorted(r["question_id"] for r in sub) == sorted(int(q) for q in store.question_ids)
     assert all(r["answer"] in synthetic.ANSWERS for r in sub)
     predicted = read_vqa_submission(tmp_path / "vqa_submission.json")
-    labels = {int(store.question_ids[i]): {store.answers[k]: s for k, s in store.labels_of(i).items()}
-              for i in range(len(store))}  # fmt: skip
+    labels = {
+        int(store.question_ids[i]): {store.answers[k]: s for k, s in store.labels_of(i).items()}
+        for i in range(len(store))
+    }
     score = sum(labels[q].get(a, 0.0) for q, a in predicted.items()) / len(predicted)
     assert score == pytest.approx(metric)  # the submission is the best epoch's predictions
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -116,8 +149,7 @@ def test_training_is_deterministic(data, tmp_path):
 
 
 def test_nlvr2_runs_and_its_loss_falls(data, tmp_path):
-    tuner = FineTuner(config(data, "nlvr2", tmp_path, "train.batch_size=16", "train.epochs=3",
-                             "train.log_every=1"))  # fmt: skip
+    tuner = FineTuner(config(data, "nlvr2", tmp_path, "train.batch_size=16", "train.epochs=3", "train.log_every=1"))
     summary = tuner.train()
     losses = [r["loss"] for r in tuner.history]
     k = max(len(losses) // 4, 1)
@@ -194,8 +226,16 @@ def test_init_from_answer_table_options(data, tmp_path):
 def test_init_from_a_mismatched_model_is_a_clear_error(data, tmp_path):
     path = pretrained_export(tmp_path, list(synthetic.ANSWERS))
     with pytest.raises(FineTuneError, match="does not fit model"):
-        FineTuner(config(data, "vqa", tmp_path / "run", f"train.init_from={path}", "model.hidden_size=64",
-                         "model.intermediate_size=128"))  # fmt: skip
+        FineTuner(
+            config(
+                data,
+                "vqa",
+                tmp_path / "run",
+                f"train.init_from={path}",
+                "model.hidden_size=64",
+                "model.intermediate_size=128",
+            )
+        )
     with pytest.raises(FineTuneError, match="does not exist"):
         FineTuner(config(data, "vqa", tmp_path / "run", f"train.init_from={tmp_path / 'nope.safetensors'}"))
 
@@ -228,10 +268,17 @@ def test_cli_runs_and_reports(data, tmp_path, capsys):
 
 def config_overrides(data, task, out):
     return [
-        *TINY, f"data.train.text={data[f'{task}_train']}", f"data.train.features={data['feats']}",
-        f"data.eval.text={data[f'{task}_valid']}", f"data.eval.features={data['feats']}", "train.batch_size=8",
-        f"train.task={task}", f"train.output_dir={out}", "optim.lr=1e-3", "data.num_workers=0",
-    ]  # fmt: skip
+        *TINY,
+        f"data.train.text={data[f'{task}_train']}",
+        f"data.train.features={data['feats']}",
+        f"data.eval.text={data[f'{task}_valid']}",
+        f"data.eval.features={data['feats']}",
+        "train.batch_size=8",
+        f"train.task={task}",
+        f"train.output_dir={out}",
+        "optim.lr=1e-3",
+        "data.num_workers=0",
+    ]
 
 
 def test_answer_table_from_the_pretraining_runs_config(data, tmp_path):
@@ -247,17 +294,23 @@ def test_answer_table_from_the_pretraining_runs_config(data, tmp_path):
     assert tuner.init_report["answers_missing"] == 0
     state = read_state_dict(path)
     row = table.index("yes")
-    assert torch.equal(tuner.model.answer_head.fc2.weight[list(synthetic.ANSWERS).index("yes")],
-                       state["answer_head.fc2.weight"][row])  # fmt: skip
+    assert torch.equal(
+        tuner.model.answer_head.fc2.weight[list(synthetic.ANSWERS).index("yes")], state["answer_head.fc2.weight"][row]
+    )
 
 
 def test_the_vqa_recipe_runs_with_overrides(data, tmp_path, capsys):
     """configs/vqa.yaml as shipped, pointed at the synthetic stores and shrunk, from scratch."""
     overrides = [
-        *TINY, f"data.train.text={data['vqa_train']}", f"data.train.features={data['feats']}",
-        f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}", "data.num_workers=0",
-        "train.max_steps=2", f"train.output_dir={tmp_path}",
-    ]  # fmt: skip
+        *TINY,
+        f"data.train.text={data['vqa_train']}",
+        f"data.train.features={data['feats']}",
+        f"data.eval.text={data['vqa_minival']}",
+        f"data.eval.features={data['feats']}",
+        "data.num_workers=0",
+        "train.max_steps=2",
+        f"train.output_dir={tmp_path}",
+    ]
     assert main(["--config", "configs/vqa.yaml", "--from-scratch", *overrides]) == 0
     assert (tmp_path / "vqa_submission.json").is_file() and (tmp_path / "best/model.safetensors").is_file()
     # an init_from that is not there is a clear error
@@ -309,10 +362,17 @@ def test_evaluate_only_reproduces_the_best_epochs_metric_and_submission(data, tm
     assert read_vqa_submission(result["submission"]) == read_vqa_submission(trained["submission"])
     assert json.loads((tmp_path / "eval/evaluate/result.json").read_text())["value"] == result["value"]
     # from the run's latest checkpoint (the last epoch's weights), through the CLI
-    overrides = [*TINY, f"data.train.text={data['vqa_train']}", f"data.train.features={data['feats']}",
-                 f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}",
-                 "data.num_workers=0", "train.task=vqa", "train.batch_size=16",
-                 f"train.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    overrides = [
+        *TINY,
+        f"data.train.text={data['vqa_train']}",
+        f"data.train.features={data['feats']}",
+        f"data.eval.text={data['vqa_minival']}",
+        f"data.eval.features={data['feats']}",
+        "data.num_workers=0",
+        "train.task=vqa",
+        "train.batch_size=16",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
     assert main(["--evaluate-only", *overrides]) == 0
     last_epoch = trained["eval"][-1]["metric"]
     out = json.loads((tmp_path / "run/evaluate/result.json").read_text())
@@ -324,9 +384,18 @@ def test_evaluate_only_reproduces_the_best_epochs_metric_and_submission(data, tm
 
 
 # The sizes of a pre-trained model that is neither the recipe's nor TINY: fine-tuning must take them from it.
-OTHER = dict(hidden_size=48, num_attention_heads=3, intermediate_size=40, l_layers=2, r_layers=1, x_layers=2,
-             visual_feat_dim=D, num_object_labels=len(synthetic.OBJECT_NAMES),
-             num_attr_labels=len(synthetic.ATTRIBUTE_NAMES), num_qa_labels=len(synthetic.ANSWERS))  # fmt: skip
+OTHER = dict(
+    hidden_size=48,
+    num_attention_heads=3,
+    intermediate_size=40,
+    l_layers=2,
+    r_layers=1,
+    x_layers=2,
+    visual_feat_dim=D,
+    num_object_labels=len(synthetic.OBJECT_NAMES),
+    num_attr_labels=len(synthetic.ATTRIBUTE_NAMES),
+    num_qa_labels=len(synthetic.ANSWERS),
+)
 
 
 def other_export(tmp_path: Path) -> Path:
@@ -343,10 +412,18 @@ def other_export(tmp_path: Path) -> Path:
 
 def store_overrides(data, task: str, out: Path) -> list[str]:
     eval_split = {"vqa": "minival", "gqa": "testdev", "nlvr2": "valid"}[task]
-    return [f"data.train.text={data[f'{task}_train']}", f"data.train.features={data['feats']}",
-            f"data.eval.text={data[f'{task}_{eval_split}']}", f"data.eval.features={data['feats']}",
-            "data.num_workers=0", f"train.task={task}", f"train.output_dir={out}", "train.batch_size=16",
-            "train.max_steps=2", "optim.lr=1e-3"]  # fmt: skip
+    return [
+        f"data.train.text={data[f'{task}_train']}",
+        f"data.train.features={data['feats']}",
+        f"data.eval.text={data[f'{task}_{eval_split}']}",
+        f"data.eval.features={data['feats']}",
+        "data.num_workers=0",
+        f"train.task={task}",
+        f"train.output_dir={out}",
+        "train.batch_size=16",
+        "train.max_steps=2",
+        "optim.lr=1e-3",
+    ]
 
 
 def test_init_from_takes_the_architecture_from_the_checkpoints_config(data, tmp_path, capsys):
@@ -363,16 +440,40 @@ def test_init_from_takes_the_architecture_from_the_checkpoints_config(data, tmp_
     saved = load_config(tmp_path / "run/config.yaml").model  # the run records the sizes it trained
     assert (saved.hidden_size, saved.num_attention_heads, saved.l_layers) == (48, 3, 2)
     # an override that agrees is fine; one that contradicts is an error naming both values, before anything runs
-    FineTuner(load_config(None, [*store_overrides(data, "nlvr2", tmp_path / "agree"), f"train.init_from={path}",
-                                 "model.hidden_size=48"]))  # fmt: skip
-    with pytest.raises(FineTuneError, match=r"model.intermediate_size is 99 but the checkpoint's .*model_config.json "
-                                            r"says 40"):  # fmt: skip
-        FineTuner(load_config(None, [*store_overrides(data, "vqa", tmp_path / "clash"), f"train.init_from={path}",
-                                     "model.intermediate_size=99"]))  # fmt: skip
+    FineTuner(
+        load_config(
+            None,
+            [*store_overrides(data, "nlvr2", tmp_path / "agree"), f"train.init_from={path}", "model.hidden_size=48"],
+        )
+    )
+    with pytest.raises(
+        FineTuneError,
+        match=r"model.intermediate_size is 99 but the checkpoint's .*model_config.json "
+        r"says 40",
+    ):
+        FineTuner(
+            load_config(
+                None,
+                [
+                    *store_overrides(data, "vqa", tmp_path / "clash"),
+                    f"train.init_from={path}",
+                    "model.intermediate_size=99",
+                ],
+            )
+        )
     assert not (tmp_path / "clash").exists()
     # through the CLI: exit 2 and one line
-    assert main([*store_overrides(data, "vqa", tmp_path / "clash"), f"train.init_from={path}",
-                 "model.num_attention_heads=4", "model.hidden_size=48"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                *store_overrides(data, "vqa", tmp_path / "clash"),
+                f"train.init_from={path}",
+                "model.num_attention_heads=4",
+                "model.hidden_size=48",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.num_attention_heads is 4 but" in err and "says 3" in err
 
@@ -384,25 +485,49 @@ def test_init_from_a_transformers_directory_takes_its_config_json(data, tmp_path
     hf = transformers.LxmertForPreTraining(transformers.LxmertConfig(**OTHER))
     hf.load_state_dict(to_hf_state_dict(read_state_dict(other_export(tmp_path))))
     hf.save_pretrained(tmp_path / "hf")
-    tuner = FineTuner(load_config(None, [*store_overrides(data, "nlvr2", tmp_path / "run"),
-                                         f"train.init_from={tmp_path / 'hf'}"]))  # fmt: skip
+    tuner = FineTuner(
+        load_config(None, [*store_overrides(data, "nlvr2", tmp_path / "run"), f"train.init_from={tmp_path / 'hf'}"])
+    )
     assert (tuner.config.model.hidden_size, tuner.config.model.num_attention_heads) == (48, 3)
 
 
 def test_evaluate_only_needs_no_training_store(data, tmp_path, capsys):
     trained = FineTuner(config(data, "vqa", tmp_path / "run", "train.max_steps=3", "train.batch_size=16")).train()
-    overrides = [*TINY, f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}",
-                 f"data.train.text={tmp_path / 'not_here'}", f"data.train.features={tmp_path / 'not_here_either'}",
-                 "data.num_workers=0", "train.task=vqa", f"train.output_dir={tmp_path / 'eval'}",
-                 f"train.init_from={trained['model']}"]  # fmt: skip
+    overrides = [
+        *TINY,
+        f"data.eval.text={data['vqa_minival']}",
+        f"data.eval.features={data['feats']}",
+        f"data.train.text={tmp_path / 'not_here'}",
+        f"data.train.features={tmp_path / 'not_here_either'}",
+        "data.num_workers=0",
+        "train.task=vqa",
+        f"train.output_dir={tmp_path / 'eval'}",
+        f"train.init_from={trained['model']}",
+    ]
     assert main(["--evaluate-only", *overrides]) == 0
     result = json.loads((tmp_path / "eval/evaluate/result.json").read_text())
     assert result["value"] == pytest.approx(trained["best_metric"])
     assert read_vqa_submission(result["submission"]) == read_vqa_submission(trained["submission"])
 
 
-RECORD_FIELDS = {"step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "skipped", "samples_per_s", "tokens_per_s",
-                 "tflops", "mfu", "data_wait_share", "peak_memory_gib", "threads", "step_time_s", "eta_s"}  # fmt: skip
+RECORD_FIELDS = {
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "grad_norm",
+    "loss_scale",
+    "skipped",
+    "samples_per_s",
+    "tokens_per_s",
+    "tflops",
+    "mfu",
+    "data_wait_share",
+    "peak_memory_gib",
+    "threads",
+    "step_time_s",
+    "eta_s",
+}
 
 
 def test_fine_tuning_logs_what_pre_training_logs_and_workers_change_nothing(data, tmp_path):
@@ -416,7 +541,10 @@ def test_fine_tuning_logs_what_pre_training_logs_and_workers_change_nothing(data
     assert workers.loader.workers.dataloader.num_workers == 2
     workers.train()
     assert [r["loss"] for r in workers.history] == [r["loss"] for r in inline.history]
-    a, b = read_state_dict(tmp_path / "inline/best/model.safetensors"), read_state_dict(tmp_path / "workers/best/model.safetensors")
+    a, b = (
+        read_state_dict(tmp_path / "inline/best/model.safetensors"),
+        read_state_dict(tmp_path / "workers/best/model.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     for record in inline.history:
         assert RECORD_FIELDS <= set(record), RECORD_FIELDS - set(record)

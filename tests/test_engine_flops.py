@@ -36,11 +36,14 @@ def test_pretraining_count_equals_flop_counter(attn_backend, batch, tokens, regi
     assert 2.9 * expected.forward < expected.total < 3 * expected.forward
 
 
-@pytest.mark.parametrize("switches", [
-    dict(task_qa=False, visual_attr_loss=False, visual_feat_loss=False),
-    dict(task_obj_predict=False, task_mask_lm=False),  # nothing reads the vision stream: less backward
-    dict(task_obj_predict=False, x_layers=0),  # no cross layer: the vision side gets no gradient at all
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(task_qa=False, visual_attr_loss=False, visual_feat_loss=False),
+        dict(task_obj_predict=False, task_mask_lm=False),  # nothing reads the vision stream: less backward
+        dict(task_obj_predict=False, x_layers=0),  # no cross layer: the vision side gets no gradient at all
+    ],
+)
 def test_pretraining_heads_follow_the_task_switches(switches):
     torch.manual_seed(1)
     config = small_config(**switches)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import build_pretrain_stores, tiny_model_overrides
+
 from engine import launch
 from engine.config import load_config
-from engine.launch import Launch, default_threads, deepspeed_available, set_threads
+from engine.launch import Launch, deepspeed_available, default_threads, set_threads
 from engine.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_set_threads_honours_the_knob_then_the_environment_then_the_default(monk
 
 
 def test_deepspeed_is_found_without_being_imported():
-    code = "import sys; from engine.launch import deepspeed_available; print(deepspeed_available(), 'deepspeed' in sys.modules)"
+    code = "import sys; from engine.launch import deepspeed_available; print(deepspeed_available(), 'deepspeed' in sys.modules)"  # noqa: E501
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.split() == [str(deepspeed_available()), "False"]
 
@@ -83,13 +83,16 @@ def test_deepspeeds_cpu_shared_memory_comm_op_stays_off(monkeypatch, no_launcher
     monkeypatch.setattr(launch, "import_deepspeed", lambda: FakeDeepSpeed)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # no real process group here
     launch.init_distributed(torch.device("cpu"), Launch())
-    assert FakeDeepSpeed.calls == [({"dist_backend": "gloo", "verbose": False},
-                                    {"deepspeed_shm_comm": False, "fused_adam": True})]  # fmt: skip
+    assert FakeDeepSpeed.calls == [
+        ({"dist_backend": "gloo", "verbose": False}, {"deepspeed_shm_comm": False, "fused_adam": True})
+    ]
     assert os.environ["LOCAL_RANK"] == "0"  # deepspeed.initialize insists on it
     FakeDeepSpeed.ops.__compatible_ops__["deepspeed_shm_comm"] = True
     launch.init_distributed(torch.device("cuda", 0), Launch())
-    assert FakeDeepSpeed.calls[-1] == ({"dist_backend": "nccl", "verbose": False},
-                                       {"deepspeed_shm_comm": True, "fused_adam": True})  # fmt: skip
+    assert FakeDeepSpeed.calls[-1] == (
+        {"dist_backend": "nccl", "verbose": False},
+        {"deepspeed_shm_comm": True, "fused_adam": True},
+    )
     monkeypatch.delenv("LOCAL_RANK")
 
 
@@ -105,10 +108,22 @@ def stores(tmp_path_factory):
 
 def run_overrides(stores, out: Path, *extra: str) -> list[str]:
     text, feats = stores
-    return [*tiny_model_overrides(text, D), "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
-            f"data.train.text={text}", f"data.train.features={feats}", "data.num_workers=0", "optim.name=adamw",
-            "optim.lr=1e-3", "train.batch_size=8", "train.epochs=100", "train.max_steps=3", "train.log_every=1",
-            f"train.output_dir={out}", *extra]  # fmt: skip
+    return [
+        *tiny_model_overrides(text, D),
+        "model.hidden_dropout_prob=0.0",
+        "model.attention_probs_dropout_prob=0.0",
+        f"data.train.text={text}",
+        f"data.train.features={feats}",
+        "data.num_workers=0",
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "train.batch_size=8",
+        "train.epochs=100",
+        "train.max_steps=3",
+        "train.log_every=1",
+        f"train.output_dir={out}",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -121,9 +136,17 @@ def test_every_zero_stage_runs_as_one_process_without_a_launcher(stage, stores, 
     reference.train()
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     out = tmp_path / "ds"
-    proc = subprocess.run([str(Path(sys.executable).parent / "lxmert-pretrain"),
-                           *run_overrides(stores, out, f"train.zero_stage={stage}")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "lxmert-pretrain"),
+            *run_overrides(stores, out, f"train.zero_stage={stage}"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("kind") == "train"]
@@ -131,7 +154,13 @@ def test_every_zero_stage_runs_as_one_process_without_a_launcher(stage, stores, 
     for got, want in zip(train, reference.history, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
     console = proc.stdout + proc.stderr
-    for noise in ("Setting accelerator to CPU", "untested optimizer", "built successfully", "is deprecated",
-                  "mpi4py", "Traceback"):  # fmt: skip
+    for noise in (
+        "Setting accelerator to CPU",
+        "untested optimizer",
+        "built successfully",
+        "is deprecated",
+        "mpi4py",
+        "Traceback",
+    ):
         assert noise not in console, (noise, console[-3000:])
     assert (out / "checkpoints" / "latest").is_file() and (out / "model.safetensors").is_file()

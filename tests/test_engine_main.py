@@ -30,10 +30,32 @@ from lxmert.pretraining import LxmertForPreTraining
 pytestmark = pytest.mark.slow  # about 20 s, and 3.5 minutes for the default job
 
 STEPS = 20
-TINY = ["--model", "hidden_size=32", "--model", "num_attention_heads=2", "--model", "intermediate_size=37",
-        "--model", "l_layers=1"]  # fmt: skip
-ARGS = ["--steps", str(STEPS), "--images", "40", "--batch-size", "8", "--finetune-epochs", "2",
-        "--finetune-batch-size", "8", "--log-every", "1", "--no-require-matched", *TINY]  # fmt: skip
+TINY = [
+    "--model",
+    "hidden_size=32",
+    "--model",
+    "num_attention_heads=2",
+    "--model",
+    "intermediate_size=37",
+    "--model",
+    "l_layers=1",
+]
+ARGS = [
+    "--steps",
+    str(STEPS),
+    "--images",
+    "40",
+    "--batch-size",
+    "8",
+    "--finetune-epochs",
+    "2",
+    "--finetune-batch-size",
+    "8",
+    "--log-every",
+    "1",
+    "--no-require-matched",
+    *TINY,
+]
 # 20 steps are far too few to learn matching: the default check (matching required) is tested on a rigged log
 
 
@@ -67,13 +89,24 @@ def report_of(workdir: Path) -> dict:
 def test_job_builds_verified_stores_from_the_public_files(ran):
     workdir, code, out, err = ran
     assert code in (0, 1), err
-    for name in ("lxmert/mscoco_train.json", "lxmert/all_ans.json", "mscoco_imgfeat/train2014_obj36.tsv",
-                 "mscoco_imgfeat/val2014_obj36.tsv", "vqa/train.json", "vqa/minival.json"):  # fmt: skip
+    for name in (
+        "lxmert/mscoco_train.json",
+        "lxmert/all_ans.json",
+        "mscoco_imgfeat/train2014_obj36.tsv",
+        "mscoco_imgfeat/val2014_obj36.tsv",
+        "vqa/train.json",
+        "vqa/minival.json",
+    ):
         assert (workdir / "data" / name).is_file(), name
     feats = RegionStore(workdir / "stores/feats")
     assert len(feats) == 40 and feats.feat_dim == job.FEAT_DIM
-    for store in (feats, TextStore(workdir / "stores/text_train"), TextStore(workdir / "stores/text_minival"),
-                  TaskStore(workdir / "stores/vqa_train"), TaskStore(workdir / "stores/vqa_minival")):  # fmt: skip
+    for store in (
+        feats,
+        TextStore(workdir / "stores/text_train"),
+        TextStore(workdir / "stores/text_minival"),
+        TaskStore(workdir / "stores/vqa_train"),
+        TaskStore(workdir / "stores/vqa_minival"),
+    ):
         store.verify()
         assert len(store) > 0
 
@@ -163,7 +196,9 @@ def test_report_numbers_are_those_of_the_logs(ran):
     by_type: dict[str, dict[str, float]] = {}
     for q in train:
         for answer, score in q["label"].items():
-            by_type.setdefault(q["question_type"], {})[answer] = by_type.get(q["question_type"], {}).get(answer, 0) + score
+            by_type.setdefault(q["question_type"], {})[answer] = (
+                by_type.get(q["question_type"], {}).get(answer, 0) + score
+            )
     best = {t: max(a, key=a.get) for t, a in by_type.items()}
     prior = sum(q["label"].get(best.get(q["question_type"], ""), 0.0) for q in questions) / len(questions)
     assert fine["prior"] == pytest.approx(prior, rel=1e-9) and f"prior {prior:.4f}" in out
@@ -247,8 +282,10 @@ def test_falling_check_names_what_did_not_fall():
     rigged = good | {"mlm": job.Trend(2.3026, 2.3020), "feat": job.Trend(0.5, 0.7)}
     del rigged["qa"]
     assert job.check_falling(rigged) == [
-        "mlm did not fall by 2%: 2.3026 -> 2.3020", "feat did not fall by 2%: 0.5000 -> 0.7000", "qa: not logged",
-    ]  # fmt: skip
+        "mlm did not fall by 2%: 2.3026 -> 2.3020",
+        "feat did not fall by 2%: 0.5000 -> 0.7000",
+        "qa: not logged",
+    ]
     assert job.check_falling(good | {"obj": job.Trend(1.0, 0.985)}) != []  # 1.5% is within the noise margin
     assert job.check_falling(good | {"attr": job.Trend(1.0, float("nan"))}) != []
     # matching is required (all five tasks) and must end below chance: falling to it is not learning

@@ -23,8 +23,17 @@ from engine.plots import PNG_DPI, figures, main, read_metrics, write_plots
 
 
 def train_record(step: int, loss: float, **fields) -> dict:
-    record = {"step": step, "total_steps": 100, "loss": loss, "losses": {"mlm": 0.6 * loss, "obj": 0.4 * loss},
-              "lr": 1e-4, "grad_norm": 1.5, "samples_per_s": 100.0 + step, "mfu": 0.3, "skipped": False}  # fmt: skip
+    record = {
+        "step": step,
+        "total_steps": 100,
+        "loss": loss,
+        "losses": {"mlm": 0.6 * loss, "obj": 0.4 * loss},
+        "lr": 1e-4,
+        "grad_norm": 1.5,
+        "samples_per_s": 100.0 + step,
+        "mfu": 0.3,
+        "skipped": False,
+    }
     return {**record, **fields}
 
 
@@ -72,8 +81,10 @@ def svg_ids(path: Path) -> set[str]:
 def test_loss_plot_has_one_line_per_series_drawn_from_the_data(tmp_path):
     losses = [9.0, 7.5, 8.0, 4.0, 3.5, 3.5, 2.0]
     steps = [10 * (i + 1) for i in range(len(losses))]
-    evals = [{"kind": "eval", "step": 30, "loss": 7.0, "losses": {"mlm": 4.0}, "accuracy": 0.4},
-             {"kind": "eval", "step": 70, "loss": 2.5, "losses": {"mlm": 1.5}, "accuracy": 0.6}]  # fmt: skip
+    evals = [
+        {"kind": "eval", "step": 30, "loss": 7.0, "losses": {"mlm": 4.0}, "accuracy": 0.4},
+        {"kind": "eval", "step": 70, "loss": 2.5, "losses": {"mlm": 1.5}, "accuracy": 0.6},
+    ]
     records = [train_record(s, v) for s, v in zip(steps, losses)]
     metrics = write_jsonl(tmp_path / "metrics.jsonl", records[:3] + evals[:1] + records[3:] + evals[1:])
     written = write_plots(metrics, tmp_path / "plots")
@@ -81,8 +92,13 @@ def test_loss_plot_has_one_line_per_series_drawn_from_the_data(tmp_path):
     assert written == [tmp_path / "plots" / name for name in names]
     figure = figures(metrics)["loss"]
     series = drawn(figure)
-    assert set(series) == {("loss", "train"), ("losses/mlm", "train"), ("losses/obj", "train"),
-                           ("loss", "eval"), ("losses/mlm", "eval")}  # fmt: skip
+    assert set(series) == {
+        ("loss", "train"),
+        ("losses/mlm", "train"),
+        ("losses/obj", "train"),
+        ("loss", "eval"),
+        ("losses/mlm", "eval"),
+    }
     assert series["loss", "train"] == (steps, losses)
     assert series["losses/mlm", "train"] == (steps, [0.6 * v for v in losses])
     assert series["loss", "eval"] == ([30, 70], [7.0, 2.5]) and series["losses/mlm", "eval"] == ([30, 70], [4.0, 1.5])
@@ -115,8 +131,9 @@ def test_log_y_draws_on_a_log_scale_without_the_values_it_cannot_show(tmp_path):
 
 
 def test_throughput_plot_samples_and_mfu(tmp_path):
-    records = [train_record(s, 1.0, samples_per_s=v, mfu=m) for s, v, m in [(1, 50.0, 0.2), (2, 80.0, 0.25),
-                                                                             (3, 70.0, 0.5)]]  # fmt: skip
+    records = [
+        train_record(s, 1.0, samples_per_s=v, mfu=m) for s, v, m in [(1, 50.0, 0.2), (2, 80.0, 0.25), (3, 70.0, 0.5)]
+    ]
     figure = figures(write_jsonl(tmp_path / "metrics.jsonl", records))["throughput"]
     series = drawn(figure)
     assert set(series) == {("samples_per_s", "train"), ("mfu", "train")}
@@ -127,7 +144,8 @@ def test_throughput_plot_samples_and_mfu(tmp_path):
     # the CPU logs "mfu": null: no MFU panel
     records = [train_record(s, 1.0, mfu=None) for s in (1, 2)]
     assert set(drawn(figures(write_jsonl(tmp_path / "metrics.jsonl", records))["throughput"])) == {
-        ("samples_per_s", "train")}
+        ("samples_per_s", "train")
+    }
 
 
 def test_resumed_log_keeps_the_last_record_per_step(tmp_path):
@@ -156,8 +174,13 @@ def test_non_finite_and_missing_values(tmp_path):
     log = MetricsLog(tmp_path, tensorboard=False)
     values = [5.0, float("nan"), 4.0, float("inf"), 3.0, None, 2.0]
     for step, value in enumerate(values, 1):
-        log.write({"step": step, "loss": torch.tensor(value) if value is not None else None,
-                   "losses": {"mlm": 1.0, "obj": float("nan")}})  # fmt: skip
+        log.write(
+            {
+                "step": step,
+                "loss": torch.tensor(value) if value is not None else None,
+                "losses": {"mlm": 1.0, "obj": float("nan")},
+            }
+        )
     log.write({"step": 8})  # no loss at all
     log.close()
     assert '"loss": "nan"' in (tmp_path / "metrics.jsonl").read_text()
@@ -185,8 +208,9 @@ def test_empty_and_single_record_logs(tmp_path):
 
 def test_malformed_lines_are_skipped_with_a_warning_naming_them(tmp_path):
     records = [train_record(s, 5.0 - s) for s in (1, 2, 3)]
-    metrics = write_jsonl(tmp_path / "metrics.jsonl", records,
-                          extra_lines={1: '{"step": 2, "loss"', 3: "[1, 2]", 4: '{"loss": 1.0}'})  # fmt: skip
+    metrics = write_jsonl(
+        tmp_path / "metrics.jsonl", records, extra_lines={1: '{"step": 2, "loss"', 3: "[1, 2]", 4: '{"loss": 1.0}'}
+    )
     with pytest.warns(UserWarning) as caught:
         train, _ = read_metrics(metrics)
     assert [r["step"] for r in train] == [1, 2, 3]
@@ -241,23 +265,48 @@ def fake_writer(monkeypatch):
 
 def test_tensorboard_scalars_match_the_records(tmp_path, fake_writer):
     log = MetricsLog(tmp_path, tensorboard=True)
-    log.write({"step": 10, "total_steps": 20, "epoch": 0.5, "loss": torch.tensor(3.0),
-               "losses": {"mlm": 2.0, "obj": float("nan")}, "lr": 1e-3, "grad_norm": float("inf"),
-               "loss_scale": None, "skipped": False, "skipped_steps": 1, "samples_per_s": 812.5,
-               "tokens_per_s": 45000.0, "tflops": 1.25, "mfu": None, "data_wait_share": 0.03,
-               "peak_memory_gib": 1.5, "note": "text"})  # fmt: skip
+    log.write(
+        {
+            "step": 10,
+            "total_steps": 20,
+            "epoch": 0.5,
+            "loss": torch.tensor(3.0),
+            "losses": {"mlm": 2.0, "obj": float("nan")},
+            "lr": 1e-3,
+            "grad_norm": float("inf"),
+            "loss_scale": None,
+            "skipped": False,
+            "skipped_steps": 1,
+            "samples_per_s": 812.5,
+            "tokens_per_s": 45000.0,
+            "tflops": 1.25,
+            "mfu": None,
+            "data_wait_share": 0.03,
+            "peak_memory_gib": 1.5,
+            "note": "text",
+        }
+    )
     log.write({"kind": "eval", "step": 20, "loss": 2.5, "losses": {"mlm": 1.5}, "accuracy": 0.61})
     log.write({"kind": "train", "step": 20, "loss": 2.0})
     log.close()
     (writer,) = fake_writer.instances
     assert writer.log_dir == str(tmp_path / "tensorboard") and writer.closed
     assert writer.scalars == [
-        ("epoch", 0.5, 10), ("loss", 3.0, 10), ("losses/mlm", 2.0, 10), ("lr", 1e-3, 10), ("skipped_steps", 1.0, 10),
-        ("samples_per_s", 812.5, 10), ("tokens_per_s", 45000.0, 10), ("tflops", 1.25, 10),
-        ("data_wait_share", 0.03, 10), ("peak_memory_gib", 1.5, 10),
-        ("eval/loss", 2.5, 20), ("eval/losses/mlm", 1.5, 20), ("eval/accuracy", 0.61, 20),
+        ("epoch", 0.5, 10),
+        ("loss", 3.0, 10),
+        ("losses/mlm", 2.0, 10),
+        ("lr", 1e-3, 10),
+        ("skipped_steps", 1.0, 10),
+        ("samples_per_s", 812.5, 10),
+        ("tokens_per_s", 45000.0, 10),
+        ("tflops", 1.25, 10),
+        ("data_wait_share", 0.03, 10),
+        ("peak_memory_gib", 1.5, 10),
+        ("eval/loss", 2.5, 20),
+        ("eval/losses/mlm", 1.5, 20),
+        ("eval/accuracy", 0.61, 20),
         ("loss", 2.0, 20),
-    ]  # fmt: skip
+    ]
     assert tensorboard_scalars({"kind": "eval", "step": 3, "metric": 0.7}) == {"eval/metric": 0.7}
 
 
@@ -345,8 +394,10 @@ def test_loss_plot_has_a_panel_per_component_and_the_fine_tuning_score(tmp_path)
     """The total of six losses is many times the smallest: each component gets its own panel (and scale); a
     fine-tuning log's evaluation score gets one too."""
     records = [train_record(s, 10.0 / s) for s in (1, 2, 3)]
-    evals = [{"kind": "eval", "step": 3, "epoch": 1, "metric": 0.25, "metric_name": "vqa_score"},
-             {"kind": "eval", "step": 6, "epoch": 2, "metric": 0.5, "metric_name": "vqa_score"}]  # fmt: skip
+    evals = [
+        {"kind": "eval", "step": 3, "epoch": 1, "metric": 0.25, "metric_name": "vqa_score"},
+        {"kind": "eval", "step": 6, "epoch": 2, "metric": 0.5, "metric_name": "vqa_score"},
+    ]
     figure = figures(write_jsonl(tmp_path / "metrics.jsonl", records + evals))["loss"]
     by_title = panels(figure)
     assert list(by_title) == ["loss (total of the components)", "mlm loss", "obj loss", "evaluation: vqa_score"]
@@ -364,6 +415,15 @@ def test_console_line_shows_a_zero_lr_as_zero_and_the_time_left():
 
     line = console_line({**train_record(10, 1.0), "lr": -0.0, "eta_s": 3725.4, "peak_memory_gib": 1.0})
     assert "lr 0.00e+00" in line and "eta 1:02:05" in line
-    assert "TFLOP/s" not in console_line({"step": 1, "total_steps": 2, "loss": 1.0, "lr": 1e-4, "grad_norm": 1.0,
-                                           "samples_per_s": 5.0, "peak_memory_gib": 0.1})  # fields a record lacks
+    assert "TFLOP/s" not in console_line(
+        {
+            "step": 1,
+            "total_steps": 2,
+            "loss": 1.0,
+            "lr": 1e-4,
+            "grad_norm": 1.0,
+            "samples_per_s": 5.0,
+            "peak_memory_gib": 0.1,
+        }
+    )  # fields a record lacks
     assert format_duration(90061) == "1 d 1:01:01" and format_duration(0.4) == "0:00:00"

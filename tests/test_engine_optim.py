@@ -15,7 +15,7 @@ from engine.optim import BertAdam, make_optimizer, make_schedule, make_scheduler
 
 
 def reference_bert_adam(p, grads, lr, b1=0.9, b2=0.999, eps=1e-6, wd=0.01):
-    """The authors' update, written out in float64: m, v without bias correction; p -= lr * (m/(sqrt v + eps) + wd p)."""
+    """The authors' update in float64: m, v without bias correction; p -= lr * (m/(sqrt v + eps) + wd p)."""
     p, m, v = p.double().clone(), torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64)
     for g, step_lr in zip(grads, lr):
         g = g.double()
@@ -125,12 +125,15 @@ def test_bert_adam_rejects_bad_arguments():
             BertAdam(p, **kwargs)
 
 
-@pytest.mark.parametrize("kind, expected", [
-    # steps of 100 with 10% warm-up: 0, mid warm-up, warm-up end, half, end, beyond the end
-    ("linear", {0: 0.0, 5: 0.5, 10: 1.0, 55: 0.5, 100: 0.0, 150: 0.0}),
-    ("constant", {0: 0.0, 5: 0.5, 10: 1.0, 55: 1.0, 100: 1.0, 150: 1.0}),
-    ("cosine", {0: 0.0, 5: 0.5, 10: 1.0, 55: 0.5, 100: 0.0, 150: 0.0}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        # steps of 100 with 10% warm-up: 0, mid warm-up, warm-up end, half, end, beyond the end
+        ("linear", {0: 0.0, 5: 0.5, 10: 1.0, 55: 0.5, 100: 0.0, 150: 0.0}),
+        ("constant", {0: 0.0, 5: 0.5, 10: 1.0, 55: 1.0, 100: 1.0, 150: 1.0}),
+        ("cosine", {0: 0.0, 5: 0.5, 10: 1.0, 55: 0.5, 100: 0.0, 150: 0.0}),
+    ],
+)
 def test_schedules_at_key_points(kind, expected):
     schedule = make_schedule(kind, 0.1, 100)
     for step, value in expected.items():
@@ -181,7 +184,12 @@ def test_make_optimizer_groups():
     adamw = make_optimizer(model, load_config(None, ["optim.name=adamw", "optim.lr=3e-4"]).optim)
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"] is True
     decay, exempt = adamw.param_groups
-    assert (decay["name"], decay["weight_decay"], exempt["name"], exempt["weight_decay"]) == ("decay", 0.01, "no_decay", 0.0)
+    assert (decay["name"], decay["weight_decay"], exempt["name"], exempt["weight_decay"]) == (
+        "decay",
+        0.01,
+        "no_decay",
+        0.0,
+    )
     exempt_names = {names[id(p)] for p in exempt["params"]}
     assert "lxmert.embeddings.norm.weight" in exempt_names and "mlm_head.bias" in exempt_names
     assert "lxmert.visual_embeddings.feat_norm.weight" in exempt_names
@@ -190,7 +198,9 @@ def test_make_optimizer_groups():
     assert len(decay["params"]) + len(exempt["params"]) == total
 
     custom = make_optimizer(model, load_config(None, ["optim.no_decay=['*.bias']"]).optim)
-    assert isinstance(custom, BertAdam) and all(names[id(p)].endswith(".bias") for p in custom.param_groups[1]["params"])
+    assert isinstance(custom, BertAdam) and all(
+        names[id(p)].endswith(".bias") for p in custom.param_groups[1]["params"]
+    )
     with pytest.raises(ValueError, match="match no parameter"):
         param_groups(model, 0.01, ["*LayerNorm.weight"])
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_pretrain_stores, tiny_model_overrides
 
 import lxmert
 from engine import checkpoint as ckpt
@@ -22,7 +23,6 @@ from engine.launch import deepspeed_available
 from engine.parallelize import apply_activation_checkpointing, encoder_layers
 from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
-from conftest import build_pretrain_stores, tiny_model_overrides
 
 D = 16
 NO_DROPOUT = ("model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0")
@@ -32,8 +32,13 @@ NO_DROPOUT = ("model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_pr
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runtime_stores")
     text, feats = build_pretrain_stores(root, D)
-    convert.convert_text([root / "syn/lxmert/mscoco_minival.json"], feats, root / "text_minival",
-                         answers=root / "syn/lxmert/all_ans.json", progress=False)  # fmt: skip
+    convert.convert_text(
+        [root / "syn/lxmert/mscoco_minival.json"],
+        feats,
+        root / "text_minival",
+        answers=root / "syn/lxmert/all_ans.json",
+        progress=False,
+    )
     return {"text": text, "feats": feats, "minival": root / "text_minival"}
 
 
@@ -44,11 +49,20 @@ def make_config(stores, out: Path, *extra: str):
 def overrides(stores, out: Path, *extra: str) -> list[str]:
     return [
         *tiny_model_overrides(stores["text"], D, layers=(2, 1, 2)),
-        f"data.train.text={stores['text']}", f"data.train.features={stores['feats']}", "data.num_workers=0",
-        "optim.lr=1e-3", "optim.name=adamw", "train.batch_size=8", "train.epochs=100", "train.max_steps=4",
-        "train.log_every=1", "train.save_every=1000", f"train.output_dir={out}", "train.seed=0",
+        f"data.train.text={stores['text']}",
+        f"data.train.features={stores['feats']}",
+        "data.num_workers=0",
+        "optim.lr=1e-3",
+        "optim.name=adamw",
+        "train.batch_size=8",
+        "train.epochs=100",
+        "train.max_steps=4",
+        "train.log_every=1",
+        "train.save_every=1000",
+        f"train.output_dir={out}",
+        "train.seed=0",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def losses(trainer: Trainer) -> list[float]:
@@ -71,8 +85,9 @@ def test_activation_checkpointing_leaves_losses_and_gradients_bit_identical(stor
 
 def test_activation_checkpointing_recomputes_in_the_backward(stores, tmp_path):
     """The wrapped layers run twice per training step (forward, then again in the backward), once in eval."""
-    trainer = Trainer(make_config(stores, tmp_path, "train.activation_checkpointing=true", *NO_DROPOUT),
-                      use_deepspeed=False)  # fmt: skip
+    trainer = Trainer(
+        make_config(stores, tmp_path, "train.activation_checkpointing=true", *NO_DROPOUT), use_deepspeed=False
+    )
     calls = []
     layer = trainer.model.lxmert.cross_layers[0]
     layer.lang_ffn.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
@@ -91,8 +106,17 @@ def test_compiled_model_gives_the_eager_losses(stores, tmp_path):
     eager = Trainer(make_config(stores, tmp_path / "eager", *NO_DROPOUT, "train.max_steps=3"), use_deepspeed=False)
     eager.train()
     torch._dynamo.reset()
-    compiled = Trainer(make_config(stores, tmp_path / "compiled", *NO_DROPOUT, "train.max_steps=3",
-                                   "train.compile=true", "train.compile_backend=aot_eager"), use_deepspeed=False)  # fmt: skip
+    compiled = Trainer(
+        make_config(
+            stores,
+            tmp_path / "compiled",
+            *NO_DROPOUT,
+            "train.max_steps=3",
+            "train.compile=true",
+            "train.compile_backend=aot_eager",
+        ),
+        use_deepspeed=False,
+    )
     assert compiled.model._compiled_call_impl is not None
     compiled.train()
     for a, b in zip(losses(eager), losses(compiled), strict=True):
@@ -103,8 +127,14 @@ def test_compiled_model_gives_the_eager_losses(stores, tmp_path):
 def test_pretraining_evaluates_on_schedule_and_the_numbers_are_the_models(stores, tmp_path):
     """Eval records every train.eval_every steps and at the end; the last one is recomputed here from the
     exported model over the whole minival split."""
-    config = make_config(stores, tmp_path, f"data.eval.text={stores['minival']}",
-                         f"data.eval.features={stores['feats']}", "train.eval_every=2", "train.max_steps=5")  # fmt: skip
+    config = make_config(
+        stores,
+        tmp_path,
+        f"data.eval.text={stores['minival']}",
+        f"data.eval.features={stores['feats']}",
+        "train.eval_every=2",
+        "train.max_steps=5",
+    )
     trainer = Trainer(config, use_deepspeed=False)
     summary = trainer.train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -141,9 +171,16 @@ def test_pretraining_evaluates_on_schedule_and_the_numbers_are_the_models(stores
 
 
 def test_eval_every_zero_evaluates_at_each_epoch_end(stores, tmp_path):
-    config = make_config(stores, tmp_path, f"data.eval.text={stores['minival']}",
-                         f"data.eval.features={stores['feats']}", "train.eval_every=0", "train.epochs=2",
-                         "train.max_steps=null", "train.batch_size=32")  # fmt: skip
+    config = make_config(
+        stores,
+        tmp_path,
+        f"data.eval.text={stores['minival']}",
+        f"data.eval.features={stores['feats']}",
+        "train.eval_every=0",
+        "train.epochs=2",
+        "train.max_steps=null",
+        "train.batch_size=32",
+    )
     trainer = Trainer(config, use_deepspeed=False)
     trainer.train()
     steps = [r["step"] for r in trainer.evals]
@@ -155,8 +192,13 @@ def test_eval_every_zero_evaluates_at_each_epoch_end(stores, tmp_path):
 
 @pytest.fixture
 def one_rank(monkeypatch):
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
-                       "WORLD_SIZE": "1"}.items():  # fmt: skip
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29533",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
         monkeypatch.setenv(key, value)
 
 
@@ -169,8 +211,10 @@ needs_deepspeed = pytest.mark.skipif(not deepspeed_available(), reason="DeepSpee
 def test_deepspeed_bf16_tracks_fp32_and_exports_the_fp32_masters(stores, tmp_path, one_rank, stage):
     reference = Trainer(make_config(stores, tmp_path / "fp32", *NO_DROPOUT), use_deepspeed=False)
     reference.train()
-    bf16 = Trainer(make_config(stores, tmp_path / "bf16", *NO_DROPOUT, "train.precision=bf16",
-                               f"train.zero_stage={stage}"), use_deepspeed=True)  # fmt: skip
+    bf16 = Trainer(
+        make_config(stores, tmp_path / "bf16", *NO_DROPOUT, "train.precision=bf16", f"train.zero_stage={stage}"),
+        use_deepspeed=True,
+    )
     summary = bf16.train()
     assert next(bf16.engine.module.parameters()).dtype == torch.bfloat16
     for a, b in zip(losses(reference), losses(bf16), strict=True):
@@ -195,12 +239,34 @@ def cpu_has_fp16() -> bool:
 def test_deepspeed_fp16_skips_an_injected_inf_step(stores, tmp_path, one_rank):
     template = tmp_path / "fp16.json"
     # a low initial scale: the default 2^16 overflows this model's early fp16 gradients (skipped, as it should)
-    template.write_text(json.dumps({"fp16": {"enabled": "auto", "initial_scale_power": 1, "loss_scale_window": 1000, "min_loss_scale": 1, "hysteresis": 1}}))
+    template.write_text(
+        json.dumps(
+            {
+                "fp16": {
+                    "enabled": "auto",
+                    "initial_scale_power": 1,
+                    "loss_scale_window": 1000,
+                    "min_loss_scale": 1,
+                    "hysteresis": 1,
+                }
+            }
+        )
+    )
     # CPU quirk: fp16 LayerNorm's backward on a constant row (a zeroed region's projection at initialisation)
     # is NaN there with the authors' eps 1e-12 (its 1/std ~1e6 is kept in fp16; CUDA keeps it in fp32)
-    trainer = Trainer(make_config(stores, tmp_path / "run", *NO_DROPOUT, "train.precision=fp16", "train.max_steps=5",
-                                  "train.zero_stage=1", f"deepspeed.config={template}", "model.layer_norm_eps=1e-5"),
-                      use_deepspeed=True)  # fmt: skip
+    trainer = Trainer(
+        make_config(
+            stores,
+            tmp_path / "run",
+            *NO_DROPOUT,
+            "train.precision=fp16",
+            "train.max_steps=5",
+            "train.zero_stage=1",
+            f"deepspeed.config={template}",
+            "model.layer_norm_eps=1e-5",
+        ),
+        use_deepspeed=True,
+    )
     param = trainer.engine.module.match_head.weight
     assert param.dtype == torch.float16
     snapshots = {}
@@ -252,8 +318,10 @@ def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_pa
     assert '"grad_norm": "nan"' not in line and '"grad_norm": null' not in line
 
     # an inf gradient in the third step: skipped, nothing applied, the lr not advanced
-    skipper = Trainer(make_config(stores, tmp_path / "skip", *NO_DROPOUT, "train.zero_stage=0", "train.max_steps=5"),
-                      use_deepspeed=True)  # fmt: skip
+    skipper = Trainer(
+        make_config(stores, tmp_path / "skip", *NO_DROPOUT, "train.zero_stage=0", "train.max_steps=5"),
+        use_deepspeed=True,
+    )
     param = skipper.model.match_head.weight
     param.register_hook(lambda grad: grad * math.inf if skipper.step == 2 else grad)
     snapshots = {}
@@ -283,17 +351,29 @@ def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_pa
 
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("stage, offload, extra", [
-    (2, "optimizer", ()),
-    (3, "optimizer+params", ("train.activation_checkpointing=true",)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "stage, offload, extra",
+    [
+        (2, "optimizer", ()),
+        (3, "optimizer+params", ("train.activation_checkpointing=true",)),
+    ],
+)
 def test_deepspeed_offload_matches_the_plain_path(stores, tmp_path, one_rank, stage, offload, extra):
     """ZeRO-Offload steps our BertAdam on the CPU partitions: the same numbers as the plain path (fp32)."""
     plain = Trainer(make_config(stores, tmp_path / "plain", *NO_DROPOUT, "optim.name=bertadam"), use_deepspeed=False)
     plain.train()
-    offloaded = Trainer(make_config(stores, tmp_path / "ds", *NO_DROPOUT, "optim.name=bertadam",
-                                    f"train.zero_stage={stage}", f"train.offload={offload}", *extra),
-                        use_deepspeed=True)  # fmt: skip
+    offloaded = Trainer(
+        make_config(
+            stores,
+            tmp_path / "ds",
+            *NO_DROPOUT,
+            "optim.name=bertadam",
+            f"train.zero_stage={stage}",
+            f"train.offload={offload}",
+            *extra,
+        ),
+        use_deepspeed=True,
+    )
     summary = offloaded.train()
     for a, b in zip(losses(plain), losses(offloaded), strict=True):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (losses(plain), losses(offloaded))
@@ -305,8 +385,18 @@ def test_deepspeed_offload_matches_the_plain_path(stores, tmp_path, one_rank, st
 def test_pretrain_cli_reports_the_runs_numbers(stores, tmp_path, capsys):
     from engine.pretrain import main
 
-    assert main(overrides(stores, tmp_path, f"data.eval.text={stores['minival']}",
-                          f"data.eval.features={stores['feats']}", "train.max_steps=2")) == 0  # fmt: skip
+    assert (
+        main(
+            overrides(
+                stores,
+                tmp_path,
+                f"data.eval.text={stores['minival']}",
+                f"data.eval.features={stores['feats']}",
+                "train.max_steps=2",
+            )
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
@@ -319,8 +409,9 @@ def test_pretrain_cli_reports_the_runs_numbers(stores, tmp_path, capsys):
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_a_weights_only_zero3_load_reads_the_named_checkpoint_through_the_allow_list(stores, tmp_path, one_rank,
-                                                                                      monkeypatch):  # fmt: skip
+def test_a_weights_only_zero3_load_reads_the_named_checkpoint_through_the_allow_list(
+    stores, tmp_path, one_rank, monkeypatch
+):
     """--evaluate-only and train.resume=weights: under ZeRO-3: DeepSpeed's own consolidation would read the
     checkpoint `latest` names (here step 4, not the step 2 asked for) with torch.load(weights_only=False)."""
     zero3 = ("train.zero_stage=3", "train.save_every=2", *NO_DROPOUT)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_pretrain_stores, tiny_model_overrides
 
 import lxmert
 from engine import checkpoint as ckpt
@@ -22,7 +23,6 @@ from engine.launch import deepspeed_available
 from engine.plots import read_metrics
 from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
-from conftest import build_pretrain_stores, tiny_model_overrides
 
 D = 16
 
@@ -37,11 +37,19 @@ def make_config(stores, out: Path, *extra: str):
     text, feats = stores
     overrides = [
         *tiny_model_overrides(text, D),
-        f"data.train.text={text}", f"data.train.features={feats}", "data.num_workers=0",
-        "optim.lr=1e-3", "train.batch_size=8", "train.epochs=100", "train.max_steps=30", "train.log_every=1",
-        "train.save_every=1000", f"train.output_dir={out}", "train.seed=0",
+        f"data.train.text={text}",
+        f"data.train.features={feats}",
+        "data.num_workers=0",
+        "optim.lr=1e-3",
+        "train.batch_size=8",
+        "train.epochs=100",
+        "train.max_steps=30",
+        "train.log_every=1",
+        "train.save_every=1000",
+        f"train.output_dir={out}",
+        "train.seed=0",
         *extra,
-    ]  # fmt: skip
+    ]
     return load_config(None, overrides)
 
 
@@ -59,9 +67,21 @@ def baseline(stores, tmp_path_factory):
 
 
 FIELDS = {
-    "step", "epoch", "loss", "losses", "lr", "grad_norm", "loss_scale", "skipped", "samples_per_s", "tokens_per_s",
-    "tflops", "mfu", "data_wait_share", "peak_memory_gib",
-}  # fmt: skip
+    "step",
+    "epoch",
+    "loss",
+    "losses",
+    "lr",
+    "grad_norm",
+    "loss_scale",
+    "skipped",
+    "samples_per_s",
+    "tokens_per_s",
+    "tflops",
+    "mfu",
+    "data_wait_share",
+    "peak_memory_gib",
+}
 
 
 def test_losses_fall_and_every_component_is_logged(baseline):
@@ -95,7 +115,9 @@ def test_resume_is_bit_identical(baseline, stores, tmp_path):
     # the log says where the second run went on, and the reader resolves the two runs into one
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     resumes = [r for r in lines if r.get("kind") == "resume"]
-    assert resumes == [{"kind": "resume", "step": 12, "checkpoint": str(ckpt.checkpoint_root(tmp_path) / ckpt.tag_of(12))}]
+    assert resumes == [
+        {"kind": "resume", "step": 12, "checkpoint": str(ckpt.checkpoint_root(tmp_path) / ckpt.tag_of(12))}
+    ]
     train, _ = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in train] == list(range(1, 31)) and [r["loss"] for r in train] == reference
 
@@ -116,8 +138,16 @@ def test_written_files_respect_the_umask(stores, tmp_path, umask, mode):
         Trainer(make_config(stores, tmp_path, "train.max_steps=2"), use_deepspeed=False).train()
     finally:
         os.umask(old)
-    for name in ("config.yaml", "model.safetensors", "model_config.json", "plots/loss.svg", "plots/loss.png",
-                 "plots/throughput.svg", "checkpoints/latest", "metrics.jsonl"):  # fmt: skip
+    for name in (
+        "config.yaml",
+        "model.safetensors",
+        "model_config.json",
+        "plots/loss.svg",
+        "plots/loss.png",
+        "plots/throughput.svg",
+        "checkpoints/latest",
+        "metrics.jsonl",
+    ):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
 
 
@@ -145,8 +175,9 @@ def test_keep_checkpoints_rotates_and_the_run_still_resumes(baseline, stores, tm
     first.train()
     root = ckpt.checkpoint_root(tmp_path)
     assert sorted(p.name for p in root.glob("step_*")) == [ckpt.tag_of(15), ckpt.tag_of(20)]
-    second = Trainer(make_config(stores, tmp_path, "train.save_every=5", "train.keep_checkpoints=2"),
-                     use_deepspeed=False)  # fmt: skip
+    second = Trainer(
+        make_config(stores, tmp_path, "train.save_every=5", "train.keep_checkpoints=2"), use_deepspeed=False
+    )
     assert second.step == 20
     second.train()
     assert losses_of(first) + losses_of(second) == losses_of(baseline[0])
@@ -231,12 +262,22 @@ def test_export_loads_with_equal_outputs(baseline, stores):
 @pytest.mark.slow
 @pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed")
 def test_deepspeed_zero1_matches_the_plain_path(stores, tmp_path, monkeypatch):
-    extra = ("train.max_steps=4", "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
-             "optim.name=adamw", "train.zero_stage=1")  # fmt: skip
+    extra = (
+        "train.max_steps=4",
+        "model.hidden_dropout_prob=0.0",
+        "model.attention_probs_dropout_prob=0.0",
+        "optim.name=adamw",
+        "train.zero_stage=1",
+    )
     plain = Trainer(make_config(stores, tmp_path / "plain", *extra), use_deepspeed=False)
     plain.train()
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0",
-                       "WORLD_SIZE": "1"}.items():  # fmt: skip
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29531",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     ds = Trainer(make_config(stores, tmp_path / "ds", *extra), use_deepspeed=True)
     ds.train()
@@ -254,8 +295,16 @@ def test_data_drop_last_reaches_the_sampler(stores, tmp_path, drop_last):
     from engine.data.store import TextStore
 
     text, feats = stores
-    trainer = Trainer(make_config(stores, tmp_path, f"data.drop_last={str(drop_last).lower()}",
-                                  f"data.eval.text={text}", f"data.eval.features={feats}"), use_deepspeed=False)  # fmt: skip
+    trainer = Trainer(
+        make_config(
+            stores,
+            tmp_path,
+            f"data.drop_last={str(drop_last).lower()}",
+            f"data.eval.text={text}",
+            f"data.eval.features={feats}",
+        ),
+        use_deepspeed=False,
+    )
     n = len(TextStore(text))
     assert n % 8, "the store must leave a partial batch"
     assert trainer.steps_per_epoch == (n // 8 if drop_last else -(-n // 8))

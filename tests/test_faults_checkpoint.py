@@ -16,8 +16,8 @@ with one line, or the run stops with one line naming the file; nothing in a chec
   model.safetensors equal an uninterrupted run's, on the plain path and on DeepSpeed (one process, ZeRO-2, fp32).
   KILL_LOOP_SEED overrides the seed; the seed and the plan are in every assertion message.
 
-Tiny model and stores as in test_engine_train.py, CPU fp32. The DeepSpeed tests are marked slow, as elsewhere. Those marked `interpreters`
-also run under a second Python in CI (tests/test_checkpoint_interpreters.py says why).
+Tiny model and stores as in test_engine_train.py, CPU fp32. The DeepSpeed tests are marked slow, as elsewhere.
+Those marked `interpreters` also run under a second Python in CI (tests/test_checkpoint_interpreters.py says why).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 from engine import checkpoint as ckpt
 from engine import pretrain
@@ -46,7 +47,6 @@ from engine.plots import read_metrics
 from engine.runtime import resume_point
 from engine.train import Trainer
 from lxmert.convert import read_state_dict
-from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 D = 16
@@ -64,11 +64,21 @@ def overrides(stores, out: Path, *extra: str) -> list[str]:
     text, feats = stores
     return [
         *tiny_model_overrides(text, D),
-        f"data.train.text={text}", f"data.train.features={feats}", "data.num_workers=0",
-        "optim.name=adamw", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=100", f"train.max_steps={STEPS}",
-        "train.log_every=1", f"train.save_every={SAVE_EVERY}", "train.threads=1", f"train.output_dir={out}",
-        "train.seed=0", *extra,
-    ]  # fmt: skip
+        f"data.train.text={text}",
+        f"data.train.features={feats}",
+        "data.num_workers=0",
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "train.batch_size=8",
+        "train.epochs=100",
+        f"train.max_steps={STEPS}",
+        "train.log_every=1",
+        f"train.save_every={SAVE_EVERY}",
+        "train.threads=1",
+        f"train.output_dir={out}",
+        "train.seed=0",
+        *extra,
+    ]
 
 
 def make_trainer(stores, out: Path, *extra: str, deepspeed: bool = False) -> Trainer:
@@ -108,8 +118,9 @@ def rewrite_manifest(path: Path, drop: tuple[str, ...] = ()) -> None:
     manifest = json.loads((path / ckpt.MANIFEST).read_text())
     manifest["parts"] = {
         name: {"bytes": (path / name).stat().st_size, "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest()}
-        for name in manifest["parts"] if name not in drop
-    }  # fmt: skip
+        for name in manifest["parts"]
+        if name not in drop
+    }
     (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -155,16 +166,20 @@ def test_a_plain_checkpoint_is_json_and_safetensors_listed_in_its_manifest(plain
     assert sorted(state["optimizer"]["state"]) == params and isinstance(state["rng"]["python"][1], list)  # int keys
 
 
-@pytest.mark.parametrize("part, how, reason", [
-    (ckpt.MODEL_FILE, "truncated", "model.safetensors has"),
-    (ckpt.TENSORS_FILE, "missing", "state.safetensors is missing"),
-    (ckpt.STATE_FILE, "truncated", "state.json has"),
-    (ckpt.MODEL_FILE, "flipped", "model.safetensors: its checksum is not the manifest's"),
-    (ckpt.MANIFEST, "truncated", "manifest.json: not readable as JSON"),
-    (ckpt.MANIFEST, "missing", "no manifest.json: a save that did not finish"),
-])  # fmt: skip
-def test_a_damaged_newest_checkpoint_is_skipped_and_the_previous_one_resumed(plain_run, stores, tmp_path, capsys,
-                                                                            part, how, reason):  # fmt: skip
+@pytest.mark.parametrize(
+    "part, how, reason",
+    [
+        (ckpt.MODEL_FILE, "truncated", "model.safetensors has"),
+        (ckpt.TENSORS_FILE, "missing", "state.safetensors is missing"),
+        (ckpt.STATE_FILE, "truncated", "state.json has"),
+        (ckpt.MODEL_FILE, "flipped", "model.safetensors: its checksum is not the manifest's"),
+        (ckpt.MANIFEST, "truncated", "manifest.json: not readable as JSON"),
+        (ckpt.MANIFEST, "missing", "no manifest.json: a save that did not finish"),
+    ],
+)
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_previous_one_resumed(
+    plain_run, stores, tmp_path, capsys, part, how, reason
+):
     run, expected = plain_run
     out = copy_run(run, tmp_path / "run")
     damage(step_dir(out, 6) / part, how)
@@ -216,12 +231,20 @@ def test_the_crafted_pickle_runs_code_under_plain_torch_load(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("part, manifest_rewritten", [
-    (ckpt.MANIFEST, False), (ckpt.STATE_FILE, False), (ckpt.MODEL_FILE, False),
-    (ckpt.STATE_FILE, True), (ckpt.TENSORS_FILE, True), (ckpt.MODEL_FILE, True),
-])  # fmt: skip
-def test_a_crafted_pickle_in_a_plain_checkpoint_never_runs(plain_run, stores, tmp_path, capsys, part,
-                                                           manifest_rewritten):  # fmt: skip
+@pytest.mark.parametrize(
+    "part, manifest_rewritten",
+    [
+        (ckpt.MANIFEST, False),
+        (ckpt.STATE_FILE, False),
+        (ckpt.MODEL_FILE, False),
+        (ckpt.STATE_FILE, True),
+        (ckpt.TENSORS_FILE, True),
+        (ckpt.MODEL_FILE, True),
+    ],
+)
+def test_a_crafted_pickle_in_a_plain_checkpoint_never_runs(
+    plain_run, stores, tmp_path, capsys, part, manifest_rewritten
+):
     run, expected = plain_run
     out = copy_run(run, tmp_path / "run")
     marker = tmp_path / "ran"
@@ -258,11 +281,15 @@ def test_a_checkpoint_from_before_manifests_is_refused_with_a_message(stores, tm
 @pytest.fixture(scope="module")
 def one_rank():
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-                           "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():  # fmt: skip
+        for key, value in {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+        }.items():
             patch.setenv(key, value)
         yield
-
 
 
 DS = ("train.zero_stage=2",)
@@ -283,7 +310,11 @@ def test_a_deepspeed_checkpoint_lists_every_part_and_loads_without_pickle(ds_run
     out, _ = ds_run
     path = step_dir(out, 4)
     parts = ckpt.read_manifest(path)["parts"]
-    assert sorted(parts) == ["mp_rank_00_model_states.pt", "rng_rank0.json", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert sorted(parts) == [
+        "mp_rank_00_model_states.pt",
+        "rng_rank0.json",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ]
     # builtins.getattr: an enum member by name, where this Python pickles enums so (ckpt.enum_member_by_name)
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in ckpt.deepspeed_safe_globals()} | {"builtins.getattr"}
     for name in parts:
@@ -300,10 +331,13 @@ def cpu_has_fp16() -> bool:
 @pytest.mark.interpreters
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("stage, precision", [
-    (3, "bf16"),
-    pytest.param(1, "fp16", marks=pytest.mark.skipif(not cpu_has_fp16(), reason="DeepSpeed: no fp16 on this CPU")),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "stage, precision",
+    [
+        (3, "bf16"),
+        pytest.param(1, "fp16", marks=pytest.mark.skipif(not cpu_has_fp16(), reason="DeepSpeed: no fp16 on this CPU")),
+    ],
+)
 def test_the_allow_list_covers_deepspeeds_files(stores, tmp_path, one_rank, stage, precision):
     """ZeRO-3 (sharded model states) in bf16 and ZeRO-1 in fp16 (its DynamicLossScaler): every file loads with
     weights_only and the allow-list, and the run resumes from them."""
@@ -324,15 +358,19 @@ def test_the_allow_list_covers_deepspeeds_files(stores, tmp_path, one_rank, stag
 @pytest.mark.interpreters
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("part, how, reason", [
-    ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "missing", " is missing"),  # item 2: FileNotFoundError before
-    ("mp_rank_00_model_states.pt", "empty", " has 0 bytes"),  # item 2: EOFError before
-    ("rng_rank0.json", "missing", " is missing"),  # item 5: resumed without its RNG states before
-    ("rng_rank0.json", "truncated", " has "),
-    ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "flipped", ": its checksum is not the manifest's"),
-])  # fmt: skip
-def test_a_damaged_deepspeed_checkpoint_is_skipped_and_the_previous_one_resumed(ds_run, stores, tmp_path, capsys,
-                                                                                one_rank, part, how, reason):  # fmt: skip
+@pytest.mark.parametrize(
+    "part, how, reason",
+    [
+        ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "missing", " is missing"),  # item 2: FileNotFoundError before
+        ("mp_rank_00_model_states.pt", "empty", " has 0 bytes"),  # item 2: EOFError before
+        ("rng_rank0.json", "missing", " is missing"),  # item 5: resumed without its RNG states before
+        ("rng_rank0.json", "truncated", " has "),
+        ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "flipped", ": its checksum is not the manifest's"),
+    ],
+)
+def test_a_damaged_deepspeed_checkpoint_is_skipped_and_the_previous_one_resumed(
+    ds_run, stores, tmp_path, capsys, one_rank, part, how, reason
+):
     run, expected = ds_run
     out = copy_run(run, tmp_path / "run")
     damage(step_dir(out, 6) / part, how)
@@ -352,8 +390,9 @@ def test_a_damaged_deepspeed_checkpoint_is_skipped_and_the_previous_one_resumed(
 @pytest.mark.interpreters
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("part", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                                  "rng_rank0.json"])  # fmt: skip
+@pytest.mark.parametrize(
+    "part", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank0.json"]
+)
 def test_a_crafted_pickle_in_a_deepspeed_checkpoint_never_runs(ds_run, stores, tmp_path, one_rank, part):
     """The manifest rewritten to match: DeepSpeed's own loader would have run it (weights_only=False)."""
     run, _ = ds_run
@@ -437,8 +476,11 @@ def kill_in_step(proc: subprocess.Popen, metrics: Path, offset: int, step: int, 
 def run_until_done(command: list[str], out: Path, parts: int, kills: int, seed: int) -> list:
     """Run `command` (a training run into `out`) again and again, killing the first `kills` attempts as
     kill_plan says, until one finishes. Returns the plan: (the step it resumed from, the kill) per attempt."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                           "MASTER_PORT", KILL_AT)}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", KILL_AT)
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["OMP_NUM_THREADS"] = "1"
     rng = random.Random(seed)

@@ -31,9 +31,15 @@ D, CHUNK = 8, 3  # 27 + 3 good images in chunks of 3: every file ends on a chunk
 # the mixed one), 9 arrays each; 15 atomic writes (progress.json at the start and per commit, img_ids.json,
 # meta.json); a header for each of the 9 files
 POINTS = {
-    "convert.row": 30, "store.append": 108, "store.commit": 12, "atomic.replace": 15, "finish.header": 9,
-    "finish.sealed": 1, "install.cleaned": 1, "install.renamed": 1,
-}  # fmt: skip
+    "convert.row": 30,
+    "store.append": 108,
+    "store.commit": 12,
+    "atomic.replace": 15,
+    "finish.header": 9,
+    "finish.sealed": 1,
+    "install.cleaned": 1,
+    "install.renamed": 1,
+}
 
 
 def cli(args: list[str], kill: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -61,7 +67,9 @@ def random_kill(rng: np.random.Generator, points: dict[str, int] = POINTS) -> st
     return f"{name}:{rng.integers(1, points[name] + 1)}"
 
 
-def until_complete(args: list[str], kills: list[str], note: str, first_hits: bool = True) -> list[tuple[str | None, int]]:
+def until_complete(
+    args: list[str], kills: list[str], note: str, first_hits: bool = True
+) -> list[tuple[str | None, int]]:
     """Run the command with each kill in turn (a run the kill does not reach completes), then without: every
     run must be killed or complete; the first must be killed (first_hits). Returns (kill, exit status) of each."""
     history: list[tuple[str | None, int]] = []
@@ -73,7 +81,9 @@ def until_complete(args: list[str], kills: list[str], note: str, first_hits: boo
         done = result.returncode == 0 or (result.returncode == 2 and "already exists" in result.stderr)
         assert done, f"{note}: runs {history}: {result.stderr}"
         break
-    assert not first_hits or history[0][1] == -signal.SIGKILL, f"{note}: the first kill ({kills[0]}) was not reached: {history}"
+    assert not first_hits or history[0][1] == -signal.SIGKILL, (
+        f"{note}: the first kill ({kills[0]}) was not reached: {history}"
+    )
     assert history[-1][1] != -signal.SIGKILL, f"{note}: never completed: {history}"
     return history
 
@@ -122,8 +132,13 @@ def test_killed_at_a_random_time_then_rerun(data: dict, tmp_path: Path, case: in
     delays = []
     for _ in range(3):
         delays.append(float(rng.uniform(0.2, 1.0)))  # the start (imports) takes about 0.3 s, a run about 0.6 s
-        child = subprocess.Popen([sys.executable, "-m", "engine.data.convert", *args], cwd=ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        child = subprocess.Popen(
+            [sys.executable, "-m", "engine.data.convert", *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(delays[-1])
         child.send_signal(signal.SIGKILL)
         _, err = child.communicate(timeout=60)
@@ -167,8 +182,16 @@ def test_text_store_killed_in_the_records_and_after_sealing(data: dict, tmp_path
     the sealed store without converting anything again (everything is `resumed_at`)."""
     syn, features = data["syn"], data["reference"]
     texts = [str(syn / "lxmert/mscoco_train.json"), str(syn / "lxmert/mscoco_minival.json")]
-    args = ["--text", *texts, "--features", str(features), "--answers", str(syn / "lxmert/all_ans.json"),
-            "--chunk-sentences", "10"]  # fmt: skip
+    args = [
+        "--text",
+        *texts,
+        "--features",
+        str(features),
+        "--answers",
+        str(syn / "lxmert/all_ans.json"),
+        "--chunk-sentences",
+        "10",
+    ]
     reference = tmp_path / "reference/text"
     assert convert.main([*args, "--out", str(reference), "--quiet"]) == 0
     out = tmp_path / "run/text"
@@ -206,8 +229,15 @@ def test_a_text_file_cut_mid_record(data: dict, tmp_path: Path, capsys: pytest.C
     text = (data["syn"] / "lxmert/mscoco_minival.json").read_bytes()
     cut = tmp_path / "cut.json"
     cut.write_bytes(text[: len(text) // 2])
-    args = ["--text", str(cut), "--features", str(data["reference"]), "--answers",
-            str(data["syn"] / "lxmert/all_ans.json"), "--quiet"]  # fmt: skip
+    args = [
+        "--text",
+        str(cut),
+        "--features",
+        str(data["reference"]),
+        "--answers",
+        str(data["syn"] / "lxmert/all_ans.json"),
+        "--quiet",
+    ]
     for skip in ([], ["--skip-bad-rows"]):  # a cut file is not a bad record: skipping cannot mend it
         assert convert.main([*args, *skip, "--out", str(tmp_path / "t")]) == 2
         err = capsys.readouterr().err

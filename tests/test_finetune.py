@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-
-import lxmert
 from conftest import norm_rel_err as rel_err
 from conftest import perturb_ as randomise
+
+import lxmert
 from lxmert.answers import answer_rows, init_answer_head, normalize_answer
 
 F32_REL = 1e-5  # losses are computed in float32
@@ -18,10 +18,19 @@ F32_REL = 1e-5  # losses are computed in float32
 
 def tiny_config(**overrides) -> lxmert.LxmertConfig:
     values = dict(
-        vocab_size=40, hidden_size=16, num_attention_heads=2, intermediate_size=20, max_position_embeddings=24,
-        l_layers=1, r_layers=1, x_layers=2, visual_feat_dim=12, num_qa_labels=6, num_object_labels=7,
+        vocab_size=40,
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=20,
+        max_position_embeddings=24,
+        l_layers=1,
+        r_layers=1,
+        x_layers=2,
+        visual_feat_dim=12,
+        num_qa_labels=6,
+        num_object_labels=7,
         num_attr_labels=5,
-    )  # fmt: skip
+    )
     values.update(overrides)
     return lxmert.LxmertConfig(**values)
 
@@ -156,7 +165,7 @@ def test_init_from_pretraining(pretrained):
 
 def test_init_answer_head_from_an_authors_style_head(pretrained):
     """init_answer_head works on any AnswerHead parameter mapping (fc1.*, norm.*, fc2.*)."""
-    head = {k[len("answer_head."):]: v for k, v in pretrained.state_dict().items() if k.startswith("answer_head.")}
+    head = {k[len("answer_head.") :]: v for k, v in pretrained.state_dict().items() if k.startswith("answer_head.")}
     qa = lxmert.LxmertForQuestionAnswering(tiny_config(), num_answers=2)
     assert init_answer_head(qa.answer_head, head, TABLE, ["no", "giraffe"]) == (1, 1)
     assert torch.equal(qa.answer_head.fc2.weight[0], head["fc2.weight"][3])
@@ -236,11 +245,13 @@ def nlvr2_reference(model, x) -> tuple[torch.Tensor, torch.Tensor]:
     """(module head, float64 hand head) on cat(pooled(sentence, img0), pooled(sentence, img1))."""
     pooled = [
         model.lxmert(
-            input_ids=x["input_ids"], attention_mask=x["attention_mask"],
-            visual_feats=x["visual_feats"][:, i], visual_pos=x["visual_pos"][:, i],
+            input_ids=x["input_ids"],
+            attention_mask=x["attention_mask"],
+            visual_feats=x["visual_feats"][:, i],
+            visual_pos=x["visual_pos"][:, i],
         ).pooled_output
         for i in range(2)
-    ]  # fmt: skip
+    ]
     both = torch.cat(pooled, dim=-1)
     return model.answer_head(both), ref_answer_head(both, model.answer_head)
 
@@ -263,8 +274,13 @@ def test_nlvr2_logits_and_loss(nlvr2):
     for (name, _), a, b in zip(backbone, got, want):
         assert rel_err(a, b) <= 1e-4 if b.norm() > 0 else torch.equal(a, b), name
     named = dict(zip([n for n, _ in backbone], got))
-    reached = ("embeddings.word.weight", "visual_embeddings.feat_proj.weight", "lang_layers.0.attention.qkv.weight",
-               "region_layers.0.ffn.up.weight", "cross_layers.0.cross_attention.qkv.weight")  # fmt: skip
+    reached = (
+        "embeddings.word.weight",
+        "visual_embeddings.feat_proj.weight",
+        "lang_layers.0.attention.qkv.weight",
+        "region_layers.0.ffn.up.weight",
+        "cross_layers.0.cross_attention.qkv.weight",
+    )
     for name in reached:
         assert named[name].norm() > 0, name
 

@@ -72,30 +72,67 @@ def run_all(root: Path) -> dict:
     torch.set_num_threads(1)
     text, feats = build_pretrain_stores(root / "data", D)
     syn = root / "data/syn"
-    convert.convert_text([syn / "lxmert/mscoco_minival.json"], feats, root / "data/minival",
-                         answers=syn / "lxmert/all_ans.json", progress=False)  # fmt: skip
+    convert.convert_text(
+        [syn / "lxmert/mscoco_minival.json"],
+        feats,
+        root / "data/minival",
+        answers=syn / "lxmert/all_ans.json",
+        progress=False,
+    )
     for task, split in (("vqa", "train"), ("vqa", "minival"), ("nlvr2", "train"), ("nlvr2", "valid")):
         a2l = syn / task / "trainval_ans2label.json" if task != "nlvr2" else None
         convert_task(task, [syn / task / f"{split}.json"], feats, a2l, root / f"data/{task}_{split}")
     common = ["train.threads=1", "train.seed=3", "data.seed=4", "data.num_workers=0"]
     pre = root / "pretrain"
-    Trainer(load_config(None, [
-        *tiny_model_overrides(text, D, layers=(2, 1, 2)), *common, f"data.train.text={text}",
-        f"data.train.features={feats}", f"data.eval.text={root / 'data/minival'}", f"data.eval.features={feats}",
-        "optim.name=bertadam", "optim.lr=1e-3", "train.batch_size=8", "train.micro_batch_size=4",
-        "train.epochs=100", "train.max_steps=6", "train.log_every=1", "train.eval_every=3", "train.save_every=3",
-        f"train.output_dir={pre}",
-    ]), use_deepspeed=False).train()  # fmt: skip
+    Trainer(
+        load_config(
+            None,
+            [
+                *tiny_model_overrides(text, D, layers=(2, 1, 2)),
+                *common,
+                f"data.train.text={text}",
+                f"data.train.features={feats}",
+                f"data.eval.text={root / 'data/minival'}",
+                f"data.eval.features={feats}",
+                "optim.name=bertadam",
+                "optim.lr=1e-3",
+                "train.batch_size=8",
+                "train.micro_batch_size=4",
+                "train.epochs=100",
+                "train.max_steps=6",
+                "train.log_every=1",
+                "train.eval_every=3",
+                "train.save_every=3",
+                f"train.output_dir={pre}",
+            ],
+        ),
+        use_deepspeed=False,
+    ).train()
     out = {"pretrain": {"logged": logged(pre / "metrics.jsonl"), "weights": weights_sha256(pre / "model.safetensors")}}
     for task, eval_split in (("vqa", "minival"), ("nlvr2", "valid")):
         run = root / task
-        FineTuner(load_config(None, [
-            *common, f"train.task={task}", f"data.train.text={root / f'data/{task}_train'}",
-            f"data.train.features={feats}", f"data.eval.text={root / f'data/{task}_{eval_split}'}",
-            f"data.eval.features={feats}", f"train.init_from={pre / 'model.safetensors'}", "optim.name=adamw",
-            "optim.lr=5e-4", "train.batch_size=8", "train.grad_accum_steps=2", "train.epochs=2",
-            "train.log_every=2", f"train.output_dir={run}",
-        ]), answer_table=str(text)).train()  # fmt: skip
+        FineTuner(
+            load_config(
+                None,
+                [
+                    *common,
+                    f"train.task={task}",
+                    f"data.train.text={root / f'data/{task}_train'}",
+                    f"data.train.features={feats}",
+                    f"data.eval.text={root / f'data/{task}_{eval_split}'}",
+                    f"data.eval.features={feats}",
+                    f"train.init_from={pre / 'model.safetensors'}",
+                    "optim.name=adamw",
+                    "optim.lr=5e-4",
+                    "train.batch_size=8",
+                    "train.grad_accum_steps=2",
+                    "train.epochs=2",
+                    "train.log_every=2",
+                    f"train.output_dir={run}",
+                ],
+            ),
+            answer_table=str(text),
+        ).train()
         out[task] = {"logged": logged(run / "metrics.jsonl"), "weights": weights_sha256(run / "best/model.safetensors")}
     return out
 

@@ -120,8 +120,14 @@ def test_a_failed_stage_and_one_over_its_limit_are_recorded_and_the_later_stages
     results = {r.name: r for r in session.results}
     assert [r.name for r in session.results] == STAGES
     assert {name: r.status for name, r in results.items()} == {
-        "preflight": "ok", "environment": "ok", "kernel_tests": "failed", "kernels": "timed out", "throughput": "ok",
-        "pretrain_data": "ok", "pretrain": "ok"}  # fmt: skip
+        "preflight": "ok",
+        "environment": "ok",
+        "kernel_tests": "failed",
+        "kernels": "timed out",
+        "throughput": "ok",
+        "pretrain_data": "ok",
+        "pretrain": "ok",
+    }
     assert results["kernel_tests"].returncode == 3 and "exit status 3" in results["kernel_tests"].note
     assert not ran_after_failure.exists(), "a stage goes on after its failing command"
     assert results["kernels"].limit_s == 2.0 and 2.0 <= results["kernels"].seconds < 6.0
@@ -178,7 +184,8 @@ def write_wheel(folder: Path) -> Path:
         "Tag: py3-none-any\n",
     }
     files["gpu_session_probe-1.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in files) + (
-        "gpu_session_probe-1.0.dist-info/RECORD,,\n")
+        "gpu_session_probe-1.0.dist-info/RECORD,,\n"
+    )
     with zipfile.ZipFile(path, "w") as wheel:
         for name, text in files.items():
             wheel.writestr(name, text)
@@ -186,8 +193,9 @@ def write_wheel(folder: Path) -> Path:
 
 
 def test_wheels_are_installed_without_an_index_into_a_site_the_stages_see_first(tmp_path):
-    session = gs.Session(out=tmp_path / "out", work=tmp_path / "work", dry_run=True, budget_s=60,
-                         wheels=tmp_path / "wheels")  # fmt: skip
+    session = gs.Session(
+        out=tmp_path / "out", work=tmp_path / "work", dry_run=True, budget_s=60, wheels=tmp_path / "wheels"
+    )
     write_wheel(session.wheels)
     session.env = gs.stage_env(session, [session.work / "site"])
     install, check = gs.preflight_commands(session)
@@ -209,8 +217,7 @@ def test_the_gpu_form_reports_an_empty_wheel_folder_and_stops_after_the_environm
     stages = {s["name"]: s for s in summary["stages"]}
     assert stages["preflight"]["status"] == "failed" and "no .whl file" in stages["preflight"]["note"]
     assert stages["environment"]["status"] == "ok"
-    assert all(stages[name]["status"] == "skipped" and "no CUDA device" in stages[name]["note"]
-               for name in STAGES[2:])  # fmt: skip
+    assert all(stages[name]["status"] == "skipped" and "no CUDA device" in stages[name]["note"] for name in STAGES[2:])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(gs.OUT_FILES)
 
 
@@ -219,9 +226,11 @@ def test_the_kernels_stage_reports_benchmarks_kernels_own_speed_ups(tmp_path):
     session = gs.Session(out=tmp_path / "out", work=tmp_path / "work", dry_run=False, budget_s=60)
     gpu = {"device": "NVIDIA H100", "measured_on": "gpu", "bench": "attention", "config": "B256 20x36", "dtype": "bf16"}
     rows = [{**gpu, "bench": "check", "check": "attention", "passed": True}]
-    rows += [{**gpu, "provider": provider, "mode": mode, "median_ms": ms * (2 if mode == "full" else 1)}
-             for provider, ms in (("triton", 0.5), ("eager", 2.0), ("sdpa_flash", 1.0))
-             for mode in ("forward", "backward", "full")]  # fmt: skip
+    rows += [
+        {**gpu, "provider": provider, "mode": mode, "median_ms": ms * (2 if mode == "full" else 1)}
+        for provider, ms in (("triton", 0.5), ("eager", 2.0), ("sdpa_flash", 1.0))
+        for mode in ("forward", "backward", "full")
+    ]
     gs.harness.append_rows(session.path(gs.KERNELS_ROWS), rows)
     session.path("logs/kernels.log").write_text("checks: 21 passed, 0 failed (3.0 s)\n")
     numbers = {n.name: (n.value, n.label) for n in gs.kernels_numbers(session)}

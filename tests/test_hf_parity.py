@@ -15,20 +15,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-import lxmert
-from lxmert.convert import from_hf_state_dict, load_into, to_hf_state_dict
-
 from conftest import (
     assert_close,
     cast_floats,
     hf_to_ours,
-    randomize_,
     random_inputs,
     random_pretraining_labels,
+    randomize_,
     small_config,
     small_hf_config,
 )
+
+import lxmert
+from lxmert.convert import from_hf_state_dict, load_into, to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,16 +38,37 @@ GRAD_TOL = 1e-5  # float64 models, transformers' float32 loss accumulation (see 
 ODD_CONFIGS = {
     "no_region_layers_one_cross_layer": (dict(l_layers=2, r_layers=0, x_layers=1), 3, 13, 37),
     "gelu_new_one_token_one_region": (
-        dict(hidden_size=24, num_attention_heads=4, intermediate_size=37, l_layers=1, r_layers=2, x_layers=2,
-             visual_feat_dim=7, hidden_act="gelu_new"),
-        2, 1, 1,
+        dict(
+            hidden_size=24,
+            num_attention_heads=4,
+            intermediate_size=37,
+            l_layers=1,
+            r_layers=2,
+            x_layers=2,
+            visual_feat_dim=7,
+            hidden_act="gelu_new",
+        ),
+        2,
+        1,
+        1,
     ),
     "relu_three_segments_real_shapes": (
-        dict(hidden_size=20, num_attention_heads=5, intermediate_size=16, l_layers=3, r_layers=1, x_layers=3,
-             visual_feat_dim=11, type_vocab_size=3, hidden_act="relu"),
-        1, 20, 36,
+        dict(
+            hidden_size=20,
+            num_attention_heads=5,
+            intermediate_size=16,
+            l_layers=3,
+            r_layers=1,
+            x_layers=3,
+            visual_feat_dim=11,
+            type_vocab_size=3,
+            hidden_act="relu",
+        ),
+        1,
+        20,
+        36,
     ),
-}  # fmt: skip
+}
 odd_configs = pytest.mark.parametrize("name", list(ODD_CONFIGS))
 
 

@@ -44,8 +44,16 @@ def test_the_counter_sees_every_kind_of_wait():
         x * 2 + 1  # no read
         with counter.paused():
             x.sum().item()
-    assert counter.counts["measured"] == {"item": 3, "nonzero": 1, "masked_select": 1, "bool_index": 1, "unique": 1,
-                                          "tolist": 1, "numpy": 1, "cpu": 1}  # fmt: skip
+    assert counter.counts["measured"] == {
+        "item": 3,
+        "nonzero": 1,
+        "masked_select": 1,
+        "bool_index": 1,
+        "unique": 1,
+        "tolist": 1,
+        "numpy": 1,
+        "cpu": 1,
+    }
 
 
 def test_the_losses_find_masked_rows_with_a_wait_only_when_not_handed_them(work):

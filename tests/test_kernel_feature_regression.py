@@ -240,8 +240,9 @@ def test_rows_given_equals_rows_found_float64(case):
     rows = padded_rows(row_weight, padding, g)
     found = run(fr.masked_feature_regression, x, weight, bias, target, row_weight, grad_scale=1.5)
     given = run(fr.masked_feature_regression, x, weight, bias, target, row_weight, grad_scale=1.5, rows=rows)
-    reference = run(fr.reference_masked_feature_regression, x, weight, bias, target, row_weight, grad_scale=1.5,
-                    rows=rows)  # fmt: skip
+    reference = run(
+        fr.reference_masked_feature_regression, x, weight, bias, target, row_weight, grad_scale=1.5, rows=rows
+    )
     for a, b in ((given, found), (given, reference)):
         assert max(errors(a, b)) <= 1e-12, errors(a, b)
     for g_ in given[1]:
@@ -254,8 +255,9 @@ def test_rows_given_equals_lxmert_losses_with_rows():
     x, weight, bias, target, row_weight = make_inputs(72, 64, 128, weights="soft", seed=4)
     rows = padded_rows(row_weight, 9, torch.Generator().manual_seed(4), torch.int32)  # the loaders' dtype
     loss, grads = run(fr.masked_feature_regression, *(x, weight, bias, target, row_weight), grad_scale=2.0, rows=rows)
-    ref_loss, ref_grads = run(losses.masked_feature_regression, *(x, weight, bias, target, row_weight), grad_scale=2.0,
-                              rows=rows)  # fmt: skip
+    ref_loss, ref_grads = run(
+        losses.masked_feature_regression, *(x, weight, bias, target, row_weight), grad_scale=2.0, rows=rows
+    )
     assert rel_err(loss, ref_loss) <= 1e-6
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) <= 1e-6
@@ -273,8 +275,15 @@ def test_rows_given_is_deterministic_and_padding_gets_no_gradient():
 
 def test_rows_empty_is_a_static_zero():
     x, weight, bias, target, row_weight = make_inputs(36, 16, 40, seed=6)
-    loss, grads = run(fr.masked_feature_regression, x, weight, bias, target, row_weight,
-                      rows=torch.empty(0, dtype=torch.int64, device=DEVICE))  # fmt: skip
+    loss, grads = run(
+        fr.masked_feature_regression,
+        x,
+        weight,
+        bias,
+        target,
+        row_weight,
+        rows=torch.empty(0, dtype=torch.int64, device=DEVICE),
+    )
     assert loss.item() == 0.0 and all(g is not None and not g.any() for g in grads)
 
 

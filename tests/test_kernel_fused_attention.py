@@ -70,7 +70,7 @@ def check_against_float64(kernel_fn, ref_fn, inputs64, grad_outs, dtype, names):
     low = [t.to(dtype) for t in inputs64]
     truth = run(ref_fn, [t.double() for t in low], grad_outs)
     kernel = run(kernel_fn, low, grad_outs)
-    for name, k, t in zip(names, kernel, truth):
+    for name, k in zip(names, kernel):
         assert k.dtype == dtype and torch.isfinite(k).all(), name
     kernel_errs = [rel_err(k, t) for k, t in zip(kernel, truth)]
     if dtype == torch.float32:
@@ -118,8 +118,11 @@ def test_cross_attention_against_float64(case, dtype):
     check_against_float64(
         lambda q, k, v: ca.cross_attention(q, k, v, mask),
         lambda q, k, v: ca.reference_attention(q, k, v, mask),
-        [q, k, v], [grad_out], dtype, ["out", "dq", "dk", "dv"],
-    )  # fmt: skip
+        [q, k, v],
+        [grad_out],
+        dtype,
+        ["out", "dq", "dk", "dv"],
+    )
 
 
 def test_fully_padded_row_gives_zero_output_and_zero_gradients():
@@ -189,8 +192,11 @@ def test_bidirectional_equals_two_reference_directions(dtype):
     check_against_float64(
         lambda x: ca.bidirectional_from_views(*model_views(x, n_lang), lang_mask, vis_mask, 0.0),
         lambda x: bidirectional_reference(x, n_lang, lang_mask, vis_mask),
-        [x], grads, dtype, ["lang_ctx", "vis_ctx", "dqkv"],
-    )  # fmt: skip
+        [x],
+        grads,
+        dtype,
+        ["lang_ctx", "vis_ctx", "dqkv"],
+    )
 
 
 def test_bidirectional_attention_awkward_and_equal_to_two_kernel_calls():

@@ -18,11 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_every_kernel_variant_compiles_for_sm90_without_spills(tmp_path):
     out = tmp_path / "kernels_sm90.md"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels_sm90", "--jobs", "2", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernels_sm90", "--jobs", "2", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     rows = json.loads(out.with_suffix(".json").read_text())
-    failures = [f"{r['name']}: {r['status']} {r.get('error')}" for r in rows
-                if r["status"] != "ok" and not (r["variant"]["dtype"] == "fp64" and r["status"] == "refused")]  # fmt: skip
+    failures = [
+        f"{r['name']}: {r['status']} {r.get('error')}"
+        for r in rows
+        if r["status"] != "ok" and not (r["variant"]["dtype"] == "fp64" and r["status"] == "refused")
+    ]
     assert not failures, failures
     assert proc.returncode == 0, proc.stdout[-3000:]
     compiled = [r for r in rows if r["status"] == "ok"]
@@ -31,14 +39,19 @@ def test_every_kernel_variant_compiles_for_sm90_without_spills(tmp_path):
         assert r["spill_stores"] == r["spill_loads"] == 0 and not r["local"], r["name"]
         assert r["shared"] <= 227 * 1024, r["name"]
     # fp32 attention runs on tensor cores now (it lowered to FMA loops and spilled with IEEE dots)
-    fp32_attention = [r for r in compiled if r["variant"]["dtype"] == "fp32" and r["kernel"] != "_feature_regression_fwd_kernel"]
+    fp32_attention = [
+        r for r in compiled if r["variant"]["dtype"] == "fp32" and r["kernel"] != "_feature_regression_fwd_kernel"
+    ]
     assert fp32_attention and all(any(":wgmma" in d or ":mma" in d for d in r["dots"]) for r in fp32_attention)
     # fp64 attention is refused with a message; the feature-regression kernel has one binary per dtype
     refused = [r for r in rows if r["status"] == "refused"]
     assert refused and all("interpreter only" in r["error"] for r in refused)
     for dtype in ("fp32", "fp16", "bf16"):
-        hashes = {r["hash"] for r in compiled if r["kernel"] == "_feature_regression_fwd_kernel"
-                  and r["variant"]["dtype"] == dtype}  # fmt: skip
+        hashes = {
+            r["hash"]
+            for r in compiled
+            if r["kernel"] == "_feature_regression_fwd_kernel" and r["variant"]["dtype"] == dtype
+        }
         assert len(hashes) == 1, dtype
     # every LXMERT training variant is in the table
     uses = {(r["variant"]["kind"], r["variant"]["dtype"]) for r in compiled if r["variant"]["use"] == "train"}

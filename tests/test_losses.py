@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
+from conftest import norm_rel_err as rel_err
 from torch import nn
 
 import lxmert
-from conftest import norm_rel_err as rel_err
 from lxmert import losses
 
 F32_REL = 1e-5  # comparisons of float32 losses with the float64 references
@@ -330,10 +330,19 @@ def test_float64_inputs_give_a_float64_loss(name):
 
 def tiny_config(**overrides) -> lxmert.LxmertConfig:
     values = dict(
-        vocab_size=40, hidden_size=16, num_attention_heads=2, intermediate_size=20, max_position_embeddings=24,
-        l_layers=1, r_layers=1, x_layers=1, visual_feat_dim=12, num_qa_labels=6, num_object_labels=7,
+        vocab_size=40,
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=20,
+        max_position_embeddings=24,
+        l_layers=1,
+        r_layers=1,
+        x_layers=1,
+        visual_feat_dim=12,
+        num_qa_labels=6,
+        num_object_labels=7,
         num_attr_labels=5,
-    )  # fmt: skip
+    )
     values.update(overrides)
     return lxmert.LxmertConfig(**values)
 
@@ -400,9 +409,13 @@ def reference_losses(model: lxmert.LxmertForPreTraining, batch: dict) -> dict[st
             dec = model.obj_head.decoders["feat"]
             target, mask = batch["obj_labels"]["feat"]
             ref["feat"] = ref_feature_regression(
-                states.reshape(-1, states.shape[-1]), dec.weight, dec.bias,
-                target.reshape(-1, target.shape[-1]), mask.reshape(-1), cfg.visual_loss_normalizer,
-            )  # fmt: skip
+                states.reshape(-1, states.shape[-1]),
+                dec.weight,
+                dec.bias,
+                target.reshape(-1, target.shape[-1]),
+                mask.reshape(-1),
+                cfg.visual_loss_normalizer,
+            )
     if cfg.task_qa:
         ref["qa"] = ref_cross_entropy(out.question_answering_score.double(), batch["ans"])
     return ref

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import build_pretrain_stores, tiny_model_overrides
+from test_cli_errors import one_line_error as one_line
+
 from engine import checkpoint as ckpt
 from engine import finetune, launch, output_dir, pretrain
 from engine import main as main_job
@@ -36,7 +37,6 @@ from engine.config import ConfigError, load_config
 from engine.data.tasks import convert_task
 from engine.output_dir import LOCK_FILE, STALE_S, RunError, RunLock, resume_conflicts
 from engine.runtime import Runtime, resume_point
-from test_cli_errors import one_line_error as one_line
 from engine.train import Trainer
 from lxmert.convert import read_state_dict
 
@@ -55,11 +55,19 @@ def stores(tmp_path_factory) -> dict[str, Path]:
 
 def overrides(stores, out: Path, *extra: str) -> list[str]:
     return [
-        *tiny_model_overrides(stores["text"], D), f"data.train.text={stores['text']}",
-        f"data.train.features={stores['feats']}", "data.num_workers=0", "optim.name=adamw", "train.batch_size=8",
-        "train.max_steps=2", "train.save_every=2", "train.log_every=1", "train.threads=1", f"train.output_dir={out}",
+        *tiny_model_overrides(stores["text"], D),
+        f"data.train.text={stores['text']}",
+        f"data.train.features={stores['feats']}",
+        "data.num_workers=0",
+        "optim.name=adamw",
+        "train.batch_size=8",
+        "train.max_steps=2",
+        "train.save_every=2",
+        "train.log_every=1",
+        "train.threads=1",
+        f"train.output_dir={out}",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +94,11 @@ def sleeper():
 def write_lock(directory: Path, pid: int, host: str | None = None, job: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
-    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": time.time(), "job": job,
-                                "token": "theirs"}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {"pid": pid, "host": host or socket.gethostname(), "started": time.time(), "job": job, "token": "theirs"}
+        )
+    )
     return path
 
 
@@ -96,9 +107,12 @@ def write_lock(directory: Path, pid: int, host: str | None = None, job: str = ""
 
 def test_a_second_run_is_refused_at_once_and_a_killed_runs_lock_does_not_block(stores, tmp_path, capsys):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "engine.pretrain",
-               *overrides(stores, out, "train.max_steps=100000", "train.epochs=1000",
-                          "train.save_every=0")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "engine.pretrain",
+        *overrides(stores, out, "train.max_steps=100000", "train.epochs=1000", "train.save_every=0"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -111,8 +125,11 @@ def test_a_second_run_is_refused_at_once_and_a_killed_runs_lock_does_not_block(s
         tick = time.monotonic()
         assert pretrain.main(overrides(stores, out)) == 2
         assert time.monotonic() - tick < 10  # at once: before a model is built
-        one_line(capsys, f"lxmert-pretrain: error: {out} is in use by another run: pid {first.pid} on "
-                 f"{socket.gethostname()}", "another train.output_dir")  # fmt: skip
+        one_line(
+            capsys,
+            f"lxmert-pretrain: error: {out} is in use by another run: pid {first.pid} on {socket.gethostname()}",
+            "another train.output_dir",
+        )
         assert json.loads((out / LOCK_FILE).read_text()) == holder
     finally:
         first.send_signal(signal.SIGKILL)  # leaves its lock behind, as a crash or the OOM killer would
@@ -191,17 +208,38 @@ def test_a_resume_the_checkpoint_cannot_take_is_refused_naming_each_key(finished
     before = files(run)
     changed = ["model.hidden_size=64", "model.l_layers=2", "train.batch_size=16", "data.seed=5", "optim.lr=5e-4"]
     assert pretrain.main(overrides(stores, run, *changed)) == 2
-    one_line(capsys, f"{run / 'checkpoints' / ckpt.tag_of(2)} was written with settings a resume cannot take in",
-             "model.hidden_size 32 -> 64", "model.l_layers 1 -> 2", "train.batch_size 8 -> 16", "data.seed 0 -> 5",
-             "optim.lr 0.0001 -> 0.0005", f"train.resume=weights:{run / 'checkpoints' / ckpt.tag_of(2)}")  # fmt: skip
+    one_line(
+        capsys,
+        f"{run / 'checkpoints' / ckpt.tag_of(2)} was written with settings a resume cannot take in",
+        "model.hidden_size 32 -> 64",
+        "model.l_layers 1 -> 2",
+        "train.batch_size 8 -> 16",
+        "data.seed 0 -> 5",
+        "optim.lr 0.0001 -> 0.0005",
+        f"train.resume=weights:{run / 'checkpoints' / ckpt.tag_of(2)}",
+    )
     assert files(run) == before  # nothing written, no lock left
 
 
 def test_changes_a_resume_absorbs_are_not_refused(finished, stores, tmp_path, capsys):
-    old = {"train.world_size": 1, "train.micro_batch_size": 8, "train.grad_accum_steps": 1, "train.log_every": 1,
-           "data.num_workers": 0, "model.attn_backend": "sdpa", "train.batch_size": 8}  # fmt: skip
-    new = {"train.world_size": 2, "train.micro_batch_size": 2, "train.grad_accum_steps": 2, "train.log_every": 5,
-           "data.num_workers": 4, "model.attn_backend": "eager", "train.batch_size": 8}  # fmt: skip
+    old = {
+        "train.world_size": 1,
+        "train.micro_batch_size": 8,
+        "train.grad_accum_steps": 1,
+        "train.log_every": 1,
+        "data.num_workers": 0,
+        "model.attn_backend": "sdpa",
+        "train.batch_size": 8,
+    }
+    new = {
+        "train.world_size": 2,
+        "train.micro_batch_size": 2,
+        "train.grad_accum_steps": 2,
+        "train.log_every": 5,
+        "data.num_workers": 4,
+        "model.attn_backend": "eager",
+        "train.batch_size": 8,
+    }
     assert resume_conflicts(old, new) == ([], [])  # another world size with the same global batch resumes
     run = shutil.copytree(finished, tmp_path / "run")
     absorbed = ("train.max_steps=3", "train.log_every=2", "model.attn_backend=eager")
@@ -215,8 +253,12 @@ def test_changes_a_resume_absorbs_are_not_refused(finished, stores, tmp_path, ca
 def test_resume_weights_starts_a_new_schedule_from_a_checkpoints_weights(finished, stores, tmp_path, capsys):
     source = ckpt.checkpoint_root(finished) / ckpt.tag_of(2)
     out = tmp_path / "new"
-    config = load_config(None, overrides(stores, out, f"train.resume=weights:{finished}", "train.batch_size=16",
-                                         "optim.lr=5e-4", "train.max_steps=3"))  # fmt: skip
+    config = load_config(
+        None,
+        overrides(
+            stores, out, f"train.resume=weights:{finished}", "train.batch_size=16", "optim.lr=5e-4", "train.max_steps=3"
+        ),
+    )
     trainer = Trainer(config)
     assert trainer.step == 0 and trainer.weights_only_resume and trainer.resume_from == source
     weights = read_state_dict(source / ckpt.MODEL_FILE)
@@ -228,8 +270,10 @@ def test_resume_weights_starts_a_new_schedule_from_a_checkpoints_weights(finishe
     assert again.step == 3 and not again.weights_only_resume
     again.release_output_dir()
     capsys.readouterr()
-    assert pretrain.main(overrides(stores, tmp_path / "other", f"train.resume=weights:{source}",
-                                   "model.hidden_size=64")) == 2  # fmt: skip
+    assert (
+        pretrain.main(overrides(stores, tmp_path / "other", f"train.resume=weights:{source}", "model.hidden_size=64"))
+        == 2
+    )
     one_line(capsys, f"train.resume=weights:{source}: its weights do not fit this run: model.hidden_size 32 -> 64")
     assert not (tmp_path / "other").exists()
     with pytest.raises(ConfigError, match="in this run's own train.output_dir"):
@@ -240,10 +284,22 @@ def test_resume_weights_starts_a_new_schedule_from_a_checkpoints_weights(finishe
 # ----------------------------------------------------------------------------------------- one-line failures
 
 
-@pytest.mark.parametrize("path", ["plain", pytest.param("deepspeed", marks=[pytest.mark.slow, pytest.mark.skipif(
-    not launch.deepspeed_available(), reason="DeepSpeed is not installed")])])  # fmt: skip
-def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_stays_latest(path, stores, tmp_path, capsys,
-                                                                                    monkeypatch):  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    [
+        "plain",
+        pytest.param(
+            "deepspeed",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(not launch.deepspeed_available(), reason="DeepSpeed is not installed"),
+            ],
+        ),
+    ],
+)
+def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_stays_latest(
+    path, stores, tmp_path, capsys, monkeypatch
+):
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=26m", "tmpfs", str(disk)], capture_output=True).returncode:
@@ -263,8 +319,12 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_stays_lat
         stage = "train.zero_stage=1" if path == "deepspeed" else "train.zero_stage=0"
         assert pretrain.main(overrides(stores, out, "train.max_steps=4", stage)) == 2
         kept = ckpt.checkpoint_root(out) / ckpt.tag_of(2)
-        one_line(capsys, f"lxmert-pretrain: error: checkpoint {ckpt.tag_of(4)} into {ckpt.checkpoint_root(out)} "
-                 "failed: ", "No space left on device (it needed about ", f"{kept} stays the latest")  # fmt: skip
+        one_line(
+            capsys,
+            f"lxmert-pretrain: error: checkpoint {ckpt.tag_of(4)} into {ckpt.checkpoint_root(out)} failed: ",
+            "No space left on device (it needed about ",
+            f"{kept} stays the latest",
+        )
         assert (ckpt.checkpoint_root(out) / ckpt.LATEST).read_text().strip() == ckpt.tag_of(2)
         assert resume_point("auto", out) == kept  # complete and verified: the failed save left no checkpoint
         if path == "plain":
@@ -299,8 +359,9 @@ def test_a_multi_rank_launch_without_deepspeed_is_one_line_from_rank_0(stores, t
         assert err.count("\n") == lines and "Traceback" not in err, err
     monkeypatch.setenv("RANK", "0")
     assert pretrain.main(overrides(stores, tmp_path / "out")) == 2
-    one_line(capsys, "WORLD_SIZE=2: a launch of 2 ranks needs DeepSpeed, which is not installed (pip install "
-             "deepspeed)")  # fmt: skip
+    one_line(
+        capsys, "WORLD_SIZE=2: a launch of 2 ranks needs DeepSpeed, which is not installed (pip install deepspeed)"
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -1,4 +1,4 @@
-"""The installed console commands: every one of setup.py's entry points resolves and answers --help."""
+"""The installed console commands: every one of pyproject.toml's entry points resolves and answers --help."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = {"lxmert-attention", "lxmert-convert", "lxmert-pretrain", "lxmert-finetune", "lxmert-data-convert",
-            "lxmert-synthetic", "lxmert-plots"}  # fmt: skip
+COMMANDS = {
+    "lxmert-attention",
+    "lxmert-convert",
+    "lxmert-pretrain",
+    "lxmert-finetune",
+    "lxmert-data-convert",
+    "lxmert-synthetic",
+    "lxmert-plots",
+}
 
 
 def entry_points() -> dict[str, importlib.metadata.EntryPoint]:

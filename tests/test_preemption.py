@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 from engine import checkpoint as ckpt
 from engine.config import load_config
@@ -42,7 +43,6 @@ from engine.metrics_log import read_metrics
 from engine.stopping import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, interrupt_in_one_line
 from engine.train import Trainer, exit_status
 from lxmert.convert import read_state_dict
-from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 D = 16
@@ -61,16 +61,29 @@ def overrides(stores, out: Path, *extra: str) -> list[str]:
     text, feats = stores
     return [
         *tiny_model_overrides(text, D),
-        f"data.train.text={text}", f"data.train.features={feats}", "data.num_workers=0",
-        "optim.name=adamw", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=100", f"train.max_steps={STEPS}",
-        "train.log_every=1", f"train.save_every={SAVE_EVERY}", "train.threads=1", f"train.output_dir={out}",
-        "train.seed=0", *extra,
-    ]  # fmt: skip
+        f"data.train.text={text}",
+        f"data.train.features={feats}",
+        "data.num_workers=0",
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "train.batch_size=8",
+        "train.epochs=100",
+        f"train.max_steps={STEPS}",
+        "train.log_every=1",
+        f"train.save_every={SAVE_EVERY}",
+        "train.threads=1",
+        f"train.output_dir={out}",
+        "train.seed=0",
+        *extra,
+    ]
 
 
 def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                           "MASTER_PORT", "OMP_NUM_THREADS")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
@@ -104,20 +117,23 @@ def cli(stores, out: Path, *extra: str) -> list[str]:
 
 def run(command: list[str], log: Path, timeout: float = 300) -> tuple[int, str]:
     with open(log, "w") as f:
-        rc = subprocess.run(command, cwd=REPO, env=environment(), stdout=f, stderr=subprocess.STDOUT,
-                            timeout=timeout).returncode  # fmt: skip
+        rc = subprocess.run(
+            command, cwd=REPO, env=environment(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+        ).returncode
     return rc, log.read_text()
 
 
-def signalled(command: list[str], out: Path, log: Path, rng: random.Random, *signals: int, group: bool = False,
-              steps: int = STEPS) -> tuple[int, str, int]:  # fmt: skip
+def signalled(
+    command: list[str], out: Path, log: Path, rng: random.Random, *signals: int, group: bool = False, steps: int = STEPS
+) -> tuple[int, str, int]:
     """Run `command` (`steps` steps), send `signals` (0.1 s apart) at a random moment after one of steps 2 to
     steps - 6 was logged: (exit status, output, the step the signal followed). group: to every process of the
     command's process group."""
     after = rng.randint(2, steps - 6)
     with open(log, "w") as f:
-        proc = subprocess.Popen(command, cwd=REPO, env=environment(), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=group)  # fmt: skip
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=environment(), stdout=f, stderr=subprocess.STDOUT, start_new_session=group
+        )
 
         def send() -> None:
             for i, number in enumerate(signals):
@@ -177,12 +193,14 @@ def reference(stores, tmp_path_factory) -> Path:
 def test_sigterm_saves_at_the_step_in_flight_and_the_same_command_resumes_there(stores, reference, tmp_path):
     rng = random.Random(SEED)
     out = tmp_path / "run"
-    rc, text, after = signalled(cli(stores, out, *WORKERS), out, tmp_path / "stopped.log", rng, signal.SIGTERM,
-                                group=True)  # fmt: skip
+    rc, text, after = signalled(
+        cli(stores, out, *WORKERS), out, tmp_path / "stopped.log", rng, signal.SIGTERM, group=True
+    )
     message = f"seed {SEED} (SIGNAL_SEED): SIGTERM after step {after}"
     assert rc == EXIT_PREEMPTED, (message, text[-3000:])
-    step, path = assert_stopped(out, text, after, "preempted at step {step}: checkpoint {checkpoint} (SIGTERM); the "
-                                                  "same command resumes it")  # fmt: skip
+    step, path = assert_stopped(
+        out, text, after, "preempted at step {step}: checkpoint {checkpoint} (SIGTERM); the same command resumes it"
+    )
     rc, text = run(cli(stores, out), tmp_path / "resumed.log")
     assert rc == 0, text[-3000:]
     assert_resumed_as_uninterrupted(out, reference, text, step, path)
@@ -190,29 +208,42 @@ def test_sigterm_saves_at_the_step_in_flight_and_the_same_command_resumes_there(
 
 def test_the_preempt_signal_is_an_early_warning_that_stops_the_same_way(stores, tmp_path):
     out = tmp_path / "run"
-    rc, text, after = signalled(cli(stores, out, *WORKERS), out, tmp_path / "stopped.log", random.Random(SEED + 1),
-                                signal.SIGUSR1, group=True)  # fmt: skip
+    rc, text, after = signalled(
+        cli(stores, out, *WORKERS), out, tmp_path / "stopped.log", random.Random(SEED + 1), signal.SIGUSR1, group=True
+    )
     assert rc == EXIT_PREEMPTED, text[-3000:]
-    assert_stopped(out, text, after, "preempted at step {step}: checkpoint {checkpoint} (SIGUSR1); the same command "
-                                     "resumes it")  # fmt: skip
+    assert_stopped(
+        out, text, after, "preempted at step {step}: checkpoint {checkpoint} (SIGUSR1); the same command resumes it"
+    )
 
 
 def test_ctrl_c_saves_and_exits_130_without_a_traceback(stores, tmp_path):
     """Twice within a second, as torchrun passes on the SIGINT a scheduler also sends its workers: one ^C."""
     out = tmp_path / "run"
-    rc, text, after = signalled(cli(stores, out, *WORKERS), out, tmp_path / "stopped.log", random.Random(SEED + 2),
-                                signal.SIGINT, signal.SIGINT, group=True)  # fmt: skip
+    rc, text, after = signalled(
+        cli(stores, out, *WORKERS),
+        out,
+        tmp_path / "stopped.log",
+        random.Random(SEED + 2),
+        signal.SIGINT,
+        signal.SIGINT,
+        group=True,
+    )
     assert rc == EXIT_INTERRUPTED, text[-3000:]
-    assert_stopped(out, text, after, "interrupted (^C) at step {step}: checkpoint {checkpoint}; the same command "
-                                     "resumes it")  # fmt: skip
+    assert_stopped(
+        out, text, after, "interrupted (^C) at step {step}: checkpoint {checkpoint}; the same command resumes it"
+    )
 
 
 def test_a_second_ctrl_c_exits_at_once_in_one_line(tmp_path):
-    script = ("import os, signal, time\nfrom engine.stopping import StopRequests\nwith StopRequests('SIGUSR1') as r:\n"
-              "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(1.3)\n    os.kill(os.getpid(), signal.SIGINT)\n"
-              "    time.sleep(5)\nprint('not reached')\n")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=environment(), capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    script = (
+        "import os, signal, time\nfrom engine.stopping import StopRequests\nwith StopRequests('SIGUSR1') as r:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(1.3)\n    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\nprint('not reached')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=environment(), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == EXIT_INTERRUPTED and proc.stdout == ""
     assert proc.stderr == "interrupted again: exiting now, without a checkpoint of this step\n"
 
@@ -231,8 +262,13 @@ def test_the_time_limit_saves_and_stops_before_it(stores, tmp_path):
     limit = 12.0
     tick = time.monotonic()
     with open(tmp_path / "run.log", "w") as f:
-        proc = subprocess.Popen(cli(stores, out, "train.max_steps=100000", f"train.time_limit={limit}"), cwd=REPO,
-                                env=environment(), stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            cli(stores, out, "train.max_steps=100000", f"train.time_limit={limit}"),
+            cwd=REPO,
+            env=environment(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
         while proc.poll() is None and not logged_steps(out):
             time.sleep(0.01)
         first_step = time.monotonic() - tick
@@ -254,8 +290,9 @@ def test_the_time_limit_saves_and_stops_before_it(stores, tmp_path):
 def test_a_run_that_only_skips_steps_stops_with_the_last_good_weights(stores, tmp_path):
     """An inf in every gradient from step 3 on: steps 3, 4, 5, ... apply nothing. train.max_skipped_steps=3,
     logging every 2 steps: the log line of step 4 sees 2 in a row, step 6's sees 4 and stops."""
-    config = load_config(None, overrides(stores, tmp_path, "train.max_skipped_steps=3", "train.log_every=2",
-                                         "train.save_every=2"))  # fmt: skip
+    config = load_config(
+        None, overrides(stores, tmp_path, "train.max_skipped_steps=3", "train.log_every=2", "train.save_every=2")
+    )
     trainer = Trainer(config, use_deepspeed=False)
     trainer.model.match_head.weight.register_hook(lambda grad: grad * math.inf if trainer.step >= 2 else grad)
     summary = trainer.train()
@@ -264,7 +301,8 @@ def test_a_run_that_only_skips_steps_stops_with_the_last_good_weights(stores, tm
     path = ckpt.checkpoint_root(tmp_path) / ckpt.tag_of(6)
     assert summary["stopped"]["line"] == (
         f"stopped at step 6: the last 4 steps had a non-finite gradient (train.max_skipped_steps 3); last finite "
-        f"loss {loss:.4f} at step 2: checkpoint {path} (the weights of step 2)")  # fmt: skip
+        f"loss {loss:.4f} at step 2: checkpoint {path} (the weights of step 2)"
+    )
     assert [r["skipped_steps"] for r in trainer.history] == [0, 2, 4]
     good, last = (ckpt.load_plain(ckpt.checkpoint_root(tmp_path) / ckpt.tag_of(s))["model"] for s in (2, 6))
     assert all(torch.equal(good[k], last[k]) for k in good)
@@ -277,10 +315,16 @@ DS_STEPS = 12
 
 
 def launcher(stores, out: Path, *extra: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            "--module", "engine.pretrain", *overrides(stores, out, "train.zero_stage=2", f"train.max_steps={DS_STEPS}",
-                                                      "train.save_every=4", *extra)]  # fmt: skip
-
+    return [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "engine.pretrain",
+        *overrides(stores, out, "train.zero_stage=2", f"train.max_steps={DS_STEPS}", "train.save_every=4", *extra),
+    ]
 
 
 @pytest.mark.slow
@@ -293,10 +337,22 @@ def test_a_two_rank_zero_job_signalled_as_a_scheduler_does_stops_at_one_step_and
     rc, text = run(launcher(stores, reference), tmp_path / "reference.log")
     assert logged_steps(reference) == list(range(1, DS_STEPS + 1)), text[-3000:]
     out = tmp_path / "run"
-    _, text, after = signalled(launcher(stores, out), out, tmp_path / "stopped.log", random.Random(SEED + 3),
-                               signal.SIGTERM, group=True, steps=DS_STEPS)  # fmt: skip
-    step, path = assert_stopped(out, text, after, "preempted at step {step}: checkpoint {checkpoint} (SIGTERM); the "
-                                                  "same command resumes it", steps=DS_STEPS)  # fmt: skip
+    _, text, after = signalled(
+        launcher(stores, out),
+        out,
+        tmp_path / "stopped.log",
+        random.Random(SEED + 3),
+        signal.SIGTERM,
+        group=True,
+        steps=DS_STEPS,
+    )
+    step, path = assert_stopped(
+        out,
+        text,
+        after,
+        "preempted at step {step}: checkpoint {checkpoint} (SIGTERM); the same command resumes it",
+        steps=DS_STEPS,
+    )
     parts = ckpt.read_manifest(path)["parts"]  # rank 0 lists the files every rank wrote at this step
     assert sorted(p for p in parts if p.startswith("rng_rank")) == ["rng_rank0.json", "rng_rank1.json"]
     assert sum("optim_states" in p for p in parts) == 2
@@ -320,14 +376,27 @@ def test_the_main_job_ends_with_a_stopped_runs_line_and_status(monkeypatch, tmp_
 def test_a_fine_tuning_run_stops_and_resumes_the_same_way(tmp_path):
     """The loop is shared: VQA fine-tuning (with evaluation) signalled in-process in its fourth step saves there,
     and a new FineTuner on the same output dir ends with the uninterrupted run's losses, evaluations and best model."""
-    from engine.finetune import FineTuner
     from test_engine_finetune import TINY, build_data
 
+    from engine.finetune import FineTuner
+
     data = build_data(tmp_path / "data", images=40)
-    common = [*TINY, f"data.train.text={data['vqa_train']}", f"data.train.features={data['feats']}",
-              f"data.eval.text={data['vqa_minival']}", f"data.eval.features={data['feats']}", "data.num_workers=0",
-              "optim.name=adamw", "optim.lr=1e-3", "train.task=vqa", "train.batch_size=8", "train.max_steps=8",
-              "train.log_every=1", "train.eval_every=3", "train.seed=0"]  # fmt: skip
+    common = [
+        *TINY,
+        f"data.train.text={data['vqa_train']}",
+        f"data.train.features={data['feats']}",
+        f"data.eval.text={data['vqa_minival']}",
+        f"data.eval.features={data['feats']}",
+        "data.num_workers=0",
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "train.task=vqa",
+        "train.batch_size=8",
+        "train.max_steps=8",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "train.seed=0",
+    ]
 
     def tuner(out: Path) -> FineTuner:
         return FineTuner(load_config(None, [*common, f"train.output_dir={out}"]), use_deepspeed=False)

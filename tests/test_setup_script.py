@@ -29,8 +29,9 @@ ORDINARY_PIP = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
 
 def setup_functions(script: str, *args: str) -> str:
     """Runs `script` in bash after sourcing setup.sh; its stdout."""
-    proc = subprocess.run(["bash", "-c", f'source "{SETUP}"\n{script}', "bash", *args], capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "-c", f'source "{SETUP}"\n{script}', "bash", *args], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -61,10 +62,15 @@ def stand_in(tmp_path_factory) -> tuple[Path, Path]:
     """(a venv holding the stand-in CUDA torch, the wheel directory standing in for PyPI)."""
     work = tmp_path_factory.mktemp("setup_pins")
     wheels = work / "wheels"
-    write_wheel(wheels, "torch", "2.13.0", {
-        "torch/__init__.py": 'from . import cuda\n\n__version__ = "2.13.0+cu130"\n',
-        "torch/cuda.py": "def is_available():\n    return False\n",
-    })  # fmt: skip
+    write_wheel(
+        wheels,
+        "torch",
+        "2.13.0",
+        {
+            "torch/__init__.py": 'from . import cuda\n\n__version__ = "2.13.0+cu130"\n',
+            "torch/cuda.py": "def is_available():\n    return False\n",
+        },
+    )
     write_wheel(wheels, "needs-torch", "1.0", {"needs_torch/__init__.py": ""}, requires=("torch>=2.4",))
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -73,22 +79,38 @@ def stand_in(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def pip(venv: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", *args], capture_output=True, text=True,
-                          env=ORDINARY_PIP, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", *args],
+        capture_output=True,
+        text=True,
+        env=ORDINARY_PIP,
+        timeout=120,
+    )
     assert proc.returncode == 0 or not check, proc.stdout + proc.stderr
     return proc
 
 
 def test_the_torch_pin_is_the_version_pip_knows(stand_in, tmp_path):
     venv, wheels = stand_in
-    constraint, build = setup_functions('py=$1; probe; torch_constraint; have torch-build', str(venv / "bin/python")
-                                        ).split()  # fmt: skip
+    constraint, build = setup_functions(
+        "py=$1; probe; torch_constraint; have torch-build", str(venv / "bin/python")
+    ).split()
     assert (constraint, build) == ("torch==2.13.0", "2.13.0+cu130")
 
     def resolve(pin: str) -> subprocess.CompletedProcess:
         (tmp_path / "constraints.txt").write_text(pin + "\n")
-        return pip(venv, "install", "--dry-run", "--no-index", "--find-links", str(wheels), "-c",
-                   str(tmp_path / "constraints.txt"), "needs-torch", check=False)  # fmt: skip
+        return pip(
+            venv,
+            "install",
+            "--dry-run",
+            "--no-index",
+            "--find-links",
+            str(wheels),
+            "-c",
+            str(tmp_path / "constraints.txt"),
+            "needs-torch",
+            check=False,
+        )
 
     proc = resolve(constraint)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -97,7 +119,6 @@ def test_the_torch_pin_is_the_version_pip_knows(stand_in, tmp_path):
     assert proc.returncode != 0 and "ResolutionImpossible" in proc.stderr, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("python, numpy", [("3.10", "2.2.6"), ("3.11", "2.3.5"), ("3.12", "2.3.5"),
-                                           ("3.13", "2.3.5")])  # fmt: skip
+@pytest.mark.parametrize("python, numpy", [("3.10", "2.2.6"), ("3.11", "2.3.5"), ("3.12", "2.3.5"), ("3.13", "2.3.5")])
 def test_the_numpy_pin_fits_the_python(python, numpy):
     assert setup_functions('state="python $1"; numpy_pin', python).strip() == numpy

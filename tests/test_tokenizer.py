@@ -77,7 +77,12 @@ def test_known_ids(tokenizer: LxmertTokenizer) -> None:
     assert tokenizer.vocab_path == VOCAB
     assert tokenizer.encode("Who is holding the umbrella?") == [101, 2040, 2003, 3173, 1996, 12977, 1029, 102]
     assert tokenizer.convert_tokens_to_ids(["the", "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [
-        1996, 0, 100, 101, 102, 103,
+        1996,
+        0,
+        100,
+        101,
+        102,
+        103,
     ]
     assert tokenizer.tokenize("Who is holding the umbrella?") == ["who", "is", "holding", "the", "umbrella", "?"]
 
@@ -111,7 +116,7 @@ def test_batch_encode(tokenizer: LxmertTokenizer) -> None:
     assert input_ids.shape == attention_mask.shape == (len(SENTENCES), width)
     for row, ids, mask in zip(rows, input_ids, attention_mask):
         assert ids[: len(row)].tolist() == row
-        assert (ids[len(row):] == PAD_ID).all()
+        assert (ids[len(row) :] == PAD_ID).all()
         assert mask.tolist() == [1] * len(row) + [0] * (width - len(row))
 
     short_ids, short_mask = tokenizer.batch_encode(["Who is holding the umbrella?", "a"])

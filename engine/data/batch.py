@@ -28,9 +28,19 @@ VISUAL_LOSSES = ("obj", "attr", "feat")
 
 # LxmertForPreTraining.forward keywords, in its order (tests check them against the signature).
 MODEL_FIELDS = (
-    "input_ids", "visual_feats", "visual_pos", "attention_mask", "visual_attention_mask", "token_type_ids",
-    "labels", "obj_labels", "matched_label", "ans", "mlm_rows", "feat_rows",
-)  # fmt: skip
+    "input_ids",
+    "visual_feats",
+    "visual_pos",
+    "attention_mask",
+    "visual_attention_mask",
+    "token_type_ids",
+    "labels",
+    "obj_labels",
+    "matched_label",
+    "ans",
+    "mlm_rows",
+    "feat_rows",
+)
 
 
 class ModelBatch:
@@ -57,7 +67,9 @@ class ModelBatch:
                 changes[name] = {k: (fn(ids), fn(weights)) for k, (ids, weights) in value.items()}
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
-    def to(self, device: torch.device | str, non_blocking: bool = True, float_dtype: torch.dtype = torch.float32) -> Any:
+    def to(
+        self, device: torch.device | str, non_blocking: bool = True, float_dtype: torch.dtype = torch.float32
+    ) -> Any:
         """The batch on `device`, widened there: integers -> int64, floating point -> `float_dtype`.
 
         The compact bytes are copied first (non_blocking from pinned memory), the widening runs on the device."""
@@ -78,9 +90,12 @@ class ModelBatch:
         def same(a: Any, b: Any) -> bool:
             if isinstance(a, Tensor) or isinstance(b, Tensor):
                 return (
-                    isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
-                    and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
-                )  # fmt: skip
+                    isinstance(a, Tensor)
+                    and isinstance(b, Tensor)
+                    and a.dtype == b.dtype
+                    and a.shape == b.shape
+                    and bool(torch.equal(a.cpu(), b.cpu()))
+                )
             if isinstance(a, dict):
                 return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
             if isinstance(a, tuple):
@@ -90,7 +105,8 @@ class ModelBatch:
             return a == b
 
         return type(self) is type(other) and all(
-            same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)  # type: ignore
+            same(getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self)  # type: ignore
         )
 
 

@@ -50,8 +50,10 @@ def text_arrays(text: TextStore, plan: BatchPlan, vocab_size: int) -> dict[str, 
     token_ids = text.arrays["token_ids"][unique][inverse, :length]  # int16, rows read in order
     if token_ids.size and (token_ids.max() >= vocab_size or token_ids.min() < 0):
         bad = int(np.flatnonzero(((token_ids >= vocab_size) | (token_ids < 0)).any(1))[0])
-        raise StoreError(f"text store {text.path}: row {int(plan.sentence_index[bad])} holds token ids "
-                         f"{token_ids[bad].tolist()} outside [0, model.vocab_size {vocab_size})")  # fmt: skip
+        raise StoreError(
+            f"text store {text.path}: row {int(plan.sentence_index[bad])} holds token ids "
+            f"{token_ids[bad].tolist()} outside [0, model.vocab_size {vocab_size})"
+        )
     token_action = plan.token_action[:, :length]
     input_ids, labels = mask_tokens(token_ids, token_action, plan.random_tokens[:, :length])
     out = {
@@ -73,18 +75,30 @@ def text_arrays(text: TextStore, plan: BatchPlan, vocab_size: int) -> dict[str, 
 def assemble(plan: BatchPlan, t: dict[str, Tensor]) -> PretrainBatch:
     """A PretrainBatch from named tensors (text_arrays' names plus the region arrays)."""
     return PretrainBatch(
-        input_ids=t["input_ids"], attention_mask=t["attention_mask"], token_type_ids=t["token_type_ids"],
-        visual_feats=t["visual_feats"], visual_pos=t["boxes"], visual_attention_mask=t.get("visual_attention_mask"),
-        labels=t["labels"], mlm_rows=t["mlm_rows"], feat_rows=t["feat_rows"],
+        input_ids=t["input_ids"],
+        attention_mask=t["attention_mask"],
+        token_type_ids=t["token_type_ids"],
+        visual_feats=t["visual_feats"],
+        visual_pos=t["boxes"],
+        visual_attention_mask=t.get("visual_attention_mask"),
+        labels=t["labels"],
+        mlm_rows=t["mlm_rows"],
+        feat_rows=t["feat_rows"],
         obj_labels={
-            "obj": (t["obj_ids"], t["obj_conf"]), "attr": (t["attr_ids"], t["attr_conf"]),
+            "obj": (t["obj_ids"], t["obj_conf"]),
+            "attr": (t["attr_ids"], t["attr_conf"]),
             "feat": (t["features"], t["feat_mask"]),
         },
-        matched_label=t["matched"], ans=t["ans"], sample_index=plan.sample_index,
-        sentence_index=plan.sentence_index, image_index=plan.image_index, epoch=plan.epoch, step=plan.step,
+        matched_label=t["matched"],
+        ans=t["ans"],
+        sample_index=plan.sample_index,
+        sentence_index=plan.sentence_index,
+        image_index=plan.image_index,
+        epoch=plan.epoch,
+        step=plan.step,
         masked_tokens=int(np.count_nonzero(plan.token_action[:, : plan.max_length] != NOT_MASKED)),
         masked_regions=int(np.count_nonzero(plan.region_action != NOT_MASKED)),
-    )  # fmt: skip
+    )
 
 
 class HostBatchBuilder:
@@ -149,8 +163,12 @@ class Loader(abc.ABC):
 
         The world size may change if the global batch size does not (batches are cut from global ones): `step`
         is then converted through micro_step_samples (the samples a step of the saving loader took)."""
-        return {"epoch": self.epoch, "step": self.step, "micro_step_samples": self._micro_step_samples(),
-                **self._identity()}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "micro_step_samples": self._micro_step_samples(),
+            **self._identity(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in self._identity().items():
@@ -189,8 +207,12 @@ class PretrainLoader(Loader):
 
     def _identity(self) -> dict[str, Any]:
         cfg = self.sampler.config
-        identity = {"seed": cfg.seed, "num_samples": self.sampler.num_samples, "drop_last": cfg.drop_last,
-                    "bucket_batches": cfg.bucket_batches}  # fmt: skip
+        identity = {
+            "seed": cfg.seed,
+            "num_samples": self.sampler.num_samples,
+            "drop_last": cfg.drop_last,
+            "bucket_batches": cfg.bucket_batches,
+        }
         if cfg.bucket_batches > 1:  # length buckets are drawn per window of global batches: the order depends on it
             identity["global_batch_size"] = cfg.global_batch_size
         return identity
@@ -202,5 +224,3 @@ class PretrainLoader(Loader):
         if "micro_step_samples" not in state and "global_batch_size" in state:  # saved before micro_step_samples
             state = {**state, "micro_step_samples": state["global_batch_size"]}
         super().load_state_dict(state)
-
-

@@ -82,8 +82,18 @@ class SentenceConversion(abc.ABC):
     format = ""
     drop: tuple[str, ...] = ()  # growing arrays that are build state only
 
-    def __init__(self, paths: Sequence[str | Path], features: str | Path, out: str | Path, *, vocab_path: Any,
-                 max_length: int | None, chunk: int, overwrite: bool, progress: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        features: str | Path,
+        out: str | Path,
+        *,
+        vocab_path: Any,
+        max_length: int | None,
+        chunk: int,
+        overwrite: bool,
+        progress: bool,
+    ) -> None:
         from lxmert.tokenizer import MAX_SEQ_LENGTH
 
         self.paths = existing_inputs(paths)
@@ -172,8 +182,9 @@ class SentenceConversion(abc.ABC):
             return self.stats
         self.restore(builder.state if builder.resumed else None)
         position = builder.position or {"file": 0, "record": 0}
-        bar = tqdm(desc=self.out.name, unit=" records", initial=self.records_done, disable=not self.progress,
-                   file=sys.stderr)  # fmt: skip
+        bar = tqdm(
+            desc=self.out.name, unit=" records", initial=self.records_done, disable=not self.progress, file=sys.stderr
+        )
         try:
             self.start(builder)
             for file_index in range(position["file"], len(self.paths)):

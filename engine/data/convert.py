@@ -36,17 +36,38 @@ from tqdm import tqdm
 
 from engine.atomic import file_sha256, kill_point
 from engine.data.build import (
-    INT16_MAX, SentenceConversion, append_labels, existing_inputs, features_info, input_identity,
+    INT16_MAX,
+    SentenceConversion,
+    append_labels,
+    existing_inputs,
+    features_info,
+    input_identity,
     nothing_to_store,
-)  # fmt: skip
+)
 from engine.data.formats import (
-    FEAT_DIM, MAX_KEPT_ERRORS, NUM_ATTR_LABELS, NUM_OBJECT_LABELS, AnswerTable, DataError, ReadStats, RegionRecord,
-    read_answer_table, read_pretrain, read_tsv,
-)  # fmt: skip
+    FEAT_DIM,
+    MAX_KEPT_ERRORS,
+    NUM_ATTR_LABELS,
+    NUM_OBJECT_LABELS,
+    AnswerTable,
+    DataError,
+    ReadStats,
+    RegionRecord,
+    read_answer_table,
+    read_pretrain,
+    read_tsv,
+)
 from engine.data.store import (
-    FORMAT_VERSION, NUM_REGIONS, REGION_FORMAT, TEXT_FORMAT, AlreadyConverted, ArraySpec, StoreBuilder, StoreError,
+    FORMAT_VERSION,
+    NUM_REGIONS,
+    REGION_FORMAT,
+    TEXT_FORMAT,
+    AlreadyConverted,
+    ArraySpec,
+    StoreBuilder,
+    StoreError,
     sha256_strings,
-)  # fmt: skip
+)
 from engine.data.tasks import convert_task
 
 if TYPE_CHECKING:  # the tokenizer imports torch (the lxmert package): only text and task conversions load it
@@ -95,10 +116,13 @@ class _RegionChunk:
         boxes[:, (1, 3)] /= rec.img_h
         np.clip(boxes, 0.0, 1.0, out=boxes)  # a box may stick out by BOX_TOLERANCE pixels
         for name, value, pad in (
-            ("features", rec.features[:n], 0), ("boxes", boxes, 0), ("obj_ids", rec.objects_id[:n], -1),
-            ("obj_conf", rec.objects_conf[:n], 0), ("attr_ids", rec.attrs_id[:n], -1),
+            ("features", rec.features[:n], 0),
+            ("boxes", boxes, 0),
+            ("obj_ids", rec.objects_id[:n], -1),
+            ("obj_conf", rec.objects_conf[:n], 0),
+            ("attr_ids", rec.attrs_id[:n], -1),
             ("attr_conf", rec.attrs_conf[:n], 0),
-        ):  # fmt: skip
+        ):
             a[name][k, :n] = value
             a[name][k, n:] = pad
         a["num_boxes"][k] = n
@@ -144,10 +168,17 @@ def convert_features(
         "img_ids": ArraySpec("|u1", header=False),  # build state: img_ids, one a line; img_ids.json at the end
     }
     options = dict(
-        feat_dim=feat_dim, fp32=fp32, num_regions=num_regions, num_object_labels=num_object_labels,
-        num_attr_labels=num_attr_labels, skip_bad_rows=skip_bad_rows, chunk_images=chunk_images,
-    )  # fmt: skip
-    builder = StoreBuilder(out, REGION_FORMAT, {"inputs": [input_identity(p) for p in paths], **options}, specs, overwrite)
+        feat_dim=feat_dim,
+        fp32=fp32,
+        num_regions=num_regions,
+        num_object_labels=num_object_labels,
+        num_attr_labels=num_attr_labels,
+        skip_bad_rows=skip_bad_rows,
+        chunk_images=chunk_images,
+    )
+    builder = StoreBuilder(
+        out, REGION_FORMAT, {"inputs": [input_identity(p) for p in paths], **options}, specs, overwrite
+    )
     if builder.complete is not None:  # a previous run was killed after sealing the store: only the install is left
         builder.install()
         stats = FeatureStats(**builder.complete["stats"])
@@ -156,9 +187,14 @@ def convert_features(
     position = builder.position or {"file": 0, "offset": 0, "row": 1}
     sizes = [p.stat().st_size for p in paths]
     bar = tqdm(
-        total=sum(sizes), initial=sum(sizes[: position["file"]]) + position["offset"], unit="B", unit_scale=True,
-        desc=Path(out).name, disable=not progress, file=sys.stderr,
-    )  # fmt: skip
+        total=sum(sizes),
+        initial=sum(sizes[: position["file"]]) + position["offset"],
+        unit="B",
+        unit_scale=True,
+        desc=Path(out).name,
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
         stats = FeatureStats(**builder.state["stats"]) if builder.resumed else FeatureStats()
         stats.resumed_at = stats.images
@@ -186,10 +222,15 @@ def convert_features(
             read = ReadStats()
             start_offset = position["offset"] if resume_here else 0
             for rec in read_tsv(
-                path, feat_dim=feat_dim, num_object_labels=num_object_labels, num_attr_labels=num_attr_labels,
-                on_error="skip" if skip_bad_rows else "raise", stats=read,
-                start_offset=start_offset, start_row=position["row"] if resume_here else 1,
-            ):  # fmt: skip
+                path,
+                feat_dim=feat_dim,
+                num_object_labels=num_object_labels,
+                num_attr_labels=num_attr_labels,
+                on_error="skip" if skip_bad_rows else "raise",
+                stats=read,
+                start_offset=start_offset,
+                start_row=position["row"] if resume_here else 1,
+            ):
                 bar.update(rec.end_offset - start_offset)
                 start_offset = rec.end_offset
                 problem = None
@@ -221,9 +262,14 @@ def convert_features(
             rows = f"all {stats.bad_rows} rows are bad (skipped)" if stats.bad_rows else "no rows (an empty file?)"
             raise nothing_to_store(paths, f"{rows}: no images to store", stats.errors)
         meta = {
-            "format": REGION_FORMAT, "version": FORMAT_VERSION, "n_images": len(ids), **options,
-            "float_dtype": float_dtype, "inputs": [str(p) for p in paths], "stats": saved(),
-        }  # fmt: skip
+            "format": REGION_FORMAT,
+            "version": FORMAT_VERSION,
+            "n_images": len(ids),
+            **options,
+            "float_dtype": float_dtype,
+            "inputs": [str(p) for p in paths],
+            "stats": saved(),
+        }
         builder.finish(meta, {"img_ids.json": ids}, drop=["img_ids"])
         return stats
     finally:
@@ -252,12 +298,31 @@ class TextConversion(SentenceConversion):
 
     format = TEXT_FORMAT
 
-    def __init__(self, json_paths: Sequence[str | Path], features: str | Path, out: str | Path, *,
-                 answers: str | Path | AnswerTable | None, vocab_path: str | Path | None, max_length: int | None,
-                 skip_bad_rows: bool, skip_missing_images: bool, overwrite: bool, chunk_sentences: int,
-                 progress: bool) -> None:  # fmt: skip
-        super().__init__(json_paths, features, out, vocab_path=vocab_path, max_length=max_length,
-                         chunk=chunk_sentences, overwrite=overwrite, progress=progress)  # fmt: skip
+    def __init__(
+        self,
+        json_paths: Sequence[str | Path],
+        features: str | Path,
+        out: str | Path,
+        *,
+        answers: str | Path | AnswerTable | None,
+        vocab_path: str | Path | None,
+        max_length: int | None,
+        skip_bad_rows: bool,
+        skip_missing_images: bool,
+        overwrite: bool,
+        chunk_sentences: int,
+        progress: bool,
+    ) -> None:
+        super().__init__(
+            json_paths,
+            features,
+            out,
+            vocab_path=vocab_path,
+            max_length=max_length,
+            chunk=chunk_sentences,
+            overwrite=overwrite,
+            progress=progress,
+        )
         self.table = read_answer_table(answers) if isinstance(answers, (str, Path)) else answers
         if self.table is not None and len(self.table) > INT16_MAX + 1:
             raise ValueError(f"label ids are stored as int16: the answer table's {len(self.table)} answers do not fit")
@@ -268,17 +333,25 @@ class TextConversion(SentenceConversion):
 
     def specs(self) -> dict[str, ArraySpec]:
         return {
-            "image_index": ArraySpec("<i4"), "source_id": ArraySpec("|u1"), "sent_index": ArraySpec("<i4"),
-            "label_offsets": ArraySpec("<i8"), "label_ids": ArraySpec("<i2"), "label_scores": ArraySpec("<f4"),
-        }  # fmt: skip
+            "image_index": ArraySpec("<i4"),
+            "source_id": ArraySpec("|u1"),
+            "sent_index": ArraySpec("<i4"),
+            "label_offsets": ArraySpec("<i8"),
+            "label_ids": ArraySpec("<i2"),
+            "label_scores": ArraySpec("<f4"),
+        }
 
     def config(self, tokenizer: LxmertTokenizer) -> dict[str, Any]:
         return {
-            "inputs": [input_identity(p) for p in self.paths], "features": self.info,
-            "answers_sha256": sha256_strings(self.answers_list), "vocab_sha256": file_sha256(tokenizer.vocab_path),
-            "max_length": self.max_length, "skip_bad_rows": self.skip_bad_rows,
-            "skip_missing_images": self.skip_missing_images, "chunk_sentences": self.chunk,
-        }  # fmt: skip
+            "inputs": [input_identity(p) for p in self.paths],
+            "features": self.info,
+            "answers_sha256": sha256_strings(self.answers_list),
+            "vocab_sha256": file_sha256(tokenizer.vocab_path),
+            "max_length": self.max_length,
+            "skip_bad_rows": self.skip_bad_rows,
+            "skip_missing_images": self.skip_missing_images,
+            "chunk_sentences": self.chunk,
+        }
 
     def restore(self, state: Any) -> None:
         state = state or {"stats": {}, "sources": []}
@@ -309,18 +382,20 @@ class TextConversion(SentenceConversion):
         if image is None:
             if not self.skip_missing_images:
                 raise DataError(
-                    path, f"record {index}",
+                    path,
+                    f"record {index}",
                     f"img_id {rec.img_id!r} is not in the feature store {self.features} ({len(self.regions)} images); "
                     "convert its features too, or pass --skip-missing-images to drop such sentences",
-                )  # fmt: skip
+                )
             stats.missing_image_records += 1
             stats.missing_image_sentences += sum(len(s) for s in rec.sentf.values())
             return
         if rec.labelf and self.table is None:
             raise DataError(
-                path, f"record {index}", "has QA labels (labelf) but no answer table was given: "
-                "pass answers=all_ans.json (--answers)",
-            )  # fmt: skip
+                path,
+                f"record {index}",
+                "has QA labels (labelf) but no answer table was given: pass answers=all_ans.json (--answers)",
+            )
         for entry in rec.entries():
             if entry.source not in self.sources:
                 if len(self.sources) == 256:
@@ -355,11 +430,17 @@ class TextConversion(SentenceConversion):
 
     def meta(self, tokenizer: LxmertTokenizer) -> dict[str, Any]:
         return {
-            "format": TEXT_FORMAT, "version": FORMAT_VERSION, "n_sentences": self.stats.sentences,
-            "sources": self.sources, "max_length": self.max_length, "features": self.info,
-            "answers_sha256": sha256_strings(self.answers_list), "vocab_sha256": file_sha256(tokenizer.vocab_path),
-            "inputs": [str(p) for p in self.paths], "stats": self.stats_state(self.stats),
-        }  # fmt: skip
+            "format": TEXT_FORMAT,
+            "version": FORMAT_VERSION,
+            "n_sentences": self.stats.sentences,
+            "sources": self.sources,
+            "max_length": self.max_length,
+            "features": self.info,
+            "answers_sha256": sha256_strings(self.answers_list),
+            "vocab_sha256": file_sha256(tokenizer.vocab_path),
+            "inputs": [str(p) for p in self.paths],
+            "stats": self.stats_state(self.stats),
+        }
 
     def json_files(self, builder: StoreBuilder) -> dict[str, Any]:
         return {"answers.json": self.answers_list}
@@ -385,10 +466,18 @@ def convert_text(
     tokenizer's (lxmert.tokenizer.MAX_SEQ_LENGTH, 20).
     """
     return TextConversion(
-        json_paths, features, out, answers=answers, vocab_path=vocab_path, max_length=max_length,
-        skip_bad_rows=skip_bad_rows, skip_missing_images=skip_missing_images, overwrite=overwrite,
-        chunk_sentences=chunk_sentences, progress=progress,
-    ).run()  # fmt: skip
+        json_paths,
+        features,
+        out,
+        answers=answers,
+        vocab_path=vocab_path,
+        max_length=max_length,
+        skip_bad_rows=skip_bad_rows,
+        skip_missing_images=skip_missing_images,
+        overwrite=overwrite,
+        chunk_sentences=chunk_sentences,
+        progress=progress,
+    ).run()
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -438,24 +527,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.task != "nlvr2" and not args.ans2label:
                 parser.error(f"--task {args.task} needs --ans2label (trainval_ans2label.json)")
             stats: Any = convert_task(
-                args.task, args.questions, args.features, args.ans2label, args.out, vocab_path=args.vocab,
-                skip_bad_rows=args.skip_bad_rows, skip_missing_images=args.skip_missing_images,
-                overwrite=args.overwrite, progress=not args.quiet,
-            )  # fmt: skip
+                args.task,
+                args.questions,
+                args.features,
+                args.ans2label,
+                args.out,
+                vocab_path=args.vocab,
+                skip_bad_rows=args.skip_bad_rows,
+                skip_missing_images=args.skip_missing_images,
+                overwrite=args.overwrite,
+                progress=not args.quiet,
+            )
         elif args.tsv:
             stats = convert_features(
-                args.tsv, args.out, feat_dim=args.feat_dim, fp32=args.fp32, num_regions=args.num_regions,
-                skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, chunk_images=args.chunk_images,
+                args.tsv,
+                args.out,
+                feat_dim=args.feat_dim,
+                fp32=args.fp32,
+                num_regions=args.num_regions,
+                skip_bad_rows=args.skip_bad_rows,
+                overwrite=args.overwrite,
+                chunk_images=args.chunk_images,
                 progress=not args.quiet,
-            )  # fmt: skip
+            )
         else:
             if not args.features:
                 parser.error("--text needs --features (the region store of its images)")
             stats = convert_text(
-                args.text, args.features, args.out, answers=args.answers, vocab_path=args.vocab,
-                skip_bad_rows=args.skip_bad_rows, skip_missing_images=args.skip_missing_images,
-                overwrite=args.overwrite, chunk_sentences=args.chunk_sentences, progress=not args.quiet,
-            )  # fmt: skip
+                args.text,
+                args.features,
+                args.out,
+                answers=args.answers,
+                vocab_path=args.vocab,
+                skip_bad_rows=args.skip_bad_rows,
+                skip_missing_images=args.skip_missing_images,
+                overwrite=args.overwrite,
+                chunk_sentences=args.chunk_sentences,
+                progress=not args.quiet,
+            )
     except AlreadyConverted:  # the same inputs (paths, sizes, modification times) and options
         print(f"{args.out}: already converted from these inputs and options; nothing to do")
         return 0

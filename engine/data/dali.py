@@ -67,9 +67,13 @@ class DaliLoader(PretrainLoader):
     kind = "dali"
 
     def __init__(
-        self, sampler: PretrainSampler, device: torch.device | str = "cpu", *, num_workers: int = 4,
+        self,
+        sampler: PretrainSampler,
+        device: torch.device | str = "cpu",
+        *,
+        num_workers: int = 4,
         prefetch: int = 2,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """num_workers: DALI's CPU threads (DataConfig.num_workers; 0 counts as 1); prefetch: batches DALI
         runs ahead (its prefetch_queue_depth), the plans and text of those included."""
         super().__init__(sampler, device)
@@ -87,9 +91,11 @@ class DaliLoader(PretrainLoader):
         arrays = text_arrays(self.sampler.text, plan, self.sampler.config.vocab_size)
         features = self.sampler.regions.arrays["features"]
         arrays.update(
-            region_action=plan.region_action, blank_at=plan.blank_at, replace_at=plan.replace_at,
+            region_action=plan.region_action,
+            blank_at=plan.blank_at,
+            replace_at=plan.replace_at,
             replacement=features[plan.replace_image, plan.replace_region],
-        )  # fmt: skip
+        )
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
         if self._pin:
             tensors = {name: t.pin_memory() for name, t in tensors.items()}
@@ -111,17 +117,23 @@ class DaliLoader(PretrainLoader):
         on_gpu = self.device.type == "cuda"
 
         @pipeline_def(
-            batch_size=self.sampler.config.batch_size, num_threads=self.num_threads,
-            device_id=self.device.index if on_gpu else None, prefetch_queue_depth=self.prefetch,
-        )  # fmt: skip
+            batch_size=self.sampler.config.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device.index if on_gpu else None,
+            prefetch_queue_depth=self.prefetch,
+        )
         def pipeline():  # type: ignore[no-untyped-def]
             rows, step = fn.external_source(source=source, num_outputs=2, dtype=[types.INT32, types.INT64])
             outputs = []
             for name in REGION_ARRAYS:
                 row = fn.readers.numpy(
-                    files=[str(regions.array_path(name))], roi_start=rows, roi_shape=[1], roi_axes=[0],
-                    pad_last_batch=True, name=f"read_{name}",
-                )  # fmt: skip
+                    files=[str(regions.array_path(name))],
+                    roi_start=rows,
+                    roi_shape=[1],
+                    roi_axes=[0],
+                    pad_last_batch=True,
+                    name=f"read_{name}",
+                )
                 outputs.append(row.gpu() if on_gpu else row)
             return (*outputs, step)
 

@@ -37,9 +37,17 @@ import numpy as np
 OnError = Literal["raise", "skip"]
 
 TSV_FIELDS = (
-    "img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes",
+    "img_id",
+    "img_h",
+    "img_w",
+    "objects_id",
+    "objects_conf",
+    "attrs_id",
+    "attrs_conf",
+    "num_boxes",
+    "boxes",
     "features",
-)  # fmt: skip
+)
 TSV_DTYPES = {
     "objects_id": np.dtype("<i8"),
     "objects_conf": np.dtype("<f4"),
@@ -115,10 +123,11 @@ def _b64_array(path: Path, row: int, name: str, text: bytes) -> np.ndarray:
     dtype = TSV_DTYPES[name]
     if len(raw) % dtype.itemsize:
         raise DataError(
-            path, f"row {row}",
+            path,
+            f"row {row}",
             f"field {name} decodes to {len(raw)} bytes: buffer size must be a multiple of element size "
             f"({dtype.itemsize} bytes of {dtype.name}) (truncated row?)",
-        )  # fmt: skip
+        )
     return np.frombuffer(raw, dtype=dtype)
 
 
@@ -133,9 +142,13 @@ def _int_field(path: Path, row: int, name: str, text: bytes, minimum: int) -> in
 
 
 def parse_tsv_row(
-    path: Path, row: int, line: bytes, feat_dim: int = FEAT_DIM,
-    num_object_labels: int | None = NUM_OBJECT_LABELS, num_attr_labels: int | None = NUM_ATTR_LABELS,
-) -> RegionRecord:  # fmt: skip
+    path: Path,
+    row: int,
+    line: bytes,
+    feat_dim: int = FEAT_DIM,
+    num_object_labels: int | None = NUM_OBJECT_LABELS,
+    num_attr_labels: int | None = NUM_ATTR_LABELS,
+) -> RegionRecord:
     """Decode and validate one TSV line (without its newline); DataError names `path` and `row`."""
     where = f"row {row}"
     fields = line.split(b"\t")
@@ -192,16 +205,24 @@ def parse_tsv_row(
     if bad.any():
         i = int(np.argmax(bad))
         raise DataError(
-            path, where,
+            path,
+            where,
             f"box {i} (x1, y1, x2, y2) = {boxes[i].tolist()} is inverted or outside the {img_w}x{img_h} image "
             f"(by more than {t:g} pixel)",
-        )  # fmt: skip
+        )
     return RegionRecord(
-        img_id=img_id, img_h=img_h, img_w=img_w,
-        objects_id=arrays["objects_id"], objects_conf=arrays["objects_conf"],
-        attrs_id=arrays["attrs_id"], attrs_conf=arrays["attrs_conf"],
-        num_boxes=num_boxes, boxes=boxes, features=features.reshape(num_boxes, feat_dim), row=row,
-    )  # fmt: skip
+        img_id=img_id,
+        img_h=img_h,
+        img_w=img_w,
+        objects_id=arrays["objects_id"],
+        objects_conf=arrays["objects_conf"],
+        attrs_id=arrays["attrs_id"],
+        attrs_conf=arrays["attrs_conf"],
+        num_boxes=num_boxes,
+        boxes=boxes,
+        features=features.reshape(num_boxes, feat_dim),
+        row=row,
+    )
 
 
 def read_tsv(
@@ -252,12 +273,16 @@ def format_tsv_row(record: RegionRecord) -> bytes:
     """One TSV line (with its newline) in the authors' format; arrays are cast to the format's dtypes."""
     fields = [
         record.img_id.encode("utf-8"),
-        str(int(record.img_h)).encode(), str(int(record.img_w)).encode(),
-        _b64(record.objects_id, TSV_DTYPES["objects_id"]), _b64(record.objects_conf, TSV_DTYPES["objects_conf"]),
-        _b64(record.attrs_id, TSV_DTYPES["attrs_id"]), _b64(record.attrs_conf, TSV_DTYPES["attrs_conf"]),
+        str(int(record.img_h)).encode(),
+        str(int(record.img_w)).encode(),
+        _b64(record.objects_id, TSV_DTYPES["objects_id"]),
+        _b64(record.objects_conf, TSV_DTYPES["objects_conf"]),
+        _b64(record.attrs_id, TSV_DTYPES["attrs_id"]),
+        _b64(record.attrs_conf, TSV_DTYPES["attrs_conf"]),
         str(int(record.num_boxes)).encode(),
-        _b64(record.boxes, TSV_DTYPES["boxes"]), _b64(record.features, TSV_DTYPES["features"]),
-    ]  # fmt: skip
+        _b64(record.boxes, TSV_DTYPES["boxes"]),
+        _b64(record.features, TSV_DTYPES["features"]),
+    ]
     return b"\t".join(fields) + b"\n"
 
 
@@ -609,20 +634,24 @@ def parse_vqa(path: Path, i: int, r: Any) -> VqaQuestion:
     """Record i of a VQA file, validated: {answer_type, img_id, label, question_id (int), question_type, sent}."""
     label = _get(path, i, r, "label", dict, optional=True)
     return VqaQuestion(
-        question_id=_get(path, i, r, "question_id", int), img_id=_get(path, i, r, "img_id", str),
-        sent=_get(path, i, r, "sent", str), label=None if label is None else _check_label(path, f"record {i}", label),
+        question_id=_get(path, i, r, "question_id", int),
+        img_id=_get(path, i, r, "img_id", str),
+        sent=_get(path, i, r, "sent", str),
+        label=None if label is None else _check_label(path, f"record {i}", label),
         answer_type=_get(path, i, r, "answer_type", str, optional=True),
         question_type=_get(path, i, r, "question_type", str, optional=True),
-    )  # fmt: skip
+    )
 
 
 def parse_gqa(path: Path, i: int, r: Any) -> GqaQuestion:
     """Record i of a GQA file, validated: {img_id, label, question_id (str), sent}."""
     label = _get(path, i, r, "label", dict, optional=True)
     return GqaQuestion(
-        question_id=_get(path, i, r, "question_id", str), img_id=_get(path, i, r, "img_id", str),
-        sent=_get(path, i, r, "sent", str), label=None if label is None else _check_label(path, f"record {i}", label),
-    )  # fmt: skip
+        question_id=_get(path, i, r, "question_id", str),
+        img_id=_get(path, i, r, "img_id", str),
+        sent=_get(path, i, r, "sent", str),
+        label=None if label is None else _check_label(path, f"record {i}", label),
+    )
 
 
 def parse_nlvr2(path: Path, i: int, r: Any) -> Nlvr2Example:
@@ -631,10 +660,13 @@ def parse_nlvr2(path: Path, i: int, r: Any) -> Nlvr2Example:
     if label not in (None, 0, 1):
         raise DataError(path, f"record {i}", f"label must be 0 or 1, got {label!r}")
     return Nlvr2Example(
-        identifier=_get(path, i, r, "identifier", str), img0=_get(path, i, r, "img0", str),
-        img1=_get(path, i, r, "img1", str), sent=_get(path, i, r, "sent", str), label=label,
+        identifier=_get(path, i, r, "identifier", str),
+        img0=_get(path, i, r, "img0", str),
+        img1=_get(path, i, r, "img1", str),
+        sent=_get(path, i, r, "sent", str),
+        label=label,
         uid=_get(path, i, r, "uid", str, optional=True),
-    )  # fmt: skip
+    )
 
 
 def read_vqa(path: str | Path) -> list[VqaQuestion]:

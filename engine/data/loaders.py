@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,19 @@ from engine.stopping import shield_worker
 
 Tensor = torch.Tensor
 KINDS = ("torch", "gpu", "dali")  # engine.config's DataConfig.loader
-__all__ = ["KINDS", "DeviceRegionTable", "EvalOrder", "GpuResidentLoader", "HostBatchBuilder", "Loader",
-           "PretrainLoader", "TaskLoader", "TorchLoader", "TrainOrder", "make_loader"]  # fmt: skip
+__all__ = [
+    "KINDS",
+    "DeviceRegionTable",
+    "EvalOrder",
+    "GpuResidentLoader",
+    "HostBatchBuilder",
+    "Loader",
+    "PretrainLoader",
+    "TaskLoader",
+    "TorchLoader",
+    "TrainOrder",
+    "make_loader",
+]
 
 
 # ----------------------------------------------------------------------------- torch DataLoader
@@ -88,21 +99,33 @@ class BatchDataLoader:
     """A torch DataLoader over `builder.build(epoch, step)`: one item is one whole batch, built by a worker
     (the builder pickles small: stores travel as their paths), pinned on CUDA, `prefetch_factor` ahead."""
 
-    def __init__(self, builder: Any, device: torch.device, *, num_workers: int = 0, pin_memory: bool | None = None,
-                 prefetch_factor: int = 2) -> None:  # fmt: skip
+    def __init__(
+        self,
+        builder: Any,
+        device: torch.device,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
+    ) -> None:
         self._steps = _Steps()
         pin = device.type == "cuda" if pin_memory is None else pin_memory
         self.dataloader = DataLoader(
-            _BatchDataset(builder), batch_size=None, sampler=self._steps, collate_fn=_as_is,
+            _BatchDataset(builder),
+            batch_size=None,
+            sampler=self._steps,
+            collate_fn=_as_is,
             worker_init_fn=shield_worker,  # a scheduler's stop signals are the main process's (engine/stopping.py)
-            num_workers=num_workers, pin_memory=pin, prefetch_factor=prefetch_factor if num_workers else None,
+            num_workers=num_workers,
+            pin_memory=pin,
+            prefetch_factor=prefetch_factor if num_workers else None,
             persistent_workers=num_workers > 0,
             # A DataLoader draws its workers' base seed from a generator at every new iterator (each epoch, and
             # on resume); by default torch's global one, which would shift the model's dropout stream by where
             # a run resumed. Its own generator keeps the global stream the trainer's alone. (Batches never
             # depend on it: every draw is keyed by (seed, epoch, position).)
             generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
+        )
 
     def batches(self, epoch: int, start: int, stop: int) -> Iterator[Any]:
         self._steps.epoch, self._steps.start, self._steps.stop = epoch, start, stop
@@ -115,12 +138,22 @@ class TorchLoader(PretrainLoader):
     kind = "torch"
 
     def __init__(
-        self, sampler: PretrainSampler, device: torch.device | str = "cpu", *, num_workers: int = 0,
-        pin_memory: bool | None = None, prefetch_factor: int = 2,
-    ) -> None:  # fmt: skip
+        self,
+        sampler: PretrainSampler,
+        device: torch.device | str = "cpu",
+        *,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
+    ) -> None:
         super().__init__(sampler, device)
-        self.workers = BatchDataLoader(HostBatchBuilder(sampler), self.device, num_workers=num_workers,
-                                       pin_memory=pin_memory, prefetch_factor=prefetch_factor)  # fmt: skip
+        self.workers = BatchDataLoader(
+            HostBatchBuilder(sampler),
+            self.device,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+        )
 
     @property
     def dataloader(self) -> DataLoader:
@@ -212,10 +245,14 @@ class TaskBatchBuilder:
         arrays = task_arrays(self.store, self.regions, idx, labels=self.labels)
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
         return TaskBatch(
-            input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-            visual_feats=tensors["visual_feats"], visual_pos=tensors["visual_pos"],
-            visual_attention_mask=tensors.get("visual_attention_mask"), labels=tensors.get("labels"), indices=idx,
-        )  # fmt: skip
+            input_ids=tensors["input_ids"],
+            attention_mask=tensors["attention_mask"],
+            visual_feats=tensors["visual_feats"],
+            visual_pos=tensors["visual_pos"],
+            visual_attention_mask=tensors.get("visual_attention_mask"),
+            labels=tensors.get("labels"),
+            indices=idx,
+        )
 
 
 class TaskLoader(Loader):
@@ -225,14 +262,24 @@ class TaskLoader(Loader):
 
     kind = "torch"
 
-    def __init__(self, store: TaskStore, regions: RegionStore, order: TrainOrder | EvalOrder,
-                 device: torch.device | str = "cpu", *, labels: bool = True, num_workers: int = 0,
-                 pin_memory: bool | None = None, prefetch_factor: int = 2) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: TaskStore,
+        regions: RegionStore,
+        order: TrainOrder | EvalOrder,
+        device: torch.device | str = "cpu",
+        *,
+        labels: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
+    ) -> None:
         super().__init__(device)
         self.store, self.order = store, order
         self.builder = TaskBatchBuilder(store, regions, order, labels)
-        self.workers = BatchDataLoader(self.builder, self.device, num_workers=num_workers, pin_memory=pin_memory,
-                                       prefetch_factor=prefetch_factor)  # fmt: skip
+        self.workers = BatchDataLoader(
+            self.builder, self.device, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor
+        )
 
     def __len__(self) -> int:
         return len(self.order)
@@ -240,8 +287,12 @@ class TaskLoader(Loader):
     def _identity(self) -> dict[str, Any]:
         order = self.order
         seed = order.seed if isinstance(order, TrainOrder) else None
-        return {"seed": seed, "global_batch_size": order.micro * getattr(order, "accum", 1) * order.world,
-                "num_samples": order.num_examples, "drop_last": isinstance(order, TrainOrder)}  # fmt: skip
+        return {
+            "seed": seed,
+            "global_batch_size": order.micro * getattr(order, "accum", 1) * order.world,
+            "num_samples": order.num_examples,
+            "drop_last": isinstance(order, TrainOrder),
+        }
 
     def _micro_step_samples(self) -> int:
         return self.order.micro * self.order.world
@@ -290,9 +341,13 @@ class GpuResidentLoader(PretrainLoader):
     kind = "gpu"
 
     def __init__(
-        self, sampler: PretrainSampler, device: torch.device | str = "cpu", *, prefetch: int = 2,
+        self,
+        sampler: PretrainSampler,
+        device: torch.device | str = "cpu",
+        *,
+        prefetch: int = 2,
         table: DeviceRegionTable | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(sampler, device)
         self.prefetch = prefetch
         self.table = table if table is not None else DeviceRegionTable(sampler.regions, self.device)
@@ -304,9 +359,13 @@ class GpuResidentLoader(PretrainLoader):
         plan = self.sampler.plan(epoch, step)
         arrays = text_arrays(self.sampler.text, plan, self.sampler.config.vocab_size)
         arrays.update(
-            image_index=plan.image_index, region_action=plan.region_action, blank_at=plan.blank_at,
-            replace_at=plan.replace_at, replace_image=plan.replace_image, replace_region=plan.replace_region,
-        )  # fmt: skip
+            image_index=plan.image_index,
+            region_action=plan.region_action,
+            blank_at=plan.blank_at,
+            replace_at=plan.replace_at,
+            replace_image=plan.replace_image,
+            replace_region=plan.replace_region,
+        )
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
         if self._pin:
             tensors = {name: t.pin_memory() for name, t in tensors.items()}
@@ -348,9 +407,13 @@ class GpuResidentLoader(PretrainLoader):
 
 
 def make_loader(
-    kind: str, text: TextStore | str | Path, regions: RegionStore | str | Path, config: SamplingConfig,
-    device: torch.device | str = "cpu", **options: Any,
-) -> PretrainLoader:  # fmt: skip
+    kind: str,
+    text: TextStore | str | Path,
+    regions: RegionStore | str | Path,
+    config: SamplingConfig,
+    device: torch.device | str = "cpu",
+    **options: Any,
+) -> PretrainLoader:
     """A loader of `kind` ("torch", "gpu", "dali") over the stores; `options` go to its class."""
     classes: dict[str, type[PretrainLoader]] = {"torch": TorchLoader, "gpu": GpuResidentLoader}
     if kind == "dali":  # imported here: DALI is an optional extra

@@ -33,8 +33,10 @@ def philox4x32(
     Returns uint32 [4, *shape]: the four output words of each block. Counter words are taken modulo 2^32.
     """
     shape = np.broadcast_shapes(*(np.shape(c) for c in (c0, c1, c2, c3)))
-    words = [np.broadcast_to(np.asarray(c, dtype=np.int64).astype(np.uint64) & _LO32, shape).reshape(-1)
-             for c in (c0, c1, c2, c3)]  # fmt: skip
+    words = [
+        np.broadcast_to(np.asarray(c, dtype=np.int64).astype(np.uint64) & _LO32, shape).reshape(-1)
+        for c in (c0, c1, c2, c3)
+    ]
     n = words[0].shape[0]
     out = np.empty((4, n), dtype=np.uint32)
     for start in range(0, n, _BLOCK_ELEMENTS):

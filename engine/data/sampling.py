@@ -279,11 +279,24 @@ class PretrainSampler:
         ans = sample_answers(self._label_offsets, self._label_ids, self._label_scores, samples, qa_draw)
         ans[negative] = IGNORE
         return BatchPlan(
-            epoch=epoch, step=step, positions=positions, sample_index=samples, sentence_index=sentences,
-            image_index=images, matched=(~negative).astype(np.int8), lengths=lengths, num_boxes=num_boxes,
-            token_action=token_action, random_tokens=random_tokens, region_action=region_action, blank_at=blank_at,
-            replace_at=b * r + k, replace_image=source_images, replace_region=source_regions, ans=ans,
-        )  # fmt: skip
+            epoch=epoch,
+            step=step,
+            positions=positions,
+            sample_index=samples,
+            sentence_index=sentences,
+            image_index=images,
+            matched=(~negative).astype(np.int8),
+            lengths=lengths,
+            num_boxes=num_boxes,
+            token_action=token_action,
+            random_tokens=random_tokens,
+            region_action=region_action,
+            blank_at=blank_at,
+            replace_at=b * r + k,
+            replace_image=source_images,
+            replace_region=source_regions,
+            ans=ans,
+        )
 
     def plan(self, epoch: int, step: int) -> BatchPlan:
         """This rank's batch at (epoch, step), its samples ordered by image (store rows read in order)."""

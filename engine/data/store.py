@@ -219,9 +219,13 @@ class StoreBuilder:
     """
 
     def __init__(
-        self, out: str | Path, kind: str, config: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
+        self,
+        out: str | Path,
+        kind: str,
+        config: Mapping[str, Any],
+        arrays: Mapping[str, ArraySpec],
         overwrite: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.replaced = self.out.with_name(self.out.name + ".partial.old")  # the store being replaced, briefly
@@ -238,10 +242,13 @@ class StoreBuilder:
                 raise StoreExistsError(f"{self.out} already exists and is not a store: refusing to replace it")
             if not overwrite:
                 if _build_of(self.out) == self.config:
-                    raise AlreadyConverted(f"{self.out} already exists (converted from these very inputs and "
-                                           "options): nothing to do")  # fmt: skip
-                raise StoreExistsError(f"{self.out} already exists (from other inputs or options); pass "
-                                       "overwrite=True (--overwrite) to replace it")  # fmt: skip
+                    raise AlreadyConverted(
+                        f"{self.out} already exists (converted from these very inputs and options): nothing to do"
+                    )
+                raise StoreExistsError(
+                    f"{self.out} already exists (from other inputs or options); pass "
+                    "overwrite=True (--overwrite) to replace it"
+                )
         if self.complete is not None:
             remove_temp_files(self.partial)
             return
@@ -393,7 +400,7 @@ class StoreBuilder:
         for name in drop:
             del arrays[name]
         for filename, value in json_files.items():
-            write_atomic(self.partial / filename, lambda f: json.dump(value, f))
+            write_atomic(self.partial / filename, lambda f, value=value: json.dump(value, f))
         sealed = {**meta, "arrays": arrays, "build": self.config}
         write_atomic(self.partial / META, lambda f: json.dump(sealed, f))
         self.complete = sealed
@@ -464,8 +471,10 @@ class Store:
         path = self.path / f"{name}.npy"
         data_bytes = math.prod(info["shape"]) * np.dtype(info["dtype"]).itemsize
         if not path.is_file():
-            raise StoreError(f"{path} is missing ({META} lists it: {HEADER_BYTES + data_bytes} bytes); copy or "
-                             "convert the store again")  # fmt: skip
+            raise StoreError(
+                f"{path} is missing ({META} lists it: {HEADER_BYTES + data_bytes} bytes); copy or "
+                "convert the store again"
+            )
         actual = path.stat().st_size
         try:
             with open(path, "rb") as f:
@@ -477,9 +486,11 @@ class Store:
         except (ValueError, OSError, EOFError):
             header = HEADER_BYTES  # what the builder writes; the size check below names the file
         if actual < header + data_bytes:
-            raise StoreError(f"{path} is cut short: {actual} bytes, expected {header + data_bytes} "
-                             f"({np.dtype(info['dtype']).name} {tuple(info['shape'])} after a {header}-byte header); "
-                             "copy or convert the store again")  # fmt: skip
+            raise StoreError(
+                f"{path} is cut short: {actual} bytes, expected {header + data_bytes} "
+                f"({np.dtype(info['dtype']).name} {tuple(info['shape'])} after a {header}-byte header); "
+                "copy or convert the store again"
+            )
         try:
             return np.load(path, mmap_mode="r")
         except (ValueError, OSError) as error:  # a damaged header
@@ -664,7 +675,12 @@ class TextStore(SentenceStore):
         idx = np.asarray(indices, dtype=np.int64)
         offsets, label_ids, label_scores = self.gather_labels(idx)
         return Sentences(
-            token_ids=a["token_ids"][idx], lengths=a["lengths"][idx], image_index=a["image_index"][idx],
-            source_id=a["source_id"][idx], sent_index=a["sent_index"][idx], label_offsets=offsets,
-            label_ids=label_ids, label_scores=label_scores,
-        )  # fmt: skip
+            token_ids=a["token_ids"][idx],
+            lengths=a["lengths"][idx],
+            image_index=a["image_index"][idx],
+            source_id=a["source_id"][idx],
+            sent_index=a["sent_index"][idx],
+            label_offsets=offsets,
+            label_ids=label_ids,
+            label_scores=label_scores,
+        )

@@ -43,14 +43,58 @@ import numpy as np
 from engine.data.formats import AnswerTable, JsonArrayWriter, RegionRecord, TsvWriter, answer_table_json, write_json
 
 OBJECTS = (
-    "dog", "cat", "car", "bus", "horse", "bird", "boat", "chair", "table", "cup", "ball", "bike", "plate", "phone",
-    "book", "clock", "bag", "hat", "shirt", "train", "truck", "cow", "bench", "bottle", "bowl", "lamp", "cake",
-    "apple", "banana", "bear", "elephant",
-)  # fmt: skip
+    "dog",
+    "cat",
+    "car",
+    "bus",
+    "horse",
+    "bird",
+    "boat",
+    "chair",
+    "table",
+    "cup",
+    "ball",
+    "bike",
+    "plate",
+    "phone",
+    "book",
+    "clock",
+    "bag",
+    "hat",
+    "shirt",
+    "train",
+    "truck",
+    "cow",
+    "bench",
+    "bottle",
+    "bowl",
+    "lamp",
+    "cake",
+    "apple",
+    "banana",
+    "bear",
+    "elephant",
+)
 BACKGROUND = (
-    "tree", "door", "window", "wall", "sky", "ground", "floor", "grass", "road", "water", "building", "fence",
-    "cloud", "pole", "sand", "snow", "street", "field",
-)  # fmt: skip
+    "tree",
+    "door",
+    "window",
+    "wall",
+    "sky",
+    "ground",
+    "floor",
+    "grass",
+    "road",
+    "water",
+    "building",
+    "fence",
+    "cloud",
+    "pole",
+    "sand",
+    "snow",
+    "street",
+    "field",
+)
 COLORS = ("red", "blue", "green", "yellow", "white", "black", "brown", "orange", "pink", "purple", "gray")
 TEXTURES = ("wooden", "metal", "plastic", "striped", "dark", "bright", "wet", "shiny")
 _PLURALS = {"bus": "buses", "bench": "benches"}
@@ -66,9 +110,10 @@ NUMBERS = tuple(str(n) for n in range(10))  # counting answers (up to 3 things x
 # synthetic.json (version 1 named the place only in captions and in one region description, "the beach").
 PLACES_VERSION = 2
 PLACES = (
-    ("beach", "at", ("sand", "water", "sky")), ("city", "in", ("street", "building", "pole")),
+    ("beach", "at", ("sand", "water", "sky")),
+    ("city", "in", ("street", "building", "pole")),
     ("room", "in", ("floor", "wall", "window")),
-)  # (name, preposition, background classes)  # fmt: skip
+)  # (name, preposition, background classes)
 
 OBJECT_NAMES = OBJECTS + BACKGROUND  # object id = index here
 ATTRIBUTE_NAMES = COLORS + TEXTURES  # attribute id = index here
@@ -136,8 +181,9 @@ class World:
         if places:  # drawn last: the other prototypes are those of the original world
             self.place_protos = rng.standard_normal((len(PLACES), feat_dim)).astype(np.float32)
 
-    def features(self, obj_ids: np.ndarray, attr_ids: np.ndarray, rng: np.random.Generator,
-                 place: int | None = None) -> np.ndarray:  # fmt: skip
+    def features(
+        self, obj_ids: np.ndarray, attr_ids: np.ndarray, rng: np.random.Generator, place: int | None = None
+    ) -> np.ndarray:
         noise = rng.standard_normal((len(obj_ids), self.feat_dim), dtype=np.float32) * np.float32(self.noise)
         out = self.obj_protos[obj_ids] + np.float32(ATTR_WEIGHT) * self.attr_protos[attr_ids] + noise
         if place is not None:
@@ -180,10 +226,17 @@ class World:
         np.minimum(boxes, size.astype(np.float32), out=boxes)  # float32 rounding must not leave the image
 
         record = RegionRecord(
-            img_id=img_id, img_h=img_h, img_w=img_w, objects_id=obj_ids, objects_conf=obj_conf,
-            attrs_id=attr_ids, attrs_conf=attr_conf, num_boxes=regions, boxes=boxes,
+            img_id=img_id,
+            img_h=img_h,
+            img_w=img_w,
+            objects_id=obj_ids,
+            objects_conf=obj_conf,
+            attrs_id=attr_ids,
+            attrs_conf=attr_conf,
+            num_boxes=regions,
+            boxes=boxes,
             features=self.features(obj_ids, attr_ids, rng, place),
-        )  # fmt: skip
+        )
         return Scene(img_id, things, record, place)
 
 
@@ -356,32 +409,53 @@ def generate(
                 caps, vg = captions(scene, rng, captions_per_image), region_phrases(scene)
                 vqa_qs = questions(scene, rng, questions_per_image, "vqa")
                 gqa_qs = questions(scene, rng, max(1, questions_per_image // 2), "gqa")
-                pre_out.write({
-                    "img_id": scene.img_id,
-                    "sentf": {
-                        "mscoco": caps, "vg": vg, "vqa": [q.sent for q in vqa_qs], "gqa": [q.sent for q in gqa_qs],
-                    },
-                    "labelf": {"vqa": [q.label for q in vqa_qs], "gqa": [q.label for q in gqa_qs]},
-                })  # fmt: skip
+                pre_out.write(
+                    {
+                        "img_id": scene.img_id,
+                        "sentf": {
+                            "mscoco": caps,
+                            "vg": vg,
+                            "vqa": [q.sent for q in vqa_qs],
+                            "gqa": [q.sent for q in gqa_qs],
+                        },
+                        "labelf": {"vqa": [q.label for q in vqa_qs], "gqa": [q.label for q in gqa_qs]},
+                    }
+                )
                 c["sentences"] += len(caps) + len(vg) + len(vqa_qs) + len(gqa_qs)
                 for k, q in enumerate(vqa_qs):
-                    vqa_out.write({
-                        "answer_type": q.answer_type, "img_id": scene.img_id, "label": q.label,
-                        "question_id": qid_base + i * 1000 + k, "question_type": q.question_type, "sent": q.sent,
-                    })  # fmt: skip
+                    vqa_out.write(
+                        {
+                            "answer_type": q.answer_type,
+                            "img_id": scene.img_id,
+                            "label": q.label,
+                            "question_id": qid_base + i * 1000 + k,
+                            "question_type": q.question_type,
+                            "sent": q.sent,
+                        }
+                    )
                 for k, q in enumerate(gqa_qs):
-                    gqa_out.write({
-                        "img_id": scene.img_id, "label": q.label, "question_id": str(qid_base + i * 100 + k),
-                        "sent": q.sent,
-                    })  # fmt: skip
+                    gqa_out.write(
+                        {
+                            "img_id": scene.img_id,
+                            "label": q.label,
+                            "question_id": str(qid_base + i * 100 + k),
+                            "sent": q.sent,
+                        }
+                    )
                 c["vqa"], c["gqa"] = c["vqa"] + len(vqa_qs), c["gqa"] + len(gqa_qs)
                 if i % 2 == 1 and previous is not None:
                     for k, (sent, label) in enumerate(nlvr2_statements(previous, scene, rng)):
                         set_id = f"{nlvr2}-{i // 2}-0-{k}"
-                        nlvr2_out.write({
-                            "identifier": set_id, "img0": previous.img_id, "img1": scene.img_id, "label": label,
-                            "sent": sent, "uid": f"nlvr2_{nlvr2}_{c['nlvr2']}",
-                        })  # fmt: skip
+                        nlvr2_out.write(
+                            {
+                                "identifier": set_id,
+                                "img0": previous.img_id,
+                                "img1": scene.img_id,
+                                "label": label,
+                                "sent": sent,
+                                "uid": f"nlvr2_{nlvr2}_{c['nlvr2']}",
+                            }
+                        )
                         c["nlvr2"] += 1
                 previous = scene
 
@@ -391,10 +465,16 @@ def generate(
         write_json(out / task / "trainval_ans2label.json", {a: i for i, a in enumerate(ANSWERS)})
         write_json(out / task / "trainval_label2ans.json", list(ANSWERS))
     summary = {
-        "seed": seed, "feat_dim": feat_dim, "regions": regions, "noise": noise, "attr_weight": ATTR_WEIGHT,
-        "object_names": list(OBJECT_NAMES), "attribute_names": list(ATTRIBUTE_NAMES), "answers": list(ANSWERS),
+        "seed": seed,
+        "feat_dim": feat_dim,
+        "regions": regions,
+        "noise": noise,
+        "attr_weight": ATTR_WEIGHT,
+        "object_names": list(OBJECT_NAMES),
+        "attribute_names": list(ATTRIBUTE_NAMES),
+        "answers": list(ANSWERS),
         "splits": counts,
-    }  # fmt: skip
+    }
     if places:  # only then: the original world's synthetic.json stays as it was
         summary["places"], summary["places_version"] = [name for name, _, _ in PLACES], PLACES_VERSION
     write_json(out / "synthetic.json", summary)
@@ -415,10 +495,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--places", action="store_true", help="every image at a place every sentence names (PLACES)")
     args = parser.parse_args(argv)
     summary = generate(
-        args.out_dir, args.images, feat_dim=args.feat_dim, seed=args.seed, regions=args.regions,
-        minival_fraction=args.minival_fraction, captions_per_image=args.captions_per_image,
-        questions_per_image=args.questions_per_image, noise=args.noise, places=args.places,
-    )  # fmt: skip
+        args.out_dir,
+        args.images,
+        feat_dim=args.feat_dim,
+        seed=args.seed,
+        regions=args.regions,
+        minival_fraction=args.minival_fraction,
+        captions_per_image=args.captions_per_image,
+        questions_per_image=args.questions_per_image,
+        noise=args.noise,
+        places=args.places,
+    )
     print(json.dumps({"out_dir": args.out_dir, **summary["splits"]}))
 
 

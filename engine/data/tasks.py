@@ -49,15 +49,33 @@ import numpy as np
 
 from engine.atomic import file_sha256
 from engine.data.build import (
-    INT16_MAX, SentenceConversion, append_labels, features_info, input_identity,
-)  # fmt: skip
+    INT16_MAX,
+    SentenceConversion,
+    append_labels,
+    features_info,
+    input_identity,
+)
 from engine.data.formats import (
-    MAX_KEPT_ERRORS, DataError, parse_gqa, parse_nlvr2, parse_vqa, read_ans2label, read_json_list,
-)  # fmt: skip
+    MAX_KEPT_ERRORS,
+    DataError,
+    parse_gqa,
+    parse_nlvr2,
+    parse_vqa,
+    read_ans2label,
+    read_json_list,
+)
 from engine.data.store import (
-    FORMAT_VERSION, HEADER_BYTES, TASK_FORMAT, ArraySpec, RegionStore, SentenceStore, StoreBuilder, StoreError,
-    region_mask, sha256_strings,
-)  # fmt: skip
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    TASK_FORMAT,
+    ArraySpec,
+    RegionStore,
+    SentenceStore,
+    StoreBuilder,
+    StoreError,
+    region_mask,
+    sha256_strings,
+)
 
 if TYPE_CHECKING:  # the tokenizer imports torch (the lxmert package): loaded when a conversion starts
     from lxmert.tokenizer import LxmertTokenizer
@@ -93,13 +111,18 @@ def _specs(task: str) -> dict[str, ArraySpec]:
     """The arrays besides token_ids and lengths."""
     if task == "nlvr2":
         return {
-            "image_index0": ArraySpec("<i4"), "image_index1": ArraySpec("<i4"), "label": ArraySpec("|i1"),
+            "image_index0": ArraySpec("<i4"),
+            "image_index1": ArraySpec("<i4"),
+            "label": ArraySpec("|i1"),
             "identifiers": ArraySpec("|u1", header=False),  # build state: one a line; identifiers.json at the end
-        }  # fmt: skip
+        }
     specs = {
-        "image_index": ArraySpec("<i4"), "labelled": ArraySpec("|u1"), "label_offsets": ArraySpec("<i8"),
-        "label_ids": ArraySpec("<i2"), "label_scores": ArraySpec("<f4"),
-    }  # fmt: skip
+        "image_index": ArraySpec("<i4"),
+        "labelled": ArraySpec("|u1"),
+        "label_offsets": ArraySpec("<i8"),
+        "label_ids": ArraySpec("<i2"),
+        "label_scores": ArraySpec("<f4"),
+    }
     if task == "vqa":
         specs["question_ids"] = ArraySpec("<i8")
     else:
@@ -116,13 +139,33 @@ class TaskConversion(SentenceConversion):
 
     format = TASK_FORMAT
 
-    def __init__(self, task: str, json_paths: Sequence[str | Path], features_store: str | Path,
-                 ans2label_path: str | Path | None, out: str | Path, *, vocab_path: str | Path | None,
-                 max_length: int | None, skip_bad_rows: bool, skip_missing_images: bool, overwrite: bool,
-                 chunk_examples: int, progress: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        task: str,
+        json_paths: Sequence[str | Path],
+        features_store: str | Path,
+        ans2label_path: str | Path | None,
+        out: str | Path,
+        *,
+        vocab_path: str | Path | None,
+        max_length: int | None,
+        skip_bad_rows: bool,
+        skip_missing_images: bool,
+        overwrite: bool,
+        chunk_examples: int,
+        progress: bool,
+    ) -> None:
         _check_task(task)
-        super().__init__(json_paths, features_store, out, vocab_path=vocab_path, max_length=max_length,
-                         chunk=chunk_examples, overwrite=overwrite, progress=progress)  # fmt: skip
+        super().__init__(
+            json_paths,
+            features_store,
+            out,
+            vocab_path=vocab_path,
+            max_length=max_length,
+            chunk=chunk_examples,
+            overwrite=overwrite,
+            progress=progress,
+        )
         self.task, self.ans2label_path = task, ans2label_path
         self.skip_bad_rows, self.skip_missing_images = skip_bad_rows, skip_missing_images
         self.answers: list[str] = []
@@ -146,11 +189,16 @@ class TaskConversion(SentenceConversion):
 
     def config(self, tokenizer: LxmertTokenizer) -> dict[str, Any]:
         return {
-            "task": self.task, "inputs": [input_identity(p) for p in self.paths], "features": self.info,
-            "answers_sha256": sha256_strings(self.answers), "vocab_sha256": file_sha256(tokenizer.vocab_path),
-            "max_length": self.max_length, "skip_bad_rows": self.skip_bad_rows,
-            "skip_missing_images": self.skip_missing_images, "chunk_examples": self.chunk,
-        }  # fmt: skip
+            "task": self.task,
+            "inputs": [input_identity(p) for p in self.paths],
+            "features": self.info,
+            "answers_sha256": sha256_strings(self.answers),
+            "vocab_sha256": file_sha256(tokenizer.vocab_path),
+            "max_length": self.max_length,
+            "skip_bad_rows": self.skip_bad_rows,
+            "skip_missing_images": self.skip_missing_images,
+            "chunk_examples": self.chunk,
+        }
 
     def restore(self, state: Any) -> None:
         self.stats = TaskStats(**state["stats"]) if state is not None else TaskStats()
@@ -194,10 +242,11 @@ class TaskConversion(SentenceConversion):
             return self.regions.index_of(img_id)
         except KeyError:
             error = DataError(
-                path, f"record {index}",
+                path,
+                f"record {index}",
                 f"{what} {img_id!r} is not in the feature store {self.features} ({len(self.regions)} images); "
                 "convert its features too, or pass --skip-missing-images to drop such records",
-            )  # fmt: skip
+            )
             if not self.skip_missing_images:
                 raise error from None
             if len(self.stats.errors) < MAX_KEPT_ERRORS:
@@ -254,12 +303,19 @@ class TaskConversion(SentenceConversion):
 
     def meta(self, tokenizer: LxmertTokenizer) -> dict[str, Any]:
         return {
-            "format": TASK_FORMAT, "version": FORMAT_VERSION, "task": self.task, "n_examples": self.stats.examples,
-            "max_length": self.max_length, "answers": self.answers, "features": self.info,
-            "answers_sha256": sha256_strings(self.answers), "vocab_sha256": file_sha256(tokenizer.vocab_path),
+            "format": TASK_FORMAT,
+            "version": FORMAT_VERSION,
+            "task": self.task,
+            "n_examples": self.stats.examples,
+            "max_length": self.max_length,
+            "answers": self.answers,
+            "features": self.info,
+            "answers_sha256": sha256_strings(self.answers),
+            "vocab_sha256": file_sha256(tokenizer.vocab_path),
             "ans2label": None if self.task == "nlvr2" else str(self.ans2label_path),
-            "inputs": [str(p) for p in self.paths], "stats": self.stats_state(self.stats),
-        }  # fmt: skip
+            "inputs": [str(p) for p in self.paths],
+            "stats": self.stats_state(self.stats),
+        }
 
     def json_files(self, builder: StoreBuilder) -> dict[str, Any]:
         if self.task == "vqa":
@@ -288,10 +344,19 @@ def convert_task(
     `ans2label_path` (trainval_ans2label.json) is required for VQA/GQA and ignored (may be None) for NLVR2;
     max_length None is the tokenizer's (20). Resumable and atomic like every store (engine/data/store.py)."""
     return TaskConversion(
-        task, json_paths, features_store, ans2label_path, out, vocab_path=vocab_path, max_length=max_length,
-        skip_bad_rows=skip_bad_rows, skip_missing_images=skip_missing_images, overwrite=overwrite,
-        chunk_examples=chunk_examples, progress=progress,
-    ).run()  # fmt: skip
+        task,
+        json_paths,
+        features_store,
+        ans2label_path,
+        out,
+        vocab_path=vocab_path,
+        max_length=max_length,
+        skip_bad_rows=skip_bad_rows,
+        skip_missing_images=skip_missing_images,
+        overwrite=overwrite,
+        chunk_examples=chunk_examples,
+        progress=progress,
+    ).run()
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -380,13 +445,18 @@ class TaskStore(SentenceStore):
             return TaskExamples(**common, image_index=image_index, labelled=label >= 0, label=label)
         offsets, label_ids, label_scores = self.gather_labels(idx)
         return TaskExamples(
-            **common, image_index=a["image_index"][idx], labelled=a["labelled"][idx].astype(bool),
-            label_offsets=offsets, label_ids=label_ids, label_scores=label_scores,
-        )  # fmt: skip
+            **common,
+            image_index=a["image_index"][idx],
+            labelled=a["labelled"][idx].astype(bool),
+            label_offsets=offsets,
+            label_ids=label_ids,
+            label_scores=label_scores,
+        )
 
 
-def task_arrays(store: TaskStore, regions: RegionStore, indices: Sequence[int] | np.ndarray,
-                labels: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+def task_arrays(
+    store: TaskStore, regions: RegionStore, indices: Sequence[int] | np.ndarray, labels: bool = True
+) -> dict[str, np.ndarray]:
     """The keyword arrays of LxmertForQuestionAnswering / LxmertForNLVR2 for store rows `indices`, in the
     stores' compact dtypes (what a loader pins and copies; engine.data.batch.TaskBatch widens them on the device).
 
@@ -405,10 +475,10 @@ def task_arrays(store: TaskStore, regions: RegionStore, indices: Sequence[int] |
         "attention_mask": (np.arange(width) < ex.lengths[:, None]).astype(np.uint8),
         "visual_feats": r.features.reshape(*shape, *r.features.shape[1:]),
         "visual_pos": r.boxes.reshape(*shape, *r.boxes.shape[1:]),
-    }  # fmt: skip
+    }
     if (r.num_boxes < regions.num_regions).any():
-        batch["visual_attention_mask"] = region_mask(r.num_boxes, regions.num_regions).astype(np.uint8).reshape(
-            *shape, regions.num_regions
+        batch["visual_attention_mask"] = (
+            region_mask(r.num_boxes, regions.num_regions).astype(np.uint8).reshape(*shape, regions.num_regions)
         )
     if labels and ex.labelled.all():
         if store.task == "nlvr2":
@@ -421,8 +491,10 @@ def task_arrays(store: TaskStore, regions: RegionStore, indices: Sequence[int] |
 
 def task_batch(store: TaskStore, regions: RegionStore, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
     """task_arrays widened on the host, the dtypes the model computes in: integers int64, floating point float32."""
-    return {name: a.astype(np.float32 if a.dtype.kind == "f" else np.int64)
-            for name, a in task_arrays(store, regions, indices).items()}  # fmt: skip
+    return {
+        name: a.astype(np.float32 if a.dtype.kind == "f" else np.int64)
+        for name, a in task_arrays(store, regions, indices).items()
+    }
 
 
 def to_torch(batch: Mapping[str, np.ndarray], device: Any = None) -> dict[str, Any]:

@@ -33,8 +33,10 @@ def open_store(path: str, key: str, kind: type, build: str):
     """A store named by config key `key`, opened; any problem is a ConfigError naming the key and the path."""
     what = STORE_KINDS.get(kind.__name__, "store")
     if not path:
-        raise ConfigError(f"{key} is empty: it must name a {what} directory (built by {build}), or pass --config "
-                          "configs/<recipe>.yaml")  # fmt: skip
+        raise ConfigError(
+            f"{key} is empty: it must name a {what} directory (built by {build}), or pass --config "
+            "configs/<recipe>.yaml"
+        )
     if not Path(path).is_dir():
         raise ConfigError(f"{key}: the {what} {path} does not exist (build it with {build})")
     try:

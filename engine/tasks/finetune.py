@@ -64,9 +64,24 @@ FINETUNE_TASKS = ("vqa", "gqa", "nlvr2")
 SUBMISSION_NAMES = {"vqa": "vqa_submission.json", "gqa": "gqa_submission.json", "nlvr2": "nlvr2_submission.csv"}
 METRIC_NAMES = {"vqa": "vqa_score", "gqa": "accuracy", "nlvr2": "accuracy"}
 # The fields that fix a checkpoint's shapes and arithmetic: fine-tuning takes them from the checkpoint's config.
-ARCHITECTURE = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "hidden_act",
-                "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "l_layers", "r_layers", "x_layers",
-                "visual_feat_dim", "visual_pos_dim", "num_qa_labels", "num_object_labels", "num_attr_labels")  # fmt: skip
+ARCHITECTURE = (
+    "vocab_size",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "l_layers",
+    "r_layers",
+    "x_layers",
+    "visual_feat_dim",
+    "visual_pos_dim",
+    "num_qa_labels",
+    "num_object_labels",
+    "num_attr_labels",
+)
 
 
 class FineTuneError(ConfigError):
@@ -171,8 +186,9 @@ def find_answer_table(checkpoint: Path, explicit: str | None) -> Path | None:
 class FinetuneTask(Task):
     def __init__(self, name: str, answer_table: str | None = None, evaluate_only: bool = False) -> None:
         if name not in FINETUNE_TASKS:
-            raise FineTuneError(f"train.task must be one of {FINETUNE_TASKS} for fine-tuning, got {name!r} "
-                                "(lxmert-pretrain pre-trains)")  # fmt: skip
+            raise FineTuneError(
+                f"train.task must be one of {FINETUNE_TASKS} for fine-tuning, got {name!r} (lxmert-pretrain pre-trains)"
+            )
         self.name, self.answer_table, self.evaluate_only = name, answer_table, evaluate_only
         self.metric_name = METRIC_NAMES[name]
         self.checkpoint: Path | None = None
@@ -199,16 +215,22 @@ class FinetuneTask(Task):
         if not self.evaluate_only:  # predicting needs only the split predicted
             self.train_store, self.train_regions = open_task_store(d.train.text, d.train.features, task, "train")
         first = self.train_store or self.eval_store
-        if self.train_store is not None and self.eval_store is not None and task != "nlvr2" and (
-                self.eval_store.answers != self.train_store.answers):  # fmt: skip
+        if (
+            self.train_store is not None
+            and self.eval_store is not None
+            and task != "nlvr2"
+            and (self.eval_store.answers != self.train_store.answers)
+        ):
             raise FineTuneError(f"data.eval.text {d.eval.text} has another answer list than data.train.text")
         self.answers = first.answers
         if task != "nlvr2" and not self.answers:
             raise FineTuneError(f"data.{'eval' if self.evaluate_only else 'train'}.text {first.path} has no answers")
         for split, regions in (("train", self.train_regions), ("eval", self.eval_regions)):
             if regions is not None and regions.feat_dim != self.config.model.visual_feat_dim:
-                raise FineTuneError(f"data.{split}.features {regions.path} holds {regions.feat_dim}-d features but "
-                                    f"model.visual_feat_dim is {self.config.model.visual_feat_dim}")  # fmt: skip
+                raise FineTuneError(
+                    f"data.{split}.features {regions.path} holds {regions.feat_dim}-d features but "
+                    f"model.visual_feat_dim is {self.config.model.visual_feat_dim}"
+                )
         if self.eval_store is not None:
             self.eval_labels = self._labels(self.eval_store)
 
@@ -220,8 +242,10 @@ class FinetuneTask(Task):
         if self.checkpoint is not None and trainer.resume_from is None:
             self.init_report = self._init_from(model, self.checkpoint)
         elif self.evaluate_only and trainer.resume_from is None:
-            raise FineTuneError(f"evaluate-only needs weights: train.init_from (a fine-tuned model.safetensors) or "
-                                f"a checkpoint in {trainer.output_dir / 'checkpoints'}")  # fmt: skip
+            raise FineTuneError(
+                f"evaluate-only needs weights: train.init_from (a fine-tuned model.safetensors) or "
+                f"a checkpoint in {trainer.output_dir / 'checkpoints'}"
+            )
         return model.to(trainer.device)
 
     def _init_from(self, model: torch.nn.Module, file: Path) -> dict[str, Any]:
@@ -233,23 +257,26 @@ class FinetuneTask(Task):
         if set(state) == set(expected):  # a fine-tuned model of this task (a best/model.safetensors export)
             problems = state_dict_problems(expected, state)
             if problems:
-                raise FineTuneError(f"train.init_from {file} does not fit this {self.name} model: "
-                                    + "; ".join(problems))  # fmt: skip
+                raise FineTuneError(
+                    f"train.init_from {file} does not fit this {self.name} model: " + "; ".join(problems)
+                )
             model.load_state_dict(state)
             return {"checkpoint": str(file), "fine_tuned": True, "tensors": len(state)}
-        backbone = {k[len("lxmert."):]: v for k, v in state.items() if k.startswith("lxmert.")}
+        backbone = {k[len("lxmert.") :]: v for k, v in state.items() if k.startswith("lxmert.")}
         if not backbone:
             raise FineTuneError(f"train.init_from {file} holds no LXMERT backbone (lxmert.* weights)")
         problems = state_dict_problems(model.lxmert.state_dict(), backbone)
         if problems:
-            raise FineTuneError(f"train.init_from {file} does not fit model.* (no model_config.json or config.json "
-                                f"beside it tells its sizes): " + "; ".join(problems))  # fmt: skip
+            raise FineTuneError(
+                f"train.init_from {file} does not fit model.* (no model_config.json or config.json "
+                f"beside it tells its sizes): " + "; ".join(problems)
+            )
         model.lxmert.load_state_dict(backbone)
         report: dict[str, Any] = {"checkpoint": str(file), "backbone_tensors": len(backbone)}
         if self.name == "nlvr2":
             return report  # the NLVR2 head (2H -> 2) has no pre-trained counterpart
         if "answer_head.fc2.weight" not in state:
-            warnings.warn(f"{file} has no pre-trained QA head: the {self.name} head starts from scratch")
+            warnings.warn(f"{file} has no pre-trained QA head: the {self.name} head starts from scratch", stacklevel=2)
             return report
         table_path = find_answer_table(file, self.answer_table)
         if table_path is None:
@@ -270,20 +297,34 @@ class FinetuneTask(Task):
         if self.evaluate_only:
             return None
         t = self.config.train
-        order = TrainOrder(len(self.train_store), self.config.data.seed, t.micro_batch_size, t.grad_accum_steps,
-                           trainer.world_size, trainer.rank)  # fmt: skip
+        order = TrainOrder(
+            len(self.train_store),
+            self.config.data.seed,
+            t.micro_batch_size,
+            t.grad_accum_steps,
+            trainer.world_size,
+            trainer.rank,
+        )
         if order.steps_per_epoch < 1:
-            raise FineTuneError(f"data.train.text has {len(self.train_store)} examples, fewer than one batch of "
-                                f"{t.batch_size}")  # fmt: skip
-        return TaskLoader(self.train_store, self.train_regions, order, trainer.device,
-                          num_workers=self.config.data.num_workers)  # fmt: skip
+            raise FineTuneError(
+                f"data.train.text has {len(self.train_store)} examples, fewer than one batch of {t.batch_size}"
+            )
+        return TaskLoader(
+            self.train_store, self.train_regions, order, trainer.device, num_workers=self.config.data.num_workers
+        )
 
     def eval_loader(self, trainer: Trainer) -> TaskLoader | None:
         if self.eval_store is None:
             return None
         order = EvalOrder(len(self.eval_store), self.config.train.micro_batch_size, trainer.world_size, trainer.rank)
-        return TaskLoader(self.eval_store, self.eval_regions, order, trainer.device, labels=False,
-                          num_workers=self.config.data.num_workers)  # fmt: skip
+        return TaskLoader(
+            self.eval_store,
+            self.eval_regions,
+            order,
+            trainer.device,
+            labels=False,
+            num_workers=self.config.data.num_workers,
+        )
 
     def _labels(self, store: TaskStore) -> dict[Any, Any] | None:
         labels: dict[Any, Any] = {}
@@ -337,8 +378,14 @@ class FinetuneTask(Task):
     def evaluate(self, trainer: Trainer) -> dict[str, Any]:
         metric, self._acc = self.predict(trainer)
         epoch = -(-trainer.step // trainer.steps_per_epoch)
-        return {"kind": "eval", "step": trainer.step, "epoch": epoch, "metric": metric,
-                "metric_name": self.metric_name, "examples": len(self._acc.predictions)}  # fmt: skip
+        return {
+            "kind": "eval",
+            "step": trainer.step,
+            "epoch": epoch,
+            "metric": metric,
+            "metric_name": self.metric_name,
+            "examples": len(self._acc.predictions),
+        }
 
     def eval_line(self, record: dict[str, Any]) -> str:
         shown = "- (unlabelled split)" if record["metric"] is None else f"{record['metric']:.4f}"
@@ -354,8 +401,13 @@ class FinetuneTask(Task):
         submission = trainer.output_dir / SUBMISSION_NAMES[self.name]
         if trainer.rank == 0:
             self._acc.write_submission(submission)
-        self.best = {"score": score, "epoch": record["epoch"], "step": trainer.step, "model": str(model or ""),
-                     "submission": str(submission)}  # fmt: skip
+        self.best = {
+            "score": score,
+            "epoch": record["epoch"],
+            "step": trainer.step,
+            "model": str(model or ""),
+            "submission": str(submission),
+        }
 
     def evaluate_only_run(self, trainer: Trainer) -> dict[str, Any]:
         """Predict the eval split with the loaded weights: <output_dir>/evaluate/{submission, result.json}."""
@@ -366,9 +418,16 @@ class FinetuneTask(Task):
         trainer.runtime.train(was_training)
         out = trainer.output_dir / "evaluate"
         submission = out / SUBMISSION_NAMES[self.name]
-        result = {"task": self.name, "metric": self.metric_name, "value": metric, "examples": len(acc.predictions),
-                  "eval_text": self.config.data.eval.text, "weights": self.init_report,
-                  "submission": str(submission), "seconds": time.perf_counter() - start}  # fmt: skip
+        result = {
+            "task": self.name,
+            "metric": self.metric_name,
+            "value": metric,
+            "examples": len(acc.predictions),
+            "eval_text": self.config.data.eval.text,
+            "weights": self.init_report,
+            "submission": str(submission),
+            "seconds": time.perf_counter() - start,
+        }
         if trainer.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             acc.write_submission(submission)
@@ -382,8 +441,13 @@ class FinetuneTask(Task):
         if self.eval_store is None and (self.best is None or trainer.step > trainer.started_at):
             epoch = -(-trainer.step // trainer.steps_per_epoch)
             model = trainer.runtime.export(trainer.output_dir / "best", trainer.rank)
-            self.best = {"score": -math.inf, "epoch": epoch, "step": trainer.step, "submission": None,
-                         "model": str(model or "")}  # fmt: skip
+            self.best = {
+                "score": -math.inf,
+                "epoch": epoch,
+                "step": trainer.step,
+                "submission": None,
+                "model": str(model or ""),
+            }
         return {}
 
     def summary(self, trainer: Trainer, run: dict[str, Any]) -> dict[str, Any]:
@@ -391,12 +455,18 @@ class FinetuneTask(Task):
         score = best.get("score")
         first, last = run["first"], run["last"]
         return {
-            "task": self.name, "epochs": -(-trainer.step // trainer.steps_per_epoch),
-            "first_loss": first["loss"] if first else None, "last_loss": last["loss"] if last else None,
-            "eval": trainer.evals, "best_metric": None if score is None or score == -math.inf else score,
-            "best_epoch": best.get("epoch"), "metric": self.metric_name, "model": best.get("model") or None,
-            "submission": best.get("submission"), "init": self.init_report,
-        }  # fmt: skip
+            "task": self.name,
+            "epochs": -(-trainer.step // trainer.steps_per_epoch),
+            "first_loss": first["loss"] if first else None,
+            "last_loss": last["loss"] if last else None,
+            "eval": trainer.evals,
+            "best_metric": None if score is None or score == -math.inf else score,
+            "best_epoch": best.get("epoch"),
+            "metric": self.metric_name,
+            "model": best.get("model") or None,
+            "submission": best.get("submission"),
+            "init": self.init_report,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "task": self.name}

@@ -44,11 +44,15 @@ def open_pretrain_stores(stores: StorePaths, split: str, model: LxmertConfig) ->
     except StoreError as error:
         raise ConfigError(f"data.{split}: {error}") from None
     if regions.feat_dim != model.visual_feat_dim:
-        raise ConfigError(f"data.{split}.features {regions.path} holds {regions.feat_dim}-d features but "
-                          f"model.visual_feat_dim is {model.visual_feat_dim}")  # fmt: skip
+        raise ConfigError(
+            f"data.{split}.features {regions.path} holds {regions.feat_dim}-d features but "
+            f"model.visual_feat_dim is {model.visual_feat_dim}"
+        )
     if model.task_qa and len(text.answers) != model.num_qa_labels:  # the head is the table, as the authors size it
-        raise ConfigError(f"data.{split}.text {text.path} has {len(text.answers)} answers but the QA head has "
-                          f"model.num_qa_labels {model.num_qa_labels}: make them equal")  # fmt: skip
+        raise ConfigError(
+            f"data.{split}.text {text.path} has {len(text.answers)} answers but the QA head has "
+            f"model.num_qa_labels {model.num_qa_labels}: make them equal"
+        )
     return text, regions
 
 
@@ -61,10 +65,14 @@ def sampling_config(trainer: Trainer) -> SamplingConfig:
     shared = {name: getattr(d, name) for name in SAMPLING_FIELDS if hasattr(d, name) and name != "sources"}  # seed,
     # drop_last and the masking / negative probabilities
     return SamplingConfig(
-        **shared, batch_size=c.train.micro_batch_size, world_size=trainer.world_size, rank=trainer.rank,
-        bucket_batches=BUCKET_BATCHES if d.length_bucketing else 0, vocab_size=c.model.vocab_size,
+        **shared,
+        batch_size=c.train.micro_batch_size,
+        world_size=trainer.world_size,
+        rank=trainer.rank,
+        bucket_batches=BUCKET_BATCHES if d.length_bucketing else 0,
+        vocab_size=c.model.vocab_size,
         sources=tuple(d.sources),
-    )  # fmt: skip
+    )
 
 
 class PretrainTask(Task):
@@ -91,8 +99,10 @@ class PretrainTask(Task):
             options["num_workers"] = d.num_workers
         unknown = set(d.sources) - set(text.sources)
         if unknown:
-            raise ConfigError(f"data.sources: {sorted(unknown)} are not in the data.{split}.text store {text.path} "
-                              f"(it has {text.sources}; [] takes every source)")  # fmt: skip
+            raise ConfigError(
+                f"data.sources: {sorted(unknown)} are not in the data.{split}.text store {text.path} "
+                f"(it has {text.sources}; [] takes every source)"
+            )
         sampling = sampling_config(trainer)
         if split == "eval":  # the authors' valid loader keeps its last batch whatever the training's drop_last
             sampling = dataclasses.replace(sampling, drop_last=False)
@@ -136,33 +146,48 @@ class PretrainTask(Task):
             asked = ans >= 0
             qa_right = (out.question_answering_score.argmax(-1) == ans) & asked
             match_right = out.cross_relationship_score.argmax(-1) == batch.matched_label.to(device)
-            row = torch.stack([
-                out.loss.detach().float() * n, *(out.losses[k].detach().float() * n for k in names),
-                torch.tensor(float(n), device=device), qa_right.sum().float(), asked.sum().float(),
-                match_right.sum().float(),
-            ])  # fmt: skip
+            row = torch.stack(
+                [
+                    out.loss.detach().float() * n,
+                    *(out.losses[k].detach().float() * n for k in names),
+                    torch.tensor(float(n), device=device),
+                    qa_right.sum().float(),
+                    asked.sum().float(),
+                    match_right.sum().float(),
+                ]
+            )
             sums = row if sums is None else sums + row
         if sums is None:
             raise ValueError(f"data.eval stores {trainer.config.data.eval.text} gave no batch")
         sums = all_reduce_sum(sums).cpu().double()
         samples, qa_right, qa_asked, match_right = (float(v) for v in sums[-4:])
         return {
-            "kind": "eval", "step": trainer.step, "samples": int(samples), "loss": float(sums[0]) / samples,
+            "kind": "eval",
+            "step": trainer.step,
+            "samples": int(samples),
+            "loss": float(sums[0]) / samples,
             "losses": {k: float(sums[i + 1]) / samples for i, k in enumerate(names)},
-            "qa_accuracy": qa_right / qa_asked if qa_asked else None, "qa_questions": int(qa_asked),
+            "qa_accuracy": qa_right / qa_asked if qa_asked else None,
+            "qa_questions": int(qa_asked),
             "matched_accuracy": match_right / samples,
-        }  # fmt: skip
+        }
 
     def eval_line(self, record: dict[str, Any]) -> str:
         parts = " ".join(f"{k} {v:.3f}" for k, v in record["losses"].items())
         qa = record["qa_accuracy"]
-        return (f"eval step {record['step']}: loss {record['loss']:.4f} ({parts}) | QA accuracy "
-                f"{'-' if qa is None else f'{qa:.3f}'} | matching accuracy {record['matched_accuracy']:.3f}")  # fmt: skip
+        return (
+            f"eval step {record['step']}: loss {record['loss']:.4f} ({parts}) | QA accuracy "
+            f"{'-' if qa is None else f'{qa:.3f}'} | matching accuracy {record['matched_accuracy']:.3f}"
+        )
 
     def finish(self, trainer: Trainer) -> dict[str, Any]:
         model = trainer.runtime.export(trainer.output_dir, trainer.rank, hf=self.export_hf)
         return {"model": str(model) if model else None}
 
     def summary(self, trainer: Trainer, run: dict[str, Any]) -> dict[str, Any]:
-        return {"first": run["first"], "last": run["last"], "eval": trainer.evals[-1] if trainer.evals else None,
-                "model": run.get("model")}  # fmt: skip
+        return {
+            "first": run["first"],
+            "last": run["last"],
+            "eval": trainer.evals[-1] if trainer.evals else None,
+            "model": run.get("model"),
+        }
