@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from . import losses
 from .answers import init_answer_head
 from .config import LxmertConfig
 from .modeling import AnswerHead, LxmertModel, ModelOutput, init_weights
+from .pretrained import PRETRAINING_HEADS, PretrainedMixin
 
 Tensor = torch.Tensor
 
@@ -40,7 +42,7 @@ class LxmertForNLVR2Output(ModelOutput):
     logits: Tensor | None = None  # [B, 2]: statement false / true
 
 
-class LxmertForQuestionAnswering(nn.Module):
+class LxmertForQuestionAnswering(PretrainedMixin, nn.Module):
     """VQA (3129 answers) and GQA (1842): `num_answers` defaults to config.num_qa_labels."""
 
     def __init__(self, config: LxmertConfig, num_answers: int | None = None):
@@ -51,6 +53,19 @@ class LxmertForQuestionAnswering(nn.Module):
         h = config.hidden_size
         self.answer_head = AnswerHead(h, 2 * h, self.num_answers, config.layer_norm_eps)
         init_weights(self.answer_head, config.initializer_range)
+
+    @classmethod
+    def checkpoint_kwargs(
+        cls, config: LxmertConfig, state: Mapping[str, Tensor], overrides: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The answer count of a fine-tuned QA checkpoint's head, unless num_qa_labels is given: our exports keep
+        the pre-training table's size in num_qa_labels (engine/tasks/finetune.py)."""
+        fc1, fc2 = state.get("answer_head.fc1.weight"), state.get("answer_head.fc2.weight")
+        if "num_qa_labels" in overrides or fc1 is None or fc2 is None or fc1.shape[1] != config.hidden_size:
+            return {}
+        if any(k.startswith(PRETRAINING_HEADS) for k in state):
+            return {}
+        return {"num_answers": fc2.shape[0]}
 
     def forward(
         self,
@@ -110,7 +125,7 @@ class LxmertForQuestionAnswering(nn.Module):
         return init_answer_head(self.answer_head, head, table_answers, answers)
 
 
-class LxmertForNLVR2(nn.Module):
+class LxmertForNLVR2(PretrainedMixin, nn.Module):
     def __init__(self, config: LxmertConfig):
         super().__init__()
         self.config = config

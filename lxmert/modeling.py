@@ -24,6 +24,7 @@ from torch import nn
 
 from .attention import eager_attention_with_probs, eager_bidirectional_with_probs, get_backend
 from .config import LxmertConfig
+from .pretrained import PretrainedMixin
 
 Tensor = torch.Tensor
 
@@ -302,7 +303,7 @@ def check_inputs(
             torch._assert_async(((ids >= 0) & (ids < limit)).all(), f"{name} must lie in [0, {limit})")
 
 
-class LxmertModel(nn.Module):
+class LxmertModel(PretrainedMixin, nn.Module):
     """The backbone: forward keywords and outputs named as transformers' LxmertModel."""
 
     def __init__(self, config: LxmertConfig):

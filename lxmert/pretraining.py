@@ -22,6 +22,7 @@ from torch import nn
 from . import losses
 from .config import LxmertConfig
 from .modeling import AnswerHead, HeadTransform, LxmertModel, ModelOutput, init_weights
+from .pretrained import PretrainedMixin
 
 Tensor = torch.Tensor
 
@@ -139,7 +140,9 @@ class ObjectHead(nn.Module):
         return parts
 
 
-class LxmertForPreTraining(nn.Module):
+class LxmertForPreTraining(PretrainedMixin, nn.Module):
+    takes_pretraining_heads = True
+
     def __init__(self, config: LxmertConfig):
         super().__init__()
         self.config = config
