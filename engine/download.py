@@ -261,7 +261,7 @@ def download(remote: Remote, url: str, final: Path) -> None:
         if status == 416:  # the part already holds every byte (stopped before the rename) or more
             total = content_range(url, response.headers.get("Content-Range"))[1]
             if total != offset:
-                print(f"{part}: {offset} bytes, more than the server's {total}: starting over", flush=True)
+                print(f"{part}: {offset} bytes, which do not fit the server's {total}: starting over", flush=True)
                 part.unlink()
                 return download(remote, url, final)
         elif status == 206 and offset:
@@ -486,14 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print(listing(out, args.mirror))
         return 0
-    seen: set[Remote | Nlvr2Split] = set()
     try:
         for group in dict.fromkeys(args.groups):
             fetched = 0
             for item in GROUPS[group]:
-                if item in seen or is_done(item, out):
+                if is_done(item, out):  # a file of an earlier group too
                     continue
-                seen.add(item)
                 fetch(item, out, args.mirror)
                 fetched += 1
             print(f"{group}: {'done' if fetched else 'already downloaded'} ({len(GROUPS[group])} files)", flush=True)

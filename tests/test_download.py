@@ -223,7 +223,7 @@ def test_a_lost_connection_is_one_line_and_the_rerun_resumes_with_range(served, 
 
     status, stdout, err = run(capsys, "model", "--out", out, "--mirror", served.url)
     assert status == 0, err
-    assert served.requests[-2] == (path, "bytes=5000-") or served.requests[-1] == (path, "bytes=5000-")
+    assert (path, "bytes=5000-") in served.requests
     assert f"resuming {served.url}{path} at byte 5000" in stdout
     assert final.read_bytes() == served.files[path] and not part.exists()
 
@@ -321,7 +321,7 @@ def test_a_refused_connection_is_one_line_and_exit_2(tmp_path):
     proc = cli("model", "--out", str(tmp_path / "data"), "--mirror", mirror)
     assert proc.returncode == 2
     assert proc.stderr == f"lxmert-download: error: {mirror}/model_LXRT.pth: connection refused\n"
-    assert not (tmp_path / "snap").exists() or not any((tmp_path / "snap").rglob("model_LXRT.pth"))
+    assert not any(tmp_path.rglob("model_LXRT.pth*"))
 
 
 def test_a_zip_member_outside_its_folder_is_refused(served, tmp_path, capsys):
