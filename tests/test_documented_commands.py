@@ -12,7 +12,9 @@ one, in the order a user would run them, as one of:
 - Elsewhere: run verbatim by something named (the README's two quick-start commands are .ci/run's);
 - GpuOnly: the explicit table of what needs a GPU, with the reason;
 - ClusterOnly: a line for several machines (node addresses, ssh, SLURM), with the reason; tests/test_cluster.py
-  runs the same lines with every address 127.0.0.1 and one rank a node, and checks that the README shows them.
+  runs the same lines with every address 127.0.0.1 and one rank a node, and checks that the README shows them;
+- NetworkOnly: a download from the authors' servers, with the reason (tests/test_download.py runs lxmert-download
+  against a local server).
 A command in a document and not in PLAN, or in PLAN and no longer in a document, fails
 test_every_documented_command_is_planned. The authors' files do not exist here: the synthetic data set, written in
 their layout, stands in for them (`authors_layout_stand_ins` splits its files into the ones the documents name).
@@ -134,6 +136,11 @@ class ClusterOnly:
     reason: str
 
 
+@dataclass(frozen=True)
+class NetworkOnly:
+    reason: str
+
+
 def records(path: Path, kind: str = "train") -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return [r for r in rows if r.get("kind", "train") == kind]
@@ -203,6 +210,21 @@ def pictures(prefix: str) -> Callable[[Path], None]:
     return check
 
 
+def model_dir(run: str) -> Callable[[Path], None]:
+    def check(work: Path) -> None:
+        assert (work / run / "model.safetensors").is_file() and (work / run / "model_config.json").is_file()
+
+    return check
+
+
+def evaluated_into(run: str) -> Callable[[Path], None]:
+    def check(work: Path) -> None:
+        result = json.loads((work / run / "evaluate/result.json").read_text())
+        assert 0 <= result["value"] <= 1 and Path(work / result["submission"]).is_file()
+
+    return check
+
+
 def benchmark_rows(name: str) -> Callable[[Path], None]:
     def check(work: Path) -> None:
         rows = [json.loads(line) for line in (work / "bench" / f"{name}.jsonl").read_text().splitlines()]
@@ -221,7 +243,7 @@ def out(name: str) -> str:
     return f"--out {{work}}/bench/{name}.jsonl"  # the benchmarks run in the checkout: keep its runs/ untouched
 
 
-PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly | ClusterOnly]] = [
+PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly | ClusterOnly | NetworkOnly]] = [
     ("bash scripts/setup.sh && .venv/bin/python -m engine.main", Elsewhere(".ci/run")),
     ("bash scripts/setup.sh --dev && .venv/bin/python -m pytest -q", Elsewhere(".ci/run")),
     # README, Data
@@ -337,6 +359,29 @@ PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly | ClusterOnly]] = [
     (
         "lxmert-finetune --config configs/vqa.yaml --evaluate-only train.init_from=runs/vqa/best",
         Run("data.num_workers=0", check=evaluated),
+    ),
+    # README, From the paper's data: the download lines; the authors' weights (a stand-in cut from the pre-training
+    # export, see BEFORE) converted, fine-tuned on VQA and evaluated
+    ("lxmert-download --list", Run()),
+    (
+        "lxmert-download vqa vg-features model",
+        NetworkOnly(
+            "tens of GB from the authors' servers; tests/test_download.py fetches every group from a local one"
+        ),
+    ),
+    (
+        "lxmert-convert snap/pretrained/model_LXRT.pth runs/lxmert_authors --from authors --num-attention-heads 12",
+        Run(replace=(("--num-attention-heads 12", "--num-attention-heads 2"),), check=model_dir("runs/lxmert_authors")),
+    ),
+    (
+        "lxmert-finetune --config configs/vqa.yaml --answer-table data/lxmert/all_ans.json "
+        "train.init_from=runs/lxmert_authors train.output_dir=runs/vqa_authors",
+        Run(SHORT_FINETUNE, check=fine_tuned("runs/vqa_authors")),
+    ),
+    (
+        "lxmert-finetune --config configs/vqa.yaml --evaluate-only train.init_from=runs/vqa_authors/best "
+        "train.output_dir=runs/vqa_authors",
+        Run("data.num_workers=0", check=evaluated_into("runs/vqa_authors")),
     ),
     # README, the attention pictures (the main job's outputs there; the recipe chain's here)
     (
@@ -585,13 +630,14 @@ def authors_layout_stand_ins(data: Path) -> None:
     split(data / "gqa/train.json", ["train.json", "valid.json"])
 
 
-def authors_checkpoint(work: Path) -> None:
+def authors_checkpoint(work: Path, path: str = "model_LXRT.pth") -> None:
     """model_LXRT.pth as airsplay/lxmert saves it (DataParallel `module.bert.` names), from the pre-training
     export, so that the conversion back can be checked key by key."""
     from lxmert.convert import read_state_dict, to_hf_state_dict
 
     hf = to_hf_state_dict(read_state_dict(work / "runs/pretrain/model.safetensors"))
-    torch.save({"module." + re.sub(r"^lxmert\.", "bert.", k): v for k, v in hf.items()}, work / "model_LXRT.pth")
+    (work / path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"module." + re.sub(r"^lxmert\.", "bert.", k): v for k, v in hf.items()}, work / path)
 
 
 # what must be in place before a command runs, beyond the commands before it
@@ -600,6 +646,10 @@ BEFORE = {
         work / "data"
     ),
     "lxmert-convert model_LXRT.pth": authors_checkpoint,
+    # where lxmert-download puts it
+    "lxmert-convert snap/pretrained/model_LXRT.pth": lambda work: authors_checkpoint(
+        work, "snap/pretrained/model_LXRT.pth"
+    ),
 }
 
 

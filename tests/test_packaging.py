@@ -17,6 +17,7 @@ COMMANDS = {
     "lxmert-data-convert",
     "lxmert-synthetic",
     "lxmert-plots",
+    "lxmert-download",
 }
 
 
