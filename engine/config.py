@@ -169,6 +169,17 @@ class TrainConfig:
     threads: int = 0
     """torch's intra-op threads per rank; 0 = the cores this process may use / the ranks on this node (an
     OMP_NUM_THREADS set in the environment is kept)."""
+    report_to: list[Literal["tensorboard", "wandb", "none"]] = field(default_factory=list)
+    """Trackers that also get metrics.jsonl's train and eval records (rank 0): "tensorboard" (in
+    <output_dir>/tensorboard/), "wandb" (Weights & Biases, train.wandb_*); [] or [none]: metrics.jsonl only. Each
+    is an optional extra (pip install tensorboard / wandb): one not installed stops the run before it starts."""
+    wandb_project: str = "lxmert-engine"
+    """W&B project; the entity, the mode (WANDB_MODE=offline) and the key are wandb's own settings."""
+    wandb_name: str = ""
+    """W&B run name; "" = the last component of train.output_dir."""
+    wandb_dir: str = ""
+    """Where wandb keeps the run's local files (its wandb/ folder); "" = train.output_dir. The W&B run id is kept
+    in <output_dir>/wandb_run_id: a run resumed from a checkpoint continues that W&B run."""
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the run: the learning-rate schedule's length."""
@@ -346,6 +357,12 @@ def _check(config: RunConfig) -> None:
                 parse(value)
         except ValueError as error:
             problems.append(f"train.{name}: {error}")
+    need(
+        "none" not in t.report_to or len(t.report_to) == 1,
+        f"train.report_to: none is alone or left out ([] also means no tracker), got {t.report_to}",
+    )
+    need(len(set(t.report_to)) == len(t.report_to), f"train.report_to has duplicates: {t.report_to}")
+    need("wandb" not in t.report_to or bool(t.wandb_project), "train.wandb_project is empty")
     need(bool(t.output_dir), "train.output_dir is empty")
     need(bool(t.resume), 'train.resume is empty: "auto", "none", a checkpoint path or "weights:<checkpoint>"')
     need(t.resume != "weights:", "train.resume weights: names no checkpoint (weights:<checkpoint or run dir>)")

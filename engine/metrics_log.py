@@ -1,24 +1,34 @@
-"""Training logs: one JSON line per logging step in <output_dir>/metrics.jsonl, the same numbers as TensorBoard
-scalars in <output_dir>/tensorboard/ (when the tensorboard package is installed), a compact console line, and a
-progress bar with samples/s and the time left (on a terminal only).
+"""Training logs: one JSON line per logging step in <output_dir>/metrics.jsonl, the same records sent to the
+trackers train.report_to names (TensorBoard, Weights & Biases), a compact console line, and a progress bar with
+samples/s and the time left (on a terminal only).
 
-    log = MetricsLog(output_dir, enabled=rank == 0, progress_total=total_steps, progress_initial=step)
+    log = MetricsLog(output_dir, enabled=rank == 0, progress_total=total_steps, progress_initial=step,
+                     report_to=["wandb"], wandb=WandbRun(project="lxmert-engine", config=to_dict(config)))
     log.advance(1)                               # one optimizer step: the bar moves, its ETA updates
     log.write({"step": 10, "loss": 3.2, ...})    # appended, flushed: a killed run keeps every line written
     log.console("step 10 | loss 3.2 | ...")     # through tqdm when a progress bar is open
-    log.close()                                  # then engine.plots.write_plots(log.path, output_dir)
+    log.close(status)                            # then engine.plots.write_plots(log.path, output_dir)
 
 Records are plain dicts. Train records carry no "kind" (or "kind": "train"); evaluation records carry
 "kind": "eval" and the step they evaluate, e.g. {"kind": "eval", "step": 100, "loss": 2.9, "losses": {...},
 "accuracy": 0.61}. JSON has no inf/nan: non-finite floats are written as the strings "inf", "-inf", "nan".
 
-TensorBoard (`tensorboard_scalars` gives the exact mapping): every finite number of a record is a scalar at
-global step record["step"]; nested dicts join their keys with "/" (losses.mlm -> losses/mlm); records of another
-kind than train go under "<kind>/" (eval/loss, eval/losses/mlm, eval/accuracy). Not written: "step" itself,
-"total_steps", booleans ("skipped": the "skipped_steps" count says it), strings, None, inf and nan. Without the
-tensorboard package (pyproject.toml's extra `tensorboard`: pip install lxmert-engine[tensorboard]) nothing is said; an
-installed one that fails to import gets one console line (once per process) and the run goes on;
-tensorboard=False turns it off.
+Trackers (train.report_to; none by default): each gets every train and eval record metrics.jsonl gets (not the
+resume and stop records), as the scalars `tracker_scalars` maps it to: every finite number at global step
+record["step"]; nested dicts join their keys with "/" (losses.mlm -> losses/mlm); eval records go under "eval/"
+(eval/loss, eval/losses/mlm, eval/accuracy). Not sent: "step" itself, "total_steps", booleans ("skipped": the
+"skipped_steps" count says it), strings, None, inf and nan.
+- tensorboard: scalars in <output_dir>/tensorboard/ (torch's SummaryWriter).
+- wandb: wandb.init(project, name, dir, config=the run's resolved config) and one wandb.log per record, with the
+  record's step under "step", W&B's x axis for every metric (define_metric), so that a resumed run's repeated
+  steps are kept as metrics.jsonl keeps them. The run's id is kept in <output_dir>/wandb_run_id: a run resumed
+  from a checkpoint continues that W&B run. close(status) finishes it with the run's exit status (a preempted or
+  timed-out run, 75, is marked preempting first). W&B's own settings (WANDB_MODE=offline, WANDB_ENTITY, the key)
+  apply.
+A requested tracker whose package does not import is a ConfigError in one line saying what to pip install
+(`check_trackers`, which the trainer calls before anything is written); wandb is imported only when asked for. A
+tracker that fails later (W&B's service process killed by a scheduler's SIGTERM) is dropped with one console line:
+the run and metrics.jsonl go on.
 
 Progress bar (tqdm, only when stderr is a terminal and progress_total is given): steps done / total, elapsed <
 remaining (tqdm's ETA from its smoothed step rate, counted from progress_initial on a resumed run) and the
@@ -36,14 +46,21 @@ import math
 import resource
 import sys
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.atomic import write_text_atomic
+from engine.output_dir import RunError
+from engine.stopping import EXIT_PREEMPTED
+
 # Fields that are not measurements: the x axis itself and a constant.
 _NOT_SCALARS = {"step", "total_steps", "kind"}
-_tensorboard_notice_given = False  # one notice per process, however many runs it starts
+TRACKERS = ("tensorboard", "wandb")  # train.report_to's names (besides "none")
+WANDB_RUN_ID = "wandb_run_id"  # in the output directory: the W&B run a resumed run continues
 
 
 def read_metrics(metrics_path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -104,8 +121,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
-    """The TensorBoard scalars of one record, {tag: value} (see the module docstring for the tags)."""
+def tracker_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The scalars a tracker gets of one record, {tag: value} (see the module docstring for the tags)."""
     kind = record.get("kind") or "train"
     prefix = "" if kind == "train" else f"{kind}/"
     scalars: dict[str, float] = {}
@@ -127,20 +144,122 @@ def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 def _load_summary_writer() -> tuple[type | None, str]:
-    """(torch's SummaryWriter, "") or (None, why not). Tests replace this function to inject a fake writer."""
+    """(torch's SummaryWriter, "") or (None, why not: "" when tensorboard is not installed). Tests replace this
+    function to inject a fake writer."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ModuleNotFoundError as e:
-        if e.name == "tensorboard":  # not installed: an optional extra, nothing to report
+        if e.name == "tensorboard":
             return None, ""
         return None, f"torch.utils.tensorboard did not import ({type(e).__name__}: {e})"
-    except Exception as e:  # a broken install (a protobuf clash) may not stop a training run, but is reported
+    except Exception as e:  # a broken install (a protobuf clash)
         return None, f"torch.utils.tensorboard did not import ({type(e).__name__}: {e})"
     return SummaryWriter, ""
 
 
+def _load_wandb() -> tuple[Any, str]:
+    """(the wandb module, "") or (None, why not: "" when wandb is not installed); imported here only, when a run
+    asks for it."""
+    try:
+        import wandb
+    except ModuleNotFoundError as e:
+        if e.name == "wandb":
+            return None, ""
+        return None, f"wandb did not import ({type(e).__name__}: {e})"
+    except Exception as e:
+        return None, f"wandb did not import ({type(e).__name__}: {e})"
+    return wandb, ""
+
+
+def _tracker_package(name: str) -> Any:
+    """What tracker `name` writes with (SummaryWriter, the wandb module), or a one-line ConfigError saying what to
+    install."""
+    found, why_not = _load_summary_writer() if name == "tensorboard" else _load_wandb()
+    if found is not None:
+        return found
+    from engine.config import ConfigError  # here: reading metrics (plots) does not import the config
+
+    if why_not:
+        raise ConfigError(f"train.report_to: {name}: {why_not}")
+    raise ConfigError(
+        f"train.report_to: {name} is not installed: pip install {name} (the lxmert-engine[{name}] extra), or "
+        f"leave {name} out of train.report_to"
+    )
+
+
+def check_trackers(report_to: Sequence[str]) -> None:
+    """Every tracker report_to asks for imports (ConfigError otherwise): the run checks it before it writes."""
+    for name in report_to:
+        if name in TRACKERS:
+            _tracker_package(name)
+
+
+@dataclass
+class WandbRun:
+    """What wandb.init gets (train.wandb_*): the project, the run's name and directory ("" = the output
+    directory's name, the output directory), the run's resolved config, and whether the run resumes a checkpoint
+    (then it continues the W&B run whose id the output directory keeps)."""
+
+    project: str = "lxmert-engine"
+    name: str = ""
+    dir: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+
+
+class _TensorBoard:
+    name = "TensorBoard"
+
+    def __init__(self, writer_class: type, log_dir: Path) -> None:
+        self.writer = writer_class(log_dir=str(log_dir))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()  # log lines are rare: a killed run keeps its curves too
+
+    def close(self, status: int) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    name = "W&B"
+
+    def __init__(self, wandb: Any, output_dir: Path, options: WandbRun) -> None:
+        id_file = output_dir / WANDB_RUN_ID
+        run_id = None
+        if options.resume and id_file.is_file():
+            run_id = id_file.read_text(encoding="utf-8").strip() or None
+        directory = Path(options.dir or output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run = wandb.init(
+                project=options.project,
+                name=options.name or output_dir.resolve().name,
+                dir=str(directory),
+                config=options.config,
+                id=run_id,
+                resume="allow" if run_id else None,
+            )
+        except Exception as error:  # no key, no network, a refused id: the run asked for W&B, so it stops here
+            message = " ".join(str(error).split())
+            raise RunError(f"train.report_to: wandb.init failed ({type(error).__name__}: {message})") from None
+        write_text_atomic(id_file, self.run.id + "\n")
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log({"step": step, **scalars})
+
+    def close(self, status: int) -> None:
+        if status == EXIT_PREEMPTED:
+            self.run.mark_preempting()
+        self.run.finish(exit_code=status)
+
+
 class MetricsLog:
-    """Appends JSON records to `<output_dir>/metrics.jsonl` (rank 0 only: others get enabled=False)."""
+    """Appends JSON records to `<output_dir>/metrics.jsonl` and sends them to the trackers report_to names
+    (rank 0 only: others get enabled=False)."""
 
     def __init__(
         self,
@@ -148,17 +267,28 @@ class MetricsLog:
         enabled: bool = True,
         progress_total: int | None = None,
         progress_initial: int = 0,
-        tensorboard: bool = True,
+        report_to: Sequence[str] = (),
+        wandb: WandbRun | None = None,
     ) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tensorboard_dir = Path(output_dir) / "tensorboard"
         self._file = None
         self._bar = None
-        self._writer = None
+        self._trackers: list[Any] = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            for name in dict.fromkeys(n for n in report_to if n in TRACKERS):
+                package = _tracker_package(name)
+                if name == "tensorboard":
+                    self._trackers.append(_TensorBoard(package, self.tensorboard_dir))
+                else:
+                    self._trackers.append(_Wandb(package, self.path.parent, wandb or WandbRun()))
+        except BaseException:
+            self.close(1)
+            raise
         self._file = open(self.path, "a", buffering=1)
         if progress_total is not None and sys.stderr.isatty():
             from tqdm import tqdm
@@ -167,25 +297,21 @@ class MetricsLog:
             self._bar = tqdm(
                 total=progress_total, initial=progress_initial, unit="step", dynamic_ncols=True, file=sys.stderr
             )
-        if tensorboard:
-            writer_class, why_not = _load_summary_writer()
-            if writer_class is not None:
-                self._writer = writer_class(log_dir=str(self.tensorboard_dir))
-            else:
-                global _tensorboard_notice_given
-                if why_not and not _tensorboard_notice_given:
-                    _tensorboard_notice_given = True
-                    self.console(f"TensorBoard logging off: {why_not}; pip install tensorboard to have it")
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
         self._file.write(json.dumps(_plain(record)) + "\n")
         self._file.flush()
-        if self._writer is not None and isinstance(record.get("step"), int):
-            for tag, value in tensorboard_scalars(record).items():
-                self._writer.add_scalar(tag, value, record["step"])
-            self._writer.flush()  # log lines are rare: a killed run keeps its curves too
+        step = record.get("step")
+        if self._trackers and (record.get("kind") or "train") in ("train", "eval") and isinstance(step, int):
+            scalars = tracker_scalars(record)
+            for tracker in list(self._trackers):
+                try:
+                    tracker.log(step, scalars)
+                except Exception as error:  # W&B's service killed by a scheduler's SIGTERM: the run goes on
+                    self._trackers.remove(tracker)
+                    self._tracker_failed(tracker, error)
 
     def advance(self, steps: int = 1, samples_per_s: float | None = None) -> None:
         """Move the bar `steps` steps; samples_per_s (the latest logged figure) stays shown until the next one."""
@@ -202,13 +328,22 @@ class MetricsLog:
         else:
             print(line, flush=True)
 
-    def close(self) -> None:
+    def _tracker_failed(self, tracker: Any, error: Exception) -> None:
+        message = " ".join(str(error).split())
+        self.console(f"{tracker.name} logging stopped ({type(error).__name__}: {message}); metrics.jsonl goes on")
+
+    def close(self, status: int = 0) -> None:
+        """Closes the file and the bar and ends the trackers; status: the run's exit status (0 when it ended,
+        a stop's, 1 for an error), which W&B records."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            try:
+                tracker.close(status)
+            except Exception as error:  # the checkpoint and metrics.jsonl are what a stopping run must keep
+                self._tracker_failed(tracker, error)
         if self._file is not None:
             self._file.close()
             self._file = None

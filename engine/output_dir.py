@@ -283,6 +283,10 @@ ABSORBED = (
     "train.resume",
     "train.init_from",
     "train.threads",
+    "train.report_to",
+    "train.wandb_project",
+    "train.wandb_name",
+    "train.wandb_dir",
     "deepspeed.config",
 )
 """The keys a resumed run may change (everything else must equal the checkpoint's run):
@@ -294,8 +298,9 @@ ABSORBED = (
 - how the global batch is split (micro batch, accumulation, ranks: the global batch, which must match, is what
   the optimizer sees) and what only costs time or memory (compile, activation checkpointing, threads, the
   DeepSpeed template's tuning);
-- the loop's cadence and bookkeeping (log / eval / save intervals, checkpoints kept), where it writes and what
-  it resumes or starts from (output_dir, resume, init_from: a checkpoint takes precedence over init_from).
+- the loop's cadence and bookkeeping (log / eval / save intervals, checkpoints kept, the trackers and their
+  W&B settings), where it writes and what it resumes or starts from (output_dir, resume, init_from: a checkpoint
+  takes precedence over init_from).
 Refused, with both values: the rest of the architecture and the heads (the weights' shapes and the losses), the
 global batch, the stores and every data.* draw (the loader's position means nothing in another stream),
 train.task, train.seed, precision, ZeRO stage and offload (the optimizer state's layout), and optim.* (the

@@ -10,8 +10,8 @@ Every store and the config are checked before anything is written: a mistake is 
 key or file, exit 2 (so is a second run into a train.output_dir in use, a resume the config cannot take, and a
 write that fails: engine/output_dir.py). The loop is engine/train.py's, the task engine/tasks/pretrain.py.
 Prints the resolved config (also saved as <output_dir>/config.yaml), logs to <output_dir>/metrics.jsonl (and
-TensorBoard when installed), and ends with a short report: first and last losses per component, samples/s, the
-last validation, the checkpoint, model, log and plot paths.
+to the trackers train.report_to names: TensorBoard, W&B), and ends with a short report: first and last losses per
+component, samples/s, the last validation, the checkpoint, model, log and plot paths.
 """
 
 from __future__ import annotations

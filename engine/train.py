@@ -15,10 +15,12 @@ fields for every task: the loss (and its components where the model has them), l
 samples/s, tokens/s (text tokens + regions, padding included), TFLOP/s and MFU (engine/flops.py model FLOPs of
 this rank over this rank's peak; null where the peak is unknown, e.g. the CPU), the share of time spent waiting
 for data, peak memory, this rank's threads and the time left; "skipped" says whether a step since the last record
-had a non-finite gradient. On the plain path a step that does not log never waits for the device: the loader
-hands over the masked rows and counts, the losses and the gradient norm stay on the device (read_step reads them
-at a log step, in one copy) and the optimizer takes the non-finite decision there (Runtime.settle reads the skips
-at log lines and checkpoints). benchmarks/host_waits.py counts the waits; tests/test_host_waits.py keeps them at 0.
+had a non-finite gradient. The trackers train.report_to names (TensorBoard, W&B) get the same train and eval
+records; one that is not installed stops the run before anything is written. On the plain path a step that does
+not log never waits for the device: the loader hands over the masked rows and counts, the losses and the gradient
+norm stay on the device (read_step reads them at a log step, in one copy) and the optimizer takes the non-finite
+decision there (Runtime.settle reads the skips at log lines and checkpoints). benchmarks/host_waits.py counts the
+waits; tests/test_host_waits.py keeps them at 0.
 
 Evaluation (an eval split set): every train.eval_every steps (0: at the end of every epoch) and at the end, as
 {"kind": "eval", ...} records (the task decides what is measured). Checkpoints every train.save_every steps (0:
@@ -52,7 +54,7 @@ from engine import checkpoint as ckpt
 from engine.config import ConfigError, RunConfig, StorePaths, resolve, save_config, to_dict
 from engine.flops import mfu, peak_flops
 from engine.launch import Launch, all_reduce_sum, choose_deepspeed, error_line, pick_device, set_threads
-from engine.metrics_log import MetricsLog, console_line, peak_memory_gib
+from engine.metrics_log import MetricsLog, WandbRun, check_trackers, console_line, peak_memory_gib
 from engine.output_dir import WEIGHTS_KEYS, RunError, RunLock, flatten, resume_conflicts, write_failure
 from engine.runtime import Runtime, resume_point
 from engine.stopping import (
@@ -204,6 +206,8 @@ class Trainer(TrainStep):
         self.device = pick_device(self.local_rank)
         self.threads = set_threads(t.threads, self.launch)
         self.task.check(self)  # every input, before anything is built or written
+        if not self.task.evaluate_only:
+            check_trackers(t.report_to)  # every rank: one that is missing stops them all here, rank 0 says it
         # one run per output directory (engine/output_dir.py): rank 0 holds the lock, the other ranks learn of it
         lock = RunLock.take(self.output_dir, self.rank, report=self._print)
         self._unlock = weakref.finalize(self, lock.release) if lock else None  # also when the Trainer is collected
@@ -543,7 +547,18 @@ class Trainer(TrainStep):
         t = self.config.train
         save_every = t.save_every or self.steps_per_epoch
         log = MetricsLog(
-            self.output_dir, enabled=self.rank == 0, progress_total=self.total_steps, progress_initial=self.step
+            self.output_dir,
+            enabled=self.rank == 0,
+            progress_total=self.total_steps,
+            progress_initial=self.step,
+            report_to=t.report_to,
+            wandb=WandbRun(
+                project=t.wandb_project,
+                name=t.wandb_name,
+                dir=t.wandb_dir,
+                config=to_dict(self.config),
+                resume=self.last_checkpoint is not None,
+            ),
         )
         if self.last_checkpoint is not None and self.step < self.total_steps:
             log.write({"kind": "resume", "step": self.step, "checkpoint": str(self.last_checkpoint)})
@@ -563,6 +578,7 @@ class Trainer(TrainStep):
         stop: dict[str, Any] | None = None
         requests = StopRequests(t.preempt_signal)
         requests.install()
+        status = 1  # the trackers' record of how the run ended: 1 unless it gets to the end of the try
         try:
             while self.step < self.total_steps:
                 step = self.train_step(micro)
@@ -625,9 +641,10 @@ class Trainer(TrainStep):
                         values = read_step(run[end])
                         run[end] = {"loss": values["loss"], **values["losses"]}
                 run |= self.task.finish(self)
+            status = 0 if stop is None else stop["status"]
         finally:
             requests.restore()
-            log.close()
+            log.close(status)
         seconds = time.perf_counter() - run_start
         done = self.step - self.started_at
         summary = {

@@ -1,7 +1,7 @@
 """engine/metrics_log.py and engine/plots.py: TensorBoard scalars (a fake writer; real event files when the
-tensorboard package is installed), the missing-TensorBoard notice, the progress bar, and the plots: the arrays
-each matplotlib line was given (one line per series, found by its gid), resumed logs de-duplicated, and the ids
-the SVG carries."""
+tensorboard package is installed), the progress bar, and the plots: the arrays each matplotlib line was given (one
+line per series, found by its gid), resumed logs de-duplicated, and the ids the SVG carries. W&B and a tracker
+that is missing: tests/test_trackers.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import json
 import math
 import re
 import sys
-import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from engine import metrics_log
-from engine.metrics_log import MetricsLog, tensorboard_scalars
+from engine.metrics_log import MetricsLog, tracker_scalars
 from engine.plots import PNG_DPI, figures, main, read_metrics, write_plots
 
 
@@ -171,7 +170,7 @@ def test_resumed_log_keeps_the_last_record_per_step(tmp_path):
 def test_non_finite_and_missing_values(tmp_path):
     """MetricsLog writes nan/inf as strings; plots draw those as nan, which breaks the line there; null or
     missing fields just have no point."""
-    log = MetricsLog(tmp_path, tensorboard=False)
+    log = MetricsLog(tmp_path)
     values = [5.0, float("nan"), 4.0, float("inf"), 3.0, None, 2.0]
     for step, value in enumerate(values, 1):
         log.write(
@@ -264,7 +263,8 @@ def fake_writer(monkeypatch):
 
 
 def test_tensorboard_scalars_match_the_records(tmp_path, fake_writer):
-    log = MetricsLog(tmp_path, tensorboard=True)
+    log = MetricsLog(tmp_path, report_to=["tensorboard"])
+    log.write({"kind": "resume", "step": 9, "checkpoint": "checkpoints/step_00000009"})  # metrics.jsonl only
     log.write(
         {
             "step": 10,
@@ -288,6 +288,7 @@ def test_tensorboard_scalars_match_the_records(tmp_path, fake_writer):
     )
     log.write({"kind": "eval", "step": 20, "loss": 2.5, "losses": {"mlm": 1.5}, "accuracy": 0.61})
     log.write({"kind": "train", "step": 20, "loss": 2.0})
+    log.write({"kind": "stop", "step": 20, "reason": "SIGTERM", "status": 75})  # metrics.jsonl only
     log.close()
     (writer,) = fake_writer.instances
     assert writer.log_dir == str(tmp_path / "tensorboard") and writer.closed
@@ -307,45 +308,21 @@ def test_tensorboard_scalars_match_the_records(tmp_path, fake_writer):
         ("eval/accuracy", 0.61, 20),
         ("loss", 2.0, 20),
     ]
-    assert tensorboard_scalars({"kind": "eval", "step": 3, "metric": 0.7}) == {"eval/metric": 0.7}
+    assert tracker_scalars({"kind": "eval", "step": 3, "metric": 0.7}) == {"eval/metric": 0.7}
 
 
 def test_tensorboard_off(tmp_path, fake_writer):
-    MetricsLog(tmp_path, tensorboard=False).close()
-    MetricsLog(tmp_path, enabled=False).close()  # other ranks write nothing
+    MetricsLog(tmp_path).close()  # trackers only on request (train.report_to)
+    MetricsLog(tmp_path, report_to=["none"]).close()
+    MetricsLog(tmp_path, enabled=False, report_to=["tensorboard"]).close()  # other ranks write nothing
     assert fake_writer.instances == []
-
-
-def test_missing_tensorboard_is_silent_and_a_broken_one_gives_one_notice(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: `import tensorboard` fails
-    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
-    monkeypatch.setattr(metrics_log, "_tensorboard_notice_given", False)
-    for run in ("a", "b"):
-        log = MetricsLog(tmp_path / run)
-        log.write({"step": 1, "loss": 1.0})
-        log.close()
-        assert (tmp_path / run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
-        assert not (tmp_path / run / "tensorboard").exists()
-    assert "TensorBoard" not in capsys.readouterr().out  # an optional extra that is absent: nothing to say
-    # installed but broken (here: a package without a version): one notice for the process, the runs go on
-    monkeypatch.setitem(sys.modules, "tensorboard", types.ModuleType("tensorboard"))
-    for run in ("c", "d"):
-        monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
-        log = MetricsLog(tmp_path / run)
-        log.write({"step": 1, "loss": 1.0})
-        log.close()
-        assert (tmp_path / run / "metrics.jsonl").is_file() and not (tmp_path / run / "tensorboard").exists()
-    notices = [line for line in capsys.readouterr().out.splitlines() if "TensorBoard" in line]
-    assert len(notices) == 1, notices
-    assert notices[0].startswith("TensorBoard logging off: torch.utils.tensorboard did not import (")
-    assert notices[0].endswith("); pip install tensorboard to have it")
 
 
 def test_real_tensorboard_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    log = MetricsLog(tmp_path)
+    log = MetricsLog(tmp_path, report_to=["tensorboard"])
     log.write({"step": 1, "loss": 3.0, "losses": {"mlm": 2.0}})
     log.write({"step": 2, "loss": 2.0, "losses": {"mlm": 1.0}})
     log.write({"kind": "eval", "step": 2, "loss": 2.5})
@@ -368,7 +345,7 @@ class Terminal(io.StringIO):
 def test_progress_bar_shows_samples_per_s_and_eta_on_a_terminal(tmp_path, monkeypatch, capsys):
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    log = MetricsLog(tmp_path, progress_total=10, progress_initial=2, tensorboard=False)
+    log = MetricsLog(tmp_path, progress_total=10, progress_initial=2)
     log.advance(1)
     log.advance(0, samples_per_s=456.7)  # a logging step
     log.advance(1)
@@ -382,7 +359,7 @@ def test_progress_bar_shows_samples_per_s_and_eta_on_a_terminal(tmp_path, monkey
 def test_no_progress_bar_off_a_terminal(tmp_path, monkeypatch, capsys):
     pipe = io.StringIO()
     monkeypatch.setattr(sys, "stderr", pipe)
-    log = MetricsLog(tmp_path, progress_total=10, tensorboard=False)
+    log = MetricsLog(tmp_path, progress_total=10)
     log.advance(1, samples_per_s=10.0)
     log.write(train_record(1, 1.0))
     log.console("step 1 | loss 1.0")
