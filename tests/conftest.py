@@ -24,11 +24,13 @@ if not torch.cuda.is_available():
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import faulthandler
+import json
 import math
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -244,15 +246,29 @@ def tiny_model_overrides(text_store, feat_dim: int, layers: tuple[int, int, int]
 def gpu_session_dry_run(tmp_path_factory) -> dict[str, Any]:
     """`python -m benchmarks.gpu_session --dry-run` as benchmarks/README.md documents it (with an output folder),
     run once for the whole suite: tests/test_gpu_session.py checks what it wrote and
-    tests/test_documented_commands.py counts it as that documented command's run (it takes minutes)."""
-    root = tmp_path_factory.mktemp("gpu_session")
-    argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(root / "out")]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")}
-    start = time.perf_counter()
-    proc = subprocess.run(
-        argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600
-    )
-    return {"argv": argv, "proc": proc, "out": root / "out", "seconds": time.perf_counter() - start}
+    tests/test_documented_commands.py counts it as that documented command's run (it takes minutes). Under
+    pytest-xdist the first worker to ask runs it and the others read its result (a lock in the run's common
+    temporary directory)."""
+    from filelock import FileLock  # torch's dependency
+
+    shared = tmp_path_factory.getbasetemp().parent  # every xdist worker's, or the one run's, temp root
+    root, result = shared / "gpu_session", shared / "gpu_session.json"
+    with FileLock(str(shared / "gpu_session.lock")):
+        if not result.is_file():
+            argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(root / "out")]
+            env = {
+                k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")
+            }
+            start = time.perf_counter()
+            proc = subprocess.run(
+                argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600
+            )
+            seconds = time.perf_counter() - start
+            record = {"argv": argv, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+            result.write_text(json.dumps({**record, "seconds": seconds}))
+        done = json.loads(result.read_text())
+    proc = subprocess.CompletedProcess(done["argv"], done["returncode"], done["stdout"], done["stderr"])
+    return {"argv": done["argv"], "proc": proc, "out": root / "out", "seconds": done["seconds"]}
 
 
 # ------------------------------------------------------------------------------ every test, on its own clock
@@ -275,15 +291,24 @@ def _on_its_own_clock_and_leaving_no_process(request):
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         pytest.fail(f"over the per-test limit of {TEST_LIMIT_S} s (tests/conftest.py TEST_LIMIT_S)", pytrace=False)
 
-    previous = signal.signal(signal.SIGALRM, too_long)
-    signal.alarm(TEST_LIMIT_S)
+    clock = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    if clock:
+        previous = signal.signal(signal.SIGALRM, too_long)
+        signal.alarm(TEST_LIMIT_S)
     try:
         yield
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+        if clock:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
         os.environ.pop(_MARK, None)
         _kill_marked(mark)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject.toml): a worker a core, at most 4. The tests' own processes run one thread each
+    (OMP_NUM_THREADS=1 above); the multi-rank ones start 2 more."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def pytest_runtest_logreport(report) -> None:
