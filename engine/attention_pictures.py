@@ -125,14 +125,6 @@ def _tokenizer(vocab: str | None):
         raise AttentionPictureError(str(error)) from None
 
 
-def _built_from(store) -> Path:
-    """The feature store a text store was built from: the path it recorded, else a sibling of that name (a work
-    dir moved or named relative to another directory)."""
-    recorded = Path(store.meta["features"]["path"])
-    sibling = store.path.parent / recorded.name
-    return sibling if not recorded.exists() and sibling.exists() else recorded
-
-
 def sample_from_store(
     text_store: str | Path, index: int, features: str | Path | None, vocab: str | None, vocab_size: int
 ) -> Sample:
@@ -155,7 +147,7 @@ def sample_from_store(
             raise AttentionPictureError(
                 f"{path}: an NLVR2 store pairs two images with a sentence; use a text, VQA or GQA store"
             )
-        feature_path = Path(features) if features is not None else _built_from(store)
+        feature_path = Path(features) if features is not None else store.built_from()
         regions = RegionStore(feature_path)
         store.check_features(regions)
     except StoreError as error:

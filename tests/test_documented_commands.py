@@ -201,6 +201,12 @@ def evaluated(work: Path) -> None:
     assert 0 <= result["value"] <= 1 and Path(work / result["submission"]).is_file()
 
 
+def predicted_as_evaluated(work: Path) -> None:
+    """lxmert-predict's submission for the minival store is the one --evaluate-only wrote for the same model."""
+    ours = (work / "runs/vqa_predictions.json").read_bytes()
+    assert ours == (work / "runs/vqa/evaluate/vqa_submission.json").read_bytes()
+
+
 def pictures(prefix: str) -> Callable[[Path], None]:
     def check(work: Path) -> None:
         svg = (work / f"{prefix}.svg").read_text()  # the maps' gids, written by matplotlib as ids
@@ -409,6 +415,25 @@ PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly | ClusterOnly | Network
                 ("--head 2", "--head 1"),
             ),  # the tiny model's 2 heads
             check=pictures("runs/vqa_attention"),
+        ),
+    ),
+    # README, asking the model (the main job's outputs there; the recipe chain's here)
+    (
+        "lxmert-predict --model runs/main/vqa/best --features runs/main/data/mscoco_imgfeat/val2014_obj36.tsv "
+        '--image COCO_val2014_000000000001 --question "what color are the chairs in the room?" --question '
+        '"how many bears are there in the room?"',
+        Run(replace=(("runs/main/vqa/best", "runs/vqa/best"), ("runs/main/data/", "data/"))),
+    ),
+    (
+        "lxmert-predict --model runs/main/vqa/best --task-store runs/main/stores/vqa_minival --out "
+        "runs/main/vqa_predictions.json",
+        Run(
+            replace=(
+                ("runs/main/vqa/best", "runs/vqa/best"),
+                ("runs/main/stores/vqa_minival", "data/stores/vqa_minival"),
+                ("runs/main/vqa_predictions.json", "runs/vqa_predictions.json"),
+            ),
+            check=predicted_as_evaluated,
         ),
     ),
     # configs/README, the tiny recipe

@@ -14,6 +14,7 @@ COMMANDS = {
     "lxmert-convert",
     "lxmert-pretrain",
     "lxmert-finetune",
+    "lxmert-predict",
     "lxmert-data-convert",
     "lxmert-synthetic",
     "lxmert-plots",

@@ -64,6 +64,7 @@ from engine.data.store import (
     TEXT_FORMAT,
     AlreadyConverted,
     ArraySpec,
+    Regions,
     StoreBuilder,
     StoreError,
     sha256_strings,
@@ -135,6 +136,16 @@ class _RegionChunk:
             builder.append(name, array[: self.n])
         builder.append("img_ids", np.frombuffer("".join(i + "\n" for i in self.img_ids).encode("utf-8"), np.uint8))
         self.n, self.img_ids = 0, []
+
+
+def regions_of(records: Sequence[RegionRecord], num_regions: int = NUM_REGIONS, fp32: bool = True) -> Regions:
+    """TSV records as a region store holds them ([N, R, ...]: boxes normalised, padded or cut to `num_regions`),
+    without a store; float32 features unless fp32=False (the default store's float16)."""
+    feat_dim = records[0].features.shape[1] if records else 0
+    chunk = _RegionChunk(len(records), num_regions, feat_dim, "<f4" if fp32 else "<f2")
+    for rec in records:
+        chunk.add(rec)
+    return Regions(**chunk.arrays)
 
 
 def convert_features(

@@ -626,6 +626,13 @@ class SentenceStore(Store):
             )
         self._checked.add(key)
 
+    def built_from(self) -> Path:
+        """The feature store this store was built from: the path it recorded, else a sibling of that name (a work
+        dir moved, or named relative to another directory)."""
+        recorded = Path(self.meta["features"]["path"])
+        sibling = self.path.parent / recorded.name
+        return sibling if not recorded.exists() and sibling.exists() else recorded
+
     def soft_labels(self, i: int) -> dict[int, float]:
         """Row i's labels, {label id: score} (empty: none)."""
         offsets = self.arrays["label_offsets"]

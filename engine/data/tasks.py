@@ -69,6 +69,7 @@ from engine.data.store import (
     HEADER_BYTES,
     TASK_FORMAT,
     ArraySpec,
+    Regions,
     RegionStore,
     SentenceStore,
     StoreBuilder,
@@ -467,19 +468,11 @@ def task_arrays(
     store.check_features(regions)
     ex = store.gather(indices)
     width = int(ex.lengths.max(initial=0))
-    flat = ex.image_index.reshape(-1)
-    r = regions.gather(flat)
-    shape = ex.image_index.shape
     batch: dict[str, np.ndarray] = {
         "input_ids": np.ascontiguousarray(ex.token_ids[:, :width]),
         "attention_mask": (np.arange(width) < ex.lengths[:, None]).astype(np.uint8),
-        "visual_feats": r.features.reshape(*shape, *r.features.shape[1:]),
-        "visual_pos": r.boxes.reshape(*shape, *r.boxes.shape[1:]),
+        **visual_arrays(regions.gather(ex.image_index.reshape(-1)), ex.image_index.shape),
     }
-    if (r.num_boxes < regions.num_regions).any():
-        batch["visual_attention_mask"] = (
-            region_mask(r.num_boxes, regions.num_regions).astype(np.uint8).reshape(*shape, regions.num_regions)
-        )
     if labels and ex.labelled.all():
         if store.task == "nlvr2":
             assert ex.label is not None
@@ -487,6 +480,21 @@ def task_arrays(
         else:
             batch["labels"] = ex.soft_scores(store.num_answers)
     return batch
+
+
+def visual_arrays(r: Regions, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The visual keywords of gathered regions ([N, R, ...], N = prod(shape)) shaped [*shape, R, ...]:
+    visual_feats, visual_pos and, only when some region is padding, visual_attention_mask (uint8)."""
+    num_regions = r.features.shape[1]
+    out = {
+        "visual_feats": r.features.reshape(*shape, *r.features.shape[1:]),
+        "visual_pos": r.boxes.reshape(*shape, *r.boxes.shape[1:]),
+    }
+    if (r.num_boxes < num_regions).any():
+        out["visual_attention_mask"] = (
+            region_mask(r.num_boxes, num_regions).astype(np.uint8).reshape(*shape, num_regions)
+        )
+    return out
 
 
 def task_batch(store: TaskStore, regions: RegionStore, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:

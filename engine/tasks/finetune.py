@@ -21,10 +21,12 @@
   A checkpoint with a QA head but no table found is an error (silently dropping the head would be worse); a
   checkpoint without a QA head starts the VQA/GQA head from scratch, with a warning. A checkpoint in output_dir
   takes precedence over init_from (resume).
-- outputs: <output_dir>/best/model.safetensors + model_config.json for the best eval metric (the last epoch
-  when there is no labelled eval split), and the submission file for the eval split predicted by that best
-  model, written when it is found: VQA vqa_submission.json ([{question_id, answer}]), GQA gqa_submission.json
-  ([{questionId, prediction}]), NLVR2 nlvr2_submission.csv (identifier,True|False).
+- outputs: <output_dir>/best/ for the best eval metric (the last epoch when there is no labelled eval split):
+  model.safetensors + model_config.json, task.json ({"task": "vqa"}) and, for VQA/GQA, answers.json (the
+  head's label -> answer list, the store's answers): all that lxmert-predict needs. And the submission file for
+  the eval split predicted by that best model, written when it is found: VQA vqa_submission.json
+  ([{question_id, answer}]), GQA gqa_submission.json ([{questionId, prediction}]), NLVR2 nlvr2_submission.csv
+  (identifier,True|False).
 - evaluate-only (--evaluate-only): the eval split predicted with train.init_from (a fine-tuned
   best/model.safetensors) or the latest checkpoint in output_dir, into <output_dir>/evaluate/; the training
   store is not read (the answers are the eval store's).
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
 
 FINETUNE_TASKS = ("vqa", "gqa", "nlvr2")
 SUBMISSION_NAMES = {"vqa": "vqa_submission.json", "gqa": "gqa_submission.json", "nlvr2": "nlvr2_submission.csv"}
+TASK_FILE, ANSWERS_FILE = "task.json", "answers.json"  # beside a fine-tuned model's weights (best/)
 METRIC_NAMES = {"vqa": "vqa_score", "gqa": "accuracy", "nlvr2": "accuracy"}
 # The fields that fix a checkpoint's shapes and arithmetic: fine-tuning takes them from the checkpoint's config.
 ARCHITECTURE = (
@@ -397,7 +400,7 @@ class FinetuneTask(Task):
         score = metric if metric is not None else -math.inf
         if self.best is not None and score <= self.best["score"] and metric is not None:
             return
-        model = trainer.runtime.export(trainer.output_dir / "best", trainer.rank)
+        model = self.export_best(trainer)
         submission = trainer.output_dir / SUBMISSION_NAMES[self.name]
         if trainer.rank == 0:
             self._acc.write_submission(submission)
@@ -408,6 +411,17 @@ class FinetuneTask(Task):
             "model": str(model or ""),
             "submission": str(submission),
         }
+
+    def export_best(self, trainer: Trainer) -> Path | None:
+        """<output_dir>/best/: the weights and model_config.json (every rank calls it), then task.json and the
+        VQA/GQA answers.json, so that the directory alone says what the head's outputs mean."""
+        directory = trainer.output_dir / "best"
+        model = trainer.runtime.export(directory, trainer.rank)
+        if trainer.rank == 0:
+            if self.name != "nlvr2":
+                write_text_atomic(directory / ANSWERS_FILE, json.dumps(self.answers) + "\n")
+            write_text_atomic(directory / TASK_FILE, json.dumps({"task": self.name}) + "\n")
+        return model
 
     def evaluate_only_run(self, trainer: Trainer) -> dict[str, Any]:
         """Predict the eval split with the loaded weights: <output_dir>/evaluate/{submission, result.json}."""
@@ -440,7 +454,7 @@ class FinetuneTask(Task):
         """Without a labelled eval split the best model is the last one."""
         if self.eval_store is None and (self.best is None or trainer.step > trainer.started_at):
             epoch = -(-trainer.step // trainer.steps_per_epoch)
-            model = trainer.runtime.export(trainer.output_dir / "best", trainer.rank)
+            model = self.export_best(trainer)
             self.best = {
                 "score": -math.inf,
                 "epoch": epoch,
