@@ -13,6 +13,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -357,3 +359,26 @@ def test_the_default_job_learns_all_five_tasks(tmp_path):
     assert pre["losses"]["matched"]["last"] < 0.6  # ln 2 = 0.693
     assert pre["last_eval"]["matched_accuracy"] > 0.7 and pre["first_eval"]["matched_accuracy"] < 0.6
     assert fine["best"] > fine["prior"] > fine["chance"]
+
+
+def test_the_readmes_predictions_run_as_written_on_the_main_jobs_outputs(tmp_path):
+    """README "Asking the model": its lxmert-predict lines, verbatim, on the model and data the main job left in
+    runs/main (CI's first command; tests/test_documented_commands.py runs them on the recipe chain's outputs)."""
+    done = os.environ.get("LXMERT_MAIN_JOB_DONE")
+    if not done:
+        pytest.skip("LXMERT_MAIN_JOB_DONE: the main job's runs/main (CI runs it first)")
+    from test_documented_commands import documented_commands
+
+    lines = [c for c in documented_commands()["README.md"] if c.startswith("lxmert-predict --model runs/main/")]
+    assert len(lines) == 2, lines
+    root = Path(done).parents[1]  # the README's commands run from the repository's root
+    predictions = root / "runs/main/vqa_predictions.json"
+    predictions.unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for line in lines:
+        proc = subprocess.run(line, shell=True, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{line}\n{proc.stderr[-2000:]}"
+        if "--question" in line:  # five answers a question, probabilities, best first
+            assert proc.stdout.count("what color are the chairs") == 1 and "how many bears" in proc.stdout
+    submission = json.loads(predictions.read_text())
+    assert len(submission) > 0 and all(set(r) == {"question_id", "answer"} for r in submission)
