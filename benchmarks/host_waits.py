@@ -168,37 +168,23 @@ def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple
     """The engine's RunConfig of a tiny pre-training run on a synthetic store (or `stores`: text, features);
     path: an attention backend or a DeepSpeed ZeRO stage (zero1, zero2: one process, fp32)."""
     from benchmarks.dataloader import dataset
-    from benchmarks.throughput import SMOKE_FEAT_DIM, SMOKE_MODEL
     from engine.config import load_config
-    from engine.data import synthetic
     from engine.data.store import RegionStore, TextStore
 
     if stores is None:
-        text, regions = dataset(work / "data", 64, SMOKE_FEAT_DIM)
+        text, regions = dataset(work / "data", 64, harness.TINY_FEAT_DIM)
     else:
         text, regions = TextStore(stores[0]), RegionStore(stores[1])
     backend = path if path in ("eager", "sdpa", "triton") else "sdpa"
-    shape = ("hidden_size", "num_attention_heads", "intermediate_size", "l_layers", "r_layers", "x_layers")
-    overrides = [
-        *(f"model.{key}={SMOKE_MODEL[key]}" for key in shape),
-        f"model.visual_feat_dim={regions.feat_dim}",
-        f"model.num_qa_labels={len(text.answers)}",
-        f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
-        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}",
+    overrides = harness.tiny_model_overrides(text, regions.feat_dim)
+    overrides += [
         f"model.attn_backend={backend}",
         f"model.feat_loss_backend={'triton' if backend == 'triton' else 'torch'}",
-        f"data.train.text={text.path}",
-        f"data.train.features={regions.path}",
-        "data.num_workers=0",
-        "train.batch_size=4",
-        "train.epochs=100",
-        f"train.max_steps={steps}",
-        f"train.log_every={log_every}",
-        "train.save_every=1000",
-        f"train.output_dir={work / path}",
-        "train.seed=0",
-        f"train.zero_stage={int(path[-1]) if path.startswith('zero') else 0}",
     ]
+    overrides += [f"data.train.text={text.path}", f"data.train.features={regions.path}", "data.num_workers=0"]
+    overrides += ["train.batch_size=4", "train.epochs=100", f"train.max_steps={steps}", f"train.log_every={log_every}"]
+    overrides += ["train.save_every=1000", f"train.output_dir={work / path}", "train.seed=0"]
+    overrides.append(f"train.zero_stage={int(path[-1]) if path.startswith('zero') else 0}")
     return load_config(None, overrides)
 
 
@@ -242,13 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(summarise(path, count_run(path, Path(tmp), args.steps, args.log_every), args.log_every))
     for r in rows:
         r["by_kind"] = ", ".join(f"{k} {n}" for k, n in sorted(r["kinds"].items())) or "-"
-    columns = [
-        ("path", "path"),
-        ("max_other", "max on a step without a log line"),
-        ("max_log", "max on a log step"),
-        ("total", "total"),
-        ("by_kind", "by kind"),
-    ]
+    columns = "path; max_other=max on a step without a log line; max_log=max on a log step; total; by_kind=by kind"
     harness.write_summary(
         args.out,
         [
