@@ -181,9 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no GPU: CPU measurements (every row says device 'cpu')")
     rows = run(args)
     harness.append_rows(args.out, rows)
-    md_path = args.out.with_suffix(".md")
-    md_path.write_text(report(rows), encoding="utf-8")
-    print(harness.markdown_table(rows, COLUMNS))
+    md_path = harness.write_summary(args.out.with_suffix(".md"), [report(rows)])
     print(f"{len(rows)} rows appended to {args.out}; table in {md_path}")
     return 0
 

@@ -542,18 +542,13 @@ def stages(dry_run: bool) -> list[Stage]:
 
 
 def summary_dict(session: Session) -> dict[str, Any]:
+    about = dict(
+        dry_run=session.dry_run, measured_on=session.measured_on, label=DRY_LABEL if session.dry_run else session.device
+    )
+    about.update(commit=session.environment.get("commit"), date=session.date, budget_s=session.budget_s)
+    about.update(elapsed_s=session.elapsed(), plan=session.plan, notes=session.notes)
     return {
-        "session": {
-            "dry_run": session.dry_run,
-            "measured_on": session.measured_on,
-            "label": DRY_LABEL if session.dry_run else session.device,
-            "commit": session.environment.get("commit"),
-            "date": session.date,
-            "budget_s": session.budget_s,
-            "elapsed_s": session.elapsed(),
-            "plan": session.plan,
-            "notes": session.notes,
-        },
+        "session": about,
         "environment": session.environment,
         "stages": [asdict(r) for r in session.results],
         "numbers": [{**asdict(n), "label": n.label} for n in session.numbers],
@@ -569,9 +564,7 @@ def summary_markdown(session: Session) -> str:
     env = session.environment
     title = "DRY RUN on the CPU: no number in this file is a GPU number" if session.dry_run else f"on {session.device}"
     lines = [f"# GPU session {title}\n"]
-    versions = ", ".join(
-        f"{k} {env.get(k)}" for k in ("torch", "triton", "cuda", "deepspeed", "transformers", "python")
-    )
+    versions = ", ".join(f"{k} {env.get(k)}" for k in "torch triton cuda deepspeed transformers python".split())
     device = f"Device {session.device}"
     if env.get("capability"):
         device += f", compute capability {env['capability']}, {env['sm_count']} SMs, {env['memory_gib']:.0f} GiB"

@@ -1,21 +1,14 @@
 """Host waits of the training step, counted on any machine: the operations that would make a CUDA host wait for
-the device (a scalar read, nonzero and the other data-dependent shapes, a copy to the host), per step of a tiny
-pre-training run through the engine's own Trainer.
+the device, per step of a tiny pre-training run through the engine's own Trainer (benchmarks/README.md).
 
     python -m benchmarks.host_waits                     # eager, sdpa, triton; DeepSpeed ZeRO-1 / ZeRO-2 in one process
     python -m benchmarks.host_waits --paths eager       # one path
 
-Counted by a TorchDispatchMode (HostWaitCounter): aten._local_scalar_dense (.item(), bool(), float(), int() of a
-tensor), nonzero, masked_select, unique, boolean-mask indexing, and copies from a device to the CPU; plus .tolist(),
-.numpy() and .cpu() calls, which read device memory on a GPU. Not counted: the host-side loader (next(batches) is
-excluded), checkpoints (save), tensors created explicitly on the CPU (device="cpu": the Triton kernels' dropout
-seeds come from torch's CPU generator, a host read on a GPU too) and anything inside one dispatched operation (a
-custom op such as lxmert::attention_fwd is one launch). Not visible on the CPU: a copy from pageable host memory
-to the device (torch.tensor(x, device="cuda") waits too); the step makes none, by reading. Each step's count runs
-from the start of its train_step to the start of the next, so a log step's count includes the log line's reads.
-
-The goal (issue 13): 0 on a step that does not log and at most 12 on a log step, for the plain path. DeepSpeed's
-own waits are measured and reported, not asserted. Writes runs/benchmarks/host_waits.md (or --out).
+Counted by a TorchDispatchMode (HostWaitCounter), plus .tolist(), .numpy() and .cpu() calls. Not counted: the
+host-side loader, checkpoints, tensors created explicitly on the CPU (device="cpu": the Triton kernels' dropout
+seeds) and anything inside one dispatched operation (a custom op is one launch). Not visible on the CPU: a copy
+from pageable host memory to the device; the step makes none, by reading. Each step's count runs from the start
+of its train_step to the start of the next, so a log step's count includes the log line's reads.
 """
 
 from __future__ import annotations

@@ -400,9 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
     if rank == 0:
-        md = args.out.with_suffix(".md")
-        md.write_text(report(rows), encoding="utf-8")
-        print(harness.markdown_table(rows, COLUMNS))
+        md = harness.write_summary(args.out.with_suffix(".md"), [report(rows)])
         print(f"{len(rows)} rows appended to {args.out}; table in {md}", flush=True)
     tdist.barrier()
     if rank == 0:

@@ -600,23 +600,10 @@ BREAKDOWN_COLUMNS = (
 PARITY_COLUMNS = "precision; batch; loss_hf=transformers; loss_ours=ours; rel_diff=rel. diff"
 
 
-def headline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The fastest of ours on resident data (the model's speed; the loader rows say what data costs), and
-    transformers' fastest."""
-    ours = [r for r in rows if r.get("impl") == "ours" and r.get("samples_per_s") and r["loader"] == "resident"]
-    if not ours:
-        return None
-    best = max(ours, key=lambda r: r["samples_per_s"])
-    hf_best = max(
-        (r for r in rows if r.get("impl") == "hf" and r.get("samples_per_s") and r["loader"] == "resident"),
-        key=lambda r: r["samples_per_s"],
-        default=None,
-    )
-    return {
-        "best": best,
-        "hf_best": hf_best,
-        "hours_20_epochs_1_gpu": AUTHORS_SAMPLES / best["samples_per_s"] / 3600,
-    }
+def fastest(rows: list[dict[str, Any]], impl: str) -> dict[str, Any] | None:
+    """The fastest row of `impl` on resident data (the model's speed; the loader rows say what data costs)."""
+    timed = [r for r in rows if r.get("impl") == impl and r.get("samples_per_s") and r["loader"] == "resident"]
+    return max(timed, key=lambda r: r["samples_per_s"], default=None)
 
 
 def report(rows: list[dict[str, Any]], parity_rows: list[dict[str, Any]], smoke: bool) -> str:
@@ -627,23 +614,18 @@ def report(rows: list[dict[str, Any]], parity_rows: list[dict[str, Any]], smoke:
         f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, deepspeed "
         f"{env['deepspeed']}, DALI {env['dali']}, CUDA {env['cuda']}; commit {env['commit']}, {env['date']}.\n",
     ]
-    h = headline(rows)
-    if h:
-        best, hf_best = h["best"], h["hf_best"]
+    best, hf_best = fastest(rows, "ours"), fastest(rows, "hf")
+    if best:
         mfu = f"{best['mfu']:.1%}" if best.get("mfu") is not None else "n/a"
         ratio = f"{best['speedup_vs_hf']:.2f}x" if best.get("speedup_vs_hf") else "n/a"
+        rate = lambda r: f"{r['samples_per_s']:.1f} samples/s"  # noqa: E731
+        times = lambda r: f"{best['samples_per_s'] / r['samples_per_s']:.2f}x"  # noqa: E731
+        vs_best = f"; {times(hf_best)} transformers' best ({hf_best['name']}, {rate(hf_best)})" if hf_best else ""
         lines.append(
-            f"Best of ours: **{best['name']}**, {best['samples_per_s']:.1f} samples/s, {best['tflops']:.1f} TFLOP/s, "
-            f"MFU {mfu} (peak: {best['peak_source']}); {ratio} transformers' LxmertForPreTraining at the same "
-            f"precision, batch and data"
-            + (
-                f"; {best['samples_per_s'] / hf_best['samples_per_s']:.2f}x transformers' best ({hf_best['name']}, "
-                f"{hf_best['samples_per_s']:.1f} samples/s)"
-                if hf_best
-                else ""
-            )
-            + f". The authors' 20 epochs ({AUTHORS_SAMPLES / 1e6:g}M samples) at this rate on one device: "
-            f"{h['hours_20_epochs_1_gpu']:.1f} hours.\n"
+            f"Best of ours: **{best['name']}**, {rate(best)}, {best['tflops']:.1f} TFLOP/s, MFU {mfu} (peak: "
+            f"{best['peak_source']}); {ratio} transformers' LxmertForPreTraining at the same precision, batch and "
+            f"data{vs_best}. The authors' 20 epochs ({AUTHORS_SAMPLES / 1e6:g}M samples) at this rate on one device: "
+            f"{AUTHORS_SAMPLES / best['samples_per_s'] / 3600:.1f} hours.\n"
         )
     lines.append(f"## Every variant\n\n{harness.markdown_table(rows, COLUMNS)}")
     timed = [
@@ -791,9 +773,8 @@ def run(args: argparse.Namespace) -> int:
 
     for variant in headline_group:
         one(variant)
-    timed = [r for r in rows if r["impl"] == "ours" and r.get("samples_per_s")]
-    if timed:
-        top = max(timed, key=lambda r: r["samples_per_s"])
+    top = fastest(rows, "ours")
+    if top:
         for variant in extra_variants(Variant("ours", top["attn"], top["precision"], top["batch"]), args):
             if variant.loader != "resident":  # transformers with the same loader: the ratio's denominator
                 one(replace(variant, impl="hf", attn="hf"))
@@ -803,22 +784,18 @@ def run(args: argparse.Namespace) -> int:
 
     md = args.out.with_suffix(".md")
     md.write_text(report(rows, parity_rows, args.smoke), encoding="utf-8")
-    timed = [r for r in rows if r.get("samples_per_s")]
-    if timed:
+    if any(r.get("samples_per_s") for r in rows):
         figure = plot(rows, args.smoke)
         for suffix in (".svg", ".png"):
             save_figure(figure, args.out.with_suffix(suffix))
-    h = headline(rows)
-    if h and not args.no_profile:
-        top = h["best"]
+    top = fastest(rows, "ours")
+    if top and not args.no_profile:
         variant = Variant("ours", top["attn"], top["precision"], top["batch"], top["compile"], top["cudagraphs"])
         text = profile(variant, args, config, master, stores, device)
         args.out.with_name(args.out.stem + "_profile.md").write_text(text, encoding="utf-8")
     print(harness.markdown_table(rows, COLUMNS))
     print(
-        f"{len(rows) + len(parity_rows)} rows appended to {args.out}; summary {md}; "
-        f"{time.perf_counter() - start:.0f} s in all",
-        flush=True,
+        f"{len(rows) + len(parity_rows)} rows to {args.out}; summary {md}; {time.perf_counter() - start:.0f} s in all"
     )
     return 0
 
