@@ -3,20 +3,9 @@
     python -m benchmarks.dataloader [--quick] [--images N] [--feat-dim D] [--batch-size B] [--steps S]
                                     [--step-ms T] [--data-dir DIR] [--out PATH]
 
-A synthetic data set of the requested size (engine.data.synthetic) is converted into stores once and cached
-under --data-dir (default /tmp/lxmert-dataloader-bench/<images>x<feat_dim>); then every loader kind
-(torch with 0/2/4 workers, gpu-resident, dali when installed) is timed on the same SamplingConfig:
-- wait per batch: the time `next(loader)` blocks the consumer (median, p80), after `--warmup` batches; on a
-  GPU the batch is synchronised on the device before the clock stops, so copies and masking count.
-- samples/s: steps x batch / wall time of the timed steps, the consumer's own step (`--step-ms`, a sleep
-  standing in for the training step: with it, prefetching loaders hide their work) included.
-- bytes/s: samples/s x the store bytes one sample reads (its region rows + token row): the read bandwidth.
-- setup_s: building the loader (the gpu kind copies the whole region store to the device).
-Epochs roll over when a run needs more steps than an epoch has. Rows (environment + config + numbers) are
-appended to --out (default runs/benchmarks/dataloader.jsonl, ignored by git; the recorded rows are in
-benchmarks/results/), a Markdown table beside them (.md). Without a GPU every row
-says device "cpu" and the table says these are CPU measurements: legitimate for a data loader's host side,
-but not what a GPU run (pinned copies, device masking, DALI's GPU path) would show.
+Every loader kind on one synthetic store (converted once, cached under --data-dir): the time `next(loader)` blocks
+the consumer (on a GPU the batch synchronised first), samples/s with the consumer's own step (`--step-ms`, a
+sleep) included, store bytes/s read, and the loader's setup time. What the rows so far are: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -41,17 +30,10 @@ from engine.data.store import RegionStore, StoreError, TextStore
 DEFAULT_DATA_DIR = Path("/tmp/lxmert-dataloader-bench")
 FULL = dict(images=2000, feat_dim=2048, batch_size=64, steps=60, warmup=5, workers=(0, 2, 4))
 QUICK = dict(images=40, feat_dim=32, batch_size=8, steps=6, warmup=2, workers=(0, 2))
-COLUMNS = [
-    "loader",
-    "workers",
-    ("batch_size", "batch"),
-    ("samples_per_s", "samples/s"),
-    ("mb_per_s", "store MB/s"),
-    ("wait_median_ms", "wait median ms"),
-    ("wait_p80_ms", "wait p80 ms"),
-    ("setup_s", "setup s"),
-    "note",
-]
+COLUMNS = (
+    "loader; workers; batch_size=batch; samples_per_s=samples/s; mb_per_s=store MB/s; wait_median_ms=wait median ms; "
+    "wait_p80_ms=wait p80 ms; setup_s=setup s; note"
+)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -116,23 +98,15 @@ def measure(loader: PretrainLoader, steps: int, warmup: int, step_ms: float, cud
             time.sleep(step_ms / 1e3)
     elapsed = time.perf_counter() - start
     stats = harness.summarize(waits)
-    return {
-        "samples_per_s": steps * batch.batch_size / elapsed,
-        "wait_median_ms": stats["median_ms"],
-        "wait_p20_ms": stats["p20_ms"],
-        "wait_p80_ms": stats["p80_ms"],
-        "wait_mean_ms": sum(waits) / len(waits),
-        "elapsed_s": elapsed,
-        "batch_device": str(batch.visual_feats.device),
-    }
+    waited = {f"wait_{q}_ms": stats[f"{q}_ms"] for q in ("median", "p20", "p80")}
+    row = {"samples_per_s": steps * batch.batch_size / elapsed, **waited, "wait_mean_ms": sum(waits) / len(waits)}
+    return row | {"elapsed_s": elapsed, "batch_device": str(batch.visual_feats.device)}
 
 
 def variants(workers: Sequence[int], dali_threads: int) -> list[tuple[str, int, dict[str, Any]]]:
     """(kind, workers, make_loader options) for every loader timed."""
-    out = [("torch", w, {"num_workers": w}) for w in workers]
-    out.append(("gpu", 0, {}))
-    out.append(("dali", dali_threads, {"num_workers": dali_threads}))
-    return out
+    torch_kinds = [("torch", w, {"num_workers": w}) for w in workers]
+    return [*torch_kinds, ("gpu", 0, {}), ("dali", dali_threads, {"num_workers": dali_threads})]
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -141,20 +115,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     text, regions = dataset(args.data_dir, args.images, args.feat_dim)
     per_sample = sample_bytes(text, regions)
     env = harness.environment()
-    common = {
-        **env,
-        "benchmark": "dataloader",
-        "images": len(regions),
-        "samples": len(text),
-        "feat_dim": regions.feat_dim,
-        "feature_dtype": str(regions.arrays["features"].dtype),
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "step_ms": args.step_ms,
-        "sample_bytes": per_sample,
-        "quick": args.quick,
-    }
+    common = dict(env, benchmark="dataloader", images=len(regions), samples=len(text), feat_dim=regions.feat_dim)
+    common.update(feature_dtype=str(regions.arrays["features"].dtype), batch_size=args.batch_size, steps=args.steps)
+    common.update(warmup=args.warmup, step_ms=args.step_ms, sample_bytes=per_sample, quick=args.quick)
     config = SamplingConfig(seed=0, batch_size=args.batch_size)
     rows = []
     for kind, workers, options in variants(args.workers, args.dali_threads):
@@ -208,12 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dali-threads", type=int, default=4, help="DALI CPU threads (default 4)")
     parser.add_argument("--step-ms", type=float, default=0.0, help="the consumer's simulated step time (sleep)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where converted stores are cached")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=harness.RUNS_DIR / "dataloader.jsonl",
-        help="JSON lines appended here; the Markdown table goes beside it (.md)",
-    )
+    parser.add_argument("--out", type=Path, default=harness.RUNS_DIR / "dataloader.jsonl", help="rows; .md beside")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():
@@ -223,9 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no GPU: CPU measurements (every row says device 'cpu')")
     rows = run(args)
     harness.append_rows(args.out, rows)
-    md_path = args.out.with_suffix(".md")
-    md_path.write_text(report(rows), encoding="utf-8")
-    print(harness.markdown_table(rows, COLUMNS))
+    md_path = harness.write_summary(args.out.with_suffix(".md"), [report(rows)])
     print(f"{len(rows)} rows appended to {args.out}; table in {md_path}")
     return 0
 

@@ -3,24 +3,15 @@
     python -m benchmarks.gpu_session --out DIR [--wheels DIR] [--budget SECONDS]   # on a GPU machine
     python -m benchmarks.gpu_session --dry-run [--out DIR]                         # every stage shrunken, CPU
 
-The stages (`stages()`; what each runs, its limit and what --out receives: benchmarks/README.md) call the project's
-own commands as subprocesses: pytest on tests/test_kernel_*.py, benchmarks.kernels, benchmarks.throughput,
-engine.data.synthetic and engine.data.convert, engine.pretrain. Each command runs in a process group of its own,
-killed with the whole group at the stage's limit; a stage that fails or times out is recorded and the session
-goes on. A stage never runs into the time kept back for the stages after it (`reserve_s`), so the pre-training
-keeps its ~2.5 minutes of the budget. The engine has no time limit of its own, so its steps are planned from the
-throughput stage's samples/s (x ENGINE_RATE_FACTOR; DEFAULT_RATE when it measured none), with enough synthetic
-sentences that no epoch ends (an epoch's end writes a multi-GB checkpoint) before the last step.
-
---wheels DIR installs every wheel there without an index (a machine without network) into a private site that
-goes first on the stages' PYTHONPATH. --dry-run runs every stage shrunken through the same runner (CUDA hidden,
-TRITON_INTERPRET=1, benchmarks.kernels' CPU checks, benchmarks.throughput --smoke, a tiny model for 4 steps);
-every number it reports is labelled DRY_LABEL, so none can pass for a GPU figure.
+The stages (`stages()`; what each runs, its limit and what --out receives: benchmarks/README.md) run the project's
+own commands as subprocesses, each in a process group of its own killed at the stage's limit, and read back what
+those commands write (rows, logs, metrics.jsonl). Every number of a dry run is labelled DRY_LABEL.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -62,14 +53,6 @@ MAX_STEPS = 2400  # 614k sentences: writing and converting them took 40 s on a 2
 DATA_ESTIMATE_S = 40.0  # what the pretrain_data stage is expected to take (its limit is larger)
 THROUGHPUT_TAIL_S = 135.0  # of the throughput stage's limit: the variant running at its --time-budget, the profile
 SYNTHETIC_IMAGES = 512  # 461 train images of 36 x 2048 fp16 features: 68 MB, resident on the GPU
-TINY_MODEL = [
-    "model.hidden_size=32",
-    "model.num_attention_heads=2",
-    "model.intermediate_size=37",
-    "model.l_layers=1",
-    "model.r_layers=1",
-    "model.x_layers=1",
-]
 
 # where the stages write, under the work directory
 KERNEL_TESTS_XML = "kernel_tests/kernel_tests.xml"
@@ -194,14 +177,10 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
@@ -211,25 +190,16 @@ def run_command(command: list[str], log: Path, timeout: float, env: dict[str, st
     with log.open("ab") as f:
         f.write(f"$ {' '.join(command)}\n".encode())
         f.flush()
-        proc = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        io = dict(stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, **io)
         try:
             code = proc.wait(max(timeout, 0.1))
         except subprocess.TimeoutExpired:
             kill_group(proc)
             f.write(f"\n[gpu_session: the stage's limit reached: killed after {timeout:.0f} s]\n".encode())
             return None, True
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # leftovers (workers, daemons) of a command that returned
-        except (ProcessLookupError, PermissionError):
-            pass
         return code, False
 
 
@@ -244,9 +214,7 @@ def run_stage(session: Session, stage: Stage, kept_for_later: float) -> Result:
         return result
     limit = min(stage.limit_s, session.left() - kept_for_later)
     if limit < MIN_STAGE_S:
-        result.note = (
-            f"no time left ({session.left():.0f} s of the budget, {kept_for_later:.0f} s kept for the later stages)"
-        )
+        result.note = f"no time left ({session.left():.0f} s, {kept_for_later:.0f} s kept for the later stages)"
         return result
     result.limit_s = session.current_limit = limit
     log = session.path(f"logs/{stage.name}.log")
@@ -336,23 +304,8 @@ def preflight_commands(session: Session) -> list[list[str]]:
         wheels = sorted(str(p) for p in session.wheels.glob("*.whl"))
         if not wheels:
             raise FileNotFoundError(f"--wheels {session.wheels}: no .whl file there")
-        commands.append(
-            [
-                session.python,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--no-index",
-                "--no-deps",
-                "--no-compile",
-                "--no-cache-dir",
-                "--upgrade",
-                "--target",
-                str(session.work / "site"),
-                *wheels,
-            ]
-        )
+        pip = "-m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target".split()
+        commands.append([session.python, *pip, str(session.work / "site"), *wheels])
     return [*commands, [session.python, "-c", IMPORT_CHECK]]
 
 
@@ -375,20 +328,8 @@ def kernel_test_commands(session: Session) -> list[list[str]]:
     compiling each kernel variant, one process at a time otherwise."""
     tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py"))
     parallel = ["-n", "8"] if not session.dry_run and importlib.util.find_spec("xdist") else []
-    return [
-        [
-            session.python,
-            "-m",
-            "pytest",
-            "-v",
-            "-rA",
-            "-p",
-            "no:cacheprovider",
-            *parallel,
-            f"--junitxml={session.path(KERNEL_TESTS_XML)}",
-            *tests,
-        ]
-    ]
+    pytest = [session.python, *"-m pytest -v -rA -p no:cacheprovider".split(), *parallel]
+    return [[*pytest, f"--junitxml={session.path(KERNEL_TESTS_XML)}", *tests]]
 
 
 def kernel_test_numbers(session: Session) -> list[Number]:
@@ -431,11 +372,8 @@ def kernels_numbers(session: Session) -> list[Number]:
             what = f"{line['bench']} {line['config']} {line['dtype']} {line['ours']}"
             numbers.append(session.number("kernels", f"{what} fwd+bwd", line["ours_ms"], "ms", rows[-1]))
             if line["speedup"]:
-                numbers.append(
-                    session.number(
-                        "kernels", f"{what} speed-up over {line['best_other']}", line["speedup"], "x", rows[-1]
-                    )
-                )
+                over = f"{what} speed-up over {line['best_other']}"
+                numbers.append(session.number("kernels", over, line["speedup"], "x", rows[-1]))
     return numbers
 
 
@@ -444,18 +382,8 @@ def throughput_commands(session: Session) -> list[list[str]]:
     # run past it, so the budget leaves THROUGHPUT_TAIL_S of the stage's limit for them
     budget = max(session.current_limit - THROUGHPUT_TAIL_S, 30)
     size = ["--smoke"] if session.dry_run else ["--quick", "--time-budget", f"{budget:.0f}"]
-    return [
-        [
-            session.python,
-            "-m",
-            "benchmarks.throughput",
-            *size,
-            "--out",
-            str(session.path(THROUGHPUT_ROWS)),
-            "--data-dir",
-            str(session.path("throughput/data")),
-        ]
-    ]
+    out, data = str(session.path(THROUGHPUT_ROWS)), str(session.path("throughput/data"))
+    return [[session.python, "-m", "benchmarks.throughput", *size, "--out", out, "--data-dir", data]]
 
 
 def throughput_numbers(session: Session) -> list[Number]:
@@ -469,9 +397,8 @@ def throughput_numbers(session: Session) -> list[Number]:
             if row.get("mfu") is not None:
                 numbers.append(session.number("throughput", f"{row['name']} MFU", 100 * row["mfu"], "%", row))
             if row.get("speedup_vs_hf"):
-                numbers.append(
-                    session.number("throughput", f"{row['name']} over transformers", row["speedup_vs_hf"], "x", row)
-                )
+                over = f"{row['name']} over transformers"
+                numbers.append(session.number("throughput", over, row["speedup_vs_hf"], "x", row))
         elif row.get("kind") == "throughput" and str(row.get("note", "")).startswith("failed"):
             session.notes.append(f"throughput {row['name']}: {row['note'][:200]}")
     return numbers
@@ -479,15 +406,9 @@ def throughput_numbers(session: Session) -> list[Number]:
 
 def measured_rate(session: Session) -> tuple[float, str]:
     """samples/s the pre-training is planned with: ours (sdpa, bf16, resident data) from the throughput stage."""
+    want = dict(kind="throughput", impl="ours", attn="sdpa", precision="bf16", loader="resident").items()
     rows = [
-        r
-        for r in harness.read_rows(session.work / THROUGHPUT_ROWS)
-        if r.get("kind") == "throughput"
-        and r.get("impl") == "ours"
-        and r.get("attn") == "sdpa"
-        and r.get("precision") == "bf16"
-        and r.get("loader") == "resident"
-        and r.get("samples_per_s")
+        r for r in harness.read_rows(session.work / THROUGHPUT_ROWS) if r.items() >= want and r.get("samples_per_s")
     ]
     if rows:
         best = max(r["samples_per_s"] for r in rows)
@@ -499,80 +420,31 @@ def plan_pretraining(session: Session) -> dict[str, Any]:
     """Batch, steps and the synthetic set's size: LXMERT-base for about TRAIN_TARGET_S on the GPU (less when
     the time left after this data stage is short), a tiny model for 4 steps in the dry run."""
     if session.dry_run:
-        return {
-            "batch": 8,
-            "max_steps": 4,
-            "log_every": 1,
-            "images": 24,
-            "feat_dim": 16,
-            "captions": 5,
-            "rate_source": "dry run: fixed 4 steps",
-        }
+        dry = "dry run: fixed 4 steps"
+        return dict(batch=8, max_steps=4, log_every=1, images=24, feat_dim=16, captions=5, rate_source=dry)
     rate, source = measured_rate(session)
     train_s = min(TRAIN_TARGET_S, max(session.left() - DATA_ESTIMATE_S - PRETRAIN_OVERHEAD_S, 20.0))
     batch = 256
     steps = int(min(max(train_s * rate / batch, 10), MAX_STEPS))
     train_images = SYNTHETIC_IMAGES - round(SYNTHETIC_IMAGES * 0.1)  # engine.data.synthetic's minival share
     captions = math.ceil((steps + 2) * batch / train_images)  # one sample a sentence: no epoch ends first
-    return {
-        "batch": batch,
-        "max_steps": steps,
-        "log_every": 10,
-        "images": SYNTHETIC_IMAGES,
-        "feat_dim": 2048,
-        "captions": captions,
-        "planned_train_s": train_s,
-        "rate": rate,
-        "rate_source": source,
-    }
+    sizes = dict(batch=batch, max_steps=steps, log_every=10, images=SYNTHETIC_IMAGES, feat_dim=2048, captions=captions)
+    return {**sizes, "planned_train_s": train_s, "rate": rate, "rate_source": source}
 
 
 def pretrain_data_commands(session: Session) -> list[list[str]]:
     session.plan |= plan_pretraining(session)
     plan, py = session.plan, session.python
     raw, stores = session.path("pretrain_data/raw"), session.path("pretrain_data/stores")
+    feat_dim, tsv, text = str(plan["feat_dim"]), raw / "mscoco_imgfeat", raw / "lxmert"
+    sizes = ["--images", str(plan["images"]), "--feat-dim", feat_dim, "--captions-per-image", str(plan["captions"])]
+    convert = [py, "-m", "engine.data.convert", "--quiet"]
     return [
-        [
-            py,
-            "-m",
-            "engine.data.synthetic",
-            str(raw),
-            "--images",
-            str(plan["images"]),
-            "--feat-dim",
-            str(plan["feat_dim"]),
-            "--seed",
-            "0",
-            "--captions-per-image",
-            str(plan["captions"]),
-        ],
-        [
-            py,
-            "-m",
-            "engine.data.convert",
-            "--quiet",
-            "--feat-dim",
-            str(plan["feat_dim"]),
-            "--tsv",
-            str(raw / "mscoco_imgfeat/train2014_obj36.tsv"),
-            str(raw / "mscoco_imgfeat/val2014_obj36.tsv"),
-            "--out",
-            str(stores / "feats"),
-        ],
-        [
-            py,
-            "-m",
-            "engine.data.convert",
-            "--quiet",
-            "--text",
-            str(raw / "lxmert/mscoco_train.json"),
-            "--features",
-            str(stores / "feats"),
-            "--answers",
-            str(raw / "lxmert/all_ans.json"),
-            "--out",
-            str(stores / "text_train"),
-        ],
+        [py, "-m", "engine.data.synthetic", str(raw), *sizes, "--seed", "0"],
+        [*convert, "--feat-dim", feat_dim, "--tsv", str(tsv / "train2014_obj36.tsv"), str(tsv / "val2014_obj36.tsv")]
+        + ["--out", str(stores / "feats")],
+        [*convert, "--text", str(text / "mscoco_train.json"), "--features", str(stores / "feats")]
+        + ["--answers", str(text / "all_ans.json"), "--out", str(stores / "text_train")],
     ]
 
 
@@ -590,23 +462,14 @@ def pretrain_data_numbers(session: Session) -> list[Number]:
 def pretrain_commands(session: Session) -> list[list[str]]:
     plan, stores = session.plan, session.work / "pretrain_data/stores"
     answers = len(json.loads((session.work / "pretrain_data/raw/synthetic.json").read_text())["answers"])
-    overrides = [
-        f"data.train.features={stores / 'feats'}",
-        f"data.train.text={stores / 'text_train'}",
-        "data.eval.features=",
-        "data.eval.text=",
-        "data.loader=gpu",
-        f"data.sources={SOURCES}",
-        f"model.num_qa_labels={answers}",
-        "train.precision=bf16",
-        f"train.batch_size={plan['batch']}",
-        f"train.max_steps={plan['max_steps']}",
-        f"train.log_every={plan['log_every']}",
-        f"train.output_dir={session.path('pretrain/run')}",
-        "train.resume=none",
-    ]
+    overrides = [f"data.train.features={stores / 'feats'}", f"data.train.text={stores / 'text_train'}"]
+    overrides += ["data.eval.features=", "data.eval.text=", "data.loader=gpu", f"data.sources={SOURCES}"]
+    overrides += [f"model.num_qa_labels={answers}", "train.precision=bf16", "train.resume=none"]
+    overrides += [f"train.batch_size={plan['batch']}", f"train.max_steps={plan['max_steps']}"]
+    overrides += [f"train.log_every={plan['log_every']}", f"train.output_dir={session.path('pretrain/run')}"]
     if session.dry_run:
-        overrides += TINY_MODEL + [f"model.visual_feat_dim={plan['feat_dim']}"]
+        overrides += [f"model.{k}={v}" for k, v in harness.TINY_MODEL.items()]
+        overrides.append(f"model.visual_feat_dim={plan['feat_dim']}")
     return [[session.python, "-m", "engine.pretrain", "--config", RECIPE, *overrides]]
 
 
@@ -620,13 +483,10 @@ def pretrain_numbers(session: Session) -> list[Number]:
     steady = records[1:] or records  # the first window holds the warm-up (allocator, cuBLAS, DeepSpeed's first step)
     median = lambda key: statistics.median(r[key] for r in steady if r.get(key) is not None)  # noqa: E731
     number = lambda name, value, unit="": session.number("pretrain", name, value, unit)  # noqa: E731
+    rate = f"batch {session.plan.get('batch')}: samples/s (median of {len(steady)} log windows after the first)"
     numbers = [
         number("steps done", records[-1]["step"]),
-        number(
-            f"batch {session.plan.get('batch')}: samples/s (median of {len(steady)} log windows after the first)",
-            median("samples_per_s"),
-            "samples/s",
-        ),
+        number(rate, median("samples_per_s"), "samples/s"),
         number("tokens/s (median)", median("tokens_per_s"), "tokens/s"),
         number("step time (median)", 1e3 * median("step_time_s"), "ms"),
         number("TFLOP/s (median)", median("tflops"), "TFLOP/s"),
@@ -643,81 +503,52 @@ def pretrain_numbers(session: Session) -> list[Number]:
 def stages(dry_run: bool) -> list[Stage]:
     """The session's stages. Limits and reserves are GPU seconds (their sum of limits is over the budget on
     purpose: the reserves decide who yields); the dry run has generous limits and no reserves."""
-
-    def seconds(limit_s: float, reserve_s: float) -> tuple[float, float]:
-        return (240.0, 0.0) if dry_run else (limit_s, reserve_s)
-
     where = " in the Triton interpreter" if dry_run else " on CUDA"
     model = "a tiny model, 4 steps" if dry_run else "LXMERT-base, about 2 minutes"
-    return [
-        Stage(
-            "preflight",
-            "the carried wheels installed, the imports the stages need",
-            *seconds(60, 10),
-            preflight_commands,
-        ),
-        Stage(
-            "environment",
-            "device, capability, nvidia-smi, versions, commit, date",
-            *seconds(40, 10),
-            environment_commands,
-            after=after_environment,
-        ),
-        Stage(
-            "kernel_tests",
-            "tests/test_kernel_*.py" + where,
-            *seconds(150, 40),
-            kernel_test_commands,
-            numbers=kernel_test_numbers,
-        ),
-        Stage(
+    table = [  # name, what, limit s, reserve s, commands, numbers
+        ("preflight", "the carried wheels installed, the imports the stages need", 60, 10, preflight_commands, None),
+        ("environment", "device, capability, nvidia-smi, versions, commit, date", 40, 10, environment_commands, None),
+        ("kernel_tests", "tests/test_kernel_*.py" + where, 150, 40, kernel_test_commands, kernel_test_numbers),
+        (
             "kernels",
             "python -m benchmarks.kernels --quick" + (" (CPU: its checks only)" if dry_run else ""),
-            *seconds(100, 40),
-            kernels_commands,
-            numbers=kernels_numbers,
+            *(100, 40, kernels_commands, kernels_numbers),
         ),
-        Stage(
+        (
             "throughput",
             "python -m benchmarks.throughput " + ("--smoke" if dry_run else "--quick"),
-            *seconds(210, 60),
-            throughput_commands,
-            numbers=throughput_numbers,
+            *(210, 60, throughput_commands, throughput_numbers),
         ),
-        Stage(
+        (
             "pretrain_data",
             "a synthetic set in the authors' formats, converted into stores",
-            *seconds(75, 40),
-            pretrain_data_commands,
-            numbers=pretrain_data_numbers,
+            *(75, 40, pretrain_data_commands, pretrain_data_numbers),
         ),
-        Stage(
+        (
             "pretrain",
             f"{model}, bf16, {RECIPE} through python -m engine.pretrain",
-            *seconds(330, 150),
-            pretrain_commands,
-            needs=("pretrain_data",),
-            numbers=pretrain_numbers,
+            *(330, 150, pretrain_commands, pretrain_numbers),
         ),
     ]
+    out = [
+        Stage(name, what, *((240.0, 0.0) if dry_run else (limit, reserve)), commands, numbers=numbers or Stage.numbers)
+        for name, what, limit, reserve, commands, numbers in table
+    ]
+    out[1].after, out[6].needs = after_environment, ("pretrain_data",)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- --out
 
 
 def summary_dict(session: Session) -> dict[str, Any]:
+    about = dict(
+        dry_run=session.dry_run, measured_on=session.measured_on, label=DRY_LABEL if session.dry_run else session.device
+    )
+    about.update(commit=session.environment.get("commit"), date=session.date, budget_s=session.budget_s)
+    about.update(elapsed_s=session.elapsed(), plan=session.plan, notes=session.notes)
     return {
-        "session": {
-            "dry_run": session.dry_run,
-            "measured_on": session.measured_on,
-            "label": DRY_LABEL if session.dry_run else session.device,
-            "commit": session.environment.get("commit"),
-            "date": session.date,
-            "budget_s": session.budget_s,
-            "elapsed_s": session.elapsed(),
-            "plan": session.plan,
-            "notes": session.notes,
-        },
+        "session": about,
         "environment": session.environment,
         "stages": [asdict(r) for r in session.results],
         "numbers": [{**asdict(n), "label": n.label} for n in session.numbers],
@@ -731,15 +562,9 @@ def format_value(value: float) -> str:
 
 def summary_markdown(session: Session) -> str:
     env = session.environment
-    title = (
-        "GPU session DRY RUN on the CPU: no number in this file is a GPU number"
-        if session.dry_run
-        else f"GPU session on {session.device}"
-    )
-    lines = [f"# {title}\n"]
-    versions = ", ".join(
-        f"{k} {env.get(k)}" for k in ("torch", "triton", "cuda", "deepspeed", "transformers", "python")
-    )
+    title = "DRY RUN on the CPU: no number in this file is a GPU number" if session.dry_run else f"on {session.device}"
+    lines = [f"# GPU session {title}\n"]
+    versions = ", ".join(f"{k} {env.get(k)}" for k in "torch triton cuda deepspeed transformers python".split())
     device = f"Device {session.device}"
     if env.get("capability"):
         device += f", compute capability {env['capability']}, {env['sm_count']} SMs, {env['memory_gib']:.0f} GiB"
@@ -748,10 +573,8 @@ def summary_markdown(session: Session) -> str:
         f"Commit {env.get('commit') or 'unknown (set BENCH_COMMIT)'}; started {session.date}; "
         f"{session.elapsed():.0f} s of a {session.budget_s:.0f} s budget.\n"
     )
-    lines += ["## Stages\n", "| stage | status | seconds | limit s | note |", "|---|---|---|---|---|"]
-    for r in session.results:
-        note = r.note.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.limit_s:.0f} | {note} |")
+    stage_rows = [{**asdict(r), "seconds": f"{r.seconds:.1f}", "limit_s": f"{r.limit_s:.0f}"} for r in session.results]
+    lines += ["## Stages\n", harness.markdown_table(stage_rows, "name=stage; status; seconds; limit_s=limit s; note")]
     if "batch" in session.plan:
         plan = session.plan
         lines.append(f"\nPre-training plan: batch {plan['batch']}, {plan['max_steps']} steps ({plan['rate_source']}).")
@@ -805,30 +628,13 @@ def write_outputs(session: Session) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="where the summary, log and results go (required on a GPU; the "
-        "dry run's default is a new temporary folder)",
-    )
+    parser.add_argument("--out", type=Path, help="summary, log, results (required on a GPU; dry run: a temp folder)")
     parser.add_argument("--dry-run", action="store_true", help="every stage shrunken on the CPU; numbers say so")
+    parser.add_argument("--wheels", type=Path, help="install these wheels first, without an index, into a private site")
     parser.add_argument(
-        "--wheels",
-        type=Path,
-        help="install every wheel in this folder first (no index: for a "
-        "machine without network), into a private site the stages see first",
+        "--budget", type=float, help=f"seconds (default {GPU_BUDGET_S:.0f}; dry run {DRY_BUDGET_S:.0f})"
     )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        help=f"seconds for the whole session (default {GPU_BUDGET_S:.0f}; dry run {DRY_BUDGET_S:.0f})",
-    )
-    parser.add_argument(
-        "--work",
-        type=Path,
-        help="scratch folder, kept afterwards (default: a temporary one, "
-        "removed at the end; it holds GBs of checkpoints on the GPU)",
-    )
+    parser.add_argument("--work", type=Path, help="scratch folder, kept afterwards (default: a temporary one)")
     args = parser.parse_args(argv)
     if not (args.dry_run or args.out):
         parser.error("--out is required; --dry-run runs the CPU form")
@@ -844,10 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget or (DRY_BUDGET_S if args.dry_run else GPU_BUDGET_S)
     session = Session(out=out, work=work, dry_run=args.dry_run, budget_s=budget, wheels=args.wheels)
     session.env = stage_env(session, [work / "site"] if args.wheels else [])
-    print(
-        f"{'dry run (CPU)' if args.dry_run else 'GPU session'}: budget {budget:.0f} s, out {out}, work {work}",
-        flush=True,
-    )
+    print(f"{'dry run (CPU)' if args.dry_run else 'GPU session'}: budget {budget:.0f} s, out {out}, work {work}")
     try:
         return run_session(session, stages(args.dry_run))
     finally:

@@ -1,19 +1,9 @@
-"""The shared benchmark harness: who measured (environment), how (timers, peak memory), and where it goes.
+"""The shared benchmark harness: who measured (environment, the one commit reader), how (timers, peak memory),
+where it goes (rows as JSON lines, Markdown tables, plots) and the tiny model of the CPU runs.
 
-Every benchmark of the project uses these, so that rows from the kernel, throughput and data-loader scripts
-carry the same environment fields and their numbers are taken the same way:
-- time_cuda: CUDA events around each call, after a warm-up, with L2 flushed before every call (a 256 MB
-  write, as triton.testing.do_bench does); median and 20th / 80th percentiles in ms. The host queues the
-  call while the GPU flushes (~0.1 ms on an H100), so only launch overhead beyond that shows in the time.
-- time_cpu: the same statistics from perf_counter, for host-side work (data loading).
-- peak_memory: torch.cuda.max_memory_allocated over one call (everything live counts, inputs too).
-- step_clock: host time of the phases of a training step, the device synchronised at each boundary.
-- append_rows: JSON lines, appended to a path (runs/benchmarks/ by default: RUNS_DIR), read_rows to read them
-  back; markdown_table for the summary;
-  line_chart for a plot (a matplotlib Figure; engine.plots.save_figure writes it as SVG and PNG).
-
-This module imports no GPU library besides torch (versions are read from package metadata), so importing it
-never decides triton's interpreter mode ahead of the caller.
+time_cuda times between CUDA events with L2 flushed before every call (a 256 MB write, as triton.testing.do_bench);
+time_cpu by perf_counter; both report median and 20th / 80th percentiles in ms (summarize). This module imports no
+GPU library besides torch, so importing it never decides triton's interpreter mode ahead of the caller.
 """
 
 from __future__ import annotations
@@ -39,6 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO_ROOT / "runs" / "benchmarks"  # where a run writes by default: ignored by git, tracked files untouched
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any L2 so far (H100 50 MB, H200 60 MB)
 COMMIT_ENV = "BENCH_COMMIT"  # the commit of a copy of the tree without .git (git_commit reads it there)
+# the tiny model of the CPU runs (throughput --smoke, scaling --model tiny, host_waits, the gpu_session dry run)
+TINY_MODEL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37, l_layers=1, r_layers=1, x_layers=1)
+TINY_FEAT_DIM = 16
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -246,13 +239,29 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[str, str]]) -> str:
-    """A Markdown table of rows; a column is a key, or (key, header). Missing values are left blank."""
+def markdown_table(rows: Sequence[dict[str, Any]], columns: str | Sequence[str | tuple[str, str]]) -> str:
+    """A Markdown table of rows; a column is a key, or (key, header); a string lists them as "key; key=header; ...".
+    Missing values are left blank."""
+    if isinstance(columns, str):
+        columns = [tuple(c.strip().split("=", 1)) if "=" in c else c.strip() for c in columns.split(";")]
     keys = [c if isinstance(c, str) else c[0] for c in columns]
     headers = [c if isinstance(c, str) else c[1] for c in columns]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def tiny_model_overrides(text: Any, feat_dim: int) -> list[str]:
+    """engine.config overrides of TINY_MODEL on a synthetic text store: feature size, label counts."""
+    from engine.data import synthetic
+
+    return [
+        *(f"model.{key}={value}" for key, value in TINY_MODEL.items()),
+        f"model.visual_feat_dim={feat_dim}",
+        f"model.num_qa_labels={len(text.answers)}",
+        f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
+        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- plots

@@ -1,21 +1,14 @@
 """Host waits of the training step, counted on any machine: the operations that would make a CUDA host wait for
-the device (a scalar read, nonzero and the other data-dependent shapes, a copy to the host), per step of a tiny
-pre-training run through the engine's own Trainer.
+the device, per step of a tiny pre-training run through the engine's own Trainer (benchmarks/README.md).
 
     python -m benchmarks.host_waits                     # eager, sdpa, triton; DeepSpeed ZeRO-1 / ZeRO-2 in one process
     python -m benchmarks.host_waits --paths eager       # one path
 
-Counted by a TorchDispatchMode (HostWaitCounter): aten._local_scalar_dense (.item(), bool(), float(), int() of a
-tensor), nonzero, masked_select, unique, boolean-mask indexing, and copies from a device to the CPU; plus .tolist(),
-.numpy() and .cpu() calls, which read device memory on a GPU. Not counted: the host-side loader (next(batches) is
-excluded), checkpoints (save), tensors created explicitly on the CPU (device="cpu": the Triton kernels' dropout
-seeds come from torch's CPU generator, a host read on a GPU too) and anything inside one dispatched operation (a
-custom op such as lxmert::attention_fwd is one launch). Not visible on the CPU: a copy from pageable host memory
-to the device (torch.tensor(x, device="cuda") waits too); the step makes none, by reading. Each step's count runs
-from the start of its train_step to the start of the next, so a log step's count includes the log line's reads.
-
-The goal (issue 13): 0 on a step that does not log and at most 12 on a log step, for the plain path. DeepSpeed's
-own waits are measured and reported, not asserted. Writes runs/benchmarks/host_waits.md (or --out).
+Counted by a TorchDispatchMode (HostWaitCounter), plus .tolist(), .numpy() and .cpu() calls. Not counted: the
+host-side loader, checkpoints, tensors created explicitly on the CPU (device="cpu": the Triton kernels' dropout
+seeds) and anything inside one dispatched operation (a custom op is one launch). Not visible on the CPU: a copy
+from pageable host memory to the device; the step makes none, by reading. Each step's count runs from the start
+of its train_step to the start of the next, so a log step's count includes the log line's reads.
 """
 
 from __future__ import annotations
@@ -168,37 +161,23 @@ def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple
     """The engine's RunConfig of a tiny pre-training run on a synthetic store (or `stores`: text, features);
     path: an attention backend or a DeepSpeed ZeRO stage (zero1, zero2: one process, fp32)."""
     from benchmarks.dataloader import dataset
-    from benchmarks.throughput import SMOKE_FEAT_DIM, SMOKE_MODEL
     from engine.config import load_config
-    from engine.data import synthetic
     from engine.data.store import RegionStore, TextStore
 
     if stores is None:
-        text, regions = dataset(work / "data", 64, SMOKE_FEAT_DIM)
+        text, regions = dataset(work / "data", 64, harness.TINY_FEAT_DIM)
     else:
         text, regions = TextStore(stores[0]), RegionStore(stores[1])
     backend = path if path in ("eager", "sdpa", "triton") else "sdpa"
-    shape = ("hidden_size", "num_attention_heads", "intermediate_size", "l_layers", "r_layers", "x_layers")
-    overrides = [
-        *(f"model.{key}={SMOKE_MODEL[key]}" for key in shape),
-        f"model.visual_feat_dim={regions.feat_dim}",
-        f"model.num_qa_labels={len(text.answers)}",
-        f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
-        f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}",
+    overrides = harness.tiny_model_overrides(text, regions.feat_dim)
+    overrides += [
         f"model.attn_backend={backend}",
         f"model.feat_loss_backend={'triton' if backend == 'triton' else 'torch'}",
-        f"data.train.text={text.path}",
-        f"data.train.features={regions.path}",
-        "data.num_workers=0",
-        "train.batch_size=4",
-        "train.epochs=100",
-        f"train.max_steps={steps}",
-        f"train.log_every={log_every}",
-        "train.save_every=1000",
-        f"train.output_dir={work / path}",
-        "train.seed=0",
-        f"train.zero_stage={int(path[-1]) if path.startswith('zero') else 0}",
     ]
+    overrides += [f"data.train.text={text.path}", f"data.train.features={regions.path}", "data.num_workers=0"]
+    overrides += ["train.batch_size=4", "train.epochs=100", f"train.max_steps={steps}", f"train.log_every={log_every}"]
+    overrides += ["train.save_every=1000", f"train.output_dir={work / path}", "train.seed=0"]
+    overrides.append(f"train.zero_stage={int(path[-1]) if path.startswith('zero') else 0}")
     return load_config(None, overrides)
 
 
@@ -242,13 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(summarise(path, count_run(path, Path(tmp), args.steps, args.log_every), args.log_every))
     for r in rows:
         r["by_kind"] = ", ".join(f"{k} {n}" for k, n in sorted(r["kinds"].items())) or "-"
-    columns = [
-        ("path", "path"),
-        ("max_other", "max on a step without a log line"),
-        ("max_log", "max on a log step"),
-        ("total", "total"),
-        ("by_kind", "by kind"),
-    ]
+    columns = "path; max_other=max on a step without a log line; max_log=max on a log step; total; by_kind=by kind"
     harness.write_summary(
         args.out,
         [

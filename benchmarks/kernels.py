@@ -2,38 +2,15 @@
 
     python -m benchmarks.kernels [--quick] [--check-only] [--out runs/benchmarks/kernels.jsonl]
 
-Run it as a module from the repository root (run as a file, `import kernels` would find this file).
-
-On a GPU it first checks correctness at LXMERT's sizes: each kernel against a float64 reference, forward and
-every gradient, in fp32 / bf16 / fp16, with the tests' rules (fp32 within 1e-5; bf16 / fp16 within 2x
-PyTorch's own error in that dtype plus a constant) and measures (kernels.errors: max-norm rel_err for
-attention, Frobenius norm_rel_err for feature regression). Then it times, with benchmarks/harness.py (CUDA
-events, L2 flushed, warm-up 10, median of 50), three modes in Liger's sense: forward (autograd recording, as in
-training), backward (autograd.grad over a fresh graph, its forward untimed) and full (both), with peak memory:
-- attention, 12 heads, head dim 64, batch 64 / 128 / 256 / 512, (Lq, Lk) = (20, 36), (36, 20), (20, 20),
-  (36, 36) and the cross layer both ways (20 tokens + 36 regions), language keys ~15% padded; a few larger
-  (64, 64) problems (head dim 64 and 128: the longest the kernel takes on a GPU); bf16, and fp32 at batch 256.
-  Providers: the Triton kernel, torch eager (lxmert.attention.eager_attention), SDPA forced to its flash and to
-  its memory-efficient backend, torch.compile(eager) (static shapes, compiled before timing) and flash-attn when
-  installed (flash_attn_func, or flash_attn_varlen_func on unpadded keys, the unpadding timed with it). The cross
-  layer's baseline is two single-direction calls of each provider ("x2") against the one-launch
-  bidirectional kernel. A provider that refuses a mask, dtype or shape gets a row with a note, no numbers.
-  TFLOP/s counts 4*B*H*Lq*Lk*D forward and 2.5x that backward (flash-attention's convention; padded keys
-  counted); GB/s counts the least traffic (each input read once, each output written once).
-- masked feature regression, N = B x 36 regions (B = 64 / 256 / 512), H = 768, F = 2048, 15% masked, fp32
-  and bf16 autocast: the fused kernel, lxmert.losses' masked-only PyTorch version, and the unfused head +
-  loss over all N regions masked afterwards (as transformers does).
-Each measurement is one JSON row (harness.environment() fields, the config, the numbers) appended to --out as
-it is taken; a Markdown summary goes to the same path with .md and is printed last. TF32 is off throughout.
-
-Expected duration on an H100 (estimated, not yet measured): checks ~20 s; ~200 provider x config pairs of
-3 modes x 61 calls of 0.1-1 ms, ~1 min; torch.compile's ~30 static compiles, a few seconds each; feature
-regression ~15 s. No config starts after TIME_BUDGET_S of timing, so a run stays within about 10 minutes
-(rows are appended as they are taken; --quick takes well under a minute).
-
-Without a GPU nothing is timed (the Triton interpreter says nothing about kernel speed): the checks run at tiny
-sizes in the interpreter, which this module turns on before triton is imported, so the script's code path is
-exercised on CPU machines too. The exit status is 1 when any check fails.
+Run it as a module from the repository root (run as a file, `import kernels` would find this file). On a GPU it
+first checks correctness at LXMERT's sizes with the tests' rules and error metrics (kernels.errors; fp32 within
+1e-5, bf16 / fp16 within 2x PyTorch's own error in that dtype plus a constant), then times three modes in Liger's
+sense with harness.time_cuda: forward (autograd recording), backward (over a fresh graph, its forward untimed)
+and full, with peak memory. Attention TFLOP/s counts 4*B*H*Lq*Lk*D forward and 2.5x that backward (padded keys
+counted); GB/s the least traffic. The cross layer's baseline is two single-direction calls of each provider ("x2").
+A provider that refuses a mask, dtype or shape gets a row with a note. No config starts after TIME_BUDGET_S.
+Without a GPU nothing is timed: the checks run at tiny sizes in the Triton interpreter, which this module turns on
+before triton is imported. The exit status is 1 when any check fails.
 """
 
 from __future__ import annotations
@@ -135,16 +112,17 @@ FEATURE_PROVIDERS = ["triton_fused", "torch_masked", "torch_all_rows"]
 OURS = {"triton", "triton_bidirectional", "triton_fused"}  # the summary compares these with the best other
 
 
-def attention_configs(quick: bool) -> list[AttentionConfig]:
-    def lxmert_shapes(batch: int, dtype: str) -> list[AttentionConfig]:
-        return [
-            AttentionConfig(batch, N_LANG, N_VIS, False, dtype=dtype),  # language over regions
-            AttentionConfig(batch, N_VIS, N_LANG, True, dtype=dtype),  # regions over padded language
-            AttentionConfig(batch, N_LANG, N_LANG, True, dtype=dtype),  # language self-attention
-            AttentionConfig(batch, N_VIS, N_VIS, False, dtype=dtype),  # region self-attention
-            AttentionConfig(batch, N_LANG, N_VIS, True, bidirectional=True, dtype=dtype),  # the cross layer
-        ]
+def lxmert_shapes(batch: int, dtype: str = "bf16", heads: int = HEADS) -> list[AttentionConfig]:
+    return [
+        AttentionConfig(batch, N_LANG, N_VIS, False, heads=heads, dtype=dtype),  # language over regions
+        AttentionConfig(batch, N_VIS, N_LANG, True, heads=heads, dtype=dtype),  # regions over padded language
+        AttentionConfig(batch, N_LANG, N_LANG, True, heads=heads, dtype=dtype),  # language self-attention
+        AttentionConfig(batch, N_VIS, N_VIS, False, heads=heads, dtype=dtype),  # region self-attention
+        AttentionConfig(batch, N_LANG, N_VIS, True, bidirectional=True, heads=heads, dtype=dtype),  # the cross layer
+    ]
 
+
+def attention_configs(quick: bool) -> list[AttentionConfig]:
     if quick:
         return [c for c in lxmert_shapes(256, "bf16") if c.bidirectional or c.len_q == N_VIS and c.masked]
     configs = [c for batch in (64, 128, 256, 512) for c in lxmert_shapes(batch, "bf16")]
@@ -388,18 +366,8 @@ def time_attention(cfg: AttentionConfig, providers: Sequence[str], device, timer
         for mode, numbers in result.items():
             seconds = numbers["median_ms"] * 1e-3
             flops, nbytes = cfg.flops(mode), cfg.min_bytes(mode)
-            rows.append(
-                {
-                    **base,
-                    "mode": mode,
-                    **numbers,
-                    "flops": flops,
-                    "tflops": flops / seconds / 1e12,
-                    "min_bytes": nbytes,
-                    "gbps": nbytes / seconds / 1e9,
-                    "note": None,
-                }
-            )
+            rates = dict(flops=flops, tflops=flops / seconds / 1e12, min_bytes=nbytes, gbps=nbytes / seconds / 1e9)
+            rows.append({**base, "mode": mode, **numbers, **rates, "note": None})
     return rows
 
 
@@ -474,14 +442,9 @@ def attention_check_cases(tiny: bool) -> list[AttentionConfig]:
     """LXMERT's shapes at batch 64 (tiny: batch 2, 2 heads), and one 64 x 64 problem (the longest the kernel
     takes on a GPU, in every dtype)."""
     batch, heads = (2, 2) if tiny else (64, HEADS)
-    lxmert = [
-        AttentionConfig(batch, N_LANG, N_VIS, False, heads=heads),
-        AttentionConfig(batch, N_VIS, N_LANG, True, heads=heads),
-        AttentionConfig(batch, N_LANG, N_LANG, True, heads=heads),
-        AttentionConfig(batch, N_VIS, N_VIS, False, heads=heads),
-        AttentionConfig(batch, N_LANG, N_VIS, True, bidirectional=True, heads=heads),
+    return lxmert_shapes(batch, heads=heads) + [
+        AttentionConfig(1 if tiny else 8, 64, 64, True, heads=1 if tiny else HEADS)
     ]
-    return lxmert + [AttentionConfig(1 if tiny else 8, 64, 64, True, heads=1 if tiny else HEADS)]
 
 
 def check_attention(cfg: AttentionConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -608,58 +571,21 @@ def speedups(lines: list[dict]) -> list[dict]:
         for ours in (line for line in group if line["provider"] in OURS):
             others = [line for line in group if line["provider"] not in OURS]
             best = min(others, key=lambda line: line["full_ms"], default=None)
-            out.append(
-                {
-                    "bench": key[0],
-                    "config": key[1],
-                    "dtype": key[2],
-                    "ours": ours["provider"],
-                    "ours_ms": ours["full_ms"],
-                    "best_other": best and best["provider"],
-                    "other_ms": best and best["full_ms"],
-                    "speedup": best and best["full_ms"] / ours["full_ms"],
-                }
-            )
+            line = dict(bench=key[0], config=key[1], dtype=key[2], ours=ours["provider"], ours_ms=ours["full_ms"])
+            line.update(best_other=best and best["provider"], other_ms=best and best["full_ms"])
+            out.append(line | {"speedup": best and best["full_ms"] / ours["full_ms"]})
     return out
 
 
-PIVOT_COLUMNS = [
-    "bench",
-    "config",
-    "dtype",
-    "provider",
-    ("forward_ms", "fwd ms"),
-    ("backward_ms", "bwd ms"),
-    ("full_ms", "full ms"),
-    ("tflops", "full TFLOP/s"),
-    ("gbps", "full GB/s"),
-    ("peak_mb", "full peak MB"),
-    "note",
-]
-SPEEDUP_COLUMNS = [
-    "bench",
-    "config",
-    "dtype",
-    "ours",
-    ("ours_ms", "ours ms"),
-    "best_other",
-    ("other_ms", "other ms"),
-    ("speedup", "speedup x"),
-]
-DETAIL_COLUMNS = [
-    "bench",
-    "config",
-    "dtype",
-    "provider",
-    "mode",
-    ("median_ms", "median ms"),
-    ("p20_ms", "p20 ms"),
-    ("p80_ms", "p80 ms"),
-    ("tflops", "TFLOP/s"),
-    ("gbps", "GB/s"),
-    ("peak_memory_mb", "peak MB"),
-    "note",
-]
+PIVOT_COLUMNS = (
+    "bench; config; dtype; provider; forward_ms=fwd ms; backward_ms=bwd ms; full_ms=full ms; tflops=full TFLOP/s; "
+    "gbps=full GB/s; peak_mb=full peak MB; note"
+)
+SPEEDUP_COLUMNS = "bench; config; dtype; ours; ours_ms=ours ms; best_other; other_ms=other ms; speedup=speedup x"
+DETAIL_COLUMNS = (
+    "bench; config; dtype; provider; mode; median_ms=median ms; p20_ms=p20 ms; p80_ms=p80 ms; tflops=TFLOP/s; "
+    "gbps=GB/s; peak_memory_mb=peak MB; note"
+)
 
 
 def sweep(quick: bool, device, timer, warmup: int, reps: int, out: Path, common: dict) -> list[dict]:
@@ -703,12 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset: batch 256, two attention shapes, bf16")
     parser.add_argument("--check-only", action="store_true", help="correctness checks only, no timing, no files")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=harness.RUNS_DIR / "kernels.jsonl",
-        help="JSON lines appended here; the Markdown summary goes beside it (.md)",
-    )
+    parser.add_argument("--out", type=Path, default=harness.RUNS_DIR / "kernels.jsonl", help="rows; .md beside them")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     cuda = torch.cuda.is_available()

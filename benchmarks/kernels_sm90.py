@@ -2,23 +2,12 @@
 
     python -m benchmarks.kernels_sm90 [--jobs N] [--out runs/benchmarks/kernels_sm90.md] [--only TEXT]
 
-How: Triton's active driver is replaced by a stub that reports a CUDA sm_90 target, and each kernel's launch is
-turned into a warm-up (compile, do not run). The project's own launchers are then called with CPU tensors laid out
-as lxmert/ lays them out (q, k, v: per-head views of one [B, L, 3, H, D] projection; outputs [B, L, H, D] in
-memory; bool masks viewed as uint8) at LXMERT's pre-training shapes (B 256, 12 heads of 64, 20 tokens, 36
-regions, features 2048, ~15% of the regions masked), so the launchers themselves decide the signature, the
-specialisations, the constexprs and the warps, and triton.compile runs to a cubin. Every kernel compiles in a
-fresh cache, in worker processes without TRITON_INTERPRET.
-
-Per variant: registers and spills (Triton's ptxas -v log), local memory (cuobjdump --dump-resource-usage of the
-cubin), shared memory (Triton's metadata), how each tl.dot lowered (TTGIR: Hopper wgmma, mma.sync or FMA) and an
-occupancy estimate on an H100 for the launcher's grid. fp64 attention is the interpreter's (gradcheck) only: the
-launchers refuse it on a GPU, and that refusal is checked too (the feature-regression kernel, elementwise,
-compiles in fp64). The feature-regression kernel must compile to one binary
-whatever the number of masked rows (it changes every batch).
-
-Exit status 0 when every variant compiled with no spill and within 227 KB of shared memory per block (and fp64
-was refused, and the masked-row counts shared one binary); 1 otherwise. tests/test_kernels_sm90.py runs it.
+What is reported and checked: benchmarks/README.md. How: Triton's active driver is replaced by a stub that reports
+a CUDA sm_90 target and each kernel's launch becomes a warm-up (compile, do not run); the project's own launchers
+are called with CPU tensors laid out as lxmert/ lays them out, so they decide the signature, specialisations,
+constexprs and warps. Every kernel compiles in a fresh cache, in worker processes without TRITON_INTERPRET.
+Registers and spills come from ptxas -v, local memory from cuobjdump, shared memory from Triton's metadata, the
+tl.dot lowering from the TTGIR. Exit status 1 on any problem check() finds.
 """
 
 from __future__ import annotations
@@ -236,19 +225,16 @@ def _dots(ttgir: str) -> list[str]:
 
 def occupancy(regs: int, smem: int, warps: int, programs: int) -> dict:
     regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256  # allocated per warp in units of 256
-    limits = {
-        "regs": REGS_PER_SM // (regs_per_warp * warps),
-        "smem": SMEM_PER_SM // (smem + 1024),
-        "threads": MAX_THREADS_PER_SM // (warps * 32),
-        "ctas": MAX_CTAS_PER_SM,
-    }
+    limits = dict(regs=REGS_PER_SM // (regs_per_warp * warps), smem=SMEM_PER_SM // (smem + 1024))
+    limits.update(threads=MAX_THREADS_PER_SM // (warps * 32), ctas=MAX_CTAS_PER_SM)
     ctas = min(limits.values())
-    return {
-        "ctas_per_sm": ctas,
-        "limit": "/".join(k for k, n in limits.items() if n == ctas),
-        "occupancy": ctas * warps / MAX_WARPS_PER_SM,
-        "waves": programs / max(ctas * SM_COUNT, 1),
-    }
+    limit = "/".join(k for k, n in limits.items() if n == ctas)
+    return dict(
+        ctas_per_sm=ctas,
+        limit=limit,
+        occupancy=ctas * warps / MAX_WARPS_PER_SM,
+        waves=programs / max(ctas * SM_COUNT, 1),
+    )
 
 
 def compile_variant(v: Variant) -> dict:
@@ -281,20 +267,10 @@ def compile_variant(v: Variant) -> dict:
         return int(m.group(1)) if m else 0
 
     regs = number(r"Used (\d+) registers") or (int(res.group(1)) if res else 0)
-    row.update(
-        kernel=kernel,
-        grid=list(grid),
-        hash=compiled.hash,
-        num_warps=md.num_warps,
-        num_stages=md.num_stages,
-        shared=md.shared,
-        regs=regs,
-        spill_stores=number(r"(\d+) bytes spill stores"),
-        spill_loads=number(r"(\d+) bytes spill loads"),
-        local=int(res.group(4)) if res else None,
-        dots=_dots(compiled.asm["ttgir"]),
-        occupancy=occupancy(regs, md.shared, md.num_warps, math.prod(grid)),
-    )
+    row.update(kernel=kernel, grid=list(grid), hash=compiled.hash, num_warps=md.num_warps, num_stages=md.num_stages)
+    row.update(shared=md.shared, regs=regs, spill_stores=number(r"(\d+) bytes spill stores"))
+    row.update(spill_loads=number(r"(\d+) bytes spill loads"), local=int(res.group(4)) if res else None)
+    row.update(dots=_dots(compiled.asm["ttgir"]), occupancy=occupancy(regs, md.shared, md.num_warps, math.prod(grid)))
     problems = []
     if row["spill_stores"] or row["spill_loads"] or row["local"]:
         problems.append(f"spills {row['spill_stores']} / {row['spill_loads']} B, local {row['local']} B")
@@ -378,12 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels_sm90", description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=max(1, len(os.sched_getaffinity(0))))
     parser.add_argument("--only", help="only the variants whose name contains this text")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=REPO / "runs" / "benchmarks" / "kernels_sm90.md",
-        help="the Markdown table; the rows as JSON beside it (.json)",
-    )
+    out = REPO / "runs" / "benchmarks" / "kernels_sm90.md"
+    parser.add_argument("--out", type=Path, default=out, help="the Markdown table; the rows as JSON beside it (.json)")
     args = parser.parse_args(argv)
     selected = [v for v in variants() if not args.only or args.only in v.name]
     start = time.perf_counter()

@@ -161,18 +161,9 @@ def project(
     exposed = (1.0 - overlap) * comm
     step = step_time_1_s - saved + exposed
     per_gpu = micro_batch / step
-    return Projection(
-        world=world,
-        step_time_1_s=step_time_1_s,
-        step_time_s=step,
-        comm_s=comm,
-        exposed_comm_s=exposed,
-        wire_bytes_per_rank=wire_bytes(collectives, world),
-        efficiency=step_time_1_s / step,
-        samples_per_s_per_gpu=per_gpu,
-        samples_per_s=per_gpu * world,
-        collectives=[{**asdict(c), "seconds": collective_time(c, world, links)} for c in collectives],
-    )
+    times = [{**asdict(c), "seconds": collective_time(c, world, links)} for c in collectives]
+    sent, efficiency = wire_bytes(collectives, world), step_time_1_s / step
+    return Projection(world, step_time_1_s, step, comm, exposed, sent, efficiency, per_gpu, per_gpu * world, times)
 
 
 def assumed_step_time(
@@ -203,17 +194,10 @@ def parameterised_modules(config: LxmertConfig) -> int:
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-COLUMNS = [
-    ("gpus", "GPUs"),
-    ("stage", "ZeRO"),
-    ("overlap", "overlap"),
-    ("wire_gb", "GB sent/GPU/step"),
-    ("comm_ms", "comm ms"),
-    ("step_ms", "step ms"),
-    ("efficiency", "efficiency"),
-    ("samples_per_s", "samples/s"),
-    ("hours", "20 epochs, hours"),
-]
+COLUMNS = (
+    "gpus=GPUs; stage=ZeRO; overlap; wire_gb=GB sent/GPU/step; comm_ms=comm ms; step_ms=step ms; efficiency; "
+    "samples_per_s=samples/s; hours=20 epochs, hours"
+)
 
 
 def table(args: argparse.Namespace) -> tuple[str, list[dict]]:
@@ -241,29 +225,13 @@ def table(args: argparse.Namespace) -> tuple[str, list[dict]]:
                 stage, params, args.grad_bytes, args.param_bytes, gather_calls, args.deepspeed_default, tied
             )
             for overlap in args.overlap if world > 1 else [0.0]:
-                p = project(
-                    t1,
-                    args.micro_batch,
-                    world,
-                    collectives,
-                    links,
-                    overlap,
-                    args.optimizer_ms / 1e3,
-                    sharded_optimizer=stage >= 1,
-                )
-                rows.append(
-                    {
-                        "gpus": world,
-                        "stage": stage if world > 1 else "any",
-                        "overlap": overlap,
-                        "wire_gb": round(p.wire_bytes_per_rank / 1e9, 3),
-                        "comm_ms": round(p.comm_s * 1e3, 2),
-                        "step_ms": round(p.step_time_s * 1e3, 2),
-                        "efficiency": round(p.efficiency, 3),
-                        "samples_per_s": round(p.samples_per_s),
-                        "hours": round(pretraining_hours(p.samples_per_s), 2),
-                    }
-                )
+                optimizer_s = args.optimizer_ms / 1e3
+                p = project(t1, args.micro_batch, world, collectives, links, overlap, optimizer_s, stage >= 1)
+                row = dict(gpus=world, stage=stage if world > 1 else "any", overlap=overlap)
+                row.update(wire_gb=round(p.wire_bytes_per_rank / 1e9, 3), comm_ms=round(p.comm_s * 1e3, 2))
+                row.update(step_ms=round(p.step_time_s * 1e3, 2), efficiency=round(p.efficiency, 3))
+                hours = round(pretraining_hours(p.samples_per_s), 2)
+                rows.append(row | {"samples_per_s": round(p.samples_per_s), "hours": hours})
     zero12 = (
         "all-reduce of the gradients (DeepSpeed 0.19.8's default, 3 Psi b (N-1)/N)"
         if args.deepspeed_default
@@ -290,11 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--assumed-mfu", type=float, default=ASSUMED_MFU, help="used without --step-time-ms")
     parser.add_argument("--optimizer-ms", type=float, default=0.0, help="optimizer share of the step (ZeRO shards it)")
     parser.add_argument("--overlap", type=float, nargs="+", default=[0.0, 0.5], help="communication hidden (0-1)")
-    parser.add_argument(
-        "--deepspeed-default",
-        action="store_true",
-        help="ZeRO-1/2 all-reduce the gradients, as DeepSpeed 0.19.8 does by default",
-    )
+    parser.add_argument("--deepspeed-default", action="store_true", help="ZeRO-1/2 all-reduce gradients (DeepSpeed's)")
     parser.add_argument("--nvlink-gbs", type=float, default=Links.nvlink_gbs)
     parser.add_argument("--ib-gbs", type=float, default=Links.ib_gbs)
     parser.add_argument("--gpus-per-node", type=int, default=Links.gpus_per_node)

@@ -4,40 +4,12 @@
     deepspeed --num_gpus 8 --module benchmarks.scaling [--stages 0 1 2 3] [--micro-batch 64] [--precision bf16]
     deepspeed --num_gpus 2 --module benchmarks.scaling --model tiny --precision fp32 --micro-batch 4 --steps 3   # CPUs
 
-Every rank builds the engine's own Trainer (engine/train.py: our model, optimizer, LambdaLR and DeepSpeed config
-from engine.config) for each ZeRO stage in turn, on a synthetic data set (benchmarks.dataloader's, built by
-rank 0 and cached). The batches are drawn by the engine's loader before timing and kept on the device, so the
-step time is the model, its communication and the optimizer, not data loading (benchmarks.throughput measures
-the loaders). Per stage:
-- timed: `--steps` steps after `--warmup`, each one forward + engine.backward + engine.step, the device
-  synchronised after each step; median step time, per-GPU samples/s = micro batch / step time, total = x N.
-  Scaling efficiency = per-GPU samples/s over the 1-GPU row of the same config (the latest in --out with
-  world size 1; null until `--num_gpus 1` has run).
-- counted: `--count-steps` more steps with DeepSpeed's communication logger on (deepspeed.comm.configure: it
-  synchronises after every collective, so these steps are not timed). Each logged collective's message size is
-  turned into the bytes this rank sends with the ring factors below; independently, every torch.distributed
-  collective is counted by a wrapper installed before DeepSpeed starts (DeepSpeed's logger sees only what goes
-  through deepspeed.comm; on 2 CPU ranks under gloo both saw the same calls and bytes). Both are compared with
-  the analytic count of benchmarks/projection.py (Psi parameters, T of them the tied word embeddings, which
-  ZeRO-3 gathers at both modules' uses; b bytes an element: 4 fp32, 2 bf16/fp16):
-      ZeRO-0: 2 Psi b (N-1)/N    ZeRO-1, 2: 2 Psi b (N-1)/N    ZeRO-3: (3 Psi + 2 T) b (N-1)/N
-  Bytes a rank sends for a message of S bytes (the whole tensor): all_reduce 2 (N-1)/N S; reduce_scatter and
-  all_gather (N-1)/N S (all_gather_into_tensor logs its input shard, S/N); reduce and broadcast (N-1)/N S
-  averaged over the ranks (ZeRO rotates the root, which sends nothing).
-
-Two DeepSpeed configurations (--zero-configs), each stage run in each:
-- "engine": what engine.pretrain runs (engine.config's DeepSpeed config, DeepSpeed 0.19.8's defaults). Measured on
-  2 CPU ranks: ZeRO-1/2 all-reduce the gradient buckets (use_multi_rank_bucket_allreduce, default true) and then
-  all-gather the parameters, 3 Psi b (N-1)/N, 1.5x the textbook; ZeRO-3 does not release a parameter used
-  again within stage3_max_reuse_distance (1e9 elements, more than LXMERT-base's 228M), so what the forward
-  gathered stays for the backward: 2 Psi b (N-1)/N, the bytes of ZeRO-0 (the textbook count is an upper bound).
-- "textbook": the same with use_multi_rank_bucket_allreduce false (each gradient slice reduced to its owner) and,
-  for ZeRO-3, no persistent parameters, no reuse window and no prefetch (every parameter gathered again for the
-  backward): the formulas above.
-
-Rank 0 appends one row per (configuration, stage) to --out (default runs/benchmarks/scaling.jsonl):
-environment, config, world size, per-rank step times and byte counts. On CPUs (gloo) the step times are not GPU
-numbers (the ranks share a few cores): there the bytes are the measurement, and rows say "measured_on": "cpu".
+Method, the analytic byte counts and the two DeepSpeed configurations ("engine", "textbook"): benchmarks/README.md.
+Every rank builds the engine's own Trainer per stage; batches are drawn by the engine's loader before timing and
+kept on the device. Scaling efficiency is against the latest 1-rank row of the same config in --out. Bytes are
+counted twice: DeepSpeed's communication logger (its message sizes turned into bytes sent by SEND_FACTOR) and a
+wrapper around torch.distributed's collectives installed before DeepSpeed starts. Rank 0 appends one row per
+(configuration, stage) to --out; on CPU ranks (gloo) the bytes are the measurement, not the step times.
 """
 
 from __future__ import annotations
@@ -61,8 +33,6 @@ import torch.distributed as tdist
 from benchmarks import harness
 from benchmarks.projection import wire_bytes, zero_collectives
 
-TINY_MODEL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37, l_layers=1, r_layers=1, x_layers=1)
-TINY_FEAT_DIM = 16
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # zero_optimization entries of the "textbook" configuration (module docstring), by stage
 TEXTBOOK = {
@@ -72,19 +42,16 @@ TEXTBOOK = {
     3: {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
 }
 # bytes a rank sends for one call, as a multiple of the logged message size, in a world of n ranks
+# bytes a rank sends for one call, as a multiple of the logged message size, in a world of n ranks: all-reduce
+# 2 (N-1)/N; reduce-scatter (N-1)/N (logged: the whole input); all-gather N-1 (logged: this rank's shard); reduce
+# and broadcast (N-1)/N averaged over the ranks (the root sends nothing)
 SEND_FACTOR: dict[str, Callable[[int], float]] = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_reduce_coalesced": lambda n: 2 * (n - 1) / n,
-    "inference_all_reduce": lambda n: 2 * (n - 1) / n,
-    "reduce_scatter_tensor": lambda n: (n - 1) / n,  # logged: the whole input
-    "reduce_scatter": lambda n: (n - 1) / n,  # logged: the input list, the whole tensor
-    "_reduce_scatter_base": lambda n: (n - 1) / n,
-    "all_gather_into_tensor": lambda n: n - 1,  # logged: this rank's shard
-    "all_gather": lambda n: n - 1,
-    "_all_gather_base": lambda n: n - 1,
-    "all_gather_coalesced": lambda n: n - 1,
-    "reduce": lambda n: (n - 1) / n,  # averaged over the ranks: the root sends nothing
-    "broadcast": lambda n: (n - 1) / n,
+    **dict.fromkeys(("all_reduce", "all_reduce_coalesced", "inference_all_reduce"), lambda n: 2 * (n - 1) / n),
+    **dict.fromkeys(("reduce_scatter_tensor", "reduce_scatter", "_reduce_scatter_base"), lambda n: (n - 1) / n),
+    **dict.fromkeys(
+        ("all_gather_into_tensor", "all_gather", "_all_gather_base", "all_gather_coalesced"), lambda n: n - 1
+    ),
+    **dict.fromkeys(("reduce", "broadcast"), lambda n: (n - 1) / n),
 }
 
 
@@ -99,19 +66,11 @@ class TorchCollectiveCounter:
     all_gather_into_tensor's input shard, reduce_scatter_tensor's whole input, a list's summed sizes."""
 
     # name -> index of the positional argument holding the message (after the output, where there is one)
-    WATCHED = {
-        "all_reduce": 0,
-        "reduce": 0,
-        "broadcast": 0,
-        "all_reduce_coalesced": 0,
-        "all_gather": 1,
-        "all_gather_into_tensor": 1,
-        "_all_gather_base": 1,
-        "reduce_scatter": 1,
-        "reduce_scatter_tensor": 1,
-        "_reduce_scatter_base": 1,
-        "all_gather_coalesced": 1,
-    }
+    WATCHED = (
+        dict.fromkeys(("all_reduce", "reduce", "broadcast", "all_reduce_coalesced"), 0)
+        | dict.fromkeys(("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced"), 1)
+        | dict.fromkeys(("reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base"), 1)
+    )
     KEYWORDS = ("tensor", "input_tensor", "input_list", "tensors", "input_tensor_list")
 
     def __init__(self) -> None:
@@ -183,37 +142,17 @@ def zero_overrides(mode: str, stage: int) -> dict[str, Any]:
 def run_config(args: argparse.Namespace, stores: tuple[Path, Path], mode: str, stage: int, world: int, out_dir: Path):
     """The engine's RunConfig for one stage: model size, data, optimizer, precision, ZeRO, a DeepSpeed template."""
     from engine.config import load_config
-    from engine.data import synthetic
     from engine.data.store import TextStore
 
     text, feats = stores
     template = out_dir / f"deepspeed_{mode}_zero{stage}_rank{tdist.get_rank()}.json"
     template.write_text(json.dumps({"zero_optimization": zero_overrides(mode, stage)}))
-    model = TINY_MODEL if args.model == "tiny" else {}
-    overrides = [f"model.{k}={v}" for k, v in model.items()]
-    if args.model == "tiny":
-        overrides += [
-            f"model.visual_feat_dim={TINY_FEAT_DIM}",
-            f"model.num_qa_labels={len(TextStore(text).answers)}",
-            f"model.num_object_labels={len(synthetic.OBJECT_NAMES)}",
-            f"model.num_attr_labels={len(synthetic.ATTRIBUTE_NAMES)}",
-        ]
-    overrides += [
-        f"model.attn_backend={args.attn}",
-        f"data.train.text={text}",
-        f"data.train.features={feats}",
-        "data.num_workers=0",
-        "optim.name=adamw",
-        f"train.batch_size={args.micro_batch * world}",
-        f"train.micro_batch_size={args.micro_batch}",
-        "train.epochs=1000",
-        f"train.precision={args.precision}",
-        f"train.zero_stage={stage}",
-        f"train.output_dir={out_dir / f'{mode}_zero{stage}'}",
-        "train.resume=none",
-        f"deepspeed.config={template}",
-        "train.seed=0",
-    ]
+    overrides = harness.tiny_model_overrides(TextStore(text), harness.TINY_FEAT_DIM) if args.model == "tiny" else []
+    overrides += [f"model.attn_backend={args.attn}", f"data.train.text={text}", f"data.train.features={feats}"]
+    overrides += ["data.num_workers=0", "optim.name=adamw", "train.epochs=1000", "train.resume=none", "train.seed=0"]
+    overrides += [f"train.batch_size={args.micro_batch * world}", f"train.micro_batch_size={args.micro_batch}"]
+    overrides += [f"train.precision={args.precision}", f"train.zero_stage={stage}", f"deepspeed.config={template}"]
+    overrides.append(f"train.output_dir={out_dir / f'{mode}_zero{stage}'}")
     return load_config(None, overrides)
 
 
@@ -331,16 +270,8 @@ def summarize_stage(args, env, mode: str, stage: int, world: int, per_rank: list
     params = per_rank[0]["params"]
     element = DTYPE_BYTES[args.precision]
     analytic = analytic_bytes(mode, stage, params, per_rank[0]["tied_params"], element, world)
-    key = {
-        "benchmark": "scaling",
-        "device": env["device"],
-        "model": args.model,
-        "attn": args.attn,
-        "precision": args.precision,
-        "micro_batch": args.micro_batch,
-        "zero_config": mode,
-        "zero_stage": stage,
-    }
+    key = dict(benchmark="scaling", device=env["device"], model=args.model, attn=args.attn, precision=args.precision)
+    key.update(micro_batch=args.micro_batch, zero_config=mode, zero_stage=stage)
     per_gpu = args.micro_batch / (slowest / 1e3)
     base = baseline_row(args.out, key) if world > 1 else None
     efficiency = 1.0 if world == 1 else (per_gpu / base["samples_per_s_per_gpu"] if base else None)
@@ -378,20 +309,11 @@ def summarize_stage(args, env, mode: str, stage: int, world: int, per_rank: list
     }
 
 
-COLUMNS = [
-    ("zero_config", "config"),
-    ("zero_stage", "ZeRO"),
-    ("world_size", "ranks"),
-    ("measured_on", "on"),
-    ("params", "params"),
-    ("step_median_ms", "step ms"),
-    ("samples_per_s_per_gpu", "samples/s/GPU"),
-    ("samples_per_s", "samples/s"),
-    ("scaling_efficiency", "efficiency"),
-    ("sent_mb_logger", "MB sent/rank/step (DS logger)"),
-    ("sent_mb_torch", "(torch.distributed)"),
-    ("sent_mb_analytic", "(analytic)"),
-]
+COLUMNS = (
+    "zero_config=config; zero_stage=ZeRO; world_size=ranks; measured_on=on; params; step_median_ms=step ms; "
+    "samples_per_s_per_gpu=samples/s/GPU; samples_per_s=samples/s; scaling_efficiency=efficiency; "
+    "sent_mb_logger=MB sent/rank/step (DS logger); sent_mb_torch=(torch.distributed); sent_mb_analytic=(analytic)"
+)
 
 
 def report(rows: list[dict[str, Any]]) -> str:
@@ -402,13 +324,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         else f"CPU ranks (gloo, host {first.get('host_cpu')}, {first['cpu_count']} cores): bytes measured, times NOT GPU numbers"  # noqa: E501
     )
     lines = [
-        {
-            **r,
-            "sent_mb_logger": r["sent_bytes_logger"] / 1e6,
-            "sent_mb_torch": r["sent_bytes_torch"] / 1e6,
-            "sent_mb_analytic": r["sent_bytes_analytic"] / 1e6,
-        }
-        for r in rows
+        r | {f"sent_mb_{how}": r[f"sent_bytes_{how}"] / 1e6 for how in ("logger", "torch", "analytic")} for r in rows
     ]
     return (
         f"# Scaling benchmark: {where}\n\nmodel {first['model']} ({first['params']:,} parameters), {first['precision']}, "  # noqa: E501
@@ -427,19 +343,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="deepspeed --num_gpus N --module benchmarks.scaling", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
-    parser.add_argument(
-        "--zero-configs",
-        nargs="+",
-        default=["engine", "textbook"],
-        choices=["engine", "textbook"],
-        help="DeepSpeed configurations measured (module docstring)",
-    )
-    parser.add_argument(
-        "--model", choices=["base", "tiny"], default="base", help="LXMERT-base, or a tiny one (CPU runs)"
-    )
-    parser.add_argument(
-        "--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on GPU, fp32 on CPU"
-    )
+    modes = ["engine", "textbook"]
+    parser.add_argument("--zero-configs", nargs="+", default=modes, choices=modes, help="DeepSpeed configurations")
+    parser.add_argument("--model", choices=["base", "tiny"], default="base", help="LXMERT-base, or a tiny one (CPUs)")
+    parser.add_argument("--precision", choices=[*DTYPE_BYTES], help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--attn", default="sdpa", help="attention backend (lxmert.attention)")
     parser.add_argument("--micro-batch", type=int, default=64, help="samples per rank and step")
     parser.add_argument("--warmup", type=int, default=5)
@@ -464,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     launch = Launch.from_env()
     rank, world = launch.rank, launch.world_size
     init_distributed(pick_device(launch.local_rank), launch)
-    feat_dim = TINY_FEAT_DIM if args.model == "tiny" else 2048
+    feat_dim = harness.TINY_FEAT_DIM if args.model == "tiny" else 2048
     # the runs' output directories are the ranks' common ones (each run's lock is rank 0's), beside the data set
     work = args.data_dir / "runs"
     if rank == 0:
@@ -493,9 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
     if rank == 0:
-        md = args.out.with_suffix(".md")
-        md.write_text(report(rows), encoding="utf-8")
-        print(harness.markdown_table(rows, COLUMNS[:9]))
+        md = harness.write_summary(args.out.with_suffix(".md"), [report(rows)])
         print(f"{len(rows)} rows appended to {args.out}; table in {md}", flush=True)
     tdist.barrier()
     if rank == 0:

@@ -3,54 +3,18 @@
     python -m benchmarks.throughput [--quick] [--out runs/benchmarks/throughput.jsonl]
     python -m benchmarks.throughput --smoke          # CPU: a tiny model, two steps; rows say cpu, smoke
 
-One step is the whole five-task pre-training step (MLM, matching, object / attribute / feature regression, QA)
-at LXMERT-base size with the authors' shapes (every sentence padded to 20 tokens, 36 regions): forward,
-backward and the optimizer (fused AdamW, gradient clipping at 1.0 and the non-finite-step check). Ours is timed
-through the engine's own step (engine.train.TrainStep on engine.runtime.Runtime, what lxmert-pretrain runs, its
-per-micro-batch bookkeeping included); transformers' through a bare loop with the same optimizer. Variants:
-- implementation: transformers' LxmertForPreTraining (the baseline, "hf") or ours, with attention eager / sdpa /
-  triton (the project's kernels, attention and fused feature regression) / flash (when lxmert.attention offers
-  it and flash-attn imports; else a row says why not);
-- precision: fp32 (IEEE matmuls), tf32 (fp32 with TF32 matmuls), bf16 and fp16 under torch.autocast (AMP, fp32
-  master weights; fp16 with torch.amp.GradScaler), the same for both implementations;
-- batch size; torch.compile (ours only) with and without CUDA graphs (mode "reduce-overhead"; the row counts
-  the graphs inductor declined to capture, `cudagraph_skips`: TORCH_LOGS=cudagraphs prints why);
-- data: "resident" (a few batches drawn by the engine's loader, prepared once and kept on the device: no data
-  cost) or every loader of engine.data.loaders (torch workers, gpu-resident, dali), drawing from a synthetic
-  store with 2048-d features (built once and cached, like benchmarks.dataloader's).
-Both implementations start from the same weights (ours, converted by lxmert.convert) and read the same batches;
-transformers gets the labels as it wants them (ignored = -100), and our visual-loss normaliser is passed to its
-config. A "parity" row per precision compares the two losses on one batch in eval mode (no dropout): the same
-five tasks give the same loss (fp32 within ~1e-5 relative; AMP differs by rounding). transformers runs the MLM
-head on every token and the feature head on every region; ours only on the masked ones: same model FLOPs.
-
-Per variant, after --warmup steps:
-- throughput: --steps steps running freely (the host queues ahead as in training), the device synchronised
-  once at the end: samples/s, tokens/s = samples/s x (20 + 36), achieved TFLOP/s = model FLOPs (engine.flops,
-  counted from the shapes and each batch's masked tokens and regions) / time, MFU = achieved / peak (the GPU's
-  dense peak for the precision from engine.flops.PEAK_TFLOPS, named in each row, or --peak-tflops), the share
-  of time the host waited for data, peak memory (torch.cuda.max_memory_allocated).
-- breakdown: --breakdown-steps more steps with the device synchronised between phases (harness.StepClock):
-  data wait, forward, backward, optimizer. Synchronising stops the overlap a free-running step has (the host
-  queueing the next phase while the GPU works), so these steps are slower: the breakdown's sum is its own step
-  time, reported beside the free-running one.
-The rows of transformers and ours come from the same process, one after the other on the same GPU, so their
-ratio (`speedup_vs_hf`, ours over transformers at the same precision, batch and data) is trustworthy. The best
-configuration is then profiled (torch.profiler, top kernels by GPU time, grouped by kind) into
-<out>_profile.md. Rows (harness.environment() + config + numbers) are appended to --out as they are measured;
-a Markdown summary (<out>.md) and a plot of samples/s against batch size (<out>.svg, <out>.png) are written at
-the end.
-No variant starts after --time-budget seconds, so a run stays within about 10 minutes (estimated, not measured:
-~50 variants of 3-15 s and two torch.compile runs of ~1-2 min; --quick ~15 variants).
-
-Without a GPU only --smoke runs: a tiny model (hidden 32) at batch 2 for a couple of steps, fp32, every
-implementation and loader, to check the script end to end. Its rows say device "cpu" and smoke true; they are
-not GPU numbers and say so.
+What a variant is and what each row reports: benchmarks/README.md. Ours is timed through the engine's own step
+(engine.train.TrainStep on engine.runtime.Runtime, what lxmert-pretrain runs); transformers' through a bare loop
+with the same optimizer (HfStep). Both start from the same weights and read the same batches; transformers gets
+its labels with ignore index -100 and runs the MLM and feature heads on every row, ours on the masked ones only:
+the same model FLOPs. Throughput steps run freely (one synchronisation at the end); breakdown steps synchronise
+between phases (harness.StepClock), so they are slower. No variant starts after --time-budget seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import os
@@ -90,18 +54,7 @@ OURS_ATTENTION = ("eager", "sdpa", "triton", "flash")
 RESIDENT_BATCHES = 4  # distinct batches cycled by the "resident" data
 CLIP = 1.0
 # the synthetic data has 54 answers, 49 object and 19 attribute classes: the heads cover them
-SMOKE_MODEL = dict(
-    hidden_size=32,
-    num_attention_heads=2,
-    intermediate_size=37,
-    l_layers=1,
-    r_layers=1,
-    x_layers=1,
-    num_qa_labels=60,
-    num_object_labels=50,
-    num_attr_labels=20,
-)
-SMOKE_FEAT_DIM = 16
+SMOKE_MODEL = dict(harness.TINY_MODEL, num_qa_labels=60, num_object_labels=50, num_attr_labels=20)
 NOT_GPU = "smoke run on the CPU: a tiny model, not a GPU measurement"
 
 
@@ -127,10 +80,6 @@ class Variant:
         return f"{impl}{extra} {self.precision} b{self.batch}{data}"
 
 
-def implementations(attention: Sequence[str]) -> list[tuple[str, str]]:
-    return [("hf", "hf")] + [("ours", attn) for attn in attention]
-
-
 def plan(args: argparse.Namespace) -> tuple[list[Variant], list[Variant]]:
     """The headline group (the first precision at the headline batch, every implementation, transformers first:
     the ratio's denominator), then the rest of the sweep: every batch size for bf16 / fp16, the headline batch for
@@ -138,7 +87,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Variant], list[Variant]]:
     run between the two (extra_variants), so a time budget cuts the least telling rows."""
 
     def group(precision: str, batch: int) -> list[Variant]:
-        return [Variant(impl, attn, precision, batch) for impl, attn in implementations(args.attn)]
+        return [Variant("hf", "hf", precision, batch)] + [Variant("ours", a, precision, batch) for a in args.attn]
 
     first, head = args.precisions[0], args.headline_batch
     rest = []
@@ -268,7 +217,7 @@ class Skip(Exception):
 
 
 def model_config(args: argparse.Namespace) -> LxmertConfig:
-    return LxmertConfig(**SMOKE_MODEL, visual_feat_dim=SMOKE_FEAT_DIM) if args.smoke else LxmertConfig()
+    return LxmertConfig(**SMOKE_MODEL, visual_feat_dim=harness.TINY_FEAT_DIM) if args.smoke else LxmertConfig()
 
 
 def check_runnable(variant: Variant, device: torch.device) -> None:
@@ -426,22 +375,29 @@ def peak_for(variant: Variant, device: torch.device, given_tflops: float | None)
     return peak, f"engine.flops.PEAK_TFLOPS, {kind} dense, for {name}"
 
 
-def measure(variant: Variant, args, config, master, stores: Stores, device) -> dict[str, Any]:
-    """The variant's numbers (see the module docstring); raises Skip or an exception when it cannot run."""
-    check_runnable(variant, device)
+@contextlib.contextmanager
+def warmed_up(variant: Variant, args, config, master, stores: Stores, device) -> Iterator[tuple]:
+    """(step runner, data, warm-up losses) of the variant after its warm-up steps; the data closed on exit."""
     torch.set_float32_matmul_precision(matmul_precision(variant.precision))
-    skips_before = cudagraph_skips()
     data = None
     try:
-        model = build_model(variant, config, master, device)
-        trainer = step_runner(variant, model, device)
+        trainer = step_runner(variant, build_model(variant, config, master, device), device)
         data = stores.data(variant)
-        warmup = args.warmup + (args.compile_warmup if variant.compile else 0)
         losses = []
-        for _ in range(warmup):
-            _, loss = trainer.step(data, harness.StepClock(device, sync=False))
-            losses.append(loss)
+        for _ in range(args.warmup + (args.compile_warmup if variant.compile else 0)):
+            losses.append(trainer.step(data, harness.StepClock(device, sync=False))[1])
         harness.synchronize(device)
+        yield trainer, data, losses
+    finally:
+        if data is not None:
+            data.close()
+
+
+def measure(variant: Variant, args, config, master, stores: Stores, device) -> dict[str, Any]:
+    """The variant's numbers (benchmarks/README.md); raises Skip or an exception when it cannot run."""
+    check_runnable(variant, device)
+    skips_before = cudagraph_skips()
+    with warmed_up(variant, args, config, master, stores, device) as (trainer, data, losses):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -468,9 +424,6 @@ def measure(variant: Variant, args, config, master, stores: Stores, device) -> d
             for phase, seconds in clock.phases.items():
                 phases[phase].append(seconds * 1e3)
             totals.append(clock.total * 1e3)
-    finally:
-        if data is not None:
-            data.close()
 
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     step_s = elapsed / args.steps
@@ -509,10 +462,8 @@ def parity(precision: str, config: LxmertConfig, master, batch: PretrainBatch, d
     dtype = PRECISIONS[precision]
     torch.set_float32_matmul_precision(matmul_precision(precision))
     out = {}
-    for variant in (
-        Variant("hf", "hf", precision, batch.batch_size),
-        Variant("ours", "eager", precision, batch.batch_size),
-    ):
+    for impl, attn in (("hf", "hf"), ("ours", "eager")):
+        variant = Variant(impl, attn, precision, batch.batch_size)
         model = build_model(variant, config, master, device).eval()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             result = model(**model_inputs(variant.impl, batch))
@@ -520,15 +471,8 @@ def parity(precision: str, config: LxmertConfig, master, batch: PretrainBatch, d
         if variant.impl == "ours":
             out["components"] = {k: float(v) for k, v in result.losses.items()}
         del model
-    return {
-        "kind": "parity",
-        "precision": precision,
-        "batch": batch.batch_size,
-        "loss_hf": out["hf"],
-        "loss_ours": out["ours"],
-        "loss_components_ours": out["components"],
-        "rel_diff": abs(out["ours"] - out["hf"]) / abs(out["hf"]),
-    }
+    row = dict(kind="parity", precision=precision, batch=batch.batch_size, loss_hf=out["hf"], loss_ours=out["ours"])
+    return row | {"loss_components_ours": out["components"], "rel_diff": abs(out["ours"] - out["hf"]) / abs(out["hf"])}
 
 
 # ----------------------------------------------------------------------------------------------- profile
@@ -539,28 +483,12 @@ KERNEL_KINDS = [  # (kind, substrings of kernel or op names), first match wins
     ("attention", ("flash", "fmha", "attention", "bidirectional", "_attn", "attn_")),  # ours: *_attention_*, *bidir*
     ("feature regression (ours)", ("feature_regression",)),
     ("torch.compile (inductor)", ("triton_",)),
-    ("matmul", ("gemm", "cutlass", "xmma", "cublas", "matmul", "wgmma", "sm90_", "sm80_", "::mm", "addmm", "bmm")),
+    ("matmul", tuple("gemm cutlass xmma cublas matmul wgmma sm90_ sm80_ ::mm addmm bmm".split())),
     ("copies", ("memcpy", "memset", "copy")),
     (
         "norm / softmax / elementwise",
-        (
-            "norm",
-            "softmax",
-            "elementwise",
-            "vectorized",
-            "reduce",
-            "gelu",
-            "dropout",
-            "index",
-            "gather",
-            "scatter",
-            "nonzero",
-            "cat",
-            "fill",
-            "where",
-            "mul",
-            "add",
-        ),
+        tuple("norm softmax elementwise vectorized reduce gelu dropout index gather scatter nonzero cat fill".split())
+        + ("where", "mul", "add"),
     ),
 ]
 
@@ -576,14 +504,7 @@ def profile(variant: Variant, args, config, master, stores: Stores, device) -> s
     from torch.profiler import profile as torch_profile
 
     cuda = device.type == "cuda"
-    torch.set_float32_matmul_precision(matmul_precision(variant.precision))
-    model = build_model(variant, config, master, device)
-    trainer = step_runner(variant, model, device)
-    data = stores.data(variant)
-    try:
-        for _ in range(args.warmup + (args.compile_warmup if variant.compile else 0)):
-            trainer.step(data, harness.StepClock(device, sync=False))
-        harness.synchronize(device)
+    with warmed_up(variant, args, config, master, stores, device) as (trainer, data, _):
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         start = time.perf_counter()
         with torch_profile(activities=activities) as prof:
@@ -591,8 +512,6 @@ def profile(variant: Variant, args, config, master, stores: Stores, device) -> s
                 trainer.step(data, harness.StepClock(device, sync=False))
             harness.synchronize(device)
         wall_us = (time.perf_counter() - start) * 1e6
-    finally:
-        data.close()
     events = prof.key_averages()
     if cuda:  # the kernels (and copies) themselves: the CPU ops that launched them report the same time again
         from torch.autograd import DeviceType
@@ -607,23 +526,16 @@ def profile(variant: Variant, args, config, master, stores: Stores, device) -> s
     timed.sort(key=lambda t: -t[1])
     total = sum(t[1] for t in timed) or 1.0
     what = "GPU kernels" if cuda else "CPU ops (self time; no GPU)"
+    n = args.profile_steps
     top = [
-        {
-            "rank": i + 1,
-            "name": name[:110],
-            "kind": kernel_kind(name),
-            "ms": us / 1e3 / args.profile_steps,
-            "share": us / total,
-            "calls": count // args.profile_steps,
-        }
+        dict(rank=i + 1, name=name[:110], kind=kernel_kind(name), ms=us / 1e3 / n, share=us / total, calls=count // n)
         for i, (name, us, count) in enumerate(timed[: args.profile_top])
     ]
     kinds: dict[str, float] = {}
     for name, us, _ in timed:
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
     kind_rows = [
-        {"kind": k, "ms": us / 1e3 / args.profile_steps, "share": us / total}
-        for k, us in sorted(kinds.items(), key=lambda kv: -kv[1])
+        dict(kind=k, ms=us / 1e3 / n, share=us / total) for k, us in sorted(kinds.items(), key=lambda x: -x[1])
     ]
     busy = total / wall_us
     env = harness.environment()
@@ -634,8 +546,8 @@ def profile(variant: Variant, args, config, master, stores: Stores, device) -> s
         header + f"{env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}; {args.profile_steps} "
         f"steps after {args.warmup} warm-up steps; per-step times. {'Device' if cuda else 'Op'} time summed over "
         f"kernels is {busy:.0%} of the wall time (below 100%: the {'GPU' if cuda else 'CPU'} waits for the host or "
-        f"for data).\n\n## By kind\n\n{harness.markdown_table(kind_rows, ['kind', ('ms', 'ms a step'), 'share'])}\n"
-        f"## Top {len(top)}\n\n{harness.markdown_table(top, ['rank', 'name', 'kind', ('ms', 'ms a step'), 'share', 'calls'])}\n"  # noqa: E501
+        f"for data).\n\n## By kind\n\n{harness.markdown_table(kind_rows, 'kind; ms=ms a step; share')}\n"
+        f"## Top {len(top)}\n\n{harness.markdown_table(top, 'rank; name; kind; ms=ms a step; share; calls')}\n"
         f"## What would make it faster\n\n{speedup_notes(kind_rows, busy, cuda)}"
     )
 
@@ -662,14 +574,12 @@ def speedup_notes(kind_rows: list[dict], busy: float, cuda: bool) -> str:
         "56 tokens a sample, a larger batch keeps them efficient."
     )
     attention = share.get("attention", 0.0)
-    lines.append(
-        f"- Attention: {attention:.0%}"
-        + (
-            ": a faster attention kernel cannot move the step by more than that."
-            if attention < 0.15
-            else ": worth a faster kernel."
-        )
+    worth = (
+        "a faster attention kernel cannot move the step by more than that"
+        if attention < 0.15
+        else "worth a faster kernel"
     )
+    lines.append(f"- Attention: {attention:.0%}: {worth}.")
     lines.append(
         f"- Optimizer: {share.get('optimizer', 0.0):.0%} (one fused AdamW pass over every parameter; ZeRO-1 "
         "and up divide it by the GPU count)."
@@ -679,46 +589,21 @@ def speedup_notes(kind_rows: list[dict], busy: float, cuda: bool) -> str:
 
 # ------------------------------------------------------------------------------------------------ report
 
-COLUMNS = [
-    ("name", "variant"),
-    ("samples_per_s", "samples/s"),
-    ("tokens_per_s", "tokens/s"),
-    ("tflops", "TFLOP/s"),
-    ("mfu", "MFU"),
-    ("speedup_vs_hf", "x HF"),
-    ("step_ms", "step ms"),
-    ("data_wait_share", "data wait"),
-    ("peak_memory_gib", "peak GiB"),
-    ("note", "note"),
-]
-BREAKDOWN_COLUMNS = [
-    ("name", "variant"),
-    ("bd_data", "data ms"),
-    ("bd_forward", "forward ms"),
-    ("bd_backward", "backward ms"),
-    ("bd_optimizer", "optimizer ms"),
-    ("breakdown_step_ms", "synced step ms"),
-    ("step_ms", "free-running step ms"),
-]
+COLUMNS = (
+    "name=variant; samples_per_s=samples/s; tokens_per_s=tokens/s; tflops=TFLOP/s; mfu=MFU; speedup_vs_hf=x HF; "
+    "step_ms=step ms; data_wait_share=data wait; peak_memory_gib=peak GiB; note"
+)
+BREAKDOWN_COLUMNS = (
+    "name=variant; bd_data=data ms; bd_forward=forward ms; bd_backward=backward ms; bd_optimizer=optimizer ms; "
+    "breakdown_step_ms=synced step ms; step_ms=free-running step ms"
+)
+PARITY_COLUMNS = "precision; batch; loss_hf=transformers; loss_ours=ours; rel_diff=rel. diff"
 
 
-def headline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The fastest of ours on resident data (the model's speed; the loader rows say what data costs), and
-    transformers' fastest."""
-    ours = [r for r in rows if r.get("impl") == "ours" and r.get("samples_per_s") and r["loader"] == "resident"]
-    if not ours:
-        return None
-    best = max(ours, key=lambda r: r["samples_per_s"])
-    hf_best = max(
-        (r for r in rows if r.get("impl") == "hf" and r.get("samples_per_s") and r["loader"] == "resident"),
-        key=lambda r: r["samples_per_s"],
-        default=None,
-    )
-    return {
-        "best": best,
-        "hf_best": hf_best,
-        "hours_20_epochs_1_gpu": AUTHORS_SAMPLES / best["samples_per_s"] / 3600,
-    }
+def fastest(rows: list[dict[str, Any]], impl: str) -> dict[str, Any] | None:
+    """The fastest row of `impl` on resident data (the model's speed; the loader rows say what data costs)."""
+    timed = [r for r in rows if r.get("impl") == impl and r.get("samples_per_s") and r["loader"] == "resident"]
+    return max(timed, key=lambda r: r["samples_per_s"], default=None)
 
 
 def report(rows: list[dict[str, Any]], parity_rows: list[dict[str, Any]], smoke: bool) -> str:
@@ -729,23 +614,18 @@ def report(rows: list[dict[str, Any]], parity_rows: list[dict[str, Any]], smoke:
         f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, deepspeed "
         f"{env['deepspeed']}, DALI {env['dali']}, CUDA {env['cuda']}; commit {env['commit']}, {env['date']}.\n",
     ]
-    h = headline(rows)
-    if h:
-        best, hf_best = h["best"], h["hf_best"]
+    best, hf_best = fastest(rows, "ours"), fastest(rows, "hf")
+    if best:
         mfu = f"{best['mfu']:.1%}" if best.get("mfu") is not None else "n/a"
         ratio = f"{best['speedup_vs_hf']:.2f}x" if best.get("speedup_vs_hf") else "n/a"
+        rate = lambda r: f"{r['samples_per_s']:.1f} samples/s"  # noqa: E731
+        times = lambda r: f"{best['samples_per_s'] / r['samples_per_s']:.2f}x"  # noqa: E731
+        vs_best = f"; {times(hf_best)} transformers' best ({hf_best['name']}, {rate(hf_best)})" if hf_best else ""
         lines.append(
-            f"Best of ours: **{best['name']}**, {best['samples_per_s']:.1f} samples/s, {best['tflops']:.1f} TFLOP/s, "
-            f"MFU {mfu} (peak: {best['peak_source']}); {ratio} transformers' LxmertForPreTraining at the same "
-            f"precision, batch and data"
-            + (
-                f"; {best['samples_per_s'] / hf_best['samples_per_s']:.2f}x transformers' best ({hf_best['name']}, "
-                f"{hf_best['samples_per_s']:.1f} samples/s)"
-                if hf_best
-                else ""
-            )
-            + f". The authors' 20 epochs ({AUTHORS_SAMPLES / 1e6:g}M samples) at this rate on one device: "
-            f"{h['hours_20_epochs_1_gpu']:.1f} hours.\n"
+            f"Best of ours: **{best['name']}**, {rate(best)}, {best['tflops']:.1f} TFLOP/s, MFU {mfu} (peak: "
+            f"{best['peak_source']}); {ratio} transformers' LxmertForPreTraining at the same precision, batch and "
+            f"data{vs_best}. The authors' 20 epochs ({AUTHORS_SAMPLES / 1e6:g}M samples) at this rate on one device: "
+            f"{AUTHORS_SAMPLES / best['samples_per_s'] / 3600:.1f} hours.\n"
         )
     lines.append(f"## Every variant\n\n{harness.markdown_table(rows, COLUMNS)}")
     timed = [
@@ -758,10 +638,7 @@ def report(rows: list[dict[str, Any]], parity_rows: list[dict[str, Any]], smoke:
     if parity_rows:
         lines.append(
             "## Same weights, same batch: transformers' loss and ours (eval mode)\n\n"
-            + harness.markdown_table(
-                parity_rows,
-                ["precision", "batch", ("loss_hf", "transformers"), ("loss_ours", "ours"), ("rel_diff", "rel. diff")],
-            )
+            + harness.markdown_table(parity_rows, PARITY_COLUMNS)
         )
     return "\n".join(lines)
 
@@ -787,13 +664,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 64 128 256 (smoke: 2)")
     parser.add_argument("--headline-batch", type=int, default=256, help="the batch every variant runs at")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), help="default bf16 fp16 fp32 tf32")
-    parser.add_argument(
-        "--attn",
-        nargs="+",
-        default=list(OURS_ATTENTION),
-        choices=OURS_ATTENTION,
-        help="our attention backends run (default all)",
-    )
+    parser.add_argument("--attn", nargs="+", default=[*OURS_ATTENTION], choices=OURS_ATTENTION, help="ours (all)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 5; smoke 1)")
     parser.add_argument("--compile-warmup", type=int, default=10, help="more warm-up steps for torch.compile")
     parser.add_argument("--steps", type=int, help="free-running timed steps (default 20; smoke 2)")
@@ -806,23 +677,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=420.0, help="no variant starts after this many seconds")
     parser.add_argument("--images", type=int, help="images in the synthetic store (default 512; smoke 12)")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "lxmert-throughput-bench")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="JSON lines appended here (default runs/benchmarks/"
-        "throughput.jsonl; smoke: throughput_smoke_cpu.jsonl); .md, .svg, .png and _profile.md beside it",
-    )
+    parser.add_argument("--out", type=Path, help="rows (default runs/benchmarks/throughput[_smoke_cpu].jsonl)")
     args = parser.parse_args(argv)
     quick = dict(batch_sizes=[128], precisions=["bf16"], warmup=3, steps=10, breakdown_steps=5, images=512)
     smoke = dict(batch_sizes=[2], precisions=["fp32"], warmup=1, steps=2, breakdown_steps=2, images=12)
-    full = dict(
-        batch_sizes=[64, 128, 256],
-        precisions=["bf16", "fp16", "fp32", "tf32"],
-        warmup=5,
-        steps=20,
-        breakdown_steps=10,
-        images=512,
-    )
+    full = dict(batch_sizes=[64, 128, 256], precisions="bf16 fp16 fp32 tf32".split(), warmup=5, steps=20)
+    full.update(breakdown_steps=10, images=512)
     defaults = smoke if args.smoke else quick if args.quick else full
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -857,25 +717,12 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     config = model_config(args)
     env = harness.environment()
-    common = {
-        **env,
-        "benchmark": "throughput",
-        "smoke": args.smoke,
-        "text_len": TEXT_LEN,
-        "regions": REGIONS,
-        "hidden_size": config.hidden_size,
-        "layers": [config.l_layers, config.r_layers, config.x_layers],
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "breakdown_steps": args.breakdown_steps,
-        "optimizer": "adamw (fused)",
-        "grad_clip": CLIP,
-        "note": NOT_GPU if args.smoke else None,
-    }
-    print(
-        f"{'smoke run, CPU' if args.smoke else env['device']}: model hidden {config.hidden_size}, rows to {args.out}",
-        flush=True,
-    )
+    common = dict(env, benchmark="throughput", smoke=args.smoke, text_len=TEXT_LEN, regions=REGIONS)
+    common.update(hidden_size=config.hidden_size, layers=[config.l_layers, config.r_layers, config.x_layers])
+    common.update(warmup=args.warmup, steps=args.steps, breakdown_steps=args.breakdown_steps)
+    common.update(optimizer="adamw (fused)", grad_clip=CLIP, note=NOT_GPU if args.smoke else None)
+    where = "smoke run, CPU" if args.smoke else env["device"]
+    print(f"{where}: model hidden {config.hidden_size}, rows to {args.out}", flush=True)
     stores = Stores(args.data_dir, args.images, config.visual_feat_dim, device, config.vocab_size)
     master = master_weights(config, device)
 
@@ -926,9 +773,8 @@ def run(args: argparse.Namespace) -> int:
 
     for variant in headline_group:
         one(variant)
-    timed = [r for r in rows if r["impl"] == "ours" and r.get("samples_per_s")]
-    if timed:
-        top = max(timed, key=lambda r: r["samples_per_s"])
+    top = fastest(rows, "ours")
+    if top:
         for variant in extra_variants(Variant("ours", top["attn"], top["precision"], top["batch"]), args):
             if variant.loader != "resident":  # transformers with the same loader: the ratio's denominator
                 one(replace(variant, impl="hf", attn="hf"))
@@ -938,22 +784,18 @@ def run(args: argparse.Namespace) -> int:
 
     md = args.out.with_suffix(".md")
     md.write_text(report(rows, parity_rows, args.smoke), encoding="utf-8")
-    timed = [r for r in rows if r.get("samples_per_s")]
-    if timed:
+    if any(r.get("samples_per_s") for r in rows):
         figure = plot(rows, args.smoke)
         for suffix in (".svg", ".png"):
             save_figure(figure, args.out.with_suffix(suffix))
-    h = headline(rows)
-    if h and not args.no_profile:
-        top = h["best"]
+    top = fastest(rows, "ours")
+    if top and not args.no_profile:
         variant = Variant("ours", top["attn"], top["precision"], top["batch"], top["compile"], top["cudagraphs"])
         text = profile(variant, args, config, master, stores, device)
         args.out.with_name(args.out.stem + "_profile.md").write_text(text, encoding="utf-8")
-    print(harness.markdown_table(rows, COLUMNS[:7] + COLUMNS[-1:]))
+    print(harness.markdown_table(rows, COLUMNS))
     print(
-        f"{len(rows) + len(parity_rows)} rows appended to {args.out}; summary {md}; "
-        f"{time.perf_counter() - start:.0f} s in all",
-        flush=True,
+        f"{len(rows) + len(parity_rows)} rows to {args.out}; summary {md}; {time.perf_counter() - start:.0f} s in all"
     )
     return 0
 
