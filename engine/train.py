@@ -10,10 +10,10 @@ this module and engine/tasks/ never import each other.
 
 TrainStep.forward_backward (one micro batch) -> TrainStep.train_step (train.grad_accum_steps micro batches, one
 optimizer step; the Trainer holds one as trainer.train_step and calls it) -> Trainer.train (the steps, with logs,
-evaluations and checkpoints). The runtime (engine/runtime.py) steps the model on one
-of two paths with the same semantics (DeepSpeed when it is installed and train.zero_stage > 0 or a launcher
-started us; plain PyTorch otherwise: engine/launch.py): global batch = micro x accumulation x ranks, clipping,
-one schedule step per optimizer step, a non-finite step skipped and logged. The config is resolved once, here.
+evaluations and checkpoints). The runtime (engine/runtime.py) steps the model on one of two paths with the same
+semantics (DeepSpeed when it is installed and train.zero_stage > 0 or a launcher started us; plain PyTorch
+otherwise: engine/launch.py): global batch = micro x accumulation x ranks, clipping, one schedule step per
+optimizer step, a non-finite step skipped and logged. The config is resolved once, here.
 
 Every train.log_every steps a train record goes to <output_dir>/metrics.jsonl (engine/metrics_log.py), the same
 fields for every task: the loss (and its components where the model has them), lr, gradient norm, loss scale,

@@ -6,6 +6,7 @@ the plain path unless a test says otherwise. The DeepSpeed test is marked slow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from conftest import build_pretrain_stores, tiny_model_overrides
 import lxmert
 from engine import checkpoint as ckpt
 from engine.config import load_config
+from engine.context import TaskContext
 from engine.launch import deepspeed_available
 from engine.plots import read_metrics
 from engine.tasks.pretrain import PretrainTask
@@ -65,6 +67,48 @@ def baseline(stores, tmp_path_factory):
     trainer = Trainer(make_config(stores, out), PretrainTask(), use_deepspeed=False)
     summary = trainer.train()
     return trainer, summary, out
+
+
+class RecordingTask(PretrainTask):
+    """Pre-training that keeps what each call into it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, object]] = []
+
+    def check(self, ctx):
+        self.calls.append(("check", ctx))
+        super().check(ctx)
+
+    def build_model(self, ctx):
+        self.calls.append(("build_model", ctx))
+        return super().build_model(ctx)
+
+    def evaluate(self, ctx):
+        self.calls.append(("evaluate", ctx))
+        return super().evaluate(ctx)
+
+    def summary(self, ctx, run):
+        self.calls.append(("summary", ctx))
+        return super().summary(ctx, run)
+
+
+def test_a_task_sees_a_frozen_context_of_each_call_never_the_trainer(stores, tmp_path):
+    text, feats = stores
+    evals = (f"data.eval.text={text}", f"data.eval.features={feats}", "train.eval_every=2", "train.max_steps=4")
+    task = RecordingTask()
+    trainer = Trainer(make_config(stores, tmp_path, *evals), task, use_deepspeed=False)
+    summary = trainer.train()
+    assert all(type(ctx) is TaskContext for _, ctx in task.calls), task.calls
+    calls = dict(task.calls[:2])
+    assert calls["check"].runtime is None and calls["check"].config is trainer.config  # nothing built yet
+    assert calls["build_model"].rank == trainer.rank and calls["build_model"].output_dir == tmp_path
+    evaluated = [ctx for name, ctx in task.calls if name == "evaluate"]
+    assert [ctx.step for ctx in evaluated] == [2, 4] and evaluated[0].runtime is trainer.runtime
+    assert [len(ctx.evals) for ctx in evaluated] == [0, 1]  # the records before this evaluation
+    assert task.calls[-1][1].evals == tuple(trainer.evals) and summary["eval"] == trainer.evals[-1]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evaluated[0].step = 0
 
 
 FIELDS = {
