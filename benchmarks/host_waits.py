@@ -132,7 +132,7 @@ class HostWaitCounter(TorchDispatchMode):
 def watch(trainer, counter: HostWaitCounter) -> None:
     """Attribute the counter's events to the trainer's steps: from the start of each train_step to the next one's,
     the loader and checkpoints excluded; nothing after the run's last checkpoint."""
-    step_fn, save_fn, micro_fn = trainer.train_step, trainer.save, trainer._micro_batches
+    step_fn, save_fn, micro_fn = trainer.train_step.train_step, trainer.save, trainer._micro_batches
 
     def train_step(micro, clock=None):
         counter.phase = trainer.step + 1
@@ -154,7 +154,7 @@ def watch(trainer, counter: HostWaitCounter) -> None:
                 return
             yield batch
 
-    trainer.train_step, trainer.save, trainer._micro_batches = train_step, save, micro_batches
+    trainer.train_step.train_step, trainer.save, trainer._micro_batches = train_step, save, micro_batches
 
 
 def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple[Path, Path] | None = None):
@@ -183,9 +183,10 @@ def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple
 
 def count_run(path: str, work: Path, steps: int = 20, log_every: int = 10) -> dict[int, Counter]:
     """{step: Counter(kind -> waits)} of a `steps`-step run logging every `log_every` steps."""
+    from engine.tasks.pretrain import PretrainTask
     from engine.train import Trainer
 
-    trainer = Trainer(tiny_config(path, work, steps, log_every), use_deepspeed=path.startswith("zero"))
+    trainer = Trainer(tiny_config(path, work, steps, log_every), PretrainTask(), use_deepspeed=path.startswith("zero"))
     counter = HostWaitCounter()
     watch(trainer, counter)
     with counter:

@@ -176,10 +176,11 @@ def measure_stage(
     """One rank's step times and byte counts at one ZeRO stage in one configuration."""
     import deepspeed.comm as dscomm
 
+    from engine.tasks.pretrain import PretrainTask
     from engine.train import Trainer
 
     config = run_config(args, stores, mode, stage, world, out_dir)
-    trainer = Trainer(config, use_deepspeed=True)
+    trainer = Trainer(config, PretrainTask(), use_deepspeed=True)
     ds_engine = trainer.engine
     ds_engine.train()
     batches = draw_batches(trainer, args.warmup + args.steps + args.count_steps)

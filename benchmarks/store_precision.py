@@ -63,10 +63,11 @@ def stores(work: Path, images: int, feat_dim: int) -> dict[str, tuple[Path, Path
 
 def losses(text: Path, feats: Path, out: Path, steps: int, log_every: int) -> list[tuple[int, float]]:
     from benchmarks.host_waits import tiny_config
+    from engine.tasks.pretrain import PretrainTask
     from engine.train import Trainer
 
     config = tiny_config("sdpa", out, steps, log_every, stores=(text, feats))
-    trainer = Trainer(config, use_deepspeed=False)
+    trainer = Trainer(config, PretrainTask(), use_deepspeed=False)
     trainer.train()
     return [(r["step"], r["loss"]) for r in trainer.history]
 

@@ -41,6 +41,26 @@ from lxmert.config import LxmertConfig
 
 PRETRAIN_SOURCES = ("mscoco", "vg", "vqa", "gqa", "visual7w")  # the authors' sentf / labelf source names
 STEPS_PER_PRINT = 1_000_000_000  # DeepSpeed's own progress lines are off: the engine logs by itself
+# The fields that fix a checkpoint's shapes and arithmetic: fine-tuning takes them from the checkpoint's
+# config (engine/tasks/finetune.py), a weights-only start must share them (engine/train.py).
+ARCHITECTURE = (
+    "vocab_size",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "l_layers",
+    "r_layers",
+    "x_layers",
+    "visual_feat_dim",
+    "visual_pos_dim",
+    "num_qa_labels",
+    "num_object_labels",
+    "num_attr_labels",
+)
 
 
 class ConfigError(ValueError):

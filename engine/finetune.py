@@ -44,7 +44,7 @@ class FineTuner(Trainer):
         evaluate_only: bool = False,
     ) -> None:
         task = FinetuneTask(config.train.task, answer_table=answer_table, evaluate_only=evaluate_only)
-        super().__init__(config, use_deepspeed=use_deepspeed, task=task)
+        super().__init__(config, task, use_deepspeed=use_deepspeed)
 
     @property
     def init_report(self) -> dict[str, Any]:
@@ -69,7 +69,7 @@ class FineTuner(Trainer):
 
     def evaluate_only(self) -> dict[str, Any]:
         """Predict the eval split with the loaded weights: <output_dir>/evaluate/{submission, result.json}."""
-        return self.task.evaluate_only_run(self)
+        return self.task.evaluate_only_run(self.context())
 
 
 @interrupt_in_one_line("lxmert-finetune")

@@ -348,11 +348,12 @@ def _refuse_if_changed(saved_config: Path, config: RunConfig, what: str) -> None
 
 
 def run_pretraining(layout: Layout, options: JobOptions) -> dict[str, Any]:
+    from engine.tasks.pretrain import PretrainTask
     from engine.train import Trainer
 
     config = pretrain_config(layout, options)
     _refuse_if_changed(layout.pretrain / "config.yaml", config, "pre-training")
-    return Trainer(config).train()
+    return Trainer(config, PretrainTask()).train()
 
 
 def run_finetuning(layout: Layout, options: JobOptions) -> dict[str, Any]:

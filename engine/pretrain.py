@@ -24,6 +24,7 @@ from engine.config import ConfigError, format_config, load_config
 from engine.launch import error_line
 from engine.output_dir import RunError
 from engine.stopping import interrupt_in_one_line
+from engine.tasks.pretrain import PretrainTask
 from engine.train import Trainer, exit_status, report, run_cli
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"train.task is {config.train.task!r}: lxmert-pretrain pre-trains (lxmert-finetune fine-tunes)"
             )
-        trainer = Trainer(config, export_hf=args.export_hf)
+        trainer = Trainer(config, PretrainTask(export_hf=args.export_hf))
     except (ConfigError, RunError) as error:
         return error_line("lxmert-pretrain", error)
 

@@ -1,14 +1,19 @@
 """The one training loop: every task (engine/tasks: pre-training, VQA / GQA, NLVR2) is stepped, logged,
 evaluated, checkpointed and resumed by it in the same way.
 
-    trainer = Trainer(load_config("configs/tiny_cpu.yaml"))          # train.task picks the task
+    config = load_config("configs/tiny_cpu.yaml")
+    trainer = Trainer(config, make_task(config))     # engine.tasks.make_task: the task train.task names
     summary = trainer.train()          # until train.max_steps or train.epochs; resumes per train.resume
 
-forward_backward (one micro batch) -> train_step (train.grad_accum_steps micro batches, one optimizer step) ->
-train (the steps, with logs, evaluations and checkpoints). The runtime (engine/runtime.py) steps the model on one
-of two paths with the same semantics (DeepSpeed when it is installed and train.zero_stage > 0 or a launcher
-started us; plain PyTorch otherwise: engine/launch.py): global batch = micro x accumulation x ranks, clipping,
-one schedule step per optimizer step, a non-finite step skipped and logged. The config is resolved once, here.
+A task sees the run only through a TaskContext (engine/context.py) that the Trainer builds for each call into it;
+this module and engine/tasks/ never import each other.
+
+TrainStep.forward_backward (one micro batch) -> TrainStep.train_step (train.grad_accum_steps micro batches, one
+optimizer step; the Trainer holds one as trainer.train_step and calls it) -> Trainer.train (the steps, with logs,
+evaluations and checkpoints). The runtime (engine/runtime.py) steps the model on one of two paths with the same
+semantics (DeepSpeed when it is installed and train.zero_stage > 0 or a launcher started us; plain PyTorch
+otherwise: engine/launch.py): global batch = micro x accumulation x ranks, clipping, one schedule step per
+optimizer step, a non-finite step skipped and logged. The config is resolved once, here.
 
 Every train.log_every steps a train record goes to <output_dir>/metrics.jsonl (engine/metrics_log.py), the same
 fields for every task: the loss (and its components where the model has them), lr, gradient norm, loss scale,
@@ -51,7 +56,8 @@ import torch
 import yaml
 
 from engine import checkpoint as ckpt
-from engine.config import ConfigError, RunConfig, StorePaths, resolve, save_config, to_dict
+from engine.config import ARCHITECTURE, ConfigError, RunConfig, StorePaths, resolve, save_config, to_dict
+from engine.context import TaskContext
 from engine.flops import mfu, peak_flops
 from engine.launch import Launch, all_reduce_sum, choose_deepspeed, error_line, pick_device, set_threads
 from engine.metrics_log import MetricsLog, WandbRun, check_trackers, console_line, peak_memory_gib
@@ -68,18 +74,8 @@ from engine.stopping import (
     reason_name,
     status_of,
 )
-from engine.tasks.base import Task
-from engine.tasks.finetune import ARCHITECTURE, FINETUNE_TASKS, FinetuneTask
-from engine.tasks.pretrain import PretrainTask
 
 WEIGHTS = "weights:"  # train.resume=weights:<checkpoint>: its weights, a new optimizer, schedule and loader
-
-
-def make_task(config: RunConfig, export_hf: bool = False) -> Task:
-    """The task train.task names."""
-    if config.train.task in FINETUNE_TASKS:
-        return FinetuneTask(config.train.task)
-    return PretrainTask(export_hf=export_hf)
 
 
 def write_run_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
@@ -99,11 +95,15 @@ def _mark(clock: Any, phase: str) -> None:
 
 
 class TrainStep:
-    """One optimizer step of the engine: the Trainer's, and what benchmarks.throughput times (the same code, so
-    its samples/s are what the loop achieves, per-micro-batch bookkeeping included)."""
+    """One optimizer step of the engine: the Trainer's (trainer.train_step), and what benchmarks.throughput times
+    (the same code, so its samples/s are what the loop achieves, per-micro-batch bookkeeping included). `task` is
+    anything with flops(batch) and tokens(batch) (engine/tasks/base.py's Task)."""
 
-    def __init__(self, runtime: Runtime, task: Task, accum: int, world_size: int, device: torch.device) -> None:
+    def __init__(self, runtime: Runtime, task: Any, accum: int, world_size: int, device: torch.device) -> None:
         self.runtime, self.task, self.accum, self.world_size, self.device = runtime, task, accum, world_size, device
+
+    def __call__(self, micro: Iterator[Any], clock: Any = None) -> dict[str, Any] | None:
+        return self.train_step(micro, clock)  # looked up on the instance: a test or benchmark may wrap it
 
     def inputs(self, batch: Any) -> Any:
         """DeepSpeed casts the model to the training precision; the floating-point inputs follow."""
@@ -188,24 +188,32 @@ def read_step(step: dict[str, Any], extra: dict[str, torch.Tensor] | None = None
     }
 
 
-class Trainer(TrainStep):
-    """Builds the run from a RunConfig and a task; `train()` runs the loop and returns a summary dict."""
+class Trainer:
+    """Builds the run from a RunConfig and a task (engine/tasks: engine.tasks.make_task, or a CLI's); `train()`
+    runs the loop and returns a summary dict. The task is asked through self.context(), never given the Trainer."""
 
-    def __init__(
-        self, config: RunConfig, use_deepspeed: bool | None = None, export_hf: bool = False, task: Task | None = None
-    ) -> None:
+    def __init__(self, config: RunConfig, task: Any, use_deepspeed: bool | None = None) -> None:
         self.launch = Launch.from_env()
         self.rank, self.local_rank, world = self.launch.rank, self.launch.local_rank, self.launch.world_size
         self.use_deepspeed = choose_deepspeed(config.train.zero_stage, use_deepspeed, self.launch)
         self.world_size = world
         self.config = resolve(config, world)
-        self.task = task if task is not None else make_task(self.config, export_hf)
+        self.task = task
         self.task.config = self.config
         t = self.config.train
         self.output_dir = Path(t.output_dir)
         self.device = pick_device(self.local_rank)
         self.threads = set_threads(t.threads, self.launch)
-        self.task.check(self)  # every input, before anything is built or written
+        # what the context reads before _start builds it
+        self.resume_from: Path | None = None
+        self.runtime: Runtime | None = None
+        self.train_step: TrainStep | None = None
+        self.eval_loader: Any = None
+        self.steps_per_epoch = 1
+        self.step = 0  # optimizer steps done (skipped ones included, as DeepSpeed counts them)
+        self.started_at = 0
+        self.evals: list[dict[str, Any]] = []  # every evaluation record
+        self.task.check(self.context())  # every input, before anything is built or written
         if not self.task.evaluate_only:
             check_trackers(t.report_to)  # every rank: one that is missing stops them all here, rank 0 says it
         # one run per output directory (engine/output_dir.py): rank 0 holds the lock, the other ranks learn of it
@@ -226,9 +234,9 @@ class Trainer(TrainStep):
             self._check_resume(self.resume_from)
 
         torch.manual_seed(t.seed)  # initialisation, then dropout
-        self.model = self.task.build_model(self)
-        self.loader = self.task.train_loader(self)
-        self.eval_loader = self.task.eval_loader(self)
+        self.model = self.task.build_model(self.context())
+        self.loader = self.task.train_loader(self.context())
+        self.eval_loader = self.task.eval_loader(self.context())
         self.accum = t.grad_accum_steps
         self.steps_per_epoch = len(self.loader) // self.accum if self.loader is not None else 1
         if self.steps_per_epoch < 1:
@@ -237,14 +245,11 @@ class Trainer(TrainStep):
                 f"train.grad_accum_steps {self.accum}"
             )
         self.total_steps = t.total_steps(self.steps_per_epoch)
-        runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, self.launch)
-        super().__init__(runtime, self.task, self.accum, self.world_size, self.device)
-        self.step = 0  # optimizer steps done (skipped ones included, as DeepSpeed counts them)
-        self.started_at = 0
+        self.runtime = Runtime(self.model, self.config, self.total_steps, self.device, self.use_deepspeed, self.launch)
+        self.train_step = TrainStep(self.runtime, self.task, self.accum, self.world_size, self.device)
         self.skipped_steps = 0
         self.unlogged_skips = 0  # skipped steps since the last train record
         self.history: list[dict[str, Any]] = []  # every logged training record
-        self.evals: list[dict[str, Any]] = []  # every evaluation record
         self.last_checkpoint: Path | None = None
         if self.resume_from is not None:
             self._resume(self.resume_from)
@@ -256,9 +261,28 @@ class Trainer(TrainStep):
         """The DeepSpeed engine (None on the plain path)."""
         return self.runtime.engine
 
+    def context(self) -> TaskContext:
+        """The run as the task sees it now (engine/context.py): built afresh for every call into the task, so
+        that its step, evaluations and ranks are those of the call."""
+        return TaskContext(
+            config=self.config,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            output_dir=self.output_dir,
+            resume_from=self.resume_from,
+            runtime=self.runtime,
+            inputs=self.train_step.inputs if self.train_step is not None else None,
+            eval_loader=self.eval_loader,
+            steps_per_epoch=self.steps_per_epoch,
+            step=self.step,
+            started_at=self.started_at,
+            evals=tuple(self.evals),
+        )
+
     def _make_loader(self, stores: StorePaths, split: str = "train"):
         """Pre-training's loader of one split (tests build a rank's eval loader with it)."""
-        return self.task.make_loader(self, stores, split)
+        return self.task.make_loader(self.context(), stores, split)
 
     # -------------------------------------------------------------------------------------- checkpoints
 
@@ -412,7 +436,7 @@ class Trainer(TrainStep):
         was_training = self.runtime.training
         self.runtime.train(False)
         try:
-            return self.task.evaluate(self)
+            return self.task.evaluate(self.context())
         finally:
             self.runtime.train(was_training)
 
@@ -421,7 +445,7 @@ class Trainer(TrainStep):
         self.evals.append(record)
         log.write(record)
         log.console(self.task.eval_line(record))
-        self.task.after_evaluation(self, record)
+        self.task.after_evaluation(self.context(), record)
 
     def _eval_due(self, epoch_ended: bool) -> bool:
         every = self.config.train.eval_every
@@ -562,7 +586,7 @@ class Trainer(TrainStep):
         )
         if self.last_checkpoint is not None and self.step < self.total_steps:
             log.write({"kind": "resume", "step": self.step, "checkpoint": str(self.last_checkpoint)})
-        self.task.start(self, resumed=self.last_checkpoint is not None)
+        self.task.start(self.context(), resumed=self.last_checkpoint is not None)
         self.runtime.train(True)
         peak = self._peak()
         micro = self._micro_batches()
@@ -640,7 +664,7 @@ class Trainer(TrainStep):
                     if run[end] is not None:
                         values = read_step(run[end])
                         run[end] = {"loss": values["loss"], **values["losses"]}
-                run |= self.task.finish(self)
+                run |= self.task.finish(self.context())
             status = 0 if stop is None else stop["status"]
         finally:
             requests.restore()
@@ -664,7 +688,7 @@ class Trainer(TrainStep):
             "eval_seconds": eval_seconds,
             "samples_per_s": done * self.config.train.batch_size / train_seconds if train_seconds > 0 else None,
             "plots": [str(p) for p in plots],
-            **self.task.summary(self, run),
+            **self.task.summary(self.context(), run),
         }
 
 

@@ -6,6 +6,8 @@
 - No module takes a private name (`_name`) from another module.
 - lxmert/ never imports engine/ or benchmarks/, and knows no command line (argparse); kernels/ imports nothing of
   the project but itself.
+- engine/train.py and engine/tasks/ never import each other, not even under `if TYPE_CHECKING:`: a task sees the
+  run through engine/context.py's TaskContext.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def resolve(module: str, node: ast.ImportFrom) -> str:
     return ".".join([*base, node.module] if node.module else base)
 
 
-def imports(module: str) -> list[tuple[str, list[str], int]]:
-    """(imported project module, names taken from it, line) for every import statement of `module`."""
+def imports(module: str, type_checking: bool = False) -> list[tuple[str, list[str], int]]:
+    """(imported project module, names taken from it, line) for every import statement of `module`; those under
+    `if TYPE_CHECKING:` only with type_checking."""
     tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
     type_only = {
         id(n)
@@ -50,6 +53,7 @@ def imports(module: str) -> list[tuple[str, list[str], int]]:
         if isinstance(block, ast.If) and _is_type_checking(block.test)
         for stmt in block.body
         for n in ast.walk(stmt)
+        if not type_checking
     }
     found = []
     for node in ast.walk(tree):
@@ -147,6 +151,28 @@ def test_the_model_knows_no_engine_and_no_command_line():
             assert "argparse" not in path.read_text(encoding="utf-8"), f"{module} has a command line"
         if module.startswith("kernels"):
             assert targets <= {"kernels"}, module
+
+
+def _edges_between_train_and_tasks() -> list[str]:
+    def is_task(name: str) -> bool:
+        return name == "engine.tasks" or name.startswith("engine.tasks.")
+
+    found = []
+    for module in MODULES:
+        for target, _, line in imports(module, type_checking=True):
+            if (module == "engine.train" and is_task(target)) or (is_task(module) and target == "engine.train"):
+                found.append(f"{MODULES[module].relative_to(REPO)}:{line} imports {target}")
+    return found
+
+
+def test_the_loop_and_the_tasks_never_import_each_other():
+    assert _edges_between_train_and_tasks() == []
+
+
+def test_the_checker_sees_type_checking_imports_when_asked():
+    """engine/context.py names the runtime for its annotations only."""
+    assert "engine.runtime" not in {t for t, _, _ in imports("engine.context")}
+    assert "engine.runtime" in {t for t, _, _ in imports("engine.context", type_checking=True)}
 
 
 def test_the_checker_sees_a_cycle_and_a_private_import():

@@ -29,6 +29,7 @@ from conftest import build_pretrain_stores, free_port, tiny_model_overrides
 from engine import checkpoint as ckpt
 from engine.config import ConfigError, load_config
 from engine.launch import deepspeed_available
+from engine.tasks.pretrain import PretrainTask
 from engine.train import Trainer
 
 pytestmark = [
@@ -117,7 +118,7 @@ def assert_close(got: list[dict], expected: list[dict], what: str) -> None:
 def uninterrupted(stores, tmp_path_factory) -> list[dict]:
     """One process, the plain path, micro 4 x 2 accumulation steps: the losses of 1 and of 2 ranks."""
     config = load_config(None, overrides(stores, tmp_path_factory.mktemp("uninterrupted")))
-    trainer = Trainer(config, use_deepspeed=False)
+    trainer = Trainer(config, PretrainTask(), use_deepspeed=False)
     trainer.train()
     return trainer.history
 
@@ -179,9 +180,9 @@ def test_a_checkpoint_of_n_ranks_resumes_on_m_with_the_uninterrupted_losses(
 def test_a_resume_with_another_global_batch_is_refused_in_one_line(stores, tmp_path, uninterrupted):
     """The ranks may change, the global batch may not (a plain checkpoint: the check is the trainer's)."""
     out = tmp_path / "run"
-    Trainer(load_config(None, overrides(stores, out, "train.max_steps=2")), use_deepspeed=False).train()
+    Trainer(load_config(None, overrides(stores, out, "train.max_steps=2")), PretrainTask(), use_deepspeed=False).train()
     with pytest.raises(ConfigError, match="train.batch_size 8 -> 16 "):  # the run's config.yaml against this one
-        Trainer(load_config(None, overrides(stores, out, "train.batch_size=16")), use_deepspeed=False)
+        Trainer(load_config(None, overrides(stores, out, "train.batch_size=16")), PretrainTask(), use_deepspeed=False)
     (out / "config.yaml").unlink()  # without it, the checkpoint's own record of the batch
     with pytest.raises(ConfigError, match="written with train.batch_size 8, this run has 16: a resumed run keeps"):
-        Trainer(load_config(None, overrides(stores, out, "train.batch_size=16")), use_deepspeed=False)
+        Trainer(load_config(None, overrides(stores, out, "train.batch_size=16")), PretrainTask(), use_deepspeed=False)

@@ -36,6 +36,7 @@ from engine.config import load_config
 from engine.data.tasks import TaskStore
 from engine.finetune import FineTuner
 from engine.launch import deepspeed_available
+from engine.tasks.pretrain import PretrainTask
 from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
 
@@ -144,7 +145,7 @@ def reference(stores, tmp_path_factory) -> Trainer:
     """One process, the plain path, micro batch 4 x 2 accumulation steps = the 2-rank run's global batch."""
     out = tmp_path_factory.mktemp("reference")
     config = load_config(None, overrides(stores, out, "train.micro_batch_size=4", "train.grad_accum_steps=2"))
-    trainer = Trainer(config, use_deepspeed=False)
+    trainer = Trainer(config, PretrainTask(), use_deepspeed=False)
     trainer.train()
     return trainer
 

@@ -326,14 +326,14 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(data, tmp_path, monk
     expected = whole.train()
 
     killed = FineTuner(config(data, "vqa", tmp_path / "killed", *extra))
-    step = killed.optimizer_step
+    step = killed.train_step.optimizer_step
 
     def dies_in_step_5():
         if killed.step == 4:
             raise KeyboardInterrupt
         return step()
 
-    killed.optimizer_step = dies_in_step_5
+    killed.train_step.optimizer_step = dies_in_step_5
     with pytest.raises(KeyboardInterrupt):
         killed.train()
     assert (tmp_path / "killed/checkpoints/latest").read_text().strip() == "step_00000004"

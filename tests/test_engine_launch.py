@@ -16,6 +16,7 @@ from conftest import build_pretrain_stores, tiny_model_overrides
 from engine import launch
 from engine.config import load_config
 from engine.launch import Launch, deepspeed_available, default_threads, set_threads
+from engine.tasks.pretrain import PretrainTask
 from engine.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,9 @@ def run_overrides(stores, out: Path, *extra: str) -> list[str]:
 def test_every_zero_stage_runs_as_one_process_without_a_launcher(stage, stores, tmp_path):
     """`lxmert-pretrain ... train.zero_stage=N` with no launcher variables: the DeepSpeed path on a world of one
     (no MPI discovery), the plain path's losses, and no DeepSpeed noise on the console."""
-    reference = Trainer(load_config(None, run_overrides(stores, tmp_path / "plain")), use_deepspeed=False)
+    reference = Trainer(
+        load_config(None, run_overrides(stores, tmp_path / "plain")), PretrainTask(), use_deepspeed=False
+    )
     reference.train()
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     out = tmp_path / "ds"

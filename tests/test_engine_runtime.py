@@ -21,6 +21,7 @@ from engine.data import convert
 from engine.data.store import TextStore
 from engine.launch import deepspeed_available
 from engine.parallelize import apply_activation_checkpointing, encoder_layers
+from engine.tasks.pretrain import PretrainTask
 from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
 
@@ -71,9 +72,11 @@ def losses(trainer: Trainer) -> list[float]:
 
 def test_activation_checkpointing_leaves_losses_and_gradients_bit_identical(stores, tmp_path):
     """Dropout on: the recomputation replays the same masks (RNG state preserved), so nothing changes."""
-    plain = Trainer(make_config(stores, tmp_path / "a"), use_deepspeed=False)
+    plain = Trainer(make_config(stores, tmp_path / "a"), PretrainTask(), use_deepspeed=False)
     plain.train()
-    ckpt = Trainer(make_config(stores, tmp_path / "b", "train.activation_checkpointing=true"), use_deepspeed=False)
+    ckpt = Trainer(
+        make_config(stores, tmp_path / "b", "train.activation_checkpointing=true"), PretrainTask(), use_deepspeed=False
+    )
     layers = encoder_layers(ckpt.model)
     assert len(layers) == 5 and all(layer._checkpointed for layer in layers)
     assert apply_activation_checkpointing(ckpt.model) == 5  # idempotent: wrapping twice would recompute twice
@@ -86,7 +89,9 @@ def test_activation_checkpointing_leaves_losses_and_gradients_bit_identical(stor
 def test_activation_checkpointing_recomputes_in_the_backward(stores, tmp_path):
     """The wrapped layers run twice per training step (forward, then again in the backward), once in eval."""
     trainer = Trainer(
-        make_config(stores, tmp_path, "train.activation_checkpointing=true", *NO_DROPOUT), use_deepspeed=False
+        make_config(stores, tmp_path, "train.activation_checkpointing=true", *NO_DROPOUT),
+        PretrainTask(),
+        use_deepspeed=False,
     )
     calls = []
     layer = trainer.model.lxmert.cross_layers[0]
@@ -103,7 +108,9 @@ def test_activation_checkpointing_recomputes_in_the_backward(stores, tmp_path):
 def test_compiled_model_gives_the_eager_losses(stores, tmp_path):
     """train.compile through torch.compile's tracing (aot_eager: inductor's C++ build takes minutes on 2 CPU
     cores); dropout off, because compiled dropout draws its own random numbers."""
-    eager = Trainer(make_config(stores, tmp_path / "eager", *NO_DROPOUT, "train.max_steps=3"), use_deepspeed=False)
+    eager = Trainer(
+        make_config(stores, tmp_path / "eager", *NO_DROPOUT, "train.max_steps=3"), PretrainTask(), use_deepspeed=False
+    )
     eager.train()
     torch._dynamo.reset()
     compiled = Trainer(
@@ -115,6 +122,7 @@ def test_compiled_model_gives_the_eager_losses(stores, tmp_path):
             "train.compile=true",
             "train.compile_backend=aot_eager",
         ),
+        PretrainTask(),
         use_deepspeed=False,
     )
     assert compiled.model._compiled_call_impl is not None
@@ -135,7 +143,7 @@ def test_pretraining_evaluates_on_schedule_and_the_numbers_are_the_models(stores
         "train.eval_every=2",
         "train.max_steps=5",
     )
-    trainer = Trainer(config, use_deepspeed=False)
+    trainer = Trainer(config, PretrainTask(), use_deepspeed=False)
     summary = trainer.train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r.get("kind") == "eval"]
@@ -181,7 +189,7 @@ def test_eval_every_zero_evaluates_at_each_epoch_end(stores, tmp_path):
         "train.max_steps=null",
         "train.batch_size=32",
     )
-    trainer = Trainer(config, use_deepspeed=False)
+    trainer = Trainer(config, PretrainTask(), use_deepspeed=False)
     trainer.train()
     steps = [r["step"] for r in trainer.evals]
     assert steps == [trainer.steps_per_epoch, 2 * trainer.steps_per_epoch]
@@ -209,10 +217,11 @@ needs_deepspeed = pytest.mark.skipif(not deepspeed_available(), reason="DeepSpee
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_deepspeed_bf16_tracks_fp32_and_exports_the_fp32_masters(stores, tmp_path, one_rank, stage):
-    reference = Trainer(make_config(stores, tmp_path / "fp32", *NO_DROPOUT), use_deepspeed=False)
+    reference = Trainer(make_config(stores, tmp_path / "fp32", *NO_DROPOUT), PretrainTask(), use_deepspeed=False)
     reference.train()
     bf16 = Trainer(
         make_config(stores, tmp_path / "bf16", *NO_DROPOUT, "train.precision=bf16", f"train.zero_stage={stage}"),
+        PretrainTask(),
         use_deepspeed=True,
     )
     summary = bf16.train()
@@ -265,6 +274,7 @@ def test_deepspeed_fp16_skips_an_injected_inf_step(stores, tmp_path, one_rank):
             f"deepspeed.config={template}",
             "model.layer_norm_eps=1e-5",
         ),
+        PretrainTask(),
         use_deepspeed=True,
     )
     param = trainer.engine.module.match_head.weight
@@ -275,7 +285,7 @@ def test_deepspeed_fp16_skips_an_injected_inf_step(stores, tmp_path, one_rank):
         return grad * math.inf if trainer.step == 2 else grad  # the backward of the third step
 
     param.register_hook(inject)
-    forward_backward, optimizer_step = trainer.forward_backward, trainer.optimizer_step
+    forward_backward, optimizer_step = trainer.train_step.forward_backward, trainer.train_step.optimizer_step
 
     def recording_forward_backward(batch, *args):
         if trainer.step == 2:
@@ -289,7 +299,7 @@ def test_deepspeed_fp16_skips_an_injected_inf_step(stores, tmp_path, one_rank):
             snapshots["lr"] = trainer.runtime.lr()
         return result
 
-    trainer.forward_backward, trainer.optimizer_step = recording_forward_backward, recording_step
+    trainer.train_step.forward_backward, trainer.train_step.optimizer_step = recording_forward_backward, recording_step
     trainer.train()
     records = {r["step"]: r for r in trainer.history}
     assert records[3]["skipped"] is True and trainer.skipped_steps == 1
@@ -307,9 +317,11 @@ def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_pa
     """ZeRO-0 fp32: DeepSpeed steps the client optimizer itself and reports no gradient norm (and would apply a
     non-finite step). The runtime measures the norm (the plain path's, on the same batches) and skips such a step:
     weights, schedule and later losses as if it never came."""
-    plain = Trainer(make_config(stores, tmp_path / "plain", *NO_DROPOUT), use_deepspeed=False)
+    plain = Trainer(make_config(stores, tmp_path / "plain", *NO_DROPOUT), PretrainTask(), use_deepspeed=False)
     plain.train()
-    ds = Trainer(make_config(stores, tmp_path / "ds", *NO_DROPOUT, "train.zero_stage=0"), use_deepspeed=True)
+    ds = Trainer(
+        make_config(stores, tmp_path / "ds", *NO_DROPOUT, "train.zero_stage=0"), PretrainTask(), use_deepspeed=True
+    )
     ds.train()
     for a, b in zip(plain.history, ds.history, strict=True):
         assert math.isfinite(b["grad_norm"]) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
@@ -320,12 +332,13 @@ def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_pa
     # an inf gradient in the third step: skipped, nothing applied, the lr not advanced
     skipper = Trainer(
         make_config(stores, tmp_path / "skip", *NO_DROPOUT, "train.zero_stage=0", "train.max_steps=5"),
+        PretrainTask(),
         use_deepspeed=True,
     )
     param = skipper.model.match_head.weight
     param.register_hook(lambda grad: grad * math.inf if skipper.step == 2 else grad)
     snapshots = {}
-    forward_backward, optimizer_step = skipper.forward_backward, skipper.optimizer_step
+    forward_backward, optimizer_step = skipper.train_step.forward_backward, skipper.train_step.optimizer_step
 
     def recording_forward_backward(batch, *args):  # DeepSpeed steps inside the backward: copy the weights before it
         if skipper.step == 2:
@@ -338,7 +351,7 @@ def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_pa
             snapshots["after"] = {k: v.clone() for k, v in skipper.model.state_dict().items()}
         return result
 
-    skipper.forward_backward, skipper.optimizer_step = recording_forward_backward, recording_step
+    skipper.train_step.forward_backward, skipper.train_step.optimizer_step = recording_forward_backward, recording_step
     skipper.train()
     records = {r["step"]: r for r in skipper.history}
     assert records[3]["skipped"] is True and not math.isfinite(records[3]["grad_norm"])
@@ -360,7 +373,9 @@ def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_pa
 )
 def test_deepspeed_offload_matches_the_plain_path(stores, tmp_path, one_rank, stage, offload, extra):
     """ZeRO-Offload steps our BertAdam on the CPU partitions: the same numbers as the plain path (fp32)."""
-    plain = Trainer(make_config(stores, tmp_path / "plain", *NO_DROPOUT, "optim.name=bertadam"), use_deepspeed=False)
+    plain = Trainer(
+        make_config(stores, tmp_path / "plain", *NO_DROPOUT, "optim.name=bertadam"), PretrainTask(), use_deepspeed=False
+    )
     plain.train()
     offloaded = Trainer(
         make_config(
@@ -372,6 +387,7 @@ def test_deepspeed_offload_matches_the_plain_path(stores, tmp_path, one_rank, st
             f"train.offload={offload}",
             *extra,
         ),
+        PretrainTask(),
         use_deepspeed=True,
     )
     summary = offloaded.train()
@@ -415,10 +431,12 @@ def test_a_weights_only_zero3_load_reads_the_named_checkpoint_through_the_allow_
     """--evaluate-only and train.resume=weights: under ZeRO-3: DeepSpeed's own consolidation would read the
     checkpoint `latest` names (here step 4, not the step 2 asked for) with torch.load(weights_only=False)."""
     zero3 = ("train.zero_stage=3", "train.save_every=2", *NO_DROPOUT)
-    Trainer(make_config(stores, tmp_path / "run", *zero3), use_deepspeed=True).train()
+    Trainer(make_config(stores, tmp_path / "run", *zero3), PretrainTask(), use_deepspeed=True).train()
     step2, step4 = (ckpt.checkpoint_root(tmp_path / "run") / ckpt.tag_of(step) for step in (2, 4))
     assert ckpt.find_latest(tmp_path / "run") == step4
-    resumed = Trainer(make_config(stores, tmp_path / "resumed", *zero3, f"train.resume={step2}"), use_deepspeed=True)
+    resumed = Trainer(
+        make_config(stores, tmp_path / "resumed", *zero3, f"train.resume={step2}"), PretrainTask(), use_deepspeed=True
+    )
     assert resumed.step == 2
     expected = resumed.consolidated_state_dict()
 
@@ -429,7 +447,7 @@ def test_a_weights_only_zero3_load_reads_the_named_checkpoint_through_the_allow_
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", allow_listed_load)
-    fresh = Trainer(make_config(stores, tmp_path / "fresh", *zero3), use_deepspeed=True)
+    fresh = Trainer(make_config(stores, tmp_path / "fresh", *zero3), PretrainTask(), use_deepspeed=True)
     fresh.runtime.load(step2, weights_only=True)
     got = fresh.consolidated_state_dict()
     assert sorted(got) == sorted(expected)

@@ -6,6 +6,7 @@ the plain path unless a test says otherwise. The DeepSpeed test is marked slow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,8 +20,10 @@ from conftest import build_pretrain_stores, tiny_model_overrides
 import lxmert
 from engine import checkpoint as ckpt
 from engine.config import load_config
+from engine.context import TaskContext
 from engine.launch import deepspeed_available
 from engine.plots import read_metrics
+from engine.tasks.pretrain import PretrainTask
 from engine.train import Trainer
 from lxmert.convert import load_into, read_state_dict
 
@@ -61,9 +64,51 @@ def losses_of(trainer: Trainer) -> list[float]:
 def baseline(stores, tmp_path_factory):
     """An uninterrupted 30-step run (shared by several tests)."""
     out = tmp_path_factory.mktemp("baseline")
-    trainer = Trainer(make_config(stores, out), use_deepspeed=False)
+    trainer = Trainer(make_config(stores, out), PretrainTask(), use_deepspeed=False)
     summary = trainer.train()
     return trainer, summary, out
+
+
+class RecordingTask(PretrainTask):
+    """Pre-training that keeps what each call into it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, object]] = []
+
+    def check(self, ctx):
+        self.calls.append(("check", ctx))
+        super().check(ctx)
+
+    def build_model(self, ctx):
+        self.calls.append(("build_model", ctx))
+        return super().build_model(ctx)
+
+    def evaluate(self, ctx):
+        self.calls.append(("evaluate", ctx))
+        return super().evaluate(ctx)
+
+    def summary(self, ctx, run):
+        self.calls.append(("summary", ctx))
+        return super().summary(ctx, run)
+
+
+def test_a_task_sees_a_frozen_context_of_each_call_never_the_trainer(stores, tmp_path):
+    text, feats = stores
+    evals = (f"data.eval.text={text}", f"data.eval.features={feats}", "train.eval_every=2", "train.max_steps=4")
+    task = RecordingTask()
+    trainer = Trainer(make_config(stores, tmp_path, *evals), task, use_deepspeed=False)
+    summary = trainer.train()
+    assert all(type(ctx) is TaskContext for _, ctx in task.calls), task.calls
+    calls = dict(task.calls[:2])
+    assert calls["check"].runtime is None and calls["check"].config is trainer.config  # nothing built yet
+    assert calls["build_model"].rank == trainer.rank and calls["build_model"].output_dir == tmp_path
+    evaluated = [ctx for name, ctx in task.calls if name == "evaluate"]
+    assert [ctx.step for ctx in evaluated] == [2, 4] and evaluated[0].runtime is trainer.runtime
+    assert [len(ctx.evals) for ctx in evaluated] == [0, 1]  # the records before this evaluation
+    assert task.calls[-1][1].evals == tuple(trainer.evals) and summary["eval"] == trainer.evals[-1]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evaluated[0].step = 0
 
 
 FIELDS = {
@@ -103,12 +148,14 @@ def test_losses_fall_and_every_component_is_logged(baseline):
 
 def test_resume_is_bit_identical(baseline, stores, tmp_path):
     reference = losses_of(baseline[0])
-    first = Trainer(make_config(stores, tmp_path, "train.max_steps=30", "train.save_every=12"), use_deepspeed=False)
+    first = Trainer(
+        make_config(stores, tmp_path, "train.max_steps=30", "train.save_every=12"), PretrainTask(), use_deepspeed=False
+    )
     # run 12 steps, as if killed right after the checkpoint at step 12
     first.total_steps = 12  # the schedule still spans 30 steps: the same lr as the uninterrupted run
     first.train()
     assert ckpt.find_latest(tmp_path).name == ckpt.tag_of(12)
-    second = Trainer(make_config(stores, tmp_path, "train.resume=auto"), use_deepspeed=False)
+    second = Trainer(make_config(stores, tmp_path, "train.resume=auto"), PretrainTask(), use_deepspeed=False)
     assert second.step == 12
     second.train()
     assert losses_of(first) + losses_of(second) == reference  # exact equality of floats
@@ -135,7 +182,7 @@ def test_written_files_respect_the_umask(stores, tmp_path, umask, mode):
     """Atomic writes go through mkstemp (0600); the files must end with what open() would give them."""
     old = os.umask(umask)
     try:
-        Trainer(make_config(stores, tmp_path, "train.max_steps=2"), use_deepspeed=False).train()
+        Trainer(make_config(stores, tmp_path, "train.max_steps=2"), PretrainTask(), use_deepspeed=False).train()
     finally:
         os.umask(old)
     for name in (
@@ -170,13 +217,15 @@ def test_keep_checkpoints_rotates_and_the_run_still_resumes(baseline, stores, tm
     """train.keep_checkpoints=2 with a checkpoint every 5 steps: after step 20 only steps 15 and 20 are left, and a
     resumed run continues from 20 with the uninterrupted run's losses."""
     config = make_config(stores, tmp_path, "train.save_every=5", "train.keep_checkpoints=2")
-    first = Trainer(config, use_deepspeed=False)
+    first = Trainer(config, PretrainTask(), use_deepspeed=False)
     first.total_steps = 20
     first.train()
     root = ckpt.checkpoint_root(tmp_path)
     assert sorted(p.name for p in root.glob("step_*")) == [ckpt.tag_of(15), ckpt.tag_of(20)]
     second = Trainer(
-        make_config(stores, tmp_path, "train.save_every=5", "train.keep_checkpoints=2"), use_deepspeed=False
+        make_config(stores, tmp_path, "train.save_every=5", "train.keep_checkpoints=2"),
+        PretrainTask(),
+        use_deepspeed=False,
     )
     assert second.step == 20
     second.train()
@@ -210,7 +259,7 @@ def test_failed_save_keeps_the_previous_checkpoint(baseline, stores, tmp_path, m
 def test_fp16_non_finite_gradient_skips_the_step(stores, tmp_path):
     """CPU fp16 autocast with GradScaler: an inf injected into one gradient at step 3 is skipped, not applied."""
     config = make_config(stores, tmp_path, "train.precision=fp16", "train.max_steps=5")
-    trainer = Trainer(config, use_deepspeed=False)
+    trainer = Trainer(config, PretrainTask(), use_deepspeed=False)
     assert trainer.runtime.scaler.is_enabled()
     # the default initial scale 2^16 overflows this model's early gradients in fp16 (skipped steps, as they
     # should be); start low so that only the injected inf is skipped
@@ -225,7 +274,7 @@ def test_fp16_non_finite_gradient_skips_the_step(stores, tmp_path):
         return grad
 
     param.register_hook(inject)
-    original = trainer.optimizer_step
+    original = trainer.train_step.optimizer_step
 
     def recording_step():
         result = original()
@@ -233,7 +282,7 @@ def test_fp16_non_finite_gradient_skips_the_step(stores, tmp_path):
             snapshots["after"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         return result
 
-    trainer.optimizer_step = recording_step
+    trainer.train_step.optimizer_step = recording_step
     trainer.train()
     records = {r["step"]: r for r in trainer.history}
     assert records[3]["skipped"] is True and trainer.skipped_steps == 1
@@ -269,7 +318,7 @@ def test_deepspeed_zero1_matches_the_plain_path(stores, tmp_path, monkeypatch):
         "optim.name=adamw",
         "train.zero_stage=1",
     )
-    plain = Trainer(make_config(stores, tmp_path / "plain", *extra), use_deepspeed=False)
+    plain = Trainer(make_config(stores, tmp_path / "plain", *extra), PretrainTask(), use_deepspeed=False)
     plain.train()
     for key, value in {
         "MASTER_ADDR": "127.0.0.1",
@@ -279,7 +328,7 @@ def test_deepspeed_zero1_matches_the_plain_path(stores, tmp_path, monkeypatch):
         "WORLD_SIZE": "1",
     }.items():
         monkeypatch.setenv(key, value)
-    ds = Trainer(make_config(stores, tmp_path / "ds", *extra), use_deepspeed=True)
+    ds = Trainer(make_config(stores, tmp_path / "ds", *extra), PretrainTask(), use_deepspeed=True)
     ds.train()
     assert ds.engine is not None
     a, b = losses_of(plain), losses_of(ds)
@@ -303,6 +352,7 @@ def test_data_drop_last_reaches_the_sampler(stores, tmp_path, drop_last):
             f"data.eval.text={text}",
             f"data.eval.features={feats}",
         ),
+        PretrainTask(),
         use_deepspeed=False,
     )
     n = len(TextStore(text))

@@ -45,6 +45,7 @@ from engine.config import ConfigError, load_config
 from engine.launch import deepspeed_available
 from engine.plots import read_metrics
 from engine.runtime import resume_point
+from engine.tasks.pretrain import PretrainTask
 from engine.train import Trainer
 from lxmert.convert import read_state_dict
 
@@ -82,7 +83,7 @@ def overrides(stores, out: Path, *extra: str) -> list[str]:
 
 
 def make_trainer(stores, out: Path, *extra: str, deepspeed: bool = False) -> Trainer:
-    return Trainer(load_config(None, overrides(stores, out, *extra)), use_deepspeed=deepspeed)
+    return Trainer(load_config(None, overrides(stores, out, *extra)), PretrainTask(), use_deepspeed=deepspeed)
 
 
 def losses(trainer: Trainer) -> list[float]:

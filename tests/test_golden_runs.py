@@ -67,6 +67,7 @@ def run_all(root: Path) -> dict:
     from engine.data import convert
     from engine.data.tasks import convert_task
     from engine.finetune import FineTuner
+    from engine.tasks.pretrain import PretrainTask
     from engine.train import Trainer
 
     torch.set_num_threads(1)
@@ -106,6 +107,7 @@ def run_all(root: Path) -> dict:
                 f"train.output_dir={pre}",
             ],
         ),
+        PretrainTask(),
         use_deepspeed=False,
     ).train()
     out = {"pretrain": {"logged": logged(pre / "metrics.jsonl"), "weights": weights_sha256(pre / "model.safetensors")}}

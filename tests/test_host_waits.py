@@ -57,9 +57,10 @@ def test_the_counter_sees_every_kind_of_wait():
 
 
 def test_the_losses_find_masked_rows_with_a_wait_only_when_not_handed_them(work):
+    from engine.tasks.pretrain import PretrainTask
     from engine.train import Trainer
 
-    trainer = Trainer(tiny_config("sdpa", work, 1, 1), use_deepspeed=False)
+    trainer = Trainer(tiny_config("sdpa", work, 1, 1), PretrainTask(), use_deepspeed=False)
     batch = next(iter(trainer.loader))
     inputs = batch.model_inputs()
     counts = {}
@@ -101,9 +102,10 @@ def test_deepspeeds_waits_are_the_reported_ones(work):
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_the_training_forward_and_losses_have_no_graph_break(work, backend):
+    from engine.tasks.pretrain import PretrainTask
     from engine.train import Trainer
 
-    trainer = Trainer(tiny_config(backend, work, 1, 1), use_deepspeed=False)
+    trainer = Trainer(tiny_config(backend, work, 1, 1), PretrainTask(), use_deepspeed=False)
     batch = next(iter(trainer.loader))
 
     def losses(**inputs):

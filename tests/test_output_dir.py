@@ -37,6 +37,7 @@ from engine.config import ConfigError, load_config
 from engine.data.tasks import convert_task
 from engine.output_dir import LOCK_FILE, STALE_S, RunError, RunLock, resume_conflicts
 from engine.runtime import Runtime, resume_point
+from engine.tasks.pretrain import PretrainTask
 from engine.train import Trainer
 from lxmert.convert import read_state_dict
 
@@ -259,14 +260,14 @@ def test_resume_weights_starts_a_new_schedule_from_a_checkpoints_weights(finishe
             stores, out, f"train.resume=weights:{finished}", "train.batch_size=16", "optim.lr=5e-4", "train.max_steps=3"
         ),
     )
-    trainer = Trainer(config)
+    trainer = Trainer(config, PretrainTask())
     assert trainer.step == 0 and trainer.weights_only_resume and trainer.resume_from == source
     weights = read_state_dict(source / ckpt.MODEL_FILE)
     assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
     assert trainer.runtime.lr() == 0.0  # a new warm-up, from step 0
     trainer.train()
     trainer.release_output_dir()
-    again = Trainer(config)  # its own checkpoint now takes precedence: a rerun resumes it
+    again = Trainer(config, PretrainTask())  # its own checkpoint now takes precedence: a rerun resumes it
     assert again.step == 3 and not again.weights_only_resume
     again.release_output_dir()
     capsys.readouterr()
@@ -277,7 +278,7 @@ def test_resume_weights_starts_a_new_schedule_from_a_checkpoints_weights(finishe
     one_line(capsys, f"train.resume=weights:{source}: its weights do not fit this run: model.hidden_size 32 -> 64")
     assert not (tmp_path / "other").exists()
     with pytest.raises(ConfigError, match="in this run's own train.output_dir"):
-        Trainer(load_config(None, overrides(stores, out, f"train.resume=weights:{out}")))
+        Trainer(load_config(None, overrides(stores, out, f"train.resume=weights:{out}")), PretrainTask())
     assert not (out / LOCK_FILE).exists()  # released when the start-up failed
 
 

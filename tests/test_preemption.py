@@ -41,6 +41,7 @@ from engine.config import load_config
 from engine.launch import deepspeed_available
 from engine.metrics_log import read_metrics
 from engine.stopping import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, interrupt_in_one_line
+from engine.tasks.pretrain import PretrainTask
 from engine.train import Trainer, exit_status
 from lxmert.convert import read_state_dict
 
@@ -186,7 +187,7 @@ def assert_resumed_as_uninterrupted(out: Path, reference: Path, text: str, step:
 def reference(stores, tmp_path_factory) -> Path:
     """The uninterrupted run the signalled ones are compared with."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    Trainer(load_config(None, overrides(stores, out)), use_deepspeed=False).train()
+    Trainer(load_config(None, overrides(stores, out)), PretrainTask(), use_deepspeed=False).train()
     return out
 
 
@@ -293,7 +294,7 @@ def test_a_run_that_only_skips_steps_stops_with_the_last_good_weights(stores, tm
     config = load_config(
         None, overrides(stores, tmp_path, "train.max_skipped_steps=3", "train.log_every=2", "train.save_every=2")
     )
-    trainer = Trainer(config, use_deepspeed=False)
+    trainer = Trainer(config, PretrainTask(), use_deepspeed=False)
     trainer.model.match_head.weight.register_hook(lambda grad: grad * math.inf if trainer.step >= 2 else grad)
     summary = trainer.train()
     assert exit_status(summary) == EXIT_DIVERGED and trainer.step == 6
@@ -403,14 +404,14 @@ def test_a_fine_tuning_run_stops_and_resumes_the_same_way(tmp_path):
 
     expected = tuner(tmp_path / "uninterrupted").train()
     first = tuner(tmp_path / "run")
-    step = first.optimizer_step
+    step = first.train_step.optimizer_step
 
     def signalled_step():
         if first.step == 3:  # inside the fourth step
             os.kill(os.getpid(), signal.SIGTERM)
         return step()
 
-    first.optimizer_step = signalled_step
+    first.train_step.optimizer_step = signalled_step
     stopped = first.train()
     assert exit_status(stopped) == EXIT_PREEMPTED and stopped["steps"] == 4, stopped
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back

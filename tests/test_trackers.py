@@ -18,6 +18,7 @@ from conftest import build_pretrain_stores, tiny_model_overrides
 from engine import metrics_log, pretrain
 from engine.config import ConfigError, load_config
 from engine.metrics_log import WANDB_RUN_ID, MetricsLog, WandbRun, tracker_scalars
+from engine.tasks.pretrain import PretrainTask
 from engine.train import Trainer
 
 D = 16
@@ -84,7 +85,9 @@ def expected(metrics: Path) -> list[dict]:
 
 def test_wandb_offline_gets_the_records_and_the_config_and_a_resume_continues_the_run(stores, tmp_path, wandb_offline):
     out = tmp_path / "run"
-    summary = Trainer(load_config(None, overrides(stores, out, "train.report_to=[wandb]")), use_deepspeed=False).train()
+    summary = Trainer(
+        load_config(None, overrides(stores, out, "train.report_to=[wandb]")), PretrainTask(), use_deepspeed=False
+    ).train()
     assert summary["steps"] == 4
     run_id = (out / WANDB_RUN_ID).read_text().strip()
     (first,) = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
@@ -102,7 +105,7 @@ def test_wandb_offline_gets_the_records_and_the_config_and_a_resume_continues_th
     # the same command with more steps resumes the checkpoint of step 4 and the W&B run
     lines_before = len((out / "metrics.jsonl").read_text().splitlines())
     config = load_config(None, overrides(stores, out, "train.report_to=[wandb]", "train.max_steps=6"))
-    assert Trainer(config, use_deepspeed=False).train()["steps"] == 6
+    assert Trainer(config, PretrainTask(), use_deepspeed=False).train()["steps"] == 6
     assert (out / WANDB_RUN_ID).read_text().strip() == run_id
     second = [d for d in (out / "wandb").glob(f"offline-run-*-{run_id}") if d != first]
     assert len(second) == 1  # offline, a resumed run is a second log of the same run id (wandb sync joins them)
@@ -120,7 +123,7 @@ def test_tensorboard_and_wandb_together_get_the_same_records(stores, tmp_path, w
 
     out = tmp_path / "run"
     config = load_config(None, overrides(stores, out, "train.report_to=[tensorboard, wandb]", "train.max_steps=2"))
-    Trainer(config, use_deepspeed=False).train()
+    Trainer(config, PretrainTask(), use_deepspeed=False).train()
     records = expected(out / "metrics.jsonl")
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
@@ -212,7 +215,7 @@ def test_a_stopped_run_finishes_its_wandb_run_with_the_stop_status(stores, tmp_p
 
     monkeypatch.setattr(Trainer, "_requested_stop", stop_at_2)
     config = load_config(None, overrides(stores, tmp_path / "run", "train.report_to=[wandb]", "train.eval_every=0"))
-    summary = Trainer(config, use_deepspeed=False).train()
+    summary = Trainer(config, PretrainTask(), use_deepspeed=False).train()
     assert summary["stopped"]["status"] == 75
     assert [c[1]["step"] for c in fake_wandb.calls if c[0] == "log"] == [1, 2]
     assert fake_wandb.calls[-2:] == [("mark_preempting",), ("finish", 75)]

@@ -1,16 +1,18 @@
 """The Task interface of the training loop (engine/train.py), and what every task shares.
 
-A task is built from the resolved config; the Trainer then asks it, in this order:
-    check(trainer)              every input the run reads exists and fits, before anything is built or written
-    build_model(trainer)        the model, initialised (the Trainer has seeded torch with train.seed)
-    train_loader(trainer)       micro batches of one rank (engine/data loaders: epochs, resume, workers)
-    eval_loader(trainer)        or None
-    start(trainer, resumed)     just before the first step (a task may reseed dropout here)
+A task is built by its caller (a CLI, engine.tasks.make_task) and handed to Trainer(config, task); the Trainer
+sets task.config to the resolved config and then asks it, in this order, each time with a ctx (engine/context.py:
+the run as the task may see it at that call, never the Trainer):
+    check(ctx)                  every input the run reads exists and fits, before anything is built or written
+    build_model(ctx)            the model, initialised (the Trainer has seeded torch with train.seed)
+    train_loader(ctx)           micro batches of one rank (engine/data loaders: epochs, resume, workers)
+    eval_loader(ctx)            or None
+    start(ctx, resumed)         just before the first step (a task may reseed dropout here)
     flops(batch) / tokens(batch)  per micro batch, for TFLOP/s, MFU and tokens/s
-    evaluate(trainer)           an "eval" record, on every rank (evaluation may be a collective)
-    after_evaluation(trainer, record)   keep the best model, write a submission
-    finish(trainer)             the outputs of a finished run (exports), on every rank
-    summary(trainer, run)       the task's part of the run's summary
+    evaluate(ctx)               an "eval" record, on every rank (evaluation may be a collective)
+    after_evaluation(ctx, record)   keep the best model, write a submission
+    finish(ctx)                 the outputs of a finished run (exports), on every rank
+    summary(ctx, run)           the task's part of the run's summary
 and for checkpoints state_dict() / load_state_dict(state, path) of what the task keeps across a resume;
 resume_setting() is train.resume as the task reads it.
 """
@@ -18,13 +20,11 @@ resume_setting() is train.resume as the task reads it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.config import ConfigError, RunConfig
+from engine.context import TaskContext
 from engine.data.store import StoreError
-
-if TYPE_CHECKING:
-    from engine.train import Trainer
 
 STORE_KINDS = {"RegionStore": "feature store", "TextStore": "text store", "TaskStore": "task store"}
 
@@ -56,19 +56,19 @@ class Task:
         """train.resume as this task reads it ("auto", "none" or a path)."""
         return self.config.train.resume
 
-    def check(self, trainer: Trainer) -> None:
+    def check(self, ctx: TaskContext) -> None:
         pass
 
-    def build_model(self, trainer: Trainer) -> Any:
+    def build_model(self, ctx: TaskContext) -> Any:
         raise NotImplementedError
 
-    def train_loader(self, trainer: Trainer) -> Any:
+    def train_loader(self, ctx: TaskContext) -> Any:
         raise NotImplementedError
 
-    def eval_loader(self, trainer: Trainer) -> Any:
+    def eval_loader(self, ctx: TaskContext) -> Any:
         return None
 
-    def start(self, trainer: Trainer, resumed: bool) -> None:
+    def start(self, ctx: TaskContext, resumed: bool) -> None:
         pass
 
     def flops(self, batch: Any) -> int:
@@ -78,19 +78,19 @@ class Task:
         """Text tokens plus regions the model read (padding included)."""
         raise NotImplementedError
 
-    def evaluate(self, trainer: Trainer) -> dict[str, Any]:
+    def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         raise NotImplementedError
 
     def eval_line(self, record: dict[str, Any]) -> str:
         return f"eval step {record['step']}"
 
-    def after_evaluation(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def after_evaluation(self, ctx: TaskContext, record: dict[str, Any]) -> None:
         pass
 
-    def finish(self, trainer: Trainer) -> dict[str, Any]:
+    def finish(self, ctx: TaskContext) -> dict[str, Any]:
         return {}
 
-    def summary(self, trainer: Trainer, run: dict[str, Any]) -> dict[str, Any]:
+    def summary(self, ctx: TaskContext, run: dict[str, Any]) -> dict[str, Any]:
         return {}
 
     def state_dict(self) -> dict[str, Any]:

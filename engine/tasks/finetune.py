@@ -6,7 +6,7 @@
   batch cut into accumulation x ranks micro batches, so a run's losses do not depend on how it is split;
   evaluation over data.eval, each rank an interleaved slice padded to equal length (ZeRO-3's forward is a
   collective), the ranks sharing their predictions.
-- model: the architecture (ARCHITECTURE's fields) comes from the config beside train.init_from
+- model: the architecture (engine.config.ARCHITECTURE's fields) comes from the config beside train.init_from
   (model_config.json, or transformers' config.json); a recipe or override that sets one of them to another value
   is an error naming both. model.num_qa_labels is the *pre-training* QA head's size.
 - init: train.init_from, a pre-training checkpoint in any layout lxmert.convert reads (our model.safetensors
@@ -39,13 +39,14 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
 
 from engine.atomic import write_text_atomic
-from engine.config import ConfigError, RunConfig, given_keys
+from engine.config import ARCHITECTURE, ConfigError, RunConfig, given_keys
+from engine.context import TaskContext
 from engine.convert_checkpoint import ConvertError, find_config, read_model_config, weights_file
 from engine.data.batch import TaskBatch
 from engine.data.loaders import EvalOrder, TaskLoader, TrainOrder
@@ -59,32 +60,10 @@ from lxmert.config import LxmertConfig
 from lxmert.convert import read_state_dict, state_dict_problems, to_ours
 from lxmert.finetune import LxmertForNLVR2, LxmertForQuestionAnswering
 
-if TYPE_CHECKING:
-    from engine.train import Trainer
-
 FINETUNE_TASKS = ("vqa", "gqa", "nlvr2")
 SUBMISSION_NAMES = {"vqa": "vqa_submission.json", "gqa": "gqa_submission.json", "nlvr2": "nlvr2_submission.csv"}
 TASK_FILE, ANSWERS_FILE = "task.json", "answers.json"  # beside a fine-tuned model's weights (best/)
 METRIC_NAMES = {"vqa": "vqa_score", "gqa": "accuracy", "nlvr2": "accuracy"}
-# The fields that fix a checkpoint's shapes and arithmetic: fine-tuning takes them from the checkpoint's config.
-ARCHITECTURE = (
-    "vocab_size",
-    "hidden_size",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "max_position_embeddings",
-    "type_vocab_size",
-    "layer_norm_eps",
-    "l_layers",
-    "r_layers",
-    "x_layers",
-    "visual_feat_dim",
-    "visual_pos_dim",
-    "num_qa_labels",
-    "num_object_labels",
-    "num_attr_labels",
-)
 
 
 class FineTuneError(ConfigError):
@@ -208,7 +187,7 @@ class FinetuneTask(Task):
         t = self.config.train
         return "none" if self.evaluate_only and t.init_from else t.resume
 
-    def check(self, trainer: Trainer) -> None:
+    def check(self, ctx: TaskContext) -> None:
         t, d, task = self.config.train, self.config.data, self.name
         if t.init_from:  # a wrong path is an error even where a checkpoint of the run takes precedence
             self.checkpoint = checkpoint_file(t.init_from)
@@ -237,19 +216,19 @@ class FinetuneTask(Task):
         if self.eval_store is not None:
             self.eval_labels = self._labels(self.eval_store)
 
-    def build_model(self, trainer: Trainer) -> torch.nn.Module:
+    def build_model(self, ctx: TaskContext) -> torch.nn.Module:
         if self.name == "nlvr2":
             model: torch.nn.Module = LxmertForNLVR2(self.config.model)
         else:
             model = LxmertForQuestionAnswering(self.config.model, num_answers=len(self.answers))
-        if self.checkpoint is not None and trainer.resume_from is None:
+        if self.checkpoint is not None and ctx.resume_from is None:
             self.init_report = self._init_from(model, self.checkpoint)
-        elif self.evaluate_only and trainer.resume_from is None:
+        elif self.evaluate_only and ctx.resume_from is None:
             raise FineTuneError(
                 f"evaluate-only needs weights: train.init_from (a fine-tuned model.safetensors) or "
-                f"a checkpoint in {trainer.output_dir / 'checkpoints'}"
+                f"a checkpoint in {ctx.output_dir / 'checkpoints'}"
             )
-        return model.to(trainer.device)
+        return model.to(ctx.device)
 
     def _init_from(self, model: torch.nn.Module, file: Path) -> dict[str, Any]:
         try:
@@ -296,7 +275,7 @@ class FinetuneTask(Task):
         report |= {"answer_table": str(table_path), "answers_found": found, "answers_missing": missing}
         return report
 
-    def train_loader(self, trainer: Trainer) -> TaskLoader | None:
+    def train_loader(self, ctx: TaskContext) -> TaskLoader | None:
         if self.evaluate_only:
             return None
         t = self.config.train
@@ -305,26 +284,26 @@ class FinetuneTask(Task):
             self.config.data.seed,
             t.micro_batch_size,
             t.grad_accum_steps,
-            trainer.world_size,
-            trainer.rank,
+            ctx.world_size,
+            ctx.rank,
         )
         if order.steps_per_epoch < 1:
             raise FineTuneError(
                 f"data.train.text has {len(self.train_store)} examples, fewer than one batch of {t.batch_size}"
             )
         return TaskLoader(
-            self.train_store, self.train_regions, order, trainer.device, num_workers=self.config.data.num_workers
+            self.train_store, self.train_regions, order, ctx.device, num_workers=self.config.data.num_workers
         )
 
-    def eval_loader(self, trainer: Trainer) -> TaskLoader | None:
+    def eval_loader(self, ctx: TaskContext) -> TaskLoader | None:
         if self.eval_store is None:
             return None
-        order = EvalOrder(len(self.eval_store), self.config.train.micro_batch_size, trainer.world_size, trainer.rank)
+        order = EvalOrder(len(self.eval_store), self.config.train.micro_batch_size, ctx.world_size, ctx.rank)
         return TaskLoader(
             self.eval_store,
             self.eval_regions,
             order,
-            trainer.device,
+            ctx.device,
             labels=False,
             num_workers=self.config.data.num_workers,
         )
@@ -342,7 +321,7 @@ class FinetuneTask(Task):
 
     # ---------------------------------------------------------------------------------------------- steps
 
-    def start(self, trainer: Trainer, resumed: bool) -> None:
+    def start(self, ctx: TaskContext, resumed: bool) -> None:
         if not resumed:
             torch.manual_seed(self.config.train.seed + 1)  # dropout: the same draws whatever ran since the build
 
@@ -359,31 +338,31 @@ class FinetuneTask(Task):
     # ----------------------------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def predict(self, trainer: Trainer) -> tuple[float | None, Accumulator]:
+    def predict(self, ctx: TaskContext) -> tuple[float | None, Accumulator]:
         """Predictions on the eval split and the task metric (None for an unlabelled split)."""
-        assert self.eval_store is not None and trainer.eval_loader is not None
+        assert self.eval_store is not None and ctx.eval_loader is not None
         ids = self.eval_store.question_ids
         acc = Accumulator(self.name, label2ans=None if self.name == "nlvr2" else self.answers, labels=self.eval_labels)
-        trainer.eval_loader.set_epoch(0)
-        for batch in trainer.eval_loader:
-            out = trainer.runtime.forward(**trainer.inputs(batch).model_inputs())
+        ctx.eval_loader.set_epoch(0)
+        for batch in ctx.eval_loader:
+            out = ctx.runtime.forward(**ctx.inputs(batch).model_inputs())
             scores = out.logits if self.name == "nlvr2" else out.question_answering_score
             acc.add([int(ids[i]) if self.name == "vqa" else ids[i] for i in batch.indices], scores.float().cpu())
-        if trainer.world_size > 1:
+        if ctx.world_size > 1:
             import torch.distributed as dist
 
-            shares: list[Any] = [None] * trainer.world_size
+            shares: list[Any] = [None] * ctx.world_size
             dist.all_gather_object(shares, acc.predictions)
             for share in shares:
                 acc.predictions.update(share)
         return (acc.result() if self.eval_labels is not None else None), acc
 
-    def evaluate(self, trainer: Trainer) -> dict[str, Any]:
-        metric, self._acc = self.predict(trainer)
-        epoch = -(-trainer.step // trainer.steps_per_epoch)
+    def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
+        metric, self._acc = self.predict(ctx)
+        epoch = -(-ctx.step // ctx.steps_per_epoch)
         return {
             "kind": "eval",
-            "step": trainer.step,
+            "step": ctx.step,
             "epoch": epoch,
             "metric": metric,
             "metric_name": self.metric_name,
@@ -394,43 +373,43 @@ class FinetuneTask(Task):
         shown = "- (unlabelled split)" if record["metric"] is None else f"{record['metric']:.4f}"
         return f"eval epoch {record['epoch']} (step {record['step']}): {self.metric_name} {shown}"
 
-    def after_evaluation(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def after_evaluation(self, ctx: TaskContext, record: dict[str, Any]) -> None:
         """A new best (or, unlabelled, the latest) model: its weights and its predictions' submission file."""
         metric = record["metric"]
         score = metric if metric is not None else -math.inf
         if self.best is not None and score <= self.best["score"] and metric is not None:
             return
-        model = self.export_best(trainer)
-        submission = trainer.output_dir / SUBMISSION_NAMES[self.name]
-        if trainer.rank == 0:
+        model = self.export_best(ctx)
+        submission = ctx.output_dir / SUBMISSION_NAMES[self.name]
+        if ctx.rank == 0:
             self._acc.write_submission(submission)
         self.best = {
             "score": score,
             "epoch": record["epoch"],
-            "step": trainer.step,
+            "step": ctx.step,
             "model": str(model or ""),
             "submission": str(submission),
         }
 
-    def export_best(self, trainer: Trainer) -> Path | None:
+    def export_best(self, ctx: TaskContext) -> Path | None:
         """<output_dir>/best/: the weights and model_config.json (every rank calls it), then task.json and the
         VQA/GQA answers.json, so that the directory alone says what the head's outputs mean."""
-        directory = trainer.output_dir / "best"
-        model = trainer.runtime.export(directory, trainer.rank)
-        if trainer.rank == 0:
+        directory = ctx.output_dir / "best"
+        model = ctx.runtime.export(directory, ctx.rank)
+        if ctx.rank == 0:
             if self.name != "nlvr2":
                 write_text_atomic(directory / ANSWERS_FILE, json.dumps(self.answers) + "\n")
             write_text_atomic(directory / TASK_FILE, json.dumps({"task": self.name}) + "\n")
         return model
 
-    def evaluate_only_run(self, trainer: Trainer) -> dict[str, Any]:
+    def evaluate_only_run(self, ctx: TaskContext) -> dict[str, Any]:
         """Predict the eval split with the loaded weights: <output_dir>/evaluate/{submission, result.json}."""
         start = time.perf_counter()
-        was_training = trainer.runtime.training
-        trainer.runtime.train(False)
-        metric, acc = self.predict(trainer)
-        trainer.runtime.train(was_training)
-        out = trainer.output_dir / "evaluate"
+        was_training = ctx.runtime.training
+        ctx.runtime.train(False)
+        metric, acc = self.predict(ctx)
+        ctx.runtime.train(was_training)
+        out = ctx.output_dir / "evaluate"
         submission = out / SUBMISSION_NAMES[self.name]
         result = {
             "task": self.name,
@@ -442,7 +421,7 @@ class FinetuneTask(Task):
             "submission": str(submission),
             "seconds": time.perf_counter() - start,
         }
-        if trainer.rank == 0:
+        if ctx.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             acc.write_submission(submission)
             write_text_atomic(out / "result.json", json.dumps(result, indent=2) + "\n")
@@ -450,30 +429,30 @@ class FinetuneTask(Task):
 
     # -------------------------------------------------------------------------------------------- the end
 
-    def finish(self, trainer: Trainer) -> dict[str, Any]:
+    def finish(self, ctx: TaskContext) -> dict[str, Any]:
         """Without a labelled eval split the best model is the last one."""
-        if self.eval_store is None and (self.best is None or trainer.step > trainer.started_at):
-            epoch = -(-trainer.step // trainer.steps_per_epoch)
-            model = self.export_best(trainer)
+        if self.eval_store is None and (self.best is None or ctx.step > ctx.started_at):
+            epoch = -(-ctx.step // ctx.steps_per_epoch)
+            model = self.export_best(ctx)
             self.best = {
                 "score": -math.inf,
                 "epoch": epoch,
-                "step": trainer.step,
+                "step": ctx.step,
                 "submission": None,
                 "model": str(model or ""),
             }
         return {}
 
-    def summary(self, trainer: Trainer, run: dict[str, Any]) -> dict[str, Any]:
+    def summary(self, ctx: TaskContext, run: dict[str, Any]) -> dict[str, Any]:
         best = self.best or {}
         score = best.get("score")
         first, last = run["first"], run["last"]
         return {
             "task": self.name,
-            "epochs": -(-trainer.step // trainer.steps_per_epoch),
+            "epochs": -(-ctx.step // ctx.steps_per_epoch),
             "first_loss": first["loss"] if first else None,
             "last_loss": last["loss"] if last else None,
-            "eval": trainer.evals,
+            "eval": list(ctx.evals),
             "best_metric": None if score is None or score == -math.inf else score,
             "best_epoch": best.get("epoch"),
             "metric": self.metric_name,

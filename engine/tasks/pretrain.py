@@ -14,11 +14,12 @@ model_config.json; --export-hf adds transformers' layout).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from engine.config import ConfigError, StorePaths
+from engine.context import TaskContext
 from engine.data.batch import PretrainBatch
 from engine.data.loaders import make_loader
 from engine.data.sampling import SamplingConfig
@@ -28,9 +29,6 @@ from engine.launch import all_reduce_sum
 from engine.tasks.base import Task, open_store
 from lxmert.config import LxmertConfig
 from lxmert.pretraining import LxmertForPreTraining
-
-if TYPE_CHECKING:
-    from engine.train import Trainer
 
 BUCKET_BATCHES = 100  # data.length_bucketing: sort by length within windows of this many global batches
 
@@ -59,16 +57,16 @@ def open_pretrain_stores(stores: StorePaths, split: str, model: LxmertConfig) ->
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingConfig)}
 
 
-def sampling_config(trainer: Trainer) -> SamplingConfig:
+def sampling_config(ctx: TaskContext) -> SamplingConfig:
     """The sampler's view of the run: data.* fields of the same name, and the rank's place in the batch."""
-    c, d = trainer.config, trainer.config.data
+    c, d = ctx.config, ctx.config.data
     shared = {name: getattr(d, name) for name in SAMPLING_FIELDS if hasattr(d, name) and name != "sources"}  # seed,
     # drop_last and the masking / negative probabilities
     return SamplingConfig(
         **shared,
         batch_size=c.train.micro_batch_size,
-        world_size=trainer.world_size,
-        rank=trainer.rank,
+        world_size=ctx.world_size,
+        rank=ctx.rank,
         bucket_batches=BUCKET_BATCHES if d.length_bucketing else 0,
         vocab_size=c.model.vocab_size,
         sources=tuple(d.sources),
@@ -81,19 +79,19 @@ class PretrainTask(Task):
     def __init__(self, export_hf: bool = False) -> None:
         self.export_hf = export_hf
 
-    def check(self, trainer: Trainer) -> None:
-        data = trainer.config.data
+    def check(self, ctx: TaskContext) -> None:
+        data = ctx.config.data
         for split in ("train", "eval") if data.eval.text else ("train",):
-            open_pretrain_stores(getattr(data, split), split, trainer.config.model)
+            open_pretrain_stores(getattr(data, split), split, ctx.config.model)
 
-    def build_model(self, trainer: Trainer) -> torch.nn.Module:
-        return LxmertForPreTraining(trainer.config.model).to(trainer.device)
+    def build_model(self, ctx: TaskContext) -> torch.nn.Module:
+        return LxmertForPreTraining(ctx.config.model).to(ctx.device)
 
-    def make_loader(self, trainer: Trainer, stores: StorePaths, split: str = "train"):
+    def make_loader(self, ctx: TaskContext, stores: StorePaths, split: str = "train"):
         """The loader of one split's stores; a missing, unfinished or mismatched store is a ConfigError naming
         the data.<split> key."""
-        d = trainer.config.data
-        text, regions = open_pretrain_stores(stores, split, trainer.config.model)
+        d = ctx.config.data
+        text, regions = open_pretrain_stores(stores, split, ctx.config.model)
         options: dict[str, Any] = {}
         if d.loader in ("torch", "dali"):
             options["num_workers"] = d.num_workers
@@ -103,20 +101,20 @@ class PretrainTask(Task):
                 f"data.sources: {sorted(unknown)} are not in the data.{split}.text store {text.path} "
                 f"(it has {text.sources}; [] takes every source)"
             )
-        sampling = sampling_config(trainer)
+        sampling = sampling_config(ctx)
         if split == "eval":  # the authors' valid loader keeps its last batch whatever the training's drop_last
             sampling = dataclasses.replace(sampling, drop_last=False)
         try:
-            return make_loader(d.loader, text, regions, sampling, device=trainer.device, **options)
+            return make_loader(d.loader, text, regions, sampling, device=ctx.device, **options)
         except (ValueError, StoreError) as error:
             raise ConfigError(f"data.{split}: {error}") from None
 
-    def train_loader(self, trainer: Trainer):
-        return self.make_loader(trainer, trainer.config.data.train, "train")
+    def train_loader(self, ctx: TaskContext):
+        return self.make_loader(ctx, ctx.config.data.train, "train")
 
-    def eval_loader(self, trainer: Trainer):
-        data = trainer.config.data
-        return self.make_loader(trainer, data.eval, "eval") if data.eval.text else None
+    def eval_loader(self, ctx: TaskContext):
+        data = ctx.config.data
+        return self.make_loader(ctx, data.eval, "eval") if data.eval.text else None
 
     def flops(self, batch: PretrainBatch) -> int:
         b, length = batch.input_ids.shape
@@ -129,16 +127,16 @@ class PretrainTask(Task):
         return b * (length + batch.visual_feats.shape[1])
 
     @torch.no_grad()
-    def evaluate(self, trainer: Trainer) -> dict[str, Any]:
+    def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         """Validation losses and accuracies over the whole eval split (every rank takes its slice)."""
-        loader = trainer.eval_loader
+        loader = ctx.eval_loader
         assert loader is not None, "data.eval.text is not set"
         loader.set_epoch(0)
         names: list[str] = []
         sums: torch.Tensor | None = None  # [loss, components..., samples, qa right, qa asked, match right]
-        device = trainer.device
+        device = ctx.device
         for batch in loader:
-            out = trainer.runtime.forward(**trainer.inputs(batch).model_inputs())
+            out = ctx.runtime.forward(**ctx.inputs(batch).model_inputs())
             n = batch.input_ids.shape[0]
             if not names:
                 names = list(out.losses)  # the model's order, as the training records list them
@@ -158,12 +156,12 @@ class PretrainTask(Task):
             )
             sums = row if sums is None else sums + row
         if sums is None:
-            raise ValueError(f"data.eval stores {trainer.config.data.eval.text} gave no batch")
+            raise ValueError(f"data.eval stores {ctx.config.data.eval.text} gave no batch")
         sums = all_reduce_sum(sums).cpu().double()
         samples, qa_right, qa_asked, match_right = (float(v) for v in sums[-4:])
         return {
             "kind": "eval",
-            "step": trainer.step,
+            "step": ctx.step,
             "samples": int(samples),
             "loss": float(sums[0]) / samples,
             "losses": {k: float(sums[i + 1]) / samples for i, k in enumerate(names)},
@@ -180,14 +178,14 @@ class PretrainTask(Task):
             f"{'-' if qa is None else f'{qa:.3f}'} | matching accuracy {record['matched_accuracy']:.3f}"
         )
 
-    def finish(self, trainer: Trainer) -> dict[str, Any]:
-        model = trainer.runtime.export(trainer.output_dir, trainer.rank, hf=self.export_hf)
+    def finish(self, ctx: TaskContext) -> dict[str, Any]:
+        model = ctx.runtime.export(ctx.output_dir, ctx.rank, hf=self.export_hf)
         return {"model": str(model) if model else None}
 
-    def summary(self, trainer: Trainer, run: dict[str, Any]) -> dict[str, Any]:
+    def summary(self, ctx: TaskContext, run: dict[str, Any]) -> dict[str, Any]:
         return {
             "first": run["first"],
             "last": run["last"],
-            "eval": trainer.evals[-1] if trainer.evals else None,
+            "eval": ctx.evals[-1] if ctx.evals else None,
             "model": run.get("model"),
         }
