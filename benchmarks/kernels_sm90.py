@@ -164,7 +164,7 @@ def _setup() -> None:
 def _launch(v: Variant) -> None:
     """Call the project's launcher for one variant with the model's layouts (nothing runs: see _setup)."""
     torch, fa, fr = _WORKER["torch"], _WORKER["fa"], _WORKER["fr"]
-    drop, seed = (DROPOUT_P, SEED) if v.dropout else (0.0, 0)
+    drop, seed = (DROPOUT_P, torch.tensor([SEED])) if v.dropout else (0.0, None)  # the seed: int64 [1], loaded
     if v.kind == "dropout_mask":
         fa.dropout_keep_mask(SEED, B, HEADS, v.len_q, v.len_k, DROPOUT_P, "cpu")
         return

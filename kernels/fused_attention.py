@@ -25,7 +25,7 @@ Design
   program_id(1) picks the direction, and both branches call the same tile function with the roles swapped.
   In the backward, the (b, h, lang-query) program writes dq of the language rows and dk / dv of the region
   rows, the region-query program the other three: disjoint rows, no atomics, one launch.
-- Nothing but the inputs and the dropout seed is saved for the backward: it recomputes the probabilities
+- Nothing but the inputs and the dropout seed tensor is saved for the backward: it recomputes the probabilities
   (cheap at this size) and takes delta_i = sum_j P_ij dP_ij from the tile itself, so no O or LSE is stored
   and no preprocessing kernel is needed.
 - Softmax in base 2 with log2(e) folded into the scale; accumulation in fp32 (fp64 for fp64 inputs, for
@@ -39,16 +39,21 @@ Design
 - A row without a real key outputs zeros and gets zero gradients (softmax over nothing = 0, not NaN).
 - Dropout on the attention probabilities, in-kernel: keep_ij = tl.rand(seed, offset_ij) > p with
   offset_ij = (program * Lq + i) * Lk + j, program = b*H + h (bidirectional: the region-query direction
-  continues after the language one, program = B*H + b*H + h). The seed is drawn on the host from torch's
-  CPU generator (draw_dropout_seed), so torch.manual_seed makes runs reproducible; the backward
-  regenerates the same mask from the same seed. dropout_keep_mask() materialises that mask with a tiny
-  Triton kernel using the same scheme, so the reference can reproduce the kernel exactly (tests do).
+  continues after the language one, program = B*H + b*H + h). Each forward draws its seed as an int64 [1]
+  tensor on the inputs' device with torch.randint, i.e. from torch's generator of that device
+  (draw_dropout_seed), and the kernels tl.load it: no host read, no host-to-device copy. So torch.manual_seed
+  and torch's RNG state decide the masks (reproducible runs; checkpoint resume and activation recomputation,
+  which restore that state, redraw the same masks), and inside a captured CUDA graph the draw is a node of
+  the graph whose Philox offset torch advances at each replay, so a replay draws new masks (a test checks it
+  where there is a GPU; it has not run yet). The forward saves that tensor for the backward, which loads it
+  and regenerates the same mask. dropout_keep_mask() materialises the mask with a tiny Triton kernel using
+  the same scheme, so the reference can reproduce the kernel exactly.
 - torch.compile: each launch is a torch.library custom op, lxmert::attention_fwd / attention_bwd and
   lxmert::bidirectional_fwd / bidirectional_bwd, with a fake impl (the same output shapes and strides, no
   launch) and its autograd registered, so dynamo traces the entry points without a graph break and the
-  graph holds one node per launch. The seed reaches the ops as a CPU int64 tensor [1], read on the host inside
-  the op: as an int it would need .item() in the traced code, a graph break. Compiled, its torch.randint is
-  traced and drawn by inductor's generator (still seeded by torch.manual_seed, a different stream from eager).
+  graph holds one node per launch. The seed is an op input (a tensor: an int would need .item(), a graph
+  break). Compiled, its torch.randint is traced and drawn by inductor's generator (still seeded by
+  torch.manual_seed, a different stream from eager).
 
 Limits
 - On a GPU (sm_90): at most GPU_MAX_KEYS = 64 keys a direction and head dim 128 (fp16 / bf16) or 64 (fp32),
@@ -161,7 +166,7 @@ def _attention_fwd_tile(
     qk_scale,
     dropout_p,
     dropout_scale,
-    seed,
+    seed_ptr,  # int64 [1] dropout seed on this device; read if HAS_DROPOUT
     rng_offset,
     HAS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -175,6 +180,9 @@ def _attention_fwd_tile(
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)  # drawn on this device (draw_dropout_seed): no host value to replay
     k = _load_rows(k_ptr, stride_kl, offs_n, len_k, offs_d, HEAD_DIM, DOT_DTYPE)
     v = _load_rows(v_ptr, stride_vl, offs_n, len_k, offs_d, HEAD_DIM, DOT_DTYPE)
     key_ok = _key_ok(kv_mask_ptr, stride_mask_l, offs_n, len_k, HAS_MASK)
@@ -213,7 +221,7 @@ def _attention_bwd_tile(
     sm_scale,
     dropout_p,
     dropout_scale,
-    seed,
+    seed_ptr,  # int64 [1] dropout seed on this device; read if HAS_DROPOUT
     rng_offset,
     HAS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -228,6 +236,9 @@ def _attention_bwd_tile(
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)  # drawn on this device (draw_dropout_seed): no host value to replay
     k = _load_rows(k_ptr, stride_kl, offs_n, len_k, offs_d, HEAD_DIM, DOT_DTYPE)
     v = _load_rows(v_ptr, stride_vl, offs_n, len_k, offs_d, HEAD_DIM, DOT_DTYPE)
     key_ok = _key_ok(kv_mask_ptr, stride_mask_l, offs_n, len_k, HAS_MASK)
@@ -258,7 +269,7 @@ def _attention_bwd_tile(
 
 # One attention in one direction (language or region self-attention, one side of a cross attention): a program
 # per (batch, head). _bidirectional_* run both directions of the cross layer's shared attention in one launch.
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attention_fwd_kernel(
     q_ptr,  # [B, H, Lq, D] queries (strides stride_q*, unit stride in D)
     k_ptr,  # [B, H, Lk, D] keys
@@ -285,7 +296,7 @@ def _attention_fwd_kernel(
     qk_scale,  # scale * log2(e)
     dropout_p,
     dropout_scale,  # 1 / (1 - dropout_p)
-    seed,
+    seed_ptr,  # int64 [1] dropout seed on this device; read if HAS_DROPOUT
     HAS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -315,7 +326,7 @@ def _attention_fwd_kernel(
         qk_scale,
         dropout_p,
         dropout_scale,
-        seed,
+        seed_ptr,
         bh * len_q * len_k,
         HAS_MASK,
         HAS_DROPOUT,
@@ -329,7 +340,7 @@ def _attention_fwd_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attention_bwd_kernel(
     q_ptr,  # [B, H, Lq, D] queries
     k_ptr,  # [B, H, Lk, D] keys
@@ -369,7 +380,7 @@ def _attention_bwd_kernel(
     sm_scale,  # scale
     dropout_p,
     dropout_scale,
-    seed,
+    seed_ptr,  # int64 [1] dropout seed on this device; read if HAS_DROPOUT
     HAS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -407,7 +418,7 @@ def _attention_bwd_kernel(
         sm_scale,
         dropout_p,
         dropout_scale,
-        seed,
+        seed_ptr,
         bh * len_q * len_k,
         HAS_MASK,
         HAS_DROPOUT,
@@ -422,7 +433,7 @@ def _attention_bwd_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _bidirectional_fwd_kernel(
     lq_ptr,  # [B, H, L, D] language queries (strides stride_lq*, unit stride in D)
     lk_ptr,  # [B, H, L, D] language keys
@@ -468,7 +479,7 @@ def _bidirectional_fwd_kernel(
     qk_scale,
     dropout_p,
     dropout_scale,
-    seed,
+    seed_ptr,  # int64 [1] dropout seed on this device; read if HAS_DROPOUT
     HAS_LANG_MASK: tl.constexpr,
     HAS_VIS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -503,7 +514,7 @@ def _bidirectional_fwd_kernel(
             qk_scale,
             dropout_p,
             dropout_scale,
-            seed,
+            seed_ptr,
             bh * len_lang * len_vis,
             HAS_VIS_MASK,
             HAS_DROPOUT,
@@ -532,7 +543,7 @@ def _bidirectional_fwd_kernel(
             qk_scale,
             dropout_p,
             dropout_scale,
-            seed,
+            seed_ptr,
             (tl.num_programs(0) + bh) * len_lang * len_vis,
             HAS_LANG_MASK,
             HAS_DROPOUT,
@@ -546,7 +557,7 @@ def _bidirectional_fwd_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _bidirectional_bwd_kernel(
     lq_ptr,  # [B, H, L, D] language queries
     lk_ptr,  # [B, H, L, D] language keys
@@ -605,7 +616,7 @@ def _bidirectional_bwd_kernel(
     sm_scale,
     dropout_p,
     dropout_scale,
-    seed,
+    seed_ptr,  # int64 [1] dropout seed on this device; read if HAS_DROPOUT
     HAS_LANG_MASK: tl.constexpr,
     HAS_VIS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -650,7 +661,7 @@ def _bidirectional_bwd_kernel(
             sm_scale,
             dropout_p,
             dropout_scale,
-            seed,
+            seed_ptr,
             bh * len_lang * len_vis,
             HAS_VIS_MASK,
             HAS_DROPOUT,
@@ -687,7 +698,7 @@ def _bidirectional_bwd_kernel(
             sm_scale,
             dropout_p,
             dropout_scale,
-            seed,
+            seed_ptr,
             (tl.num_programs(0) + bh) * len_lang * len_vis,
             HAS_LANG_MASK,
             HAS_DROPOUT,
@@ -702,10 +713,10 @@ def _bidirectional_bwd_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _dropout_mask_kernel(
     keep_ptr,  # [P, Lq, Lk] uint8, contiguous: the keep mask of programs first_program .. first_program+P-1
-    seed,
+    seed_ptr,  # int64 [1] dropout seed
     first_program,
     len_q,
     len_k,
@@ -715,6 +726,7 @@ def _dropout_mask_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    seed = tl.load(seed_ptr)
     offs_n = tl.arange(0, BLOCK_N)
     rng_offset = (first_program + pid) * len_q * len_k
     for m_block in range(NUM_M_BLOCKS):  # a constexpr trip count (1 for LXMERT)
@@ -840,24 +852,22 @@ def _check_rng(programs: int, len_q: int, len_k: int) -> None:
         raise ValueError("attention dropout: B*H*Lq*Lk is too large for the int32 Philox offsets")
 
 
-def _draw_seed() -> Tensor:
-    """int64 [1] on the CPU from torch's default generator. A tensor, not an int: torch.compile traces the draw
-    into the graph, where an int would need .item() (a graph break); the ops read it on the host (no device sync)."""
-    return torch.randint(0, 2**31 - 1, (1,), device="cpu")
+def draw_dropout_seed(device) -> Tensor:
+    """int64 [1] on `device`: the seed the entry points draw for one forward, by torch's generator of that device
+    (CUDA: its Philox, which a captured graph advances at each replay; CPU: the default generator), so
+    torch.manual_seed and torch's RNG state (checkpoint, activation recomputation) decide it. The kernels load it
+    with tl.load: no host read, no copy. After torch.manual_seed(s) it is the seed of the first call that
+    follows (tests rebuild the kernel's mask with it)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
-def draw_dropout_seed() -> int:
-    """A dropout seed as the entry points draw it, from torch's (CPU) default generator: after torch.manual_seed(s)
-    it is the seed of the first call that follows (tests rebuild the kernel's mask with it)."""
-    return int(_draw_seed().item())
-
-
-def _seed_value(seed: Tensor | None) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
-def _dropout_args(dropout_p: float, seed: int) -> dict:
-    return dict(dropout_p=float(dropout_p), dropout_scale=1.0 / (1.0 - dropout_p), seed=seed)
+def _dropout_args(dropout_p: float, seed: Tensor | None, like: Tensor) -> dict:
+    """The kernels' dropout arguments; without dropout the seed pointer is `like` (never loaded)."""
+    if seed is not None and seed.device != like.device:
+        raise ValueError(f"dropout seed is on {seed.device}, the inputs on {like.device}")
+    return dict(
+        dropout_p=float(dropout_p), dropout_scale=1.0 / (1.0 - dropout_p), seed_ptr=like if seed is None else seed
+    )
 
 
 def _attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed) -> Tensor:
@@ -883,7 +893,7 @@ def _attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed) -> Tensor:
         len_q,
         len_k,
         scale * _LOG2E,
-        **_dropout_args(dropout_p, seed),
+        **_dropout_args(dropout_p, seed, q),
         HAS_MASK=kv_mask is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         HEAD_DIM=dim,
@@ -928,7 +938,7 @@ def _attention_bwd(q, k, v, kv_mask, d_out, scale, dropout_p, seed) -> tuple[Ten
         len_k,
         scale * _LOG2E,
         scale,
-        **_dropout_args(dropout_p, seed),
+        **_dropout_args(dropout_p, seed, q),
         HAS_MASK=kv_mask is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         HEAD_DIM=dim,
@@ -992,7 +1002,7 @@ def _bidirectional_fwd(lang, vis, lang_mask, vis_mask, scale, dropout_p, seed) -
         len_lang,
         len_vis,
         scale * _LOG2E,
-        **_dropout_args(dropout_p, seed),
+        **_dropout_args(dropout_p, seed, lq),
         HAS_LANG_MASK=lang_mask is not None,
         HAS_VIS_MASK=vis_mask is not None,
         HAS_DROPOUT=dropout_p > 0.0,
@@ -1045,7 +1055,7 @@ def _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dro
         len_vis,
         scale * _LOG2E,
         scale,
-        **_dropout_args(dropout_p, seed),
+        **_dropout_args(dropout_p, seed, lq),
         HAS_LANG_MASK=lang_mask is not None,
         HAS_VIS_MASK=vis_mask is not None,
         HAS_DROPOUT=dropout_p > 0.0,
@@ -1059,7 +1069,7 @@ def _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dro
 # ------------------------------------------------------------------------------------ torch.library ops
 # One custom op per launch, so torch.compile traces each as one opaque node. A fake impl allocates what its
 # launcher allocates (same shapes and strides: outputs laid out [B, L, H, D]) and launches nothing. The seed is
-# the CPU tensor of _draw_seed, or None without dropout.
+# draw_dropout_seed's int64 [1] on the inputs' device, or None without dropout; the backward gets the forward's.
 
 
 @torch.library.custom_op("lxmert::attention_fwd", mutates_args=())
@@ -1067,7 +1077,7 @@ def _attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, scale: float, dropout_p: float, seed: Tensor | None
 ) -> Tensor:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    return _attention_fwd(q, k, v, kv_mask, scale, dropout_p, _seed_value(seed))
+    return _attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed)
 
 
 @_attention_fwd_op.register_fake
@@ -1087,7 +1097,7 @@ def _attention_bwd_op(
     seed: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    return _attention_bwd(q, k, v, kv_mask, d_out, scale, dropout_p, _seed_value(seed))
+    return _attention_bwd(q, k, v, kv_mask, d_out, scale, dropout_p, seed)
 
 
 @_attention_bwd_op.register_fake
@@ -1125,7 +1135,7 @@ def _bidirectional_fwd_op(
     seed: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     lang, vis = tuple(_unit_last(t) for t in (lq, lk, lv)), tuple(_unit_last(t) for t in (vq, vk, vv))
-    return _bidirectional_fwd(lang, vis, lang_mask, vis_mask, scale, dropout_p, _seed_value(seed))
+    return _bidirectional_fwd(lang, vis, lang_mask, vis_mask, scale, dropout_p, seed)
 
 
 @_bidirectional_fwd_op.register_fake
@@ -1151,7 +1161,7 @@ def _bidirectional_bwd_op(
 ) -> tuple[Tensor, Tensor]:
     """(dq, dk, dv of the language side stacked [3, B, H, L, D], the same of the regions [3, B, H, R, D])."""
     lang, vis = tuple(_unit_last(t) for t in (lq, lk, lv)), tuple(_unit_last(t) for t in (vq, vk, vv))
-    return _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dropout_p, _seed_value(seed))
+    return _bidirectional_bwd(lang, vis, lang_mask, vis_mask, d_lang, d_vis, scale, dropout_p, seed)
 
 
 @_bidirectional_bwd_op.register_fake
@@ -1212,7 +1222,7 @@ def cross_attention(
         return reference_attention(q, k, v, kv_mask, scale, keep, dropout_p)
     if dropout_p > 0.0:
         _check_rng(batch * heads, len_q, len_k)
-    seed = _draw_seed() if dropout_p > 0.0 else None
+    seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
     return torch.ops.lxmert.attention_fwd(q, k, v, kv_mask, scale, dropout_p, seed)
 
 
@@ -1251,7 +1261,7 @@ def bidirectional_from_views(
         )
     if dropout_p > 0.0:
         _check_rng(2 * batch * heads, len_lang, len_vis)
-    seed = _draw_seed() if dropout_p > 0.0 else None
+    seed = draw_dropout_seed(lq.device) if dropout_p > 0.0 else None
     return torch.ops.lxmert.bidirectional_fwd(lq, lk, lv, vq, vk, vv, lang_mask, vis_mask, scale, dropout_p, seed)
 
 
@@ -1307,15 +1317,27 @@ def reference_attention(
 
 
 def dropout_keep_mask(
-    seed: int, batch: int, heads: int, len_q: int, len_k: int, dropout_p: float, device, first_program: int = 0
+    seed: Tensor | int,
+    batch: int,
+    heads: int,
+    len_q: int,
+    len_k: int,
+    dropout_p: float,
+    device,
+    first_program: int = 0,
 ) -> Tensor:
     """bool [B, H, Lq, Lk]: the keep mask the kernels draw for `seed` (programs from first_program on).
 
-    cross_attention uses first_program=0; bidirectional uses 0 for the language-query direction
+    seed: a draw_dropout_seed tensor (int64 [1] on `device`, read by the kernel as the attention kernels read
+    it) or an int. cross_attention uses first_program=0; bidirectional uses 0 for the language-query direction
     ([B, H, L, R]) and B*H for the region-query direction ([B, H, R, L]). Runs a tiny Triton kernel with the
     kernels' own offset scheme, so it needs triton_runs_on(device).
     """
     keep = torch.empty((batch * heads, len_q, len_k), dtype=torch.uint8, device=device)
+    if not isinstance(seed, Tensor):
+        seed = torch.tensor([seed], dtype=torch.int64, device=device)
+    if seed.device != keep.device:
+        raise ValueError(f"dropout seed is on {seed.device}, the mask on {keep.device}")
     block_m, num_m_blocks = _query_blocks(len_q)
     if keep.numel():
         _dropout_mask_kernel[(batch * heads,)](

@@ -271,7 +271,7 @@ def test_dropout_matches_reference_with_the_kernels_mask():
         return ca.cross_attention(q, k, v, mask, dropout_p=P)
 
     torch.manual_seed(11)
-    keep = ca.dropout_keep_mask(ca.draw_dropout_seed(), batch, heads, len_q, len_k, P, DEVICE)
+    keep = ca.dropout_keep_mask(ca.draw_dropout_seed(DEVICE), batch, heads, len_q, len_k, P, DEVICE)
     assert 0 < (~keep).sum() < keep.numel()
     got = run(kernel, [t.float() for t in (q, k, v)], [grad_out])
     want = run(lambda q, k, v: ca.reference_attention(q, k, v, mask, None, keep, P), [q, k, v], [grad_out])
@@ -293,7 +293,7 @@ def test_bidirectional_dropout_matches_reference_with_the_kernels_masks():
         return ca.bidirectional_from_views(*model_views(x, n_lang), lang_mask, None, P)
 
     torch.manual_seed(12)
-    seed = ca.draw_dropout_seed()
+    seed = ca.draw_dropout_seed(DEVICE)
     lang_keep = ca.dropout_keep_mask(seed, batch, heads, n_lang, n_vis, P, DEVICE)
     vis_keep = ca.dropout_keep_mask(seed, batch, heads, n_vis, n_lang, P, DEVICE, first_program=batch * heads)
 

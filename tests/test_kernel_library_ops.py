@@ -57,7 +57,7 @@ def feature_inputs(g, padding=3):
 
 
 def seed_tensor(dropout_p):
-    return torch.tensor([20260], dtype=torch.int64) if dropout_p > 0 else None
+    return torch.tensor([20260], dtype=torch.int64, device=DEVICE) if dropout_p > 0 else None  # as drawn: on the device
 
 
 # ---------------------------------------------------------------------------------------------- opcheck
