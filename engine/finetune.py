@@ -15,19 +15,15 @@ report at the end.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from typing import Any
 
 import numpy as np
 
-from engine.config import ConfigError, RunConfig, format_config, load_config
-from engine.launch import error_line
-from engine.output_dir import RunError
+from engine.config import RunConfig
 from engine.stopping import interrupt_in_one_line
 from engine.tasks.finetune import FINETUNE_TASKS, SUBMISSION_NAMES, FineTuneError, FinetuneTask
-from engine.train import Trainer, exit_status, report, run_cli
+from engine.train import Trainer, training_cli
 
 __all__ = ["FINETUNE_TASKS", "SUBMISSION_NAMES", "FineTuneError", "FineTuner", "main"]
 
@@ -72,10 +68,7 @@ class FineTuner(Trainer):
         return self.task.evaluate_only_run(self.context())
 
 
-@interrupt_in_one_line("lxmert-finetune")
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lxmert-finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML recipe (configs/vqa.yaml, gqa.yaml, nlvr2.yaml)")
+def _options(parser) -> None:
     parser.add_argument("--answer-table", help="the pre-training QA head's answer table (engine/tasks/finetune.py)")
     parser.add_argument("--from-scratch", action="store_true", help="ignore train.init_from")
     parser.add_argument(
@@ -84,39 +77,36 @@ def main(argv: list[str] | None = None) -> int:
         help="predict data.eval with train.init_from (a fine-tuned model) or the latest checkpoint "
         "in train.output_dir; writes <output_dir>/evaluate/",
     )
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    try:
-        config = load_config(args.config, args.overrides)
-        if args.from_scratch:
-            config.train.init_from = ""
-        tuner = FineTuner(config, answer_table=args.answer_table, evaluate_only=args.evaluate_only)
-    except (ConfigError, RunError) as error:  # FineTuneError is a ConfigError
-        return error_line("lxmert-finetune", error)
 
-    def run() -> int:
-        if tuner.rank == 0:
-            print(format_config(tuner.config), flush=True)
-            if tuner.adopted:
-                print(f"model architecture from {tuner.config.train.init_from}: {', '.join(tuner.adopted)}", flush=True)
-        if args.evaluate_only:
-            result = tuner.evaluate_only()
-            if tuner.rank == 0:
-                print(
-                    f"{result['task']} {result['metric']} {result['value']} on {result['examples']} examples; "
-                    f"submission {result['submission']}",
-                    flush=True,
-                )
-            return 0
-        summary = tuner.train()
-        if tuner.rank == 0:
-            print(report(summary), flush=True)
-        return exit_status(summary)  # 0, or a stop's (75 preempted or out of time, 130 ^C, 3 only skipping steps)
 
-    return run_cli("lxmert-finetune", tuner, run)
+def _build(config: RunConfig, args) -> FineTuner:
+    if args.from_scratch:
+        config.train.init_from = ""
+    # FineTuneError is a ConfigError: one line, exit 2
+    return FineTuner(config, answer_table=args.answer_table, evaluate_only=args.evaluate_only)
+
+
+def _preface(tuner: FineTuner) -> list[str]:
+    adopted = tuner.adopted
+    return [f"model architecture from {tuner.config.train.init_from}: {', '.join(adopted)}"] if adopted else []
+
+
+def _evaluate_only(tuner: FineTuner, args) -> int | None:
+    if not args.evaluate_only:
+        return None
+    result = tuner.evaluate_only()
+    if tuner.rank == 0:
+        print(
+            f"{result['task']} {result['metric']} {result['value']} on {result['examples']} examples; "
+            f"submission {result['submission']}",
+            flush=True,
+        )
+    return 0
+
+
+@interrupt_in_one_line("lxmert-finetune")
+def main(argv: list[str] | None = None) -> int:
+    return training_cli("lxmert-finetune", __doc__.split("\n\n")[0], argv, _build, _options, _preface, _evaluate_only)
 
 
 if __name__ == "__main__":

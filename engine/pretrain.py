@@ -16,47 +16,29 @@ component, samples/s, the last validation, the checkpoint, model, log and plot p
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-from engine.config import ConfigError, format_config, load_config
-from engine.launch import error_line
-from engine.output_dir import RunError
+from engine.config import ConfigError
 from engine.stopping import interrupt_in_one_line
 from engine.tasks.pretrain import PretrainTask
-from engine.train import Trainer, exit_status, report, run_cli
+from engine.train import Trainer, training_cli
+
+
+def _options(parser) -> None:
+    parser.add_argument("--export-hf", action="store_true", help="also write transformers' layout + config.json")
+
+
+def _build(config, args) -> Trainer:
+    if config.train.task != "pretrain":
+        raise ConfigError(
+            f"train.task is {config.train.task!r}: lxmert-pretrain pre-trains (lxmert-finetune fine-tunes)"
+        )
+    return Trainer(config, PretrainTask(export_hf=args.export_hf))
 
 
 @interrupt_in_one_line("lxmert-pretrain")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lxmert-pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="a recipe YAML (configs/)")
-    parser.add_argument("--export-hf", action="store_true", help="also write transformers' layout + config.json")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="section.field=value")
-    args = parser.parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    try:
-        config = load_config(args.config, args.overrides)
-        if config.train.task != "pretrain":
-            raise ConfigError(
-                f"train.task is {config.train.task!r}: lxmert-pretrain pre-trains (lxmert-finetune fine-tunes)"
-            )
-        trainer = Trainer(config, PretrainTask(export_hf=args.export_hf))
-    except (ConfigError, RunError) as error:
-        return error_line("lxmert-pretrain", error)
-
-    def run() -> int:
-        if trainer.rank == 0:
-            print(format_config(trainer.config), flush=True)
-        summary = trainer.train()
-        if trainer.rank == 0:
-            print(report(summary), flush=True)
-        return exit_status(summary)  # 0, or a stop's (75 preempted or out of time, 130 ^C, 3 only skipping steps)
-
-    return run_cli("lxmert-pretrain", trainer, run)
+    return training_cli("lxmert-pretrain", __doc__.split("\n")[0], argv, _build, _options)
 
 
 if __name__ == "__main__":

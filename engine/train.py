@@ -44,7 +44,9 @@ and the last applied step's loss are kept on the device and read with the log li
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import time
 import weakref
 from collections import defaultdict
@@ -56,7 +58,17 @@ import torch
 import yaml
 
 from engine import checkpoint as ckpt
-from engine.config import ARCHITECTURE, ConfigError, RunConfig, StorePaths, resolve, save_config, to_dict
+from engine.config import (
+    ARCHITECTURE,
+    ConfigError,
+    RunConfig,
+    StorePaths,
+    format_config,
+    load_config,
+    resolve,
+    save_config,
+    to_dict,
+)
 from engine.context import TaskContext
 from engine.flops import mfu, peak_flops
 from engine.launch import Launch, all_reduce_sum, choose_deepspeed, error_line, pick_device, set_threads
@@ -716,12 +728,46 @@ class SkipStreak:
 # -------------------------------------------------------------------------------------------- the report
 
 
-def run_cli(prog: str, trainer: Trainer, run: Callable[[], int]) -> int:
-    """A CLI's work with a built Trainer: `run()`'s exit status, or a user's failure in one line, exit 2 (a config
-    or run error, a write of the run's outputs that failed: the log, the export, the best model, the submission).
-    The output directory's lock is released either way."""
+def training_cli(
+    prog: str,
+    description: str,
+    argv: list[str] | None,
+    build: Callable[[RunConfig, argparse.Namespace], Trainer],
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+    preface: Callable[[Trainer], list[str]] | None = None,
+    instead: Callable[[Trainer, argparse.Namespace], int | None] | None = None,
+) -> int:
+    """The body of lxmert-pretrain and lxmert-finetune. Arguments: --config, the CLI's own `options`, the
+    section.field=value overrides (and the deepspeed launcher's --local_rank); `build` makes the Trainer from the
+    config and the arguments. Rank 0 prints the resolved config and `preface`'s lines; then `instead` may take the
+    run (fine-tuning's --evaluate-only: its exit status), else the run trains and rank 0 prints its report. Exit
+    status: 0, a stop's (engine/stopping.py: 75 preempted or out of time, 130 ^C, 3 only skipping steps), or 2 with
+    one line for a user's failure (a config or run error, a write of the run's outputs that failed). The output
+    directory's lock is released either way."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="a recipe YAML (configs/)")
+    if options is not None:
+        options(parser)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
-        return run()
+        trainer = build(load_config(args.config, args.overrides), args)
+    except (ConfigError, RunError) as error:
+        return error_line(prog, error)
+    try:
+        if trainer.rank == 0:
+            for line in [format_config(trainer.config), *(preface(trainer) if preface else [])]:
+                print(line, flush=True)
+        status = instead(trainer, args) if instead is not None else None
+        if status is not None:
+            return status
+        summary = trainer.train()
+        if trainer.rank == 0:
+            print(report(summary), flush=True)
+        return exit_status(summary)
     except (ConfigError, RunError) as error:
         return error_line(prog, error)
     except OSError as error:
