@@ -159,7 +159,7 @@ def watch(trainer, counter: HostWaitCounter) -> None:
 
 def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple[Path, Path] | None = None):
     """The engine's RunConfig of a tiny pre-training run on a synthetic store (or `stores`: text, features);
-    path: an attention backend or a DeepSpeed ZeRO stage (zero1, zero2: one process, fp32)."""
+    path: an attention backend or a DeepSpeed ZeRO stage (zero1, zero2: one process, bf16)."""
     from benchmarks.dataloader import dataset
     from engine.config import load_config
     from engine.data.store import RegionStore, TextStore
@@ -178,6 +178,8 @@ def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple
     overrides += ["train.batch_size=4", "train.epochs=100", f"train.max_steps={steps}", f"train.log_every={log_every}"]
     overrides += ["train.save_every=1000", f"train.output_dir={work / path}", "train.seed=0"]
     overrides.append(f"train.zero_stage={int(path[-1]) if path.startswith('zero') else 0}")
+    if path.startswith("zero"):
+        overrides.append("train.precision=bf16")
     return load_config(None, overrides)
 
 
@@ -231,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
             "Counted by benchmarks/host_waits.py on the CPU (a count, not a timing: it holds on any device).",
             "",
             harness.markdown_table(rows, columns),
+            "",
+            "zero1 / zero2: bf16, one process, DeepSpeed's overflow check off (`bf16.check_grad_overflow` false,",
+            "engine/config.py deepspeed_config); the engine's gradient-norm read waits for the log line. The one wait",
+            "left a step is DeepSpeed's: with gradient clipping on, ZeRO-1/2's `unscale_and_clip_grads` reads",
+            "`is_invalid_grad_norm(clip_norm)` (deepspeed 0.19.8 runtime/zero/stage_1_and_2.py:3203 ->",
+            "runtime/utils.py:233, `bool(...any())`), and no configuration option skips it.",
         ],
     )
     return 0

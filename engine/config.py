@@ -655,6 +655,15 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
             raise ConfigError(f"{source}: {path} is {given!r} but the typed config makes it {value!r} ({hint})")
         if value != "none" or given is not None:  # an offload section only where it is on or already written
             _put(ds, path, value)
+    if (
+        t.precision == "bf16"
+        and t.zero_stage in (1, 2)
+        and not offload_optimizer
+        and _get(template, "bf16.check_grad_overflow") is None
+    ):
+        # bf16 has no loss scale to overflow: DeepSpeed's check costs 2 host waits a step (stage_1_and_2.py:3029,
+        # 3043); the runtime skips a non-finite step on the device instead (Runtime._guard_zero_step)
+        _put(ds, "bf16.check_grad_overflow", False)
     if t.zero_stage >= 1 and o.name == "bertadam":
         ds["zero_allow_untested_optimizer"] = True  # ZeRO accepts a client optimizer of a class it does not list
     if offload_optimizer:

@@ -125,6 +125,7 @@ class Runtime:
         self.scaler = None
         self._ds_skipped_seen = 0
         self._measure_norm = False
+        self._device_skip = False
         self._skip_step = False
         self._boundary_norm: float | None = None  # measured here where DeepSpeed reports none (see backward)
         self._unsettled = torch.zeros((), dtype=torch.int64, device=device)  # skipped steps not yet settled
@@ -141,6 +142,11 @@ class Runtime:
             self._measure_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
             if self._measure_norm:
                 self._guard_optimizer_step()
+            # bf16 ZeRO-1/2 without DeepSpeed's overflow check (deepspeed_config): a non-finite step is skipped on
+            # the device, as on the plain path, and settle() takes its schedule step back
+            self._device_skip = getattr(self.engine.optimizer, "check_grad_overflow", True) is False
+            if self._device_skip:
+                self._guard_zero_step()
             if t.compile:
                 compile_model(self.engine, t.compile_backend)
         else:
@@ -184,23 +190,26 @@ class Runtime:
             norm, skipped = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.clip)
             self._unsettled += skipped
             return norm, skipped
-        norm, skipped = self._deepspeed_step()  # DeepSpeed decides on the host (its own waits, reported)
-        self._unsettled += int(skipped)
-        return torch.tensor(norm), torch.tensor(skipped)
+        norm, skipped = self._deepspeed_step()
+        self._unsettled += skipped
+        return norm, skipped
 
-    def _deepspeed_step(self) -> tuple[float, bool]:
+    def _deepspeed_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._measure_norm:
             norm, self._boundary_norm = self._boundary_norm, None
-            if self._skip_step:
+            skipped = self._skip_step
+            if skipped:
                 self._undo_schedule_step()
                 self._skip_step = False
-                return norm, True
-            return norm, False
+            return torch.tensor(norm), torch.tensor(skipped)
         norm = self.engine.get_global_grad_norm()  # DeepSpeed stepped in backward() at the boundary
-        norm = float(norm) if norm is not None else math.nan
-        skipped = self.engine.skipped_steps > self._ds_skipped_seen
+        # kept on the device: read at the log line (read_step), as the plain path's
+        norm = torch.tensor(math.nan) if norm is None else torch.as_tensor(norm, dtype=torch.float32).detach()
+        if self._device_skip:
+            return norm, ~torch.isfinite(norm)  # what _guard_zero_step decided
+        skipped = self.engine.skipped_steps > self._ds_skipped_seen  # DeepSpeed's overflow check decided
         self._ds_skipped_seen = self.engine.skipped_steps
-        return norm, skipped
+        return norm, torch.tensor(skipped)
 
     def settle(self) -> int:
         """The steps skipped since the last settle: one read of the device, for log lines and checkpoints. The
@@ -209,7 +218,7 @@ class Runtime:
         skipped = int(self._unsettled)
         if skipped:
             self._unsettled.zero_()
-            if not self.use_deepspeed:
+            if not self.use_deepspeed or self._device_skip:
                 self.scheduler.last_epoch -= skipped + 1
                 self.scheduler.step()  # recomputes every group's lr at the step count taken back
         return skipped
@@ -234,6 +243,30 @@ class Runtime:
             return None if self._skip_step else step(*args, **kwargs)
 
         optimizer.step = step_unless_skipped
+
+    def _guard_zero_step(self) -> None:
+        """ZeRO-1/2 calls the client optimizer's step() after computing the global norm (stage_1_and_2.py:3071):
+        wrap it so a non-finite norm applies nothing, decided on the device where the optimizer takes found_inf
+        (takes_found_inf), else read (one host wait). DeepSpeed then steps the schedule; settle() takes it back."""
+        zero = self.engine.optimizer
+        inner = zero.optimizer
+        step = inner.step
+
+        @functools.wraps(step)
+        def step_unless_non_finite(*args: Any, **kwargs: Any) -> Any:
+            norm = zero._global_grad_norm
+            if norm is None:
+                return step(*args, **kwargs)
+            skip = ~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32))
+            if not takes_found_inf(inner):
+                return None if bool(skip) else step(*args, **kwargs)
+            inner.found_inf = skip.to(torch.float32)
+            try:
+                return step(*args, **kwargs)
+            finally:
+                del inner.found_inf
+
+        inner.step = step_unless_non_finite
 
     def _undo_schedule_step(self) -> None:
         """DeepSpeed stepped the schedule for the step that applied nothing: put it back, as the plain path

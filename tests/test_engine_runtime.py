@@ -364,6 +364,53 @@ def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_pa
 
 @pytest.mark.slow
 @needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_bf16_zero_skips_an_inf_step_on_the_device(stores, tmp_path, one_rank, stage):
+    """bf16 ZeRO-1/2 runs without DeepSpeed's overflow check (bf16.check_grad_overflow false, deepspeed_config):
+    the runtime's guard on the client optimizer applies nothing for a non-finite norm, and settle() takes the
+    schedule step back, as on the plain path."""
+    skipper = Trainer(
+        make_config(
+            stores,
+            tmp_path / "skip",
+            *NO_DROPOUT,
+            "train.precision=bf16",
+            f"train.zero_stage={stage}",
+            "train.max_steps=5",
+        ),
+        PretrainTask(),
+        use_deepspeed=True,
+    )
+    assert skipper.runtime.engine.optimizer.check_grad_overflow is False and skipper.runtime._device_skip
+    param = skipper.engine.module.match_head.weight
+    param.register_hook(lambda grad: grad * math.inf if skipper.step == 2 else grad)
+    snapshots = {}
+    forward_backward, optimizer_step = skipper.train_step.forward_backward, skipper.train_step.optimizer_step
+
+    def recording_forward_backward(batch, *args):  # DeepSpeed steps inside the backward: copy the masters before it
+        if skipper.step == 2:
+            snapshots["before"] = skipper.consolidated_state_dict()
+        return forward_backward(batch, *args)
+
+    def recording_step():
+        result = optimizer_step()
+        if skipper.step == 2:
+            snapshots["after"] = skipper.consolidated_state_dict()
+        return result
+
+    skipper.train_step.forward_backward, skipper.train_step.optimizer_step = recording_forward_backward, recording_step
+    skipper.train()
+    records = {r["step"]: r for r in skipper.history}
+    assert records[3]["skipped"] is True and not math.isfinite(records[3]["grad_norm"])
+    assert skipper.skipped_steps == 1 and all(not records[s]["skipped"] for s in (1, 2, 4, 5))
+    for name, value in snapshots["before"].items():
+        assert torch.equal(value, snapshots["after"][name]), name  # masters untouched
+    assert records[3]["lr"] == records[2]["lr"] and records[4]["lr"] < records[3]["lr"]
+    assert all(math.isfinite(records[s]["loss"]) for s in (4, 5))
+
+
+@pytest.mark.slow
+@needs_deepspeed
 @pytest.mark.parametrize(
     "stage, offload, extra",
     [
