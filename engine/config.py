@@ -152,6 +152,9 @@ class TrainConfig:
     compile_backend: Literal["inductor", "cudagraphs", "aot_eager"] = "inductor"
     """torch.compile's backend: "inductor" (generated kernels), "cudagraphs", "aot_eager" (tracing only: a
     quick check that the model compiles)."""
+    cuda_graphs: bool = False
+    """Replay the compiled steps as CUDA graphs: torch.compile mode "reduce-overhead" (needs train.compile with the
+    inductor backend; every micro batch starts a new graph iteration). On the CPU it compiles as without."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass (less memory, about a third more compute)."""
     log_every: int = 100
@@ -364,6 +367,11 @@ def _check(config: RunConfig) -> None:
     need(t.threads >= 0, f"train.threads must be >= 0 (0 = cores / local ranks), got {t.threads}")
     need(t.keep_checkpoints >= 0, f"train.keep_checkpoints must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     need(t.offload == "none" or t.zero_stage >= 1, f"train.offload {t.offload!r} needs train.zero_stage >= 1")
+    need(
+        not t.cuda_graphs or (t.compile and t.compile_backend == "inductor"),
+        "train.cuda_graphs needs train.compile=true with train.compile_backend=inductor (torch.compile's "
+        '"reduce-overhead" mode)',
+    )
     need(
         t.offload != "optimizer+params" or t.zero_stage == 3,
         f"train.offload 'optimizer+params' needs train.zero_stage 3 (parameters are sharded only by ZeRO-3), "

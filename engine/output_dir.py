@@ -274,6 +274,7 @@ ABSORBED = (
     "train.world_size",
     "train.compile",
     "train.compile_backend",
+    "train.cuda_graphs",
     "train.activation_checkpointing",
     "train.log_every",
     "train.eval_every",

@@ -5,8 +5,8 @@ architecture, as torchtitan keeps it): activation checkpointing and torch.compil
   backward (torch.utils.checkpoint, non-reentrant, RNG state preserved: the same dropout masks, so the losses and
   gradients are those of a run without it). The layer's `forward` is replaced on the instance, so parameter
   names, checkpoints and ZeRO-3's per-module hooks stay as they are.
-- torch.compile (train.compile): nn.Module.compile on the plain path (in place: parameter names unchanged),
-  DeepSpeed's engine.compile on the DeepSpeed path.
+- torch.compile (train.compile; train.cuda_graphs: mode "reduce-overhead"): nn.Module.compile on the plain path
+  (in place: parameter names unchanged), DeepSpeed's engine.compile on the DeepSpeed path.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(layers)
 
 
-def compile_model(module: Any, backend: str) -> None:
-    """torch.compile in place: an nn.Module, or a DeepSpeed engine (its own compile)."""
-    module.compile(backend=backend)
+def compile_model(module: Any, backend: str, cuda_graphs: bool = False, deepspeed: bool = False) -> None:
+    """torch.compile in place: an nn.Module, or a DeepSpeed engine (its own compile, which passes compile_kwargs
+    on); cuda_graphs: mode "reduce-overhead" (train.cuda_graphs)."""
+    kwargs = {"mode": "reduce-overhead"} if cuda_graphs else {}
+    if deepspeed:
+        module.compile(backend=backend, compile_kwargs=kwargs)
+    else:
+        module.compile(backend=backend, **kwargs)

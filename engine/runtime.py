@@ -148,11 +148,11 @@ class Runtime:
             if self._device_skip:
                 self._guard_zero_step()
             if t.compile:
-                compile_model(self.engine, t.compile_backend)
+                compile_model(self.engine, t.compile_backend, t.cuda_graphs, deepspeed=True)
         else:
             self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
             if t.compile:
-                compile_model(model, t.compile_backend)
+                compile_model(model, t.compile_backend, t.cuda_graphs)
 
     # --------------------------------------------------------------------------------------------- steps
 

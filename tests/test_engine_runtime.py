@@ -16,7 +16,7 @@ from conftest import build_pretrain_stores, tiny_model_overrides
 
 import lxmert
 from engine import checkpoint as ckpt
-from engine.config import load_config
+from engine.config import ConfigError, load_config
 from engine.data import convert
 from engine.data.store import TextStore
 from engine.launch import deepspeed_available
@@ -130,6 +130,28 @@ def test_compiled_model_gives_the_eager_losses(stores, tmp_path):
     for a, b in zip(losses(eager), losses(compiled), strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     torch._dynamo.reset()
+
+
+def test_cuda_graphs_compile_in_reduce_overhead_mode_and_mark_every_micro_batch(stores, tmp_path, monkeypatch):
+    """train.cuda_graphs: torch.compile's "reduce-overhead" mode on the model (inductor's build is minutes here, so
+    the compile call is recorded, not made) and a new CUDA-graph iteration at every micro batch; it needs
+    train.compile with inductor."""
+    compiled, marks = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(kwargs))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    extra = ("train.max_steps=3", "train.grad_accum_steps=2", "train.compile=true", "train.cuda_graphs=true")
+    trainer = Trainer(make_config(stores, tmp_path / "graphs", *extra), PretrainTask(), use_deepspeed=False)
+    trainer.train()
+    assert compiled == [{"backend": "inductor", "mode": "reduce-overhead"}]
+    assert len(marks) == 3 * 2  # steps x micro batches
+    for wrong in (
+        ("train.cuda_graphs=true",),
+        ("train.compile=true", "train.compile_backend=aot_eager", "train.cuda_graphs=true"),
+    ):
+        with pytest.raises(
+            ConfigError, match=r"train.cuda_graphs needs train.compile=true with train.compile_backend=inductor"
+        ):
+            make_config(stores, tmp_path / "wrong", *wrong)
 
 
 def test_pretraining_evaluates_on_schedule_and_the_numbers_are_the_models(stores, tmp_path):
