@@ -61,7 +61,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return build_pretrain_stores(tmp_path_factory.mktemp("fault_stores"), D)
 
 
-def overrides(stores, out: Path, *extra: str) -> list[str]:
+def overrides(stores, out: Path, *extra: str, steps: int = STEPS, save_every: int = SAVE_EVERY) -> list[str]:
+    """A tiny one-rank pre-training run of `steps` steps, a checkpoint every `save_every` (test_preemption's too)."""
     text, feats = stores
     return [
         *tiny_model_overrides(text, D),
@@ -72,9 +73,9 @@ def overrides(stores, out: Path, *extra: str) -> list[str]:
         "optim.lr=1e-3",
         "train.batch_size=8",
         "train.epochs=100",
-        f"train.max_steps={STEPS}",
+        f"train.max_steps={steps}",
         "train.log_every=1",
-        f"train.save_every={SAVE_EVERY}",
+        f"train.save_every={save_every}",
         "train.threads=1",
         f"train.output_dir={out}",
         "train.seed=0",

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_pretrain_stores, free_port, tiny_model_overrides
+from conftest import build_pretrain_stores, free_port
+from test_faults_checkpoint import overrides as checkpoint_run_overrides
 
 from engine import checkpoint as ckpt
 from engine.config import load_config
@@ -59,24 +60,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def overrides(stores, out: Path, *extra: str) -> list[str]:
-    text, feats = stores
-    return [
-        *tiny_model_overrides(text, D),
-        f"data.train.text={text}",
-        f"data.train.features={feats}",
-        "data.num_workers=0",
-        "optim.name=adamw",
-        "optim.lr=1e-3",
-        "train.batch_size=8",
-        "train.epochs=100",
-        f"train.max_steps={STEPS}",
-        "train.log_every=1",
-        f"train.save_every={SAVE_EVERY}",
-        "train.threads=1",
-        f"train.output_dir={out}",
-        "train.seed=0",
-        *extra,
-    ]
+    return checkpoint_run_overrides(stores, out, *extra, steps=STEPS, save_every=SAVE_EVERY)
 
 
 def environment() -> dict[str, str]:
