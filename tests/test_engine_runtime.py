@@ -259,6 +259,27 @@ def test_deepspeed_bf16_tracks_fp32_and_exports_the_fp32_masters(stores, tmp_pat
     assert (weight - fp32_weight).abs().max() < 1e-2 * fp32_weight.abs().max()
 
 
+def weights_around_step(trainer, step: int, weights) -> dict[str, dict]:
+    """Wraps the trainer's step: `weights()` before the backward of the step that follows `step` steps (DeepSpeed
+    steps inside the backward) and after that step's optimizer step, as {"before": ..., "after": ...}."""
+    snapshots = {}
+    forward_backward, optimizer_step = trainer.train_step.forward_backward, trainer.train_step.optimizer_step
+
+    def recording_forward_backward(batch, *args):
+        if trainer.step == step:
+            snapshots["before"] = weights()
+        return forward_backward(batch, *args)
+
+    def recording_step():
+        result = optimizer_step()
+        if trainer.step == step:
+            snapshots["after"] = weights()
+        return result
+
+    trainer.train_step.forward_backward, trainer.train_step.optimizer_step = recording_forward_backward, recording_step
+    return snapshots
+
+
 def cpu_has_fp16() -> bool:
     """DeepSpeed refuses fp16 on a CPU whose oneDNN has no fp16 kernels (the CPU accelerator's check)."""
     return torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
@@ -301,27 +322,12 @@ def test_deepspeed_fp16_skips_an_injected_inf_step(stores, tmp_path, one_rank):
     )
     param = trainer.engine.module.match_head.weight
     assert param.dtype == torch.float16
-    snapshots = {}
 
     def inject(grad):
         return grad * math.inf if trainer.step == 2 else grad  # the backward of the third step
 
     param.register_hook(inject)
-    forward_backward, optimizer_step = trainer.train_step.forward_backward, trainer.train_step.optimizer_step
-
-    def recording_forward_backward(batch, *args):
-        if trainer.step == 2:
-            snapshots["before"] = trainer.consolidated_state_dict()
-        return forward_backward(batch, *args)
-
-    def recording_step():
-        result = optimizer_step()
-        if trainer.step == 2:
-            snapshots["after"] = trainer.consolidated_state_dict()
-            snapshots["lr"] = trainer.runtime.lr()
-        return result
-
-    trainer.train_step.forward_backward, trainer.train_step.optimizer_step = recording_forward_backward, recording_step
+    snapshots = weights_around_step(trainer, 2, trainer.consolidated_state_dict)
     trainer.train()
     records = {r["step"]: r for r in trainer.history}
     assert records[3]["skipped"] is True and trainer.skipped_steps == 1
@@ -359,21 +365,7 @@ def test_deepspeed_zero0_fp32_logs_the_norm_and_skips_an_inf_step(stores, tmp_pa
     )
     param = skipper.model.match_head.weight
     param.register_hook(lambda grad: grad * math.inf if skipper.step == 2 else grad)
-    snapshots = {}
-    forward_backward, optimizer_step = skipper.train_step.forward_backward, skipper.train_step.optimizer_step
-
-    def recording_forward_backward(batch, *args):  # DeepSpeed steps inside the backward: copy the weights before it
-        if skipper.step == 2:
-            snapshots["before"] = {k: v.clone() for k, v in skipper.model.state_dict().items()}
-        return forward_backward(batch, *args)
-
-    def recording_step():
-        result = optimizer_step()
-        if skipper.step == 2:
-            snapshots["after"] = {k: v.clone() for k, v in skipper.model.state_dict().items()}
-        return result
-
-    skipper.train_step.forward_backward, skipper.train_step.optimizer_step = recording_forward_backward, recording_step
+    snapshots = weights_around_step(skipper, 2, lambda: {k: v.clone() for k, v in skipper.model.state_dict().items()})
     skipper.train()
     records = {r["step"]: r for r in skipper.history}
     assert records[3]["skipped"] is True and not math.isfinite(records[3]["grad_norm"])
@@ -406,21 +398,7 @@ def test_deepspeed_bf16_zero_skips_an_inf_step_on_the_device(stores, tmp_path, o
     assert skipper.runtime.engine.optimizer.check_grad_overflow is False and skipper.runtime._device_skip
     param = skipper.engine.module.match_head.weight
     param.register_hook(lambda grad: grad * math.inf if skipper.step == 2 else grad)
-    snapshots = {}
-    forward_backward, optimizer_step = skipper.train_step.forward_backward, skipper.train_step.optimizer_step
-
-    def recording_forward_backward(batch, *args):  # DeepSpeed steps inside the backward: copy the masters before it
-        if skipper.step == 2:
-            snapshots["before"] = skipper.consolidated_state_dict()
-        return forward_backward(batch, *args)
-
-    def recording_step():
-        result = optimizer_step()
-        if skipper.step == 2:
-            snapshots["after"] = skipper.consolidated_state_dict()
-        return result
-
-    skipper.train_step.forward_backward, skipper.train_step.optimizer_step = recording_forward_backward, recording_step
+    snapshots = weights_around_step(skipper, 2, skipper.consolidated_state_dict)
     skipper.train()
     records = {r["step"]: r for r in skipper.history}
     assert records[3]["skipped"] is True and not math.isfinite(records[3]["grad_norm"])
