@@ -51,6 +51,7 @@ DEFAULT_RATE = 2000.0  # samples/s assumed when the throughput stage measured no
 ENGINE_RATE_FACTOR = 0.7  # the engine's step (loader, logging) against the benchmark's resident-data step
 MAX_STEPS = 2400  # 614k sentences: writing and converting them took 40 s on a 2-core machine
 DATA_ESTIMATE_S = 40.0  # what the pretrain_data stage is expected to take (its limit is larger)
+GPU_PATHS = ("ours-flash", "+zero1", "+cudagraphs")  # the throughput rows the session exists for
 THROUGHPUT_TAIL_S = 135.0  # of the throughput stage's limit: the variant running at its --time-budget, the profile
 SYNTHETIC_IMAGES = 512  # 461 train images of 36 x 2048 fp16 features: 68 MB, resident on the GPU
 
@@ -399,8 +400,12 @@ def throughput_numbers(session: Session) -> list[Number]:
             if row.get("speedup_vs_hf"):
                 over = f"{row['name']} over transformers"
                 numbers.append(session.number("throughput", over, row["speedup_vs_hf"], "x", row))
-        elif row.get("kind") == "throughput" and str(row.get("note", "")).startswith("failed"):
+        elif row.get("kind") == "throughput" and str(row.get("note", "")).startswith(("failed", "skipped")):
             session.notes.append(f"throughput {row['name']}: {row['note'][:200]}")
+    names = [row.get("name", "") for row in harness.read_rows(session.work / THROUGHPUT_ROWS)]
+    for path in GPU_PATHS:  # what the CPU cannot answer: say so when the time budget left one out
+        if not any(path in name for name in names):
+            session.notes.append(f"throughput: no {path} row (the stage's time budget ran out first)")
     return numbers
 
 

@@ -68,14 +68,16 @@ class Variant:
     precision: str  # fp32 / tf32 / bf16 / fp16
     batch: int
     compile: bool = False
-    cudagraphs: bool = False  # with compile: mode "reduce-overhead"
+    cudagraphs: bool = False  # with compile: mode "reduce-overhead" (ours: train.cuda_graphs)
     loader: str = "resident"
     workers: int = 0  # torch DataLoader workers / DALI threads
+    zero: int = 0  # ours: a DeepSpeed ZeRO stage (train.zero_stage) in one process; 0: the plain path
 
     @property
     def name(self) -> str:
         impl = "hf" if self.impl == "hf" else f"ours-{self.attn}"
         extra = "+cudagraphs" if self.cudagraphs else "+compile" if self.compile else ""
+        extra += f"+zero{self.zero}" if self.zero else ""
         data = "" if self.loader == "resident" else f" {self.loader}" + (f"x{self.workers}" if self.workers else "")
         return f"{impl}{extra} {self.precision} b{self.batch}{data}"
 
@@ -236,6 +238,11 @@ def check_runnable(variant: Variant, device: torch.device) -> None:
             attention_backends.get_backend("flash")
         except ImportError as error:
             raise Skip(f"flash-attn not importable ({error.__cause__ or error})") from None
+    if variant.zero:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise Skip("DeepSpeed is not installed")
     if variant.compile and device.type != "cuda":
         raise Skip("torch.compile rows run on a GPU only (a CPU compile takes ~20 s and says nothing of GPU speed)")
     if variant.precision == "tf32" and device.type != "cuda":
@@ -248,7 +255,8 @@ def check_runnable(variant: Variant, device: torch.device) -> None:
 
 
 def build_model(variant: Variant, config: LxmertConfig, master: dict[str, torch.Tensor], device: torch.device):
-    """The variant's model on the device with the master weights (ours' layout), in train mode."""
+    """The variant's model on the device with the master weights (ours' layout), in train mode; transformers'
+    compiled here, ours by the engine's Runtime (train.compile, train.cuda_graphs)."""
     if variant.impl == "hf":
         import transformers
         from transformers.initialization import no_init_weights
@@ -266,7 +274,7 @@ def build_model(variant: Variant, config: LxmertConfig, master: dict[str, torch.
             model = LxmertForPreTraining(ours)
         model.load_state_dict(master)
     model.train()
-    if variant.compile:
+    if variant.compile and variant.impl == "hf":
         model = torch.compile(model, mode="reduce-overhead" if variant.cudagraphs else None)
     return model
 
@@ -320,7 +328,8 @@ class HfStep:
 class EngineStep:
     """Ours: the engine's own step, engine.train.TrainStep over engine.runtime.Runtime (what lxmert-pretrain
     runs each step: autocast and the loss scaler, the per-micro-batch loss and FLOP bookkeeping, the optimizer
-    step with clipping and the non-finite check), so its samples/s are the loop's."""
+    step with clipping and the non-finite check), so its samples/s are the loop's. The Runtime applies the
+    variant's train.compile / train.cuda_graphs and, with `zero`, runs DeepSpeed in a world of one."""
 
     def __init__(self, variant: Variant, model, device: torch.device) -> None:
         from engine.config import RunConfig, TrainConfig, resolve
@@ -330,9 +339,11 @@ class EngineStep:
 
         self.variant = variant
         precision = "fp32" if variant.precision == "tf32" else variant.precision  # TF32: a matmul mode of fp32
-        config = resolve(RunConfig(optim=OPTIM, train=TrainConfig(batch_size=variant.batch, precision=precision)), 1)
+        train = TrainConfig(batch_size=variant.batch, precision=precision, zero_stage=variant.zero)
+        train.compile, train.cuda_graphs = variant.compile, variant.cudagraphs
+        config = resolve(RunConfig(optim=OPTIM, train=train), 1)
         config.model = model.config
-        runtime = Runtime(model, config, total_steps=10**9, device=device, use_deepspeed=False)
+        runtime = Runtime(model, config, total_steps=10**9, device=device, use_deepspeed=variant.zero > 0)
         task = PretrainTask()
         task.config = config
         self.engine = TrainStep(runtime, task, accum=1, world_size=1, device=device)
@@ -346,8 +357,6 @@ class EngineStep:
             drawn.append(batch)
             yield batch
 
-        if self.variant.cudagraphs:  # a new iteration: the graphs' previous outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
         result = self.engine.train_step(micro(), clock)
         self.skipped += result["skipped"]  # device tensors: read once, after the timing
         return drawn[0], result["loss"]
@@ -647,7 +656,8 @@ def plot(rows: list[dict[str, Any]], smoke: bool) -> Figure:
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r.get("samples_per_s") and r["loader"] == "resident" and not r["compile"]:
-            label = ("hf (AMP)" if r["impl"] == "hf" else f"ours-{r['attn']}") + f" {r['precision']}"
+            zero = f"+zero{r['zero']}" if r.get("zero") else ""
+            label = ("hf (AMP)" if r["impl"] == "hf" else f"ours-{r['attn']}{zero}") + f" {r['precision']}"
             series.setdefault(label, []).append((r["batch"], r["samples_per_s"]))
     device = rows[0]["device"] if rows else "?"
     title = f"LXMERT pre-training step, {device}" + (" (CPU smoke: not GPU numbers)" if smoke else "")
@@ -696,14 +706,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def extra_variants(best: Variant, args: argparse.Namespace) -> list[Variant]:
-    """After the headline group: its best of ours with every loader, then compiled (with and without CUDA graphs)."""
+    """After the headline group, its best of ours: under DeepSpeed ZeRO-1 in bf16 (the multi-GPU recipe's step, in
+    one process) and with CUDA graphs (train.cuda_graphs) first, so a time budget keeps them; then with every
+    loader, then compiled without graphs."""
     loaders = [
         replace(best, loader="torch", workers=0 if args.smoke else args.loader_workers),
         replace(best, loader="gpu"),
         replace(best, loader="dali", workers=2 if args.smoke else args.loader_workers),
     ]
-    compiled = [replace(best, compile=True), replace(best, compile=True, cudagraphs=True)]
-    return loaders + compiled
+    first = [replace(best, precision="bf16", zero=1), replace(best, compile=True, cudagraphs=True)]
+    return first + loaders + [replace(best, compile=True)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -790,7 +802,8 @@ def run(args: argparse.Namespace) -> int:
             save_figure(figure, args.out.with_suffix(suffix))
     top = fastest(rows, "ours")
     if top and not args.no_profile:
-        variant = Variant("ours", top["attn"], top["precision"], top["batch"], top["compile"], top["cudagraphs"])
+        fields = ("compile", "cudagraphs", "zero")
+        variant = Variant("ours", top["attn"], top["precision"], top["batch"], **{k: top[k] for k in fields})
         text = profile(variant, args, config, master, stores, device)
         args.out.with_name(args.out.stem + "_profile.md").write_text(text, encoding="utf-8")
     print(harness.markdown_table(rows, COLUMNS))

@@ -28,6 +28,7 @@ CONFIG_FIELDS = {
     "cudagraphs",
     "loader",
     "workers",
+    "zero",
     "text_len",
     "regions",
     "hidden_size",
@@ -96,12 +97,15 @@ def test_every_variant_has_a_row_timed_or_skipped_with_a_reason(smoke):
     rows = throughput_rows(smoke)
     headline = ["hf fp32 b2", "ours-eager fp32 b2", "ours-sdpa fp32 b2", "ours-flash fp32 b2"]
     assert [r["name"] for r in rows[:4]] == headline
-    # then the fastest of ours in the headline group with each loader (transformers first) and compiled
+    # then the fastest of ours in the headline group under DeepSpeed ZeRO-1 in bf16, with CUDA graphs, with each
+    # loader (transformers first) and compiled
     best = max(
         (r for r in rows[:4] if r["impl"] == "ours" and r.get("samples_per_s")), key=lambda r: r["samples_per_s"]
     )
     b = f"ours-{best['attn']}"
     assert [r["name"] for r in rows[4:]] == [
+        f"{b}+zero1 bf16 b2",
+        f"{b}+cudagraphs fp32 b2",
         "hf fp32 b2 torch",
         f"{b} fp32 b2 torch",
         "hf fp32 b2 gpu",
@@ -109,7 +113,6 @@ def test_every_variant_has_a_row_timed_or_skipped_with_a_reason(smoke):
         "hf fp32 b2 dalix2",
         f"{b} fp32 b2 dalix2",
         f"{b}+compile fp32 b2",
-        f"{b}+cudagraphs fp32 b2",
     ]
     for row in rows:
         if row.get("samples_per_s") is None:
@@ -167,11 +170,24 @@ def test_speedup_is_ours_over_transformers_on_the_same_data(smoke):
     rows = timed_rows(smoke)
     hf = {(r["precision"], r["batch"], r["loader"]): r["samples_per_s"] for r in rows if r["impl"] == "hf"}
     ours = [r for r in rows if r["impl"] == "ours"]
-    assert len(ours) == 5
+    assert len(ours) == 6
     for row in ours:
+        if row["zero"]:  # bf16: transformers ran fp32 only
+            assert "speedup_vs_hf" not in row
+            continue
         assert row["speedup_vs_hf"] == pytest.approx(
             row["samples_per_s"] / hf[(row["precision"], row["batch"], row["loader"])]
         )
+
+
+def test_the_deepspeed_row_steps_the_same_model_on_the_same_batches(smoke):
+    """The ZeRO-1 bf16 row runs the engine's DeepSpeed path: the first step's loss (same weights and batch, another
+    precision and dropout draw) is the plain rows', and its steps were applied, not skipped."""
+    rows = [r for r in timed_rows(smoke) if r["loader"] == "resident"]
+    (ds,) = [r for r in rows if r["zero"]]
+    assert ds["impl"] == "ours" and ds["precision"] == "bf16" and ds["skipped_steps"] == 0
+    plain = [r["loss_first"] for r in rows if not r["zero"]]
+    assert ds["loss_first"] == pytest.approx(sum(plain) / len(plain), rel=0.02)
 
 
 def test_transformers_and_ours_compute_the_same_loss_on_the_same_weights_and_batch(smoke):
@@ -187,7 +203,14 @@ def test_summary_plot_and_profile_are_written_and_labelled(smoke):
     assert "not a GPU measurement" in md and "Best of ours" in md and "## Step-time breakdown" in md
     svg = ET.fromstring(out.with_suffix(".svg").read_text())
     lines = [e for e in svg.iter() if (e.get("id") or "").startswith("series:")]
-    assert len(lines) == 3  # hf, ours-eager, ours-sdpa on resident data (one point each)
+    # hf, ours-eager, ours-sdpa and the best of them under ZeRO-1 on resident data (one point each)
+    (zero,) = [r["attn"] for r in throughput_rows(smoke) if r["zero"]]
+    assert {e.get("id") for e in lines} == {
+        "series:hf (AMP) fp32",
+        "series:ours-eager fp32",
+        "series:ours-sdpa fp32",
+        f"series:ours-{zero}+zero1 bf16",
+    }
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     profile = out.with_name(out.stem + "_profile.md").read_text()
     assert "not a GPU measurement" in profile and "## By kind" in profile and "| 1 |" in profile
