@@ -242,33 +242,80 @@ def tiny_model_overrides(text_store, feat_dim: int, layers: tuple[int, int, int]
 # ------------------------------------------------------------------------------------- shared expensive runs
 
 
+def _once_for_the_suite(tmp_path_factory, name: str, commands: list[list[str]], env: dict[str, str]) -> dict:
+    """`commands`, one after the other in the repository's root, run once for the whole suite: under pytest-xdist
+    the first worker to ask runs them and the others read the record (a lock in the run's common temporary
+    directory). Returns {"runs": [{"argv", "proc"}], "out": the folder they write into, "seconds"}."""
+    from filelock import FileLock  # torch's dependency
+
+    shared = tmp_path_factory.getbasetemp().parent  # every xdist worker's, or the one run's, temp root
+    root, record = shared / name, shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not record.is_file():
+            runs, start = [], time.perf_counter()
+            for argv in commands:
+                argv = [a.format(out=root / "out") for a in argv]
+                proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                runs.append({"argv": argv, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr})
+            record.write_text(json.dumps({"runs": runs, "seconds": time.perf_counter() - start}))
+        done = json.loads(record.read_text())
+    runs = [
+        {"argv": r["argv"], "proc": subprocess.CompletedProcess(r["argv"], r["returncode"], r["stdout"], r["stderr"])}
+        for r in done["runs"]
+    ]
+    return {"runs": runs, "out": root / "out", "seconds": done["seconds"]}
+
+
+def _clean_env(*drop: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 @pytest.fixture(scope="session")
 def gpu_session_dry_run(tmp_path_factory) -> dict[str, Any]:
     """`python -m benchmarks.gpu_session --dry-run` as benchmarks/README.md documents it (with an output folder),
     run once for the whole suite: tests/test_gpu_session.py checks what it wrote and
-    tests/test_documented_commands.py counts it as that documented command's run (it takes minutes). Under
-    pytest-xdist the first worker to ask runs it and the others read its result (a lock in the run's common
-    temporary directory)."""
-    from filelock import FileLock  # torch's dependency
+    tests/test_documented_commands.py counts it as that documented command's run (it takes minutes)."""
+    argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", "{out}"]
+    env = _clean_env("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")
+    done = _once_for_the_suite(tmp_path_factory, "gpu_session", [argv], env)
+    (run,) = done["runs"]
+    return {"argv": run["argv"], "proc": run["proc"], "out": done["out"], "seconds": done["seconds"]}
 
-    shared = tmp_path_factory.getbasetemp().parent  # every xdist worker's, or the one run's, temp root
-    root, result = shared / "gpu_session", shared / "gpu_session.json"
-    with FileLock(str(shared / "gpu_session.lock")):
-        if not result.is_file():
-            argv = [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(root / "out")]
-            env = {
-                k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET")
-            }
-            start = time.perf_counter()
-            proc = subprocess.run(
-                argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600
-            )
-            seconds = time.perf_counter() - start
-            record = {"argv": argv, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
-            result.write_text(json.dumps({**record, "seconds": seconds}))
-        done = json.loads(result.read_text())
-    proc = subprocess.CompletedProcess(done["argv"], done["returncode"], done["stdout"], done["stderr"])
-    return {"argv": done["argv"], "proc": proc, "out": root / "out", "seconds": done["seconds"]}
+
+@pytest.fixture(scope="session")
+def throughput_smoke(tmp_path_factory) -> dict[str, Any]:
+    """benchmarks/README.md's `python -m benchmarks.throughput --smoke` with a given peak (so every row has an MFU)
+    and without the interpreted Triton backend, run once for the whole suite: tests/test_benchmark_throughput.py
+    checks its rows and tests/test_documented_commands.py counts it as that command's run."""
+    options = "--attn eager sdpa flash --peak-tflops 1 --images 12 --data-dir {out}/data"
+    argv = [sys.executable, "-m", "benchmarks.throughput", "--smoke", *options.split()]
+    argv += ["--out", "{out}/throughput_smoke_cpu.jsonl"]
+    done = _once_for_the_suite(tmp_path_factory, "throughput_smoke", [argv], _clean_env("PYTHONPATH"))
+    (run,) = done["runs"]
+    return {"argv": run["argv"], "proc": run["proc"], "out": done["out"], "seconds": done["seconds"]}
+
+
+REPO = Path(__file__).resolve().parents[1]
+SCALING_TINY = "--model tiny --precision fp32 --micro-batch 2 --warmup 1 --steps 1 --count-steps 1 --images 12"
+
+
+@pytest.fixture(scope="session")
+def scaling_runs(tmp_path_factory) -> dict[str, Any]:
+    """benchmarks/README.md's two CPU forms of benchmarks.scaling under the deepspeed launcher, tiny, into one
+    --out: 1 rank at ZeRO 0 and 1, then 2 ranks at every stage (whose ZeRO 0 / 1 rows get a scaling efficiency
+    against the first). Run once for the whole suite: tests/test_benchmark_scaling.py checks the rows and
+    tests/test_documented_commands.py counts them as those documented commands' runs."""
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    options = [*SCALING_TINY.split(), "--data-dir", "{out}/data", "--out", "{out}/scaling.jsonl"]
+    module = ["--module", "benchmarks.scaling"]
+    commands = [  # a port of their own: other tests' launchers run beside them under pytest-xdist
+        [launcher, "--num_gpus", "1", "--master_port", str(free_port()), *module, *options, "--stages", "0", "1"],
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), *module, *options],
+    ]
+    env = _clean_env("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return _once_for_the_suite(tmp_path_factory, "scaling", commands, env)
 
 
 # ------------------------------------------------------------------------------ every test, on its own clock

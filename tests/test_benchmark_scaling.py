@@ -11,19 +11,14 @@ rows. No /dev/shm file is left behind (DeepSpeed's CPU shared-memory comm op sta
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
 from benchmarks import projection as pj
 from benchmarks import scaling
 from engine.launch import deepspeed_available
 
-REPO = Path(__file__).resolve().parents[1]
 BYTES_TOL = 0.01
 
 # ------------------------------------------------------------------------------------------- projection
@@ -121,54 +116,33 @@ def test_send_factors_of_the_logged_messages():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed")
-def test_two_cpu_ranks_send_the_analytic_bytes(tmp_path):
-    out = tmp_path / "scaling.jsonl"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
-        env.pop(key, None)
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        "--module",
-        "benchmarks.scaling",
-        "--model",
-        "tiny",
-        "--precision",
-        "fp32",
-        "--micro-batch",
-        "4",
-        "--warmup",
-        "1",
-        "--steps",
-        "1",
-        "--count-steps",
-        "1",
-        "--images",
-        "12",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--out",
-        str(out),
+def test_two_cpu_ranks_send_the_analytic_bytes(scaling_runs):
+    """benchmarks/README.md's two CPU forms (tests/conftest.py's scaling_runs): 1 rank at ZeRO 0 / 1, then 2 ranks."""
+    out = scaling_runs["out"] / "scaling.jsonl"
+    logs = "\n".join(
+        f"{r['argv']}: exit {r['proc'].returncode}\n{r['proc'].stdout[-3000:]}" for r in scaling_runs["runs"]
+    )
+    everything = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
+    ones, rows = [r for r in everything if r["world_size"] == 1], [r for r in everything if r["world_size"] == 2]
+    assert [(r["zero_config"], r["zero_stage"]) for r in ones] == [
+        (c, s) for c in ("engine", "textbook") for s in (0, 1)
     ]
-    log = tmp_path / "launch.log"
-    with open(log, "w") as f:
-        rc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
-    assert len(rows) == 8, f"exit code {rc}\n{log.read_text()[-4000:]}"
+    assert len(rows) == 8, logs
     assert [(r["zero_config"], r["zero_stage"]) for r in rows] == [
         (c, s) for c in ("engine", "textbook") for s in range(4)
     ]
+    for row in rows:  # against the 1-rank row of the same config, where there is one
+        base = {(r["zero_config"], r["zero_stage"]): r for r in ones}.get((row["zero_config"], row["zero_stage"]))
+        if base is None:
+            assert row["scaling_efficiency"] is None and row["efficiency_baseline"] is None
+        else:
+            want = row["samples_per_s_per_gpu"] / base["samples_per_s_per_gpu"]
+            assert row["scaling_efficiency"] == pytest.approx(want, rel=1e-12)
+            assert row["efficiency_baseline"]["samples_per_s_per_gpu"] == base["samples_per_s_per_gpu"]
     for row in rows:
         assert row["world_size"] == 2 and row["measured_on"] == "cpu" and row["device"] == "cpu"
         assert "not GPU numbers" in row["note"] and row["commit"] and row["torch"] and row["deepspeed"]
         assert len(row["per_rank"]) == 2 and row["samples_per_s"] == pytest.approx(2 * row["samples_per_s_per_gpu"])
-        assert row["scaling_efficiency"] is None  # no 1-rank row in this file
         # DeepSpeed's logger and the torch.distributed counter saw the same traffic
         assert row["sent_bytes_logger"] == pytest.approx(row["sent_bytes_torch"], rel=1e-9)
         assert row["params"] > 1e6 and row["tied_params"] == 30522 * 32  # the word embeddings / MLM decoder
@@ -185,6 +159,8 @@ def test_two_cpu_ranks_send_the_analytic_bytes(tmp_path):
         rel=BYTES_TOL,
     )
     assert by["engine", 1] == pytest.approx(1.5 * by["textbook", 1], rel=BYTES_TOL)
-    assert not list(Path("/dev/shm").glob(f"deepspeed_*_{port}_*"))  # nothing left in RAM after the job
+    ports = [r["argv"][r["argv"].index("--master_port") + 1] for r in scaling_runs["runs"]]
+    for port in ports:  # DeepSpeed's CPU shared-memory op stays off: nothing left in RAM after the jobs
+        assert not list(Path("/dev/shm").glob(f"deepspeed_*_{port}_*"))
     table = out.with_suffix(".md").read_text()
     assert "CPU ranks" in table and "NOT GPU numbers" in table and table.count("\n| ") == 1 + len(rows)

@@ -60,29 +60,14 @@ IMAGES, PEAK_TFLOPS = 12, 1.0
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(throughput_smoke):
+    """tests/conftest.py's one run of `python -m benchmarks.throughput --smoke` (peak 1 TFLOP/s, 12 images)."""
     if CUDA:
         pytest.skip("the smoke run is the CPU path")
-    root = tmp_path_factory.mktemp("throughput")
-    out = root / "results" / "throughput_smoke_cpu.jsonl"
-    argv = [
-        "--smoke",
-        "--attn",
-        "eager",
-        "sdpa",
-        "flash",
-        "--peak-tflops",
-        str(PEAK_TFLOPS),
-        "--images",
-        str(IMAGES),
-        "--data-dir",
-        str(root / "data"),
-        "--out",
-        str(out),
-    ]
-    assert tp.main(argv) == 0
+    out, proc = throughput_smoke["out"] / "throughput_smoke_cpu.jsonl", throughput_smoke["proc"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    return {"root": root, "out": out, "rows": rows}
+    return {"root": throughput_smoke["out"], "out": out, "rows": rows}
 
 
 def throughput_rows(smoke) -> list[dict]:
