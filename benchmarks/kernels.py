@@ -3,7 +3,7 @@
     python -m benchmarks.kernels [--quick] [--check-only] [--out runs/benchmarks/kernels.jsonl]
 
 Run it as a module from the repository root (run as a file, `import kernels` would find this file). On a GPU it
-first checks correctness at LXMERT's sizes with the tests' rules and error metrics (kernels.errors; fp32 within
+first checks correctness at LXMERT's sizes by the tests' rule (kernels.errors.against_float64: fp32 within
 1e-5, bf16 / fp16 within 2x PyTorch's own error in that dtype plus a constant), then times three modes in Liger's
 sense with harness.time_cuda: forward (autograd recording), backward (over a fresh graph, its forward untimed)
 and full, with peak memory. Attention TFLOP/s counts 4*B*H*Lq*Lk*D forward and 2.5x that backward (padded keys
@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 import kernels  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from kernels import feature_regression, fused_attention  # noqa: E402
-from kernels.errors import norm_rel_err, rel_err  # noqa: E402
+from kernels.errors import ATTENTION_SLACK, FEATURE_SLACK, against_float64, norm_rel_err, rel_err  # noqa: E402
 from lxmert import attention, losses  # noqa: E402
 
 Tensor = torch.Tensor
@@ -51,10 +51,6 @@ PAD_FRACTION = 0.15  # of language positions; regions are never padded
 HIDDEN, FEATURES = 768, 2048
 MASK_FRACTION = 0.15  # of regions, for feature regression
 NORMALIZER = 1 / 0.15
-FP32_TOL = 1e-5
-# the constants in "2x torch's own error + c": tests/test_kernel_fused_attention.py, test_kernel_feature_regression.py
-ATTENTION_SLACK = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-FEATURE_SLACK = {torch.float16: 1e-4, torch.bfloat16: 5e-4}
 WARMUP, REPS = 10, 50
 QUICK_WARMUP, QUICK_REPS = 5, 20
 TIME_BUDGET_S = 400.0  # no new config starts after this much timing: the run and its summary fit 10 minutes
@@ -390,54 +386,6 @@ def time_feature_regression(cfg: FeatureConfig, providers: Sequence[str], device
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def _outputs_and_grads(fn: Callable, inputs: list[Tensor], grad_outs: list[Tensor]) -> list[Tensor]:
-    """fn's outputs and the gradients of every input (fresh leaves; None inputs are passed through)."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    diff = [t for t in leaves if t is not None and t.requires_grad]
-    grads = torch.autograd.grad(outs, diff, [g.to(o.dtype) for o, g in zip(outs, grad_outs)])
-    return [o.detach() for o in outs] + list(grads)
-
-
-def _poison_free_memory(device: torch.device) -> None:
-    """Leave NaN in the CUDA caching allocator's free blocks, so that an output element the kernel never
-    writes shows up as non-finite instead of stale plausible data."""
-    if device.type == "cuda":
-        torch.empty(512 * 2**20 // 4, device=device).fill_(float("nan"))
-
-
-def compare(
-    kernel_fn: Callable,
-    ref_fn: Callable,
-    inputs64: list,
-    grad_outs: list[Tensor],
-    dtype: torch.dtype,
-    names: list[str],
-    err: Callable,
-    slack: dict,
-) -> dict[str, Any]:
-    """The kernel on inputs rounded to dtype against ref_fn in float64 on the same rounded inputs; in bf16 /
-    fp16 also ref_fn run in dtype (torch's own error, the yardstick). Returns the errors and the verdict."""
-    low = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in inputs64]
-    up = [t if t is None or not t.is_floating_point() else t.double() for t in low]
-    truth = _outputs_and_grads(ref_fn, up, grad_outs)
-    _poison_free_memory(low[0].device)
-    kernel = _outputs_and_grads(kernel_fn, low, grad_outs)
-    kernel_errs = [err(k, t) if torch.isfinite(k).all() else math.inf for k, t in zip(kernel, truth)]
-    if dtype == torch.float32:
-        torch_errs, tols = [None] * len(names), [FP32_TOL] * len(names)
-    else:
-        torch_errs = [err(o, t) for o, t in zip(_outputs_and_grads(ref_fn, low, grad_outs), truth)]
-        tols = [2 * o + slack[dtype] for o in torch_errs]
-    return {
-        "errors": dict(zip(names, kernel_errs)),
-        "torch_errors": dict(zip(names, torch_errs)),
-        "tolerances": dict(zip(names, tols)),
-        "passed": all(e <= tol for e, tol in zip(kernel_errs, tols)),
-    }
-
-
 def attention_check_cases(tiny: bool) -> list[AttentionConfig]:
     """LXMERT's shapes at batch 64 (tiny: batch 2, 2 heads), and one 64 x 64 problem (the longest the kernel
     takes on a GPU, in every dtype)."""
@@ -473,15 +421,7 @@ def check_attention(cfg: AttentionConfig, dtype: torch.dtype, device: torch.devi
         kernel_fn = lambda q, k, v: kernels.cross_attention(q, k, v, mask)  # noqa: E731
         ref_fn = lambda q, k, v: kernels.reference_attention(q, k, v, mask)  # noqa: E731
         names = ["out", "dq", "dk", "dv"]
-    return compare(kernel_fn, ref_fn, [q, k, v], grad_outs, dtype, names, rel_err, ATTENTION_SLACK)
-
-
-def same_dtype_feature_regression(x, weight, bias, target, row_weight, normalizer):
-    """The formula by plain torch ops entirely in x's dtype: the yardstick for low-precision error."""
-    rows = (row_weight != 0).nonzero().squeeze(1)
-    pred = F.linear(x.index_select(0, rows), weight, bias)
-    per_row = F.smooth_l1_loss(pred, target.index_select(0, rows).to(pred.dtype), reduction="none").mean(1)
-    return (per_row * row_weight.index_select(0, rows).to(pred.dtype)).sum() * (normalizer / x.shape[0])
+    return against_float64(kernel_fn, ref_fn, [q, k, v], grad_outs, dtype, names, rel_err, ATTENTION_SLACK)
 
 
 def check_feature_regression(n: int, hidden: int, features: int, dtype: torch.dtype, device) -> dict[str, Any]:
@@ -497,15 +437,13 @@ def check_feature_regression(n: int, hidden: int, features: int, dtype: torch.dt
     call = lambda fn: lambda x, w, b: fn(x, w, b, target, row_weight, NORMALIZER)  # noqa: E731
     kernel_fn = call(kernels.masked_feature_regression)
     # the float64 reference on the rounded inputs; the yardstick in dtype
-    ref_fn = lambda x, w, b: (  # noqa: E731
-        kernels.reference_masked_feature_regression(x, w, b, target.double(), row_weight, NORMALIZER)
-        if x.dtype == torch.float64
-        else same_dtype_feature_regression(x, w, b, target, row_weight, NORMALIZER)
+    ref_fn = lambda x, w, b: kernels.reference_masked_feature_regression(  # noqa: E731
+        x, w, b, target.to(x.dtype), row_weight, NORMALIZER, acc_dtype=x.dtype
     )
     inputs = [t.to(device) for t in (x, weight, bias)]
     grad_outs = [torch.ones((), device=device)]
     names = ["loss", "dx", "dweight", "dbias"]
-    return compare(kernel_fn, ref_fn, inputs, grad_outs, dtype, names, norm_rel_err, FEATURE_SLACK)
+    return against_float64(kernel_fn, ref_fn, inputs, grad_outs, dtype, names, norm_rel_err, FEATURE_SLACK)
 
 
 def run_checks(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
@@ -533,6 +471,7 @@ def run_checks(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
         dtype_name = str(dtype).removeprefix("torch.")
         try:
             result = job()
+            del result["kernel"]  # tensors: the rows keep the errors
         except Exception as e:
             result = {"passed": False, "error": f"{type(e).__name__}: {e}"}
         status = "ok  " if result["passed"] else "FAIL"

@@ -227,13 +227,15 @@ def reference_masked_feature_regression(
     row_weight: Tensor,
     normalizer: float = 1 / 0.15,
     rows: Tensor | None = None,
+    acc_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The PyTorch formula (tests' ground truth in float64, and the CPU path): lxmert.losses' semantics,
-    accumulated in fp32, or in fp64 when the compute dtype is fp64. rows as masked_feature_regression's."""
+    accumulated in fp32, or in fp64 when the compute dtype is fp64; `acc_dtype=x.dtype` runs it all in the
+    inputs' dtype (the yardstick of a low-precision kernel's error). rows as masked_feature_regression's."""
     x = x.reshape(-1, x.shape[-1])
     n = x.shape[0]
     row_weight = row_weight.reshape(-1)
-    acc_dtype = _acc_dtype(_compute_dtype(x))
+    acc_dtype = acc_dtype or _acc_dtype(_compute_dtype(x))
     if rows is None:
         rows = (row_weight != 0).nonzero().squeeze(1)
         picked_weight = row_weight.index_select(0, rows)

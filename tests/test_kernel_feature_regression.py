@@ -3,14 +3,15 @@
 Triton interpreter on CPU tensors; with one, on CUDA tensors (fp32 checks assume TF32 off, torch's default).
 
 fp32 must be within 1e-5 of float64; fp16 / bf16 within 2x PyTorch's own error (the same formula run by plain
-torch ops in that dtype, measured against float64) plus a small constant (SLACK).
+torch ops in that dtype, measured against float64) plus a small constant (kernels/errors.py's against_float64).
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kernels.feature_regression as fr
+from kernels.errors import FEATURE_SLACK, against_float64
+from kernels.errors import norm_rel_err as rel_err
 from lxmert import losses
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -18,8 +19,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 assert fr.triton_runs_on(torch.empty(0, device=DEVICE)), "the Triton kernel cannot run: TRITON_INTERPRET unset"
 
 NORMALIZER = 1 / 0.15
-# the constant in "2x torch's own error + c"
-SLACK = {torch.float16: 1e-4, torch.bfloat16: 5e-4}
 
 
 def make_inputs(n, h, f, dtype=torch.float32, target_dtype=torch.float32, weights="mask", bias=True, seed=0):
@@ -52,20 +51,6 @@ def run_float64(x, weight, bias, target, row_weight, grad_scale=1.0):
     return run(fr.reference_masked_feature_regression, up(x), up(weight), up(bias), up(target), row_weight, grad_scale)
 
 
-def torch_same_dtype(x, weight, bias, target, row_weight, normalizer):
-    """The formula by plain torch ops entirely in x's dtype: the yardstick for low-precision error."""
-    rows = (row_weight != 0).nonzero().squeeze(1)
-    pred = F.linear(x.index_select(0, rows), weight, bias)
-    per_row = F.smooth_l1_loss(pred, target.index_select(0, rows).to(pred.dtype), reduction="none").mean(1)
-    return (per_row * row_weight.index_select(0, rows).to(pred.dtype)).sum() * (normalizer / x.shape[0])
-
-
-def rel_err(a, b):
-    """||a - b|| / ||b|| (Frobenius), in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
-
-
 def errors(outs, ref):
     (loss, grads), (ref_loss, ref_grads) = outs, ref
     return [rel_err(loss, ref_loss)] + [rel_err(g, r) for g, r in zip(grads, ref_grads) if r is not None]
@@ -90,17 +75,25 @@ SHAPES = {"lxmert": (72, 64, 128), "n37_f100": (37, 48, 100), "f2048": (72, 32, 
 def test_against_float64(shape, dtype):
     n, h, f = SHAPES[shape]
     target_dtype = torch.float32 if dtype == torch.float32 else torch.float16  # the store keeps fp16
-    inputs = make_inputs(n, h, f, dtype, target_dtype, weights="soft" if shape == "n37_f100" else "mask")
-    ref = run_float64(*inputs)
-    loss, grads = run(fr.masked_feature_regression, *inputs)
+    x, weight, bias, target, row_weight = make_inputs(
+        n, h, f, dtype, target_dtype, weights="soft" if shape == "n37_f100" else "mask"
+    )
+    result = against_float64(
+        lambda x, w, b: fr.masked_feature_regression(x, w, b, target, row_weight, NORMALIZER),
+        # float64: the truth; in dtype: the yardstick
+        lambda x, w, b: fr.reference_masked_feature_regression(
+            x, w, b, target.to(x.dtype), row_weight, NORMALIZER, acc_dtype=x.dtype
+        ),
+        [x, weight, bias],
+        [torch.ones((), device=DEVICE)],
+        dtype,
+        ["loss", "dx", "dweight", "dbias"],
+        rel_err,
+        FEATURE_SLACK,
+    )
+    loss, *grads = result["kernel"].values()
     assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
-    kernel = errors((loss, grads), ref)
-    if dtype == torch.float32:
-        assert max(kernel) <= 1e-5, kernel
-        return
-    own = errors(run(torch_same_dtype, *inputs), ref)
-    for name, k, o in zip(["loss", "dx", "dweight", "dbias"], kernel, own):
-        assert k <= 2 * o + SLACK[dtype], (name, k, o)
+    assert result["passed"], {k: (e, result["tolerances"][k]) for k, e in result["errors"].items()}
 
 
 # ---- awkward inputs, fp32 against float64 -------------------------------------------------------------

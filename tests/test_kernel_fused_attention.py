@@ -2,7 +2,8 @@
 
 Errors are relative: max |kernel - ref| / max |ref|, with ref the float64 reference on the same (rounded)
 inputs. fp32 must be within 1e-5. fp16 / bf16 must be within 2x PyTorch's own error (reference_attention run
-by plain torch ops in that dtype, measured against the same float64 reference) plus SLACK[dtype].
+by plain torch ops in that dtype, measured against the same float64 reference) plus ATTENTION_SLACK[dtype]
+(kernels/errors.py's against_float64).
 
 On a machine without CUDA the kernels run in the Triton interpreter (slow: shapes stay small).
 """
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 import kernels.fused_attention as ca
+from kernels.errors import ATTENTION_SLACK, against_float64, rel_err
+from kernels.errors import outputs_and_grads as run  # outputs, then every input's gradient
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # conftest.py turns the interpreter on before triton is imported when there is no GPU; never test the
@@ -18,7 +21,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_READY = ca.triton_runs_on(torch.empty(0, device=DEVICE))
 NOT_READY = "the Triton kernels cannot run here: TRITON_INTERPRET=1 was not set before triton was imported"
 
-SLACK = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # the constant in "2x torch's own error + c"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -29,17 +31,6 @@ def _kernels_must_run():
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def rel_err(actual, reference) -> float:
-    """max |actual - reference| / max |reference| in float64; the plain max difference if reference is 0."""
-    actual, reference = actual.detach().double().cpu(), reference.detach().double().cpu()
-    assert actual.shape == reference.shape, (actual.shape, reference.shape)
-    if actual.numel() == 0:
-        return 0.0
-    diff = (actual - reference).abs().max().item()
-    scale = reference.abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def key_mask(kind: str, batch: int, length: int, g: torch.Generator):
@@ -56,29 +47,12 @@ def key_mask(kind: str, batch: int, length: int, g: torch.Generator):
     return torch.arange(length)[None, :] < lengths[:, None]
 
 
-def run(fn, inputs, grad_outs):
-    """Outputs (a tuple) and the gradients of every input; inputs are copied to fresh leaves."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grad_outs)])
-    return [o.detach() for o in outs] + [t.grad for t in leaves]
-
-
 def check_against_float64(kernel_fn, ref_fn, inputs64, grad_outs, dtype, names):
-    """kernel_fn on inputs64 rounded to dtype vs ref_fn in float64 (and ref_fn in dtype for the yardstick)."""
-    low = [t.to(dtype) for t in inputs64]
-    truth = run(ref_fn, [t.double() for t in low], grad_outs)
-    kernel = run(kernel_fn, low, grad_outs)
-    for name, k in zip(names, kernel):
+    """kernels.errors' rule (the one benchmarks.kernels applies at LXMERT's sizes), with rel_err."""
+    result = against_float64(kernel_fn, ref_fn, inputs64, grad_outs, dtype, names, rel_err, ATTENTION_SLACK)
+    for name, k in result["kernel"].items():
         assert k.dtype == dtype and torch.isfinite(k).all(), name
-    kernel_errs = [rel_err(k, t) for k, t in zip(kernel, truth)]
-    if dtype == torch.float32:
-        assert max(kernel_errs) <= 1e-5, dict(zip(names, kernel_errs))
-        return
-    torch_errs = [rel_err(o, t) for o, t in zip(run(ref_fn, low, grad_outs), truth)]
-    for name, k, o in zip(names, kernel_errs, torch_errs):
-        assert k <= 2 * o + SLACK[dtype], (name, k, o)
+    assert result["passed"], {k: (e, result["tolerances"][k]) for k, e in result["errors"].items()}
 
 
 def randn(*shape, g):
