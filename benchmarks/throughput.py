@@ -192,23 +192,11 @@ class Stores:
         return Data(next_batch, lambda: batches.close())
 
 
-def masked_counts(batch: PretrainBatch) -> list[int]:
-    """[masked tokens, masked regions] of a batch: the loader's host-side counts."""
-    return [batch.masked_tokens, batch.masked_regions]
-
-
-def batch_shape(batch: PretrainBatch) -> tuple[int, int, int]:
-    """(samples, tokens, regions)."""
-    return (*batch.input_ids.shape, batch.visual_feats.shape[1])
-
-
-def shape_flops(config: LxmertConfig, shape: tuple[int, int, int], counts: Sequence[int]) -> int:
-    """Model FLOPs of one step (engine.flops) from the batch's shape and its [masked tokens, masked regions]."""
-    return step_flops(config, "pretrain", *shape, *counts).total
-
-
 def batch_flops(config: LxmertConfig, batch: PretrainBatch) -> int:
-    return shape_flops(config, batch_shape(batch), masked_counts(batch))
+    """Model FLOPs of one step on `batch` (engine.flops: its shape, masked tokens and regions)."""
+    samples, tokens = batch.input_ids.shape
+    regions = batch.visual_feats.shape[1]
+    return step_flops(config, "pretrain", samples, tokens, regions, batch.masked_tokens, batch.masked_regions).total
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -410,18 +398,17 @@ def measure(variant: Variant, args, config, master, stores: Stores, device) -> d
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        # throughput: free-running steps, one synchronisation at the end (the FLOPs are counted after it)
-        timed, waits = [], 0.0
+        # throughput: free-running steps, one synchronisation at the end (FLOPs are host arithmetic on the shapes)
+        flops, waits = 0, 0.0
         start = time.perf_counter()
         for _ in range(args.steps):
             clock = harness.StepClock(device, sync=False)
             batch, loss = trainer.step(data, clock)
             waits += clock.phases["data"]
-            timed.append((batch_shape(batch), masked_counts(batch)))  # not the batch: it would count in the peak
+            flops += batch_flops(config, batch)
             losses.append(loss)
         harness.synchronize(device)
         elapsed = time.perf_counter() - start
-        flops = sum(shape_flops(config, shape, counts) for shape, counts in timed)
         peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
         # breakdown: the device synchronised between phases
