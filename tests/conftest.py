@@ -248,7 +248,8 @@ def _once_for_the_suite(tmp_path_factory, name: str, commands: list[list[str]], 
     directory). Returns {"runs": [{"argv", "proc"}], "out": the folder they write into, "seconds"}."""
     from filelock import FileLock  # torch's dependency
 
-    shared = tmp_path_factory.getbasetemp().parent  # every xdist worker's, or the one run's, temp root
+    base = tmp_path_factory.getbasetemp()  # under xdist, this run's root holds a folder per worker
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     root, record = shared / name, shared / f"{name}.json"
     with FileLock(str(shared / f"{name}.lock")):
         if not record.is_file():
