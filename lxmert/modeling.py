@@ -236,10 +236,12 @@ class CrossLayer(nn.Module):
             lang = self.lang_ffn(self.lang_attention(lang, lang_mask, with_probs=True)[0])
             vis = self.vis_ffn(self.vis_attention(vis, vis_mask, with_probs=True)[0])
             return lang, vis, lang_over_regions
-        u = unpadding
-        lang, vis = self.cross_attention.bidirectional(lang, vis, lang_mask, vis_mask, keys=u and u.cross)
-        lang = self.lang_ffn(self.lang_attention(lang, lang_mask, keys=u and u.language))
-        vis = self.vis_ffn(self.vis_attention(vis, vis_mask, keys=u and u.regions))
+        cross_keys, lang_keys, vis_keys = (None, None, None)
+        if unpadding is not None:
+            cross_keys, lang_keys, vis_keys = unpadding.cross, unpadding.language, unpadding.regions
+        lang, vis = self.cross_attention.bidirectional(lang, vis, lang_mask, vis_mask, keys=cross_keys)
+        lang = self.lang_ffn(self.lang_attention(lang, lang_mask, keys=lang_keys))
+        vis = self.vis_ffn(self.vis_attention(vis, vis_mask, keys=vis_keys))
         return lang, vis
 
 
@@ -374,6 +376,7 @@ class LxmertModel(PretrainedMixin, nn.Module):
 
         lang = self.embeddings(input_ids, token_type_ids)
         vis = self.visual_embeddings(visual_feats, visual_pos)
+        lang_keys, vis_keys = (None, None) if unpadding is None else (unpadding.language, unpadding.regions)
         lang_states, vis_states = [], []
         lang_probs, vis_probs, cross_probs = [], [], []
         for layer in self.lang_layers:
@@ -381,14 +384,14 @@ class LxmertModel(PretrainedMixin, nn.Module):
                 lang, probs = layer(lang, lang_mask, output_attentions=True)
                 lang_probs.append(probs)
             else:
-                lang = layer(lang, lang_mask, keys=unpadding and unpadding.language)
+                lang = layer(lang, lang_mask, keys=lang_keys)
             lang_states.append(lang)
         for layer in self.region_layers:
             if output_attentions:
                 vis, probs = layer(vis, vis_mask, output_attentions=True)
                 vis_probs.append(probs)
             else:
-                vis = layer(vis, vis_mask, keys=unpadding and unpadding.regions)
+                vis = layer(vis, vis_mask, keys=vis_keys)
             vis_states.append(vis)
         for layer in self.cross_layers:
             if output_attentions:
