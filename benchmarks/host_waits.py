@@ -1,14 +1,18 @@
 """Host waits of the training step, counted on any machine: the operations that would make a CUDA host wait for
 the device, per step of a tiny pre-training run through the engine's own Trainer (benchmarks/README.md).
 
-    python -m benchmarks.host_waits                     # eager, sdpa, triton; DeepSpeed ZeRO-1 / ZeRO-2 in one process
-    python -m benchmarks.host_waits --paths eager       # one path
+    python -m benchmarks.host_waits                 # eager, sdpa, triton, flash; DeepSpeed ZeRO-1 / -2 in one process
+    python -m benchmarks.host_waits --paths eager   # one path
 
 Counted by a TorchDispatchMode (HostWaitCounter), plus .tolist(), .numpy() and .cpu() calls. Not counted: the
 host-side loader, checkpoints, tensors created explicitly on the CPU (device="cpu": the Triton kernels' dropout
 seeds) and anything inside one dispatched operation (a custom op is one launch). Not visible on the CPU: a copy
 from pageable host memory to the device; the step makes none, by reading. Each step's count runs from the start
 of its train_step to the start of the next, so a log step's count includes the log line's reads.
+
+flash: attn_backend "flash" in bf16 on benchmarks/flash_standin.py's stand-in for flash-attn (the one the tests
+use; the backend let onto the CPU), counted as one launch each call as flash-attn's kernel is: the count is the
+backend's own, with the unpadding the loader finds on the host.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ WAITING_OPS = {
     aten.unique_consecutive.default: "unique",
 }
 READING_METHODS = ("tolist", "numpy", "cpu")  # host reads that do not dispatch for CPU tensors
-PATHS = ("eager", "sdpa", "triton", "zero1", "zero2")
+PATHS = ("eager", "sdpa", "triton", "flash", "zero1", "zero2")
+ATTENTION_PATHS = ("eager", "sdpa", "triton", "flash")
 
 
 def _tensors(args: Any) -> Iterator[torch.Tensor]:
@@ -121,6 +126,15 @@ class HostWaitCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     @contextlib.contextmanager
+    def one_launch(self) -> Iterator[None]:
+        """What runs inside counts as one dispatched operation: nothing in it is counted."""
+        self._inside += 1
+        try:
+            yield
+        finally:
+            self._inside -= 1
+
+    @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         phase, self.phase = self.phase, None
         try:
@@ -159,7 +173,8 @@ def watch(trainer, counter: HostWaitCounter) -> None:
 
 def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple[Path, Path] | None = None):
     """The engine's RunConfig of a tiny pre-training run on a synthetic store (or `stores`: text, features);
-    path: an attention backend or a DeepSpeed ZeRO stage (zero1, zero2: one process, bf16)."""
+    path: an attention backend (flash: bf16, the stand-in installed by count_run) or a DeepSpeed ZeRO stage
+    (zero1, zero2: one process, bf16)."""
     from benchmarks.dataloader import dataset
     from engine.config import load_config
     from engine.data.store import RegionStore, TextStore
@@ -168,7 +183,7 @@ def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple
         text, regions = dataset(work / "data", 64, harness.TINY_FEAT_DIM)
     else:
         text, regions = TextStore(stores[0]), RegionStore(stores[1])
-    backend = path if path in ("eager", "sdpa", "triton") else "sdpa"
+    backend = path if path in ATTENTION_PATHS else "sdpa"
     overrides = harness.tiny_model_overrides(text, regions.feat_dim)
     overrides += [
         f"model.attn_backend={backend}",
@@ -178,7 +193,7 @@ def tiny_config(path: str, work: Path, steps: int, log_every: int, stores: tuple
     overrides += ["train.batch_size=4", "train.epochs=100", f"train.max_steps={steps}", f"train.log_every={log_every}"]
     overrides += ["train.save_every=1000", f"train.output_dir={work / path}", "train.seed=0"]
     overrides.append(f"train.zero_stage={int(path[-1]) if path.startswith('zero') else 0}")
-    if path.startswith("zero"):
+    if path.startswith("zero") or path == "flash":  # flash-attn takes bf16 / fp16 only
         overrides.append("train.precision=bf16")
     return load_config(None, overrides)
 
@@ -188,11 +203,18 @@ def count_run(path: str, work: Path, steps: int = 20, log_every: int = 10) -> di
     from engine.tasks.pretrain import PretrainTask
     from engine.train import Trainer
 
-    trainer = Trainer(tiny_config(path, work, steps, log_every), PretrainTask(), use_deepspeed=path.startswith("zero"))
     counter = HostWaitCounter()
-    watch(trainer, counter)
-    with counter:
-        trainer.train()
+    standin = contextlib.nullcontext()
+    if path == "flash":
+        from benchmarks import flash_standin
+
+        standin = flash_standin.installed((torch.float16, torch.bfloat16), launch=counter.one_launch)
+    with standin:
+        config = tiny_config(path, work, steps, log_every)
+        trainer = Trainer(config, PretrainTask(), use_deepspeed=path.startswith("zero"))
+        watch(trainer, counter)
+        with counter:
+            trainer.train()
     return {step: counter.counts.get(step, Counter()) for step in range(1, steps + 1)}
 
 
@@ -231,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             f"# Host waits per training step ({args.steps} steps, a log line every {args.log_every})",
             "",
             "Counted by benchmarks/host_waits.py on the CPU (a count, not a timing: it holds on any device).",
+            "",
+            "flash: bf16 on benchmarks/flash_standin.py's float64 stand-in for flash-attn (one launch a call, as",
+            "flash-attn's kernel), with the unpadding the loader finds on the host; no GPU has run the real one.",
             "",
             harness.markdown_table(rows, columns),
             "",

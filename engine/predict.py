@@ -220,7 +220,9 @@ class Predictor:
         from engine.evaluate import Accumulator
 
         self.check_store(store)
-        loader = TaskLoader(store, regions, EvalOrder(len(store), self.batch_size), self.device, labels=False)
+        unpadding = self.model.config.attn_backend == "flash"  # found on the host by the loader
+        order = EvalOrder(len(store), self.batch_size)
+        loader = TaskLoader(store, regions, order, self.device, labels=False, unpadding=unpadding)
         acc = Accumulator(store.task, label2ans=None if store.task == "nlvr2" else self.answers)
         ids, rows = store.question_ids, []
         loader.set_epoch(0)

@@ -11,7 +11,8 @@ two directions one after the other, and a fused kernel can replace it.
 "triton" is kernels/fused_attention.py: one fused kernel per attention, both cross directions in one launch
 (imported on first use; on the CPU it runs under TRITON_INTERPRET=1, else falls back to its reference).
 "flash" is flash-attn's flash_attn_varlen_func (imported on first use; CUDA, fp16 / bf16 only): see
-FlashAttentionBackend.
+FlashAttentionBackend. It unpads the keys by their mask; the model can hand it that unpadding found ahead, on
+the host (Unpadding, one PackedKeys per key mask), which every other backend ignores.
 A query row with no real key (never the case in LXMERT: [CLS] is always real) gets the mean of the values
 from "eager" and zeros from "sdpa" on the CPU, from "triton" and from "flash".
 
@@ -22,9 +23,11 @@ call every attention of the forward runs eager's probability-forming path (`eage
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +93,25 @@ class AttentionBackend:
         """Language queries over region keys and region queries over language keys, one shared module."""
         (lq, lk, lv), (vq, vk, vv) = lang_qkv, vis_qkv
         return self.attend(lq, vk, vv, vis_mask, dropout_p), self.attend(vq, lk, lv, lang_mask, dropout_p)
+
+    def attend_packed(
+        self, q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float, keys: PackedKeys
+    ) -> Tensor:
+        """`attend`, with kv_mask's real keys found ahead (`keys`); a backend that does not unpad ignores them."""
+        return self.attend(q, k, v, kv_mask, dropout_p)
+
+    def bidirectional_packed(
+        self,
+        lang_qkv: tuple[Tensor, Tensor, Tensor],
+        vis_qkv: tuple[Tensor, Tensor, Tensor],
+        lang_mask: Tensor | None,
+        vis_mask: Tensor | None,
+        dropout_p: float,
+        keys: PackedKeys,
+    ) -> tuple[Tensor, Tensor]:
+        """`bidirectional`, with the real keys of [regions; language] found ahead (Unpadding.cross); a backend
+        that does not unpad ignores them."""
+        return self.bidirectional(lang_qkv, vis_qkv, lang_mask, vis_mask, dropout_p)
 
 
 BACKENDS: dict[str, AttentionBackend] = {
@@ -158,6 +180,80 @@ def _cu_seqlens(lengths: Tensor) -> Tensor:
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
+@dataclass(frozen=True)
+class PackedKeys:
+    """The real keys of a key mask [B, N] whose N keys split into consecutive segments (one packed sequence per
+    (row, segment)), as flash_attn_varlen_func takes them; made by `from_mask` on the mask's device."""
+
+    indices: Tensor  # [total] int64: the flat b * N + n of the real keys, in order
+    cu_seqlens: Tensor  # [B * S + 1] int32: 0, then the running count of real keys per (row, segment)
+    max_seqlen: int  # the most real keys of one (row, segment), a host int
+    shape: tuple[int, int]  # the mask's (B, N)
+
+    @classmethod
+    def from_mask(cls, mask_BN: Tensor, segments: tuple[int, ...]) -> PackedKeys:
+        """mask_BN bool, True = real. On a GPU this waits for it twice (nonzero's count, then the max), as
+        flash-attn's own bert_padding.unpad_input does; on the host it waits for nothing."""
+        real = mask_BN.flatten().nonzero().squeeze(1)
+        lengths = _segment_lengths(mask_BN, segments)
+        return cls(real, _cu_seqlens(lengths), int(lengths.max()), (mask_BN.shape[0], mask_BN.shape[1]))
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> PackedKeys:
+        """The same keys with fn applied to both tensors (moving or pinning: fn must keep their dtypes)."""
+        return dataclasses.replace(self, indices=fn(self.indices), cu_seqlens=fn(self.cu_seqlens))
+
+
+@dataclass(frozen=True)
+class Unpadding:
+    """The flash backend's unpadding of one batch, found ahead: one PackedKeys per key mask the model attends with.
+
+    A loader makes it on the host from the masks it builds (`from_masks`, before the batch goes to the device),
+    so the flash backend's masked calls wait for nothing; the model's forward takes it as the keyword
+    `unpadding` and hands each attention its part. Without it the backend finds the same on the device, waiting
+    twice a masked call. Other backends ignore it."""
+
+    language: PackedKeys  # language keys [B, L] (attention_mask), one segment
+    regions: PackedKeys | None  # region keys [B, R] (visual_attention_mask); None without one: every region real
+    cross: PackedKeys  # the cross layers' keys [regions; language] [B, R + L], segments (R, L)
+
+    @classmethod
+    def from_masks(cls, attention_mask: Tensor, visual_attention_mask: Tensor | None, regions: int) -> Unpadding:
+        """From the model's masks (nonzero = real), on their device: attention_mask [B, L], visual_attention_mask
+        [B, R] or None; `regions` is R."""
+        lang = attention_mask.bool()
+        batch, tokens = lang.shape
+        vis = None if visual_attention_mask is None else visual_attention_mask.bool()
+        vis_or_all = vis if vis is not None else torch.ones(batch, regions, dtype=torch.bool, device=lang.device)
+        return cls(
+            language=PackedKeys.from_mask(lang, (tokens,)),
+            regions=None if vis is None else PackedKeys.from_mask(vis, (regions,)),
+            cross=PackedKeys.from_mask(torch.cat([vis_or_all, lang], dim=1), (regions, tokens)),
+        )
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Unpadding:
+        """fn applied to every tensor (moving or pinning: fn must keep their dtypes)."""
+        regions = None if self.regions is None else self.regions.map(fn)
+        return Unpadding(self.language.map(fn), regions, self.cross.map(fn))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Unpadding:
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def check(self, batch: int, tokens: int, regions: int, lang_mask: bool, vis_mask: bool) -> None:
+        """A ValueError unless this unpads key masks of these sizes, with or without a visual mask as the model's
+        inputs (a language mask is needed: an unpadding is made from one)."""
+        expected = {
+            "language": (batch, tokens) if lang_mask else "an attention_mask",
+            "regions": (batch, regions) if vis_mask else None,
+            "cross": (batch, regions + tokens),
+        }
+        got = {name: None if keys is None else keys.shape for name, keys in vars(self).items()}
+        if got != expected:
+            raise ValueError(
+                f"unpadding does not belong to this batch's masks: it unpads key masks of the shapes {got}, the "
+                f"batch has {expected} (None: no mask); make it with Unpadding.from_masks from the same masks"
+            )
+
+
 def varlen_attention(
     varlen_fn: Callable[..., Tensor],
     q_BMHD: Tensor,
@@ -167,14 +263,16 @@ def varlen_attention(
     q_segments: tuple[int, ...],
     k_segments: tuple[int, ...],
     dropout_p: float,
+    keys: PackedKeys | None = None,
 ) -> Tensor:
     """Segment i of each batch row's queries over the real keys of segment i of its keys: one varlen call.
 
     The M queries of a row split into consecutive segments of the sizes q_segments, its N keys into as many
     segments of the sizes k_segments. Every query is kept (LXMERT masks keys, never queries; the padded
     language positions get the same attention over the real keys as from eager); keys and values are
-    unpadded, in order, by kv_mask (True = real), so each (row, segment) is one packed sequence. Returns
-    [B, M, H, D], a view of flash-attn's packed output.
+    unpadded, in order, by kv_mask (True = real), so each (row, segment) is one packed sequence. `keys`: that
+    unpadding found ahead (PackedKeys.from_mask of kv_mask with k_segments), used instead of kv_mask, which is
+    then not read; None: found here from kv_mask. Returns [B, M, H, D], a view of flash-attn's packed output.
     """
     batch, n_queries, heads, dim = q_BMHD.shape
     n_keys = k_BNHD.shape[1]
@@ -183,20 +281,25 @@ def varlen_attention(
     v_packed = v_BNHD.reshape(batch * n_keys, heads, dim)
     every_query = torch.ones(batch, n_queries, dtype=torch.bool, device=q_BMHD.device)
     cu_seqlens_q = _cu_seqlens(_segment_lengths(every_query, q_segments))
-    if kv_mask_BN is None:
+    if keys is None and kv_mask_BN is not None:
+        keys = PackedKeys.from_mask(kv_mask_BN, k_segments)  # waits for the device: the packed size is data's
+    if keys is None:
         every_key = torch.ones(batch, n_keys, dtype=torch.bool, device=k_BNHD.device)
-        k_lengths, max_seqlen_k = _segment_lengths(every_key, k_segments), max(k_segments)
+        cu_seqlens_k, max_seqlen_k = _cu_seqlens(_segment_lengths(every_key, k_segments)), max(k_segments)
     else:
-        real = kv_mask_BN.flatten().nonzero().squeeze(1)  # a host sync, as the packed size is data-dependent
-        k_packed, v_packed = k_packed.index_select(0, real), v_packed.index_select(0, real)
-        k_lengths = _segment_lengths(kv_mask_BN, k_segments)
-        max_seqlen_k = int(k_lengths.max())
+        if keys.shape != (batch, n_keys) or keys.cu_seqlens.shape != (batch * len(k_segments) + 1,):
+            raise ValueError(
+                f"the keys' unpadding is for a key mask {keys.shape} with {keys.cu_seqlens.numel() - 1} sequences, "
+                f"the keys are {(batch, n_keys)} in {batch * len(k_segments)} sequences"
+            )
+        k_packed, v_packed = k_packed.index_select(0, keys.indices), v_packed.index_select(0, keys.indices)
+        cu_seqlens_k, max_seqlen_k = keys.cu_seqlens, keys.max_seqlen
     out = varlen_fn(
         q_packed,
         k_packed,
         v_packed,
         cu_seqlens_q,
-        _cu_seqlens(k_lengths),
+        cu_seqlens_k,
         max(q_segments),
         max_seqlen_k,
         dropout_p=dropout_p,
@@ -223,16 +326,20 @@ class FlashAttentionBackend(AttentionBackend):
       from the other backends').
     - No fallback: CPU tensors, dtypes other than fp16 / bf16 and head_dim > 256 raise a ValueError saying
       why (FLASH_DEVICES, FLASH_DTYPES); flash-attn itself refuses GPUs older than Ampere.
-    - A masked call waits for the GPU (nonzero for the packed key count, then .max() for the longest key
-      sequence), as flash-attn's own bert_padding.unpad_input does; an unmasked one (region self-attention)
-      never does.
+    - Unpadding the keys by a mask takes the packed key count (nonzero) and the longest key sequence (.max())
+      on the host: found on the GPU, as flash-attn's own bert_padding.unpad_input does, each masked call waits
+      for it twice. The `_packed` entries take them found ahead (PackedKeys, from the loader's Unpadding) and
+      wait for nothing, with the same tensors handed to flash-attn; an unmasked call (region self-attention
+      without a visual mask) never waits.
     """
 
     def __init__(self, varlen_fn: Callable[..., Tensor]):
         super().__init__("flash", self._attend)
         self.varlen_fn = varlen_fn
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float) -> Tensor:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float, keys: PackedKeys | None = None
+    ) -> Tensor:
         _check_flash_inputs(q, k, v)
         out = varlen_attention(
             self.varlen_fn,
@@ -243,8 +350,14 @@ class FlashAttentionBackend(AttentionBackend):
             (q.shape[2],),
             (k.shape[2],),
             dropout_p,
+            keys,
         )
         return out.transpose(1, 2)
+
+    def attend_packed(
+        self, q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float, keys: PackedKeys
+    ) -> Tensor:
+        return self._attend(q, k, v, kv_mask, dropout_p, keys)
 
     def bidirectional(
         self,
@@ -253,6 +366,7 @@ class FlashAttentionBackend(AttentionBackend):
         lang_mask: Tensor | None,
         vis_mask: Tensor | None,
         dropout_p: float,
+        keys: PackedKeys | None = None,
     ) -> tuple[Tensor, Tensor]:
         (lq, lk, lv), (vq, vk, vv) = lang_qkv, vis_qkv
         _check_flash_inputs(lq, lk, lv, vq, vk, vv)
@@ -261,8 +375,8 @@ class FlashAttentionBackend(AttentionBackend):
         def tokens(first: Tensor, second: Tensor) -> Tensor:  # two [B, H, L, D] -> [B, L1 + L2, H, D]
             return torch.cat([first.transpose(1, 2), second.transpose(1, 2)], dim=1)
 
-        kv_mask = None  # over the keys [regions; language]
-        if lang_mask is not None or vis_mask is not None:
+        kv_mask = None  # over the keys [regions; language]; not needed where `keys` unpads them
+        if keys is None and (lang_mask is not None or vis_mask is not None):
             kv_mask = torch.cat([_mask_or_all_real(vis_mask, vk), _mask_or_all_real(lang_mask, lk)], dim=1)
         out = varlen_attention(
             self.varlen_fn,
@@ -273,8 +387,20 @@ class FlashAttentionBackend(AttentionBackend):
             (n_lang, n_vis),
             (n_vis, n_lang),
             dropout_p,
+            keys,
         )
         return out[:, :n_lang].transpose(1, 2), out[:, n_lang:].transpose(1, 2)
+
+    def bidirectional_packed(
+        self,
+        lang_qkv: tuple[Tensor, Tensor, Tensor],
+        vis_qkv: tuple[Tensor, Tensor, Tensor],
+        lang_mask: Tensor | None,
+        vis_mask: Tensor | None,
+        dropout_p: float,
+        keys: PackedKeys,
+    ) -> tuple[Tensor, Tensor]:
+        return self.bidirectional(lang_qkv, vis_qkv, lang_mask, vis_mask, dropout_p, keys)
 
 
 def _flash_backend() -> AttentionBackend:

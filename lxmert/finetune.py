@@ -18,6 +18,7 @@ from torch import nn
 
 from . import losses
 from .answers import init_answer_head
+from .attention import Unpadding
 from .config import LxmertConfig
 from .modeling import AnswerHead, LxmertModel, ModelOutput, init_weights
 from .pretrained import PRETRAINING_HEADS, PretrainedMixin
@@ -76,11 +77,13 @@ class LxmertForQuestionAnswering(PretrainedMixin, nn.Module):
         visual_attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         labels: Tensor | None = None,
+        unpadding: Unpadding | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         return_dict: bool = True,
     ) -> LxmertForQuestionAnsweringOutput | tuple:
-        """labels: soft answer scores [B, answers] in [0, 1]; an integer [B] answer index is taken as one-hot."""
+        """labels: soft answer scores [B, answers] in [0, 1]; an integer [B] answer index is taken as one-hot.
+        unpadding: the flash backend's, found ahead (LxmertModel)."""
         out = self.lxmert(
             input_ids,
             visual_feats,
@@ -90,6 +93,7 @@ class LxmertForQuestionAnswering(PretrainedMixin, nn.Module):
             token_type_ids,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            unpadding=unpadding,
         )
         score = self.answer_head(out.pooled_output)
         loss = None
@@ -143,9 +147,13 @@ class LxmertForNLVR2(PretrainedMixin, nn.Module):
         visual_attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         labels: Tensor | None = None,
+        unpadding: Unpadding | None = None,
         return_dict: bool = True,
     ) -> LxmertForNLVR2Output | tuple:
-        """input_ids [B, L]; visual_feats [B, 2, R, F], visual_pos [B, 2, R, 4] (the pair of images); labels [B]."""
+        """input_ids [B, L]; visual_feats [B, 2, R, F], visual_pos [B, 2, R, 4] (the pair of images); labels [B].
+
+        unpadding: the flash backend's, found ahead (LxmertModel), for the 2B (statement, image) rows the backbone
+        sees: nlvr2_unpadding of the batch's masks."""
         for name, t in (("visual_feats", visual_feats), ("visual_pos", visual_pos)):
             if t.dim() != 4 or t.shape[:2] != (input_ids.shape[0], 2):
                 raise ValueError(
@@ -162,8 +170,17 @@ class LxmertForNLVR2(PretrainedMixin, nn.Module):
             per_image(attention_mask),
             None if visual_attention_mask is None else visual_attention_mask.flatten(0, 1),
             per_image(token_type_ids),
+            unpadding=unpadding,
         )
         logits = self.answer_head(out.pooled_output.reshape(input_ids.shape[0], -1))
         loss = losses.cross_entropy(logits, labels) if labels is not None else None
         result = LxmertForNLVR2Output(loss, logits)
         return result if return_dict else result.to_tuple()
+
+
+def nlvr2_unpadding(attention_mask: Tensor, visual_attention_mask: Tensor | None, regions: int) -> Unpadding:
+    """The Unpadding of an NLVR2 batch's masks (attention_mask [B, L], visual_attention_mask [B, 2, R] or None)
+    for the 2B (statement, image) rows LxmertForNLVR2 hands its backbone: each statement's row twice, then the
+    image pairs flattened, as its forward lays them out."""
+    vis = None if visual_attention_mask is None else visual_attention_mask.flatten(0, 1)
+    return Unpadding.from_masks(attention_mask.repeat_interleave(2, dim=0), vis, regions)

@@ -5,10 +5,12 @@
 Language and object-relationship layers are the same post-LN BERT layer. A cross layer runs ONE shared
 attention module both ways (language over regions, regions over language), then a self-attention and a
 feed-forward block per stream. Every attention projects Q, K and V with one fused matrix and calls the
-backend chosen by `config.attn_backend`; with output_attentions=True every attention of that forward takes
-eager's probability-forming path instead (lxmert.attention), and the probabilities come back as transformers
-returns them: one [B, heads, L, L] per language layer, one [B, heads, R, R] per region layer, and the cross
-layers' language-over-regions probabilities [B, heads, L, R] (transformers returns neither the regions-over-
+backend chosen by `config.attn_backend` (with the flash backend's unpadding where the caller found it ahead:
+the keyword `unpadding`, an lxmert.attention.Unpadding, which other backends ignore); with
+output_attentions=True every attention of that forward takes eager's probability-forming path instead
+(lxmert.attention), and the probabilities come back as transformers returns them: one [B, heads, L, L] per
+language layer, one [B, heads, R, R] per region layer, and the cross layers' language-over-regions
+probabilities [B, heads, L, R] (transformers returns neither the regions-over-
 language direction nor the cross layers' self-attentions).
 
 Names differ from the authors' and transformers' (see lxmert.convert for the mapping); the arithmetic does not.
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import eager_attention_with_probs, eager_bidirectional_with_probs, get_backend
+from .attention import PackedKeys, Unpadding, eager_attention_with_probs, eager_bidirectional_with_probs, get_backend
 from .config import LxmertConfig
 from .pretrained import PretrainedMixin
 
@@ -100,7 +102,8 @@ class Attention(nn.Module):
 
     `forward` is self-attention; `bidirectional` is the cross layer's shared module run both ways, with the
     language and region tokens projected by one matrix multiplication. with_probs=True runs eager's path and
-    also returns the probabilities (see the module header).
+    also returns the probabilities (see the module header). `keys`: the mask's real keys found ahead (a part of
+    an Unpadding), for a backend that unpads.
     """
 
     def __init__(self, config: LxmertConfig):
@@ -126,16 +129,26 @@ class Attention(nn.Module):
     def _dropout_p(self) -> float:
         return self.attn_dropout if self.training else 0.0
 
-    def forward(self, x: Tensor, mask: Tensor | None, with_probs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, mask: Tensor | None, with_probs: bool = False, keys: PackedKeys | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """x [B, L, H] -> [B, L, H]; with_probs: (that, probabilities [B, heads, L, L])."""
         q, k, v = self._heads(x)
         if with_probs:
             ctx, probs = eager_attention_with_probs(q, k, v, mask, self._dropout_p())
             return self._finish(ctx, x), probs
+        if keys is not None:
+            return self._finish(self.backend.attend_packed(q, k, v, mask, self._dropout_p(), keys), x)
         return self._finish(self.backend.attend(q, k, v, mask, self._dropout_p()), x)
 
     def bidirectional(
-        self, lang: Tensor, vis: Tensor, lang_mask: Tensor | None, vis_mask: Tensor | None, with_probs: bool = False
+        self,
+        lang: Tensor,
+        vis: Tensor,
+        lang_mask: Tensor | None,
+        vis_mask: Tensor | None,
+        with_probs: bool = False,
+        keys: PackedKeys | None = None,
     ) -> tuple[Tensor, ...]:
         """(language, regions) after each attended to the other; with_probs: then the language-over-regions
         probabilities [B, heads, L, R] and the regions-over-language ones [B, heads, R, L]."""
@@ -148,6 +161,11 @@ class Attention(nn.Module):
             lang_ctx, vis_ctx, *probs = eager_bidirectional_with_probs(
                 lang_qkv, vis_qkv, lang_mask, vis_mask, self._dropout_p()
             )
+        elif keys is not None:  # the real keys of [regions; language], found ahead
+            lang_ctx, vis_ctx = self.backend.bidirectional_packed(
+                lang_qkv, vis_qkv, lang_mask, vis_mask, self._dropout_p(), keys
+            )
+            probs = []
         else:
             lang_ctx, vis_ctx = self.backend.bidirectional(lang_qkv, vis_qkv, lang_mask, vis_mask, self._dropout_p())
             probs = []
@@ -178,12 +196,14 @@ class BertLayer(nn.Module):
         self.attention = Attention(config)
         self.ffn = FeedForward(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False) -> Tensor | tuple[Tensor, ...]:
+    def forward(
+        self, x: Tensor, mask: Tensor | None, output_attentions: bool = False, keys: PackedKeys | None = None
+    ) -> Tensor | tuple[Tensor, ...]:
         """x [B, L, H] -> [B, L, H]; output_attentions: (that, the self-attention probabilities)."""
         if output_attentions:
             x, probs = self.attention(x, mask, with_probs=True)
             return self.ffn(x), probs
-        return self.ffn(self.attention(x, mask))
+        return self.ffn(self.attention(x, mask, keys=keys))
 
 
 class CrossLayer(nn.Module):
@@ -204,9 +224,11 @@ class CrossLayer(nn.Module):
         lang_mask: Tensor | None,
         vis_mask: Tensor | None,
         output_attentions: bool = False,
+        unpadding: Unpadding | None = None,
     ) -> tuple[Tensor, ...]:
         """(language, regions); output_attentions: then the language-over-regions cross-attention probabilities
-        [B, heads, L, R], the ones transformers returns (every attention of the layer runs eager's path)."""
+        [B, heads, L, R], the ones transformers returns (every attention of the layer runs eager's path).
+        unpadding: the masks' real keys found ahead, for a backend that unpads."""
         if output_attentions:
             lang, vis, lang_over_regions, _ = self.cross_attention.bidirectional(
                 lang, vis, lang_mask, vis_mask, with_probs=True
@@ -214,9 +236,12 @@ class CrossLayer(nn.Module):
             lang = self.lang_ffn(self.lang_attention(lang, lang_mask, with_probs=True)[0])
             vis = self.vis_ffn(self.vis_attention(vis, vis_mask, with_probs=True)[0])
             return lang, vis, lang_over_regions
-        lang, vis = self.cross_attention.bidirectional(lang, vis, lang_mask, vis_mask)
-        lang = self.lang_ffn(self.lang_attention(lang, lang_mask))
-        vis = self.vis_ffn(self.vis_attention(vis, vis_mask))
+        cross_keys, lang_keys, vis_keys = (None, None, None)
+        if unpadding is not None:
+            cross_keys, lang_keys, vis_keys = unpadding.cross, unpadding.language, unpadding.regions
+        lang, vis = self.cross_attention.bidirectional(lang, vis, lang_mask, vis_mask, keys=cross_keys)
+        lang = self.lang_ffn(self.lang_attention(lang, lang_mask, keys=lang_keys))
+        vis = self.vis_ffn(self.vis_attention(vis, vis_mask, keys=vis_keys))
         return lang, vis
 
 
@@ -328,13 +353,22 @@ class LxmertModel(PretrainedMixin, nn.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         return_dict: bool = True,
+        unpadding: Unpadding | None = None,
     ) -> LxmertModelOutput | tuple:
         """Keywords and outputs as transformers' LxmertModel. output_attentions=True: the probabilities of every
         language, region and cross layer (the module header says which), formed on eager's path whatever
-        config.attn_backend is: that call runs eager's attention throughout."""
+        config.attn_backend is: that call runs eager's attention throughout.
+
+        unpadding (ours): Unpadding.from_masks(attention_mask, visual_attention_mask, regions), found ahead (the
+        engine's loaders make it on the host for attn_backend "flash"), so the flash backend never waits for the
+        device to unpad the keys; without it the flash backend finds the same itself. Other backends ignore it."""
         check_inputs(
             self.config, input_ids, visual_feats, visual_pos, attention_mask, token_type_ids, visual_attention_mask
         )
+        if unpadding is not None:
+            unpadding.check(
+                *input_ids.shape, visual_feats.shape[1], attention_mask is not None, visual_attention_mask is not None
+            )
         lang_mask = None if attention_mask is None else attention_mask.bool()
         vis_mask = None if visual_attention_mask is None else visual_attention_mask.bool()
         if token_type_ids is None:
@@ -342,6 +376,7 @@ class LxmertModel(PretrainedMixin, nn.Module):
 
         lang = self.embeddings(input_ids, token_type_ids)
         vis = self.visual_embeddings(visual_feats, visual_pos)
+        lang_keys, vis_keys = (None, None) if unpadding is None else (unpadding.language, unpadding.regions)
         lang_states, vis_states = [], []
         lang_probs, vis_probs, cross_probs = [], [], []
         for layer in self.lang_layers:
@@ -349,21 +384,21 @@ class LxmertModel(PretrainedMixin, nn.Module):
                 lang, probs = layer(lang, lang_mask, output_attentions=True)
                 lang_probs.append(probs)
             else:
-                lang = layer(lang, lang_mask)
+                lang = layer(lang, lang_mask, keys=lang_keys)
             lang_states.append(lang)
         for layer in self.region_layers:
             if output_attentions:
                 vis, probs = layer(vis, vis_mask, output_attentions=True)
                 vis_probs.append(probs)
             else:
-                vis = layer(vis, vis_mask)
+                vis = layer(vis, vis_mask, keys=vis_keys)
             vis_states.append(vis)
         for layer in self.cross_layers:
             if output_attentions:
                 lang, vis, probs = layer(lang, vis, lang_mask, vis_mask, output_attentions=True)
                 cross_probs.append(probs)
             else:
-                lang, vis = layer(lang, vis, lang_mask, vis_mask)
+                lang, vis = layer(lang, vis, lang_mask, vis_mask, unpadding=unpadding)
             lang_states.append(lang)
             vis_states.append(vis)
         pooled = torch.tanh(self.pooler(lang[:, 0]))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import losses
+from .attention import Unpadding
 from .config import LxmertConfig
 from .modeling import AnswerHead, HeadTransform, LxmertModel, ModelOutput, init_weights
 from .pretrained import PretrainedMixin
@@ -175,6 +176,7 @@ class LxmertForPreTraining(PretrainedMixin, nn.Module):
         return_prediction_logits: bool | None = None,
         mlm_rows: Tensor | None = None,
         feat_rows: Tensor | None = None,
+        unpadding: Unpadding | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         return_dict: bool = True,
@@ -185,7 +187,8 @@ class LxmertForPreTraining(PretrainedMixin, nn.Module):
         "attr": (ids, conf), "feat": (target feats [B, R, F], mask [B, R])}. matched_label [B] (1 = matched).
         ans [B]: answer index, negative to ignore. return_prediction_logits: full-vocabulary logits for every
         token; by default only when no MLM labels are given (training never needs them), and always with
-        return_dict=False (transformers' tuple has them). output_attentions: as LxmertModel.
+        return_dict=False (transformers' tuple has them). output_attentions and unpadding (the flash backend's,
+        found ahead): as LxmertModel.
         """
         cfg = self.config
         out = self.lxmert(
@@ -197,6 +200,7 @@ class LxmertForPreTraining(PretrainedMixin, nn.Module):
             token_type_ids,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            unpadding=unpadding,
         )
         lang, vis, pooled = out.language_output, out.vision_output, out.pooled_output
         if return_prediction_logits is None:

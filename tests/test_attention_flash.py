@@ -1,30 +1,28 @@
 """The "flash" attention backend (lxmert/attention.py, FlashAttentionBackend) without flash-attn and without a GPU.
 
-flash-attn is not installable here, so `flash_attn` is replaced in sys.modules by a stand-in whose
-flash_attn_varlen_func is flash-attn 2's documented contract written out in float64: q [total_q, H, D],
-k / v [total_k, H_k, D], int32 cu_seqlens with cu[-1] = total, max_seqlen = the longest sequence, per-sequence
-softmax(q k^T * softmax_scale) v (scale 1 / sqrt(D) by default, causal=False), dropout on the probabilities,
-zeros for a query with no key ("if the row of the mask is all zero, the output will be zero"). It asserts
-every part of that contract it is handed, so these tests prove the unpad / pack / pad plumbing against it.
-The stand-in runs on the CPU in float64, which the backend refuses from the real package: the fixture widens
-attention.FLASH_DEVICES / FLASH_DTYPES to let it through, the one place they change.
+flash-attn is not installable here, so `flash_attn` is replaced in sys.modules by the project's stand-in
+(benchmarks/flash_standin.py): flash_attn_varlen_func is flash-attn 2's documented contract written out in
+float64, asserting every part of that contract it is handed, so these tests prove the unpad / pack / pad
+plumbing against it. The stand-in runs on the CPU in float64, which the backend refuses from the real package:
+the fixture widens attention.FLASH_DEVICES / FLASH_DTYPES to let it through, the one place they change.
 
 Reference: the eager backend in float64, with zeros for a query whose row has no real key (what flash-attn,
 sdpa on the CPU and triton give; eager gives the mean of the values there). Tolerance 1e-12, relative.
-The last tests need a CUDA GPU with flash-attn installed: the real kernels in bf16 against sdpa.
+The unpadding found ahead (Unpadding, as the loaders make it on the host) must give exactly the outputs and
+gradients of the backend's own. The last tests need a CUDA GPU with flash-attn installed: the real kernels in
+bf16 against sdpa.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import inspect
 import math
 import sys
-import types
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import (
     assert_close,
     cast_floats,
@@ -36,79 +34,28 @@ from conftest import (
 )
 
 import lxmert
+from benchmarks import flash_standin
 from lxmert import attention
-from lxmert.attention import BACKENDS, FlashAttentionBackend, available_backends, eager_attention, get_backend
+from lxmert.attention import (
+    BACKENDS,
+    FlashAttentionBackend,
+    PackedKeys,
+    Unpadding,
+    available_backends,
+    eager_attention,
+    get_backend,
+)
 from lxmert.modeling import Attention
 
 TOL = 1e-12  # float64 against float64
 HEADS, DIM = 12, 64  # LXMERT's heads
 
 
-def reference_varlen(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-    block_table=None,
-):
-    """flash_attn.flash_attn_varlen_func (flash-attn 2), its documented contract in float64."""
-    if causal or tuple(window_size) != (-1, -1) or softcap or alibi_slopes is not None or block_table is not None:
-        raise NotImplementedError("the stand-in covers full non-causal attention only")
-    if return_attn_probs:
-        raise NotImplementedError("the stand-in returns the output only")
-    (total_q, heads, dim), (total_k, heads_k, _) = q.shape, k.shape
-    assert q.dim() == 3 and k.dim() == 3 and v.shape == k.shape and k.shape[2] == dim, (q.shape, k.shape, v.shape)
-    assert heads % heads_k == 0 and q.dtype == k.dtype == v.dtype
-    for cu, total, longest in ((cu_seqlens_q, total_q, max_seqlen_q), (cu_seqlens_k, total_k, max_seqlen_k)):
-        assert cu.dtype == torch.int32 and cu.dim() == 1 and cu.device == q.device, (cu.dtype, cu.shape)
-        offsets = cu.tolist()
-        assert offsets[0] == 0 and offsets[-1] == total, f"cu_seqlens {offsets} for {total} packed tokens"
-        lengths = [end - start for start, end in zip(offsets, offsets[1:])]
-        assert min(lengths) >= 0 and isinstance(longest, int) and longest == max(lengths), (lengths, longest)
-    assert cu_seqlens_q.shape == cu_seqlens_k.shape, "one key sequence per query sequence"
-    scale = dim**-0.5 if softmax_scale is None else softmax_scale
-    k, v = (t.repeat_interleave(heads // heads_k, dim=1) for t in (k, v))  # MQA / GQA: head h reads h // groups
-    out = []
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for i in range(len(bounds_q) - 1):
-        q_i = q[bounds_q[i] : bounds_q[i + 1]].double()
-        k_i, v_i = (t[bounds_k[i] : bounds_k[i + 1]].double() for t in (k, v))
-        if k_i.shape[0] == 0:
-            out.append(torch.zeros_like(q_i))
-            continue
-        probs = torch.softmax(torch.einsum("qhd,khd->hqk", q_i, k_i) * scale, dim=-1)
-        if dropout_p > 0.0:
-            probs = F.dropout(probs, dropout_p)
-        out.append(torch.einsum("hqk,khd->qhd", probs, v_i))
-    return torch.cat(out).to(q.dtype)
-
-
 @pytest.fixture
 def fake_flash(monkeypatch):
     """flash_attn is the float64 stand-in (the backend re-imports it); returns the list of its calls."""
     calls = []
-    signature = inspect.signature(reference_varlen)
-
-    def flash_attn_varlen_func(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        calls.append(bound.arguments)
-        return reference_varlen(*args, **kwargs)
-
-    module = types.ModuleType("flash_attn")
-    module.flash_attn_varlen_func = flash_attn_varlen_func
-    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_standin.flash_attn_module(calls))
     monkeypatch.setattr(attention, "FLASH_DEVICES", ("cpu",))
     monkeypatch.setattr(attention, "FLASH_DTYPES", (torch.float64,))
     BACKENDS.pop("flash", None)
@@ -295,6 +242,203 @@ def test_flash_model_matches_eager_model_forward_and_every_gradient(fake_flash, 
     for name, param in flash.named_parameters():
         assert param.grad is not None, name
         assert_close(param.grad, eager_params[name].grad, TOL, f"grad {name}")
+
+
+# ------------------------------------------------------------------ the unpadding found ahead
+
+
+def random_key_mask(batch: int, keys: int, first_real: bool = True) -> torch.Tensor:
+    """Fresh random real keys: a padded tail per row, or scattered, with some rows fully real."""
+    mask = torch.rand(batch, keys) < torch.rand(batch, 1)
+    if torch.rand(()) < 0.5:  # a padded tail, as the loaders' masks
+        mask = torch.arange(keys)[None, :] < torch.randint(1, keys + 1, (batch, 1))
+    mask[torch.rand(batch) < 0.3] = True
+    if first_real:
+        mask[:, 0] = True
+    return mask
+
+
+def same_call(a: dict, b: dict) -> bool:
+    """The same tensors and numbers handed to flash_attn_varlen_func."""
+    return a.keys() == b.keys() and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in ((a[k], b[k]) for k in a)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("draw", range(4))
+def test_keys_found_ahead_give_exactly_what_the_backend_finds_itself(fake_flash, monkeypatch, dtype, draw):
+    """Language self-attention, regions self-attention and the cross layer's both directions, over fresh random
+    masks: with the host's Unpadding the flash backend hands flash-attn the very same tensors and gives the same
+    outputs and gradients, bit for bit."""
+    monkeypatch.setattr(attention, "FLASH_DTYPES", (torch.float64, torch.bfloat16))
+    torch.manual_seed(30 + draw)
+    batch, tokens, regions = int(torch.randint(1, 5, ())), int(torch.randint(1, 21, ())), int(torch.randint(1, 38, ()))
+    lang_mask = random_key_mask(batch, tokens)
+    vis_mask = random_key_mask(batch, regions, first_real=False) if draw % 2 else None
+    unpadding = Unpadding.from_masks(lang_mask.to(torch.uint8), vis_mask, regions)  # as a loader: compact masks
+    both = projection(batch, tokens + regions).detach().to(dtype).requires_grad_()
+    backend = get_backend("flash")
+
+    def run(keys_ahead: bool):
+        q, k, v = heads(both)
+        lang_qkv = tuple(t[:, :, :tokens] for t in (q, k, v))
+        vis_qkv = tuple(t[:, :, tokens:] for t in (q, k, v))
+        u = unpadding if keys_ahead else None
+        outs = [
+            backend.attend_packed(*lang_qkv, lang_mask, 0.0, u.language)
+            if u
+            else backend.attend(*lang_qkv, lang_mask, 0.0),
+            *(
+                backend.bidirectional_packed(lang_qkv, vis_qkv, lang_mask, vis_mask, 0.0, u.cross)
+                if u
+                else backend.bidirectional(lang_qkv, vis_qkv, lang_mask, vis_mask, 0.0)
+            ),
+        ]
+        if vis_mask is not None:
+            outs.append(
+                backend.attend_packed(*vis_qkv, vis_mask, 0.0, u.regions)
+                if u
+                else backend.attend(*vis_qkv, vis_mask, 0.0)
+            )
+        grads = torch.autograd.grad(outs, both, [torch.ones_like(o) for o in outs])
+        return outs, grads
+
+    fake_flash.clear()
+    found_here, grads_here = run(False)
+    calls_here = list(fake_flash)
+    fake_flash.clear()
+    found_ahead, grads_ahead = run(True)
+    assert len(fake_flash) == len(calls_here) == 2 + (vis_mask is not None)
+    assert all(same_call(a, b) for a, b in zip(fake_flash, calls_here))
+    for got, expected in zip((*found_ahead, *grads_ahead), (*found_here, *grads_here), strict=True):
+        assert got.dtype == dtype and torch.equal(got, expected)
+    assert unpadding.language.max_seqlen == int(lang_mask.sum(1).max())  # host ints
+    assert isinstance(unpadding.cross.max_seqlen, int) and unpadding.cross.cu_seqlens.dtype == torch.int32
+
+
+def test_packed_keys_are_the_documented_layout():
+    mask = torch.tensor([[True, False, True, True, False], [False, False, False, False, True]])
+    keys = PackedKeys.from_mask(mask, (2, 3))  # segments of 2 and 3 keys
+    assert keys.indices.tolist() == [0, 2, 3, 9] and keys.indices.dtype == torch.int64
+    assert keys.cu_seqlens.tolist() == [0, 1, 3, 3, 4] and keys.cu_seqlens.dtype == torch.int32
+    assert keys.max_seqlen == 2 and keys.shape == (2, 5)
+    u = Unpadding.from_masks(torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.uint8), None, 2)
+    assert u.regions is None and u.language.cu_seqlens.tolist() == [0, 2, 3]
+    assert u.cross.indices.tolist() == [0, 1, 2, 3, 5, 6, 7] and u.cross.cu_seqlens.tolist() == [0, 2, 4, 6, 7]
+
+
+def flash_and_eager(model_class, **overrides):
+    torch.manual_seed(31)
+    eager = randomize_(model_class(small_config(attn_backend="eager", **overrides))).double().eval()
+    flash = model_class(small_config(attn_backend="flash", **overrides)).double().eval()
+    flash.load_state_dict(eager.state_dict())
+    return flash, eager
+
+
+def outputs_and_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    loss = out.loss if out.loss is not None else out.to_tuple()[0].sum()
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]  # NLVR2 leaves some unused
+    return [t for t in out.to_tuple() if isinstance(t, torch.Tensor)], grads
+
+
+def assert_same_run(a, b):
+    for got, expected in zip((*a[0], *a[1]), (*b[0], *b[1]), strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("regions_padded", [False, True])
+def test_a_pretraining_batch_with_its_unpadding_runs_exactly_as_without(fake_flash, regions_padded):
+    """LxmertForPreTraining: the same losses, outputs and gradients with the unpadding as without (the backend then
+    finds it itself); the flash backend gets it on every masked call; eager ignores it."""
+    flash, eager = flash_and_eager(lxmert.LxmertForPreTraining)
+    torch.manual_seed(32)
+    batch, tokens, regions = 3, 11, 7
+    inputs = cast_floats(random_inputs(flash.config, batch, tokens, regions), torch.float64)
+    inputs |= cast_floats(random_pretraining_labels(flash.config, batch, tokens, regions), torch.float64)
+    if regions_padded:
+        inputs["visual_attention_mask"] = random_key_mask(batch, regions).long()
+    unpadding = Unpadding.from_masks(inputs["attention_mask"], inputs.get("visual_attention_mask"), regions)
+    without = outputs_and_grads(flash, inputs)
+    assert_same_run(outputs_and_grads(flash, {**inputs, "unpadding": unpadding}), without)
+    assert_same_run(outputs_and_grads(eager, {**inputs, "unpadding": unpadding}), outputs_and_grads(eager, inputs))
+
+
+def test_an_nlvr2_batch_unpads_its_two_images_per_statement(fake_flash):
+    from engine.data.batch import TaskBatch
+
+    flash, _ = flash_and_eager(lxmert.LxmertForNLVR2)
+    torch.manual_seed(33)
+    batch, tokens, regions = 3, 9, 6
+    single = cast_floats(random_inputs(flash.config, 2 * batch, tokens, regions), torch.float64)
+    task = TaskBatch(
+        input_ids=single["input_ids"][:batch],
+        attention_mask=single["attention_mask"][:batch],
+        visual_feats=single["visual_feats"].view(batch, 2, regions, -1),
+        visual_pos=single["visual_pos"].view(batch, 2, regions, 4),
+        visual_attention_mask=random_key_mask(2 * batch, regions).view(batch, 2, regions).to(torch.uint8),
+        labels=torch.tensor([0, 1, 1]),
+        indices=np.arange(batch),
+    ).with_unpadding()
+    assert task.unpadding.language.shape == (2 * batch, tokens)  # each statement once per image
+    without = outputs_and_grads(flash, {k: v for k, v in task.model_inputs().items() if k != "unpadding"})
+    fake_flash.clear()
+    assert_same_run(outputs_and_grads(flash, task.model_inputs()), without)
+    config = flash.config
+    assert len(fake_flash) == config.l_layers + config.r_layers + 3 * config.x_layers
+    assert all(call["cu_seqlens_k"].numel() in (2 * batch + 1, 4 * batch + 1) for call in fake_flash)
+
+
+def test_an_unpadding_of_other_masks_is_refused(fake_flash):
+    flash, _ = flash_and_eager(lxmert.LxmertModel)
+    inputs = cast_floats(random_inputs(flash.config, 2, 5, 4), torch.float64)
+    for wrong in (
+        Unpadding.from_masks(torch.ones(2, 6), None, 4),  # other lengths
+        Unpadding.from_masks(inputs["attention_mask"], torch.ones(2, 4), 4),  # a visual mask the batch has not
+    ):
+        with pytest.raises(ValueError, match="unpadding does not belong to this batch's masks"):
+            flash(**inputs, unpadding=wrong)
+    with pytest.raises(ValueError, match="an attention_mask"):
+        flash(
+            **{k: v for k, v in inputs.items() if k != "attention_mask"},
+            unpadding=Unpadding.from_masks(torch.ones(2, 5), None, 4),
+        )
+
+
+dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="DALI is not installed")
+
+
+@pytest.mark.parametrize(
+    ("kind", "regions"), [("torch", 36), ("torch", 33), ("gpu", 33), pytest.param("dali", 33, marks=dali)]
+)
+def test_the_loaders_unpadding_is_the_one_of_the_batch_on_the_device(tmp_path, kind, regions):
+    """Found on the host from the compact masks, carried by `.to` (int32 offsets kept), equal to the unpadding
+    found from the widened masks on the device; off by default. 33 regions: padding regions in every image."""
+    from test_data_loaders import build
+
+    from engine.data.loaders import make_loader
+    from engine.data.sampling import SamplingConfig
+
+    text, feats = build(tmp_path, 12, regions=regions)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sampling = SamplingConfig(seed=3, batch_size=5)
+    loader = make_loader(kind, text, feats, sampling, device, unpadding=True)
+    plain = make_loader(kind, text, feats, sampling, device)
+    loader.set_epoch(0), plain.set_epoch(0)
+    batches = 0
+    for batch, without in zip(loader, plain):
+        assert (batch.visual_attention_mask is None) == (regions == 36) == (batch.unpadding.regions is None)
+        found = Unpadding.from_masks(batch.attention_mask, batch.visual_attention_mask, batch.visual_feats.shape[1])
+        assert batch.unpadding.cross.indices.device == batch.attention_mask.device
+        assert batch.unpadding.cross.cu_seqlens.dtype == torch.int32
+        assert batch.equal(dataclasses.replace(batch, unpadding=found))
+        assert without.unpadding is None and batch.equal(dataclasses.replace(without, unpadding=batch.unpadding))
+        assert "unpadding" in batch.model_inputs() and "unpadding" not in without.model_inputs()
+        batches += 1
+    assert batches > 1
 
 
 def test_flash_is_listed_and_imported_on_first_use(fake_flash):

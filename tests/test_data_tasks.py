@@ -6,6 +6,7 @@ Tiny feature dims (8) and a few dozen images.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -390,3 +391,27 @@ def test_skip_bad_rows_in_task_mode(
     out, err = capsys.readouterr()
     assert "bad_records 2" in out and err.count("skipped:") == 2
     same_store(tmp_path / "s", tmp_path / "c2")
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2"])
+def test_the_task_loader_finds_the_unpadding_on_the_host(synth: Path, feats: dict[str, Path], tmp_path, task) -> None:
+    """For attn_backend "flash" (unpadding=True): each TaskBatch carries its masks' Unpadding, NLVR2's for the
+    2B (statement, image) rows its model hands the backbone; equal to the one found from the widened masks."""
+    import dataclasses
+
+    from engine.data.loaders import EvalOrder, TaskLoader
+    from lxmert.attention import Unpadding
+    from lxmert.finetune import nlvr2_unpadding
+
+    build(synth, feats["all"], task, tmp_path / task)
+    store, regions = TaskStore(tmp_path / task), RegionStore(feats["all"])
+    loader = TaskLoader(store, regions, EvalOrder(len(store), 3), labels=False, unpadding=True)
+    loader.set_epoch(0)
+    for batch in itertools.islice(loader, 3):
+        b, length = batch.input_ids.shape
+        if task == "nlvr2":
+            found = nlvr2_unpadding(batch.attention_mask, batch.visual_attention_mask, batch.visual_feats.shape[2])
+            assert found.language.shape == (2 * b, length)
+        else:
+            found = Unpadding.from_masks(batch.attention_mask, batch.visual_attention_mask, batch.visual_feats.shape[1])
+        assert batch.equal(dataclasses.replace(batch, unpadding=found)) and "unpadding" in batch.model_inputs()

@@ -515,12 +515,13 @@ PLAN: list[tuple[str, Run | Shared | Elsewhere | GpuOnly | ClusterOnly | Network
         ),
     ),
     (
-        "python -m benchmarks.host_waits [--paths eager sdpa triton zero1 zero2] [--out runs/benchmarks/host_waits.md]",
+        "python -m benchmarks.host_waits [--paths eager sdpa triton flash zero1 zero2] "
+        "[--out runs/benchmarks/host_waits.md]",
         Run(
             replace=(
                 (
-                    "[--paths eager sdpa triton zero1 zero2] [--out runs/benchmarks/host_waits.md]",
-                    "--paths eager zero1 --steps 4 --log-every 2 --out {work}/bench/host_waits.md",
+                    "[--paths eager sdpa triton flash zero1 zero2] [--out runs/benchmarks/host_waits.md]",
+                    "--paths eager flash zero1 --steps 4 --log-every 2 --out {work}/bench/host_waits.md",
                 ),
             ),
             in_checkout=True,

@@ -1,6 +1,7 @@
 """The training step never makes the host wait for the device between log lines (issue 13): counted on the CPU
 by benchmarks/host_waits.py's TorchDispatchMode over a 20-step tiny pre-training run logging every 10 steps, for
-the plain path with eager, sdpa and Triton attention; DeepSpeed's own waits (bf16 ZeRO-1: 1 a step) match what
+the plain path with eager, sdpa, Triton and flash attention (flash in bf16 on the project's stand-in for flash-attn,
+with the unpadding the loader finds on the host); DeepSpeed's own waits (bf16 ZeRO-1: 1 a step) match what
 the committed report says. The training forward and losses trace into one graph (torch._dynamo.explain: no
 graph break)."""
 
@@ -78,7 +79,32 @@ def test_the_losses_find_masked_rows_with_a_wait_only_when_not_handed_them(work)
     assert counts[True] == {} and counts[False] == {"nonzero": 2}
 
 
-@pytest.mark.parametrize("path", ["eager", "sdpa", pytest.param("triton", marks=pytest.mark.slow)])
+def test_the_flash_backend_unpads_with_a_wait_only_when_not_handed_the_unpadding(work):
+    from benchmarks import flash_standin
+    from engine.tasks.pretrain import PretrainTask
+    from engine.train import Trainer
+
+    counter = HostWaitCounter()  # the stand-in's own reads of the offsets are flash-attn's kernel: one launch
+    with flash_standin.installed((torch.float16, torch.bfloat16), launch=counter.one_launch):
+        trainer = Trainer(tiny_config("flash", work, 1, 1), PretrainTask(), use_deepspeed=False)
+        batch = next(iter(trainer.loader))
+        assert batch.unpadding is not None  # the loader finds it for attn_backend "flash"
+        inputs = batch.model_inputs()
+        with counter, trainer.runtime.autocast():
+            for given in (True, False):
+                if not given:
+                    inputs = {k: v for k, v in inputs.items() if k != "unpadding"}
+                counter.phase = given
+                out = trainer.model(**inputs)
+                out.loss.backward()
+    config = trainer.model.config
+    regions_masked = batch.visual_attention_mask is not None
+    masked_calls = config.l_layers + 2 * config.x_layers + (config.r_layers + config.x_layers) * regions_masked
+    assert counter.counts.get(True, {}) == {}
+    assert counter.counts[False] == {"nonzero": masked_calls, "item": masked_calls}  # each: the count, the longest
+
+
+@pytest.mark.parametrize("path", ["eager", "sdpa", pytest.param("triton", marks=pytest.mark.slow), "flash"])
 def test_a_step_without_a_log_line_never_waits(work, path):
     counts = count_run(path, work, steps=20, log_every=LOG_EVERY)
     per_step = {step: sum(c.values()) for step, c in counts.items()}

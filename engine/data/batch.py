@@ -11,6 +11,11 @@ mask float16), which halves to quarters what is pinned and sent over PCIe; `.to(
 and then widens on the device: every integer tensor to int64 (what embeddings and cross-entropy index with)
 and every floating tensor to float32 (`float_dtype`). float16 -> float32 is exact, so the widened batch is
 the same numbers the store holds; the GPU-resident loader produces the same widened batch directly.
+
+For attn_backend "flash" the loaders also find the keys' unpadding on the host from the masks they build
+(`unpadding`, lxmert.attention.Unpadding: indices, cu_seqlens and the longest lengths), as they find the masked
+rows, so the flash backend never waits for the device to unpad; `.to` moves it as it is (its int32 cu_seqlens
+stay int32). Other backends ignore it, and the loaders leave it None for them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from lxmert.attention import Unpadding
+from lxmert.finetune import nlvr2_unpadding
 
 Tensor = torch.Tensor
 VISUAL_LOSSES = ("obj", "attr", "feat")
@@ -40,6 +48,7 @@ MODEL_FIELDS = (
     "ans",
     "mlm_rows",
     "feat_rows",
+    "unpadding",
 )
 
 
@@ -57,7 +66,16 @@ class ModelBatch:
         inputs = {name: getattr(self, name) for name in self.MODEL_FIELDS}
         return {name: value for name, value in inputs.items() if value is not None}
 
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> Any:
+    def _unpadding(self) -> Unpadding:
+        return Unpadding.from_masks(self.attention_mask, self.visual_attention_mask, self.visual_feats.shape[1])  # type: ignore[attr-defined]
+
+    def with_unpadding(self) -> Any:
+        """This batch with the flash backend's Unpadding of its masks, found where they are (a loader: on the
+        host, before `.to`, so that finding it waits for nothing)."""
+        return dataclasses.replace(self, unpadding=self._unpadding())  # type: ignore[type-var]
+
+    def _map(self, fn: Callable[[Tensor], Tensor], unpadding_fn: Callable[[Tensor], Tensor] | None = None) -> Any:
+        """fn applied to every model tensor; unpadding_fn (default fn) to the unpadding's, which keep their dtypes."""
         changes: dict[str, Any] = {}
         for name in self.MODEL_FIELDS:
             value = getattr(self, name)
@@ -65,6 +83,8 @@ class ModelBatch:
                 changes[name] = fn(value)
             elif isinstance(value, dict):
                 changes[name] = {k: (fn(ids), fn(weights)) for k, (ids, weights) in value.items()}
+            elif isinstance(value, Unpadding):
+                changes[name] = value.map(unpadding_fn or fn)
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
     def to(
@@ -78,7 +98,7 @@ class ModelBatch:
             wide = float_dtype if t.is_floating_point() else torch.int64
             return t.to(device, non_blocking=non_blocking).to(wide)
 
-        return self._map(move)
+        return self._map(move, lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Any:
         """Page-locked host copies (what DataLoader(pin_memory=True) calls), for asynchronous copies."""
@@ -98,6 +118,10 @@ class ModelBatch:
                 )
             if isinstance(a, dict):
                 return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+            if dataclasses.is_dataclass(a):  # the unpadding and its parts
+                return type(a) is type(b) and all(
+                    same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)
+                )
             if isinstance(a, tuple):
                 return isinstance(b, tuple) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
             if isinstance(a, np.ndarray):
@@ -137,10 +161,19 @@ class PretrainBatch(ModelBatch):
     step: int
     masked_tokens: int  # the real entries of mlm_rows and feat_rows (the FLOP count's, read on the host)
     masked_regions: int
+    unpadding: Unpadding | None = None  # attn_backend "flash": the masks' unpadding, found on the host
 
 
 # LxmertForQuestionAnswering / LxmertForNLVR2 forward keywords the task batches fill
-TASK_FIELDS = ("input_ids", "visual_feats", "visual_pos", "attention_mask", "visual_attention_mask", "labels")
+TASK_FIELDS = (
+    "input_ids",
+    "visual_feats",
+    "visual_pos",
+    "attention_mask",
+    "visual_attention_mask",
+    "labels",
+    "unpadding",
+)
 
 
 @dataclass
@@ -157,3 +190,9 @@ class TaskBatch(ModelBatch):
     visual_attention_mask: Tensor | None  # 1 = real region; None when every region is real
     labels: Tensor | None  # VQA/GQA [B, answers] soft scores; NLVR2 [B] 0 / 1; None: unlabelled or not asked
     indices: np.ndarray  # [B] task-store rows (bookkeeping: the predictions' question ids)
+    unpadding: Unpadding | None = None  # attn_backend "flash": the masks' unpadding (NLVR2: of the 2B image rows)
+
+    def _unpadding(self) -> Unpadding:
+        if self.visual_feats.dim() == 4:  # NLVR2: the backbone sees each statement with each of its two images
+            return nlvr2_unpadding(self.attention_mask, self.visual_attention_mask, self.visual_feats.shape[2])
+        return super()._unpadding()

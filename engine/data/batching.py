@@ -15,6 +15,7 @@ import torch
 from engine.data.batch import PretrainBatch
 from engine.data.sampling import NOT_MASKED, BatchPlan, PretrainSampler, mask_regions, mask_tokens
 from engine.data.store import REGION_LABELS, StoreError, TextStore, region_mask
+from lxmert.attention import Unpadding
 
 Tensor = torch.Tensor
 
@@ -72,8 +73,16 @@ def text_arrays(text: TextStore, plan: BatchPlan, vocab_size: int) -> dict[str, 
     return out
 
 
-def assemble(plan: BatchPlan, t: dict[str, Tensor]) -> PretrainBatch:
-    """A PretrainBatch from named tensors (text_arrays' names plus the region arrays)."""
+def host_unpadding(plan: BatchPlan, text: dict[str, Tensor], pin: bool = False) -> Unpadding:
+    """The flash backend's Unpadding of a batch from text_arrays' masks as host tensors (attention_mask,
+    visual_attention_mask when there is one): found on the host, it waits for nothing; pinned with `pin`."""
+    regions = plan.region_action.shape[1]
+    unpadding = Unpadding.from_masks(text["attention_mask"], text.get("visual_attention_mask"), regions)
+    return unpadding.map(lambda t: t.pin_memory()) if pin else unpadding
+
+
+def assemble(plan: BatchPlan, t: dict[str, Tensor], unpadding: Unpadding | None = None) -> PretrainBatch:
+    """A PretrainBatch from named tensors (text_arrays' names plus the region arrays), with `unpadding`."""
     return PretrainBatch(
         input_ids=t["input_ids"],
         attention_mask=t["attention_mask"],
@@ -98,14 +107,17 @@ def assemble(plan: BatchPlan, t: dict[str, Tensor]) -> PretrainBatch:
         step=plan.step,
         masked_tokens=int(np.count_nonzero(plan.token_action[:, : plan.max_length] != NOT_MASKED)),
         masked_regions=int(np.count_nonzero(plan.region_action != NOT_MASKED)),
+        unpadding=unpadding,
     )
 
 
 class HostBatchBuilder:
-    """Builds a whole batch on the host from the memory-mapped stores, in compact dtypes (CPU tensors)."""
+    """Builds a whole batch on the host from the memory-mapped stores, in compact dtypes (CPU tensors); with
+    `unpadding`, the flash backend's Unpadding of its masks too."""
 
-    def __init__(self, sampler: PretrainSampler) -> None:
+    def __init__(self, sampler: PretrainSampler, unpadding: bool = False) -> None:
         self.sampler, self.text, self.regions = sampler, sampler.text, sampler.regions
+        self.unpadding = unpadding
 
     def build(self, epoch: int, step: int) -> PretrainBatch:
         plan = self.sampler.plan(epoch, step)
@@ -117,7 +129,8 @@ class HostBatchBuilder:
         arrays["visual_feats"], arrays["feat_mask"] = mask_regions(
             arrays["features"], plan.region_action, plan.blank_at, plan.replace_at, replacement
         )
-        return assemble(plan, {name: torch.from_numpy(a) for name, a in arrays.items()})
+        tensors = {name: torch.from_numpy(a) for name, a in arrays.items()}
+        return assemble(plan, tensors, host_unpadding(plan, tensors) if self.unpadding else None)
 
 
 # ------------------------------------------------------------------------------------ interface
@@ -196,11 +209,13 @@ class Loader(abc.ABC):
 
 
 class PretrainLoader(Loader):
-    """A Loader of PretrainBatch whose order and masking a PretrainSampler plans."""
+    """A Loader of PretrainBatch whose order and masking a PretrainSampler plans; with `unpadding` (for
+    attn_backend "flash") its batches carry their masks' Unpadding, found on the host (host_unpadding)."""
 
-    def __init__(self, sampler: PretrainSampler, device: torch.device | str = "cpu") -> None:
+    def __init__(self, sampler: PretrainSampler, device: torch.device | str = "cpu", unpadding: bool = False) -> None:
         super().__init__(device)
         self.sampler = sampler
+        self.unpadding = unpadding
 
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch

@@ -20,6 +20,8 @@ leaves prefetched batches behind, and a fresh pipeline is cheaper and surer than
   decide anything; pad_last_batch=True is set anyway, since a DALI reader without it drifts from one epoch
   to the next (measured with DALI 2.4: 179 of 200 unique samples in a second epoch). Ranks are sharded by
   the plan (SamplingConfig.rank), not by DALI's shard_id.
+- With `unpadding` (attn_backend "flash") the generator also finds the masks' Unpadding with the text
+  (host_unpadding), which rides along as the text does.
 - The random-replacement source rows (plan.replace_image/replace_region, about 1.5% of the regions, a
   variable count per batch that a fixed-batch pipeline cannot carry) are gathered from the memory map on
   the host with the text.
@@ -38,9 +40,10 @@ import numpy as np
 import torch
 
 from engine.data.batch import PretrainBatch
-from engine.data.batching import PretrainLoader, assemble, text_arrays
+from engine.data.batching import PretrainLoader, assemble, host_unpadding, text_arrays
 from engine.data.sampling import BatchPlan, PretrainSampler, mask_regions
 from engine.data.store import REGION_LABELS
+from lxmert.attention import Unpadding
 
 Tensor = torch.Tensor
 DALI_PACKAGE = "nvidia-dali-cuda130==2.4.0"
@@ -73,10 +76,12 @@ class DaliLoader(PretrainLoader):
         *,
         num_workers: int = 4,
         prefetch: int = 2,
+        unpadding: bool = False,
     ) -> None:
         """num_workers: DALI's CPU threads (DataConfig.num_workers; 0 counts as 1); prefetch: batches DALI
-        runs ahead (its prefetch_queue_depth), the plans and text of those included."""
-        super().__init__(sampler, device)
+        runs ahead (its prefetch_queue_depth), the plans and text of those included; unpadding: the batches
+        carry their masks' Unpadding (attn_backend "flash"), found on the host with the text."""
+        super().__init__(sampler, device, unpadding)
         self._dali = import_dali()
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"the 'dali' loader runs on 'cpu' or 'cuda', not {self.device}")
@@ -87,7 +92,7 @@ class DaliLoader(PretrainLoader):
 
     # ------------------------------------------------------------------------------- host side
 
-    def _host_part(self, plan: BatchPlan) -> dict[str, Tensor]:
+    def _host_part(self, plan: BatchPlan) -> tuple[dict[str, Tensor], Unpadding | None]:
         arrays = text_arrays(self.sampler.text, plan, self.sampler.config.vocab_size)
         features = self.sampler.regions.arrays["features"]
         arrays.update(
@@ -97,15 +102,18 @@ class DaliLoader(PretrainLoader):
             replacement=features[plan.replace_image, plan.replace_region],
         )
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+        unpadding = host_unpadding(plan, tensors, self._pin) if self.unpadding else None
         if self._pin:
             tensors = {name: t.pin_memory() for name, t in tensors.items()}
-        return tensors
+        return tensors, unpadding
 
-    def _source(self, epoch: int, steps: range, parked: dict[int, tuple[BatchPlan, dict[str, Tensor]]]):
+    def _source(
+        self, epoch: int, steps: range, parked: dict[int, tuple[BatchPlan, dict[str, Tensor], Unpadding | None]]
+    ):
         """The external source: per step, (image rows [B, 1] int32, the step [B, 1] int64)."""
         for step in steps:
             plan = self.sampler.plan(epoch, step)
-            parked[step] = plan, self._host_part(plan)
+            parked[step] = plan, *self._host_part(plan)
             rows = plan.image_index.astype(np.int32).reshape(-1, 1)
             yield rows, np.full((len(rows), 1), step, dtype=np.int64)
 
@@ -144,20 +152,22 @@ class DaliLoader(PretrainLoader):
 
     # ---------------------------------------------------------------------------------- batches
 
-    def _device_part(self, plan: BatchPlan, host: dict[str, Tensor], read: dict[str, Tensor]) -> PretrainBatch:
+    def _device_part(
+        self, plan: BatchPlan, host: dict[str, Tensor], unpadding: Unpadding | None, read: dict[str, Tensor]
+    ) -> PretrainBatch:
         t = {name: v.to(self.device, non_blocking=True) for name, v in host.items()}
         t.update({name: read[name].squeeze(1) for name in REGION_ARRAYS})  # [B, 1, ...] slices -> [B, ...]
         t["visual_feats"], t["feat_mask"] = mask_regions(
             t["features"], t.pop("region_action"), t.pop("blank_at"), t.pop("replace_at"), t.pop("replacement")
         )
-        return assemble(plan, t).to(self.device)
+        return assemble(plan, t, unpadding).to(self.device)
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[PretrainBatch]:
         steps = range(start_step, len(self))
         if not steps:
             return
         _, _, _, DALIGenericIterator = self._dali
-        parked: dict[int, tuple[BatchPlan, dict[str, Tensor]]] = {}
+        parked: dict[int, tuple[BatchPlan, dict[str, Tensor], Unpadding | None]] = {}
         pipe = self._pipeline(self._source(epoch, steps, parked))
         names = [*REGION_ARRAYS, "step"]
         iterator = DALIGenericIterator(pipe, output_map=names, size=-1, auto_reset=False)
@@ -168,7 +178,7 @@ class DaliLoader(PretrainLoader):
                 if step != expected:
                     raise RuntimeError(f"DALI delivered step {step} where step {expected} was due")
                 self.pipeline_runs += 1
-                plan, host = parked.pop(step)
-                yield self._device_part(plan, host, read)
+                plan, host, unpadding = parked.pop(step)
+                yield self._device_part(plan, host, unpadding, read)
         finally:
             del iterator, pipe

@@ -44,11 +44,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from engine.data.batch import PretrainBatch, TaskBatch
-from engine.data.batching import HostBatchBuilder, Loader, PretrainLoader, assemble, text_arrays
+from engine.data.batching import HostBatchBuilder, Loader, PretrainLoader, assemble, host_unpadding, text_arrays
 from engine.data.sampling import BatchPlan, PretrainSampler, SamplingConfig, mask_regions
 from engine.data.store import REGION_LABELS, RegionStore, TextStore
 from engine.data.tasks import TaskStore, task_arrays
 from engine.stopping import shield_worker
+from lxmert.attention import Unpadding
 
 Tensor = torch.Tensor
 KINDS = ("torch", "gpu", "dali")  # engine.config's DataConfig.loader
@@ -145,10 +146,11 @@ class TorchLoader(PretrainLoader):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         prefetch_factor: int = 2,
+        unpadding: bool = False,
     ) -> None:
-        super().__init__(sampler, device)
+        super().__init__(sampler, device, unpadding)
         self.workers = BatchDataLoader(
-            HostBatchBuilder(sampler),
+            HostBatchBuilder(sampler, unpadding),
             self.device,
             num_workers=num_workers,
             pin_memory=pin_memory,
@@ -227,10 +229,14 @@ class EvalOrder:
 
 
 class TaskBatchBuilder:
-    """A TaskBatch (compact CPU tensors) for micro batch k of an epoch; caches the epoch's order."""
+    """A TaskBatch (compact CPU tensors) for micro batch k of an epoch, with its masks' Unpadding if `unpadding`;
+    caches the epoch's order."""
 
-    def __init__(self, store: TaskStore, regions: RegionStore, order: TrainOrder | EvalOrder, labels: bool) -> None:
+    def __init__(
+        self, store: TaskStore, regions: RegionStore, order: TrainOrder | EvalOrder, labels: bool, unpadding: bool
+    ) -> None:
         self.store, self.regions, self.order, self.labels = store, regions, order, labels
+        self.unpadding = unpadding
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
     def indices(self, epoch: int, k: int) -> np.ndarray:
@@ -244,7 +250,7 @@ class TaskBatchBuilder:
         idx = self.indices(epoch, k)
         arrays = task_arrays(self.store, self.regions, idx, labels=self.labels)
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
-        return TaskBatch(
+        batch = TaskBatch(
             input_ids=tensors["input_ids"],
             attention_mask=tensors["attention_mask"],
             visual_feats=tensors["visual_feats"],
@@ -253,12 +259,14 @@ class TaskBatchBuilder:
             labels=tensors.get("labels"),
             indices=idx,
         )
+        return batch.with_unpadding() if self.unpadding else batch
 
 
 class TaskLoader(Loader):
     """Fine-tuning's TaskBatches (VQA/GQA, NLVR2) through the loader interface: torch DataLoader workers build
     them from the memory-mapped stores (data.num_workers), pinned on CUDA, prefetched; widened on the device.
-    Training passes follow a TrainOrder (resumable at a micro batch), evaluation passes an EvalOrder."""
+    Training passes follow a TrainOrder (resumable at a micro batch), evaluation passes an EvalOrder. With
+    `unpadding` (attn_backend "flash") each batch carries its masks' Unpadding, found by the workers."""
 
     kind = "torch"
 
@@ -273,10 +281,11 @@ class TaskLoader(Loader):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         prefetch_factor: int = 2,
+        unpadding: bool = False,
     ) -> None:
         super().__init__(device)
         self.store, self.order = store, order
-        self.builder = TaskBatchBuilder(store, regions, order, labels)
+        self.builder = TaskBatchBuilder(store, regions, order, labels, unpadding)
         self.workers = BatchDataLoader(
             self.builder, self.device, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor
         )
@@ -347,15 +356,16 @@ class GpuResidentLoader(PretrainLoader):
         *,
         prefetch: int = 2,
         table: DeviceRegionTable | None = None,
+        unpadding: bool = False,
     ) -> None:
-        super().__init__(sampler, device)
+        super().__init__(sampler, device, unpadding)
         self.prefetch = prefetch
         self.table = table if table is not None else DeviceRegionTable(sampler.regions, self.device)
         if self.table.device != self.device:
             raise ValueError(f"the region table is on {self.table.device}, the loader on {self.device}")
         self._pin = self.device.type == "cuda"
 
-    def _host_part(self, epoch: int, step: int) -> tuple[BatchPlan, dict[str, Tensor]]:
+    def _host_part(self, epoch: int, step: int) -> tuple[BatchPlan, dict[str, Tensor], Unpadding | None]:
         plan = self.sampler.plan(epoch, step)
         arrays = text_arrays(self.sampler.text, plan, self.sampler.config.vocab_size)
         arrays.update(
@@ -367,11 +377,12 @@ class GpuResidentLoader(PretrainLoader):
             replace_region=plan.replace_region,
         )
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+        unpadding = host_unpadding(plan, tensors, self._pin) if self.unpadding else None
         if self._pin:
             tensors = {name: t.pin_memory() for name, t in tensors.items()}
-        return plan, tensors
+        return plan, tensors, unpadding
 
-    def _device_part(self, plan: BatchPlan, host: dict[str, Tensor]) -> PretrainBatch:
+    def _device_part(self, plan: BatchPlan, host: dict[str, Tensor], unpadding: Unpadding | None) -> PretrainBatch:
         t = {name: v.to(self.device, non_blocking=True) for name, v in host.items()}
         t.update(self.table.gather(t.pop("image_index")))
         features = self.table.tensors["features"]
@@ -379,7 +390,7 @@ class GpuResidentLoader(PretrainLoader):
         t["visual_feats"], t["feat_mask"] = mask_regions(
             t["features"], t.pop("region_action"), t.pop("blank_at"), t.pop("replace_at"), replacement
         )
-        return assemble(plan, t).to(self.device)
+        return assemble(plan, t, unpadding).to(self.device)
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[PretrainBatch]:
         steps = range(start_step, len(self))
@@ -388,17 +399,17 @@ class GpuResidentLoader(PretrainLoader):
                 yield self._device_part(*self._host_part(epoch, step))
             return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lxmert-plan")
-        pending: deque[Future[tuple[BatchPlan, dict[str, Tensor]]]] = deque()
+        pending: deque[Future[tuple[BatchPlan, dict[str, Tensor], Unpadding | None]]] = deque()
         todo = iter(steps)
         try:
             for step in itertools.islice(todo, self.prefetch):
                 pending.append(pool.submit(self._host_part, epoch, step))
             while pending:
-                plan, host = pending.popleft().result()
+                plan, host, unpadding = pending.popleft().result()
                 step = next(todo, None)
                 if step is not None:
                     pending.append(pool.submit(self._host_part, epoch, step))
-                yield self._device_part(plan, host)
+                yield self._device_part(plan, host, unpadding)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -292,7 +292,12 @@ class FinetuneTask(Task):
                 f"data.train.text has {len(self.train_store)} examples, fewer than one batch of {t.batch_size}"
             )
         return TaskLoader(
-            self.train_store, self.train_regions, order, ctx.device, num_workers=self.config.data.num_workers
+            self.train_store,
+            self.train_regions,
+            order,
+            ctx.device,
+            num_workers=self.config.data.num_workers,
+            unpadding=self._unpadding,
         )
 
     def eval_loader(self, ctx: TaskContext) -> TaskLoader | None:
@@ -306,7 +311,13 @@ class FinetuneTask(Task):
             ctx.device,
             labels=False,
             num_workers=self.config.data.num_workers,
+            unpadding=self._unpadding,
         )
+
+    @property
+    def _unpadding(self) -> bool:
+        """attn_backend "flash": the loaders find the masks' unpadding on the host (engine/data/batch.py)."""
+        return self.config.model.attn_backend == "flash"
 
     def _labels(self, store: TaskStore) -> dict[Any, Any] | None:
         labels: dict[Any, Any] = {}

@@ -92,7 +92,7 @@ class PretrainTask(Task):
         the data.<split> key."""
         d = ctx.config.data
         text, regions = open_pretrain_stores(stores, split, ctx.config.model)
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"unpadding": ctx.config.model.attn_backend == "flash"}  # found on the host
         if d.loader in ("torch", "dali"):
             options["num_workers"] = d.num_workers
         unknown = set(d.sources) - set(text.sources)
