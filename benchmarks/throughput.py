@@ -43,6 +43,7 @@ from engine.plots import save_figure  # noqa: E402
 from engine.runtime import optimizer_step  # noqa: E402
 from lxmert import LxmertConfig, LxmertForPreTraining  # noqa: E402
 from lxmert import attention as attention_backends  # noqa: E402
+from lxmert.attention import PackedKeys  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -110,6 +111,9 @@ def pad_text(batch: PretrainBatch, length: int) -> PretrainBatch:
     pad = lambda t, value: torch.nn.functional.pad(t, (0, extra), value=value)  # noqa: E731
     old, rows = batch.input_ids.shape[1], batch.mlm_rows  # flat b * L + l: re-spread over the longer rows
     rows = torch.where(rows >= 0, rows // old * length + rows % old, rows)
+    unpadding = batch.unpadding
+    if unpadding is not None:  # the padded keys are not real: every real one keeps its place in a longer row
+        unpadding = replace(unpadding, language=wider(unpadding.language, extra), cross=wider(unpadding.cross, extra))
     return replace(
         batch,
         input_ids=pad(batch.input_ids, 0),
@@ -117,14 +121,23 @@ def pad_text(batch: PretrainBatch, length: int) -> PretrainBatch:
         token_type_ids=pad(batch.token_type_ids, 0),
         labels=pad(batch.labels, -1),
         mlm_rows=rows,
+        unpadding=unpadding,
     )
+
+
+def wider(keys: PackedKeys, extra: int) -> PackedKeys:
+    """`keys` of a key mask whose rows get `extra` padded keys at their end (device arithmetic: no wait)."""
+    rows, width = keys.shape
+    indices = keys.indices // width * (width + extra) + keys.indices % width
+    return replace(keys, indices=indices, shape=(rows, width + extra))
 
 
 def hf_inputs(batch: PretrainBatch) -> dict[str, Any]:
     """transformers' keyword arguments: every ignored label (negative here) becomes its ignore index, -100."""
     ignore = lambda t: torch.where(t < 0, torch.full_like(t, -100), t)  # noqa: E731
     inputs = batch.model_inputs()
-    del inputs["mlm_rows"], inputs["feat_rows"]  # ours only: transformers finds the masked rows itself
+    for ours_only in ("mlm_rows", "feat_rows", "unpadding"):  # transformers finds these itself
+        inputs.pop(ours_only, None)
     inputs["labels"] = ignore(inputs["labels"])
     inputs["ans"] = ignore(inputs["ans"])
     obj = dict(inputs["obj_labels"])
@@ -164,7 +177,8 @@ class Stores:
         if batch not in self._resident:
             from engine.data.loaders import make_loader
 
-            loader = make_loader("torch", self.text, self.regions, self.sampling(batch), self.device, num_workers=0)
+            sampling = self.sampling(batch)  # with the flash backend's unpadding, which the other backends ignore
+            loader = make_loader("torch", self.text, self.regions, sampling, self.device, num_workers=0, unpadding=True)
             batches = []
             for b in endless(loader):
                 batches.append(pad_text(b, TEXT_LEN))
@@ -180,6 +194,7 @@ class Stores:
         from engine.data.loaders import make_loader
 
         options = {} if variant.loader == "gpu" else {"num_workers": variant.workers}
+        options["unpadding"] = variant.attn == "flash"  # found by the loader, as lxmert-pretrain's loaders do
         loader = make_loader(
             variant.loader, self.text, self.regions, self.sampling(variant.batch), self.device, **options
         )

@@ -201,6 +201,29 @@ def test_summary_plot_and_profile_are_written_and_labelled(smoke):
     assert "not a GPU measurement" in profile and "## By kind" in profile and "| 1 |" in profile
 
 
+def test_padded_text_keeps_the_flash_unpadding_of_its_masks(smoke):
+    """The resident batches are padded to 20 tokens after the loader found their unpadding: it must be the
+    padded masks' own (what Unpadding.from_masks finds), or the flash rows would attend to the wrong keys."""
+    from lxmert.attention import Unpadding
+
+    config = tp.model_config(tp.parse_args(["--smoke"]))
+    stores = tp.Stores(smoke["root"] / "data", IMAGES, config.visual_feat_dim, torch.device("cpu"), config.vocab_size)
+    from engine.data.loaders import make_loader
+
+    loader = make_loader("torch", stores.text, stores.regions, stores.sampling(3), "cpu", unpadding=True)
+    raw = next(iter(loader))
+    assert raw.input_ids.shape[1] < tp.TEXT_LEN  # padding happens
+    for batch in [tp.pad_text(raw, tp.TEXT_LEN), *stores.resident(2)]:
+        want = Unpadding.from_masks(batch.attention_mask, batch.visual_attention_mask, batch.visual_feats.shape[1])
+        got = batch.unpadding
+        for name in ("language", "cross"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.shape == b.shape and a.max_seqlen == b.max_seqlen, name
+            assert torch.equal(a.indices, b.indices) and torch.equal(a.cu_seqlens, b.cu_seqlens), name
+        assert (got.regions is None) == (want.regions is None)
+    assert "unpadding" not in tp.hf_inputs(raw)
+
+
 def test_transformers_inputs_use_its_ignore_index():
     batch = tp.PretrainBatch(
         input_ids=torch.tensor([[101, 5, 0]]),
