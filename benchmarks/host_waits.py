@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--out", default="runs/benchmarks/host_waits.md")
     args = parser.parse_args(argv)
+    from engine.logs import configure_logging
+
+    configure_logging()  # the runs' console lines, as lxmert-pretrain shows them
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for path in args.paths:

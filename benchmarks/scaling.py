@@ -368,8 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     counter = TorchCollectiveCounter()  # before DeepSpeed keeps references to torch.distributed's functions
     from benchmarks.dataloader import dataset
     from engine.launch import Launch, init_distributed, pick_device
+    from engine.logs import configure_logging
 
     launch = Launch.from_env()
+    configure_logging(launch.rank)  # the runs' console lines, as lxmert-pretrain shows them
     rank, world = launch.rank, launch.world_size
     init_distributed(pick_device(launch.local_rank), launch)
     feat_dim = harness.TINY_FEAT_DIM if args.model == "tiny" else 2048

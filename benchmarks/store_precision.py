@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feat-dim", type=int, default=64)
     parser.add_argument("--out", default="runs/benchmarks/store_precision.md")
     args = parser.parse_args(argv)
+    from engine.logs import configure_logging
+
+    configure_logging()  # the runs' console lines, as lxmert-pretrain shows them
     error = rounding_error()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

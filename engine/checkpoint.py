@@ -58,6 +58,7 @@ import enum
 import errno
 import functools
 import json
+import logging
 import os
 import pickle
 import random
@@ -74,6 +75,7 @@ from engine.atomic import file_sha256, fsync_dir, kill_point, write_file_atomic,
 from lxmert.config import LxmertConfig
 from lxmert.convert import to_hf_state_dict
 
+logger = logging.getLogger(__name__)
 LATEST = "latest"
 MANIFEST = "manifest.json"
 FORMAT = 1  # the manifest's format: a reader refuses others
@@ -375,7 +377,7 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def newest_loadable(output_dir: str | Path, report: Callable[[str], Any] = print) -> Path | None:
+def newest_loadable(output_dir: str | Path, report: Callable[[str], Any] = logger.info) -> Path | None:
     """The newest complete checkpoint whose parts match their checksums; `report` gets one line for each newer
     one skipped. None when there is none and none had a manifest; CheckpointError when one had (module docstring)."""
     root = checkpoint_root(output_dir)
@@ -423,7 +425,7 @@ def prune(output_dir: str | Path, keep: int) -> list[Path]:
     return deleted
 
 
-def resolve_resume(resume: str, output_dir: str | Path, report: Callable[[str], Any] = print) -> Path | None:
+def resolve_resume(resume: str, output_dir: str | Path, report: Callable[[str], Any] = logger.info) -> Path | None:
     """train.resume -> the checkpoint directory to load, or None to start afresh. "auto": newest_loadable in
     output_dir; a path: that checkpoint (which must load), or the newest loadable one of a run directory / its
     checkpoints/. FileNotFoundError or CheckpointError, one line naming the file, otherwise."""

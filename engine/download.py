@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
@@ -41,6 +42,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from engine.atomic import fsync_dir, write_text_atomic
+from engine.logs import configure_logging
 
 try:
     import fcntl
@@ -48,6 +50,7 @@ except ImportError:  # not on Windows: there two concurrent runs into one folder
     fcntl = None  # type: ignore[assignment]
 
 PROG = "lxmert-download"
+logger = logging.getLogger(__name__)
 UNC = "https://nlp.cs.unc.edu/data/"
 UNC_DATA = UNC + "lxmert_data/"
 # the answer tables are in the authors' repository, and NLVR2's statements in lil-lab/nlvr at the commit of their
@@ -261,19 +264,19 @@ def download(remote: Remote, url: str, final: Path) -> None:
         if status == 416:  # the part already holds every byte (stopped before the rename) or more
             total = content_range(url, response.headers.get("Content-Range"))[1]
             if total != offset:
-                print(f"{part}: {offset} bytes, which do not fit the server's {total}: starting over", flush=True)
+                logger.info(f"{part}: {offset} bytes, which do not fit the server's {total}: starting over")
                 part.unlink()
                 return download(remote, url, final)
         elif status == 206 and offset:
             start, total = content_range(url, response.headers.get("Content-Range"))
             if start != offset:
                 raise DownloadError(url, f"asked for the bytes from {offset}, sent from {start}")
-            print(f"resuming {url} at byte {offset}", flush=True)
+            logger.info(f"resuming {url} at byte {offset}")
         elif status == 200:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             if offset:
-                print(f"{url}: the server ignored the range request: starting over", flush=True)
+                logger.info(f"{url}: the server ignored the range request: starting over")
                 offset = 0
         else:
             raise DownloadError(url, f"unexpected HTTP {status}")
@@ -380,7 +383,7 @@ def unzip(zip_path: Path) -> None:
         files = {name: info.file_size for info, name in members}
         write_text_atomic(done_marker(zip_path), json.dumps({"zip": zip_path.name, "files": files}, indent=1) + "\n")
         zip_path.unlink()
-        print(f"unzipped {zip_path}: {', '.join(files) or 'nothing'}", flush=True)
+        logger.info(f"unzipped {zip_path}: {', '.join(files) or 'nothing'}")
     except (zipfile.BadZipFile, zlib.error, EOFError) as error:
         raise DownloadError(zip_path, f"cannot unzip ({error}); remove it to download it again") from None
     finally:
@@ -419,7 +422,7 @@ def nlvr2_split(item: Nlvr2Split, out: Path) -> None:
             )
     dest = final_path(item, out)
     write_text_atomic(dest, json.dumps(records, sort_keys=True, indent=4))
-    print(f"wrote {dest}: {len(records)} statements from {source}", flush=True)
+    logger.info(f"wrote {dest}: {len(records)} statements from {source}")
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -431,7 +434,7 @@ def fetch(item: Remote | Nlvr2Split, out: Path, mirror: str | None) -> None:
         return nlvr2_split(item, out)
     if not (item.zipped and final.is_file()):  # a zip already in place was checked before its rename
         url = source_url(item, mirror)
-        print(f"downloading {url} -> {final}", flush=True)
+        logger.info(f"downloading {url} -> {final}")
         download(item, url, final)
     if item.zipped:
         unzip(final)
@@ -482,6 +485,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging(rank=0)  # the progress lines (one process); the groups' lines and errors are its output
     out = Path(args.out)
     if args.list:
         print(listing(out, args.mirror))

@@ -28,6 +28,7 @@ depend on the world size, and fp32 losses continue as the uninterrupted run's up
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,8 @@ from engine.checkpoint import (
     saved_world_size,
 )
 
+logger = logging.getLogger(__name__)
+
 # what DeepSpeed's engine keeps for itself in the model states (engine._load_checkpoint): the rest is the client's
 _DEEPSPEED_KEYS = (
     "module",
@@ -57,7 +60,7 @@ _DEEPSPEED_KEYS = (
 )
 
 
-def load_resharded(engine: Any, path: Path, rank: int, world: int, report: Callable[[str], Any] = print) -> dict:
+def load_resharded(engine: Any, path: Path, rank: int, world: int, report: Callable[[str], Any] = logger.info) -> dict:
     """Load the checkpoint at `path`, written by another number of ranks, into `engine` (this rank of `world`);
     returns the client state with this rank's RNG states ("rng"). `report` gets the one line saying what was done."""
     saved = saved_world_size(path)

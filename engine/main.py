@@ -13,10 +13,11 @@
 3. fine-tuning: engine.finetune.FineTuner on the synthetic VQA stores from the pre-training export (the QA
    head's rows matched by answer string; the recipe's BertAdam at lr 1e-4), evaluated every epoch, into
    <workdir>/vqa.
-4. the report, its numbers read back from the two metrics.jsonl files: per loss component the mean of the
-   first and of the last logged steps, samples/s, the validations, the VQA score against two baselines (the
-   best single answer, and the best answer per question type), the wall time of each phase, the paths
-   (checkpoint, models, submission, logs, plots); also written to <workdir>/report.json.
+4. the report, its numbers read back from the two metrics.jsonl files (as engine/records.py's records): per loss
+   component the mean of the first and of the last logged steps, samples/s, the validations, the VQA score
+   against two baselines (the best single answer, and the best answer per question type), the wall time of each
+   phase, the paths (checkpoint, models, submission, logs, plots); also written to <workdir>/report.json. The
+   runs' console lines are logged (engine/logs.py); the report and the job's last line are printed.
 
 The check: the job fails (exit 1, naming them) when the total or a loss component in REQUIRED did not fall by
 MIN_FALL, as that means something is broken; image-sentence matching ("matched") must also end below chance
@@ -52,7 +53,9 @@ from typing import Any
 
 from engine.atomic import write_text_atomic
 from engine.config import ConfigError, RunConfig, load_config, parse_overrides, updated
+from engine.logs import configure_logging
 from engine.output_dir import RunError, RunLock, write_failure
+from engine.records import EvalRecord, RunSummary, TrainRecord
 from engine.stopping import interrupt_in_one_line
 
 TINY_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
@@ -79,9 +82,9 @@ class JobStopped(Exception):
     """A run of the job stopped early (a signal, train.time_limit, only skipped steps) with a checkpoint: the job
     ends with that run's line and exit status, and a rerun of the same command resumes it."""
 
-    def __init__(self, summary: dict[str, Any]) -> None:
-        super().__init__(summary["stopped"]["line"])
-        self.status = summary["stopped"]["status"]
+    def __init__(self, summary: RunSummary) -> None:
+        super().__init__(summary.stopped["line"])
+        self.status = summary.exit_status
 
 
 @dataclass
@@ -347,7 +350,7 @@ def _refuse_if_changed(saved_config: Path, config: RunConfig, what: str) -> None
 # --------------------------------------------------------------------------------------------- the runs
 
 
-def run_pretraining(layout: Layout, options: JobOptions) -> dict[str, Any]:
+def run_pretraining(layout: Layout, options: JobOptions) -> RunSummary:
     from engine.tasks.pretrain import PretrainTask
     from engine.train import Trainer
 
@@ -356,7 +359,7 @@ def run_pretraining(layout: Layout, options: JobOptions) -> dict[str, Any]:
     return Trainer(config, PretrainTask()).train()
 
 
-def run_finetuning(layout: Layout, options: JobOptions) -> dict[str, Any]:
+def run_finetuning(layout: Layout, options: JobOptions) -> RunSummary:
     from engine.finetune import FineTuner
 
     config = finetune_config(layout, options)
@@ -367,13 +370,13 @@ def run_finetuning(layout: Layout, options: JobOptions) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- metrics
 
 
-def read_records(metrics_path: Path, kind: str = "train") -> list[dict[str, Any]]:
-    """The records of one kind ("train" or "eval") in step order, a resumed run resolved: engine.metrics_log's
-    reader, the one the plots are drawn from."""
+def read_records(metrics_path: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:
+    """(train records, eval records) in step order, a resumed run resolved: engine.metrics_log's reader, the one
+    the plots are drawn from, typed (engine/records.py)."""
     from engine.metrics_log import read_metrics
 
     train, evals = read_metrics(metrics_path)
-    return train if kind == "train" else evals
+    return [TrainRecord.from_json(r) for r in train], [EvalRecord.from_json(r) for r in evals]
 
 
 @dataclass
@@ -390,17 +393,17 @@ def window_of(n_records: int) -> int:
     return max(1, min(10, n_records // 10))
 
 
-def loss_trends(records: list[dict[str, Any]]) -> dict[str, Trend]:
+def loss_trends(records: list[TrainRecord]) -> dict[str, Trend]:
     """Per loss component (and "loss", the total) the mean of the first and of the last window_of(n) records."""
     if not records:
         return {}
     k = window_of(len(records))
 
-    def mean(rs: list[dict[str, Any]], name: str) -> float:
-        values = [float(r["loss"] if name == "loss" else r["losses"][name]) for r in rs]
+    def mean(rs: list[TrainRecord], name: str) -> float:
+        values = [float(r.loss if name == "loss" else r.losses[name]) for r in rs]
         return sum(values) / len(values)
 
-    names = ["loss", *records[0].get("losses", {})]
+    names = ["loss", *records[0].losses]
     return {name: Trend(mean(records[:k], name), mean(records[-k:], name)) for name in names}
 
 
@@ -423,43 +426,43 @@ def check_falling(
     return problems
 
 
-def throughput(records: list[dict[str, Any]], batch_size: int) -> float | None:
+def throughput(records: list[TrainRecord], batch_size: int) -> float | None:
     """Samples/s of the training loop over the logged windows (each window's samples over its time)."""
     samples = seconds = 0.0
     previous = 0
     for r in records:
-        window = (r["step"] - previous) * batch_size
-        previous = r["step"]
-        if r.get("samples_per_s"):
+        window = (r.step - previous) * batch_size
+        previous = r.step
+        if r.samples_per_s:
             samples += window
-            seconds += window / r["samples_per_s"]
+            seconds += window / r.samples_per_s
     return samples / seconds if seconds else None
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 
-def _eval_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not record:
+def _eval_summary(record: EvalRecord | None) -> dict[str, Any] | None:
+    if record is None:
         return None
-    keep = ("step", "loss", "losses", "qa_accuracy", "matched_accuracy")
-    return {k: record[k] for k in keep if k in record}
+    keep = ("loss", "losses", "qa_accuracy", "matched_accuracy")
+    return {"step": record.step, **{k: record.values[k] for k in keep if k in record.values}}
 
 
 def build_report(
     layout: Layout,
     options: JobOptions,
-    pre: dict[str, Any],
-    fine: dict[str, Any],
+    pre: RunSummary,
+    fine: RunSummary,
     seconds: dict[str, float],
     data_status: str,
 ) -> dict[str, Any]:
     """The report's numbers, read from the runs' metrics.jsonl files (the summaries give the paths)."""
     pre_metrics, fine_metrics = layout.pretrain / "metrics.jsonl", layout.finetune / "metrics.jsonl"
-    pre_train, pre_evals = read_records(pre_metrics), read_records(pre_metrics, "eval")
+    pre_train, pre_evals = read_records(pre_metrics)
     trends = loss_trends(pre_train)
-    fine_train, fine_evals = read_records(fine_metrics), read_records(fine_metrics, "eval")
-    scored = [e for e in fine_evals if e.get("metric") is not None]
+    fine_train, fine_evals = read_records(fine_metrics)
+    scored = [e.values for e in fine_evals if e.values.get("metric") is not None]
     best = max(scored, key=lambda e: e["metric"]) if scored else None  # the first of equals, as the FineTuner
     required = REQUIRED if options.require_matched else tuple(n for n in REQUIRED if n != "matched")
     base = baselines(layout.data / "vqa" / "train.json", layout.data / "vqa" / "minival.json")
@@ -468,8 +471,8 @@ def build_report(
         "data": data_status,
         "seconds": seconds,
         "pretrain": {
-            "steps": pre_train[-1]["step"] if pre_train else 0,
-            "steps_this_run": pre.get("steps_this_run"),
+            "steps": pre_train[-1].step if pre_train else 0,
+            "steps_this_run": pre.steps_this_run,
             "batch_size": options.batch_size,
             "window": window_of(len(pre_train)),
             "losses": {
@@ -484,29 +487,29 @@ def build_report(
             "samples_per_s": throughput(pre_train, options.batch_size),
             "first_eval": _eval_summary(pre_evals[0] if pre_evals else None),
             "last_eval": _eval_summary(pre_evals[-1] if pre_evals else None),
-            "checkpoint": pre.get("checkpoint"),
-            "model": pre.get("model"),
+            "checkpoint": pre.checkpoint,
+            "model": pre.task.get("model"),
             "metrics": str(pre_metrics),
-            "plots": pre.get("plots", []),
+            "plots": pre.plots,
         },
         "finetune": {
-            "steps": fine_train[-1]["step"] if fine_train else 0,
-            "steps_this_run": fine.get("steps_this_run"),
+            "steps": fine_train[-1].step if fine_train else 0,
+            "steps_this_run": fine.steps_this_run,
             "batch_size": options.finetune_batch_size,
             "epochs": len(fine_evals),
-            "first_loss": fine_train[0]["loss"] if fine_train else None,
-            "last_loss": fine_train[-1]["loss"] if fine_train else None,
+            "first_loss": fine_train[0].loss if fine_train else None,
+            "last_loss": fine_train[-1].loss if fine_train else None,
             "samples_per_s": throughput(fine_train, options.finetune_batch_size),
-            "metric": fine.get("metric", "vqa_score"),
-            "by_epoch": [e["metric"] for e in fine_evals],
+            "metric": fine.task.get("metric", "vqa_score"),
+            "by_epoch": [e.values["metric"] for e in fine_evals],
             "best": best["metric"] if best else None,
             "best_epoch": best["epoch"] if best else None,
             **base,
-            "model": fine.get("model"),
-            "submission": fine.get("submission"),
-            "checkpoint": fine.get("checkpoint"),
+            "model": fine.task.get("model"),
+            "submission": fine.task.get("submission"),
+            "checkpoint": fine.checkpoint,
             "metrics": str(fine_metrics),
-            "plots": fine.get("plots", []),
+            "plots": fine.plots,
         },
         "problems": check_falling(trends, required),
     }
@@ -604,12 +607,12 @@ def _run_job(layout: Layout, options: JobOptions) -> dict[str, Any]:
     seconds["data"] = time.perf_counter() - tick
     tick = time.perf_counter()
     pre = run_pretraining(layout, options)
-    if "stopped" in pre:
+    if pre.stopped is not None:
         raise JobStopped(pre)
     seconds["pre-training"] = time.perf_counter() - tick
     tick = time.perf_counter()
     fine = run_finetuning(layout, options)
-    if "stopped" in fine:
+    if fine.stopped is not None:
         raise JobStopped(fine)
     seconds["fine-tuning"] = time.perf_counter() - tick
     seconds["total"] = sum(seconds.values())
@@ -663,6 +666,7 @@ def parse_args(argv: list[str] | None = None) -> JobOptions:
 @interrupt_in_one_line("engine.main")
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
+    configure_logging(rank=0)  # the runs' console lines (one process)
     try:
         report = run_job(options)
     except (JobError, ConfigError, RunError) as error:  # a second job on the work dir, a changed setting, ...

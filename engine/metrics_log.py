@@ -6,10 +6,11 @@ samples/s and the time left (on a terminal only).
                      report_to=["wandb"], wandb=WandbRun(project="lxmert-engine", config=to_dict(config)))
     log.advance(1)                               # one optimizer step: the bar moves, its ETA updates
     log.write({"step": 10, "loss": 3.2, ...})    # appended, flushed: a killed run keeps every line written
-    log.console("step 10 | loss 3.2 | ...")     # through tqdm when a progress bar is open
+    log.console("step 10 | loss 3.2 | ...")     # logged (engine/logs.py); through tqdm when a progress bar is open
     log.close(status)                            # then engine.plots.write_plots(log.path, output_dir)
 
-Records are plain dicts. Train records carry no "kind" (or "kind": "train"); evaluation records carry
+Records are plain dicts (a train record is engine/records.py's TrainRecord.to_json(); an evaluation record is the
+task's, which EvalRecord reads). Train records carry no "kind" (or "kind": "train"); evaluation records carry
 "kind": "eval" and the step they evaluate, e.g. {"kind": "eval", "step": 100, "loss": 2.9, "losses": {...},
 "accuracy": 0.61}. JSON has no inf/nan: non-finite floats are written as the strings "inf", "-inf", "nan".
 
@@ -42,6 +43,7 @@ allocator peak (CUDA) or the process's peak resident set size (CPU).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import sys
@@ -61,6 +63,7 @@ from engine.stopping import EXIT_PREEMPTED
 _NOT_SCALARS = {"step", "total_steps", "kind"}
 TRACKERS = ("tensorboard", "wandb")  # train.report_to's names (besides "none")
 WANDB_RUN_ID = "wandb_run_id"  # in the output directory: the W&B run a resumed run continues
+logger = logging.getLogger(__name__)
 
 
 def read_metrics(metrics_path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -320,17 +323,19 @@ class MetricsLog:
                 self._bar.set_postfix_str(f"{samples_per_s:.1f} samples/s", refresh=False)
             self._bar.update(steps)
 
-    def console(self, line: str) -> None:
+    def console(self, line: str, level: int = logging.INFO) -> None:
+        """A console line (rank 0's log only): logged, or written above the progress bar while one is open."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.write(line)
         else:
-            print(line, flush=True)
+            logger.log(level, line)
 
     def _tracker_failed(self, tracker: Any, error: Exception) -> None:
         message = " ".join(str(error).split())
-        self.console(f"{tracker.name} logging stopped ({type(error).__name__}: {message}); metrics.jsonl goes on")
+        line = f"{tracker.name} logging stopped ({type(error).__name__}: {message}); metrics.jsonl goes on"
+        self.console(line, logging.WARNING)
 
     def close(self, status: int = 0) -> None:
         """Closes the file and the bar and ends the trackers; status: the run's exit status (0 when it ended,

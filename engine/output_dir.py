@@ -30,6 +30,7 @@ import atexit
 import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -40,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0  # how often the holder refreshes the lock's modification time
 STALE_S = 600.0  # a lock whose heartbeat is older is dead (clock skew between nodes and NFS caching tolerated)
@@ -122,7 +124,7 @@ class RunLock:
         cls,
         directory: str | Path,
         rank: int = 0,
-        report: Callable[[str], Any] = print,
+        report: Callable[[str], Any] = logger.info,
         elsewhere: str = "another train.output_dir",
     ) -> RunLock | None:
         """Rank 0: the lock of `directory` (created if missing), or RunError naming the holder (and `elsewhere`,

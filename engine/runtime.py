@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ from engine.launch import Launch, import_deepspeed, init_distributed
 from engine.optim import BertAdam, make_optimizer, make_scheduler
 from engine.parallelize import apply_activation_checkpointing, compile_model
 
+logger = logging.getLogger(__name__)
 PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -329,7 +331,7 @@ class Runtime:
             if self.use_deepspeed:
                 saved = ckpt.saved_world_size(path)
                 if not weights_only and saved not in (0, self.world_size):  # 0: its RNG files are missing
-                    state = elastic.load_resharded(self.engine, path, rank, self.world_size, _rank0_print(rank))
+                    state = elastic.load_resharded(self.engine, path, rank, self.world_size, _rank0_log(rank))
                 elif weights_only and self.engine.zero_optimization_partition_weights():
                     with _zero3_weights_from(path):
                         state = ckpt.load_deepspeed(self.engine, path, rank, module_only=True)
@@ -385,24 +387,18 @@ class Runtime:
 
 def resume_point(resume: str, output_dir: str | Path) -> Path | None:
     """The checkpoint a run continues from (train.resume: "auto", "none" or a path), or None to start afresh:
-    the newest one that loads (engine/checkpoint.py resolve_resume; rank 0 prints a line for each one skipped). A
+    the newest one that loads (engine/checkpoint.py resolve_resume; rank 0 logs a line for each one skipped). A
     path without a complete checkpoint, or a run whose checkpoints are all damaged, is a ConfigError naming the
     file."""
-    rank = Launch.from_env().rank
-
-    def report(line: str) -> None:
-        if rank == 0:
-            print(line, flush=True)
-
     try:
-        return ckpt.resolve_resume(resume, output_dir, report)
+        return ckpt.resolve_resume(resume, output_dir, _rank0_log(Launch.from_env().rank))
     except (FileNotFoundError, ckpt.CheckpointError) as error:
         raise ConfigError(str(error)) from None
 
 
-def _rank0_print(rank: int) -> Callable[[str], None]:
-    """print (flushed) on rank 0, nothing elsewhere: lines the whole run says once."""
-    return (lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None)
+def _rank0_log(rank: int) -> Callable[[str], None]:
+    """Logged (INFO) on rank 0, nothing elsewhere: lines the whole run says once."""
+    return logger.info if rank == 0 else (lambda line: None)
 
 
 def _wrapper_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:

@@ -15,17 +15,18 @@ semantics (DeepSpeed when it is installed and train.zero_stage > 0 or a launcher
 otherwise: engine/launch.py): global batch = micro x accumulation x ranks, clipping, one schedule step per
 optimizer step, a non-finite step skipped and logged. The config is resolved once, here.
 
-Every train.log_every steps a train record goes to <output_dir>/metrics.jsonl (engine/metrics_log.py), the same
-fields for every task: the loss (and its components where the model has them), lr, gradient norm, loss scale,
-samples/s, tokens/s (text tokens + regions, padding included), TFLOP/s and MFU (engine/flops.py model FLOPs of
-this rank over this rank's peak; null where the peak is unknown, e.g. the CPU), the share of time spent waiting
-for data, peak memory, this rank's threads and the time left; "skipped" says whether a step since the last record
-had a non-finite gradient. The trackers train.report_to names (TensorBoard, W&B) get the same train and eval
-records; one that is not installed stops the run before anything is written. On the plain path a step that does
-not log never waits for the device: the loader hands over the masked rows and counts, the losses and the gradient
-norm stay on the device (read_step reads them at a log step, in one copy) and the optimizer takes the non-finite
-decision there (Runtime.settle reads the skips at log lines and checkpoints). benchmarks/host_waits.py counts the
-waits; tests/test_host_waits.py keeps them at 0.
+Every train.log_every steps a train record (engine/records.py's TrainRecord) goes to <output_dir>/metrics.jsonl
+(engine/metrics_log.py) and to the console (Python logging: engine/logs.py), the same fields for every task: the
+loss (and its components where the model has them), lr, gradient norm, loss scale, samples/s, tokens/s (text tokens
++ regions, padding included), TFLOP/s and MFU (engine/flops.py model FLOPs of this rank over this rank's peak; null
+where the peak is unknown, e.g. the CPU), the share of time spent waiting for data, peak memory, this rank's
+threads and the time left; "skipped" says whether a step since the last record had a non-finite gradient. The
+trackers train.report_to names (TensorBoard, W&B) get the same train and eval records; one that is not installed
+stops the run before anything is written. On the plain path a step that does not log never waits for the device:
+the loader hands over the masked rows and counts, the losses and the gradient norm stay on the device (read_step
+reads them at a log step, in one copy) and the optimizer takes the non-finite decision there (Runtime.settle reads
+the skips at log lines and checkpoints). benchmarks/host_waits.py counts the waits; tests/test_host_waits.py keeps
+them at 0.
 
 Evaluation (an eval split set): every train.eval_every steps (0: at the end of every epoch) and at the end, as
 {"kind": "eval", ...} records (the task decides what is measured). Checkpoints every train.save_every steps (0:
@@ -37,7 +38,7 @@ Stopping early (engine/stopping.py has the exit statuses): SIGTERM, ^C and train
 at each step boundary before the last step (after that step's evaluation) the ranks agree whether to stop, with
 rank 0's clock adding train.time_limit (a one-integer all-reduce in host memory, never a device wait; nothing at
 all in one process). A stop writes the stop step's train record if it had none, saves a checkpoint there, writes
-{"kind": "stop", ...} and returns a summary with "stopped" (its line, its exit status): no plots, no exports. A run
+{"kind": "stop", ...} and returns a RunSummary with `stopped` (its line, its exit status): no plots, no exports. A run
 whose last train.max_skipped_steps steps were all skipped stops the same way, noticed at a log step (the streak
 and the last applied step's loss are kept on the device and read with the log line's values).
 """
@@ -45,6 +46,8 @@ and the last applied step's loss are kept on the device and read with the log li
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import math
 import os
 import time
@@ -72,8 +75,10 @@ from engine.config import (
 from engine.context import TaskContext
 from engine.flops import mfu, peak_flops
 from engine.launch import Launch, all_reduce_sum, choose_deepspeed, error_line, pick_device, set_threads
+from engine.logs import configure_logging
 from engine.metrics_log import MetricsLog, WandbRun, check_trackers, console_line, peak_memory_gib
 from engine.output_dir import WEIGHTS_KEYS, RunError, RunLock, flatten, resume_conflicts, write_failure
+from engine.records import EvalRecord, RunSummary, TrainRecord
 from engine.runtime import Runtime, resume_point
 from engine.stopping import (
     EXIT_DIVERGED,
@@ -88,16 +93,18 @@ from engine.stopping import (
 )
 
 WEIGHTS = "weights:"  # train.resume=weights:<checkpoint>: its weights, a new optimizer, schedule and loader
+logger = logging.getLogger(__name__)
 
 
 def write_run_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
-    """engine.plots.write_plots, never failing a finished run: a problem is printed and the run goes on."""
+    """engine.plots.write_plots, never failing a finished run: a problem is logged (a warning) and the run goes
+    on."""
     try:
         from engine.plots import write_plots
 
         return write_plots(metrics_path, out_dir)
     except Exception as error:  # the run's results are written; a plot is a convenience
-        print(f"plots not written: {type(error).__name__}: {error}", flush=True)
+        logger.warning(f"plots not written: {type(error).__name__}: {error}")
         return []
 
 
@@ -202,7 +209,8 @@ def read_step(step: dict[str, Any], extra: dict[str, torch.Tensor] | None = None
 
 class Trainer:
     """Builds the run from a RunConfig and a task (engine/tasks: engine.tasks.make_task, or a CLI's); `train()`
-    runs the loop and returns a summary dict. The task is asked through self.context(), never given the Trainer."""
+    runs the loop and returns its RunSummary (engine/records.py). The task is asked through self.context(), never
+    given the Trainer."""
 
     def __init__(self, config: RunConfig, task: Any, use_deepspeed: bool | None = None) -> None:
         self.launch = Launch.from_env()
@@ -229,7 +237,7 @@ class Trainer:
         if not self.task.evaluate_only:
             check_trackers(t.report_to)  # every rank: one that is missing stops them all here, rank 0 says it
         # one run per output directory (engine/output_dir.py): rank 0 holds the lock, the other ranks learn of it
-        lock = RunLock.take(self.output_dir, self.rank, report=self._print)
+        lock = RunLock.take(self.output_dir, self.rank, report=self._log)
         self._unlock = weakref.finalize(self, lock.release) if lock else None  # also when the Trainer is collected
         try:
             self._start()
@@ -261,7 +269,7 @@ class Trainer:
         self.train_step = TrainStep(self.runtime, self.task, self.accum, self.world_size, self.device)
         self.skipped_steps = 0
         self.unlogged_skips = 0  # skipped steps since the last train record
-        self.history: list[dict[str, Any]] = []  # every logged training record
+        self.history: list[dict[str, Any]] = []  # every train record, as metrics.jsonl got it (TrainRecord.to_json)
         self.last_checkpoint: Path | None = None
         if self.resume_from is not None:
             self._resume(self.resume_from)
@@ -350,7 +358,7 @@ class Trainer:
                 f"train.resume={WEIGHTS}{path}"
             )
         if stretched:
-            self._print(f"resume: {'; '.join(stretched)}: the learning-rate schedule now spans the new total")
+            self._log(f"resume: {'; '.join(stretched)}: the learning-rate schedule now spans the new total")
 
     def release_output_dir(self) -> None:
         """Drop this run's lock on its output directory (engine/output_dir.py); the CLIs call it at the end, and
@@ -361,7 +369,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         if self.weights_only_resume:  # train.resume=weights:...: a new schedule from the checkpoint's weights
             self.runtime.load(path, self.rank, weights_only=True)
-            self._print(
+            self._log(
                 f"weights from {path}; a new optimizer, schedule and loader from step 0 (train.resume=weights:...)"
             )
             return
@@ -383,7 +391,7 @@ class Trainer:
         self.evals = list(state.get("evals", []))
         self.task.load_state_dict(state, path)
         self.last_checkpoint = path
-        self._print(f"resumed from {path} at step {self.step}")
+        self._log(f"resumed from {path} at step {self.step}")
 
     def _settle(self) -> None:
         """Read the steps skipped since the last settle (Runtime.settle: one device read) into the counts."""
@@ -472,43 +480,39 @@ class Trainer:
         dtype = precision if precision != "fp32" else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
         return peak_flops(torch.cuda.get_device_name(self.device), dtype)
 
-    def _print(self, line: str) -> None:
+    def _log(self, line: str) -> None:
+        """A line the whole run says once: logged (INFO) on rank 0."""
         if self.rank == 0:
-            print(line, flush=True)
+            logger.info(line)
 
     # ----------------------------------------------------------------------------------------------- loop
 
     def _record(
         self, step: dict[str, Any], window: dict[str, float], elapsed: float, peak: float | None, skipped: int
-    ) -> dict:
+    ) -> TrainRecord:
         """The train record of a log step (step: read_step's floats; skipped: steps skipped since the last log
         line): the same fields for every task (module docstring)."""
-        record: dict[str, Any] = {
-            "kind": "train",
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "epoch": self.loader.epoch + self.loader.step / max(len(self.loader), 1),
-            "loss": step["loss"],
-        }
-        if step["losses"]:
-            record["losses"] = step["losses"]
-        record |= {
-            "lr": self.runtime.lr(),
-            "grad_norm": step["grad_norm"],
-            "loss_scale": self.runtime.loss_scale(),
-            "skipped": skipped > 0,
-            "skipped_steps": self.skipped_steps,
-            "samples_per_s": window["samples"] * self.world_size / elapsed,
-            "tokens_per_s": window["tokens"] * self.world_size / elapsed,
-            "tflops": window["flops"] / elapsed / 1e12,
-            "mfu": mfu(window["flops"], elapsed, peak) if peak else None,
-            "data_wait_share": window["wait"] / elapsed,
-            "peak_memory_gib": peak_memory_gib(self.device),
-            "threads": self.threads,
-            "step_time_s": elapsed / window["steps"],
-            "eta_s": elapsed / window["steps"] * (self.total_steps - self.step),
-        }
-        return record
+        return TrainRecord(
+            step=self.step,
+            total_steps=self.total_steps,
+            epoch=self.loader.epoch + self.loader.step / max(len(self.loader), 1),
+            loss=step["loss"],
+            losses=step["losses"],
+            lr=self.runtime.lr(),
+            grad_norm=step["grad_norm"],
+            loss_scale=self.runtime.loss_scale(),
+            skipped=skipped > 0,
+            skipped_steps=self.skipped_steps,
+            samples_per_s=window["samples"] * self.world_size / elapsed,
+            tokens_per_s=window["tokens"] * self.world_size / elapsed,
+            tflops=window["flops"] / elapsed / 1e12,
+            mfu=mfu(window["flops"], elapsed, peak) if peak else None,
+            data_wait_share=window["wait"] / elapsed,
+            peak_memory_gib=peak_memory_gib(self.device),
+            threads=self.threads,
+            step_time_s=elapsed / window["steps"],
+            eta_s=elapsed / window["steps"] * (self.total_steps - self.step),
+        )
 
     def _log_step(
         self,
@@ -520,7 +524,7 @@ class Trainer:
         extra: dict[str, torch.Tensor],
     ) -> dict[str, Any]:
         """A log line of `step`: its values read (with `extra`, in the same copy), the skips settled, the train
-        record written and printed. Returns read_step's values."""
+        record written and logged. Returns read_step's values."""
         values = read_step(step, extra)
         self._settle()
         skipped, self.unlogged_skips = self.unlogged_skips, 0
@@ -529,7 +533,7 @@ class Trainer:
                 f"step {self.step}: {skipped} of the last {int(window['steps'])} steps had a non-finite "
                 "gradient: skipped, not applied"
             )
-        record = self._record(values, window, max(elapsed, 1e-9), peak, skipped)
+        record = self._record(values, window, max(elapsed, 1e-9), peak, skipped).to_json()
         self.history.append(record)
         log.write(record)
         log.console(console_line(record))
@@ -575,9 +579,9 @@ class Trainer:
             line = f"preempted at step {self.step}: checkpoint {{checkpoint}} ({reason}); the same command resumes it"
         return {"reason": reason, "status": status_of(code), "line": line}
 
-    def train(self) -> dict[str, Any]:
+    def train(self) -> RunSummary:
         """The loop (module docstring). A stop before the end (a signal, train.time_limit, train.max_skipped_steps)
-        saves a checkpoint at the step it happens and returns a summary with "stopped" (reason, exit status, the
+        saves a checkpoint at the step it happens and returns a summary with `stopped` (reason, exit status, the
         one line to print); the end of the run (final evaluation, checkpoint, export) is not interrupted by signals:
         they are asked for at step boundaries before the last step."""
         t = self.config.train
@@ -683,25 +687,25 @@ class Trainer:
             log.close(status)
         seconds = time.perf_counter() - run_start
         done = self.step - self.started_at
-        summary = {
-            "steps": self.step,
-            "steps_this_run": done,
-            "skipped_steps": self.skipped_steps,
-            "seconds": seconds,
-            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "metrics_log": str(log.path),
-        }
+        summary = RunSummary(
+            steps=self.step,
+            steps_this_run=done,
+            skipped_steps=self.skipped_steps,
+            seconds=seconds,
+            checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+            metrics_log=str(log.path),
+        )
         if stop is not None:  # no plots or task outputs: the run is not over, and a scheduler is waiting
-            return {**summary, "stopped": stop}
+            return dataclasses.replace(summary, stopped=stop)
         plots = write_run_plots(log.path, self.output_dir / "plots") if self.rank == 0 else []
         train_seconds = seconds - eval_seconds  # checkpoints and the export included
-        return {
-            **summary,
-            "eval_seconds": eval_seconds,
-            "samples_per_s": done * self.config.train.batch_size / train_seconds if train_seconds > 0 else None,
-            "plots": [str(p) for p in plots],
-            **self.task.summary(self.context(), run),
-        }
+        return dataclasses.replace(
+            summary,
+            eval_seconds=eval_seconds,
+            samples_per_s=done * self.config.train.batch_size / train_seconds if train_seconds > 0 else None,
+            plots=[str(p) for p in plots],
+            task=self.task.summary(self.context(), run),
+        )
 
 
 class SkipStreak:
@@ -739,8 +743,9 @@ def training_cli(
 ) -> int:
     """The body of lxmert-pretrain and lxmert-finetune. Arguments: --config, the CLI's own `options`, the
     section.field=value overrides (and the deepspeed launcher's --local_rank); `build` makes the Trainer from the
-    config and the arguments. Rank 0 prints the resolved config and `preface`'s lines; then `instead` may take the
-    run (fine-tuning's --evaluate-only: its exit status), else the run trains and rank 0 prints its report. Exit
+    config and the arguments. Console lines go through logging (engine/logs.py: configured here, rank 0 at INFO).
+    Rank 0 logs the resolved config and `preface`'s lines; then `instead` may take the run (fine-tuning's
+    --evaluate-only: its exit status), else the run trains and rank 0 logs its report. Exit
     status: 0, a stop's (engine/stopping.py: 75 preempted or out of time, 130 ^C, 3 only skipping steps), or 2 with
     one line for a user's failure (a config or run error, a write of the run's outputs that failed). The output
     directory's lock is released either way."""
@@ -754,20 +759,21 @@ def training_cli(
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
+        configure_logging()  # the launcher's rank (a srun without MASTER_ADDR is a ConfigError)
         trainer = build(load_config(args.config, args.overrides), args)
     except (ConfigError, RunError) as error:
         return error_line(prog, error)
     try:
         if trainer.rank == 0:
             for line in [format_config(trainer.config), *(preface(trainer) if preface else [])]:
-                print(line, flush=True)
+                logger.info(line)
         status = instead(trainer, args) if instead is not None else None
         if status is not None:
             return status
         summary = trainer.train()
         if trainer.rank == 0:
-            print(report(summary), flush=True)
-        return exit_status(summary)
+            logger.info(report(summary))
+        return summary.exit_status
     except (ConfigError, RunError) as error:
         return error_line(prog, error)
     except OSError as error:
@@ -776,56 +782,47 @@ def training_cli(
         trainer.release_output_dir()
 
 
-def exit_status(summary: dict[str, Any]) -> int:
-    """The CLI's exit status after a run: 0, or a stop's (engine/stopping.py lists them)."""
-    return summary["stopped"]["status"] if "stopped" in summary else 0
-
-
-def report(summary: dict[str, Any]) -> str:
+def report(summary: RunSummary) -> str:
     """The console report of a run's summary, for every task: steps, losses, throughput, evaluations, paths; for a
     run stopped early, its one line."""
-    if "stopped" in summary:
-        return summary["stopped"]["line"]
+    if summary.stopped is not None:
+        return summary.stopped["line"]
+    task = summary.task
     lines = [
-        f"done: {summary['steps']} steps ({summary['steps_this_run']} in this run, "
-        f"{summary['skipped_steps']} skipped) in {summary['seconds']:.1f} s"
+        f"done: {summary.steps} steps ({summary.steps_this_run} in this run, "
+        f"{summary.skipped_steps} skipped) in {summary.seconds:.1f} s"
     ]
-    if "task" in summary:
-        epochs = summary["epochs"]
-        lines[0] = f"fine-tuned {summary['task']}: {epochs} epoch{'' if epochs == 1 else 's'}, " + lines[0]
-    first, last = summary.get("first"), summary.get("last")
-    if first is None and summary.get("first_loss") is not None:
-        first, last = {"loss": summary["first_loss"]}, {"loss": summary["last_loss"]}
+    if "task" in task:
+        epochs = task["epochs"]
+        lines[0] = f"fine-tuned {task['task']}: {epochs} epoch{'' if epochs == 1 else 's'}, " + lines[0]
+    first, last = task.get("first"), task.get("last")
+    if first is None and task.get("first_loss") is not None:
+        first, last = {"loss": task["first_loss"]}, {"loss": task["last_loss"]}
     if first and last:
         lines.append(f"  train loss {'first':>10} {'last':>10}")
         for name in first:
             lines.append(f"  {name:<10} {first[name]:>10.4f} {last.get(name, float('nan')):>10.4f}")
-    if summary.get("samples_per_s"):
-        lines.append(f"  samples/s {summary['samples_per_s']:.1f}")
-    evaluation = summary.get("eval")
+    if summary.samples_per_s:
+        lines.append(f"  samples/s {summary.samples_per_s:.1f}")
+    evaluation = task.get("eval")
     if isinstance(evaluation, dict):  # pre-training: the last validation
-        parts = " ".join(f"{k} {v:.4f}" for k, v in evaluation["losses"].items())
-        qa = evaluation["qa_accuracy"]
+        last_eval = EvalRecord.from_json(evaluation)
+        e = last_eval.values
+        parts = " ".join(f"{k} {v:.4f}" for k, v in e["losses"].items())
+        qa = e["qa_accuracy"]
         lines.append(
-            f"  eval (step {evaluation['step']}, {evaluation['samples']} samples): loss {evaluation['loss']:.4f}"
+            f"  eval (step {last_eval.step}, {e['samples']} samples): loss {e['loss']:.4f}"
             f" ({parts}); QA accuracy {'-' if qa is None else f'{qa:.4f}'}; matching accuracy "
-            f"{evaluation['matched_accuracy']:.4f}"
+            f"{e['matched_accuracy']:.4f}"
         )
-    for e in evaluation if isinstance(evaluation, list) else []:  # fine-tuning: every epoch's score
-        shown = "- (unlabelled split)" if e["metric"] is None else f"{e['metric']:.4f}"
-        lines.append(f"  eval epoch {e['epoch']}: {summary['metric']} {shown}")
-    if summary.get("best_metric") is not None:
-        lines.append(f"  best {summary['metric']} {summary['best_metric']:.4f} (epoch {summary['best_epoch']})")
-    if summary.get("init"):
-        lines.append("  init: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["init"].items()))
-    for label, key in (
-        ("checkpoint", "checkpoint"),
-        ("model", "model"),
-        ("submission", "submission"),
-        ("log", "metrics_log"),
-    ):
-        if key in summary:
-            lines.append(f"  {label:<10} {summary[key]}")
-    for plot in summary.get("plots", []):
-        lines.append(f"  {'plot':<10} {plot}")
+    for e in map(EvalRecord.from_json, evaluation if isinstance(evaluation, list) else []):  # fine-tuning's epochs
+        shown = "- (unlabelled split)" if e.values["metric"] is None else f"{e.values['metric']:.4f}"
+        lines.append(f"  eval epoch {e.values['epoch']}: {task['metric']} {shown}")
+    if task.get("best_metric") is not None:
+        lines.append(f"  best {task['metric']} {task['best_metric']:.4f} (epoch {task['best_epoch']})")
+    if task.get("init"):
+        lines.append("  init: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in task["init"].items()))
+    paths = {"checkpoint": summary.checkpoint, **{k: task[k] for k in ("model", "submission") if k in task}}
+    for label, path in (*paths.items(), ("log", summary.metrics_log), *(("plot", p) for p in summary.plots)):
+        lines.append(f"  {label:<10} {path}")
     return "\n".join(lines)

@@ -81,6 +81,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def console_logging():
+    """The engine's console lines as the CLIs configure them (engine/logs.py: plain lines on the stdout of the
+    moment), so that a test running a Trainer in-process reads them with capsys as it reads a CLI's output."""
+    from engine.logs import configure_logging
+
+    configure_logging(rank=0)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

@@ -356,7 +356,7 @@ def test_two_rank_vqa_fine_tuning_matches_one_process(tmp_path):
     assert len(train) == 6, diagnose(out, rc)
     assert_close_lists(losses(train), [r["loss"] for r in one.history], 1e-5, "fine-tuning losses")
     assert len(evals) == 1 and evals[0]["examples"] == len(TaskStore(data["vqa_minival"]))
-    assert evals[0]["metric"] == pytest.approx(expected["eval"][0]["metric"], abs=1e-9)
-    a, b = read_state_dict(expected["model"]), read_state_dict(out / "best/model.safetensors")
+    assert evals[0]["metric"] == pytest.approx(expected.task["eval"][0]["metric"], abs=1e-9)
+    a, b = read_state_dict(expected.task["model"]), read_state_dict(out / "best/model.safetensors")
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key

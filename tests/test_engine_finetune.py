@@ -114,12 +114,12 @@ def test_vqa_from_scratch_learns_and_writes_outputs(data, tmp_path):
         for k, s in (store.labels_of(i) or {}).items():
             totals[k] = totals.get(k, 0.0) + s
     chance = max(totals.values()) / len(store)
-    metric = summary["best_metric"]
+    metric = summary.task["best_metric"]
     # The tiny model learns the question-type prior (yes/no, colour, count answers) within this budget, about
     # 1.8x the constant-answer chance; grounding answers in the image needs many more steps than a unit test has.
-    assert summary["first_loss"] > 5 * summary["last_loss"], summary
-    assert metric > 1.5 * chance, (metric, chance, summary["eval"])
-    assert len(summary["eval"]) == 6 and summary["steps"] == 6 * tuner.steps_per_epoch
+    assert summary.task["first_loss"] > 5 * summary.task["last_loss"], summary
+    assert metric > 1.5 * chance, (metric, chance, summary.task["eval"])
+    assert len(summary.task["eval"]) == 6 and summary.steps == 6 * tuner.steps_per_epoch
     # outputs: the best model, the submission (every minival question once), the log
     model = read_state_dict(tmp_path / "best/model.safetensors")
     assert model["answer_head.fc2.weight"].shape[0] == len(synthetic.ANSWERS)
@@ -154,7 +154,7 @@ def test_nlvr2_runs_and_its_loss_falls(data, tmp_path):
     losses = [r["loss"] for r in tuner.history]
     k = max(len(losses) // 4, 1)
     assert sum(losses[-k:]) / k < sum(losses[:k]) / k, losses
-    assert summary["best_metric"] is not None and 0 <= summary["best_metric"] <= 1
+    assert summary.task["best_metric"] is not None and 0 <= summary.task["best_metric"] <= 1
     rows = list(csv.reader((tmp_path / "nlvr2_submission.csv").read_text().splitlines()))
     store = TaskStore(data["nlvr2_valid"])
     assert [r[0] for r in rows] == list(store.identifiers) and {r[1] for r in rows} <= {"True", "False"}
@@ -342,24 +342,24 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(data, tmp_path, monk
     assert resumed.step == 4 and resumed.init_report["step"] == 4
     summary = resumed.train()
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history[4:]]
-    assert summary["eval"] == expected["eval"] and summary["best_metric"] == expected["best_metric"]
+    assert summary.task["eval"] == expected.task["eval"] and summary.task["best_metric"] == expected.task["best_metric"]
     a = read_state_dict(tmp_path / "whole/best/model.safetensors")
     b = read_state_dict(tmp_path / "killed/best/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert summary["steps_this_run"] == 2 and summary["steps"] == 6
+    assert summary.steps_this_run == 2 and summary.steps == 6
     # a finished run resumed again has nothing left to do and keeps its results
     again = FineTuner(config(data, "vqa", tmp_path / "killed", *extra)).train()
-    assert again["steps_this_run"] == 0 and again["best_metric"] == expected["best_metric"]
+    assert again.steps_this_run == 0 and again.task["best_metric"] == expected.task["best_metric"]
 
 
 def test_evaluate_only_reproduces_the_best_epochs_metric_and_submission(data, tmp_path, capsys):
     trained = FineTuner(config(data, "vqa", tmp_path / "run", "train.epochs=2", "train.batch_size=16")).train()
-    assert trained["best_metric"] is not None
+    assert trained.task["best_metric"] is not None
     # from the exported best model
-    cfg = config(data, "vqa", tmp_path / "eval", f"train.init_from={trained['model']}")
+    cfg = config(data, "vqa", tmp_path / "eval", f"train.init_from={trained.task['model']}")
     result = FineTuner(cfg, evaluate_only=True).evaluate_only()
-    assert result["value"] == pytest.approx(trained["best_metric"]) and result["weights"]["fine_tuned"] is True
-    assert read_vqa_submission(result["submission"]) == read_vqa_submission(trained["submission"])
+    assert result["value"] == pytest.approx(trained.task["best_metric"]) and result["weights"]["fine_tuned"] is True
+    assert read_vqa_submission(result["submission"]) == read_vqa_submission(trained.task["submission"])
     assert json.loads((tmp_path / "eval/evaluate/result.json").read_text())["value"] == result["value"]
     # from the run's latest checkpoint (the last epoch's weights), through the CLI
     overrides = [
@@ -374,7 +374,7 @@ def test_evaluate_only_reproduces_the_best_epochs_metric_and_submission(data, tm
         f"train.output_dir={tmp_path / 'run'}",
     ]
     assert main(["--evaluate-only", *overrides]) == 0
-    last_epoch = trained["eval"][-1]["metric"]
+    last_epoch = trained.task["eval"][-1]["metric"]
     out = json.loads((tmp_path / "run/evaluate/result.json").read_text())
     assert out["value"] == pytest.approx(last_epoch) and "resumed_from" in out["weights"]
     assert (tmp_path / "run/vqa_submission.json").is_file()  # the training's submission is left alone
@@ -502,12 +502,12 @@ def test_evaluate_only_needs_no_training_store(data, tmp_path, capsys):
         "data.num_workers=0",
         "train.task=vqa",
         f"train.output_dir={tmp_path / 'eval'}",
-        f"train.init_from={trained['model']}",
+        f"train.init_from={trained.task['model']}",
     ]
     assert main(["--evaluate-only", *overrides]) == 0
     result = json.loads((tmp_path / "eval/evaluate/result.json").read_text())
-    assert result["value"] == pytest.approx(trained["best_metric"])
-    assert read_vqa_submission(result["submission"]) == read_vqa_submission(trained["submission"])
+    assert result["value"] == pytest.approx(trained.task["best_metric"])
+    assert read_vqa_submission(result["submission"]) == read_vqa_submission(trained.task["submission"])
 
 
 RECORD_FIELDS = {

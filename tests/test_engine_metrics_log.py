@@ -404,3 +404,47 @@ def test_console_line_shows_a_zero_lr_as_zero_and_the_time_left():
         }
     )  # fields a record lacks
     assert format_duration(90061) == "1 d 1:01:01" and format_duration(0.4) == "0:00:00"
+
+
+# ---- records and the console --------------------------------------------------------------------------------
+
+
+def test_a_train_record_is_written_as_the_log_line_and_read_back(tmp_path):
+    """engine/records.py: to_json is metrics.jsonl's line (keys in order, "losses" only when there are any; a
+    non-finite float written by its name), and from_json reads that line back."""
+    from engine.records import EvalRecord, TrainRecord
+
+    fields = dict(step=3, total_steps=9, epoch=0.5, loss=2.0, losses={"mlm": 1.5, "obj": 0.5}, lr=1e-4)
+    fields |= dict(grad_norm=math.inf, loss_scale=None, skipped=True, skipped_steps=1, samples_per_s=10.0)
+    fields |= dict(tokens_per_s=90.0, tflops=0.01, mfu=None, data_wait_share=0.1, peak_memory_gib=0.5, threads=1)
+    record = TrainRecord(**fields, step_time_s=0.2, eta_s=1.2)
+    line = record.to_json()
+    assert list(line) == ["kind", *fields, "step_time_s", "eta_s"] and line["kind"] == "train"
+    assert "losses" not in TrainRecord(**{**fields, "losses": {}}, step_time_s=0.2, eta_s=1.2).to_json()
+    log = MetricsLog(tmp_path)
+    log.write(line)
+    log.write({"kind": "eval", "step": 3, "loss": 1.0, "losses": {"mlm": 1.0}, "qa_accuracy": None})
+    log.close()
+    (train,), (evaluation,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert train["grad_norm"] == "inf" and TrainRecord.from_json(train) == record
+    assert EvalRecord.from_json(evaluation) == EvalRecord(3, {"loss": 1.0, "losses": {"mlm": 1.0}, "qa_accuracy": None})
+    assert EvalRecord.from_json(evaluation).to_json() == evaluation
+
+
+def test_console_logging_writes_plain_lines_to_the_stdout_of_the_moment(capsys):
+    """engine/logs.py: the message alone on whatever sys.stdout is when it is logged; rank 0 at INFO, the other
+    ranks at WARNING."""
+    import logging
+
+    from engine.logs import configure_logging
+
+    logger = logging.getLogger("engine.train")
+    try:
+        configure_logging(rank=1)
+        logger.info("not on rank 1")
+        logger.warning("a problem on rank 1")
+        configure_logging(rank=0)
+        logger.info("step 1/2 | loss 3.0000 | 100% done")
+    finally:
+        configure_logging(rank=0)  # as tests/conftest.py set it
+    assert capsys.readouterr().out == "a problem on rank 1\nstep 1/2 | loss 3.0000 | 100% done\n"

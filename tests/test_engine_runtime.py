@@ -170,13 +170,13 @@ def test_pretraining_evaluates_on_schedule_and_the_numbers_are_the_models(stores
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r.get("kind") == "eval"]
     assert [r["step"] for r in evals] == [2, 4, 5]
-    assert summary["eval"] == trainer.evals[-1] and summary["eval"]["step"] == 5
+    assert summary.task["eval"] == trainer.evals[-1] and summary.task["eval"]["step"] == 5
     last = evals[-1]
     assert set(last["losses"]) == {"mlm", "matched", "obj", "attr", "feat", "qa"}
     assert last["loss"] == pytest.approx(sum(last["losses"].values()), rel=1e-5)
 
     model = lxmert.LxmertForPreTraining(trainer.config.model)
-    load_into(model, read_state_dict(summary["model"]))
+    load_into(model, read_state_dict(summary.task["model"]))
     model.eval()
     loader = trainer.eval_loader
     loader.set_epoch(0)
@@ -197,7 +197,7 @@ def test_pretraining_evaluates_on_schedule_and_the_numbers_are_the_models(stores
     assert last["qa_questions"] == asked > 0 and last["qa_accuracy"] == pytest.approx(right / asked)
     assert last["matched_accuracy"] == pytest.approx(matched / n)
     # the training log's throughput windows exclude evaluation time; plots are written at the end
-    assert all(Path(p).is_file() for p in summary["plots"]) and len(summary["plots"]) == 4  # SVG and PNG each
+    assert all(Path(p).is_file() for p in summary.plots) and len(summary.plots) == 4  # SVG and PNG each
 
 
 def test_eval_every_zero_evaluates_at_each_epoch_end(stores, tmp_path):
@@ -250,7 +250,7 @@ def test_deepspeed_bf16_tracks_fp32_and_exports_the_fp32_masters(stores, tmp_pat
     assert next(bf16.engine.module.parameters()).dtype == torch.bfloat16
     for a, b in zip(losses(reference), losses(bf16), strict=True):
         assert b == pytest.approx(a, rel=2e-2)  # bf16 keeps 8 bits of mantissa
-    exported = read_state_dict(summary["model"])
+    exported = read_state_dict(summary.task["model"])
     weight = exported["lxmert.lang_layers.0.attention.qkv.weight"]
     assert weight.dtype == torch.float32
     # the fp32 masters after 4 updates, not bf16 values widened; and close to the fp32 run's weights
@@ -440,7 +440,7 @@ def test_deepspeed_offload_matches_the_plain_path(stores, tmp_path, one_rank, st
     summary = offloaded.train()
     for a, b in zip(losses(plain), losses(offloaded), strict=True):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (losses(plain), losses(offloaded))
-    exported = read_state_dict(summary["model"])
+    exported = read_state_dict(summary.task["model"])
     for name, value in plain.model.state_dict().items():
         assert torch.allclose(exported[name], value, rtol=1e-4, atol=1e-6), name
 

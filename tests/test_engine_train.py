@@ -106,7 +106,7 @@ def test_a_task_sees_a_frozen_context_of_each_call_never_the_trainer(stores, tmp
     evaluated = [ctx for name, ctx in task.calls if name == "evaluate"]
     assert [ctx.step for ctx in evaluated] == [2, 4] and evaluated[0].runtime is trainer.runtime
     assert [len(ctx.evals) for ctx in evaluated] == [0, 1]  # the records before this evaluation
-    assert task.calls[-1][1].evals == tuple(trainer.evals) and summary["eval"] == trainer.evals[-1]
+    assert task.calls[-1][1].evals == tuple(trainer.evals) and summary.task["eval"] == trainer.evals[-1]
     with pytest.raises(dataclasses.FrozenInstanceError):
         evaluated[0].step = 0
 
@@ -142,7 +142,7 @@ def test_losses_fall_and_every_component_is_logged(baseline):
         assert math.isclose(r["loss"], sum(r["losses"].values()), rel_tol=1e-5)
     total = [r["loss"] for r in records]
     assert sum(total[-5:]) / 5 < 0.8 * sum(total[:5]) / 5, total
-    assert summary["steps"] == 30 and summary["skipped_steps"] == 0
+    assert summary.steps == 30 and summary.skipped_steps == 0
     assert (out / "config.yaml").is_file()
 
 
@@ -294,7 +294,7 @@ def test_fp16_non_finite_gradient_skips_the_step(stores, tmp_path):
 
 def test_export_loads_with_equal_outputs(baseline, stores):
     trainer, summary, out = baseline
-    path = Path(summary["model"])
+    path = Path(summary.task["model"])
     assert path == out / "model.safetensors" and path.is_file()
     model = lxmert.LxmertForPreTraining(trainer.config.model)
     load_into(model, read_state_dict(path))

@@ -41,9 +41,10 @@ from engine import checkpoint as ckpt
 from engine.config import load_config
 from engine.launch import deepspeed_available
 from engine.metrics_log import read_metrics
+from engine.records import RunSummary
 from engine.stopping import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, interrupt_in_one_line
 from engine.tasks.pretrain import PretrainTask
-from engine.train import Trainer, exit_status
+from engine.train import Trainer
 from lxmert.convert import read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,10 +282,10 @@ def test_a_run_that_only_skips_steps_stops_with_the_last_good_weights(stores, tm
     trainer = Trainer(config, PretrainTask(), use_deepspeed=False)
     trainer.model.match_head.weight.register_hook(lambda grad: grad * math.inf if trainer.step >= 2 else grad)
     summary = trainer.train()
-    assert exit_status(summary) == EXIT_DIVERGED and trainer.step == 6
+    assert summary.exit_status == EXIT_DIVERGED and trainer.step == 6
     loss = next(r["loss"] for r in trainer.history if r["step"] == 2)
     path = ckpt.checkpoint_root(tmp_path) / ckpt.tag_of(6)
-    assert summary["stopped"]["line"] == (
+    assert summary.stopped["line"] == (
         f"stopped at step 6: the last 4 steps had a non-finite gradient (train.max_skipped_steps 3); last finite "
         f"loss {loss:.4f} at step 2: checkpoint {path} (the weights of step 2)"
     )
@@ -352,7 +353,10 @@ def test_the_main_job_ends_with_a_stopped_runs_line_and_status(monkeypatch, tmp_
 
     line = f"preempted at step 7: checkpoint {tmp_path}/checkpoints/step_00000007 (SIGTERM); the same command resumes"
     monkeypatch.setattr(job, "prepare_data", lambda layout, options: {})
-    monkeypatch.setattr(job, "run_pretraining", lambda layout, options: {"stopped": {"line": line, "status": 75}})
+    stopped = RunSummary(
+        7, 7, 0, 1.0, f"{tmp_path}/checkpoints/step_00000007", "metrics.jsonl", {"line": line, "status": 75}
+    )
+    monkeypatch.setattr(job, "run_pretraining", lambda layout, options: stopped)
     monkeypatch.setattr(job, "run_finetuning", lambda layout, options: pytest.fail("fine-tuning after a stop"))
     assert job.main(["--workdir", str(tmp_path)]) == EXIT_PREEMPTED
     assert capsys.readouterr().out == f"engine.main: {line}\n"
@@ -397,7 +401,7 @@ def test_a_fine_tuning_run_stops_and_resumes_the_same_way(tmp_path):
 
     first.train_step.optimizer_step = signalled_step
     stopped = first.train()
-    assert exit_status(stopped) == EXIT_PREEMPTED and stopped["steps"] == 4, stopped
+    assert stopped.exit_status == EXIT_PREEMPTED and stopped.steps == 4, stopped
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
     second = tuner(tmp_path / "run")
     assert second.step == 4
@@ -405,6 +409,6 @@ def test_a_fine_tuning_run_stops_and_resumes_the_same_way(tmp_path):
     history = [{k: r.get(k) for k in KEYS} for r in [*first.history, *second.history]]
     reference, _ = read_metrics(tmp_path / "uninterrupted/metrics.jsonl")
     assert history == [{k: r.get(k) for k in KEYS} for r in reference]
-    assert [e["metric"] for e in summary["eval"]] == [e["metric"] for e in expected["eval"]]
-    a, b = read_state_dict(summary["model"]), read_state_dict(expected["model"])
+    assert [e["metric"] for e in summary.task["eval"]] == [e["metric"] for e in expected.task["eval"]]
+    a, b = read_state_dict(summary.task["model"]), read_state_dict(expected.task["model"])
     assert all(torch.equal(a[k], b[k]) for k in a)

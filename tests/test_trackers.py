@@ -88,7 +88,7 @@ def test_wandb_offline_gets_the_records_and_the_config_and_a_resume_continues_th
     summary = Trainer(
         load_config(None, overrides(stores, out, "train.report_to=[wandb]")), PretrainTask(), use_deepspeed=False
     ).train()
-    assert summary["steps"] == 4
+    assert summary.steps == 4
     run_id = (out / WANDB_RUN_ID).read_text().strip()
     (first,) = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
     records = inspect(first)
@@ -105,7 +105,7 @@ def test_wandb_offline_gets_the_records_and_the_config_and_a_resume_continues_th
     # the same command with more steps resumes the checkpoint of step 4 and the W&B run
     lines_before = len((out / "metrics.jsonl").read_text().splitlines())
     config = load_config(None, overrides(stores, out, "train.report_to=[wandb]", "train.max_steps=6"))
-    assert Trainer(config, PretrainTask(), use_deepspeed=False).train()["steps"] == 6
+    assert Trainer(config, PretrainTask(), use_deepspeed=False).train().steps == 6
     assert (out / WANDB_RUN_ID).read_text().strip() == run_id
     second = [d for d in (out / "wandb").glob(f"offline-run-*-{run_id}") if d != first]
     assert len(second) == 1  # offline, a resumed run is a second log of the same run id (wandb sync joins them)
@@ -216,7 +216,7 @@ def test_a_stopped_run_finishes_its_wandb_run_with_the_stop_status(stores, tmp_p
     monkeypatch.setattr(Trainer, "_requested_stop", stop_at_2)
     config = load_config(None, overrides(stores, tmp_path / "run", "train.report_to=[wandb]", "train.eval_every=0"))
     summary = Trainer(config, PretrainTask(), use_deepspeed=False).train()
-    assert summary["stopped"]["status"] == 75
+    assert summary.exit_status == 75
     assert [c[1]["step"] for c in fake_wandb.calls if c[0] == "log"] == [1, 2]
     assert fake_wandb.calls[-2:] == [("mark_preempting",), ("finish", 75)]
 
