@@ -49,16 +49,20 @@ def dataset(data_dir: Path, images: int, feat_dim: int) -> tuple[TextStore, Regi
     start = time.perf_counter()
     syn = root / "synthetic"
     synthetic.generate(syn, images, feat_dim=feat_dim, seed=0)
-    tsvs = [syn / "mscoco_imgfeat/train2014_obj36.tsv", syn / "mscoco_imgfeat/val2014_obj36.tsv"]
-    convert.convert_features(tsvs, root / "feats", feat_dim=feat_dim, progress=False, overwrite=True)
-    texts = [syn / "lxmert/mscoco_train.json", syn / "lxmert/mscoco_minival.json"]
-    answers = syn / "lxmert/all_ans.json"
-    convert.convert_text(texts, root / "feats", root / "text", answers=answers, progress=False, overwrite=True)
+    convert_synthetic(syn, root, feat_dim, ["mscoco_train", "mscoco_minival"])
     shutil.rmtree(syn)  # the stores are what the loaders read
     print(
         f"data set {images} images x {feat_dim} features converted into {root} in {time.perf_counter() - start:.1f} s"
     )
     return TextStore(root / "text"), RegionStore(root / "feats")
+
+
+def convert_synthetic(syn: Path, root: Path, feat_dim: int, texts: Sequence[str], fp32: bool = False) -> None:
+    """A synthetic set's regions (both splits' TSVs) into root/feats and its `texts` sentence files into root/text."""
+    tsvs = [syn / "mscoco_imgfeat/train2014_obj36.tsv", syn / "mscoco_imgfeat/val2014_obj36.tsv"]
+    convert.convert_features(tsvs, root / "feats", feat_dim=feat_dim, fp32=fp32, progress=False, overwrite=True)
+    sentences, answers = [syn / f"lxmert/{name}.json" for name in texts], syn / "lxmert/all_ans.json"
+    convert.convert_text(sentences, root / "feats", root / "text", answers=answers, progress=False, overwrite=True)
 
 
 def sample_bytes(text: TextStore, regions: RegionStore) -> int:
@@ -166,8 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where converted stores are cached")
     parser.add_argument("--out", type=Path, default=harness.RUNS_DIR / "dataloader.jsonl", help="rows; .md beside")
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
-    for name, value in defaults.items():
+    for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if not torch.cuda.is_available():
