@@ -325,8 +325,7 @@ def kernel_test_numbers(session: Session) -> list[Number]:
     path = session.work / KERNEL_TESTS_XML
     if not path.is_file():
         return []
-    root = ElementTree.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    suites = list(ElementTree.parse(path).getroot().iter("testsuite"))  # the root itself, or <testsuites>' children
     count = lambda key: sum(int(s.get(key, 0)) for s in suites)  # noqa: E731
     failed = count("failures") + count("errors")
     return [
