@@ -49,12 +49,7 @@ def dataset(data_dir: Path, images: int, feat_dim: int) -> tuple[TextStore, Regi
     start = time.perf_counter()
     syn = root / "synthetic"
     synthetic.generate(syn, images, feat_dim=feat_dim, seed=0)
-    tsvs = [syn / "mscoco_imgfeat/train2014_obj36.tsv", syn / "mscoco_imgfeat/val2014_obj36.tsv"]
-    convert.convert_features(tsvs, root / "feats", feat_dim=feat_dim, progress=False, overwrite=True)
-    texts = [syn / "lxmert/mscoco_train.json", syn / "lxmert/mscoco_minival.json"]
-    convert.convert_text(
-        texts, root / "feats", root / "text", answers=syn / "lxmert/all_ans.json", progress=False, overwrite=True
-    )
+    convert_synthetic(syn, root, feat_dim, ["mscoco_train", "mscoco_minival"])
     shutil.rmtree(syn)  # the stores are what the loaders read
     print(
         f"data set {images} images x {feat_dim} features converted into {root} in {time.perf_counter() - start:.1f} s"
@@ -62,12 +57,18 @@ def dataset(data_dir: Path, images: int, feat_dim: int) -> tuple[TextStore, Regi
     return TextStore(root / "text"), RegionStore(root / "feats")
 
 
+def convert_synthetic(syn: Path, root: Path, feat_dim: int, texts: Sequence[str], fp32: bool = False) -> None:
+    """A synthetic set's regions (both splits' TSVs) into root/feats and its `texts` sentence files into root/text."""
+    tsvs = [syn / "mscoco_imgfeat/train2014_obj36.tsv", syn / "mscoco_imgfeat/val2014_obj36.tsv"]
+    convert.convert_features(tsvs, root / "feats", feat_dim=feat_dim, fp32=fp32, progress=False, overwrite=True)
+    sentences, answers = [syn / f"lxmert/{name}.json" for name in texts], syn / "lxmert/all_ans.json"
+    convert.convert_text(sentences, root / "feats", root / "text", answers=answers, progress=False, overwrite=True)
+
+
 def sample_bytes(text: TextStore, regions: RegionStore) -> int:
     """Store bytes one sample reads: its image's rows of every region array and its token row."""
-    per_image = sum(
-        regions.arrays[name][0].nbytes for name in ("features", "boxes", "obj_ids", "obj_conf", "attr_ids", "attr_conf")
-    )
-    return per_image + text.arrays["token_ids"][0].nbytes
+    arrays = ("features", "boxes", "obj_ids", "obj_conf", "attr_ids", "attr_conf")
+    return sum(regions.arrays[name][0].nbytes for name in arrays) + text.arrays["token_ids"][0].nbytes
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -103,12 +104,6 @@ def measure(loader: PretrainLoader, steps: int, warmup: int, step_ms: float, cud
     return row | {"elapsed_s": elapsed, "batch_device": str(batch.visual_feats.device)}
 
 
-def variants(workers: Sequence[int], dali_threads: int) -> list[tuple[str, int, dict[str, Any]]]:
-    """(kind, workers, make_loader options) for every loader timed."""
-    torch_kinds = [("torch", w, {"num_workers": w}) for w in workers]
-    return [*torch_kinds, ("gpu", 0, {}), ("dali", dali_threads, {"num_workers": dali_threads})]
-
-
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -119,8 +114,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     common.update(feature_dtype=str(regions.arrays["features"].dtype), batch_size=args.batch_size, steps=args.steps)
     common.update(warmup=args.warmup, step_ms=args.step_ms, sample_bytes=per_sample, quick=args.quick)
     config = SamplingConfig(seed=0, batch_size=args.batch_size)
+    kinds = [("torch", w, {"num_workers": w}) for w in args.workers]  # (kind, workers, make_loader options)
+    kinds += [("gpu", 0, {}), ("dali", args.dali_threads, {"num_workers": args.dali_threads})]
     rows = []
-    for kind, workers, options in variants(args.workers, args.dali_threads):
+    for kind, workers, options in kinds:
         row = {**common, "loader": kind, "workers": workers}
         start = time.perf_counter()
         try:
@@ -173,8 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where converted stores are cached")
     parser.add_argument("--out", type=Path, default=harness.RUNS_DIR / "dataloader.jsonl", help="rows; .md beside")
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
-    for name, value in defaults.items():
+    for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if not torch.cuda.is_available():

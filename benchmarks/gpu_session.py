@@ -172,36 +172,27 @@ def stage_env(session: Session, extra_paths: list[Path]) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- the runner
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the stage's process group, SIGKILL to whatever is left of it after KILL_GRACE_S."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(KILL_GRACE_S)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def run_command(command: list[str], log: Path, timeout: float, env: dict[str, str]) -> tuple[int | None, bool]:
-    """(exit status, timed out): one command in its own process group, output appended to `log`; at the
-    timeout the whole group is killed. Whatever the command left running in its group is ended too."""
+    """(exit status, timed out): one command in its own process group, output appended to `log`. At the timeout
+    the group gets SIGTERM, then SIGKILL after KILL_GRACE_S; whatever a command that returned left running in its
+    group (workers, daemons) is killed too."""
     with log.open("ab") as f:
         f.write(f"$ {' '.join(command)}\n".encode())
         f.flush()
         io = dict(stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
         proc = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, **io)
         try:
-            code = proc.wait(max(timeout, 0.1))
+            return proc.wait(max(timeout, 0.1)), False
         except subprocess.TimeoutExpired:
-            kill_group(proc)
+            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(KILL_GRACE_S)
             f.write(f"\n[gpu_session: the stage's limit reached: killed after {timeout:.0f} s]\n".encode())
             return None, True
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # leftovers (workers, daemons) of a command that returned
-        return code, False
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def run_stage(session: Session, stage: Stage, kept_for_later: float) -> Result:
@@ -260,19 +251,17 @@ def run_session(session: Session, stages: list[Stage]) -> int:
             flush=True,
         )
         if result.status in ("failed", "timed out"):
-            tail = read_tail(session.work / "logs" / f"{stage.name}.log", 2500)
+            tail = log_text(session, stage.name)[-2500:]
             print("  " + tail.replace("\n", "\n  ").rstrip(), flush=True)
         write_outputs(session)
     print((session.out / "summary.md").read_text(encoding="utf-8"), flush=True)
     return 0 if all(r.status == "ok" for r in session.results) else 1
 
 
-def read_tail(path: Path, size: int) -> str:
-    if not path.is_file():
-        return ""
-    with path.open("rb") as f:
-        f.seek(max(path.stat().st_size - size, 0))
-        return f.read().decode(errors="replace")
+def log_text(session: Session, stage: str) -> str:
+    """What the stage's commands printed (logs/<stage>.log); "" before it ran."""
+    path = session.work / "logs" / f"{stage}.log"
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
 
 
 # ------------------------------------------------------------------------------------------- the stages
@@ -280,9 +269,8 @@ def read_tail(path: Path, size: int) -> str:
 
 IMPORT_CHECK = """
 import importlib, json
-found = {}
-for name in ("torch", "triton", "deepspeed", "transformers", "safetensors", "tokenizers"):
-    found[name] = getattr(importlib.import_module(name), "__version__", "?")
+names = ("torch", "triton", "deepspeed", "transformers", "safetensors", "tokenizers")
+found = {name: getattr(importlib.import_module(name), "__version__", "?") for name in names}
 from deepspeed.accelerator import get_accelerator
 found["deepspeed_accelerator"] = get_accelerator()._name
 from lxmert.tokenizer import LxmertTokenizer
@@ -337,8 +325,7 @@ def kernel_test_numbers(session: Session) -> list[Number]:
     path = session.work / KERNEL_TESTS_XML
     if not path.is_file():
         return []
-    root = ElementTree.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    suites = list(ElementTree.parse(path).getroot().iter("testsuite"))  # the root itself, or <testsuites>' children
     count = lambda key: sum(int(s.get(key, 0)) for s in suites)  # noqa: E731
     failed = count("failures") + count("errors")
     return [
@@ -356,9 +343,7 @@ def kernels_commands(session: Session) -> list[list[str]]:
 def kernels_numbers(session: Session) -> list[Number]:
     """benchmarks.kernels' own count of checks (its log) and its own speed-up table (its rows)."""
     numbers = []
-    checks = re.findall(
-        r"^checks: (\d+) passed, (\d+) failed", read_tail(session.work / "logs/kernels.log", 2**22), re.M
-    )
+    checks = re.findall(r"^checks: (\d+) passed, (\d+) failed", log_text(session, "kernels"), re.M)
     if checks:
         passed, failed = checks[-1]
         numbers += [
@@ -412,11 +397,10 @@ def throughput_numbers(session: Session) -> list[Number]:
 def measured_rate(session: Session) -> tuple[float, str]:
     """samples/s the pre-training is planned with: ours (sdpa, bf16, resident data) from the throughput stage."""
     want = dict(kind="throughput", impl="ours", attn="sdpa", precision="bf16", loader="resident").items()
-    rows = [
-        r for r in harness.read_rows(session.work / THROUGHPUT_ROWS) if r.items() >= want and r.get("samples_per_s")
-    ]
-    if rows:
-        best = max(r["samples_per_s"] for r in rows)
+    rows = harness.read_rows(session.work / THROUGHPUT_ROWS)
+    rates = [r["samples_per_s"] for r in rows if r.items() >= want and r.get("samples_per_s")]
+    if rates:
+        best = max(rates)
         return best * ENGINE_RATE_FACTOR, f"{ENGINE_RATE_FACTOR} x the throughput stage's {best:.0f} samples/s"
     return DEFAULT_RATE, f"assumed {DEFAULT_RATE:.0f} samples/s (the throughput stage measured none)"
 
@@ -509,31 +493,19 @@ def stages(dry_run: bool) -> list[Stage]:
     """The session's stages. Limits and reserves are GPU seconds (their sum of limits is over the budget on
     purpose: the reserves decide who yields); the dry run has generous limits and no reserves."""
     where = " in the Triton interpreter" if dry_run else " on CUDA"
+    kernels = "python -m benchmarks.kernels --quick" + (" (CPU: its checks only)" if dry_run else "")
+    throughput = "python -m benchmarks.throughput " + ("--smoke" if dry_run else "--quick")
+    data = "a synthetic set in the authors' formats, converted into stores"
     model = "a tiny model, 4 steps" if dry_run else "LXMERT-base, about 2 minutes"
+    pretrain = f"{model}, bf16, {RECIPE} through python -m engine.pretrain"
     table = [  # name, what, limit s, reserve s, commands, numbers
         ("preflight", "the carried wheels installed, the imports the stages need", 60, 10, preflight_commands, None),
         ("environment", "device, capability, nvidia-smi, versions, commit, date", 40, 10, environment_commands, None),
         ("kernel_tests", "tests/test_kernel_*.py" + where, 150, 40, kernel_test_commands, kernel_test_numbers),
-        (
-            "kernels",
-            "python -m benchmarks.kernels --quick" + (" (CPU: its checks only)" if dry_run else ""),
-            *(100, 40, kernels_commands, kernels_numbers),
-        ),
-        (
-            "throughput",
-            "python -m benchmarks.throughput " + ("--smoke" if dry_run else "--quick"),
-            *(210, 60, throughput_commands, throughput_numbers),
-        ),
-        (
-            "pretrain_data",
-            "a synthetic set in the authors' formats, converted into stores",
-            *(75, 40, pretrain_data_commands, pretrain_data_numbers),
-        ),
-        (
-            "pretrain",
-            f"{model}, bf16, {RECIPE} through python -m engine.pretrain",
-            *(330, 150, pretrain_commands, pretrain_numbers),
-        ),
+        ("kernels", kernels, 100, 40, kernels_commands, kernels_numbers),
+        ("throughput", throughput, 210, 60, throughput_commands, throughput_numbers),
+        ("pretrain_data", data, 75, 40, pretrain_data_commands, pretrain_data_numbers),
+        ("pretrain", pretrain, 330, 150, pretrain_commands, pretrain_numbers),
     ]
     out = [
         Stage(name, what, *((240.0, 0.0) if dry_run else (limit, reserve)), commands, numbers=numbers or Stage.numbers)
@@ -583,8 +555,7 @@ def summary_markdown(session: Session) -> str:
     if "batch" in session.plan:
         plan = session.plan
         lines.append(f"\nPre-training plan: batch {plan['batch']}, {plan['max_steps']} steps ({plan['rate_source']}).")
-    for note in session.notes:
-        lines.append(f"\nNote: {note}")
+    lines += [f"\nNote: {note}" for note in session.notes]
     where = f" ({DRY_LABEL})" if session.dry_run else ""
     lines.append(f"\n## Numbers\n\nEach line ends with where it was measured{where}.")
     for stage in dict.fromkeys(n.stage for n in session.numbers):
@@ -598,7 +569,7 @@ def summary_markdown(session: Session) -> str:
 def session_log(session: Session) -> str:
     return "".join(
         f"===== {r.name}: {r.status}, {r.seconds:.1f} s (limit {r.limit_s:.0f} s) {r.note}\n"
-        f"{read_tail(session.work / 'logs' / f'{r.name}.log', 2**31)}\n"
+        f"{log_text(session, r.name)}\n"
         for r in session.results
     )
 
@@ -607,16 +578,11 @@ def write_results(session: Session, path: Path) -> None:
     """What the stages wrote, the bulky folders left out (data, stores, checkpoints), up to RESULTS_MAX_BYTES."""
     total = 0
     with tarfile.open(path, "w:gz") as tar:
-        for file in sorted(p for p in session.work.rglob("*") if p.is_file()):
-            relative = file.relative_to(session.work)
-            if (
-                file.suffix not in RESULT_SUFFIXES
-                or set(relative.parts[:-1]) & RESULT_SKIP_DIRS
-                or total + file.stat().st_size > RESULTS_MAX_BYTES
-            ):
-                continue
-            tar.add(file, arcname=str(relative))
-            total += file.stat().st_size
+        for file in sorted(p for p in session.work.rglob("*") if p.suffix in RESULT_SUFFIXES and p.is_file()):
+            relative, size = file.relative_to(session.work), file.stat().st_size
+            if not set(relative.parts[:-1]) & RESULT_SKIP_DIRS and total + size <= RESULTS_MAX_BYTES:
+                tar.add(file, arcname=str(relative))
+                total += size
 
 
 def write_outputs(session: Session) -> None:
@@ -631,23 +597,16 @@ def write_outputs(session: Session) -> None:
 # -------------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="summary, log, results (required on a GPU; dry run: a temp folder)")
     parser.add_argument("--dry-run", action="store_true", help="every stage shrunken on the CPU; numbers say so")
     parser.add_argument("--wheels", type=Path, help="install these wheels first, without an index, into a private site")
-    parser.add_argument(
-        "--budget", type=float, help=f"seconds (default {GPU_BUDGET_S:.0f}; dry run {DRY_BUDGET_S:.0f})"
-    )
+    parser.add_argument("--budget", type=float, help=f"seconds (default {GPU_BUDGET_S:.0f}, dry {DRY_BUDGET_S:.0f})")
     parser.add_argument("--work", type=Path, help="scratch folder, kept afterwards (default: a temporary one)")
     args = parser.parse_args(argv)
     if not (args.dry_run or args.out):
         parser.error("--out is required; --dry-run runs the CPU form")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu_session_dry_run_"))
     for name in OUT_FILES:  # a rerun into the same folder leaves no stale file of an earlier session
         (out / name).unlink(missing_ok=True)

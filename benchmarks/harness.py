@@ -54,14 +54,14 @@ def _version(*distributions: str) -> str | None:
 
 def git_commit() -> str | None:
     """HEAD, with "-dirty" when the tree differs from it (result files excepted); $BENCH_COMMIT without git."""
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(REPO_ROOT), *args]
+        return subprocess.check_output(command, text=True, stderr=subprocess.DEVNULL, timeout=10)
+
     try:
-        run = lambda *args: (
-            subprocess.run(  # noqa: E731
-                ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True, timeout=10
-            ).stdout
-        )
-        commit = run("rev-parse", "HEAD").strip()
-        changes = [line for line in run("status", "--porcelain").splitlines() if "benchmarks/results/" not in line]
+        commit = git("rev-parse", "HEAD").strip()
+        changes = [line for line in git("status", "--porcelain").splitlines() if "benchmarks/results/" not in line]
     except (OSError, subprocess.SubprocessError):
         return os.environ.get(COMMIT_ENV)
     return commit + ("-dirty" if changes else "")

@@ -15,12 +15,10 @@ Bytes each rank sends (ring algorithms; nccl-tests' "bus bytes"):
 so with b_g = b_p = b, ZeRO-0, 1 and 2 send 2 Psi b (N-1)/N a rank and step and ZeRO-3 3 Psi b (N-1)/N: 1.5x.
 ZeRO-3 gathers a parameter at each use by a module, so a weight two modules share (the word embeddings, tied to
 the MLM decoder: T = vocab x hidden = 23.4M of LXMERT-base's 228M) is gathered twice a pass: 3 Psi b + 2 T b.
-These are the textbook counts, which DeepSpeed 0.19.8 matches exactly when configured for them (measured on 2 CPU
-ranks, benchmarks/scaling.py "textbook"). Its defaults differ: ZeRO-1/2 all-reduce the gradient buckets
-(use_multi_rank_bucket_allreduce) instead of reduce-scattering them, 3 Psi b (N-1)/N (`gradient_all_reduce`,
---deepspeed-default, projects that); ZeRO-3 keeps a parameter used again within stage3_max_reuse_distance
-(1e9 elements, more than LXMERT-base) gathered from the forward into the backward, 2 Psi b (N-1)/N measured, so
-the ZeRO-3 count here is an upper bound.
+These are the textbook counts, which DeepSpeed 0.19.8 sends exactly when configured for them. With its defaults
+ZeRO-1/2 all-reduce the gradient buckets, 3 Psi b (N-1)/N (`gradient_all_reduce`, --deepspeed-default), and ZeRO-3
+keeps the parameters the forward gathered for the backward, so the ZeRO-3 count here is an upper bound (both
+measured on 2 CPU ranks: benchmarks/README.md, "Multi-GPU scaling").
 
 Time of one collective over N = n nodes x g GPUs a node, two levels (NVLink inside a node, each GPU's own NIC
 across nodes, as NCCL's rail-aligned rings do):
@@ -46,7 +44,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from lxmert.config import LxmertConfig
 
@@ -84,13 +82,9 @@ def zero_collectives(
     gradient_all_reduce: bool = False,
     tied_params: int = 0,
 ) -> list[Collective]:
-    """The collectives of one optimizer step at ZeRO `stage` (see the module docstring).
-
-    gradient_all_reduce: ZeRO-1/2 all-reduce the gradient buckets and each rank keeps its partition, instead of a
-    reduce-scatter: DeepSpeed 0.19.8's default (zero_optimization.use_multi_rank_bucket_allreduce = true),
-    measured on 2 CPU ranks by benchmarks.scaling; 3 Psi b (N-1)/N a rank instead of 2.
-    tied_params: elements of parameters that two modules share (LXMERT's word embeddings and MLM decoder, vocab x
-    hidden): ZeRO-3 gathers a parameter at each module's use, so these are gathered twice a pass (measured)."""
+    """The collectives of one optimizer step at ZeRO `stage` (the module docstring's counts). gradient_all_reduce:
+    ZeRO-1/2 all-reduce the gradient buckets instead of reduce-scattering them (DeepSpeed's default); tied_params:
+    elements two modules share, which ZeRO-3 gathers twice a pass."""
     grads, weights = params * grad_bytes, params * param_bytes
     if stage == 0:
         return [Collective("all_reduce", grads, phase="backward: gradients")]
@@ -176,11 +170,6 @@ def assumed_step_time(
     return step_flops(config, "pretrain", micro_batch, 20, 36).total / (peak * mfu)
 
 
-def pretraining_hours(samples_per_s: float, samples: float = AUTHORS_SAMPLES) -> float:
-    """Hours to train on `samples` samples (default: the authors' 20 epochs) at samples_per_s."""
-    return samples / samples_per_s / 3600
-
-
 def parameterised_modules(config: LxmertConfig) -> int:
     """Modules that own parameters directly: ZeRO-3 gathers each one's parameters when it runs."""
     import torch
@@ -200,15 +189,15 @@ COLUMNS = (
 )
 
 
-def table(args: argparse.Namespace) -> tuple[str, list[dict]]:
-    """The projection table (Markdown, with its assumptions in a header) and its rows."""
+def table(args: argparse.Namespace) -> str:
+    """The projection table (Markdown, with its assumptions in a header)."""
     from benchmarks.harness import markdown_table
     from engine.flops import parameter_count
 
     config = LxmertConfig()
     params = parameter_count(config)
     tied = config.vocab_size * config.hidden_size  # word embeddings = MLM decoder
-    links = Links(args.nvlink_gbs, args.ib_gbs, args.gpus_per_node, args.nvlink_latency_us, args.ib_latency_us)
+    links = Links(**{link.name: getattr(args, link.name) for link in fields(Links)})
     if args.step_time_ms is not None:
         t1, source = args.step_time_ms / 1e3, f"MEASURED single-GPU step time {args.step_time_ms:g} ms (given)"
     else:
@@ -230,7 +219,7 @@ def table(args: argparse.Namespace) -> tuple[str, list[dict]]:
                 row = dict(gpus=world, stage=stage if world > 1 else "any", overlap=overlap)
                 row.update(wire_gb=round(p.wire_bytes_per_rank / 1e9, 3), comm_ms=round(p.comm_s * 1e3, 2))
                 row.update(step_ms=round(p.step_time_s * 1e3, 2), efficiency=round(p.efficiency, 3))
-                hours = round(pretraining_hours(p.samples_per_s), 2)
+                hours = round(AUTHORS_SAMPLES / p.samples_per_s / 3600, 2)  # the authors' 20 epochs
                 rows.append(row | {"samples_per_s": round(p.samples_per_s), "hours": hours})
     zero12 = (
         "all-reduce of the gradients (DeepSpeed 0.19.8's default, 3 Psi b (N-1)/N)"
@@ -246,7 +235,7 @@ def table(args: argparse.Namespace) -> tuple[str, list[dict]]:
         f"{gather_calls} calls a pass, the tied word embeddings twice. Hours: {AUTHORS_SAMPLES / 1e6:g}M samples "
         f"(the authors' 20 epochs).\n"
     )
-    return header + "\n" + markdown_table(rows, COLUMNS), rows
+    return header + "\n" + markdown_table(rows, COLUMNS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,16 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--optimizer-ms", type=float, default=0.0, help="optimizer share of the step (ZeRO shards it)")
     parser.add_argument("--overlap", type=float, nargs="+", default=[0.0, 0.5], help="communication hidden (0-1)")
     parser.add_argument("--deepspeed-default", action="store_true", help="ZeRO-1/2 all-reduce gradients (DeepSpeed's)")
-    parser.add_argument("--nvlink-gbs", type=float, default=Links.nvlink_gbs)
-    parser.add_argument("--ib-gbs", type=float, default=Links.ib_gbs)
-    parser.add_argument("--gpus-per-node", type=int, default=Links.gpus_per_node)
-    parser.add_argument("--nvlink-latency-us", type=float, default=Links.nvlink_latency_us)
-    parser.add_argument("--ib-latency-us", type=float, default=Links.ib_latency_us)
+    for link in fields(Links):  # --nvlink-gbs, --ib-gbs, --gpus-per-node, --nvlink-latency-us, --ib-latency-us
+        parser.add_argument(f"--{link.name.replace('_', '-')}", type=type(link.default), default=link.default)
     parser.add_argument("--grad-bytes", type=float, default=2, help="bytes a gradient element on the wire")
     parser.add_argument("--param-bytes", type=float, default=2, help="bytes a parameter element on the wire")
     args = parser.parse_args(argv)
-    text, _ = table(args)
-    print(text)
+    print(table(args))
     return 0
 
 

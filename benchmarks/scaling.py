@@ -22,8 +22,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from benchmarks import harness
 from benchmarks.projection import wire_bytes, zero_collectives
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CPU_NOTE = "CPU ranks (gloo): the byte counts are the measurement; step times are not GPU numbers"
 # zero_optimization entries of the "textbook" configuration (module docstring), by stage
 TEXTBOOK = {
     0: {},
@@ -41,7 +43,6 @@ TEXTBOOK = {
     2: {"use_multi_rank_bucket_allreduce": False},
     3: {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
 }
-# bytes a rank sends for one call, as a multiple of the logged message size, in a world of n ranks
 # bytes a rank sends for one call, as a multiple of the logged message size, in a world of n ranks: all-reduce
 # 2 (N-1)/N; reduce-scatter (N-1)/N (logged: the whole input); all-gather N-1 (logged: this rank's shard); reduce
 # and broadcast (N-1)/N averaged over the ranks (the root sends nothing)
@@ -65,12 +66,8 @@ class TorchCollectiveCounter:
     reduce_scatter_tensor from then on). The message is the tensor argument DeepSpeed's logger would report:
     all_gather_into_tensor's input shard, reduce_scatter_tensor's whole input, a list's summed sizes."""
 
-    # name -> index of the positional argument holding the message (after the output, where there is one)
-    WATCHED = (
-        dict.fromkeys(("all_reduce", "reduce", "broadcast", "all_reduce_coalesced"), 0)
-        | dict.fromkeys(("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced"), 1)
-        | dict.fromkeys(("reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base"), 1)
-    )
+    # name -> index of the positional argument holding the message: gathers and scatters take their output first
+    WATCHED = {name: int("gather" in name or "scatter" in name) for name in SEND_FACTOR}
     KEYWORDS = ("tensor", "input_tensor", "input_list", "tensors", "input_tensor_list")
 
     def __init__(self) -> None:
@@ -86,11 +83,8 @@ class TorchCollectiveCounter:
         @functools.wraps(original)
         def counted(*args, **kwargs):
             if self.active:
-                message = (
-                    args[position]
-                    if len(args) > position
-                    else next((kwargs[k] for k in self.KEYWORDS if k in kwargs), None)
-                )
+                keyword = next((kwargs[k] for k in self.KEYWORDS if k in kwargs), None)
+                message = args[position] if len(args) > position else keyword
                 self.calls[name] += 1
                 self.bytes[name] += _nbytes(message)
             return original(*args, **kwargs)
@@ -135,10 +129,6 @@ def logger_messages() -> dict[str, dict[str, float]]:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def zero_overrides(mode: str, stage: int) -> dict[str, Any]:
-    return TEXTBOOK[stage] if mode == "textbook" else {}
-
-
 def run_config(args: argparse.Namespace, stores: tuple[Path, Path], mode: str, stage: int, world: int, out_dir: Path):
     """The engine's RunConfig for one stage: model size, data, optimizer, precision, ZeRO, a DeepSpeed template."""
     from engine.config import load_config
@@ -146,7 +136,7 @@ def run_config(args: argparse.Namespace, stores: tuple[Path, Path], mode: str, s
 
     text, feats = stores
     template = out_dir / f"deepspeed_{mode}_zero{stage}_rank{tdist.get_rank()}.json"
-    template.write_text(json.dumps({"zero_optimization": zero_overrides(mode, stage)}))
+    template.write_text(json.dumps({"zero_optimization": TEXTBOOK[stage] if mode == "textbook" else {}}))
     overrides = harness.tiny_model_overrides(TextStore(text), harness.TINY_FEAT_DIM) if args.model == "tiny" else []
     overrides += [f"model.attn_backend={args.attn}", f"data.train.text={text}", f"data.train.features={feats}"]
     overrides += ["data.num_workers=0", "optim.name=adamw", "train.epochs=1000", "train.resume=none", "train.seed=0"]
@@ -158,16 +148,10 @@ def run_config(args: argparse.Namespace, stores: tuple[Path, Path], mode: str, s
 
 def draw_batches(trainer, count: int) -> list:
     """`count` batches from the engine's loader, on the device in the precision DeepSpeed runs the model in."""
+    from benchmarks.dataloader import endless
+
     float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[trainer.config.train.precision]
-    batches, epoch = [], 0
-    while len(batches) < count:
-        trainer.loader.set_epoch(epoch)
-        for batch in trainer.loader:
-            batches.append(batch.to(trainer.device, float_dtype=float_dtype))
-            if len(batches) == count:
-                break
-        epoch += 1
-    return batches
+    return [batch.to(trainer.device, float_dtype=float_dtype) for batch in islice(endless(trainer.loader), count)]
 
 
 def measure_stage(
@@ -214,12 +198,12 @@ def measure_stage(
     logged = logger_messages()
     dscomm.reset_log()
 
-    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainer.model.parameters())
+    params = sum(numel(p) for p in trainer.model.parameters())
     n = max(args.count_steps, 1)
     result = {
         "rank": rank,
         "step_ms": times,
-        "loss_last": float(torch.stack(losses[-1:]).float().item()),
+        "loss_last": losses[-1].float().item(),
         "params": int(params),
         "tied_params": shared_elements(trainer.model),
         "logger": {k: {"calls": v["calls"] / n, "bytes": v["bytes"] / n} for k, v in logged.items()},
@@ -236,77 +220,57 @@ def measure_stage(
     return result
 
 
-def baseline_row(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The latest 1-rank row of `path` whose config equals `key` (for the scaling efficiency)."""
-    matches = [
-        r for r in harness.read_rows(path) if r.get("world_size") == 1 and all(r.get(k) == v for k, v in key.items())
-    ]
-    return matches[-1] if matches else None
-
-
-def analytic_bytes(mode: str, stage: int, params: int, tied: int, element: int, world: int) -> float:
-    """Bytes a rank sends a step by the formulas: the textbook ones, or DeepSpeed's gradient all-reduce for ZeRO-1/2
-    in the engine's configuration (ZeRO-3 there: the textbook count, an upper bound)."""
-    collectives = zero_collectives(
-        stage, params, element, element, gradient_all_reduce=mode == "engine", tied_params=tied
-    )
-    return wire_bytes(collectives, world)
+def numel(p: torch.nn.Parameter) -> int:
+    """Elements of a parameter, a ZeRO-3 partitioned one's whole size too."""
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
 def shared_elements(model: torch.nn.Module) -> int:
     """Elements of parameters registered in more than one module (the tied word embeddings / MLM decoder)."""
-    owners: dict[int, int] = defaultdict(int)
-    sizes: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] += 1
-            sizes[id(p)] = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-    return sum(sizes[i] * (count - 1) for i, count in owners.items())
+    owners = Counter(p for module in model.modules() for p in module.parameters(recurse=False))
+    return sum(numel(p) * (count - 1) for p, count in owners.items())
 
 
 def summarize_stage(args, env, mode: str, stage: int, world: int, per_rank: list[dict]) -> dict[str, Any]:
-    cuda = torch.cuda.is_available()
-    step = harness.summarize([t for r in per_rank for t in r["step_ms"]])
     slowest = max(harness.summarize(r["step_ms"])["median_ms"] for r in per_rank)  # the step waits for every rank
-    params = per_rank[0]["params"]
-    element = DTYPE_BYTES[args.precision]
-    analytic = analytic_bytes(mode, stage, params, per_rank[0]["tied_params"], element, world)
+    params, tied = per_rank[0]["params"], per_rank[0]["tied_params"]
+    # the formulas' bytes: textbook, or DeepSpeed's gradient all-reduce for ZeRO-1/2 in the engine's configuration
+    # (its ZeRO-3: the textbook count, an upper bound)
+    element, engine = DTYPE_BYTES[args.precision], mode == "engine"
+    collectives = zero_collectives(stage, params, element, element, gradient_all_reduce=engine, tied_params=tied)
+    analytic = wire_bytes(collectives, world)
     key = dict(benchmark="scaling", device=env["device"], model=args.model, attn=args.attn, precision=args.precision)
     key.update(micro_batch=args.micro_batch, zero_config=mode, zero_stage=stage)
     per_gpu = args.micro_batch / (slowest / 1e3)
-    base = baseline_row(args.out, key) if world > 1 else None
+    ones = [r for r in harness.read_rows(args.out) if r.get("world_size") == 1 and r.items() >= key.items()]
+    base = ones[-1] if ones and world > 1 else None  # the latest 1-rank row of the same config
     efficiency = 1.0 if world == 1 else (per_gpu / base["samples_per_s_per_gpu"] if base else None)
-    logger_sent = [r["logger_sent_bytes"] for r in per_rank]
-    torch_sent = [r["torch_sent_bytes"] for r in per_rank]
+    sent = {how: sum(r[f"{how}_sent_bytes"] for r in per_rank) / world for how in ("logger", "torch")}
     return {
         **env,
         **key,
         "world_size": world,
         "global_batch": args.micro_batch * world,
         "params": params,
-        "tied_params": per_rank[0]["tied_params"],
+        "tied_params": tied,
         "warmup": args.warmup,
         "steps": args.steps,
         "count_steps": args.count_steps,
-        "zero_optimization_overrides": zero_overrides(mode, stage),
+        "zero_optimization_overrides": TEXTBOOK[stage] if mode == "textbook" else {},
         "step_median_ms": slowest,
-        "step_all_ranks": step,
+        "step_all_ranks": harness.summarize([t for r in per_rank for t in r["step_ms"]]),
         "samples_per_s_per_gpu": per_gpu,
         "samples_per_s": per_gpu * world,
         "scaling_efficiency": efficiency,
-        "efficiency_baseline": None
-        if base is None
-        else {"commit": base["commit"], "date": base["date"], "samples_per_s_per_gpu": base["samples_per_s_per_gpu"]},
-        "sent_bytes_logger": sum(logger_sent) / world,
-        "sent_bytes_torch": sum(torch_sent) / world,
+        "efficiency_baseline": base and {k: base[k] for k in ("commit", "date", "samples_per_s_per_gpu")},
+        "sent_bytes_logger": sent["logger"],
+        "sent_bytes_torch": sent["torch"],
         "sent_bytes_analytic": analytic,
-        "logger_over_analytic": (sum(logger_sent) / world / analytic) if analytic else None,
-        "torch_over_analytic": (sum(torch_sent) / world / analytic) if analytic else None,
+        "logger_over_analytic": sent["logger"] / analytic if analytic else None,
+        "torch_over_analytic": sent["torch"] / analytic if analytic else None,
         "per_rank": per_rank,
         "loss_last": per_rank[0]["loss_last"],
-        "note": None
-        if cuda
-        else "CPU ranks (gloo): the byte counts are the measurement; step times are not GPU numbers",
+        "note": None if torch.cuda.is_available() else CPU_NOTE,
     }
 
 
@@ -324,7 +288,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         if first["measured_on"] == "gpu"
         else f"CPU ranks (gloo, host {first.get('host_cpu')}, {first['cpu_count']} cores): bytes measured, times NOT GPU numbers"  # noqa: E501
     )
-    lines = [
+    in_mb = [
         r | {f"sent_mb_{how}": r[f"sent_bytes_{how}"] / 1e6 for how in ("logger", "torch", "analytic")} for r in rows
     ]
     return (
@@ -335,7 +299,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         f"parameters, T = {first['tied_params']:,} of them tied, b bytes an element): textbook ZeRO-0/1/2 "
         f"2 Psi b (N-1)/N, ZeRO-3 (3 Psi + 2 T) b (N-1)/N; the engine's DeepSpeed configuration all-reduces ZeRO-1/2 "
         f"gradients, 3 Psi b (N-1)/N (its ZeRO-3 count is the textbook upper bound).\n\n"
-        f"{harness.markdown_table(lines, COLUMNS)}"
+        f"{harness.markdown_table(in_mb, COLUMNS)}"
     )
 
 

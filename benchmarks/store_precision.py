@@ -45,20 +45,15 @@ def rounding_error(seed: int = 0, n: int = 2_000_000) -> dict[str, float]:
 
 def stores(work: Path, images: int, feat_dim: int) -> dict[str, tuple[Path, Path]]:
     """{"fp16": (text, feats), "fp32": (text, feats)} converted from one synthetic set."""
-    from engine.data import convert, synthetic
+    from benchmarks.dataloader import convert_synthetic
+    from engine.data import synthetic
 
     syn = work / "synthetic"
     synthetic.generate(syn, images, feat_dim=feat_dim, seed=0)
-    tsvs = [syn / "mscoco_imgfeat/train2014_obj36.tsv", syn / "mscoco_imgfeat/val2014_obj36.tsv"]
-    texts = [syn / "lxmert/mscoco_train.json"]
-    out = {}
     for name in ("fp16", "fp32"):
-        feats, text = work / name / "feats", work / name / "text"
-        convert.convert_features(tsvs, feats, feat_dim=feat_dim, fp32=name == "fp32", progress=False)
-        convert.convert_text(texts, feats, text, answers=syn / "lxmert/all_ans.json", progress=False)
-        out[name] = (text, feats)
+        convert_synthetic(syn, work / name, feat_dim, ["mscoco_train"], fp32=name == "fp32")
     shutil.rmtree(syn)
-    return out
+    return {name: (work / name / "text", work / name / "feats") for name in ("fp16", "fp32")}
 
 
 def losses(text: Path, feats: Path, out: Path, steps: int, log_every: int) -> list[tuple[int, float]]:

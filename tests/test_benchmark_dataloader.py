@@ -16,24 +16,8 @@ CUDA = torch.cuda.is_available()
 
 def test_quick_run_writes_rows_and_table(tmp_path):
     out = tmp_path / "results" / "dataloader.jsonl"
-    argv = [
-        "--quick",
-        "--images",
-        "12",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--workers",
-        "0",
-        "1",
-        "--dali-threads",
-        "2",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--out",
-        str(out),
-    ]
+    argv = "--quick --images 12 --steps 3 --warmup 1 --workers 0 1 --dali-threads 2".split()
+    argv += ["--data-dir", str(tmp_path / "data"), "--out", str(out)]
     assert dataloader.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["loader"], r["workers"]) for r in rows] == [("torch", 0), ("torch", 1), ("gpu", 0), ("dali", 2)]

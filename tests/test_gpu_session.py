@@ -118,16 +118,9 @@ def test_a_failed_stage_and_one_over_its_limit_are_recorded_and_the_later_stages
     start = time.perf_counter()
     assert gs.run_session(session, list(stages.values())) == 1
     results = {r.name: r for r in session.results}
-    assert [r.name for r in session.results] == STAGES
-    assert {name: r.status for name, r in results.items()} == {
-        "preflight": "ok",
-        "environment": "ok",
-        "kernel_tests": "failed",
-        "kernels": "timed out",
-        "throughput": "ok",
-        "pretrain_data": "ok",
-        "pretrain": "ok",
-    }
+    assert [(r.name, r.status) for r in session.results] == list(
+        zip(STAGES, ["ok", "ok", "failed", "timed out", "ok", "ok", "ok"])
+    )
     assert results["kernel_tests"].returncode == 3 and "exit status 3" in results["kernel_tests"].note
     assert not ran_after_failure.exists(), "a stage goes on after its failing command"
     assert results["kernels"].limit_s == 2.0 and 2.0 <= results["kernels"].seconds < 6.0
