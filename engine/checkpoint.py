@@ -18,7 +18,10 @@ Layout under <output_dir>/checkpoints/ (the same for both paths, so `resume="aut
 A save (either path) writes every part into step_X.tmp/, fsynced, then manifest.json (atomically), renames the
 directory into place and moves `latest`. A crash at any point leaves the earlier checkpoints as they were, plus at
 most a .tmp directory (removed by the next save of that step, or by prune). Under DeepSpeed every rank hashes the
-files it wrote (our checkpoint engine records them, below) and rank 0 writes the manifest once all are done.
+files it wrote (our checkpoint engine records them, below) and rank 0 writes the manifest once all are done. A write
+that fails on one rank (a full disk on one node) fails the save on every rank, with that rank's OSError: the writer
+keeps the error and writes nothing more, so the rank still reaches DeepSpeed's own barriers and the ranks' exchange
+of what they wrote, which carries it; no manifest is written and no rank waits for one that gave up.
 train.keep_checkpoints = N deletes all but the N newest complete checkpoints after each save (`prune`).
 
 Where a run resumes (resolve_resume; engine/runtime.resume_point): the step directories newest first. One that is
@@ -518,12 +521,26 @@ def _checkpoint_engine_class() -> type:
             super().__init__(None)
             self.zipfile_serialization = zipfile_serialization
             self.written: list[Path] = []
+            self.failure: OSError | None = None  # this save's first failed write: nothing is written after it
+
+        def makedirs(self, path: str, exist_ok: bool = False) -> None:
+            if self.failure is None:
+                try:
+                    super().makedirs(path, exist_ok=exist_ok)
+                except OSError as error:
+                    self.failure = _bare(error)
 
         def save(self, state_dict: Any, path: str) -> None:
+            if self.failure is not None:
+                return
             try:
-                torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
-            except RuntimeError as error:
-                raise _save_error(error, Path(path), state_dict) from None
+                try:
+                    torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
+                except RuntimeError as error:
+                    raise _save_error(error, Path(path), state_dict) from None
+            except OSError as error:  # kept, not raised: the other ranks are on their way to DeepSpeed's barriers
+                self.failure = _bare(error)
+                return
             self.record(Path(path))
 
         def record(self, file: Path) -> None:
@@ -597,25 +614,45 @@ def save_deepspeed(engine: Any, output_dir: str | Path, step: int, client_state:
     if world > 1:
         dist.barrier()
     writer.written.clear()
+    writer.failure = None
     rng_file = staging / RNG_FILE.format(rank)
-    write_text_atomic(rng_file, json.dumps(rng_state()) + "\n")
-    writer.record(rng_file)
+    try:
+        write_text_atomic(rng_file, json.dumps(rng_state()) + "\n")
+        writer.record(rng_file)
+    except OSError as error:
+        writer.failure = _bare(error)
     engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
-    mine = {file.name: _part(file) for file in writer.written}
+    mine: dict[str, Any] = {"parts": {}, "failure": _failure(writer.failure)}
+    if writer.failure is None:
+        mine["parts"] = {file.name: _part(file) for file in writer.written}
     every = [mine]
     if world > 1:
         every = [None] * world
         dist.all_gather_object(every, mine)
+    failed = [(r, theirs["failure"]) for r, theirs in enumerate(every) if theirs["failure"]]
+    if failed:  # every rank raises the first failing rank's error: none writes or waits any further
+        r, (code, why, filename) = failed[0]
+        raise OSError(code, why if world == 1 else f"{why} on rank {r}", filename)
     final = root / tag_of(step)
     if rank == 0:
         parts: dict[str, dict[str, Any]] = {}
         for theirs in every:
-            parts.update(theirs)
+            parts.update(theirs["parts"])
         _write_manifest(staging, step, "deepspeed", parts)
         _install(staging, final)
     if world > 1:
         dist.barrier()
     return final
+
+
+def _bare(error: OSError) -> OSError:
+    """The error without its traceback, whose frames would keep the file it failed on open."""
+    return OSError(error.errno, error.strerror or str(error), error.filename)
+
+
+def _failure(error: OSError | None) -> tuple[int | None, str, str | None] | None:
+    """An OSError as the ranks exchange it: (errno, why, file)."""
+    return None if error is None else (error.errno, error.strerror or str(error), error.filename)
 
 
 def read_rng(path: Path, rank: int) -> Any:

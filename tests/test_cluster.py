@@ -320,11 +320,10 @@ def test_two_nodes_train_as_one_and_resume_after_both_die(launcher, reference, s
     assert_same_run(out, reference, f"{launcher}: {job.text()}")
 
 
-@pytest.mark.slow
-def test_srun_tasks_train_as_the_launchers_ranks(reference, stores, tmp_path):
+def srun_tasks(stores, out: Path, logs: Path, argv_of=lambda node, argv: argv) -> Job:
     """`srun --nodes 2 --ntasks-per-node 1 python -m engine.pretrain ...` as srun starts it: no launcher, each task
-    told its place by SLURM_* variables; MASTER_ADDR from the job script."""
-    out = tmp_path / "run"
+    told its place by SLURM_* variables; MASTER_ADDR from the job script. argv_of(node, argv) may change a task's
+    command line."""
     line = substituted(
         README_SRUN, [("srun --nodes 2 --ntasks-per-node 8 ", ""), ("--config configs/pretrain.yaml ", "")]
     )
@@ -342,9 +341,72 @@ def test_srun_tasks_train_as_the_launchers_ranks(reference, stores, tmp_path):
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
         }
-        job.start([*shlex.split(line), *overrides(stores, out)], base_env(**slurm), tmp_path / f"task{node}.log")
+        argv = argv_of(node, [*shlex.split(line), *overrides(stores, out)])
+        job.start(argv, base_env(**slurm), logs / f"task{node}.log")
+    return job
+
+
+@pytest.mark.slow
+def test_srun_tasks_train_as_the_launchers_ranks(reference, stores, tmp_path):
+    out = tmp_path / "run"
+    job = srun_tasks(stores, out, tmp_path)
     codes = job.wait()
     assert job.finished(), f"exit codes {codes}\n{job.text()}"
+    assert_same_run(out, reference, job.text())
+
+
+FULL_DISK_ON_ONE_NODE = """\
+# node 1's disk fills up during the save of step {step}: its optimizer shard cannot be written
+import errno, runpy, torch
+
+real_save = torch.save
+
+
+def save(obj, f, *args, **kwargs):
+    if "{tag}.tmp" in str(f) and "optim_states" in str(f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save
+runpy.run_module("engine.pretrain", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_on_one_node_stops_every_rank_with_one_line_and_resumes(reference, stores, tmp_path):
+    """A full disk on one node during a 2-rank save: both ranks stop there (neither waits in a collective for the
+    other), exit 2, each says the one line naming the file and the rank; the last complete checkpoint stays latest,
+    and the same command, once there is room, ends as the uninterrupted run."""
+    out, step = tmp_path / "run", 2 * SAVE_EVERY
+    script = tmp_path / "full_disk_on_one_node.py"
+    script.write_text(FULL_DISK_ON_ONE_NODE.format(step=step, tag=ckpt.tag_of(step)))
+
+    def node1_full(node: int, argv: list[str]) -> list[str]:
+        at = argv.index("-m")
+        return [*argv[:at], str(script), *argv[at + 2 :]] if node == 1 else argv
+
+    (tmp_path / "failing").mkdir()
+    job = srun_tasks(stores, out, tmp_path / "failing", node1_full)
+    codes = job.wait(timeout=240)  # rank 0 waited at DeepSpeed's barrier: gloo's broke (a traceback), NCCL's hangs
+    assert codes == [2, 2], f"exit codes {codes}\n{job.text()}"
+    shard = ckpt.checkpoint_root(out) / f"{ckpt.tag_of(step)}.tmp" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    kept = ckpt.checkpoint_root(out) / ckpt.tag_of(step - SAVE_EVERY)
+    said = f"lxmert-pretrain: error: checkpoint {ckpt.tag_of(step)} into {ckpt.checkpoint_root(out)} failed: "
+    said += f"{shard}: No space left on device on rank 1 ("
+    for log in job.logs:  # rank 0 says it, and rank 1, whose disk it is
+        text = log.read_text()
+        errors = [line for line in text.splitlines() if line.startswith("lxmert-pretrain: error:")]
+        assert len(errors) == 1 and errors[0].startswith(said), f"{log}:\n{text[-3000:]}"
+        assert errors[0].endswith(f"; {kept} stays the latest") and "Traceback" not in text, errors[0]
+    assert (ckpt.checkpoint_root(out) / ckpt.LATEST).read_text().strip() == ckpt.tag_of(step - SAVE_EVERY)
+    assert not (ckpt.checkpoint_root(out) / ckpt.tag_of(step)).exists()
+
+    (tmp_path / "rerun").mkdir()
+    job = srun_tasks(stores, out, tmp_path / "rerun")
+    codes = job.wait()
+    assert job.finished(), f"exit codes {codes}\n{job.text()}"
+    assert f"resumed from {kept} at step {step - SAVE_EVERY}" in job.printed()
     assert_same_run(out, reference, job.text())
 
 
