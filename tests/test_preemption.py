@@ -347,6 +347,27 @@ def test_a_two_rank_zero_job_signalled_as_a_scheduler_does_stops_at_one_step_and
     assert_resumed_as_uninterrupted(out, reference, text, step, path)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed")
+def test_a_two_rank_job_stops_by_its_time_limit_at_one_step_on_both_ranks(stores, tmp_path):
+    """train.time_limit on rank 0's clock, 2 ranks: both stop at the step rank 0 decides (the other rank's clock,
+    started later, would decide another), each writing its shards into the one checkpoint, exit 75."""
+    out, limit = tmp_path / "run", 20.0
+    tick = time.monotonic()
+    command = launcher(stores, out, "train.max_steps=100000", f"train.time_limit={limit}")
+    rc, text = run(command, tmp_path / "run.log", timeout=120)
+    seconds = time.monotonic() - tick
+    assert rc == EXIT_PREEMPTED, text[-3000:]
+    line = f"stopped at step {{step}} by train.time_limit {limit}: checkpoint {{checkpoint}}; the same command "
+    step, path = assert_stopped(out, text, 1, line + "resumes it", steps=100000)
+    parts = ckpt.read_manifest(path)["parts"]
+    assert sorted(p for p in parts if p.startswith("rng_rank")) == ["rng_rank0.json", "rng_rank1.json"]
+    assert sum("optim_states" in p for p in parts) == 2
+    # the launcher reports the first rank to exit (then it ends the other, whose part is written): 75
+    assert re.findall(r"exits with return code = (-?\d+)", text)[:1] == ["75"], text[-3000:]
+    assert step > 1 or seconds > limit - 10, (step, seconds)  # stopped at once only where start-up ate the budget
+
+
 def test_the_main_job_ends_with_a_stopped_runs_line_and_status(monkeypatch, tmp_path, capsys):
     """engine.main does not go on to fine-tuning after a stopped pre-training: its line, its status."""
     from engine import main as job
