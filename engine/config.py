@@ -168,7 +168,8 @@ class TrainConfig:
     output_dir: str = "runs/lxmert"
     """Checkpoints, logs and the resolved config go here."""
     resume: str = "auto"
-    """"auto": from the latest checkpoint in output_dir if there is one; "none": start afresh; else a path. A resume
+    """"auto": from the latest checkpoint in output_dir if there is one; "none": start afresh (an earlier run's files
+    there are moved into output_dir/previous-<UTC time>/ first: engine.output_dir.set_aside); else a path. A resume
     continues the run exactly, so the config must agree with the checkpoint's run wherever a resume cannot absorb a
     change (engine/output_dir.py ABSORBED lists what may change). "weights:<checkpoint or run dir>": that
     checkpoint's weights with a new optimizer, schedule and loader from step 0 (a new schedule on purpose; into a

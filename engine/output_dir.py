@@ -22,6 +22,10 @@ names a live other job (the refusal rank 0 prints too) or rank 0 never takes it 
 
 Resume checks (`resume_conflicts`): a checkpoint is continued only by a run whose config agrees with the run that
 wrote it (its <run>/config.yaml) wherever a resume cannot absorb a change; ABSORBED lists the keys that may differ.
+
+A fresh start into a directory a run has written (train.resume=none): rank 0, holding the lock, moves what is there
+into <dir>/previous-<UTC time>/ first (`set_aside`), so the new run's checkpoints, log and config never mix with or
+write over the old ones, and nothing already written is lost.
 """
 
 from __future__ import annotations
@@ -234,6 +238,32 @@ def _move_aside(path: Path, holder: dict[str, Any]) -> bool:
         return False
     aside.unlink(missing_ok=True)
     return True
+
+
+PREVIOUS = "previous-"  # <dir>/previous-<UTC time>/: what a fresh start found there
+
+
+def set_aside(directory: str | Path) -> Path | None:
+    """Everything in `directory` but the lock (and earlier set-asides) moved into a new <dir>/previous-<UTC time>/,
+    each entry by one rename (a kill midway leaves the rest, which the next fresh start moves); None when there is
+    nothing to move."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    kept = (LOCK_FILE, f".{LOCK_FILE}", PREVIOUS)
+    entries = sorted(p for p in directory.iterdir() if not p.name.startswith(kept))
+    if not entries:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = directory / f"{PREVIOUS}{stamp}"
+    for n in range(2, 1000):  # two fresh starts in one second
+        if not target.exists():
+            break
+        target = directory / f"{PREVIOUS}{stamp}-{n}"
+    target.mkdir()
+    for entry in entries:
+        entry.rename(target / entry.name)
+    return target
 
 
 def _wait_for_rank0(directory: Path, rank: int) -> None:

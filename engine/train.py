@@ -77,7 +77,7 @@ from engine.flops import mfu, peak_flops
 from engine.launch import Launch, all_reduce_sum, choose_deepspeed, error_line, pick_device, set_threads
 from engine.logs import configure_logging
 from engine.metrics_log import MetricsLog, WandbRun, check_trackers, console_line, peak_memory_gib
-from engine.output_dir import WEIGHTS_KEYS, RunError, RunLock, flatten, resume_conflicts, write_failure
+from engine.output_dir import WEIGHTS_KEYS, RunError, RunLock, flatten, resume_conflicts, set_aside, write_failure
 from engine.records import EvalRecord, RunSummary, TrainRecord
 from engine.runtime import Runtime, resume_point
 from engine.stopping import (
@@ -249,9 +249,19 @@ class Trainer:
         """The run from its checked inputs, under the output directory's lock: where it resumes (checked against
         the checkpoint's config), the model, loaders and runtime, the resumed state, config.yaml."""
         t = self.config.train
-        self.resume_from, self.weights_only_resume = self._resume_point(self.task.resume_setting())
+        setting = self.task.resume_setting()
+        self.resume_from, self.weights_only_resume = self._resume_point(setting)
         if self.resume_from is not None:
             self._check_resume(self.resume_from)
+        if setting == "none" and self.rank == 0 and not self.task.evaluate_only:
+            try:
+                previous = set_aside(self.output_dir)  # a fresh start: an earlier run's files are kept, not mixed in
+            except OSError as error:
+                raise RunError(
+                    write_failure(error, self.output_dir, "train.resume=none: moving the previous run")
+                ) from None
+            if previous is not None:
+                self._log(f"train.resume=none: what {self.output_dir} held is now in {previous}")
 
         torch.manual_seed(t.seed)  # initialisation, then dropout
         self.model = self.task.build_model(self.context())

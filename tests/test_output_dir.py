@@ -282,6 +282,26 @@ def test_resume_weights_starts_a_new_schedule_from_a_checkpoints_weights(finishe
     assert not (out / LOCK_FILE).exists()  # released when the start-up failed
 
 
+def test_a_fresh_start_into_a_used_directory_keeps_the_previous_run_aside(finished, stores, tmp_path, capsys):
+    """train.resume=none into a finished run's directory: its files move, byte for byte, into previous-<time>/
+    (said in one line), and the new run is a fresh one (the same records as the first run's, no resume)."""
+    out = shutil.copytree(finished, tmp_path / "run")
+    before = {name: (out / name).read_bytes() for name in sorted(files(out))}
+    capsys.readouterr()
+    assert pretrain.main(overrides(stores, out, "train.resume=none")) == 0
+    (previous,) = [p for p in out.iterdir() if p.name.startswith(output_dir.PREVIOUS)]
+    assert f"train.resume=none: what {out} held is now in {previous}" in capsys.readouterr().out.splitlines()
+    assert {name: (previous / name).read_bytes() for name in sorted(files(previous))} == before
+    timing = ("samples_per_s", "tokens_per_s", "tflops", "data_wait_share", "step_time_s", "eta_s", "peak_memory_gib")
+    records = [
+        [{k: v for k, v in json.loads(line).items() if k not in timing} for line in path.read_text().splitlines()]
+        for path in (out / "metrics.jsonl", previous / "metrics.jsonl")
+    ]
+    assert records[0] == records[1] and all(r["kind"] != "resume" for r in records[0])
+    assert sorted(p.name for p in ckpt.checkpoint_root(out).iterdir()) == [ckpt.LATEST, ckpt.tag_of(2)]
+    assert output_dir.set_aside(tmp_path / "missing") is None and not (out / LOCK_FILE).exists()
+
+
 # ----------------------------------------------------------------------------------------- one-line failures
 
 
