@@ -534,12 +534,10 @@ def _checkpoint_engine_class() -> type:
             if self.failure is not None:
                 return
             try:
-                try:
-                    torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
-                except RuntimeError as error:
-                    raise _save_error(error, Path(path), state_dict) from None
-            except OSError as error:  # kept, not raised: the other ranks are on their way to DeepSpeed's barriers
-                self.failure = _bare(error)
+                torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
+            except (OSError, RuntimeError) as error:  # kept, not raised: the other ranks go on to DeepSpeed's barriers
+                self.failure = _save_error(error, Path(path), state_dict) if isinstance(error, RuntimeError) else error
+                self.failure = _bare(self.failure)
                 return
             self.record(Path(path))
 
@@ -563,17 +561,18 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def _save_error(error: RuntimeError, path: Path, state: Any) -> Exception:
-    """torch.save's failure as an OSError(ENOSPC) naming the file when the filesystem has no room for what it was
-    writing (its writer says only "[enforce fail at inline_container.cc:...] unexpected pos ..."); else as it was."""
+def _save_error(error: RuntimeError, path: Path, state: Any) -> OSError:
+    """torch.save's RuntimeError as the OSError it stands for, naming the file: ENOSPC when the filesystem has no
+    room for what it was writing (its writer says only "[enforce fail at inline_container.cc:...] unexpected pos
+    ..."), else EIO with torch's message."""
     needed = _tensor_bytes(state)
     try:
-        free = shutil.disk_usage(path.parent).free
+        full = shutil.disk_usage(path.parent).free < needed
     except OSError:
-        return error
-    if free >= needed:
-        return error
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"torch.save failed: {' '.join(str(error).split())[:300]}", str(path))
 
 
 def install_checkpoint_engine(engine: Any) -> Any:

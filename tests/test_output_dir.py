@@ -15,6 +15,7 @@ Tiny model and the shared synthetic stores, CPU fp32; the first test runs one pr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -403,6 +404,30 @@ def test_safetensors_io_errors_are_os_errors_naming_the_file(tmp_path, monkeypat
         ckpt.write_state_dict({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
     assert error.value.errno == 28 and error.value.filename == str(tmp_path / "model.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not launch.deepspeed_available(), reason="DeepSpeed is not installed")
+def test_deepspeeds_writer_keeps_its_first_failed_write_as_an_os_error_and_writes_no_more(tmp_path, monkeypatch):
+    """What lets every rank of a save agree on a failure (tests/test_cluster.py): torch.save's RuntimeError is an
+    OSError naming the file (EIO with torch's words, or ENOSPC where the disk has no room), kept, not raised."""
+    writer = ckpt._checkpoint_engine_class()(True)
+    calls = []
+
+    def broken(obj, path, **kwargs):
+        calls.append(path)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", broken)
+    first, second = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    writer.save({"w": torch.zeros(2)}, first)
+    writer.save({"w": torch.zeros(2)}, second)
+    assert calls == [first] and writer.written == [] and writer.failure.filename == first
+    assert writer.failure.errno == errno.EIO and "unexpected pos 64 vs 0" in writer.failure.strerror
+    assert writer.failure.__traceback__ is None  # its frames would hold the failed file open
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+    writer.failure = None
+    writer.save({"w": torch.zeros(2)}, first)
+    assert writer.failure.errno == errno.ENOSPC and writer.failure.filename == first
 
 
 def test_an_output_directory_that_cannot_be_made_is_one_line(stores, tmp_path, capsys):
