@@ -536,8 +536,9 @@ def _checkpoint_engine_class() -> type:
             try:
                 torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
             except (OSError, RuntimeError) as error:  # kept, not raised: the other ranks go on to DeepSpeed's barriers
-                self.failure = _save_error(error, Path(path), state_dict) if isinstance(error, RuntimeError) else error
-                self.failure = _bare(self.failure)
+                self.failure = (
+                    _save_error(error, Path(path), state_dict) if isinstance(error, RuntimeError) else _bare(error)
+                )
                 return
             self.record(Path(path))
 
@@ -621,17 +622,17 @@ def save_deepspeed(engine: Any, output_dir: str | Path, step: int, client_state:
     except OSError as error:
         writer.failure = _bare(error)
     engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
-    mine: dict[str, Any] = {"parts": {}, "failure": _failure(writer.failure)}
+    mine: dict[str, Any] = {"parts": {}, "failure": writer.failure}  # a bare OSError pickles as it is
     if writer.failure is None:
         mine["parts"] = {file.name: _part(file) for file in writer.written}
     every = [mine]
     if world > 1:
         every = [None] * world
         dist.all_gather_object(every, mine)
-    failed = [(r, theirs["failure"]) for r, theirs in enumerate(every) if theirs["failure"]]
+    failed = [(r, theirs["failure"]) for r, theirs in enumerate(every) if theirs["failure"] is not None]
     if failed:  # every rank raises the first failing rank's error: none writes or waits any further
-        r, (code, why, filename) = failed[0]
-        raise OSError(code, why if world == 1 else f"{why} on rank {r}", filename)
+        r, error = failed[0]
+        raise error if world == 1 else OSError(error.errno, f"{error.strerror} on rank {r}", error.filename)
     final = root / tag_of(step)
     if rank == 0:
         parts: dict[str, dict[str, Any]] = {}
@@ -647,11 +648,6 @@ def save_deepspeed(engine: Any, output_dir: str | Path, step: int, client_state:
 def _bare(error: OSError) -> OSError:
     """The error without its traceback, whose frames would keep the file it failed on open."""
     return OSError(error.errno, error.strerror or str(error), error.filename)
-
-
-def _failure(error: OSError | None) -> tuple[int | None, str, str | None] | None:
-    """An OSError as the ranks exchange it: (errno, why, file)."""
-    return None if error is None else (error.errno, error.strerror or str(error), error.filename)
 
 
 def read_rng(path: Path, rank: int) -> Any:

@@ -83,16 +83,18 @@ def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, BertAdam) or bool(optimizer.defaults.get("fused"))
 
 
-def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
-    """optimizer.step(), applying nothing where the 0-dim bool `skip` is true. Optimizers that cannot take the
-    decision on the device (takes_found_inf) read it: one host wait."""
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor, step: Callable[[], Any] | None = None) -> None:
+    """optimizer.step() (or `step`, the optimizer's own step where a wrapper replaced it), applying nothing where
+    the 0-dim bool `skip` is true. Optimizers that cannot take the decision on the device (takes_found_inf) read
+    it: one host wait."""
+    step = step or optimizer.step
     if not takes_found_inf(optimizer):
         if not bool(skip):
-            optimizer.step()
+            step()
         return
     optimizer.found_inf = skip.to(torch.float32)
     try:
-        optimizer.step()
+        step()
     finally:
         del optimizer.found_inf
 
@@ -260,13 +262,7 @@ class Runtime:
             if norm is None:
                 return step(*args, **kwargs)
             skip = ~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32))
-            if not takes_found_inf(inner):
-                return None if bool(skip) else step(*args, **kwargs)
-            inner.found_inf = skip.to(torch.float32)
-            try:
-                return step(*args, **kwargs)
-            finally:
-                del inner.found_inf
+            step_unless(inner, skip, functools.partial(step, *args, **kwargs))
 
         inner.step = step_unless_non_finite
 
