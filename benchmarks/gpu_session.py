@@ -374,8 +374,8 @@ def throughput_commands(session: Session) -> list[list[str]]:
 
 
 def throughput_numbers(session: Session) -> list[Number]:
-    numbers = []
-    for row in harness.read_rows(session.work / THROUGHPUT_ROWS):
+    numbers, rows = [], harness.read_rows(session.work / THROUGHPUT_ROWS)
+    for row in rows:
         if row.get("kind") == "parity":
             what = f"parity {row['precision']} b{row['batch']}: relative difference of transformers' loss and ours"
             numbers.append(session.number("throughput", what, row["rel_diff"], "", row))
@@ -388,7 +388,7 @@ def throughput_numbers(session: Session) -> list[Number]:
                 numbers.append(session.number("throughput", over, row["speedup_vs_hf"], "x", row))
         elif row.get("kind") == "throughput" and str(row.get("note", "")).startswith(("failed", "skipped")):
             session.notes.append(f"throughput {row['name']}: {row['note'][:200]}")
-    names = [row.get("name", "") for row in harness.read_rows(session.work / THROUGHPUT_ROWS)]
+    names = [row.get("name", "") for row in rows]
     for path in GPU_PATHS:  # what the CPU cannot answer: say so when the time budget left one out
         if not any(path in name for name in names):
             session.notes.append(f"throughput: no {path} row (the stage's time budget ran out first)")
